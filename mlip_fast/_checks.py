@@ -1,0 +1,52 @@
+"""Input validation shared by ops and losses: clear errors naming the argument."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(
+    name: str,
+    x,
+    ndim: int,
+    *,
+    dims: Optional[Sequence[str]] = None,
+    floating: bool = True,
+    finite: bool = True,
+) -> torch.Tensor:
+    """Checks type, rank, dtype and finiteness of ``x``; returns it unchanged."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        shape = f"[{', '.join(dims)}]" if dims else f"{ndim} dims"
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if finite and floating and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return x
+
+
+def check_mask(name: str, mask, shape: Sequence[int], *, device: torch.device) -> Optional[torch.Tensor]:
+    """Validates a boolean validity mask (True = valid) of ``shape``; None passes through."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = valid), got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the embeddings are on {device}")
+    return mask
+
+
+def check_rows_nonempty(name: str, mask: Optional[torch.Tensor], what: str) -> None:
+    """Every row of ``mask`` must keep at least one valid entry."""
+    if mask is not None and mask.numel() and not mask.any(dim=-1).all():
+        bad = (~mask.any(dim=-1)).nonzero().flatten()[:8].tolist()
+        raise ValueError(f"{name}: rows {bad} have no valid {what} (every row needs at least one)")

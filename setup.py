@@ -1,0 +1,57 @@
+"""Packaging for mlip_fast.
+
+``kernels/`` (Triton kernels) has no ``__init__.py`` on purpose: a top-level package named ``kernels`` is
+imported by transformers as Hugging Face's ``kernels`` package. It ships as ``mlip_fast.kernels``.
+The source-tree shim ``mlip_fast/kernels/__init__.py`` is not shipped.
+"""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "mlip_fast" / "__init__.py").read_text()).group(1)
+
+PACKAGES = [
+    "mlip_fast",
+    "mlip_fast.kernels",
+    "mlip_fast.ops",
+    "mlip_fast.reference",
+    "mlip_fast.models",
+    "mlip_fast.data",
+    "mlip_fast.train",
+    "mlip_fast.eval",
+]
+
+setup(
+    name="mlip_fast",
+    version=VERSION,
+    description="MLIP (medical language-image pre-training with masked local representation learning) "
+    "with fused Triton kernels",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"mlip_fast.kernels": "kernels"},
+    package_data={
+        "mlip_fast.models": ["model_configs/*.json"],
+        "mlip_fast.eval": ["prompts/*.json"],
+        "mlip_fast.train": ["ds_configs/*.json"],
+    },
+    install_requires=[
+        "torch>=2.11,<2.14",
+        "triton>=3.6,<3.10",
+        "transformers>=5.17,<6",
+        "deepspeed>=0.18,<0.20",
+        "numpy>=1.26",
+        "pillow>=10",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=5"],
+        "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
+        "dicom": ["pydicom>=2.4"],
+    },
+)
