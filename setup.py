@@ -7,21 +7,12 @@ The source-tree shim ``mlip_fast/kernels/__init__.py`` is not shipped.
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "mlip_fast" / "__init__.py").read_text()).group(1)
 
-PACKAGES = [
-    "mlip_fast",
-    "mlip_fast.kernels",
-    "mlip_fast.ops",
-    "mlip_fast.reference",
-    "mlip_fast.models",
-    "mlip_fast.data",
-    "mlip_fast.train",
-    "mlip_fast.eval",
-]
+PACKAGES = sorted(set(find_packages(include=["mlip_fast", "mlip_fast.*"])) | {"mlip_fast.kernels"})
 
 setup(
     name="mlip_fast",
