@@ -1,6 +1,8 @@
 """Input validation shared by ops and losses: clear errors naming the argument."""
 from __future__ import annotations
 
+import os
+
 from typing import Optional, Sequence
 
 import torch
@@ -25,7 +27,7 @@ def check_tensor(
         raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
     if floating and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
-    if finite and floating and not torch.isfinite(x).all():
+    if finite and floating and VALUE_CHECKS and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return x
 
@@ -50,3 +52,8 @@ def check_rows_nonempty(name: str, mask: Optional[torch.Tensor], what: str) -> N
     if mask is not None and mask.numel() and not mask.any(dim=-1).all():
         bad = (~mask.any(dim=-1)).nonzero().flatten()[:8].tolist()
         raise ValueError(f"{name}: rows {bad} have no valid {what} (every row needs at least one)")
+
+
+# Value-dependent checks (NaN/Inf, empty rows, negative weights) read tensor contents, which costs a
+# host synchronisation on accelerators. MLIP_FAST_VALUE_CHECKS=0 turns them off for production runs.
+VALUE_CHECKS = os.environ.get("MLIP_FAST_VALUE_CHECKS", "1") != "0"

@@ -1,0 +1,169 @@
+"""MLIP's losses as drop-in nn.Modules (formulas and shapes in :mod:`mlip_fast.functional`).
+
+Each module that uses a temperature owns a learnable log logit scale (init log(1/0.07), the scale is
+clamped at 100) that is used when ``forward`` gets no ``logit_scale``; pass the model's own scale to use
+that instead. ``impl`` picks the patch-sentence scores implementation: "auto", "reference", "chunked" or
+"triton" (see :func:`mlip_fast.ops.patch_sentence_scores`).
+
+Example::
+
+    from mlip_fast.losses import MLIPLoss
+    criterion = MLIPLoss()
+    total, terms = criterion(**model(batch))
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from mlip_fast import functional as MF
+
+INIT_TEMPERATURE = 0.07
+MAX_LOGIT_SCALE = 100.0
+
+__all__ = ["GlobalContrastiveLoss", "PatchSentenceLoss", "SemanticIntegrityLoss", "MLIPLoss"]
+
+
+class _LogitScale(nn.Module):
+    """Learnable log(1 / temperature); ``forward`` returns exp of it, clamped at ``MAX_LOGIT_SCALE``."""
+
+    def __init__(self, init_temperature: float = INIT_TEMPERATURE, learnable: bool = True):
+        super().__init__()
+        if not init_temperature > 0:
+            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+        value = torch.tensor(math.log(1.0 / init_temperature))
+        if learnable:
+            self.log_scale = nn.Parameter(value)
+        else:
+            self.register_buffer("log_scale", value)
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+
+class GlobalContrastiveLoss(nn.Module):
+    """Symmetric InfoNCE between global image and report vectors [B, D]; see
+    :func:`mlip_fast.functional.global_contrastive_loss`."""
+
+    def __init__(
+        self,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+        init_temperature: float = INIT_TEMPERATURE,
+        learn_temperature: bool = True,
+    ):
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.logit_scale = _LogitScale(init_temperature, learn_temperature)
+
+    def forward(self, image, text, logit_scale=None, weights=None) -> torch.Tensor:
+        scale = self.logit_scale() if logit_scale is None else logit_scale
+        return MF.global_contrastive_loss(
+            image, text, scale, weights, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad
+        )
+
+
+class PatchSentenceLoss(nn.Module):
+    """MLIP's patch-sentence local loss (token-wise max, both directions); see
+    :func:`mlip_fast.functional.patch_sentence_loss`."""
+
+    def __init__(
+        self,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+        impl: str = "auto",
+        deterministic: bool = False,
+        init_temperature: float = INIT_TEMPERATURE,
+        learn_temperature: bool = True,
+    ):
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.impl = impl
+        self.deterministic = deterministic
+        self.logit_scale = _LogitScale(init_temperature, learn_temperature)
+
+    def forward(self, patches, sentences, sentence_mask=None, patch_mask=None, logit_scale=None, weights=None):
+        scale = self.logit_scale() if logit_scale is None else logit_scale
+        return MF.patch_sentence_loss(
+            patches, sentences, sentence_mask, patch_mask, scale, weights,
+            local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
+            impl=self.impl, deterministic=self.deterministic,
+        )
+
+
+class SemanticIntegrityLoss(nn.Module):
+    """KL loss of the semantic integrity estimator; see :func:`mlip_fast.functional.semantic_integrity_loss`."""
+
+    def __init__(self, temperature: float = MF.DEFAULT_SIE_TEMPERATURE):
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, integrity_logits, patches, sentences, sentence_mask=None, patch_mask=None):
+        return MF.semantic_integrity_loss(
+            integrity_logits, patches, sentences, sentence_mask, patch_mask, temperature=self.temperature
+        )
+
+
+class MLIPLoss(nn.Module):
+    """L = L_g + lambda_local * L_l + lambda_sie * L_sie, returning ``(total, terms)``.
+
+    ``forward`` takes the model's output dict as keyword arguments (``criterion(**outputs)``): image_global
+    [B, D], text_global [B, D], patches [B, K, D], sentences [B, S, D], sentence_mask [B, S],
+    integrity_logits [B, K], integrity_weights [B], logit_scale_global, logit_scale_local, and optionally
+    patch_mask [B, K] and patch_index [B, K] (ignored). Missing logit scales use this module's own.
+    """
+
+    def __init__(
+        self,
+        lambda_local: float = 1.0,
+        lambda_sie: float = 0.1,
+        weight_global: bool = True,
+        weight_local: bool = False,
+        sie_temperature: float = MF.DEFAULT_SIE_TEMPERATURE,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+        impl: str = "auto",
+        deterministic: bool = False,
+        init_temperature: float = INIT_TEMPERATURE,
+    ):
+        super().__init__()
+        if lambda_local < 0 or lambda_sie < 0:
+            raise ValueError(f"loss weights must be >= 0, got lambda_local={lambda_local}, lambda_sie={lambda_sie}")
+        if not sie_temperature > 0:
+            raise ValueError(f"sie_temperature must be > 0, got {sie_temperature}")
+        self.options = dict(
+            lambda_local=lambda_local, lambda_sie=lambda_sie, weight_global=weight_global,
+            weight_local=weight_local, sie_temperature=sie_temperature, local_loss=local_loss,
+            gather_with_grad=gather_with_grad, impl=impl, deterministic=deterministic,
+        )
+        self.logit_scale_global = _LogitScale(init_temperature)
+        self.logit_scale_local = _LogitScale(init_temperature)
+
+    def forward(
+        self,
+        image_global: torch.Tensor,
+        text_global: torch.Tensor,
+        patches: torch.Tensor,
+        sentences: torch.Tensor,
+        sentence_mask: Optional[torch.Tensor] = None,
+        integrity_logits: Optional[torch.Tensor] = None,
+        integrity_weights: Optional[torch.Tensor] = None,
+        logit_scale_global=None,
+        logit_scale_local=None,
+        patch_mask: Optional[torch.Tensor] = None,
+        patch_index: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        del patch_index  # part of the model outputs; positions do not enter the loss
+        return MF.mlip_loss(
+            image_global, text_global, patches, sentences, sentence_mask, integrity_logits, integrity_weights,
+            self.logit_scale_global() if logit_scale_global is None else logit_scale_global,
+            self.logit_scale_local() if logit_scale_local is None else logit_scale_local,
+            patch_mask, **self.options,
+        )

@@ -1,0 +1,9 @@
+"""mlip_fast ops: fused kernels behind one dispatching API, each with a reference impl.
+
+- ``patch_sentence_scores``: token-wise max patch-sentence scores, both directions.
+- ``integrity_mask``: integrity-scored masking (score -> Gumbel-top-k -> gather).
+"""
+from mlip_fast.ops.dispatch import ImplUnavailableError, describe_selected
+from mlip_fast.ops.patch_sentence import patch_sentence_scores
+
+__all__ = ["patch_sentence_scores", "ImplUnavailableError", "describe_selected"]

@@ -1,0 +1,190 @@
+"""MLIP's losses against slow float64 loop implementations, gradcheck, and bad input."""
+import math
+
+import pytest
+import torch
+
+from mlip_fast import functional as MF
+from mlip_fast.losses import GlobalContrastiveLoss, MLIPLoss, PatchSentenceLoss, SemanticIntegrityLoss
+from tests.slow_reference import normalize_rows, slow_infonce, slow_scores
+
+
+def _inputs(B=4, K=5, S=3, D=7, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    smask = torch.rand(B, S, generator=gen) > 0.4
+    smask[:, 0] = True
+    return dict(
+        image_global=torch.randn(B, D, generator=gen, dtype=dtype),
+        text_global=torch.randn(B, D, generator=gen, dtype=dtype),
+        patches=torch.randn(B, K, D, generator=gen, dtype=dtype),
+        sentences=torch.randn(B, S, D, generator=gen, dtype=dtype),
+        sentence_mask=smask,
+        integrity_logits=torch.randn(B, K, generator=gen, dtype=dtype),
+        integrity_weights=torch.rand(B, generator=gen, dtype=dtype) + 0.1,
+    )
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_global_loss_matches_loops(weighted):
+    x = _inputs()
+    w = x["integrity_weights"] if weighted else None
+    loss = MF.global_contrastive_loss(x["image_global"], x["text_global"], 10.0, w)
+    i, t = normalize_rows(x["image_global"]), normalize_rows(x["text_global"])
+    sim = (i @ t.T).tolist()
+    expected = slow_infonce(sim, [list(col) for col in zip(*sim)], 10.0, w)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_local_loss_matches_loops(impl, weighted):
+    from mlip_fast.ops.patch_sentence import REGISTRY
+
+    if impl not in REGISTRY.impls:
+        pytest.skip(f"impl {impl} not registered")
+    x = _inputs(seed=1)
+    w = x["integrity_weights"] if weighted else None
+    loss = MF.patch_sentence_loss(x["patches"], x["sentences"], x["sentence_mask"], None, 5.0, w, impl=impl)
+    i2t, t2i = slow_scores(normalize_rows(x["patches"]), normalize_rows(x["sentences"]), x["sentence_mask"])
+    rows = i2t.tolist()
+    cols_t = t2i.T.tolist()  # for report j: its t2i scores against every image
+    expected = slow_infonce(rows, cols_t, 5.0, w)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_local_loss_local_and_full_modes_agree_in_one_process():
+    x = _inputs(seed=2)
+    a = MF.patch_sentence_loss(x["patches"], x["sentences"], x["sentence_mask"], impl="reference", local_loss=True)
+    b = MF.patch_sentence_loss(x["patches"], x["sentences"], x["sentence_mask"], impl="reference", local_loss=False)
+    torch.testing.assert_close(a, b)
+
+
+def test_sie_loss_matches_explicit_kl():
+    x = _inputs(seed=3)
+    tau = 0.2
+    loss = MF.semantic_integrity_loss(
+        x["integrity_logits"], x["patches"], x["sentences"], x["sentence_mask"], temperature=tau
+    )
+    p, s = normalize_rows(x["patches"]), normalize_rows(x["sentences"])
+    total = 0.0
+    B, K = x["integrity_logits"].shape
+    for b in range(B):
+        m = [max(float(p[b, k] @ s[b, q]) for q in range(s.shape[1]) if x["sentence_mask"][b, q]) / tau for k in range(K)]
+        zt = sum(math.exp(v) for v in m)
+        target = [math.exp(v) / zt for v in m]
+        a = x["integrity_logits"][b].tolist()
+        za = sum(math.exp(v) for v in a)
+        q = [math.exp(v) / za for v in a]
+        total += sum(t * math.log(t / qq) for t, qq in zip(target, q))
+    assert loss.item() == pytest.approx(total / B, rel=1e-6)
+
+
+def test_sie_loss_ignores_padded_patches_and_is_zero_at_target():
+    x = _inputs(seed=4)
+    pmask = torch.ones(4, 5, dtype=torch.bool)
+    pmask[:, -2:] = False
+    with torch.no_grad():
+        sim = torch.einsum("bkd,bsd->bks", normalize_rows(x["patches"]), normalize_rows(x["sentences"]))
+        sim = sim.masked_fill(~x["sentence_mask"][:, None], -math.inf).max(-1).values / 0.1
+    logits = sim.clone()
+    logits[:, -2:] = 123.0  # padded patches: must not matter
+    loss = MF.semantic_integrity_loss(logits, x["patches"], x["sentences"], x["sentence_mask"], pmask)
+    assert abs(loss.item()) < 1e-10
+
+
+def test_gradcheck_every_loss():
+    x = _inputs(B=3, K=3, S=2, D=4, seed=5)
+    for k in ("image_global", "text_global", "patches", "sentences", "integrity_logits"):
+        x[k].requires_grad_(True)
+    pmask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    w = x["integrity_weights"]
+    assert torch.autograd.gradcheck(lambda i, t: MF.global_contrastive_loss(i, t, 7.0, w), (x["image_global"], x["text_global"]))
+    assert torch.autograd.gradcheck(
+        lambda p, s: MF.patch_sentence_loss(p, s, x["sentence_mask"], pmask, 7.0, w, impl="reference"),
+        (x["patches"], x["sentences"]),
+    )
+    assert torch.autograd.gradcheck(
+        lambda a: MF.semantic_integrity_loss(a, x["patches"].detach(), x["sentences"].detach(), x["sentence_mask"], pmask),
+        (x["integrity_logits"],),
+    )
+    scale = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
+    p0, s0 = x["patches"].detach(), x["sentences"].detach()
+
+    # The SIE target is detached by design, so patches/sentences are checked with lambda_sie=0 and the
+    # estimator logits with fixed patches/sentences.
+    def total_local(i, t, p, s, sc):
+        return MF.mlip_loss(i, t, p, s, x["sentence_mask"], None, w, sc, sc, pmask, lambda_sie=0.0, impl="reference")[0]
+
+    def total_sie(i, t, a, sc):
+        return MF.mlip_loss(i, t, p0, s0, x["sentence_mask"], a, w, sc, sc, pmask, impl="reference")[0]
+
+    assert torch.autograd.gradcheck(
+        total_local, (x["image_global"], x["text_global"], x["patches"], x["sentences"], scale)
+    )
+    assert torch.autograd.gradcheck(total_sie, (x["image_global"], x["text_global"], x["integrity_logits"], scale))
+
+
+def test_mlip_loss_is_weighted_sum_of_terms_and_weights_are_detached():
+    x = _inputs(seed=6, dtype=torch.float32)
+    x["integrity_weights"].requires_grad_(True)
+    crit = MLIPLoss(lambda_local=0.5, lambda_sie=0.3, impl="reference")
+    total, terms = crit(**x)
+    expected = terms["loss_global"] + 0.5 * terms["loss_local"] + 0.3 * terms["loss_sie"]
+    torch.testing.assert_close(total.detach(), expected)
+    total.backward()
+    assert x["integrity_weights"].grad is None
+    assert crit.logit_scale_global.log_scale.grad is not None
+
+
+def test_modules_use_own_scale_and_match_functional():
+    x = _inputs(seed=7, dtype=torch.float32)
+    g = GlobalContrastiveLoss()
+    torch.testing.assert_close(
+        g(x["image_global"], x["text_global"]),
+        MF.global_contrastive_loss(x["image_global"], x["text_global"], 1 / 0.07),
+    )
+    ps = PatchSentenceLoss(impl="reference")
+    torch.testing.assert_close(
+        ps(x["patches"], x["sentences"], x["sentence_mask"], logit_scale=3.0),
+        MF.patch_sentence_loss(x["patches"], x["sentences"], x["sentence_mask"], logit_scale=3.0, impl="reference"),
+    )
+    sie = SemanticIntegrityLoss(temperature=0.5)
+    torch.testing.assert_close(
+        sie(x["integrity_logits"], x["patches"], x["sentences"], x["sentence_mask"]),
+        MF.semantic_integrity_loss(x["integrity_logits"], x["patches"], x["sentences"], x["sentence_mask"], temperature=0.5),
+    )
+
+
+def test_scale_is_clamped_at_100():
+    g = GlobalContrastiveLoss(init_temperature=0.001)
+    assert g.logit_scale().item() == pytest.approx(100.0)
+
+
+def test_bad_input_errors():
+    x = _inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match="image"):
+        MF.global_contrastive_loss(x["image_global"][:3], x["text_global"], 1.0)
+    with pytest.raises(ValueError, match="image"):
+        MF.global_contrastive_loss(x["image_global"][0], x["text_global"], 1.0)
+    with pytest.raises(TypeError, match="text"):
+        MF.global_contrastive_loss(x["image_global"], x["text_global"].long(), 1.0)
+    bad = x["image_global"].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        MF.global_contrastive_loss(bad, x["text_global"], 1.0)
+    with pytest.raises(ValueError, match="batch"):
+        MF.patch_sentence_loss(x["patches"], x["sentences"][:2], x["sentence_mask"][:2])
+    empty = x["sentence_mask"].clone()
+    empty[2] = False
+    with pytest.raises(ValueError, match="no valid sentence"):
+        MF.patch_sentence_loss(x["patches"], x["sentences"], empty)
+    with pytest.raises(ValueError, match="no valid sentence"):
+        MF.semantic_integrity_loss(x["integrity_logits"], x["patches"], x["sentences"], empty)
+    with pytest.raises(ValueError, match="integrity_logits"):
+        MF.semantic_integrity_loss(x["integrity_logits"][:, :2], x["patches"], x["sentences"], x["sentence_mask"])
+    with pytest.raises(ValueError, match="weights"):
+        MF.global_contrastive_loss(x["image_global"], x["text_global"], 1.0, torch.ones(3))
+    with pytest.raises(ValueError, match="integrity_logits"):
+        MLIPLoss()(**{**x, "integrity_logits": None})
+    with pytest.raises(ValueError, match="logit_scale"):
+        MF.global_contrastive_loss(x["image_global"], x["text_global"], torch.ones(2))
