@@ -1,0 +1,174 @@
+"""``impl="chunked"`` for patch-sentence scores: pure PyTorch, tiled, with a backward from argmax indices.
+
+The [B, G, K, S] similarity grid is produced one tile of (image block, report block) at a time, so peak
+extra memory is O(B*G*(K + S) int16 indices + one tile) instead of O(B*G*K*S). Both maxima of a pair are
+local to its tile (i2t maxes over the sentences of one report, t2i over the patches of one image), so tiles
+are independent. The backward rebuilds, per tile, the sparse gradient of the similarity
+M[b, p, g, q] = wI[b, g] [a[b, p, g] == q] + wT[b, g] [c[b, g, q] == p] from the saved indices (see
+``kernels/patch_sentence.py`` for the derivation) and applies it with two matmuls: no grid recompute.
+Runs on any device and dtype; deterministic wherever the device's matmul is.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from mlip_fast import _checks
+from mlip_fast.ops.dispatch import Impl, registry
+from mlip_fast.ops.patch_sentence import OP_NAME, PRIORITY
+from mlip_fast.reference.patch_sentence import score_dtype
+
+# Elements of one similarity tile: 2**18 fp32 values (1 MiB) stay in a CPU core's L2 and keep the
+# per-tile matmul large enough to run at full rate.
+TILE_ELEMENTS = 2**18
+
+
+def _tiles(B: int, K: int, G: int, S: int, tile_elements: int):
+    """Yields (image slice, report slice) covering [B] x [G] with at most ``tile_elements`` K*S cells each
+    (a single pair may exceed it when K*S alone does)."""
+    per_pair = K * S
+    g_block = max(1, min(G, tile_elements // per_pair))
+    b_block = max(1, min(B, tile_elements // (per_pair * g_block)))
+    for b0 in range(0, B, b_block):
+        for g0 in range(0, G, g_block):
+            yield slice(b0, min(b0 + b_block, B)), slice(g0, min(g0 + g_block, G))
+
+
+def _index_dtype(K: int, S: int) -> torch.dtype:
+    return torch.int16 if max(K, S) < 2**15 else torch.int32
+
+
+class PatchSentenceChunkedFunction(torch.autograd.Function):
+    """Tiled forward saving argmax indices; backward from the indices.
+
+    forward(patches [B, K, D], sentences [G, S, D], sentence_mask [G, S] bool, patch_mask [B, K] bool,
+    do_i2t, do_t2i, tile_elements) -> (i2t [B, G], t2i [B, G]) in ``score_dtype``; a direction not
+    computed is an empty tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, patches, sentences, sentence_mask, patch_mask, do_i2t, do_t2i, tile_elements):
+        B, K, D = patches.shape
+        G, S, _ = sentences.shape
+        device, out_dtype = patches.device, score_dtype(patches.dtype)
+        n_p = patch_mask.sum(1)  # [B]
+        n_s = sentence_mask.sum(1)  # [G]
+        sent_flat = sentences.reshape(G * S, D)
+        neg_inf = float("-inf")
+        idx_dtype = _index_dtype(K, S)
+        empty = torch.empty(0, dtype=out_dtype, device=device)
+        i2t = torch.zeros(B, G, dtype=out_dtype, device=device) if do_i2t else empty
+        t2i = torch.zeros(B, G, dtype=out_dtype, device=device) if do_t2i else empty
+        # arg_i2t is [B, K, G] (not [B, G, K]) so a tile's slice lines up with the [b, p, g, q] tile layout.
+        arg_i2t = torch.empty(B, K, G, dtype=idx_dtype, device=device) if do_i2t else empty
+        arg_t2i = torch.empty(B, G, S, dtype=idx_dtype, device=device) if do_t2i else empty
+        all_sentences = bool(sentence_mask.all())
+        all_patches = bool(patch_mask.all())
+
+        for bs, gs in _tiles(B, K, G, S, tile_elements):
+            bc, gc = bs.stop - bs.start, gs.stop - gs.start
+            # The tile is computed in the input dtype (as the reference grid is), then widened.
+            sim = (patches[bs].reshape(bc * K, D) @ sent_flat[gs.start * S : gs.stop * S].T).to(out_dtype)
+            sim = sim.view(bc, K, gc, S)
+            if do_i2t:
+                s_valid = sentence_mask[gs]  # [gc, S]
+                masked = sim if all_sentences else sim.masked_fill(~s_valid[None, None], neg_inf)
+                best, idx = masked.max(dim=3)  # [bc, K, gc]
+                keep = patch_mask[bs][:, :, None] & (n_s[gs] > 0)[None, None, :]
+                i2t[bs, gs] = torch.where(keep, best, 0).sum(1) / n_p[bs].clamp(min=1)[:, None].to(out_dtype)
+                arg_i2t[bs, :, gs] = torch.where(keep, idx, -1).to(idx_dtype)
+            if do_t2i:
+                masked = sim if all_patches else sim.masked_fill(~patch_mask[bs][:, :, None, None], neg_inf)
+                best, idx = masked.max(dim=1)  # [bc, gc, S]
+                keep = sentence_mask[gs][None] & (n_p[bs] > 0)[:, None, None]
+                t2i[bs, gs] = torch.where(keep, best, 0).sum(2) / n_s[gs].clamp(min=1)[None, :].to(out_dtype)
+                arg_t2i[bs, gs] = torch.where(keep, idx, -1).to(idx_dtype)
+
+        ctx.save_for_backward(patches, sentences, n_p, n_s, arg_i2t, arg_t2i)
+        ctx.flags = (do_i2t, do_t2i, tile_elements)
+        ctx.mark_non_differentiable(*(t for t, done in ((i2t, do_i2t), (t2i, do_t2i)) if not done))
+        return i2t, t2i
+
+    @staticmethod
+    def backward(ctx, grad_i2t, grad_t2i):
+        patches, sentences, n_p, n_s, arg_i2t, arg_t2i = ctx.saved_tensors
+        do_i2t, do_t2i, tile_elements = ctx.flags
+        need_p, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        B, K, D = patches.shape
+        G, S, _ = sentences.shape
+        work = score_dtype(patches.dtype)
+        # Gradients are accumulated in the score dtype (fp32 for half inputs) and cast back once.
+        grad_p = torch.zeros(B, K, D, dtype=work, device=patches.device) if need_p else None
+        grad_s = torch.zeros(G * S, D, dtype=work, device=patches.device) if need_s else None
+        w_i2t = grad_i2t.to(work) / n_p.clamp(min=1)[:, None].to(work) if do_i2t else None  # [B, G]
+        w_t2i = grad_t2i.to(work) / n_s.clamp(min=1)[None, :].to(work) if do_t2i else None  # [B, G]
+        sent_flat = sentences.reshape(G * S, D).to(work)
+
+        for bs, gs in _tiles(B, K, G, S, tile_elements):
+            bc, gc = bs.stop - bs.start, gs.stop - gs.start
+            grad_sim = torch.zeros(bc, K, gc, S, dtype=work, device=patches.device)
+            if do_i2t:
+                idx = arg_i2t[bs, :, gs].long()  # [bc, K, gc]
+                src = torch.where(idx >= 0, w_i2t[bs, gs][:, None, :], 0)
+                grad_sim.scatter_add_(3, idx.clamp(min=0).unsqueeze(3), src.unsqueeze(3))
+            if do_t2i:
+                idx = arg_t2i[bs, gs].long()  # [bc, gc, S]
+                src = torch.where(idx >= 0, w_t2i[bs, gs][:, :, None], 0)
+                grad_sim.scatter_add_(1, idx.clamp(min=0).unsqueeze(1), src.unsqueeze(1))
+            grad_sim = grad_sim.view(bc * K, gc * S)
+            rows = slice(gs.start * S, gs.stop * S)
+            if need_p:
+                grad_p[bs] += (grad_sim @ sent_flat[rows]).view(bc, K, D)
+            if need_s:
+                grad_s[rows] += grad_sim.T @ patches[bs].reshape(bc * K, D).to(work)
+
+        grad_p = grad_p.to(patches.dtype) if need_p else None
+        grad_s = grad_s.view(G, S, D).to(sentences.dtype) if need_s else None
+        return grad_p, grad_s, None, None, None, None, None
+
+
+def patch_sentence_scores_chunked(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    directions: str = "both",
+    deterministic: bool = False,
+    tile_elements: int = TILE_ELEMENTS,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Tiled patch-sentence scores (same contract as ``mlip_fast.ops.patch_sentence_scores``).
+
+    Args:
+        patches: [B, K, D]; sentences: [G, S, D] (any float dtype, same device).
+        sentence_mask: [G, S] bool (True = valid) or None; patch_mask: [B, K] bool or None.
+        directions: "both", "i2t" or "t2i".
+        deterministic: accepted for the registry interface; this path has no atomics, so it is as
+            reproducible as the device's matmul.
+        tile_elements: K*S similarity cells per tile (memory per tile vs per-tile overhead).
+
+    Returns:
+        (i2t [B, G], t2i [B, G]), None for a direction not asked for; float32 for half inputs, else the
+        input dtype.
+    """
+    B, K, _ = patches.shape
+    G, S, _ = sentences.shape
+    if sentence_mask is None:
+        sentence_mask = torch.ones(G, S, dtype=torch.bool, device=patches.device)
+    if patch_mask is None:
+        patch_mask = torch.ones(B, K, dtype=torch.bool, device=patches.device)
+    do_i2t, do_t2i = directions in ("both", "i2t"), directions in ("both", "t2i")
+    i2t, t2i = PatchSentenceChunkedFunction.apply(
+        patches, sentences, sentence_mask, patch_mask, do_i2t, do_t2i, int(tile_elements)
+    )
+    return (i2t if do_i2t else None), (t2i if do_t2i else None)
+
+
+registry(OP_NAME, PRIORITY).register(
+    Impl(
+        name="chunked",
+        fn=patch_sentence_scores_chunked,
+        devices=("cpu", "cuda", "mps", "xpu"),
+        dtypes=_checks.FLOAT_DTYPES,
+    )
+)
