@@ -1,0 +1,132 @@
+"""Image transform: aspect-preserving resize, pad to square, optional mild affine, normalisation.
+
+``ImageTransform(image_size, train, in_chans)(array [H, W]) -> torch.float32 [in_chans, S, S]`` with
+``S = image_size``. The longer side is resized to ``S`` (antialiased bilinear), the shorter side is
+padded with 0 (black, the background of a radiograph) on both sides to centre the image, then in
+training a small random rotation / scale / translation is applied (one ``affine_grid`` +
+``grid_sample``), and finally ``(x - mean) / std``. Horizontal flips are deliberately absent: reports
+name sides ("left base"), and a flip would contradict them.
+
+Randomness comes from torch: pass ``generator=`` for a reproducible draw, otherwise the global torch
+RNG is used, which DataLoader seeds differently in every worker.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ImageTransform", "resize_pad", "DEFAULT_AUGMENT"]
+
+DEFAULT_AUGMENT = {"degrees": 7.0, "scale": (0.92, 1.08), "translate": 0.04}
+
+
+def resize_pad(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``[H, W]`` (or ``[C, H, W]``) so the longer side is ``size``, keeping the aspect ratio,
+    then pad with 0 to ``[size, size]`` (image centred). Returns the same leading layout as the input."""
+    squeeze = image.dim() == 2
+    x = image[None, None] if squeeze else image[None]
+    h, w = x.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    x = F.pad(x, (left, size - nw - left, top, size - nh - top), value=0.0)
+    return x[0, 0] if squeeze else x[0]
+
+
+class ImageTransform:
+    """Map a grayscale image to the model's input tensor.
+
+    Args:
+        image_size: output side S.
+        train: apply the random affine augmentation.
+        in_chans: 1, or 3 to replicate the grayscale channel.
+        mean, std: normalisation, scalars or one value per channel.
+        augment: overrides of ``DEFAULT_AUGMENT``: ``degrees`` (max absolute rotation), ``scale``
+            ((min, max) zoom), ``translate`` (max shift as a fraction of the side). Zeros disable a part.
+
+    Call: ``transform(image, generator=None)`` with image ``np.ndarray`` or tensor ``[H, W]`` in [0, 1]
+    (uint8 arrays are divided by 255) -> float32 tensor ``[in_chans, S, S]``.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        train: bool = False,
+        in_chans: int = 1,
+        mean: float | Sequence[float] = 0.5,
+        std: float | Sequence[float] = 0.25,
+        augment: dict | None = None,
+    ):
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        unknown = set(augment or {}) - set(DEFAULT_AUGMENT)
+        if unknown:
+            raise ValueError(f"unknown augment keys {sorted(unknown)}; known: {sorted(DEFAULT_AUGMENT)}")
+        self.image_size = int(image_size)
+        self.train = bool(train)
+        self.in_chans = int(in_chans)
+        self.augment = {**DEFAULT_AUGMENT, **(augment or {})}
+        self.mean = self._per_channel(mean, "mean")
+        self.std = self._per_channel(std, "std")
+        if (self.std <= 0).any():
+            raise ValueError(f"std must be positive, got {std}")
+
+    def _per_channel(self, value, name: str) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float32).flatten()
+        if t.numel() == 1:
+            t = t.expand(self.in_chans)
+        if t.numel() != self.in_chans:
+            raise ValueError(f"{name} needs 1 or {self.in_chans} values, got {t.numel()}")
+        return t.clone().view(-1, 1, 1)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageTransform(image_size={self.image_size}, train={self.train}, in_chans={self.in_chans}, "
+            f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, augment={self.augment})"
+        )
+
+    def __call__(self, image, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = _as_float_tensor(image)
+        x = resize_pad(x, self.image_size)
+        if self.train:
+            x = self._random_affine(x, generator)
+        x = x.unsqueeze(0).expand(self.in_chans, -1, -1)
+        return ((x - self.mean) / self.std).contiguous()
+
+    def _random_affine(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        degrees = float(self.augment["degrees"])
+        lo, hi = (float(v) for v in self.augment["scale"])
+        translate = float(self.augment["translate"])
+        if degrees == 0 and lo == hi == 1 and translate == 0:
+            return x
+        u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        angle = math.radians((2 * u[0] - 1) * degrees)
+        zoom = lo + (hi - lo) * u[1]
+        tx, ty = ((2 * u[2] - 1) * translate * 2, (2 * u[3] - 1) * translate * 2)  # grid units span 2
+        # affine_grid maps output coordinates to input coordinates, so the inverse of zoom is used.
+        cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
+        theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=x.dtype)[None]
+        grid = F.affine_grid(theta, [1, 1, *x.shape], align_corners=False)
+        return F.grid_sample(x[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0]
+
+
+def _as_float_tensor(image) -> torch.Tensor:
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8:
+            image = image.astype(np.float32) / 255.0
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    elif isinstance(image, torch.Tensor):
+        x = image.to(torch.float32) / 255.0 if image.dtype == torch.uint8 else image.to(torch.float32)
+    else:
+        raise TypeError(f"expected a numpy array or tensor [H, W], got {type(image).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"expected a grayscale image [H, W], got shape {tuple(x.shape)}")
+    return x
