@@ -1,0 +1,319 @@
+"""Shared evaluation plumbing: checkpoints, devices, batches, embeddings, run summaries.
+
+Evaluation data is anything that yields samples as dicts (the dataset readers of ``mlip_fast.data``):
+``image`` (a transformed tensor ``[C, S, S]``, or a raw ``[H, W]`` array that the model's eval transform
+maps), optional ``report`` (str), ``labels`` (``[L]`` tensor / array / list, NaN = unknown, or a dict
+label -> value), ``mask`` (``[H, W]``), ``index``. A map-style dataset or a ``DataLoader`` whose
+batches are dicts with ``images`` (or ``image``) ``[B, C, S, S]`` both work. Label names come from the
+dataset's ``label_names`` (or ``classes`` / ``class_names``) attribute unless given.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = [
+    "EvalDataError",
+    "CheckpointError",
+    "load_checkpoint",
+    "model_device",
+    "eval_transform",
+    "label_names_of",
+    "iter_batches",
+    "collate_samples",
+    "l2_normalise",
+    "versions",
+    "write_summary",
+    "seed_everything",
+    "evaluating",
+]
+
+
+class EvalDataError(ValueError):
+    """The evaluation data cannot serve the task (no labels, empty class, missing masks, no samples)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path is not a model directory written by ``save_pretrained``."""
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None):
+    """Load an exported model (``save_pretrained`` directory) in eval mode on ``device`` (default CPU).
+
+    Raises CheckpointError naming what was found when ``path`` is missing, a file, a DeepSpeed engine
+    checkpoint (export it first) or any other directory without ``config.json`` + ``model.safetensors``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if p.is_file():
+        raise CheckpointError(
+            f"checkpoint {p} is a file; expected a model directory written by save_pretrained "
+            "(config.json + model.safetensors + tokenizer files)"
+        )
+    names = sorted(q.name for q in p.iterdir())
+    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+        hint = ""
+        if "latest" in names or any(n.startswith("global_step") for n in names):
+            hint = (" It looks like a DeepSpeed engine checkpoint: evaluate the exported model instead "
+                    "(the training run's export directory, written by save_pretrained).")
+        shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "") if names else "nothing"
+        raise CheckpointError(
+            f"{p} is not an MLIP model directory: it needs config.json and model.safetensors, found {shown}.{hint}"
+        )
+    try:
+        json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{p / 'config.json'} is not valid JSON: {err}") from None
+    from mlip_fast.models import from_pretrained
+
+    try:
+        model = from_pretrained(p)
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"cannot load an MLIP model from {p}: {err}") from err
+    return model.to(device or "cpu").eval()
+
+
+def model_device(model: torch.nn.Module, device: str | torch.device | None = None) -> torch.device:
+    """``device`` when given, else the device of the model's first parameter."""
+    if device is not None:
+        return torch.device(device)
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+class evaluating:
+    """Context manager: model in eval mode with gradients off; restores the previous training mode
+    (the training loop calls evaluation in the middle of a run)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.grad = torch.is_grad_enabled()
+        self.model.eval()
+        torch.set_grad_enabled(False)
+        return self.model
+
+    def __exit__(self, *exc):
+        torch.set_grad_enabled(self.grad)
+        self.model.train(self.was_training)
+        return False
+
+
+def eval_transform(model: torch.nn.Module):
+    """The deterministic image transform matching ``model``'s input size and channels."""
+    from mlip_fast.data.transforms import ImageTransform
+
+    vision = model.config.vision
+    return ImageTransform(vision.image_size, train=False, in_chans=vision.in_chans)
+
+
+def _underlying_dataset(data):
+    while isinstance(data, (DataLoader, Subset)):
+        data = data.dataset
+    return data
+
+
+def label_names_of(data, label_names: Optional[Sequence[str]] = None) -> Optional[list[str]]:
+    """Label names of ``data`` (explicit ``label_names`` first, then the dataset's own attribute)."""
+    if label_names is not None:
+        return list(label_names)
+    base = _underlying_dataset(data)
+    for attr in ("label_names", "class_names", "classes"):
+        names = getattr(base, attr, None)
+        if names is not None and not callable(names):
+            return [str(n) for n in names]
+    return None
+
+
+def _as_image_tensor(image, transform) -> torch.Tensor:
+    if isinstance(image, torch.Tensor) and image.dim() == 3:
+        return image.to(torch.float32)
+    if transform is None:
+        raise EvalDataError(
+            f"sample image has shape {tuple(np.shape(image))}; expected a transformed tensor [C, S, S] "
+            "(give the dataset the model's eval transform)"
+        )
+    arr = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    return transform(arr)
+
+
+def _labels_vector(labels, names: Optional[Sequence[str]]) -> torch.Tensor:
+    if isinstance(labels, Mapping):
+        if names is None:
+            names = list(labels)
+        return torch.tensor([float(labels.get(n, math.nan)) for n in names], dtype=torch.float32)
+    t = torch.as_tensor(np.asarray(labels, dtype=np.float32)).reshape(-1)
+    return t
+
+
+def collate_samples(samples: Sequence[dict], transform=None, label_names: Optional[Sequence[str]] = None) -> dict:
+    """Batch sample dicts: ``images [B, C, S, S]``, ``labels [B, L]`` (when every sample has labels),
+    ``reports`` (list[str]), ``masks`` (list of ``[H, W]`` arrays or None), ``index [B]``."""
+    if not samples:
+        raise EvalDataError("empty batch")
+    batch: dict[str, Any] = {"images": torch.stack([_as_image_tensor(s["image"], transform) for s in samples])}
+    if all(s.get("labels") is not None for s in samples):
+        batch["labels"] = torch.stack([_labels_vector(s["labels"], label_names) for s in samples])
+    batch["reports"] = [s.get("report") for s in samples]
+    batch["masks"] = [s.get("mask") for s in samples]
+    batch["index"] = torch.tensor([int(s.get("index", -1)) for s in samples], dtype=torch.int64)
+    for key in ("findings", "finding_sentences", "finding_masks"):
+        if any(key in s for s in samples):
+            batch[key] = [s.get(key) for s in samples]
+    return batch
+
+
+def iter_batches(
+    data,
+    *,
+    batch_size: int = 32,
+    transform=None,
+    label_names: Optional[Sequence[str]] = None,
+    max_samples: Optional[int] = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "eval",
+) -> Iterator[dict]:
+    """Iterate ``data`` (map-style dataset, list of sample dicts, or DataLoader) as eval batches with a
+    tqdm bar. A DataLoader's batches pass through (``image`` renamed ``images``); anything else is
+    batched with ``collate_samples``. ``max_samples`` stops after that many samples."""
+    from tqdm.auto import tqdm
+
+    if isinstance(data, DataLoader):
+        loader: Iterable = data
+        total = len(data.dataset) if hasattr(data.dataset, "__len__") else None
+    else:
+        if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+            raise EvalDataError(f"evaluation data must be a dataset, a list of samples or a DataLoader, got {type(data).__name__}")
+        n = len(data)
+        if n == 0:
+            raise EvalDataError("the evaluation dataset is empty")
+        if max_samples is not None:
+            data = Subset(data, range(min(n, max_samples))) if isinstance(data, Dataset) else list(data)[:max_samples]
+        loader = DataLoader(
+            data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            collate_fn=functools.partial(collate_samples, transform=transform, label_names=label_names),
+        )
+        total = len(data)
+    if max_samples is not None and total is not None:
+        total = min(total, max_samples)
+    seen = 0
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for batch in loader:
+            if "images" not in batch and "image" in batch:
+                batch = {**batch, "images": batch["image"]}
+            if "images" not in batch:
+                raise EvalDataError(f"batch has no 'images'; keys: {sorted(batch)}")
+            b = batch["images"].shape[0]
+            if max_samples is not None and seen + b > max_samples:
+                keep = max_samples - seen
+                batch = {k: (v[:keep] if isinstance(v, (torch.Tensor, list)) else v) for k, v in batch.items()}
+                b = keep
+            seen += b
+            bar.update(b)
+            yield batch
+            if max_samples is not None and seen >= max_samples:
+                break
+
+
+def l2_normalise(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """x / ||x|| in float32 (zero vectors stay zero)."""
+    return torch.nn.functional.normalize(x.float(), dim=dim, eps=1e-12)
+
+
+def versions() -> dict:
+    """Versions of Python, torch, numpy, transformers, mlip_fast, plus the CUDA device when used."""
+    import mlip_fast
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "mlip_fast": mlip_fast.__version__, "platform": platform.platform()}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.detach().cpu().tolist())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_summary(
+    out_dir: str | os.PathLike,
+    task: str,
+    metrics: Mapping,
+    *,
+    checkpoint: Any = None,
+    data: Any = None,
+    seed: Optional[int] = None,
+    wall_time_s: Optional[float] = None,
+    settings: Optional[Mapping] = None,
+    plots: Sequence[str | os.PathLike] = (),
+    filename: str = "summary.json",
+) -> Path:
+    """Write ``out_dir/summary.json`` (task, metrics, checkpoint, data, seed, settings, versions, wall
+    time, plot files relative to ``out_dir``); non-finite numbers become null. Returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "task": task,
+        "metrics": metrics,
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "data": data,
+        "seed": seed,
+        "settings": dict(settings or {}),
+        "plots": [os.path.relpath(p, out) for p in plots],
+        "versions": versions(),
+        "wall_time_s": wall_time_s,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+    }
+    path = out / filename
+    path.write_text(json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; returns a CPU generator seeded with ``seed`` for explicit draws."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
