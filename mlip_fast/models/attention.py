@@ -65,9 +65,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    # softmax in fp32 for half inputs, as every fused kernel accumulates in fp32
-    probs = scores.float().softmax(dim=-1).to(v.dtype)
+    # scores and softmax in fp32 for half inputs, as the fused kernels keep them (rounding the scores to
+    # bf16 before the softmax would double the error)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    probs = scores.softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, v).transpose(1, 2)
 
 
