@@ -23,11 +23,11 @@ characteristic appearance, strong enough to stay visible at 64 px:
   obscuring the hemidiaphragm;
 - pneumothorax: a black rim at the apex and lateral edge without lung markings, with a bright visceral
   pleural line along the collapsed lung;
-- cardiomegaly: a heart shadow 1.5 times wider (cardiothoracic ratio above 0.5);
+- cardiomegaly: a heart shadow 1.6 - 1.85 times wider (cardiothoracic ratio about 0.5 - 0.6);
 - atelectasis: a thick oblique band-like opacity at a base with elevation of that hemidiaphragm;
 - edema: bilateral perihilar ("bat-wing") haze with a reticular interstitial texture;
 - nodule: a small round dense spot (0.9 - 1.8 cm).
-Each finding is present in about a quarter of the images, independently, so about 17% are normal.
+Each finding is present in about a quarter of the images, independently, so about 13% are normal.
 Reports have a findings section (one sentence per present finding, some negations of absent findings,
 normal statements, shuffled) and an impression (the positives, sometimes enumerated, or a normal line).
 
@@ -221,7 +221,7 @@ def _anatomy_params(rng: np.random.Generator, findings: list[Finding]) -> dict:
         "scale": scale,
     }
     if "cardiomegaly" in names:
-        factor = {"mild": 1.45, "moderate": 1.58, "marked": 1.72}[names["cardiomegaly"].extent]
+        factor = {"mild": 1.6, "moderate": 1.72, "marked": 1.85}[names["cardiomegaly"].extent]
         anat["heart_w"] *= factor * rng.uniform(0.97, 1.03)
         anat["heart_h"] *= 1.0 + 0.4 * (factor - 1.0)
         anat["heart_yc"] += 0.01
@@ -383,7 +383,7 @@ _ZONE_WORD = {"upper": "upper", "mid": "mid", "lower": "lower"}
 _LOBE = {
     ("right", "upper"): "right upper lobe", ("right", "mid"): "right middle lobe",
     ("right", "lower"): "right lower lobe", ("left", "upper"): "left upper lobe",
-    ("left", "mid"): "lingula", ("left", "lower"): "left lower lobe",
+    ("left", "mid"): "left mid lung", ("left", "lower"): "left lower lobe",
 }
 _NEGATIONS = {
     "consolidation": ["No focal consolidation.", "There is no focal airspace consolidation.",
