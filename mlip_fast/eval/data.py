@@ -1,0 +1,168 @@
+"""Evaluation views of datasets that the generic readers do not cover.
+
+- ``SyntheticBenchmark(root, split, ...)``: the built-in synthetic benchmark (``master.csv`` written by
+  ``mlip_fast.data.synth``) with what evaluation needs beyond image-report pairs: the label vector,
+  the per-finding sentences and masks (localisation) and one segmentation target per image.
+- ``MaskedImageFolder(images, masks, ...)``: image + binary mask pairs matched by file name, e.g. the
+  lung masks of ``../shared/data/covid_chestxray`` (``masks_v7labs_lungs/`` or
+  ``annotations/lungVAE-masks/``), for few-shot segmentation.
+
+Samples are dicts as in ``mlip_fast.eval.common``: ``image`` (transformed ``[C, S, S]`` when a transform
+is given, else the raw ``[H, W]`` float array), ``report``, ``labels``, ``mask``, ``findings``, ``index``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from mlip_fast.eval.common import EvalDataError
+
+__all__ = ["SyntheticBenchmark", "MaskedImageFolder", "SYNTHETIC_LABELS"]
+
+SYNTHETIC_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax", "Pneumonia")
+
+
+def _load_mask_file(path: Path) -> np.ndarray:
+    from mlip_fast.data.images import load_image
+
+    return load_image(path) >= 0.5
+
+
+def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a bool mask to ``shape`` (masks made at another resolution)."""
+    from PIL import Image
+
+    img = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
+    return np.asarray(img) >= 128
+
+
+class SyntheticBenchmark(Dataset):
+    """One split of the synthetic benchmark.
+
+    Args:
+        root: folder holding ``master.csv`` (``python -m mlip_fast.data.synth --out root``).
+        split: "train", "valid", "test", or None for every row.
+        transform: maps the raw ``[H, W]`` image to the model input (e.g. the model's eval transform).
+        with_findings: add ``findings``: list of {name, side, zone, extent, sentence, mask (bool [H, W])}.
+        segmentation_target: adds ``mask`` (bool [H, W]): the union of every finding's mask ("any"),
+            one finding's mask (e.g. "pleural_effusion"; empty when absent), or None for no mask.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: Optional[str] = "test",
+        transform: Optional[Callable] = None,
+        with_findings: bool = False,
+        segmentation_target: Optional[str] = None,
+    ):
+        self.root = Path(root)
+        master = self.root / "master.csv"
+        if not master.is_file():
+            raise EvalDataError(f"{self.root} is not a synthetic benchmark folder: {master} is missing "
+                                "(generate one with python -m mlip_fast.data.synth --out DIR)")
+        with open(master, newline="") as f:
+            rows = list(csv.DictReader(f))
+        need = {"image_path", "findings", "impression", "split", "findings_json", *SYNTHETIC_LABELS}
+        missing = sorted(need - set(rows[0] if rows else need))
+        if missing:
+            raise EvalDataError(f"{master} lacks the columns {missing}")
+        if split is not None:
+            splits = sorted({r["split"] for r in rows})
+            rows = [r for r in rows if r["split"] == split]
+            if not rows:
+                raise EvalDataError(f"{master} has no row in split {split!r}; its splits are {splits}")
+        self.rows = rows
+        self.split = split
+        self.transform = transform
+        self.with_findings = with_findings
+        self.segmentation_target = segmentation_target
+        self.label_names = list(SYNTHETIC_LABELS)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def describe(self) -> dict:
+        return {"kind": "synthetic", "root": str(self.root), "split": self.split, "n": len(self)}
+
+    def __getitem__(self, i: int) -> dict:
+        from mlip_fast.data.images import load_image
+
+        row = self.rows[i]
+        raw = load_image(self.root / row["image_path"])
+        entries = json.loads(row["findings_json"] or "[]")
+        sample = {
+            "image": self.transform(raw) if self.transform is not None else raw,
+            "report": " ".join(t for t in (row["findings"], row["impression"]) if t),
+            "labels": np.array([float(row[n]) for n in SYNTHETIC_LABELS], dtype=np.float32),
+            "index": i,
+        }
+        if self.with_findings:
+            sample["findings"] = [{**e, "mask": _load_mask_file(self.root / e["mask"])} for e in entries]
+        if self.segmentation_target is not None:
+            mask = np.zeros(raw.shape, bool)
+            for e in entries:
+                if self.segmentation_target in ("any", e["name"]):
+                    mask |= _load_mask_file(self.root / e["mask"])
+            sample["mask"] = mask
+        return sample
+
+
+class MaskedImageFolder(Dataset):
+    """Images with binary masks matched by file name (a mask named like its image, any extension).
+
+    Args:
+        images: image folder.
+        masks: mask folder (0/255 or 0/1 images, content-sniffed; named like the image, or
+            ``<image stem>_mask.<ext>``; a mask of another size is resized to its image, nearest).
+        transform: maps the raw image to the model input.
+        names: restrict to these image file names (e.g. one split); default every image with a mask.
+    """
+
+    def __init__(self, images: str | os.PathLike, masks: str | os.PathLike, transform: Optional[Callable] = None,
+                 names: Optional[Sequence[str]] = None):
+        self.images, self.masks = Path(images), Path(masks)
+        for p in (self.images, self.masks):
+            if not p.is_dir():
+                raise EvalDataError(f"folder {p} does not exist")
+        mask_of = {}
+        for m in sorted(self.masks.iterdir()):
+            if m.is_file():
+                mask_of.setdefault(m.name, m)
+                mask_of.setdefault(m.stem, m)
+                if m.stem.endswith("_mask"):  # lungVAE naming: <image stem>_mask.png
+                    mask_of.setdefault(m.stem[: -len("_mask")], m)
+        pairs = []
+        for img in sorted(self.images.iterdir()):
+            if not img.is_file() or (names is not None and img.name not in names):
+                continue
+            m = mask_of.get(img.name) or mask_of.get(img.stem)
+            if m is not None:
+                pairs.append((img, m))
+        if not pairs:
+            raise EvalDataError(f"no image in {self.images} has a mask of the same name in {self.masks}")
+        self.pairs = pairs
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def describe(self) -> dict:
+        return {"kind": "masked_image_folder", "images": str(self.images), "masks": str(self.masks), "n": len(self)}
+
+    def __getitem__(self, i: int) -> dict:
+        from mlip_fast.data.images import load_image
+
+        img, m = self.pairs[i]
+        raw = load_image(img)
+        mask = _load_mask_file(m)
+        if mask.shape != raw.shape:
+            mask = _resize_mask(mask, raw.shape)
+        return {"image": self.transform(raw) if self.transform is not None else raw, "mask": mask, "index": i,
+                "name": img.name}
