@@ -51,7 +51,9 @@ class ImageTransform:
             ((min, max) zoom), ``translate`` (max shift as a fraction of the side). Zeros disable a part.
 
     Call: ``transform(image, generator=None)`` with image ``np.ndarray`` or tensor ``[H, W]`` in [0, 1]
-    (uint8 arrays are divided by 255) -> float32 tensor ``[in_chans, S, S]``.
+    (uint8 arrays are divided by 255) -> float32 tensor ``[in_chans, S, S]``;
+    ``transform(image, generator, mask=mask)`` -> ``(image_tensor, bool mask [S, S])`` with the same
+    resize, pad and affine applied to the mask.
     """
 
     def __init__(
@@ -93,29 +95,43 @@ class ImageTransform:
             f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, augment={self.augment})"
         )
 
-    def __call__(self, image, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = _as_float_tensor(image)
-        x = resize_pad(x, self.image_size)
+    def __call__(self, image, generator: torch.Generator | None = None, mask=None):
+        """Transform ``image``; with ``mask`` (same [H, W], any dtype, nonzero = inside) also return the
+        mask under the same geometry as a bool tensor ``[S, S]``: ``(image_tensor, mask_tensor)``."""
+        x = resize_pad(_as_float_tensor(image), self.image_size)
+        m = None
+        if mask is not None:
+            m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+            if tuple(m.shape) != tuple(np.shape(image)):
+                raise ValueError(f"mask shape {tuple(m.shape)} differs from image shape {tuple(np.shape(image))}")
+            m = resize_pad((m != 0).to(torch.float32), self.image_size)
         if self.train:
-            x = self._random_affine(x, generator)
+            theta = self._random_theta(generator)
+            if theta is not None:
+                x = _warp(x, theta)
+                m = _warp(m, theta) if m is not None else None
         x = x.unsqueeze(0).expand(self.in_chans, -1, -1)
-        return ((x - self.mean) / self.std).contiguous()
+        x = ((x - self.mean) / self.std).contiguous()
+        return x if m is None else (x, m > 0.5)
 
-    def _random_affine(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _random_theta(self, generator: torch.Generator | None) -> torch.Tensor | None:
         degrees = float(self.augment["degrees"])
         lo, hi = (float(v) for v in self.augment["scale"])
         translate = float(self.augment["translate"])
         if degrees == 0 and lo == hi == 1 and translate == 0:
-            return x
+            return None
         u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
         angle = math.radians((2 * u[0] - 1) * degrees)
         zoom = lo + (hi - lo) * u[1]
         tx, ty = ((2 * u[2] - 1) * translate * 2, (2 * u[3] - 1) * translate * 2)  # grid units span 2
         # affine_grid maps output coordinates to input coordinates, so the inverse of zoom is used.
         cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
-        theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=x.dtype)[None]
-        grid = F.affine_grid(theta, [1, 1, *x.shape], align_corners=False)
-        return F.grid_sample(x[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0]
+        return torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32)[None]
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    grid = F.affine_grid(theta, [1, 1, *x.shape], align_corners=False)
+    return F.grid_sample(x[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0]
 
 
 def _as_float_tensor(image) -> torch.Tensor:

@@ -251,3 +251,22 @@ def test_affine_rotation_direction_is_a_pure_rotation():
     out = t(image, generator=torch.Generator().manual_seed(0))[0]
     y, x = np.unravel_index(int(out.argmax()), out.shape)
     assert abs(np.hypot(y - 16, x - 16) - 12) <= 1.5
+
+
+def test_mask_follows_the_image_geometry():
+    rng = np.random.default_rng(1)
+    image = rng.random((60, 90)).astype(np.float32)
+    mask = np.zeros((60, 90), np.uint8)
+    mask[20:40, 10:30] = 255
+    image[mask > 0] = 1.0
+    plain = ImageTransform(image_size=45, mean=0.0, std=1.0)
+    x, m = plain(image, mask=mask)
+    assert m.dtype == torch.bool and m.shape == (45, 45)
+    assert x[0][m].mean() > 0.9  # the mask sits on the bright square
+    train = ImageTransform(image_size=45, train=True, mean=0.0, std=1.0, augment={"degrees": 20.0})
+    xa, ma = train(image, generator=torch.Generator().manual_seed(5), mask=mask)
+    xb = train(image, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(xa, xb)
+    assert xa[0][ma].mean() > 0.85 and abs(int(ma.sum()) - int(m.sum())) < 0.3 * int(m.sum())
+    with pytest.raises(ValueError, match="mask shape"):
+        plain(image, mask=mask[:10])
