@@ -135,7 +135,7 @@ def _integrity_mask_fwd_kernel(
         j = j0 + tl.arange(0, BLOCK_J)
         row = pid_b * ROWS + j // KPB
         k = k0 + j % KPB
-        ok = (row < B) & (k < keep)
+        ok = (j < ROWS * KPB) & (row < B) & (k < keep)
         idx = tl.load(index_ptr + row * keep + k, mask=ok, other=0)
         row64 = row.to(tl.int64)
         src = tokens_ptr + row64[:, None] * stride_tb + idx[:, None] * stride_tp

@@ -212,8 +212,10 @@ def test_triton_mask_does_not_depend_on_launch_config():
     B, P, C, keep = 5, 100, 40, 37
     tokens, scores = _inputs(B, P, C)
     base = kernels.integrity_mask_fwd(tokens, scores, keep, 1.0, 77)
-    # The GPU configuration (several programs per row sharing the kept slots) and a minimal one.
-    for config in (kernels.fwd_config(B, P, C, keep, interpret=False), dict(ROWS=1, KPB=8, BLOCK_J=2, BLOCK_C=16)):
+    # The GPU configuration (several programs per row sharing the kept slots), a minimal one, and one whose
+    # copy tile is wider than the program's kept slots.
+    for config in (kernels.fwd_config(B, P, C, keep, interpret=False), dict(ROWS=1, KPB=8, BLOCK_J=2, BLOCK_C=16),
+                   dict(ROWS=2, KPB=4, BLOCK_J=16, BLOCK_C=32)):
         other = kernels.integrity_mask_fwd(tokens, scores, keep, 1.0, 77, config=config)
         for a, b in zip(base, other):
             assert torch.equal(a, b)

@@ -1,0 +1,83 @@
+"""pytest-benchmark for integrity-scored masking (score -> Gumbel-top-k -> gather, and its backward).
+
+Providers: ``reference`` (the op's PyTorch impl: noise, topk, sort, gather), ``argsort`` (the unfused
+argsort + gather path of ``gpu_integrity_mask.argsort_gather``) and ``triton`` (the fused kernels; CUDA
+only, the interpreter is no performance path). Modes: ``fwd`` and ``full`` (forward + backward to the
+tokens with a fixed upstream gradient). Shapes: B in {128, 256}, P = 196, C in {768, 1024}, mask ratio
+0.5 and 0.25 (K = 98 and 147), bfloat16 tokens and float32 scores; on CPU only the B = 128, C = 768 shapes
+run (a CI run executes each case once). ``extra_info`` records the bytes the step must move, the achieved
+bandwidth (when timed), and the device and library versions.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpu_integrity_mask import argsort_gather, backward_bytes, environment, forward_bytes, kept_count
+from mlip_fast.ops.dispatch import triton_unavailable_reason
+from mlip_fast.ops.integrity_mask import integrity_mask
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+P = 196
+DTYPE = torch.bfloat16
+if DEVICE.type == "cuda":
+    SHAPES = [(b, c, r) for b in (128, 256) for c in (768, 1024) for r in (0.5, 0.25)]
+else:
+    SHAPES = [(128, 768, 0.5), (128, 768, 0.25)]
+PROVIDERS = ["reference", "argsort", "triton"]
+MODES = ["fwd", "full"]
+
+
+def _triton_skip_reason():
+    if DEVICE.type != "cuda":
+        return "the triton provider is timed on CUDA only (on CPU it would time the interpreter)"
+    return triton_unavailable_reason(DEVICE)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step(provider: str, mode: str, tokens, scores, keep: int, grad_kept):
+    if provider == "argsort":
+        run = lambda: argsort_gather(tokens, scores, keep)[0]  # noqa: E731
+    else:
+        run = lambda: integrity_mask(tokens, scores, keep, seed=3, impl=provider, check_finite=False).kept  # noqa: E731
+
+    def fwd():
+        out = run()
+        _sync()
+        return out
+
+    def full():
+        out = torch.autograd.grad(run(), tokens, grad_kept)
+        _sync()
+        return out
+
+    return fwd if mode == "fwd" else full
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("B,C,ratio", SHAPES, ids=[f"B{b}-C{c}-r{r}" for b, c, r in SHAPES])
+def test_integrity_mask(benchmark, B, C, ratio, provider, mode):
+    if provider == "triton" and _triton_skip_reason():
+        pytest.skip(_triton_skip_reason())
+    keep = kept_count(P, ratio)
+    gen = torch.Generator(device=DEVICE).manual_seed(B + C)
+    tokens = torch.randn(B, P, C, device=DEVICE, generator=gen).to(DTYPE).requires_grad_(mode == "full")
+    scores = torch.randn(B, P, device=DEVICE, generator=gen)
+    grad_kept = torch.randn(B, keep, C, device=DEVICE, generator=gen).to(DTYPE)
+    step = _step(provider, mode, tokens, scores, keep, grad_kept)
+    step()  # warm-up: kernel compilation and allocator growth stay outside the timing
+
+    elem = tokens.element_size()
+    moved = forward_bytes(B, P, C, keep, elem) + (backward_bytes(B, P, C, keep, elem) if mode == "full" else 0)
+    benchmark.extra_info.update(environment())
+    benchmark.extra_info.update(B=B, P=P, C=C, K=keep, dtype=str(DTYPE).replace("torch.", ""), bytes_moved=moved)
+    out = benchmark(step)
+    assert out is not None
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.median > 0:
+        benchmark.extra_info["GBps_median"] = round(moved / stats.stats.median / 1e9, 2)
