@@ -357,3 +357,22 @@ def test_estimator_bad_input():
         est(torch.randn(3, 8))
     with pytest.raises(TypeError, match="patches"):
         est([1.0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_estimator_trained_by_semantic_integrity_loss(impl):
+    """Estimator logits -> mask -> logits at the kept positions -> SemanticIntegrityLoss: the estimator learns,
+    the tokens get the gather's gradient, and the integrity weights stay out of the graph."""
+    from mlip_fast.losses import SemanticIntegrityLoss
+
+    B, P, C, S, keep = 3, 12, 8, 4, 5
+    est = SemanticIntegrityEstimator(C, 6)
+    torch.nn.init.normal_(est.fc2.weight, std=0.5)
+    tokens = torch.randn(B, P, C, requires_grad=True)
+    logits = est(tokens)
+    result = integrity_mask(tokens, logits, keep, seed=9, impl=impl)
+    loss = SemanticIntegrityLoss()(logits.gather(1, result.index), result.kept, torch.randn(B, S, C))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() >= 0
+    assert est.fc1.weight.grad.abs().sum() > 0 and est.fc2.weight.grad.abs().sum() > 0
+    assert tokens.grad is not None and not result.integrity.requires_grad
