@@ -72,7 +72,8 @@ def load_tokenizer(name_or_path: Union[str, Path], *, local_files_only: bool = T
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_files_only)
     except OSError as e:
-        hint = "" if not local_files_only else " (only local files and the local cache are searched)"
+        hint = "" if not local_files_only else (" (only local files and the local cache are searched; downloading "
+                                                "needs text.allow_download=true or local_files_only=False)")
         raise OSError(f"no tokenizer found for {str(name_or_path)!r}{hint}: {e}") from e
     if not tokenizer.is_fast:
         raise TypeError(f"the tokenizer of {str(name_or_path)!r} is not a fast tokenizer; sentence spans need "
