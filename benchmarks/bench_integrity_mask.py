@@ -6,14 +6,14 @@ only, the interpreter is no performance path). Modes: ``fwd`` and ``full`` (forw
 tokens with a fixed upstream gradient). Shapes: B in {128, 256}, P = 196, C in {768, 1024}, mask ratio
 0.5 and 0.25 (K = 98 and 147), bfloat16 tokens and float32 scores; on CPU only the B = 128, C = 768 shapes
 run (a CI run executes each case once). ``extra_info`` records the bytes the step must move, the achieved
-bandwidth (when timed), and the device and library versions.
+bandwidth (when timed), and the device and library versions (the shared ``bench_env`` record).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gpu_integrity_mask import argsort_gather, backward_bytes, environment, forward_bytes, kept_count
+from gpu_integrity_mask import argsort_gather, backward_bytes, forward_bytes, kept_count
 from mlip_fast.ops.dispatch import triton_unavailable_reason
 from mlip_fast.ops.integrity_mask import integrity_mask
 
@@ -61,7 +61,7 @@ def _step(provider: str, mode: str, tokens, scores, keep: int, grad_kept):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("B,C,ratio", SHAPES, ids=[f"B{b}-C{c}-r{r}" for b, c, r in SHAPES])
-def test_integrity_mask(benchmark, B, C, ratio, provider, mode):
+def test_integrity_mask(benchmark, bench_env, B, C, ratio, provider, mode):
     if provider == "triton" and _triton_skip_reason():
         pytest.skip(_triton_skip_reason())
     keep = kept_count(P, ratio)
@@ -74,7 +74,7 @@ def test_integrity_mask(benchmark, B, C, ratio, provider, mode):
 
     elem = tokens.element_size()
     moved = forward_bytes(B, P, C, keep, elem) + (backward_bytes(B, P, C, keep, elem) if mode == "full" else 0)
-    benchmark.extra_info.update(environment())
+    benchmark.extra_info.update(bench_env)
     benchmark.extra_info.update(B=B, P=P, C=C, K=keep, dtype=str(DTYPE).replace("torch.", ""), bytes_moved=moved)
     out = benchmark(step)
     assert out is not None
