@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mlip_fast.models.factory import CheckpointError
+
 __all__ = [
     "EvalDataError",
     "CheckpointError",
@@ -46,45 +48,25 @@ class EvalDataError(ValueError):
     """The evaluation data cannot serve the task (no labels, empty class, missing masks, no samples)."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint path is not a model directory written by ``save_pretrained``."""
-
-
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None):
     """Load an exported model (``save_pretrained`` directory) in eval mode on ``device`` (default CPU).
 
-    Raises CheckpointError naming what was found when ``path`` is missing, a file, a DeepSpeed engine
-    checkpoint (export it first) or any other directory without ``config.json`` + ``model.safetensors``.
+    Raises ``CheckpointError`` (``mlip_fast.models.CheckpointError``) naming what was found when ``path``
+    is missing, a file, a DeepSpeed engine checkpoint (export it first) or another kind of directory.
     """
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    if p.is_file():
-        raise CheckpointError(
-            f"checkpoint {p} is a file; expected a model directory written by save_pretrained "
-            "(config.json + model.safetensors + tokenizer files)"
-        )
-    names = sorted(q.name for q in p.iterdir())
-    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
-        hint = ""
-        if "latest" in names or any(n.startswith("global_step") for n in names):
-            hint = (" It looks like a DeepSpeed engine checkpoint: evaluate the exported model instead "
-                    "(the training run's export directory, written by save_pretrained).")
-        shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "") if names else "nothing"
-        raise CheckpointError(
-            f"{p} is not an MLIP model directory: it needs config.json and model.safetensors, found {shown}.{hint}"
-        )
-    try:
-        json.loads((p / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{p / 'config.json'} is not valid JSON: {err}") from None
     from mlip_fast.models import from_pretrained
 
-    try:
-        model = from_pretrained(p)
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"cannot load an MLIP model from {p}: {err}") from err
-    return model.to(device or "cpu").eval()
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").is_file():
+        names = sorted(q.name for q in p.iterdir())
+        if "latest" in names or any(n.startswith("global_step") for n in names):
+            raise CheckpointError(
+                f"{p} is a DeepSpeed engine checkpoint ({', '.join(names[:6])}), not an exported model: evaluate the "
+                "training run's export directory (written by save_pretrained) instead"
+            )
+    if p.is_file() and p.name != "model.safetensors":
+        raise CheckpointError(f"checkpoint {p} is a file; expected a model directory written by save_pretrained")
+    return from_pretrained(p, device=device or "cpu").eval()
 
 
 def model_device(model: torch.nn.Module, device: str | torch.device | None = None) -> torch.device:

@@ -3,6 +3,11 @@
 - ``SyntheticBenchmark(root, split, ...)``: the built-in synthetic benchmark (``master.csv`` written by
   ``mlip_fast.data.synth``) with what evaluation needs beyond image-report pairs: the label vector,
   the per-finding sentences and masks (localisation) and one segmentation target per image.
+- ``CovidChestXray(root, ...)``: the real COVID-19 image data collection subset in
+  ``../shared/data/covid_chestxray`` (``staged_images.csv`` + ``metadata.csv``): labels ``Pneumonia``
+  (any infection / ARDS finding = 1, "No Finding" = 0, "todo" = unknown) and ``COVID-19`` (1 / 0 among
+  labelled findings), clinical notes as the report, lung masks (V7 Labs manual or lungVAE) as ``mask``.
+- ``group_split(groups, test_fraction, seed)``: a seeded split that keeps each group (patient) on one side.
 - ``MaskedImageFolder(images, masks, ...)``: image + binary mask pairs matched by file name, e.g. the
   lung masks of ``../shared/data/covid_chestxray`` (``masks_v7labs_lungs/`` or
   ``annotations/lungVAE-masks/``), for few-shot segmentation.
@@ -23,7 +28,7 @@ from torch.utils.data import Dataset
 
 from mlip_fast.eval.common import EvalDataError
 
-__all__ = ["SyntheticBenchmark", "MaskedImageFolder", "SYNTHETIC_LABELS"]
+__all__ = ["SyntheticBenchmark", "MaskedImageFolder", "CovidChestXray", "group_split", "SYNTHETIC_LABELS"]
 
 SYNTHETIC_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax", "Pneumonia")
 
@@ -166,3 +171,104 @@ class MaskedImageFolder(Dataset):
             mask = _resize_mask(mask, raw.shape)
         return {"image": self.transform(raw) if self.transform is not None else raw, "mask": mask, "index": i,
                 "name": img.name}
+
+
+def group_split(groups: Sequence, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, test) with every group entirely on one side; about ``test_fraction`` of the groups
+    (at least one, and at least one left for training) go to test, chosen by a seeded permutation."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    unique = sorted({str(g) for g in groups})
+    if len(unique) < 2:
+        raise EvalDataError(f"a group split needs at least 2 groups, got {len(unique)}")
+    order = np.random.default_rng([int(seed), 0x5B17]).permutation(len(unique))
+    n_test = min(len(unique) - 1, max(1, int(round(test_fraction * len(unique)))))
+    test_groups = {unique[i] for i in order[:n_test]}
+    train = [i for i, g in enumerate(groups) if str(g) not in test_groups]
+    test = [i for i, g in enumerate(groups) if str(g) in test_groups]
+    return train, test
+
+
+class CovidChestXray(Dataset):
+    """The staged COVID-19 image data collection (see the module doc).
+
+    Args:
+        root: the dataset folder (``staged_images.csv``, ``metadata.csv``, ``images/``, mask folders).
+        transform: maps the raw image to the model input.
+        masks: None, "v7labs" (manual lung masks) or "lungvae" (model-generated); with a mask source
+            only images that have such a mask are kept.
+        labelled_only: keep only images whose ``Pneumonia`` label is known (drops "todo").
+        views: keep only these views (e.g. ("PA", "AP", "AP Supine")); None keeps all.
+        names: keep only these image file names.
+    """
+
+    label_names = ("Pneumonia", "COVID-19")
+    _MASK_COLUMNS = {"v7labs": "v7labs_lung_mask", "lungvae": "lungVAE_mask"}
+
+    def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None, masks: Optional[str] = None,
+                 labelled_only: bool = False, views: Optional[Sequence[str]] = None,
+                 names: Optional[Sequence[str]] = None):
+        self.root = Path(root)
+        staged = self.root / "staged_images.csv"
+        if not staged.is_file():
+            raise EvalDataError(f"{self.root} is not the covid_chestxray folder: {staged} is missing")
+        if masks is not None and masks not in self._MASK_COLUMNS:
+            raise ValueError(f"masks must be None or one of {sorted(self._MASK_COLUMNS)}, got {masks!r}")
+        with open(staged, newline="") as f:
+            rows = list(csv.DictReader(f))
+        notes = {}
+        meta = self.root / "metadata.csv"
+        if meta.is_file():
+            with open(meta, newline="") as f:
+                for r in csv.DictReader(f):
+                    notes[r["filename"]] = (r.get("clinical_notes") or "").strip()
+        keep = []
+        for r in rows:
+            if masks is not None and not r.get(self._MASK_COLUMNS[masks]):
+                continue
+            if labelled_only and r["finding"].strip().lower() == "todo":
+                continue
+            if views is not None and r["view"] not in views:
+                continue
+            if names is not None and r["filename"] not in names:
+                continue
+            keep.append({**r, "report": notes.get(r["filename"], "")})
+        if not keep:
+            raise EvalDataError(f"no image of {self.root} matches masks={masks!r}, labelled_only={labelled_only}, views={views}")
+        self.rows = keep
+        self.transform = transform
+        self.masks = masks
+        self.groups = [r["patientid"] for r in keep]
+
+    @staticmethod
+    def labels_of(finding: str) -> np.ndarray:
+        """(Pneumonia, COVID-19) for a ``finding`` string; NaN where unknown ("todo")."""
+        f = finding.strip().lower()
+        if f in ("todo", ""):
+            return np.array([np.nan, np.nan], dtype=np.float32)
+        if f == "no finding":
+            return np.array([0.0, 0.0], dtype=np.float32)
+        return np.array([1.0, float(f.startswith("covid-19"))], dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def describe(self) -> dict:
+        return {"kind": "covid_chestxray", "root": str(self.root), "masks": self.masks, "n": len(self)}
+
+    def __getitem__(self, i: int) -> dict:
+        from mlip_fast.data.images import load_image
+
+        row = self.rows[i]
+        raw = load_image(self.root / "images" / row["filename"], max_side=1024)
+        sample = {
+            "image": self.transform(raw) if self.transform is not None else raw,
+            "report": row["report"],
+            "labels": self.labels_of(row["finding"]),
+            "index": i,
+            "name": row["filename"],
+        }
+        if self.masks is not None:
+            mask = _load_mask_file(self.root / row[self._MASK_COLUMNS[self.masks]])
+            sample["mask"] = mask if mask.shape == raw.shape else _resize_mask(mask, raw.shape)
+        return sample

@@ -73,7 +73,13 @@ def _pct(fraction: float) -> str:
 
 
 def _sample_names(data, indices: Sequence[int]) -> Optional[list[str]]:
+    """File names of ``data[indices]`` when the dataset (possibly a Subset) lists them, else None."""
+    from torch.utils.data import Subset
+
     base = data
+    while isinstance(base, Subset):
+        indices = [int(base.indices[i]) for i in indices]
+        base = base.dataset
     for attr in ("pairs", "rows"):
         items = getattr(base, attr, None)
         if items is not None:
