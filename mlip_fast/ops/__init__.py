@@ -4,6 +4,7 @@
 - ``integrity_mask``: integrity-scored masking (score -> Gumbel-top-k -> gather).
 """
 from mlip_fast.ops.dispatch import ImplUnavailableError, describe_selected
+from mlip_fast.ops.integrity_mask import MaskResult, integrity_mask
 from mlip_fast.ops.patch_sentence import patch_sentence_scores
 
-__all__ = ["patch_sentence_scores", "ImplUnavailableError", "describe_selected"]
+__all__ = ["patch_sentence_scores", "integrity_mask", "MaskResult", "ImplUnavailableError", "describe_selected"]
