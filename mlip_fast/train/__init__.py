@@ -1,0 +1,11 @@
+"""The DeepSpeed training app behind ``train.py``.
+
+- ``args``: command-line arguments; ``ds_config``: DeepSpeed config loading and validation;
+- ``data``: synthetic benchmark cache, dataset readers, resumable data order, collate;
+- ``loop``: the engine loop; ``checkpoint``: checkpoints, resume, stop signals, export;
+- ``evaluation``: zero-shot and localisation during and after training; ``reporting``: run log,
+  metrics.jsonl, progress bar, curves PNG, summary.json;
+- ``main``: ``train(argv) -> summary`` and ``main()`` (exit codes).
+"""
+
+__all__: list = []

@@ -1,0 +1,159 @@
+"""Command-line arguments of the training app (``train.py``).
+
+DeepSpeed's own flags come from ``deepspeed.add_config_arguments`` (``--deepspeed``,
+``--deepspeed_config``); the launcher adds ``--local_rank``. Everything else is the project's.
+Defaults are the built-in synthetic benchmark run (``deepspeed train.py --deepspeed_config ds.json``),
+sized to finish in under 10 minutes on a 2-core CPU and pass its quality bar.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional, Sequence
+
+__all__ = ["build_parser", "parse_args", "DEFAULTS"]
+
+# The default run (measured numbers in docs/training.md).
+DEFAULTS = dict(
+    model="mlip-tiny",
+    image_size=64,
+    synthetic_n=3000,
+    synthetic_seed=0,
+    steps=600,
+    eval_every=200,
+    save_every=200,
+    mask_ratio=None,
+)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import deepspeed
+
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="MLIP pre-training with DeepSpeed. With no argument but --deepspeed_config it trains on the "
+                    "built-in synthetic chest X-ray benchmark and evaluates zero-shot classification and "
+                    "localisation at the end.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="synthetic",
+                      help="'synthetic' (built-in benchmark, generated into --cache-dir on first use), a prepared "
+                           "MIMIC-CXR master.csv, an Open-I directory (XML reports + PNG images), or a CSV/JSONL "
+                           "manifest")
+    data.add_argument("--image-root", default=None,
+                      help="folder that relative image paths in a master.csv / manifest start from "
+                           "(default: the file's folder)")
+    data.add_argument("--cache-dir", default=".cache", help="where the synthetic benchmark is generated")
+    data.add_argument("--synthetic-n", type=_positive_int, default=DEFAULTS["synthetic_n"],
+                      help="number of synthetic image-report pairs (all splits)")
+    data.add_argument("--synthetic-seed", type=int, default=DEFAULTS["synthetic_seed"])
+    data.add_argument("--image-size", type=_positive_int, default=DEFAULTS["image_size"],
+                      help="input side in pixels (overrides the model config's vision.image_size; must be a "
+                           "multiple of the patch size)")
+    data.add_argument("--num-workers", type=_non_negative_int, default=2, help="DataLoader workers per process")
+    data.add_argument("--max-bad-fraction", type=float, default=0.01,
+                      help="fail when more than this share of the samples cannot be read")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULTS["model"], help="shipped model config name or a config JSON path")
+    model.add_argument("--pretrained", default=None, help="local ViT weights for the image tower")
+    model.add_argument("--model-overrides", type=_json_object, default=None,
+                       help='JSON merged into the model config, e.g. \'{"text": {"dropout": 0.0}}\'')
+    model.add_argument("--mask-ratio", type=_ratio, default=DEFAULTS["mask_ratio"],
+                       help="share of patches dropped before the ViT (default: the model config's)")
+    model.add_argument("--attn", default="auto", choices=("auto", "flash", "xformers", "sdpa", "math"),
+                       help="ViT attention backend")
+    model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--lambda-local", type=_non_negative, default=1.0, help="weight of the patch-sentence loss")
+    loss.add_argument("--lambda-sie", type=_non_negative, default=0.1,
+                      help="weight of the semantic integrity estimator loss")
+    loss.add_argument("--impl", default="auto", choices=("auto", "reference", "chunked", "triton"),
+                      help="patch-sentence scores implementation")
+
+    run = p.add_argument_group("schedule")
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=None,
+                        help=f"optimizer steps (default {DEFAULTS['steps']} unless --epochs is given)")
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training split")
+    run.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides the ds config's)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--eval-every", type=_non_negative_int, default=DEFAULTS["eval_every"],
+                     help="zero-shot evaluation on the validation split every N steps (0: only at the end)")
+    run.add_argument("--eval-max-samples", type=_non_negative_int, default=0,
+                     help="cap on evaluation samples per split (0: all)")
+    run.add_argument("--no-final-eval", action="store_true", help="skip the end-of-run evaluation on the test split")
+    run.add_argument("--save-every", type=_non_negative_int, default=DEFAULTS["save_every"],
+                     help="checkpoint every N steps (0: only at the end); a checkpoint is always written at the end")
+    run.add_argument("--keep-checkpoints", type=_non_negative_int, default=2,
+                     help="checkpoints kept on disk (0: keep all)")
+    run.add_argument("--log-every", type=_positive_int, default=1, help="metrics.jsonl line every N steps")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--output-dir", default=None, help="run folder (default runs/<run-name>)")
+    out.add_argument("--run-name", default=None, help="run folder name under runs/ (default: a timestamp)")
+    out.add_argument("--resume", default=None,
+                     help="'latest' (the newest checkpoint of --output-dir, or of the newest run under runs/) or a "
+                          "checkpoint folder")
+    out.add_argument("--tensorboard", action="store_true",
+                     help="also log to TensorBoard through DeepSpeed's monitor (needs the tensorboard package)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.epochs is not None and not args.epochs > 0:
+        parser.error(f"--epochs must be > 0, got {args.epochs}")
+    if args.deepspeed_config is None:
+        parser.error("--deepspeed_config is required (the default is ds.json: "
+                     "deepspeed train.py --deepspeed_config ds.json)")
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        parser.error(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+    if args.steps is None and args.epochs is None:
+        args.steps = DEFAULTS["steps"]
+    return args

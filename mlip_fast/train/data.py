@@ -1,0 +1,243 @@
+"""Training data: the synthetic benchmark cache, the dataset readers, and a resumable data order.
+
+Data order. :class:`GlobalBatchSampler` fixes, for every optimizer step ``s``, the global batch as a
+slice of a permutation of the training set drawn from ``(seed, epoch)``; each rank takes its rows of
+each micro-batch. The order is therefore a function of the step alone: resuming at step ``s`` replays
+exactly what an uninterrupted run would have read, and a run on N processes reads the same global batch
+as one process with an N times larger micro-batch. Each sample's augmentation is seeded from
+``(seed, epoch, index)`` (:class:`SeededSamples`), so it does not depend on workers or ranks either.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
+           "SeededSamples", "ReportCollator", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
+
+
+class DataConfigError(ValueError):
+    """``--data`` does not name a usable dataset."""
+
+
+def synthetic_cache_dir(cache_dir: Path, size: int, n: int, seed: int) -> Path:
+    return Path(cache_dir) / f"synthetic-{size}-{n}-{seed}"
+
+
+def prepare_synthetic(cache_dir: Path, size: int, n: int, seed: int, workers: int = 2,
+                      log: Callable[[str], None] = print) -> Path:
+    """The synthetic benchmark's ``master.csv``, generated on first use.
+
+    Generation writes into a temporary sibling folder and renames it into place, so an interrupted
+    generation never leaves a half-written cache that a later run would trust; concurrent generators
+    (one per node) race harmlessly: the first rename wins, the others discard their copy.
+    """
+    from mlip_fast.data import synth
+
+    target = synthetic_cache_dir(cache_dir, size, n, seed)
+    master = target / "master.csv"
+    if master.is_file():
+        log(f"synthetic benchmark: using the cache {target}")
+        return master
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    log(f"synthetic benchmark: generating {n} images at {size} px (seed {seed}) into {target}")
+    synth.generate(tmp, n=n, seed=seed, size=size, workers=workers)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not master.is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"synthetic benchmark: generated in {time.perf_counter() - start:.1f} s")
+    return master
+
+
+def build_pretrain_dataset(data: str, split: Optional[str], transform, *, image_root: Optional[str] = None,
+                           max_bad_fraction: float = 0.01) -> Dataset:
+    """The image-report pairs named by ``--data`` (a resolved synthetic ``master.csv`` path, a prepared
+    MIMIC-CXR ``master.csv``, an Open-I folder, or a CSV / JSONL manifest).
+
+    ``split`` selects rows of a master.csv (``train`` / ``valid`` / ``test``); manifests and Open-I have
+    no split column and serve every row for ``train`` (evaluation splits are then unavailable: None).
+    """
+    from mlip_fast.data import datasets as D
+
+    path = Path(data)
+    if not path.exists():
+        raise DataConfigError(f"--data {data}: no such file or folder (use 'synthetic', a master.csv, an Open-I "
+                              f"folder or a CSV/JSONL manifest)")
+    if path.is_dir():
+        if (path / "master.csv").is_file():
+            path = path / "master.csv"
+        else:
+            if split not in ("train", None):
+                return None
+            reports, images = _openi_layout(path, image_root)
+            return D.OpenIDataset(reports, image_dir=images, transform=transform, max_bad_fraction=max_bad_fraction)
+    header = path.open().readline() if path.suffix.lower() == ".csv" else ""
+    if path.suffix.lower() == ".csv" and "findings" in header and "impression" in header:
+        columns = [c.strip() for c in header.strip().split(",")]
+        if "split" not in columns:
+            if split not in ("train", None):
+                return None
+            split = None
+        try:
+            return D.PretrainDataset(path, root=image_root, split=split, transform=transform,
+                                     max_bad_fraction=max_bad_fraction)
+        except D.DatasetError:
+            if split in ("valid", "test"):
+                return None
+            raise
+    if path.suffix.lower() in (".csv", ".jsonl", ".json"):
+        if split not in ("train", None):
+            return None
+        return D.ManifestDataset(path, root=image_root, transform=transform, max_bad_fraction=max_bad_fraction)
+    raise DataConfigError(f"--data {data}: expected a .csv / .jsonl file or a folder, got {path.suffix or 'a file'}")
+
+
+def _openi_layout(folder: Path, image_root: Optional[str]) -> tuple:
+    """(reports, image folder) of an Open-I folder: the reports are ``NLMCXR_reports.tgz``,
+    ``reports.csv``, a ``reports/`` (or ``ecgen-radiology/``) folder of XML files, or XML files in the folder
+    itself; images are ``--image-root``, else ``images/``, ``NLMCXR_png/`` or the folder itself."""
+    reports = next((c for c in (folder / "NLMCXR_reports.tgz", folder / "reports.csv", folder / "reports",
+                                folder / "ecgen-radiology") if c.exists()), None)
+    if reports is None:
+        if not any(folder.glob("*.xml")):
+            raise DataConfigError(f"--data {folder}: a folder must hold master.csv (prepared MIMIC-CXR or the synthetic "
+                                  f"benchmark) or Open-I reports (NLMCXR_reports.tgz, reports.csv, reports/*.xml)")
+        reports = folder
+    if image_root is not None:
+        images = Path(image_root)
+    else:
+        images = next((c for c in (folder / "images", folder / "NLMCXR_png") if c.is_dir()), folder)
+    if not any(images.glob("*.png")):
+        raise DataConfigError(f"--data {folder}: no PNG images in {images} (pass --image-root)")
+    return reports, images
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one sample's augmentation in one epoch (independent of batch layout, workers and ranks)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, 1, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """Seed of the model's randomness (masking, dropout) at one micro-step on one rank."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, 2, step, micro, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so that item ``(index, seed)`` is read with python / numpy / torch seeded by
+    ``seed``: the random augmentation of a sample is reproducible wherever it is read."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+
+class GlobalBatchSampler:
+    """Batch sampler of one rank: for step ``s`` (epoch ``e = s // steps_per_epoch``), the global batch is
+    ``perm_e[i * G : (i + 1) * G]`` with ``i = s % steps_per_epoch`` and ``perm_e`` a permutation drawn
+    from ``(seed, e)``; micro-batch ``m`` of rank ``r`` is its rows ``[(m * W + r) * b, (m * W + r + 1) * b)``
+    (G = b x accumulation x W). Yields lists of ``(index, sample_seed)``, from ``start_step`` on, without end
+    (the loop decides when to stop). The last incomplete global batch of an epoch is dropped.
+    """
+
+    def __init__(self, num_samples: int, micro_batch: int, accumulation: int, rank: int, world_size: int,
+                 seed: int, start_step: int = 0):
+        self.num_samples = int(num_samples)
+        self.micro_batch = int(micro_batch)
+        self.accumulation = int(accumulation)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed = int(seed)
+        self.start_step = int(start_step)
+        self.global_batch = self.micro_batch * self.accumulation * self.world_size
+        if self.num_samples < self.global_batch:
+            raise DataConfigError(f"the training split has {self.num_samples} samples, fewer than one global batch "
+                                  f"({self.global_batch}); use more data or a smaller train_batch_size")
+        self.steps_per_epoch = self.num_samples // self.global_batch
+
+    def position(self, step: int) -> tuple:
+        """(epoch, step_in_epoch) of optimizer step ``step``."""
+        return divmod(int(step), self.steps_per_epoch)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, 0, epoch]).generate_state(1)[0]))
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self) -> Iterator[list]:
+        step = self.start_step
+        epoch, _ = self.position(step)
+        perm = self._permutation(epoch)
+        while True:
+            e, i = self.position(step)
+            if e != epoch:
+                epoch, perm = e, self._permutation(e)
+            rows = perm[i * self.global_batch:(i + 1) * self.global_batch].tolist()
+            for m in range(self.accumulation):
+                start = (m * self.world_size + self.rank) * self.micro_batch
+                yield [(idx, sample_seed(self.seed, epoch, idx)) for idx in rows[start:start + self.micro_batch]]
+            step += 1
+
+
+class ReportCollator:
+    """Sample dicts (``image`` [C, S, S], ``report`` str, optional ``labels``, ``index``) -> a model batch:
+    ``images`` [B, C, S, S], ``input_ids`` / ``attention_mask`` [B, T], ``sentence_spans`` [B, S, 2],
+    ``sentence_mask`` [B, S], ``labels`` [B, L] (when present), ``index`` [B]."""
+
+    def __init__(self, tokenizer, max_length: int, max_sentences: int):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_sentences = max_sentences
+
+    def __call__(self, samples: list) -> dict:
+        from mlip_fast.models.tokenization import tokenize_reports
+
+        batch = {"images": torch.stack([s["image"] for s in samples])}
+        batch.update(tokenize_reports(self.tokenizer, [s["report"] for s in samples], self.max_length,
+                                      self.max_sentences))
+        if all("labels" in s for s in samples):
+            batch["labels"] = torch.stack([torch.as_tensor(s["labels"], dtype=torch.float32) for s in samples])
+        batch["index"] = torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64)
+        return batch
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Stop signals are handled by the training process, which checkpoints and then shuts the workers down;
+    # a worker dying on Ctrl-C / SIGTERM first would turn that into a DataLoader crash.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def make_train_loader(dataset: Dataset, sampler: GlobalBatchSampler, collate, num_workers: int) -> DataLoader:
+    return DataLoader(
+        SeededSamples(dataset),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

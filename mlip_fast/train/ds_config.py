@@ -1,0 +1,276 @@
+"""Loading and validating the DeepSpeed JSON config before anything starts.
+
+DeepSpeed silently ignores unknown top-level keys and only reports some mistakes deep inside
+``deepspeed.initialize`` (or on the first step), after data and model are built. This module checks the
+config up front and raises :class:`DSConfigError` with a message naming the key and the file:
+
+- top-level keys against the keys DeepSpeed 0.19 reads (with a "did you mean" hint);
+- the sections DeepSpeed models with pydantic (``zero_optimization``, ``bf16``, ``fp16``, monitors)
+  through DeepSpeed's own models, which forbid unknown keys;
+- ``optimizer.params`` against the optimizer's constructor and ``scheduler.params`` against the
+  scheduler's constructor (both read by signature, so the check follows the installed versions);
+- precision against the device: fp16 needs a GPU; bf16 on CPU needs CPU bf16 support;
+- batch sizes against the world size (``train_batch_size = micro x accumulation x world``), filling the
+  missing one as DeepSpeed would.
+
+``"auto"`` is accepted for ``scheduler.params.total_num_steps`` and ``warmup_num_steps`` and resolved
+from the run length (:func:`resolve_schedule`).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+__all__ = ["DSConfigError", "load_ds_config", "validate_ds_config", "resolve_batch_sizes", "resolve_schedule",
+           "precision_dtype", "WARMUP_FRACTION"]
+
+# Share of the run spent warming up when the scheduler asks for "auto".
+WARMUP_FRACTION = 0.05
+
+# Top-level keys read by DeepSpeed 0.19 (runtime/config.py and the feature configs it parses).
+KNOWN_TOP_LEVEL_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+    "scheduler", "fp16", "bf16", "amp", "torch_autocast", "zero_optimization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "gradient_clipping", "steps_per_print", "wall_clock_breakdown",
+    "memory_breakdown", "dump_state", "prescale_gradients", "gradient_predivide_factor",
+    "gradient_allreduce_op", "communication_data_type", "seq_parallel_communication_data_type",
+    "disable_allgather", "sparse_gradients", "activation_checkpointing", "flops_profiler", "tensorboard",
+    "wandb", "csv_monitor", "comet", "checkpoint", "data_types", "dataloader_drop_last", "data_efficiency",
+    "curriculum_learning", "elasticity", "autotuning", "pipeline", "aio", "compression_training",
+    "eigenvalue", "progressive_layer_drop", "hybrid_engine", "compile", "weight_quantization",
+    "sparse_attention", "nebula", "quantize_training", "use_data_before_expert_parallelism",
+    "disable_python_gc", "log_level", "tensor_parallel", "expert_parallel", "managed_gradient_accumulation",
+    "graph_harvesting", "timers", "zero_optimization_stage", "seed",
+})
+
+_OPTIMIZER_EXTRA_PARAMS = {
+    # popped by DeepSpeed before the torch optimizer is built
+    "adam": {"torch_adam", "adam_w_mode", "fp32_optimizer_states"},
+    "adamw": {"torch_adam", "adam_w_mode", "fp32_optimizer_states"},
+}
+
+
+class DSConfigError(ValueError):
+    """The DeepSpeed config is invalid (the message names the key and the file)."""
+
+
+def load_ds_config(path: Union[str, Path]) -> dict:
+    """Reads a DeepSpeed JSON config; clear errors for a missing file or invalid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DSConfigError(f"DeepSpeed config {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DSConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise DSConfigError(f"DeepSpeed config {path} must be a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _hint(key: str, known) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _pydantic_section(config: dict, key: str, model_cls, where: str) -> None:
+    if key not in config:
+        return
+    section = config[key]
+    if not isinstance(section, dict):
+        raise DSConfigError(f"{where}: {key!r} must be a JSON object, got {type(section).__name__}")
+    try:
+        model_cls(**section)
+    except Exception as e:  # pydantic.ValidationError; its text lists every bad field
+        raise DSConfigError(f"{where}: invalid {key!r} section: {e}") from e
+
+
+def _check_params(params: dict, fn, allowed_extra: set, what: str, where: str) -> None:
+    sig = inspect.signature(fn)
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    known = {n for n in sig.parameters if n not in ("self", "params", "optimizer")} | allowed_extra
+    if accepts_kwargs:
+        return
+    for key in params:
+        if key not in known:
+            raise DSConfigError(f"{where}: unknown {what} parameter {key!r}{_hint(key, known)}; "
+                                f"known: {sorted(known)}")
+
+
+def _check_optimizer(config: dict, where: str) -> None:
+    import torch
+
+    section = config.get("optimizer")
+    if section is None:
+        raise DSConfigError(f"{where}: an 'optimizer' section is required (the training app lets DeepSpeed "
+                            f"build the optimizer), e.g. {{'type': 'AdamW', 'params': {{'lr': 2.5e-4, "
+                            f"'torch_adam': true}}}}")
+    unknown = set(section) - {"type", "params", "legacy_fusion"}
+    if unknown:
+        raise DSConfigError(f"{where}: unknown keys {sorted(unknown)} in 'optimizer' (known: type, params)")
+    name = str(section.get("type", "")).lower()
+    torch_classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+                     "adagrad": torch.optim.Adagrad}
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    if name not in DEEPSPEED_OPTIMIZERS and name not in torch_classes:
+        raise DSConfigError(f"{where}: unknown optimizer type {section.get('type')!r}; "
+                            f"DeepSpeed knows {sorted(DEEPSPEED_OPTIMIZERS)}")
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise DSConfigError(f"{where}: optimizer.params must be a JSON object")
+    if name in torch_classes:
+        _check_params(params, torch_classes[name].__init__, _OPTIMIZER_EXTRA_PARAMS.get(name, set()),
+                      f"{section['type']} optimizer", where)
+    if "lr" not in params:
+        raise DSConfigError(f"{where}: optimizer.params.lr is required")
+
+
+def _check_scheduler(config: dict, where: str) -> None:
+    section = config.get("scheduler")
+    if section is None:
+        return
+    unknown = set(section) - {"type", "params"}
+    if unknown:
+        raise DSConfigError(f"{where}: unknown keys {sorted(unknown)} in 'scheduler' (known: type, params)")
+    from deepspeed.runtime import lr_schedules
+
+    name = section.get("type")
+    if name not in lr_schedules.VALID_LR_SCHEDULES:
+        raise DSConfigError(f"{where}: unknown scheduler type {name!r}{_hint(str(name), lr_schedules.VALID_LR_SCHEDULES)}; "
+                            f"DeepSpeed knows {lr_schedules.VALID_LR_SCHEDULES}")
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise DSConfigError(f"{where}: scheduler.params must be a JSON object")
+    _check_params(params, getattr(lr_schedules, name).__init__, set(), f"{name} scheduler", where)
+    for key in ("total_num_steps", "warmup_num_steps"):
+        value = params.get(key)
+        if value is not None and value != "auto" and not (isinstance(value, int) and value > 0):
+            raise DSConfigError(f"{where}: scheduler.params.{key} must be a positive int or \"auto\", got {value!r}")
+
+
+def cpu_supports_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _check_precision(config: dict, device_type: str, where: str) -> None:
+    fp16 = bool(config.get("fp16", {}).get("enabled", False))
+    bf16 = bool(config.get("bf16", {}).get("enabled", False))
+    if fp16 and bf16:
+        raise DSConfigError(f"{where}: fp16 and bf16 are both enabled; enable at most one")
+    if config.get("amp", {}).get("enabled", False):
+        raise DSConfigError(f"{where}: 'amp' (NVIDIA apex) is not supported by this training app; use bf16")
+    if fp16 and device_type != "cuda":
+        raise DSConfigError(
+            f"{where}: fp16 is enabled but this run is on {device_type}; fp16 training (loss scaling) needs a "
+            f"CUDA GPU. Use bf16 ({{\"bf16\": {{\"enabled\": true}}}}) or fp32 on CPU, or the GPU-only example "
+            f"mlip_fast/train/ds_configs/zero2_fp16_gpu.json on a GPU")
+    if bf16 and device_type == "cpu" and not cpu_supports_bf16():
+        raise DSConfigError(f"{where}: bf16 is enabled but this CPU has no bf16 support (AVX-512 BF16 / AMX); "
+                            f"set bf16.enabled to false to train in fp32")
+
+
+def validate_ds_config(config: dict, *, device_type: str, where: str = "ds config") -> None:
+    """Raises :class:`DSConfigError` on the first problem found (see the module docstring)."""
+    from deepspeed.monitor.config import CometConfig, CSVConfig, TensorBoardConfig, WandbConfig
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    for key in config:
+        if key not in KNOWN_TOP_LEVEL_KEYS:
+            raise DSConfigError(f"{where}: unknown top-level key {key!r}{_hint(key, KNOWN_TOP_LEVEL_KEYS)} "
+                                f"(DeepSpeed would silently ignore it)")
+    for key, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config),
+                       ("fp16", DeepSpeedFP16Config), ("tensorboard", TensorBoardConfig),
+                       ("wandb", WandbConfig), ("csv_monitor", CSVConfig), ("comet", CometConfig)):
+        _pydantic_section(config, key, model, where)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise DSConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    _check_optimizer(config, where)
+    _check_scheduler(config, where)
+    _check_precision(config, device_type, where)
+    clip = config.get("gradient_clipping", 0.0)
+    if not isinstance(clip, (int, float)) or clip < 0:
+        raise DSConfigError(f"{where}: gradient_clipping must be a number >= 0, got {clip!r}")
+
+
+def resolve_batch_sizes(config: dict, world_size: int, where: str = "ds config") -> dict:
+    """A copy of ``config`` with all three batch keys set consistently for ``world_size``.
+
+    Any two of ``train_batch_size`` (global), ``train_micro_batch_size_per_gpu`` and
+    ``gradient_accumulation_steps`` determine the third (accumulation defaults to 1); all three given
+    must satisfy global = micro x accumulation x world.
+    """
+    config = copy.deepcopy(config)
+    keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    for key in keys:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, int) and value > 0):
+            raise DSConfigError(f"{where}: {key} must be a positive int, got {value!r}")
+    total, micro, accum = (config.get(k) for k in keys)
+    if total is None and micro is None:
+        raise DSConfigError(f"{where}: set train_batch_size or train_micro_batch_size_per_gpu")
+    if total is not None and micro is not None and accum is not None:
+        if total != micro * accum * world_size:
+            raise DSConfigError(
+                f"{where}: train_batch_size ({total}) != train_micro_batch_size_per_gpu ({micro}) x "
+                f"gradient_accumulation_steps ({accum}) x world size ({world_size}); drop one of the three "
+                f"and it is derived")
+    elif total is not None and micro is not None:
+        if total % (micro * world_size):
+            raise DSConfigError(f"{where}: train_batch_size ({total}) is not a multiple of "
+                                f"train_micro_batch_size_per_gpu ({micro}) x world size ({world_size})")
+        accum = total // (micro * world_size)
+    elif total is not None:
+        accum = accum or 1
+        if total % (accum * world_size):
+            raise DSConfigError(f"{where}: train_batch_size ({total}) is not divisible by "
+                                f"gradient_accumulation_steps ({accum}) x world size ({world_size}); "
+                                f"choose a global batch that is")
+        micro = total // (accum * world_size)
+    else:
+        accum = accum or 1
+        total = micro * accum * world_size
+    config.update(train_batch_size=total, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
+    return config
+
+
+def resolve_schedule(config: dict, total_steps: int) -> dict:
+    """A copy of ``config`` whose scheduler's ``"auto"`` (or absent) step counts follow the run length:
+    ``total_num_steps`` = the run's optimizer steps, ``warmup_num_steps`` = ``WARMUP_FRACTION`` of them
+    (at least 2, DeepSpeed's minimum)."""
+    config = copy.deepcopy(config)
+    section = config.get("scheduler")
+    if section is None:
+        return config
+    params = section.setdefault("params", {})
+    if section.get("type") in ("WarmupCosineLR", "WarmupDecayLR") and params.get("total_num_steps", "auto") == "auto":
+        params["total_num_steps"] = int(total_steps)
+    if params.get("warmup_num_steps") == "auto":
+        params["warmup_num_steps"] = max(2, int(round(WARMUP_FRACTION * total_steps)))
+    return config
+
+
+def precision_dtype(config: dict):
+    """The dtype DeepSpeed keeps the model in for this config."""
+    import torch
+
+    if config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
+
+
+def lr_of(config: dict) -> Optional[float]:
+    return config.get("optimizer", {}).get("params", {}).get("lr")

@@ -1,0 +1,83 @@
+"""Evaluation during and after training, through ``mlip_fast.eval``.
+
+- Periodic validation: zero-shot classification on the validation split (CheXpert-5 classes, global +
+  local scores combined), on the engine's model. Under ZeRO-3 every rank runs it (a forward gathers the
+  partitioned weights collectively); under ZeRO 1/2 rank 0 runs it while the others wait.
+- End of run: zero-shot classification on the test split and, for the synthetic benchmark (which has a
+  mask per finding sentence), patch-sentence localisation, on the exported model loaded back with
+  ``from_pretrained`` (rank 0; what is evaluated is exactly what was exported).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["EvalSets", "zero_shot", "localisation", "precision_context", "CHEXPERT5"]
+
+CHEXPERT5 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+
+
+class EvalSets:
+    """The evaluation data of a run: ``valid`` / ``test`` datasets (or None when the data has no such
+    split or no labels), the prompt file name, and the synthetic benchmark root for localisation."""
+
+    def __init__(self, valid, test, prompts: str, synthetic_root: Optional[Path]):
+        self.valid, self.test, self.prompts, self.synthetic_root = valid, test, prompts, synthetic_root
+
+    @staticmethod
+    def _labelled(dataset) -> bool:
+        if dataset is None:
+            return False
+        names = {n.lower() for n in getattr(dataset, "label_names", ())}
+        return all(c.lower() in names for c in CHEXPERT5)
+
+    def zero_shot_set(self, split: str):
+        dataset = getattr(self, split)
+        return dataset if self._labelled(dataset) else None
+
+
+def precision_context(dtype: torch.dtype, device_type: str):
+    """Autocast to the engine's low precision for evaluation code that feeds fp32 images to a model whose
+    weights DeepSpeed keeps in bf16 / fp16; a no-op in fp32."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device_type=device_type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def zero_shot(model, dataset, prompts: str, *, max_samples: int = 0, progress: bool = False) -> dict:
+    """Zero-shot CheXpert-5 metrics (combined global + local scores): ``{"auc_macro", "auc": {class: auc},
+    "accuracy_macro", "f1_macro", "chance_auc", "n_images", "full": <mlip_fast.eval result>}``. A class
+    without both positive and negative images in ``dataset`` gets AUC None and is left out of the macro."""
+    from mlip_fast.eval.zeroshot import zero_shot_classify
+
+    result = zero_shot_classify(model, dataset, prompts, mode="combined", classes=list(CHEXPERT5),
+                                max_samples=max_samples or None, progress=progress, batch_size=64, skip_empty=True)
+    return {
+        "auc_macro": result["macro"]["auc"],
+        "auc": {name: c.get("auc") for name, c in result["classes"].items()},
+        "accuracy_macro": result["macro"]["accuracy"],
+        "f1_macro": result["macro"]["f1"],
+        "chance_auc": result["chance"]["auc"],
+        "n_images": result["n_images"],
+        "full": result,
+    }
+
+
+def localisation(model, synthetic_root: Path, split: str = "test", *, max_samples: int = 0,
+                 progress: bool = False) -> dict:
+    """Pointing accuracy of finding sentences on the synthetic benchmark with its chance rate."""
+    from mlip_fast.eval.localisation import evaluate_localisation
+
+    result = evaluate_localisation(model, synthetic_root, split=split, max_samples=max_samples or None,
+                                   progress=progress, batch_size=64)
+    return {
+        "pointing_accuracy": result["pointing_accuracy"],
+        "chance": result["chance"],
+        "mask_iou": result["mask_iou"],
+        "iou_chance": result["iou_chance"],
+        "n_sentences": result["n_sentences"],
+        "per_finding": result["per_finding"],
+    }

@@ -1,0 +1,176 @@
+"""The DeepSpeed training loop.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-steps. Each micro-step:
+
+1. seeds torch from ``step_seed(seed, step, micro, rank)`` and passes the same seed to the model's
+   integrity-scored masking, so the randomness of step ``s`` does not depend on what ran before it
+   (exact resume);
+2. runs the engine's forward, casts the outputs to fp32 and computes ``MLIPLoss`` (the contrastive
+   terms gather their negatives from every rank, with gradient);
+3. all-reduces the loss terms together with a stop flag, so every rank takes the same decision: a
+   non-finite loss on any rank stops the run before ``backward`` (the engine still holds the last good
+   state, which is checkpointed), and a SIGTERM / SIGINT on any rank stops it after the current
+   optimizer step with a checkpoint;
+4. ``engine.backward`` and ``engine.step`` (DeepSpeed applies clipping, accumulation and the schedule).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from mlip_fast.train.checkpoint import StopRequest
+from mlip_fast.train.data import step_seed
+
+__all__ = ["LOSS_KEYS", "NonFiniteLossError", "TrainingStopped", "LoopContext", "LoopResult", "train_loop",
+           "model_inputs"]
+
+LOSS_KEYS = ("loss", "loss_global", "loss_local", "loss_sie")
+_MODEL_KEYS = ("images", "input_ids", "attention_mask", "sentence_spans", "sentence_mask")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; ``step`` is the last completed (good) optimizer step."""
+
+    def __init__(self, step: int, terms: dict, checkpoint=None):
+        self.step, self.terms, self.checkpoint = step, terms, checkpoint
+        shown = ", ".join(f"{k}={v}" for k, v in terms.items())
+        super().__init__(f"non-finite loss at step {step + 1} ({shown}); the last good state (after step {step}) "
+                         f"is checkpointed at {checkpoint}. Lower the learning rate, check the data, or use fp32")
+
+
+class TrainingStopped(Exception):
+    """A stop signal arrived; a checkpoint of ``step`` was saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by signal {signum} after step {step}; checkpoint at {checkpoint}")
+
+
+def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """The model's keys of a collated batch on ``device``; images in the engine's dtype."""
+    out = {}
+    for key in _MODEL_KEYS:
+        value = batch[key].to(device, non_blocking=True)
+        out[key] = value.to(dtype) if value.is_floating_point() else value
+    return out
+
+
+def _as_fp32(outputs: dict) -> dict:
+    # the losses run in fp32 whatever the engine's precision (logsumexp over a batch in bf16 is too coarse)
+    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
+
+
+@dataclass
+class LoopContext:
+    engine: object
+    criterion: torch.nn.Module
+    batches: Iterator[dict]
+    reporter: object
+    stop: StopRequest
+    seed: int
+    rank: int
+    world_size: int
+    accumulation: int
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int
+    dtype: torch.dtype
+    mask_ratio: Optional[float]
+    log_every: int = 1
+    eval_every: int = 0
+    save_every: int = 0
+    evaluate: Optional[Callable[[int], Optional[dict]]] = None
+    save: Optional[Callable[[int], object]] = None
+    on_first_step: Optional[Callable[[], None]] = None
+    monitor: Optional[Callable[[list], None]] = None
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    samples: int
+    wall_s: float
+    last_terms: dict
+    mean_terms: dict
+
+
+def _reduce(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def train_loop(ctx: LoopContext) -> LoopResult:
+    engine = ctx.engine
+    device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+    window = deque(maxlen=max(1, min(50, ctx.total_steps // 10 or 1)))
+    last_terms: dict = {}
+    step = ctx.start_step
+    timer_start = time.perf_counter()
+    rate_window = deque(maxlen=20)
+    ctx.reporter.start_progress(ctx.total_steps, ctx.start_step)
+    engine.train()
+    while step < ctx.total_steps:
+        t0 = time.perf_counter()
+        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        stop_votes = 0.0
+        for micro in range(ctx.accumulation):
+            batch = next(ctx.batches)
+            seed = step_seed(ctx.seed, step, micro, ctx.rank)
+            torch.manual_seed(seed)
+            outputs = engine(model_inputs(batch, device, ctx.dtype), mask_ratio=ctx.mask_ratio, seed=seed)
+            total, terms = ctx.criterion(**_as_fp32(outputs))
+            stats = torch.tensor([float(terms[k].detach()) for k in LOSS_KEYS]
+                                 + [1.0 if ctx.stop.signum is not None else 0.0], dtype=torch.float64)
+            stats = _reduce(stats)
+            terms_now = stats[:-1] / ctx.world_size
+            stop_votes = float(stats[-1])
+            if not torch.isfinite(terms_now).all():
+                values = {k: float(v) for k, v in zip(LOSS_KEYS, terms_now)}
+                ctx.reporter.close_progress()
+                checkpoint = ctx.save(step) if ctx.save is not None else None
+                ctx.reporter.record("event", event="non_finite_loss", step=step, terms=values, checkpoint=checkpoint)
+                raise NonFiniteLossError(step, values, checkpoint)
+            engine.backward(total)
+            engine.step()
+            sums += terms_now
+        step += 1
+        if step == ctx.start_step + 1 and ctx.on_first_step is not None:
+            ctx.on_first_step()
+        dt = time.perf_counter() - t0
+        rate_window.append((ctx.global_batch, dt))
+        samples_per_s = sum(b for b, _ in rate_window) / max(1e-9, sum(t for _, t in rate_window))
+        terms_mean = {k: float(v) / ctx.accumulation for k, v in zip(LOSS_KEYS, sums)}
+        last_terms = terms_mean
+        window.append(terms_mean)
+        lr = float(engine.get_lr()[0]) if engine.get_lr() else math.nan
+        epoch = (step - 1) // ctx.steps_per_epoch
+        if step % ctx.log_every == 0 or step == ctx.total_steps:
+            ctx.reporter.record("train", step=step, epoch=epoch, lr=lr, samples_per_s=samples_per_s,
+                                step_s=dt, elapsed_s=time.perf_counter() - timer_start, **terms_mean)
+            if ctx.monitor is not None:
+                ctx.monitor([(f"Train/{k}", v, step) for k, v in terms_mean.items()]
+                            + [("Train/lr", lr, step), ("Train/samples_per_s", samples_per_s, step)])
+        ctx.reporter.update_progress(terms_mean["loss"], lr, samples_per_s)
+        if stop_votes > 0:
+            ctx.reporter.close_progress()
+            path = ctx.save(step) if ctx.save is not None else None
+            signum = ctx.stop.signum if ctx.stop.signum is not None else 15
+            ctx.reporter.record("event", event="stopped", signal=signum, step=step, checkpoint=path)
+            raise TrainingStopped(signum, step, path)
+        if ctx.eval_every and step % ctx.eval_every == 0 and step < ctx.total_steps and ctx.evaluate is not None:
+            ctx.evaluate(step)
+        if ctx.save_every and step % ctx.save_every == 0 and step < ctx.total_steps and ctx.save is not None:
+            ctx.save(step)
+    ctx.reporter.close_progress()
+    wall = time.perf_counter() - timer_start
+    mean_terms = {k: sum(t[k] for t in window) / len(window) for k in LOSS_KEYS} if window else {}
+    return LoopResult(steps=step, samples=(step - ctx.start_step) * ctx.global_batch, wall_s=wall,
+                      last_terms=last_terms, mean_terms=mean_terms)

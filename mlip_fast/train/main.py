@@ -1,0 +1,535 @@
+"""Entry point of the training app: ``deepspeed train.py --deepspeed_config ds.json [options]``.
+
+:func:`train` does the work and returns the run summary (tests call it in-process); :func:`main` wraps it
+with exit codes and a clean process exit:
+
+====  ======================================================================================
+0     success (summary.json written)
+1     unexpected error (traceback printed)
+2     bad usage: arguments, DeepSpeed config, model config, data or checkpoint (message printed)
+3     non-finite loss: stopped, the last good state is checkpointed
+130   stopped by SIGINT, 143 by SIGTERM: a checkpoint was saved first (``--resume latest``)
+====  ======================================================================================
+
+Exit. With several processes on CPU, DeepSpeed's shared-memory all-reduce op can abort the interpreter
+at exit after a successful run. The app never builds that op (the collectives go through gloo; it only
+serves DeepSpeed's inference all-reduce), and :func:`main` ends with ``barrier``,
+``destroy_process_group`` and ``os._exit`` after flushing every output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from mlip_fast.train import checkpoint as ckpt
+from mlip_fast.train import data as tdata
+from mlip_fast.train import ds_config as dsc
+from mlip_fast.train.args import parse_args
+from mlip_fast.train.evaluation import EvalSets, localisation, precision_context, zero_shot
+from mlip_fast.train.loop import LoopContext, NonFiniteLossError, TrainingStopped, train_loop
+from mlip_fast.train.reporting import RunReporter, plot_metrics, versions
+
+__all__ = ["train", "main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NON_FINITE"]
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NON_FINITE = 0, 1, 2, 3
+RUNS_ROOT = Path("runs")
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init_distributed() -> tuple:
+    """(rank, world size, local rank, local world size) after initialising torch.distributed through
+    DeepSpeed (gloo on CPU, NCCL on GPU). A plain ``python train.py`` runs as a world of one."""
+    import deepspeed
+    import deepspeed.ops
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # DeepSpeed's CPU shared-memory all-reduce op only serves inference all-reduce; building it costs a JIT
+    # compile and, with several processes, it can abort the interpreter at exit. gloo does the collectives.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return rank, world, local_rank, local_world
+
+
+def _rank0(fn, rank: int):
+    """Runs ``fn`` on rank 0 and gives every rank its result, or raises its exception on every rank (so
+    that a decision such as "this checkpoint is corrupted" stops all processes alike)."""
+    import torch.distributed as dist
+
+    payload = [None]
+    if rank == 0:
+        try:
+            payload = [("ok", fn())]
+        except Exception as e:  # re-raised below, on every rank
+            payload = [("error", e)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    kind, value = payload[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def _device_type() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def _output_dir(args) -> Path:
+    if args.output_dir is not None:
+        return Path(args.output_dir)
+    if args.resume is not None and args.run_name is None:  # continue the run that wrote the checkpoint
+        root, _ = ckpt.resolve_resume(args.resume, None, RUNS_ROOT)
+        return root.parent
+    return RUNS_ROOT / (args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def _model_config(args):
+    from mlip_fast.models import get_model_config
+
+    cfg = get_model_config(args.model)
+    overrides = dict(args.model_overrides or {})
+    vision = dict(overrides.pop("vision", {}))
+    vision.setdefault("image_size", args.image_size)
+    vision.setdefault("attn_backend", args.attn)
+    overrides["vision"] = vision
+    if args.mask_ratio is not None:
+        overrides["mask_ratio"] = args.mask_ratio
+    return cfg.replace(**overrides)
+
+
+def _tokenizer(cfg, corpus_fn, run_dir: Path, rank: int):
+    """The run's tokenizer: built once by rank 0 (a WordPiece vocabulary trained on the training reports
+    for a random-init text tower, else the pretrained tower's) into ``run_dir/tokenizer`` and loaded from
+    there by every rank, so all ranks, and a resumed run, tokenize identically."""
+    from mlip_fast.models import get_tokenizer
+    from mlip_fast.models.tokenization import load_tokenizer
+
+    folder = run_dir / "tokenizer"
+
+    def build():
+        if not (folder / "tokenizer.json").is_file():
+            tokenizer = get_tokenizer(cfg, corpus=corpus_fn() if cfg.text.source == "random" else None)
+            tmp = folder.with_name("tokenizer.tmp")
+            tokenizer.save_pretrained(str(tmp))
+            os.replace(tmp, folder)
+        return str(folder)
+
+    return load_tokenizer(_rank0(build, rank))
+
+
+def _promote_scalar_parameters(model: torch.nn.Module) -> list:
+    """Gives 0-dim parameters (the logit scales) shape [1], same value.
+
+    DeepSpeed 0.19 broadcasts every parameter at start-up as a byte view (``p.data.view(torch.uint8)``),
+    which raises for 0-dim tensors. The losses take any 1-element scale; the export reshapes the weights
+    back to the model's own shapes. Returns the names changed.
+    """
+    names = []
+    for name, p in model.named_parameters():
+        if p.dim() == 0:
+            p.data = p.data.reshape(1)
+            names.append(name)
+    return names
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """Weight decay on matrices only (not on biases, norms, logit scales), as open_clip."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _tensorboard(config: dict, args, run_dir: Path) -> dict:
+    wanted = args.tensorboard or config.get("tensorboard", {}).get("enabled", False)
+    if not wanted:
+        return config
+    try:
+        import tensorboard  # noqa: F401  (DeepSpeed's monitor writes through torch.utils.tensorboard)
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as e:
+        raise dsc.DSConfigError(f"TensorBoard logging was requested but tensorboard is not installed ({e}); "
+                                f"pip install tensorboard, or drop --tensorboard / the 'tensorboard' section") from e
+    section = dict(config.get("tensorboard", {}))
+    section.update(enabled=True)
+    section.setdefault("output_path", str(run_dir / "tensorboard"))
+    section.setdefault("job_name", run_dir.name)
+    return {**config, "tensorboard": section}
+
+
+def _total_steps(args, steps_per_epoch: int) -> int:
+    if args.steps is not None:
+        return int(args.steps)
+    return max(1, int(round(args.epochs * steps_per_epoch)))
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(argv: Optional[Sequence[str]] = None) -> dict:
+    """Runs one training job (see the module docstring) and returns its summary dict."""
+    start = time.perf_counter()
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    device_type = _device_type()
+    where = str(args.deepspeed_config)
+    raw_config = dsc.load_ds_config(args.deepspeed_config)
+    dsc.validate_ds_config(raw_config, device_type=device_type, where=where)
+    zero_stage = raw_config.get("zero_optimization", {}).get("stage", 0)
+    if zero_stage not in (1, 2, 3):
+        raise dsc.DSConfigError(f"{where}: zero_optimization.stage must be 1, 2 or 3 for this training app "
+                                f"(got {zero_stage}); stage 1 is plain data parallelism with sharded optimizer states")
+    model_cfg = _model_config(args)  # config errors before any process group exists
+
+    rank, world, local_rank, local_world = _init_distributed()
+    if "OMP_NUM_THREADS" not in os.environ and device_type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    config = dsc.resolve_batch_sizes(raw_config, world, where)
+    micro, accum, global_batch = (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+                                  config["train_batch_size"])
+
+    run_dir = Path(_rank0(lambda: str(_output_dir(args)), rank))
+    resume = None
+    if args.resume is not None:
+        def find_checkpoint():
+            root, tag = ckpt.resolve_resume(args.resume, run_dir if args.resume == "latest" else None, RUNS_ROOT)
+            state = ckpt.verify_checkpoint(root, tag, world, zero_stage)
+            return str(root), tag, {k: state[k] for k in ("step", "num_train", "global_batch") if k in state}
+        resume = _rank0(find_checkpoint, rank)
+    reporter = RunReporter(run_dir, rank, progress=not args.no_progress)
+    try:
+        return _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, local_rank, micro, accum,
+                      global_batch, zero_stage, device_type, start)
+    finally:
+        reporter.close()
+
+
+def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, local_rank, micro, accum, global_batch,
+           zero_stage, device_type, start) -> dict:
+    import deepspeed
+
+    from mlip_fast.data.transforms import ImageTransform
+    from mlip_fast.losses import MLIPLoss
+    from mlip_fast.models import create_model, from_pretrained
+    from mlip_fast.models.attention import backend_report, selected_backend
+    from mlip_fast.ops.dispatch import describe_selected
+
+    reporter.log("run folder: %s (%d process(es), %s)", run_dir, world, device_type)
+    if resume is not None:
+        reporter.log("resuming from %s/%s (step %d)", resume[0], resume[1], resume[2]["step"])
+        reporter.record("event", event="resume", checkpoint=f"{resume[0]}/{resume[1]}", step=resume[2]["step"])
+
+    # data -----------------------------------------------------------------------------------------
+    synthetic_root = None
+    data = args.data
+    if data == "synthetic":
+        size = model_cfg.vision.image_size
+        master = None
+        if local_rank == 0:
+            master = tdata.prepare_synthetic(Path(args.cache_dir), size, args.synthetic_n, args.synthetic_seed,
+                                             workers=max(1, min(2, os.cpu_count() or 1)), log=reporter.log)
+        _barrier()
+        master = tdata.synthetic_cache_dir(Path(args.cache_dir), size, args.synthetic_n, args.synthetic_seed) / "master.csv"
+        data, synthetic_root = str(master), master.parent
+    v = model_cfg.vision
+    train_tf = ImageTransform(v.image_size, train=True, in_chans=v.in_chans)
+    eval_tf = ImageTransform(v.image_size, train=False, in_chans=v.in_chans)
+    kw = dict(image_root=args.image_root, max_bad_fraction=args.max_bad_fraction)
+    train_set = tdata.build_pretrain_dataset(data, "train", train_tf, **kw)
+    eval_sets = EvalSets(tdata.build_pretrain_dataset(data, "valid", eval_tf, **kw),
+                         tdata.build_pretrain_dataset(data, "test", eval_tf, **kw),
+                         "synthetic" if synthetic_root is not None else "chexpert5", synthetic_root)
+    reporter.log("data: %s: %d training pairs, %s validation, %s test", data, len(train_set),
+                 len(eval_sets.valid) if eval_sets.valid is not None else "no", len(eval_sets.test) if eval_sets.test is not None else "no")
+    sampler = tdata.GlobalBatchSampler(len(train_set), micro, accum, rank, world, args.seed)
+    total_steps = _total_steps(args, sampler.steps_per_epoch)
+    if resume is not None:
+        saved = resume[2]
+        if saved.get("num_train", len(train_set)) != len(train_set) or saved.get("global_batch", global_batch) != global_batch:
+            raise ckpt.CheckpointError(
+                f"checkpoint {resume[0]}/{resume[1]} was trained on {saved.get('num_train')} samples with global batch "
+                f"{saved.get('global_batch')}; this run has {len(train_set)} and {global_batch}: the data order "
+                f"would not continue. Resume with the same data and ds config")
+        if saved["step"] > total_steps:
+            raise ckpt.CheckpointError(f"checkpoint is at step {saved['step']}, beyond this run's {total_steps} steps")
+
+    # model ----------------------------------------------------------------------------------------
+    tokenizer = _tokenizer(model_cfg, lambda: [r["report"] for r in train_set.records], run_dir, rank)
+    torch.manual_seed(args.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
+    model = create_model(model_cfg, tokenizer=tokenizer, image_pretrained=args.pretrained)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    _promote_scalar_parameters(model)
+    model_cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    criterion = MLIPLoss(lambda_local=args.lambda_local, lambda_sie=args.lambda_sie, impl=args.impl)
+    collate = tdata.ReportCollator(tokenizer, model_cfg.text.max_length, model_cfg.text.max_sentences)
+
+    config = dsc.resolve_schedule(config, total_steps)
+    if args.lr is not None:
+        config["optimizer"]["params"]["lr"] = args.lr
+    config = _tensorboard(config, args, run_dir)
+    weight_decay = config["optimizer"]["params"].get("weight_decay", 0.0)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, weight_decay),
+                                           config=config)
+    dtype = dsc.precision_dtype(config)
+    start_step = 0
+    if resume is not None:
+        state = ckpt.load_checkpoint(engine, Path(resume[0]), resume[1])
+        start_step = int(state["step"])
+    sampler.start_step = start_step
+    reporter.log("model %s: %.2fM parameters; image %d px, %d patches, mask ratio %.2f; text %s", model_cfg.name,
+                 n_params / 1e6, v.image_size, model_cfg.vision.num_patches,
+                 model_cfg.mask_ratio if args.mask_ratio is None else args.mask_ratio, model_cfg.text.source)
+    reporter.log("DeepSpeed: ZeRO stage %d, %s, global batch %d = micro %d x accumulation %d x %d process(es), "
+                 "%d steps (%.1f epochs of %d steps), peak lr %g", zero_stage, str(dtype).replace("torch.", ""),
+                 global_batch, micro, accum, world, total_steps, total_steps / sampler.steps_per_epoch,
+                 sampler.steps_per_epoch, config["optimizer"]["params"]["lr"])
+    reporter.log("ViT attention backends on %s: %s", device_type, backend_report(device_type, dtype))
+
+    backends = {}
+
+    def on_first_step():
+        backends.update(vit_attention=selected_backend(), text_attention=model_cfg.text.attn_implementation,
+                        ops=describe_selected())
+        reporter.log("attention backend: ViT %s, text %s; fused op impls: %s", backends["vit_attention"],
+                     backends["text_attention"], backends["ops"])
+        reporter.record("event", event="backends", **backends)
+
+    # checkpoints and evaluation -----------------------------------------------------------------------
+    ckpt_root = run_dir / ckpt.CHECKPOINT_DIR
+    saved_steps = {}
+
+    def save(step: int) -> str:
+        if step in saved_steps:
+            return saved_steps[step]
+        epoch, in_epoch = sampler.position(step)
+        client = dict(step=step, epoch=epoch, step_in_epoch=in_epoch, samples_seen=step * global_batch,
+                      world_size=world, zero_stage=zero_stage, global_batch=global_batch, num_train=len(train_set),
+                      seed=args.seed, args=vars(args))
+        path = ckpt.save_checkpoint(engine, ckpt_root, step, client, keep=args.keep_checkpoints)
+        saved_steps[step] = str(path)
+        reporter.record("event", event="checkpoint", step=step, path=str(path))
+        return str(path)
+
+    eval_history = []
+
+    def evaluate(step: int, split: str = "valid") -> Optional[dict]:
+        dataset = eval_sets.zero_shot_set(split)
+        if dataset is None:
+            return None
+        participate = zero_stage == 3 or rank == 0
+        result = None
+        if participate:
+            with precision_context(dtype, device_type):
+                result = zero_shot(engine.module, dataset, eval_sets.prompts, max_samples=args.eval_max_samples)
+        _barrier()
+        if result is not None and rank == 0:
+            eval_history.append({"step": step, "split": split, "auc_macro": result["auc_macro"]})
+            reporter.log("step %d: %s zero-shot macro AUC %.3f (chance 0.5); %s", step, split, result["auc_macro"],
+                         ", ".join(f"{k} {v:.3f}" for k, v in result["auc"].items() if v is not None))
+            reporter.record("eval", step=step, split=split, auc_macro=result["auc_macro"], auc=result["auc"],
+                            accuracy_macro=result["accuracy_macro"], f1_macro=result["f1_macro"],
+                            n_images=result["n_images"])
+            if engine.monitor.enabled:
+                engine.monitor.write_events([(f"Eval/{split}_auc_macro", result["auc_macro"], step)])
+        return result
+
+    # training -------------------------------------------------------------------------------------
+    loader = tdata.make_train_loader(train_set, sampler, collate, args.num_workers)
+    batches = iter(loader)
+    stop = ckpt.StopRequest().install()
+    monitor = engine.monitor.write_events if engine.monitor.enabled else None
+    ctx = LoopContext(engine=engine, criterion=criterion, batches=batches, reporter=reporter, stop=stop,
+                      seed=args.seed, rank=rank, world_size=world, accumulation=accum, global_batch=global_batch,
+                      steps_per_epoch=sampler.steps_per_epoch, total_steps=total_steps, start_step=start_step,
+                      dtype=dtype, mask_ratio=args.mask_ratio, log_every=args.log_every, eval_every=args.eval_every,
+                      save_every=args.save_every, evaluate=evaluate, save=save, on_first_step=on_first_step,
+                      monitor=monitor)
+    setup_s = time.perf_counter() - start
+    try:
+        result = train_loop(ctx)
+    finally:
+        stop.uninstall()
+        del batches  # shuts the loader's workers down before anything else can exit the process
+    reporter.log("training: %d steps in %.1f s (%.1f samples/s)", result.steps - start_step, result.wall_s,
+                 result.samples / max(result.wall_s, 1e-9))
+    final_ckpt = save(result.steps)
+    _barrier()
+
+    # export and final evaluation (rank 0) -----------------------------------------------------------------
+    export_dir = run_dir / ckpt.EXPORT_DIR
+    summary = None
+    if rank == 0:
+        t_export = time.perf_counter()
+        fresh = create_model(model_cfg, tokenizer=tokenizer)
+        ckpt.export_consolidated(ckpt_root, ckpt.tag_for(result.steps), fresh, export_dir)
+        exported = from_pretrained(export_dir)
+        reporter.log("exported consolidated fp32 weights to %s (%.1f s)", export_dir, time.perf_counter() - t_export)
+        final = {}
+        t_eval = time.perf_counter()
+        if not args.no_final_eval:
+            test = eval_sets.zero_shot_set("test")
+            if test is not None:
+                final["zero_shot"] = zero_shot(exported, test, eval_sets.prompts, max_samples=args.eval_max_samples,
+                                               progress=not args.no_progress)
+                full = final["zero_shot"].pop("full")
+                (run_dir / "eval_zero_shot.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+                reporter.record("eval", step=result.steps, split="test", auc_macro=final["zero_shot"]["auc_macro"],
+                                auc=final["zero_shot"]["auc"])
+            if eval_sets.synthetic_root is not None:
+                final["localisation"] = localisation(exported, eval_sets.synthetic_root, "test",
+                                                     max_samples=args.eval_max_samples, progress=not args.no_progress)
+                reporter.record("eval", step=result.steps, split="test",
+                                localisation=final["localisation"]["pointing_accuracy"],
+                                localisation_chance=final["localisation"]["chance"])
+        eval_s = time.perf_counter() - t_eval
+        png = plot_metrics(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
+        wall = time.perf_counter() - start
+        summary = {
+            "status": "completed",
+            "steps": result.steps,
+            "resumed_from_step": start_step if resume is not None else None,
+            "wall_time_s": round(wall, 2),
+            "setup_s": round(setup_s, 2),
+            "train_s": round(result.wall_s, 2),
+            "final_eval_s": round(eval_s, 2),
+            "samples_per_s": round(result.samples / max(result.wall_s, 1e-9), 2),
+            "final_loss": result.last_terms,
+            "final_loss_mean_last_steps": result.mean_terms,
+            "zero_shot_test": final.get("zero_shot"),
+            "localisation_test": final.get("localisation"),
+            "validation_history": eval_history,
+            "checkpoint": final_ckpt,
+            "export": str(export_dir),
+            "curves_png": str(png),
+            "metrics_jsonl": str(run_dir / "metrics.jsonl"),
+            "backends": backends,
+            "world_size": world,
+            "device": device_type,
+            "zero_stage": zero_stage,
+            "dtype": str(dtype).replace("torch.", ""),
+            "global_batch": global_batch,
+            "micro_batch": micro,
+            "gradient_accumulation": accum,
+            "data": {"source": args.data, "path": data, "n_train": len(train_set),
+                     "n_valid": len(eval_sets.valid) if eval_sets.valid is not None else 0,
+                     "n_test": len(eval_sets.test) if eval_sets.test is not None else 0},
+            "model": model_cfg.to_dict(),
+            "parameters": n_params,
+            "ds_config": config,
+            "args": vars(args),
+            "seed": args.seed,
+            "versions": versions(),
+        }
+        path = reporter.write_summary(summary)
+        reporter.log("%s", format_summary(summary, path))
+    summary = _rank0(lambda: summary, rank)
+    return summary
+
+
+def format_summary(summary: dict, path) -> str:
+    """The end-of-run report printed to the console."""
+    lines = ["", "=" * 72, "MLIP training finished", "=" * 72,
+             f"steps {summary['steps']}, wall time {summary['wall_time_s']:.1f} s (setup {summary['setup_s']:.1f} s, "
+             f"training {summary['train_s']:.1f} s, final evaluation {summary['final_eval_s']:.1f} s), "
+             f"{summary['samples_per_s']:.1f} samples/s"]
+    loss = summary["final_loss_mean_last_steps"] or summary["final_loss"]
+    if loss:
+        lines.append("final loss (mean of the last steps): " + ", ".join(f"{k} {v:.4f}" for k, v in loss.items()))
+    zs = summary.get("zero_shot_test")
+    if zs:
+        lines.append(f"zero-shot AUC on the test split ({zs['n_images']} images), chance 0.500:")
+        for name, auc in zs["auc"].items():
+            lines.append(f"  {name:<18} {auc:.3f}" if auc is not None else f"  {name:<18} skipped")
+        lines.append(f"  {'macro':<18} {zs['auc_macro']:.3f}   (chance 0.500)")
+    loc = summary.get("localisation_test")
+    if loc:
+        lines.append(f"localisation (pointing accuracy of {loc['n_sentences']} finding sentences): "
+                     f"{loc['pointing_accuracy']:.3f}   (chance {loc['chance']:.3f})")
+    lines += [f"checkpoint: {summary['checkpoint']}", f"export (from_pretrained): {summary['export']}",
+              f"curves: {summary['curves_png']}", f"metrics: {summary['metrics_jsonl']}", f"summary: {path}",
+              "=" * 72]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _usage_errors() -> tuple:
+    from mlip_fast.data.datasets import DatasetError
+    from mlip_fast.models.config import ConfigError
+    from mlip_fast.models.factory import CheckpointError as ModelCheckpointError
+    from mlip_fast.ops.dispatch import ImplUnavailableError
+
+    return (dsc.DSConfigError, tdata.DataConfigError, ckpt.CheckpointError, ConfigError, DatasetError,
+            ModelCheckpointError, ImplUnavailableError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Runs :func:`train` and exits the process with the code in the module docstring."""
+    code = EXIT_OK
+    try:
+        train(argv)
+    except SystemExit as e:  # argparse
+        code = e.code if isinstance(e.code, int) else EXIT_USAGE
+    except TrainingStopped as e:
+        print(f"training stopped by {signal.Signals(e.signum).name} after step {e.step}; checkpoint saved at "
+              f"{e.checkpoint}; continue with --resume latest", file=sys.stderr)
+        code = 128 + e.signum
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_NON_FINITE
+    except _usage_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    except BaseException:  # noqa: BLE001  (any failure must still end the process with a code)
+        traceback.print_exc()
+        code = EXIT_ERROR
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    import torch.distributed as dist
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if code == EXIT_OK:
+                dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # a peer that already failed: nothing left to synchronise with
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,201 @@
+"""What a training run writes besides checkpoints: the run log, metrics.jsonl, the progress bar, the
+loss / eval PNG and summary.json. Only rank 0 writes; every function is a no-op elsewhere.
+
+``metrics.jsonl`` has one JSON object per line, flushed as it is written (nothing is lost on a crash):
+``{"kind": "train", "step", "epoch", "loss", "loss_global", "loss_local", "loss_sie", "lr",
+"samples_per_s", "elapsed_s"}`` every ``--log-every`` steps, ``{"kind": "eval", "step", "split",
+"auc_macro", "auc": {class: value}, ...}`` after each evaluation and ``{"kind": "event", ...}`` for
+checkpoints, resumes and stops. A resumed run appends to the same file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["RunReporter", "read_metrics", "plot_metrics", "versions", "jsonable"]
+
+LOGGER_NAME = "mlip_fast.train"
+
+
+def versions() -> dict:
+    import numpy
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+           "platform": platform.platform()}
+    for name in ("deepspeed", "transformers", "triton"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # optional at run time (triton on CPU-only installs)
+            out[name] = None
+    import mlip_fast
+
+    out["mlip_fast"] = mlip_fast.__version__
+    return out
+
+
+def jsonable(value):
+    """Converts numpy / torch scalars, paths and tuples so that ``json.dumps`` accepts the value."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+class RunReporter:
+    """Rank-0 outputs of a run under ``output_dir`` (a no-op object on other ranks)."""
+
+    def __init__(self, output_dir: Path, rank: int, progress: bool = True):
+        self.output_dir = Path(output_dir)
+        self.active = rank == 0
+        self.show_progress = progress and self.active
+        self.bar = None
+        self.logger = logging.getLogger(LOGGER_NAME)
+        self._metrics = None
+        if self.active:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.logger.setLevel(logging.INFO)
+            self.logger.propagate = False
+            if not self.logger.handlers:
+                fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+                for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(self.output_dir / "run.log")):
+                    handler.setFormatter(fmt)
+                    self.logger.addHandler(handler)
+            self._metrics = open(self.output_dir / "metrics.jsonl", "a", buffering=1)
+
+    # run log -------------------------------------------------------------------------------------
+    def log(self, message: str, *args) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.clear()
+        self.logger.info(message, *args)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def warning(self, message: str, *args) -> None:
+        if self.active:
+            self.logger.warning(message, *args)
+
+    # metrics -------------------------------------------------------------------------------------
+    def record(self, kind: str, **fields) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.write(json.dumps(jsonable({"kind": kind, "time": time.time(), **fields})) + "\n")
+        self._metrics.flush()
+
+    # progress bar --------------------------------------------------------------------------------
+    def start_progress(self, total: int, initial: int) -> None:
+        if not self.show_progress:
+            return
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr, smoothing=0.1)
+
+    def update_progress(self, loss: float, lr: float, samples_per_s: float) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}", refresh=False)
+        self.bar.update(1)
+
+    def close_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self.close_progress()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        for handler in list(self.logger.handlers):
+            handler.flush()
+            handler.close()
+            self.logger.removeHandler(handler)
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+    # end of run ----------------------------------------------------------------------------------
+    def write_summary(self, summary: dict) -> Optional[Path]:
+        if not self.active:
+            return None
+        path = self.output_dir / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(jsonable(summary), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def read_metrics(path: Path) -> list:
+    """The records of a metrics.jsonl file (a truncated last line, from a crash, is skipped)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def plot_metrics(metrics_path: Path, out_png: Path, chance_auc: float = 0.5) -> Path:
+    """Loss terms per step (left) and validation zero-shot macro AUC per evaluation (right) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    # a resumed run re-logs the steps after its checkpoint: keep the last value per step
+    train = {r["step"]: r for r in records if r.get("kind") == "train"}
+    evals = {(r["split"], r["step"]): r for r in records if r.get("kind") == "eval"}
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = sorted(train)
+    for key, label in (("loss", "total"), ("loss_global", "global"), ("loss_local", "local"), ("loss_sie", "SIE")):
+        values = [train[s].get(key) for s in steps]
+        if any(isinstance(v, (int, float)) for v in values):
+            ax_loss.plot(steps, [v if isinstance(v, (int, float)) else math.nan for v in values], label=label,
+                         linewidth=1.2 if key == "loss" else 0.8)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.set_title("training loss")
+    ax_loss.grid(alpha=0.3)
+    if steps:
+        ax_loss.legend()
+    for split in sorted({s for s, _ in evals}):
+        points = sorted((step, r.get("auc_macro")) for (sp, step), r in evals.items() if sp == split)
+        points = [(s, v) for s, v in points if isinstance(v, (int, float))]
+        if points:
+            ax_eval.plot(*zip(*points), marker="o", label=f"{split} zero-shot macro AUC")
+        loc = sorted((step, r.get("localisation")) for (sp, step), r in evals.items() if sp == split)
+        loc = [(s, v) for s, v in loc if isinstance(v, (int, float))]
+        if loc:
+            ax_eval.plot(*zip(*loc), marker="s", linestyle="--", label=f"{split} localisation (pointing)")
+    ax_eval.axhline(chance_auc, color="grey", linestyle=":", label=f"AUC chance ({chance_auc:.2f})")
+    ax_eval.set_ylim(0.0, 1.0)
+    ax_eval.set_xlabel("step")
+    ax_eval.set_title("evaluation")
+    ax_eval.grid(alpha=0.3)
+    ax_eval.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
