@@ -267,6 +267,7 @@ class _PairDataset(RobustDataset):
             item["image"] = self._image(rec["image_path"], self.transform)
         if self.label_names:
             item["labels"] = torch.tensor(rec["labels"], dtype=torch.float32)
+        item.update(rec.get("extra", {}))
         return item
 
 
@@ -284,13 +285,17 @@ class PretrainDataset(_PairDataset):
         label_names: label columns to return; "auto" = those of ``CHEXPERT_LABELS`` (CheXpert's 14
             names, which include Pneumonia) present in the CSV; () = no labels.
         max_bad_fraction: share of bad items tolerated.
+        extra_columns: CSV columns passed through as strings under their own key (e.g. the synthetic
+            benchmark's ``findings_json``, the ground truth for localisation).
     """
 
     def __init__(self, master_csv, root=None, split: str | None = "train", transform=None,
-                 label_names: Sequence[str] | str = "auto", max_bad_fraction: float = 0.01):
+                 label_names: Sequence[str] | str = "auto", max_bad_fraction: float = 0.01,
+                 extra_columns: Sequence[str] = ()):
         master_csv = Path(master_csv)
         rows = _read_table(master_csv)
-        _require_columns(master_csv, rows, ["image_path", "findings", "impression"] + (["split"] if split else []))
+        _require_columns(master_csv, rows, ["image_path", "findings", "impression", *extra_columns]
+                         + (["split"] if split else []))
         root = Path(root) if root is not None else master_csv.parent
         if label_names == "auto":
             present = set(rows[0]) if rows else set()
@@ -308,6 +313,7 @@ class PretrainDataset(_PairDataset):
                 "report": report_text(r["findings"], r["impression"]),
                 "labels": [_label_value(r.get(c)) for c in label_names],
                 "source": str(_resolve(root, r["image_path"])),
+                "extra": {c: r[c] for c in extra_columns},
             }
             for r in rows
         ]

@@ -74,6 +74,11 @@ def test_pretrain_dataset_on_synthetic(synth_dir):
     for k, name in enumerate(ds.label_names):
         assert item["labels"][k] == float(train[3][name])
     assert len(PretrainDataset(synth_dir / "master.csv", split=None)) == 40
+    with_truth = PretrainDataset(synth_dir / "master.csv", split="train", extra_columns=["findings_json"])
+    entries = json.loads(with_truth[3]["findings_json"])
+    assert all(e["sentence"] in with_truth[3]["report"] for e in entries)
+    with pytest.raises(DatasetError, match=r"\['boxes'\]"):
+        PretrainDataset(synth_dir / "master.csv", extra_columns=["boxes"])
     with pytest.raises(DatasetError, match="no rows with split == 'validate'"):
         PretrainDataset(synth_dir / "master.csv", split="validate")
 
@@ -246,8 +251,8 @@ def _chexpert_csv(tmp_path, per_class=4):
         row = {h: "" for h in header}
         row.update({"Path": path, "Frontal/Lateral": frontal, **values})
         rows.append(row)
-        Image.fromarray(rng.integers(0, 255, (12, 10), dtype=np.uint8)).save(root / path) if (
-            (root / path).parent.mkdir(parents=True, exist_ok=True) or True) else None
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 10), dtype=np.uint8)).save(root / path)
         k += 1
 
     for c in CHEXPERT5:

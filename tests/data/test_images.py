@@ -1,5 +1,4 @@
 """Image loading (real mixed-format chest X-rays, synthetic edge cases, bad files) and the transform."""
-import io
 import shutil
 from pathlib import Path
 
