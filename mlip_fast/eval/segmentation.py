@@ -121,6 +121,22 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - soft_dice).mean()
 
 
+def _encode(encoder: nn.Module, data, indices, collate, batch_size: int, device, progress: bool, desc: str):
+    """Frozen patch tokens ``[N, P, C]`` (CPU float32), targets ``[N, S, S]`` and input images of ``data[indices]``."""
+    from torch.utils.data import DataLoader, Subset
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(Subset(data, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    tokens, targets, images = [], [], []
+    with torch.no_grad(), tqdm(total=len(indices), desc=desc, disable=not progress, leave=False) as bar:
+        for batch in loader:
+            tokens.append(encoder.forward_features(batch["images"].to(device))[:, 1:].float().cpu())
+            targets.append(batch["targets"])
+            images.append(batch["images"][:, 0])
+            bar.update(batch["images"].shape[0])
+    return torch.cat(tokens), torch.cat(targets), torch.cat(images)
+
+
 def few_shot_segment(
     model,
     train_data,
@@ -138,8 +154,13 @@ def few_shot_segment(
     progress: bool = True,
     transform=None,
     examples: int = 0,
+    cache_limit_gb: float = 2.0,
 ) -> dict:
-    """Train a decoder per label fraction and report test Dice (see module doc)."""
+    """Train a decoder per label fraction and report test Dice (see module doc).
+
+    With a frozen encoder the patch tokens of every needed image are computed once and reused by all
+    fractions and epochs when they fit in ``cache_limit_gb``; otherwise images are encoded per batch.
+    """
     import copy
 
     from torch.utils.data import DataLoader, Subset
@@ -152,54 +173,90 @@ def few_shot_segment(
     if n_train == 0 or n_test == 0:
         raise EvalDataError(f"segmentation needs training and test samples, got {n_train} and {n_test}")
     collate = functools.partial(_collate, transform=transform, size=size)
-    test_loader = DataLoader(test_data, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    result: dict = {"n_test": n_test, "n_train_total": n_train, "seed": seed, "freeze_encoder": freeze_encoder}
+    splits = {f: split_indices(train_data, n_train, f, seed, splits_dir, "segmentation") for f in fractions}
+    needed = sorted({i for indices, _ in splits.values() for i in indices})
+    visual = model.visual
+    token_bytes = (len(needed) + n_test) * visual.num_patches * visual.width * 4
+    cache = freeze_encoder and token_bytes <= cache_limit_gb * 2**30
+    result: dict = {"n_test": n_test, "n_train_total": n_train, "seed": seed, "freeze_encoder": freeze_encoder,
+                    "cached_features": cache}
+    if cache:
+        encoder = copy.deepcopy(visual).to(dev).eval()
+        train_tok, train_tgt, _ = _encode(encoder, train_data, needed, collate, batch_size, dev, progress, "train features")
+        row_of = {idx: r for r, idx in enumerate(needed)}
+        test_tok, test_tgt, test_img = _encode(encoder, test_data, range(n_test), collate, batch_size, dev, progress,
+                                               "test features")
+        del encoder
     kept: list[dict] = []
-    all_fg = []
     for fi, fraction in enumerate(fractions):
-        indices, split_file = split_indices(train_data, n_train, fraction, seed, splits_dir, "segmentation")
+        indices, split_file = splits[fraction]
+        key = f"{_pct(fraction)}%"
         torch.manual_seed(seed)
-        seg = SegmentationModel(copy.deepcopy(model.visual), freeze_encoder=freeze_encoder).to(dev)
-        groups = [{"params": seg.decoder.parameters(), "lr": lr}]
+        gen = torch.Generator().manual_seed(seed)
+        if cache:  # the decoder alone, fed the cached tokens; the caller's model is never touched
+            seg = decoder = SegmentationDecoder(visual.width, visual.grid_size, visual.patch_size).to(dev)
+        else:
+            seg = SegmentationModel(copy.deepcopy(visual), freeze_encoder=freeze_encoder).to(dev)
+            decoder = seg.decoder
+        groups = [{"params": decoder.parameters(), "lr": lr}]
         if not freeze_encoder:
             groups.append({"params": seg.visual.parameters(), "lr": encoder_lr})
         opt = torch.optim.AdamW(groups, weight_decay=1e-4)
-        loader = DataLoader(Subset(train_data, indices), batch_size=batch_size, shuffle=True, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(seed), drop_last=len(indices) > batch_size)
+        if cache:
+            rows = torch.tensor([row_of[i] for i in indices])
+            n_batches = max(1, len(rows) // batch_size) if len(rows) > batch_size else 1
+
+            def train_batches():
+                order = rows[torch.randperm(len(rows), generator=gen)]
+                for b in range(n_batches):
+                    sel = order[b * batch_size:(b + 1) * batch_size]
+                    yield train_tok[sel].to(dev), train_tgt[sel].to(dev)
+        else:
+            loader = DataLoader(Subset(train_data, indices), batch_size=batch_size, shuffle=True, collate_fn=collate,
+                                generator=gen, drop_last=len(indices) > batch_size)
+            n_batches = len(loader)
+
+            def train_batches():
+                for batch in loader:
+                    yield batch["images"].to(dev), batch["targets"].to(dev)
         seg.train()
         loss = torch.tensor(float("nan"))
-        key = f"{_pct(fraction)}%"
-        with torch.enable_grad(), tqdm(total=epochs * len(loader), desc=f"segmentation {key}", disable=not progress,
+        with torch.enable_grad(), tqdm(total=epochs * n_batches, desc=f"segmentation {key}", disable=not progress,
                                        leave=False) as bar:
             for _ in range(epochs):
-                for batch in loader:
+                for inputs, targets in train_batches():
                     opt.zero_grad(set_to_none=True)
-                    if batch["images"].shape[0] == 1:
-                        seg.decoder.eval()  # BatchNorm cannot normalise a single image
-                    loss = _loss(seg(batch["images"].to(dev)), batch["targets"].to(dev))
+                    if inputs.shape[0] == 1:
+                        decoder.eval()  # BatchNorm cannot normalise a single image
+                    loss = _loss(seg(inputs), targets)
                     loss.backward()
                     opt.step()
                     seg.train()
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                     bar.update(1)
         seg.eval()
-        dices, ious = [], []
+        if cache:
+            test_batches = ((test_tok[k:k + batch_size].to(dev), test_tgt[k:k + batch_size], test_img[k:k + batch_size])
+                            for k in range(0, n_test, batch_size))
+        else:
+            test_batches = ((b["images"].to(dev), b["targets"], b["images"][:, 0])
+                            for b in DataLoader(test_data, batch_size=batch_size, shuffle=False, collate_fn=collate))
+        dices, ious, all_fg = [], [], []
         with torch.no_grad():
-            for batch in test_loader:
-                pred = (seg(batch["images"].to(dev))[:, 0].sigmoid() >= 0.5).cpu().numpy()
-                target = batch["targets"].numpy() >= 0.5
+            for inputs, targets, images in test_batches:
+                pred = (seg(inputs)[:, 0].sigmoid() >= 0.5).cpu().numpy()
+                target = targets.numpy() >= 0.5
                 dices.append(np.atleast_1d(M.dice(pred, target)))
                 ious.append(np.atleast_1d(M.iou(pred, target)))
-                if fi == 0:
-                    all_fg.append(np.atleast_1d(M.dice(np.ones_like(target), target)))
+                all_fg.append(np.atleast_1d(M.dice(np.ones_like(target), target)))
                 if fi == len(fractions) - 1 and len(kept) < examples:
                     for k in range(min(examples - len(kept), pred.shape[0])):
-                        kept.append({"image": batch["images"][k, 0].numpy(), "mask": target[k], "prediction": pred[k]})
+                        kept.append({"image": images[k].float().cpu().numpy(), "mask": target[k], "prediction": pred[k]})
         d = np.concatenate(dices)
         result[key] = {"dice": float(d.mean()), "dice_std": float(d.std()), "iou": float(np.concatenate(ious).mean()),
                        "n_train": len(indices), "split_file": split_file, "fraction": fraction,
                        "final_loss": float(loss.item())}
-    result["chance"] = {"dice_all_foreground": float(np.concatenate(all_fg).mean()) if all_fg else None}
+        result["chance"] = {"dice_all_foreground": float(np.concatenate(all_fg).mean())}
     if examples:
         result["examples"] = kept
     return result
