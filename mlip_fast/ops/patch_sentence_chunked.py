@@ -1,7 +1,7 @@
 """``impl="chunked"`` for patch-sentence scores: pure PyTorch, tiled, with a backward from argmax indices.
 
 The [B, G, K, S] similarity grid is produced one tile of (image block, report block) at a time, so peak
-extra memory is O(B*G*(K + S) int16 indices + one tile) instead of O(B*G*K*S). Both maxima of a pair are
+extra memory is O(B*G*(K + S)) (int16 indices, t2i maxima) plus one tile instead of O(B*G*K*S). Both maxima of a pair are
 local to its tile (i2t maxes over the sentences of one report, t2i over the patches of one image), so tiles
 are independent. The backward rebuilds, per tile, the sparse gradient of the similarity
 M[b, p, g, q] = wI[b, g] [a[b, p, g] == q] + wT[b, g] [c[b, g, q] == p] from the saved indices (see
@@ -19,9 +19,9 @@ from mlip_fast.ops.dispatch import Impl, registry
 from mlip_fast.ops.patch_sentence import OP_NAME, PRIORITY
 from mlip_fast.reference.patch_sentence import score_dtype
 
-# Elements of one similarity tile: 2**18 fp32 values (1 MiB) stay in a CPU core's L2 and keep the
-# per-tile matmul large enough to run at full rate.
-TILE_ELEMENTS = 2**18
+# Elements of one similarity tile: 2**19 fp32 values (2 MiB) stay in cache, keep the op count per call low
+# (each op costs a scheduling round trip on a busy 2-core machine) and the matmul at full rate.
+TILE_ELEMENTS = 2**19
 
 
 def _tiles(B: int, K: int, G: int, S: int, tile_elements: int):
@@ -54,74 +54,96 @@ class PatchSentenceChunkedFunction(torch.autograd.Function):
         device, out_dtype = patches.device, score_dtype(patches.dtype)
         n_p = patch_mask.sum(1)  # [B]
         n_s = sentence_mask.sum(1)  # [G]
+        pair = (n_p > 0)[:, None] & (n_s > 0)[None, :]  # [B, G]: both sides non-empty
+        # Means as weighted sums (weight 0 on padding). Padding is filled with the most negative finite
+        # value rather than -inf so that padding x weight 0 is 0, not NaN; pairs with an empty side are
+        # zeroed at the end. Per-tile work is kept to a few large ops: on a busy 2-core machine every
+        # extra parallel op costs a scheduling round trip.
+        fill = torch.finfo(out_dtype).min
         sent_flat = sentences.reshape(G * S, D)
-        neg_inf = float("-inf")
         idx_dtype = _index_dtype(K, S)
         empty = torch.empty(0, dtype=out_dtype, device=device)
-        i2t = torch.zeros(B, G, dtype=out_dtype, device=device) if do_i2t else empty
-        t2i = torch.zeros(B, G, dtype=out_dtype, device=device) if do_t2i else empty
+        i2t = torch.empty(B, G, dtype=out_dtype, device=device) if do_i2t else empty
         # arg_i2t is [B, K, G] (not [B, G, K]) so a tile's slice lines up with the [b, p, g, q] tile layout.
         arg_i2t = torch.empty(B, K, G, dtype=idx_dtype, device=device) if do_i2t else empty
         arg_t2i = torch.empty(B, G, S, dtype=idx_dtype, device=device) if do_t2i else empty
-        all_sentences = bool(sentence_mask.all())
-        all_patches = bool(patch_mask.all())
+        t2i_best = torch.empty(B, G, S, dtype=out_dtype, device=device) if do_t2i else empty
+        patch_w = (patch_mask.to(out_dtype) / n_p.clamp(min=1)[:, None].to(out_dtype))[:, None, :]  # [B, 1, K]
+        patch_pad = None if bool(patch_mask.all()) else ~patch_mask[:, :, None, None]  # [B, K, 1, 1]
+        sent_pad = None if bool(sentence_mask.all()) else ~sentence_mask  # [G, S]
 
         for bs, gs in _tiles(B, K, G, S, tile_elements):
             bc, gc = bs.stop - bs.start, gs.stop - gs.start
             # The tile is computed in the input dtype (as the reference grid is), then widened.
             sim = (patches[bs].reshape(bc * K, D) @ sent_flat[gs.start * S : gs.stop * S].T).to(out_dtype)
             sim = sim.view(bc, K, gc, S)
-            if do_i2t:
-                s_valid = sentence_mask[gs]  # [gc, S]
-                masked = sim if all_sentences else sim.masked_fill(~s_valid[None, None], neg_inf)
-                best, idx = masked.max(dim=3)  # [bc, K, gc]
-                keep = patch_mask[bs][:, :, None] & (n_s[gs] > 0)[None, None, :]
-                i2t[bs, gs] = torch.where(keep, best, 0).sum(1) / n_p[bs].clamp(min=1)[:, None].to(out_dtype)
-                arg_i2t[bs, :, gs] = torch.where(keep, idx, -1).to(idx_dtype)
+            # Masks are applied in place, one after the other: t2i (max over p) only needs padded patches
+            # filled, i2t (max over q) only padded sentences, and the rows / columns that the second fill
+            # spoils are exactly the ones the first direction already read or weighs by 0.
             if do_t2i:
-                masked = sim if all_patches else sim.masked_fill(~patch_mask[bs][:, :, None, None], neg_inf)
-                best, idx = masked.max(dim=1)  # [bc, gc, S]
-                keep = sentence_mask[gs][None] & (n_p[bs] > 0)[:, None, None]
-                t2i[bs, gs] = torch.where(keep, best, 0).sum(2) / n_s[gs].clamp(min=1)[None, :].to(out_dtype)
-                arg_t2i[bs, gs] = torch.where(keep, idx, -1).to(idx_dtype)
+                if patch_pad is not None:
+                    sim.masked_fill_(patch_pad[bs], fill)
+                best, idx = sim.max(dim=1)  # [bc, gc, S]
+                t2i_best[bs, gs] = best
+                arg_t2i[bs, gs] = idx
+            if do_i2t:
+                if sent_pad is not None:
+                    sim.masked_fill_(sent_pad[gs], fill)
+                best, idx = sim.max(dim=3)  # [bc, K, gc]
+                i2t[bs, gs] = torch.bmm(patch_w[bs], best).view(bc, gc)
+                arg_i2t[bs, :, gs] = idx
 
-        ctx.save_for_backward(patches, sentences, n_p, n_s, arg_i2t, arg_t2i)
+        zero = torch.zeros((), dtype=out_dtype, device=device)
+        if do_i2t:
+            i2t = torch.where(pair, i2t, zero)
+        t2i = empty
+        if do_t2i:
+            sent_w = sentence_mask.to(out_dtype) / n_s.clamp(min=1)[:, None].to(out_dtype)  # [G, S]
+            t2i = torch.where(pair, (t2i_best * sent_w).sum(-1), zero)
+        ctx.save_for_backward(patches, sentences, patch_mask, sentence_mask, arg_i2t, arg_t2i)
         ctx.flags = (do_i2t, do_t2i, tile_elements)
         ctx.mark_non_differentiable(*(t for t, done in ((i2t, do_i2t), (t2i, do_t2i)) if not done))
         return i2t, t2i
 
     @staticmethod
     def backward(ctx, grad_i2t, grad_t2i):
-        patches, sentences, n_p, n_s, arg_i2t, arg_t2i = ctx.saved_tensors
+        patches, sentences, patch_mask, sentence_mask, arg_i2t, arg_t2i = ctx.saved_tensors
         do_i2t, do_t2i, tile_elements = ctx.flags
         need_p, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         B, K, D = patches.shape
         G, S, _ = sentences.shape
-        work = score_dtype(patches.dtype)
+        device, work = patches.device, score_dtype(patches.dtype)
+        n_p, n_s = patch_mask.sum(1), sentence_mask.sum(1)
+        pair = (n_p > 0)[:, None] & (n_s > 0)[None, :]
+        zero = torch.zeros((), dtype=work, device=device)
+        # dL/dsim is wI[b, g] at (p, a[b, p, g]) for valid p plus wT[b, g] at (c[b, g, q], q) for valid q;
+        # padding and empty pairs get weight 0 (their saved indices are arbitrary but in range).
+        if do_i2t:
+            w_i2t = torch.where(pair, grad_i2t.to(work) / n_p.clamp(min=1)[:, None].to(work), zero)
+            w_i2t = w_i2t[:, None, :] * patch_mask.to(work)[:, :, None]  # [B, K, G]
+        if do_t2i:
+            w_t2i = torch.where(pair, grad_t2i.to(work) / n_s.clamp(min=1)[None, :].to(work), zero)
+            w_t2i = w_t2i[:, :, None] * sentence_mask.to(work)[None]  # [B, G, S]
         # Gradients are accumulated in the score dtype (fp32 for half inputs) and cast back once.
-        grad_p = torch.zeros(B, K, D, dtype=work, device=patches.device) if need_p else None
-        grad_s = torch.zeros(G * S, D, dtype=work, device=patches.device) if need_s else None
-        w_i2t = grad_i2t.to(work) / n_p.clamp(min=1)[:, None].to(work) if do_i2t else None  # [B, G]
-        w_t2i = grad_t2i.to(work) / n_s.clamp(min=1)[None, :].to(work) if do_t2i else None  # [B, G]
+        grad_p = torch.zeros(B, K, D, dtype=work, device=device) if need_p else None
+        grad_s = torch.zeros(G * S, D, dtype=work, device=device) if need_s else None
         sent_flat = sentences.reshape(G * S, D).to(work)
 
         for bs, gs in _tiles(B, K, G, S, tile_elements):
             bc, gc = bs.stop - bs.start, gs.stop - gs.start
-            grad_sim = torch.zeros(bc, K, gc, S, dtype=work, device=patches.device)
+            grad_sim = torch.zeros(bc, K, gc, S, dtype=work, device=device)
             if do_i2t:
-                idx = arg_i2t[bs, :, gs].long()  # [bc, K, gc]
-                src = torch.where(idx >= 0, w_i2t[bs, gs][:, None, :], 0)
-                grad_sim.scatter_add_(3, idx.clamp(min=0).unsqueeze(3), src.unsqueeze(3))
+                idx = arg_i2t[bs, :, gs].long().unsqueeze(3)  # [bc, K, gc, 1]
+                grad_sim.scatter_add_(3, idx, w_i2t[bs, :, gs].unsqueeze(3))
             if do_t2i:
-                idx = arg_t2i[bs, gs].long()  # [bc, gc, S]
-                src = torch.where(idx >= 0, w_t2i[bs, gs][:, :, None], 0)
-                grad_sim.scatter_add_(1, idx.clamp(min=0).unsqueeze(1), src.unsqueeze(1))
+                idx = arg_t2i[bs, gs].long().unsqueeze(1)  # [bc, 1, gc, S]
+                grad_sim.scatter_add_(1, idx, w_t2i[bs, gs].unsqueeze(1))
             grad_sim = grad_sim.view(bc * K, gc * S)
             rows = slice(gs.start * S, gs.stop * S)
             if need_p:
-                grad_p[bs] += (grad_sim @ sent_flat[rows]).view(bc, K, D)
+                grad_p[bs].view(bc * K, D).addmm_(grad_sim, sent_flat[rows])
             if need_s:
-                grad_s[rows] += grad_sim.T @ patches[bs].reshape(bc * K, D).to(work)
+                grad_s[rows].addmm_(grad_sim.T, patches[bs].reshape(bc * K, D).to(work))
 
         grad_p = grad_p.to(patches.dtype) if need_p else None
         grad_s = grad_s.view(G, S, D).to(sentences.dtype) if need_s else None

@@ -1,0 +1,136 @@
+"""Benchmarks of patch_sentence_scores: providers (reference, chunked, triton) x modes (fwd, bwd, full) x
+named shapes, with peak memory (mode "full") and the environment in ``extra_info``.
+
+GPU shapes follow PERF.md (B=G in {32, 128, 256, 512} and 128 x 1024 local x gathered, K in {98, 196}, S=16,
+D in {256, 512}, bf16). On CPU only the CPU target shape (B=G=128, K=98, S=16, D=256, fp32) and a small one
+run, for reference and chunked; triton runs on CUDA only (the interpreter measures nothing useful).
+
+    pytest benchmarks/bench_patch_sentence.py --benchmark-only --benchmark-json out.json
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlip_fast.ops import patch_sentence_scores
+
+PROVIDERS = ["reference", "chunked", "triton"]
+MODES = ["fwd", "bwd", "full"]
+
+GPU_SHAPES = {  # name -> (B, G, K, S, D)
+    f"b{b}x{g}-k{k}-d{d}": (b, g, k, 16, d)
+    for b, g in ((32, 32), (128, 128), (256, 256), (512, 512), (128, 1024))
+    for k in (98, 196)
+    for d in (256, 512)
+}
+CPU_SHAPES = {
+    "cpu-small-b16-k49-d64": (16, 16, 49, 8, 64),
+    "cpu-target-b128-k98-d256": (128, 128, 98, 16, 256),
+}
+ON_CUDA = torch.cuda.is_available()
+SHAPES = GPU_SHAPES if ON_CUDA else CPU_SHAPES
+DEVICE = "cuda" if ON_CUDA else "cpu"
+DTYPE = "bfloat16" if ON_CUDA else "float32"
+
+
+def make_inputs(B, G, K, S, D, dtype="float32", device="cpu", seed=0):
+    """L2-normalised patches [B, K, D] and sentences [G, S, D] (requires_grad), a ragged sentence mask
+    [G, S] (each report keeps S/2..S sentences) and upstream gradients (gi, gt) [B, G]."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dt = getattr(torch, dtype)
+    p = torch.nn.functional.normalize(torch.randn(B, K, D, generator=gen, device=device), dim=-1)
+    s = torch.nn.functional.normalize(torch.randn(G, S, D, generator=gen, device=device), dim=-1)
+    lengths = torch.randint(max(1, S // 2), S + 1, (G,), generator=gen, device=device)
+    smask = torch.arange(S, device=device)[None, :] < lengths[:, None]
+    gi = torch.randn(B, G, generator=gen, device=device)
+    gt = torch.randn(B, G, generator=gen, device=device)
+    return p.to(dt).requires_grad_(), s.to(dt).requires_grad_(), smask, gi, gt
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward(provider, p, s, smask):
+    return patch_sentence_scores(p, s, smask, impl=provider)
+
+
+def backward(out, p, s, gi, gt):
+    i2t, t2i = out
+    return torch.autograd.grad((i2t * gi).sum() + (t2i * gt).sum(), (p, s))
+
+
+def make_step(provider, mode, B, G, K, S, D, dtype="float32", device="cpu", seed=0):
+    """A zero-argument callable running one ``mode`` ("fwd" or "full") step on fresh inputs; used for
+    timing and by the fresh-process memory probe (``harness.cpu_peak_memory``)."""
+    p, s, smask, gi, gt = make_inputs(B, G, K, S, D, dtype, device, seed)
+
+    def step():
+        out = forward(provider, p, s, smask)
+        if mode == "full":
+            out = backward(out, p, s, gi, gt)
+        _sync(device)
+        return out
+
+    return step
+
+
+def op_peak_memory(provider, B, G, K, S, D, dtype, device):
+    """Peak bytes of one fwd+bwd above the inputs, and the bytes of the input gradients it returns."""
+    import harness
+
+    if torch.device(device).type == "cuda":
+        peak = harness.cuda_peak_memory(make_step(provider, "full", B, G, K, S, D, dtype, device), device)
+    else:
+        kwargs = dict(provider=provider, mode="full", B=B, G=G, K=K, S=S, D=D, dtype=dtype, device=device)
+        peak = harness.cpu_peak_memory("bench_patch_sentence:make_step", kwargs)
+    grads = (B * K + G * S) * D * getattr(torch, dtype).itemsize
+    return peak, grads
+
+
+def flops(B, G, K, S, D, mode):
+    """PERF.md's count: forward 2*B*G*K*S*D, backward from argmax 4*B*G*K*S*D."""
+    unit = 2 * B * G * K * S * D
+    return {"fwd": unit, "bwd": 2 * unit, "full": 3 * unit}[mode]
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_patch_sentence(benchmark, bench_env, provider, mode, shape):
+    if provider == "triton" and not ON_CUDA:
+        pytest.skip("triton is benchmarked on CUDA only (the CPU interpreter is ~250x slower than torch)")
+    B, G, K, S, D = SHAPES[shape]
+    benchmark.group = f"patch_sentence-{mode}-{shape}"
+    benchmark.extra_info.update(bench_env)
+    benchmark.extra_info.update(
+        provider=provider, mode=mode, shape=shape, B=B, G=G, K=K, S=S, D=D, dtype=DTYPE, flop=flops(B, G, K, S, D, mode)
+    )
+    if mode == "full":
+        peak, grads = op_peak_memory(provider, B, G, K, S, D, DTYPE, DEVICE)
+        benchmark.extra_info.update(peak_memory_bytes=peak, input_grad_bytes=grads)
+
+    p, s, smask, gi, gt = make_inputs(B, G, K, S, D, DTYPE, DEVICE, seed=1)
+    if mode == "bwd":
+        def setup():
+            return (forward(provider, p, s, smask),), {}
+
+        def run_bwd(out):
+            grads = backward(out, p, s, gi, gt)
+            _sync(DEVICE)
+            return grads
+
+        forward(provider, p, s, smask)  # warm-up (JIT) outside the timing
+        benchmark.pedantic(run_bwd, setup=setup, rounds=3 if not ON_CUDA else 20, iterations=1, warmup_rounds=1)
+        return
+
+    def run():
+        out = forward(provider, p, s, smask)
+        if mode == "full":
+            out = backward(out, p, s, gi, gt)
+        _sync(DEVICE)
+        return out
+
+    run()  # warm-up (JIT) outside the timing
+    benchmark(run)
