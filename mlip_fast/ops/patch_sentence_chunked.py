@@ -1,8 +1,8 @@
 """``impl="chunked"`` for patch-sentence scores: pure PyTorch, tiled, with a backward from argmax indices.
 
 The [B, G, K, S] similarity grid is produced one tile of (image block, report block) at a time, so peak
-extra memory is O(B*G*(K + S)) (int16 indices, t2i maxima) plus one tile instead of O(B*G*K*S). Both maxima of a pair are
-local to its tile (i2t maxes over the sentences of one report, t2i over the patches of one image), so tiles
+extra memory is O(B*G*(K + S)) (int16 indices, t2i maxima) plus one tile instead of O(B*G*K*S). Both
+maxima of a pair are local to its tile (i2t maxes over the sentences of one report, t2i over the patches of one image), so tiles
 are independent. The backward rebuilds, per tile, the sparse gradient of the similarity
 M[b, p, g, q] = wI[b, g] [a[b, p, g] == q] + wT[b, g] [c[b, g, q] == p] from the saved indices (see
 ``kernels/patch_sentence.py`` for the derivation) and applies it with two matmuls: no grid recompute.
@@ -120,10 +120,9 @@ class PatchSentenceChunkedFunction(torch.autograd.Function):
         # padding and empty pairs get weight 0 (their saved indices are arbitrary but in range).
         if do_i2t:
             w_i2t = torch.where(pair, grad_i2t.to(work) / n_p.clamp(min=1)[:, None].to(work), zero)
-            w_i2t = w_i2t[:, None, :] * patch_mask.to(work)[:, :, None]  # [B, K, G]
         if do_t2i:
             w_t2i = torch.where(pair, grad_t2i.to(work) / n_s.clamp(min=1)[None, :].to(work), zero)
-            w_t2i = w_t2i[:, :, None] * sentence_mask.to(work)[None]  # [B, G, S]
+        patch_f, sent_f = patch_mask.to(work)[:, :, None], sentence_mask.to(work)[None]
         # Gradients are accumulated in the score dtype (fp32 for half inputs) and cast back once.
         grad_p = torch.zeros(B, K, D, dtype=work, device=device) if need_p else None
         grad_s = torch.zeros(G * S, D, dtype=work, device=device) if need_s else None
@@ -134,10 +133,12 @@ class PatchSentenceChunkedFunction(torch.autograd.Function):
             grad_sim = torch.zeros(bc, K, gc, S, dtype=work, device=device)
             if do_i2t:
                 idx = arg_i2t[bs, :, gs].long().unsqueeze(3)  # [bc, K, gc, 1]
-                grad_sim.scatter_add_(3, idx, w_i2t[bs, :, gs].unsqueeze(3))
+                src = w_i2t[bs, gs][:, None, :] * patch_f[bs]  # [bc, K, gc]
+                grad_sim.scatter_add_(3, idx, src.unsqueeze(3))
             if do_t2i:
                 idx = arg_t2i[bs, gs].long().unsqueeze(1)  # [bc, 1, gc, S]
-                grad_sim.scatter_add_(1, idx, w_t2i[bs, gs].unsqueeze(1))
+                src = w_t2i[bs, gs][:, :, None] * sent_f[:, gs]  # [bc, gc, S]
+                grad_sim.scatter_add_(1, idx, src.unsqueeze(1))
             grad_sim = grad_sim.view(bc * K, gc * S)
             rows = slice(gs.start * S, gs.stop * S)
             if need_p:
