@@ -46,15 +46,17 @@ class LogitScale(nn.Module):
     """Learnable log logit scale; ``forward()`` gives exp(log_scale) clamped at ``max_scale`` (0-dim).
 
     A module of its own so that DeepSpeed ZeRO-3 gathers the parameter around the call that reads it.
+    The parameter has shape [1], not [], because DeepSpeed's start-up broadcast views every parameter as
+    bytes, which fails for 0-dim tensors.
     """
 
     def __init__(self, init: float, max_scale: float):
         super().__init__()
         self.max_scale = max_scale
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(init)))
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.max_scale)
+        return self.log_scale.exp().clamp(max=self.max_scale).squeeze(0)
 
 
 class MLIP(nn.Module):
