@@ -1,0 +1,79 @@
+"""The command line: every task writes summary.json and its plots; bad input gives a clear error."""
+import json
+
+import pytest
+
+from mlip_fast.eval.__main__ import main
+
+
+def _run(capsys, *argv):
+    code = main([*map(str, argv), "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "task,extra,plots",
+    [
+        ("zeroshot", ["--classes", "Cardiomegaly", "Pleural Effusion", "--split", "train"], ["roc_curves.png"]),
+        ("retrieval", [], ["retrieval.png"]),
+        ("localisation", ["--examples", "4"], ["localisation_overlays.png"]),
+        ("fewshot", ["--fractions", "0.5", "1.0", "--epochs", "1", "--linear-steps", "20",
+                     "--classes", "Cardiomegaly", "Edema", "--split", "valid", "--batch-size", "16"], ["fewshot_auc.png"]),
+        ("segmentation", ["--fractions", "0.5", "--epochs", "1", "--examples", "2"],
+         ["segmentation_overlays.png", "segmentation_dice.png"]),
+    ],
+)
+def test_cli_tasks(task, extra, plots, tiny_checkpoint, synth_dir, tmp_path, capsys):
+    out = tmp_path / task
+    code, stdout, stderr = _run(capsys, task, "--checkpoint", tiny_checkpoint, "--data", synth_dir, "--out", out,
+                                "--seed", 3, "--device", "cpu", *extra)
+    assert code == 0, stderr
+    assert f"summary: {out / 'summary.json'}" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == task and summary["seed"] == 3 and summary["data"]["kind"] == "synthetic"
+    assert summary["checkpoint"] == str(tiny_checkpoint.resolve()) and summary["wall_time_s"] > 0
+    assert {"torch", "numpy", "mlip_fast", "python"} <= set(summary["versions"])
+    assert summary["plots"] == plots
+    for name in plots:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if task in ("fewshot", "segmentation"):
+        assert any((out / "splits").iterdir())
+
+
+def test_cli_bad_checkpoints(synth_dir, tmp_path, capsys):
+    not_a_model = tmp_path / "random_dir"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("hello")
+    code, _, err = _run(capsys, "zeroshot", "--checkpoint", not_a_model, "--data", synth_dir, "--out", tmp_path / "o")
+    assert code == 2 and "not an MLIP checkpoint" in err and "notes.txt" in err
+    engine = tmp_path / "engine"
+    (engine / "global_step10").mkdir(parents=True)
+    (engine / "latest").write_text("global_step10")
+    code, _, err = _run(capsys, "zeroshot", "--checkpoint", engine, "--data", synth_dir, "--out", tmp_path / "o")
+    assert code == 2 and "DeepSpeed engine checkpoint" in err and "save_pretrained" in err
+    code, _, err = _run(capsys, "zeroshot", "--checkpoint", tmp_path / "missing", "--data", synth_dir, "--out", tmp_path / "o")
+    assert code == 2 and "does not exist" in err
+
+
+def test_cli_bad_data(tiny_checkpoint, synth_dir, tmp_path, capsys):
+    # A dataset without labels for a labelled task: image + mask pairs carry no class labels.
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for p in sorted((synth_dir / "images").iterdir())[:6]:
+        (images / p.name).write_bytes(p.read_bytes())
+        (masks / p.name).write_bytes(p.read_bytes())
+    code, _, err = _run(capsys, "zeroshot", "--checkpoint", tiny_checkpoint, "--data", images, "--masks", masks,
+                        "--dataset", "masks", "--prompts", "synthetic", "--out", tmp_path / "o")
+    assert code == 2 and "needs labels" in err
+    # An empty class: no positive of that label in the evaluated split.
+    code, _, err = _run(capsys, "zeroshot", "--checkpoint", tiny_checkpoint, "--data", synth_dir, "--out", tmp_path / "o",
+                        "--max-samples", "1", "--classes", "Edema")
+    assert code == 2 and "'Edema' has" in err and "AUC needs both" in err
+    code, _, err = _run(capsys, "zeroshot", "--checkpoint", tiny_checkpoint, "--data", synth_dir, "--out", tmp_path / "o",
+                        "--split", "nope")
+    assert code == 2 and "no row in split 'nope'" in err
+    code, _, err = _run(capsys, "zeroshot", "--checkpoint", tiny_checkpoint, "--data", tmp_path / "nothing",
+                        "--out", tmp_path / "o")
+    assert code == 2 and "does not exist" in err
