@@ -200,9 +200,13 @@ class GlobalBatchSampler:
 
 
 class ReportCollator:
-    """Sample dicts (``image`` [C, S, S], ``report`` str, optional ``labels``, ``index``) -> a model batch:
-    ``images`` [B, C, S, S], ``input_ids`` / ``attention_mask`` [B, T], ``sentence_spans`` [B, S, 2],
-    ``sentence_mask`` [B, S], ``labels`` [B, L] (when present), ``index`` [B]."""
+    """Sample dicts (``image`` [C, H, W], ``report`` str, optional ``labels``, ``index``) -> a model batch:
+    ``images`` [B, C, H, W], ``input_ids`` / ``attention_mask`` [B, T], ``sentence_spans`` [B, S, 2],
+    ``sentence_mask`` [B, S], ``labels`` [B, L] (when present), ``index`` [B].
+
+    S is always ``max_sentences`` (padded with invalid sentences): the losses all-gather sentence tensors
+    across ranks, which needs the same S on every rank whatever its reports.
+    """
 
     def __init__(self, tokenizer, max_length: int, max_sentences: int):
         self.tokenizer = tokenizer
@@ -213,8 +217,12 @@ class ReportCollator:
         from mlip_fast.models.tokenization import tokenize_reports
 
         batch = {"images": torch.stack([s["image"] for s in samples])}
-        batch.update(tokenize_reports(self.tokenizer, [s["report"] for s in samples], self.max_length,
-                                      self.max_sentences))
+        text = tokenize_reports(self.tokenizer, [s["report"] for s in samples], self.max_length, self.max_sentences)
+        pad = self.max_sentences - text["sentence_mask"].shape[1]
+        if pad > 0:
+            text["sentence_spans"] = torch.nn.functional.pad(text["sentence_spans"], (0, 0, 0, pad))
+            text["sentence_mask"] = torch.nn.functional.pad(text["sentence_mask"], (0, pad), value=False)
+        batch.update(text)
         if all("labels" in s for s in samples):
             batch["labels"] = torch.stack([torch.as_tensor(s["labels"], dtype=torch.float32) for s in samples])
         batch["index"] = torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -129,10 +130,11 @@ def _model_config(args):
     return cfg.replace(**overrides)
 
 
-def _tokenizer(cfg, corpus_fn, run_dir: Path, rank: int):
+def _tokenizer(cfg, corpus_fn, run_dir: Path, rank: int, resumed_run: Optional[Path] = None):
     """The run's tokenizer: built once by rank 0 (a WordPiece vocabulary trained on the training reports
     for a random-init text tower, else the pretrained tower's) into ``run_dir/tokenizer`` and loaded from
-    there by every rank, so all ranks, and a resumed run, tokenize identically."""
+    there by every rank, so all ranks tokenize identically. A resumed run takes the tokenizer of the run
+    that wrote its checkpoint."""
     from mlip_fast.models import get_tokenizer
     from mlip_fast.models.tokenization import load_tokenizer
 
@@ -140,8 +142,13 @@ def _tokenizer(cfg, corpus_fn, run_dir: Path, rank: int):
 
     def build():
         if not (folder / "tokenizer.json").is_file():
-            tokenizer = get_tokenizer(cfg, corpus=corpus_fn() if cfg.text.source == "random" else None)
+            previous = resumed_run / "tokenizer" if resumed_run is not None else None
+            if previous is not None and (previous / "tokenizer.json").is_file():
+                tokenizer = load_tokenizer(previous)
+            else:
+                tokenizer = get_tokenizer(cfg, corpus=corpus_fn() if cfg.text.source == "random" else None)
             tmp = folder.with_name("tokenizer.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
             tokenizer.save_pretrained(str(tmp))
             os.replace(tmp, folder)
         return str(folder)
@@ -285,7 +292,8 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
             raise ckpt.CheckpointError(f"checkpoint is at step {saved['step']}, beyond this run's {total_steps} steps")
 
     # model ----------------------------------------------------------------------------------------
-    tokenizer = _tokenizer(model_cfg, lambda: [r["report"] for r in train_set.records], run_dir, rank)
+    tokenizer = _tokenizer(model_cfg, lambda: [r["report"] for r in train_set.records], run_dir, rank,
+                           Path(resume[0]).parent if resume is not None else None)
     torch.manual_seed(args.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     model = create_model(model_cfg, tokenizer=tokenizer, image_pretrained=args.pretrained)
     if args.grad_checkpointing:
