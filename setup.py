@@ -25,7 +25,7 @@ setup(
     packages=PACKAGES,
     package_dir={"mlip_fast.kernels": "kernels"},
     package_data={
-        "mlip_fast.models": ["model_configs/*.json"],
+        "mlip_fast.models": ["model_configs/*.json", "vocab/*.txt"],
         "mlip_fast.eval": ["prompts/*.json"],
         "mlip_fast.train": ["ds_configs/*.json"],
     },
