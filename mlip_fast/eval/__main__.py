@@ -11,7 +11,9 @@ Data (``--dataset``, default ``auto``):
 - ``covid``: ``../shared/data/covid_chestxray`` (has ``staged_images.csv``); train / test by a seeded
   patient-level split (``--test-fraction``);
 - ``masks``: ``--data IMAGES --masks MASKS`` image + mask pairs by file name (segmentation);
-- ``image-folder``, ``chexpert5x200``, ``rsna``, ``siim``: the readers of ``mlip_fast.data.datasets``.
+- ``image-folder`` (``--data`` = class sub-folders), ``chexpert5x200`` (``--data`` = CheXpert's train.csv or a
+  saved 5x200 selection), ``rsna`` / ``siim`` (``--data`` = labels / RLE CSV, ``--images`` = image folder):
+  the readers of ``mlip_fast.data.datasets``; few-shot tasks split them with a seeded ``--test-fraction``.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mlip_fast.data.datasets import DatasetError
 from mlip_fast.eval.common import CheckpointError, EvalDataError, load_checkpoint, seed_everything, write_summary
 from mlip_fast.eval.prompts import PromptError
 
@@ -43,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-split", default="train", help="training split of a synthetic set for few-shot tasks")
     g.add_argument("--test-fraction", type=float, default=0.3,
                    help="test share of the patient-level split for sets without splits (default 0.3)")
+    g.add_argument("--images", default=None, help="image folder of --dataset rsna / siim (--data is the labels CSV)")
     g.add_argument("--masks", default=None, help="mask folder (--dataset masks) or covid mask source: v7labs | lungvae")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -103,22 +107,19 @@ def _detect_kind(args) -> str:
     raise EvalDataError(f"cannot tell what kind of dataset {root} is; pass --dataset ({', '.join(KINDS[1:])})")
 
 
-def _reader(kind: str, root: str, transform, split: str | None):
-    """A dataset from ``mlip_fast.data.datasets`` (the generic readers)."""
-    try:
-        from mlip_fast.data import datasets as D
-    except ImportError as err:
-        raise EvalDataError(f"--dataset {kind} needs mlip_fast.data.datasets, which is not available: {err}") from None
-    cls = {"image-folder": "ImageFolderDataset", "chexpert5x200": "CheXpert5x200Dataset",
-           "rsna": "RSNAPneumoniaDataset", "siim": "SIIMPneumothoraxDataset"}[kind]
-    reader = getattr(D, cls)
-    kwargs = {"transform": transform}
-    if split is not None:
-        kwargs["split"] = split
-    try:
-        return reader(root, **kwargs)
-    except TypeError:
-        return reader(root, transform=transform)
+def _reader(kind: str, args, transform):
+    """A whole dataset from ``mlip_fast.data.datasets`` (these readers have no split of their own)."""
+    from mlip_fast.data import datasets as D
+
+    if kind == "image-folder":
+        return D.ImageFolderDataset(args.data, transform=transform)
+    if kind == "chexpert5x200":
+        return D.CheXpert5x200Dataset(args.data, transform=transform, seed=args.seed)
+    if not args.images:
+        raise EvalDataError(f"--dataset {kind} needs --images IMAGE_DIR beside --data (the labels CSV)")
+    if kind == "rsna":
+        return D.RSNAPneumoniaDataset(args.data, args.images, transform=transform)
+    return D.SIIMPneumothoraxDataset(args.data, args.images, transform=transform)
 
 
 def _train_test(kind: str, args, transform, task: str):
@@ -156,16 +157,12 @@ def _train_test(kind: str, args, transform, task: str):
             return None, full, described
         tr, te = group_split([p[0].name for p in full.pairs], args.test_fraction, args.seed)
         return Subset(full, tr), Subset(full, te), described
-    if needs_train:
-        try:
-            return _reader(kind, args.data, transform, "train"), _reader(kind, args.data, transform, args.split), described
-        except EvalDataError:
-            raise
-        except Exception:
-            full = _reader(kind, args.data, transform, None)
-            tr, te = group_split(list(range(len(full))), args.test_fraction, args.seed)
-            return Subset(full, tr), Subset(full, te), described
-    return None, _reader(kind, args.data, transform, None), described
+    full = _reader(kind, args, transform)
+    if not needs_train:
+        return None, full, described
+    tr, te = group_split(list(range(len(full))), args.test_fraction, args.seed)
+    described.update(test_fraction=args.test_fraction, split="seeded", n_train=len(tr), n_test=len(te))
+    return Subset(full, tr), Subset(full, te), described
 
 
 def run(args) -> Path:
@@ -269,7 +266,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = run(args)
-    except (CheckpointError, EvalDataError, PromptError) as err:
+    except (CheckpointError, EvalDataError, PromptError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = json.loads(path.read_text())

@@ -77,3 +77,26 @@ def test_cli_bad_data(tiny_checkpoint, synth_dir, tmp_path, capsys):
     code, _, err = _run(capsys, "zeroshot", "--checkpoint", tiny_checkpoint, "--data", tmp_path / "nothing",
                         "--out", tmp_path / "o")
     assert code == 2 and "does not exist" in err
+
+
+def test_cli_image_folder(tiny_checkpoint, synth_dir, tmp_path, capsys):
+    """Any labelled set in class sub-folders can be scored with a prompt file naming its classes."""
+    import csv
+
+    root = tmp_path / "folders"
+    with open(synth_dir / "master.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for cls in ("Cardiomegaly", "Pneumothorax"):
+        (root / cls).mkdir(parents=True)
+        for r in [r for r in rows if r[cls] == "1"][:5]:
+            src = synth_dir / r["image_path"]
+            (root / cls / src.name).write_bytes(src.read_bytes())
+    out = tmp_path / "zs"
+    code, stdout, stderr = _run(capsys, "zeroshot", "--checkpoint", tiny_checkpoint, "--data", root, "--out", out,
+                                "--prompts", "synthetic", "--classes", "Cardiomegaly", "Pneumothorax", "--skip-empty")
+    assert code == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["kind"] == "image-folder" and summary["data"]["n_test"] <= 10
+    assert set(summary["metrics"]["global"]["classes"]) == {"Cardiomegaly", "Pneumothorax"}
+    code, _, err = _run(capsys, "zeroshot", "--checkpoint", tiny_checkpoint, "--data", root, "--out", out)
+    assert code == 2 and "--prompts is required" in err
