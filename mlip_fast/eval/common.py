@@ -70,13 +70,18 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
 
 
 def model_device(model: torch.nn.Module, device: str | torch.device | None = None) -> torch.device:
-    """``device`` when given, else the device of the model's first parameter."""
-    if device is not None:
-        return torch.device(device)
+    """The device of the model's first parameter; ``device``, when given, must be that device."""
     try:
-        return next(model.parameters()).device
+        actual = next(model.parameters()).device
     except StopIteration:
-        return torch.device("cpu")
+        actual = torch.device("cpu")
+    if device is None:
+        return actual
+    wanted = torch.device(device)
+    if wanted.type != actual.type or (wanted.index is not None and actual.index is not None and wanted.index != actual.index):
+        raise ValueError(f"the model is on {actual} but device={wanted} was asked for; move the model "
+                         f"(model.to({str(wanted)!r})) or leave device=None")
+    return actual
 
 
 class evaluating:
