@@ -239,12 +239,12 @@ def _patch_sentence_bwd_kernel(
             grad = grad.to(rows.dtype)
         acc = tl.dot(grad, rows, acc, input_precision="ieee")
 
-    out_ptrs = out_ptr + pid_s.to(tl.int64) * n_rows * D + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
+    out_ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
     out_mask = n_in[:, None] & d_in[None, :]
-    if USE_ATOMIC:
+    if USE_ATOMIC:  # every split adds into the one zero-filled buffer
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
-    else:
-        tl.store(out_ptrs, acc, mask=out_mask)
+    else:  # split s writes its own buffer, summed in a fixed order by the launcher
+        tl.store(out_ptrs + pid_s.to(tl.int64) * n_rows * D, acc, mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -350,6 +350,7 @@ def _bwd_side(
     has_own: bool,
     has_oth: bool,
     deterministic: bool,
+    split: Optional[int] = None,
 ) -> torch.Tensor:
     """grad for one side: own [X, R, D] rows, other [Y, C, D] rows; returns fp32 [X, R, D]."""
     X, R, D = own.shape
@@ -361,9 +362,11 @@ def _bwd_side(
     tiles = triton.cdiv(n_rows, block_n) * triton.cdiv(D, block_d)
     # Split the other side so that about two waves of programs fill the GPU.
     chunks = triton.cdiv(n_cols, block_m)
-    split = 1 if INTERPRET else max(1, min(chunks, triton.cdiv(2 * _sm_count(own.device), tiles)))
-    if deterministic:
-        split = min(split, 4)  # each split costs a [X*R, D] fp32 buffer
+    if split is None:
+        split = 1 if INTERPRET else max(1, min(chunks, triton.cdiv(2 * _sm_count(own.device), tiles)))
+        if deterministic:
+            split = min(split, 4)  # each split costs a [X*R, D] fp32 buffer
+    split = max(1, min(int(split), chunks))
     cols_per_split = triton.cdiv(chunks, split) * block_m
     split = triton.cdiv(n_cols, cols_per_split)
     use_atomic = split > 1 and not deterministic
@@ -398,6 +401,7 @@ def patch_sentence_bwd(
     sentence_mask: Optional[torch.Tensor],
     patch_mask: Optional[torch.Tensor],
     deterministic: bool = False,
+    split: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launches the backward from the saved argmax indices.
 
@@ -406,6 +410,7 @@ def patch_sentence_bwd(
         patches [B, K, D], sentences [G, S, D], masks as in :func:`patch_sentence_fwd`.
         arg_i2t [B, G, K], arg_t2i [B, G, S]: int16 indices from the forward.
         deterministic: no atomics; bitwise reproducible.
+        split: programs sharing one output tile (default: enough to fill the GPU; 1 under the interpreter).
 
     Returns:
         (grad_patches [B, K, D], grad_sentences [G, S, D]) in the input dtype.
@@ -428,12 +433,12 @@ def patch_sentence_bwd(
     grad_p = _bwd_side(
         patches, sentences,
         (a_i, a_t, w_i2t, w_t2i, G * K, K, 1, G * S, S, 1, G, 1),
-        has_i2t, has_t2i, deterministic,
+        has_i2t, has_t2i, deterministic, split,
     )
     # Sentences own side: x = g, y = b, r = q, c = p; own argmax c[b, g, q], other argmax a[b, g, p].
     grad_s = _bwd_side(
         sentences, patches,
         (a_t, a_i, w_t2i, w_i2t, S, G * S, 1, K, G * K, 1, 1, G),
-        has_t2i, has_i2t, deterministic,
+        has_t2i, has_i2t, deterministic, split,
     )
     return grad_p.to(patches.dtype), grad_s.to(sentences.dtype)

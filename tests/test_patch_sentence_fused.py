@@ -218,6 +218,22 @@ def test_triton_argmax_indices_point_at_the_maxima():
                     assert c in vp.tolist() and sim[b, g, c, q] == sim[b, g, vp, q].max()
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_backward_split_over_programs(deterministic):
+    # Split partial sums (atomics, or fixed-order buffers when deterministic) equal the unsplit backward.
+    from mlip_fast.kernels.patch_sentence import patch_sentence_bwd, patch_sentence_fwd
+
+    B, G, K, S, D = 3, 5, 40, 3, 20
+    p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=6)
+    gi, gt = torch.randn(B, G), torch.randn(B, G)
+    _, _, arg_i2t, arg_t2i = patch_sentence_fwd(p, s, smask, pmask)
+    args = (gi, gt, p, s, arg_i2t, arg_t2i, smask, pmask, deterministic)
+    one = patch_sentence_bwd(*args, split=1)
+    three = patch_sentence_bwd(*args, split=3)
+    for a, b in zip(one, three):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
 def test_explicit_triton_without_gpu_or_interpreter_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     p, s = torch.randn(2, 3, 8), torch.randn(2, 2, 8)
