@@ -61,8 +61,6 @@ import triton.language as tl
 # Read once, like @triton.jit does: it decides at decoration time whether kernels run in the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 @triton.jit
 def _patch_sentence_fwd_kernel(
