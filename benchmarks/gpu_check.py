@@ -345,12 +345,24 @@ def section_patch_sentence_fwd_config_sweep(ctx: Context) -> dict:
     return {"shape": [B, G, K, S, D], "dtype": dtype, "rows": rows, "best": best}
 
 
+def section_integrity_mask(ctx: Context) -> dict:
+    """Integrity-scored masking on CUDA: correctness, no host sync, timings vs argsort + gather and copy."""
+    if ctx.device.type != "cuda":
+        return {"skipped": "CUDA only (the CPU dry run covers the patch-sentence sections)"}
+    import gpu_integrity_mask
+
+    out: dict = {}
+    gpu_integrity_mask.gpu_section_integrity_mask(out)
+    return out["integrity_mask"]
+
+
 SECTIONS = [
     section_environment,
     section_matmul_rate,
     section_patch_sentence_correctness,
     section_patch_sentence_benchmark,
     section_patch_sentence_fwd_config_sweep,
+    section_integrity_mask,
 ]
 
 
