@@ -178,11 +178,10 @@ def export_consolidated(ckpt_root: Path, tag: str, fresh_model: torch.nn.Module,
     if missing or unexpected:
         raise CheckpointError(f"consolidated checkpoint {ckpt_root / tag} does not match the model: missing "
                               f"{missing[:10]}, unexpected {unexpected[:10]}")
-    wrong = sorted(k for k, v in state.items() if v.numel() != own[k].numel())
+    wrong = sorted(k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape))
     if wrong:
-        raise CheckpointError(f"consolidated checkpoint {ckpt_root / tag} has wrong sizes for {wrong[:10]}")
-    # the training app trains 0-dim parameters as [1] (see main._promote_scalar_parameters)
-    fresh_model.load_state_dict({k: v.reshape(own[k].shape).to(own[k].dtype) for k, v in state.items()}, strict=True)
+        raise CheckpointError(f"consolidated checkpoint {ckpt_root / tag} has wrong shapes for {wrong[:10]}")
+    fresh_model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     fresh_model.save_pretrained(tmp)

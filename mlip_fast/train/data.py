@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
-           "SeededSamples", "ReportCollator", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
+           "SeededSamples", "make_collator", "tokenize_fixed_sentences", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
 
 
 class DataConfigError(ValueError):
@@ -199,34 +199,24 @@ class GlobalBatchSampler:
             step += 1
 
 
-class ReportCollator:
-    """Sample dicts (``image`` [C, H, W], ``report`` str, optional ``labels``, ``index``) -> a model batch:
-    ``images`` [B, C, H, W], ``input_ids`` / ``attention_mask`` [B, T], ``sentence_spans`` [B, S, 2],
-    ``sentence_mask`` [B, S], ``labels`` [B, L] (when present), ``index`` [B].
+def tokenize_fixed_sentences(tokenizer, texts, max_length: int, max_sentences: int) -> dict:
+    """``tokenize_reports`` with S always ``max_sentences`` (padded with invalid sentences): the losses
+    all-gather sentence tensors across ranks, which needs the same S on every rank whatever its reports."""
+    from mlip_fast.models.tokenization import tokenize_reports
 
-    S is always ``max_sentences`` (padded with invalid sentences): the losses all-gather sentence tensors
-    across ranks, which needs the same S on every rank whatever its reports.
-    """
+    text = tokenize_reports(tokenizer, texts, max_length, max_sentences)
+    pad = max_sentences - text["sentence_mask"].shape[1]
+    if pad > 0:
+        text["sentence_spans"] = torch.nn.functional.pad(text["sentence_spans"], (0, 0, 0, pad))
+        text["sentence_mask"] = torch.nn.functional.pad(text["sentence_mask"], (0, pad), value=False)
+    return text
 
-    def __init__(self, tokenizer, max_length: int, max_sentences: int):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.max_sentences = max_sentences
 
-    def __call__(self, samples: list) -> dict:
-        from mlip_fast.models.tokenization import tokenize_reports
+def make_collator(tokenizer, max_length: int, max_sentences: int):
+    """The data package's ``Collator`` with fixed-S sentence padding (see :func:`tokenize_fixed_sentences`)."""
+    from mlip_fast.data.collate import Collator
 
-        batch = {"images": torch.stack([s["image"] for s in samples])}
-        text = tokenize_reports(self.tokenizer, [s["report"] for s in samples], self.max_length, self.max_sentences)
-        pad = self.max_sentences - text["sentence_mask"].shape[1]
-        if pad > 0:
-            text["sentence_spans"] = torch.nn.functional.pad(text["sentence_spans"], (0, 0, 0, pad))
-            text["sentence_mask"] = torch.nn.functional.pad(text["sentence_mask"], (0, pad), value=False)
-        batch.update(text)
-        if all("labels" in s for s in samples):
-            batch["labels"] = torch.stack([torch.as_tensor(s["labels"], dtype=torch.float32) for s in samples])
-        batch["index"] = torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64)
-        return batch
+    return Collator(tokenizer, max_length, max_sentences, tokenize_fn=tokenize_fixed_sentences)
 
 
 def _worker_init(_worker_id: int) -> None:

@@ -83,10 +83,22 @@ def _pydantic_section(config: dict, key: str, model_cls, where: str) -> None:
     section = config[key]
     if not isinstance(section, dict):
         raise DSConfigError(f"{where}: {key!r} must be a JSON object, got {type(section).__name__}")
+    from pydantic import ValidationError
+
     try:
         model_cls(**section)
-    except Exception as e:  # pydantic.ValidationError; its text lists every bad field
-        raise DSConfigError(f"{where}: invalid {key!r} section: {e}") from e
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            name = ".".join(str(p) for p in err.get("loc", ())) or key
+            if err.get("type") == "extra_forbidden":
+                known = set(model_cls.model_fields) | {f.alias for f in model_cls.model_fields.values() if f.alias}
+                problems.append(f"unknown key {name!r}{_hint(name, known)}")
+            else:
+                problems.append(f"{name}: {err.get('msg')} (got {err.get('input')!r})")
+        raise DSConfigError(f"{where}: invalid {key!r} section: " + "; ".join(problems)) from None
+    except (TypeError, ValueError) as e:
+        raise DSConfigError(f"{where}: invalid {key!r} section: {e}") from None
 
 
 def _check_params(params: dict, fn, allowed_extra: set, what: str, where: str) -> None:

@@ -66,6 +66,11 @@ def _as_fp32(outputs: dict) -> dict:
     return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
 
 
+def _all_finite(outputs: dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in outputs.values()
+               if torch.is_tensor(v) and v.is_floating_point())
+
+
 @dataclass
 class LoopContext:
     engine: object
@@ -120,15 +125,19 @@ def train_loop(ctx: LoopContext) -> LoopResult:
     while step < ctx.total_steps:
         t0 = time.perf_counter()
         sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        lr = float(engine.get_lr()[0]) if engine.get_lr() else math.nan  # the rate this step uses
         stop_votes = 0.0
         for micro in range(ctx.accumulation):
             batch = next(ctx.batches)
             seed = step_seed(ctx.seed, step, micro, ctx.rank)
             torch.manual_seed(seed)
-            outputs = engine(model_inputs(batch, device, ctx.dtype), mask_ratio=ctx.mask_ratio, seed=seed)
-            total, terms = ctx.criterion(**_as_fp32(outputs))
-            stats = torch.tensor([float(terms[k].detach()) for k in LOSS_KEYS]
-                                 + [1.0 if ctx.stop.signum is not None else 0.0], dtype=torch.float64)
+            outputs = _as_fp32(engine(model_inputs(batch, device, ctx.dtype), mask_ratio=ctx.mask_ratio, seed=seed))
+            if _all_finite(outputs):
+                total, terms = ctx.criterion(**outputs)
+                values = [float(terms[k].detach()) for k in LOSS_KEYS]
+            else:  # the losses refuse non-finite inputs; report it like a non-finite loss
+                total, values = None, [math.nan] * len(LOSS_KEYS)
+            stats = torch.tensor(values + [1.0 if ctx.stop.signum is not None else 0.0], dtype=torch.float64)
             stats = _reduce(stats)
             terms_now = stats[:-1] / ctx.world_size
             stop_votes = float(stats[-1])
@@ -150,7 +159,6 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         terms_mean = {k: float(v) / ctx.accumulation for k, v in zip(LOSS_KEYS, sums)}
         last_terms = terms_mean
         window.append(terms_mean)
-        lr = float(engine.get_lr()[0]) if engine.get_lr() else math.nan
         epoch = (step - 1) // ctx.steps_per_epoch
         if step % ctx.log_every == 0 or step == ctx.total_steps:
             ctx.reporter.record("train", step=step, epoch=epoch, lr=lr, samples_per_s=samples_per_s,

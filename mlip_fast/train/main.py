@@ -156,22 +156,7 @@ def _tokenizer(cfg, corpus_fn, run_dir: Path, rank: int, resumed_run: Optional[P
     return load_tokenizer(_rank0(build, rank))
 
 
-def _promote_scalar_parameters(model: torch.nn.Module) -> list:
-    """Gives 0-dim parameters (the logit scales) shape [1], same value.
-
-    DeepSpeed 0.19 broadcasts every parameter at start-up as a byte view (``p.data.view(torch.uint8)``),
-    which raises for 0-dim tensors. The losses take any 1-element scale; the export reshapes the weights
-    back to the model's own shapes. Returns the names changed.
-    """
-    names = []
-    for name, p in model.named_parameters():
-        if p.dim() == 0:
-            p.data = p.data.reshape(1)
-            names.append(name)
-    return names
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     """Weight decay on matrices only (not on biases, norms, logit scales), as open_clip."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -298,18 +283,17 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
     model = create_model(model_cfg, tokenizer=tokenizer, image_pretrained=args.pretrained)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    _promote_scalar_parameters(model)
     model_cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     criterion = MLIPLoss(lambda_local=args.lambda_local, lambda_sie=args.lambda_sie, impl=args.impl)
-    collate = tdata.ReportCollator(tokenizer, model_cfg.text.max_length, model_cfg.text.max_sentences)
+    collate = tdata.make_collator(tokenizer, model_cfg.text.max_length, model_cfg.text.max_sentences)
 
     config = dsc.resolve_schedule(config, total_steps)
     if args.lr is not None:
         config["optimizer"]["params"]["lr"] = args.lr
     config = _tensorboard(config, args, run_dir)
     weight_decay = config["optimizer"]["params"].get("weight_decay", 0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, weight_decay),
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                            config=config)
     dtype = dsc.precision_dtype(config)
     start_step = 0
@@ -361,7 +345,8 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
         result = None
         if participate:
             with precision_context(dtype, device_type):
-                result = zero_shot(engine.module, dataset, eval_sets.prompts, max_samples=args.eval_max_samples)
+                result = _or_skip(reporter, f"step {step}: {split} zero-shot evaluation", zero_shot, engine.module,
+                                  dataset, eval_sets.prompts, max_samples=args.eval_max_samples)
         _barrier()
         if result is not None and rank == 0:
             eval_history.append({"step": step, "split": split, "auc_macro": result["auc_macro"]})
@@ -409,16 +394,20 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
         t_eval = time.perf_counter()
         if not args.no_final_eval:
             test = eval_sets.zero_shot_set("test")
-            if test is not None:
-                final["zero_shot"] = zero_shot(exported, test, eval_sets.prompts, max_samples=args.eval_max_samples,
-                                               progress=not args.no_progress)
+            zs = None if test is None else _or_skip(reporter, "test zero-shot evaluation", zero_shot, exported, test,
+                                                     eval_sets.prompts, max_samples=args.eval_max_samples,
+                                                     progress=not args.no_progress)
+            if zs is not None:
+                final["zero_shot"] = zs
                 full = final["zero_shot"].pop("full")
                 (run_dir / "eval_zero_shot.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
                 reporter.record("eval", step=result.steps, split="test", auc_macro=final["zero_shot"]["auc_macro"],
                                 auc=final["zero_shot"]["auc"])
-            if eval_sets.synthetic_root is not None:
-                final["localisation"] = localisation(exported, eval_sets.synthetic_root, "test",
-                                                     max_samples=args.eval_max_samples, progress=not args.no_progress)
+            loc = None if eval_sets.synthetic_root is None else _or_skip(
+                reporter, "test localisation", localisation, exported, eval_sets.synthetic_root, "test",
+                max_samples=args.eval_max_samples, progress=not args.no_progress)
+            if loc is not None:
+                final["localisation"] = loc
                 reporter.record("eval", step=result.steps, split="test",
                                 localisation=final["localisation"]["pointing_accuracy"],
                                 localisation_chance=final["localisation"]["chance"])
@@ -465,6 +454,18 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
         reporter.log("%s", format_summary(summary, path))
     summary = _rank0(lambda: summary, rank)
     return summary
+
+
+def _or_skip(reporter, what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or None with a warning when the evaluation data cannot serve it (e.g. a
+    split too small to hold both positive and negative images of any class)."""
+    from mlip_fast.eval.common import EvalDataError
+
+    try:
+        return fn(*args, **kwargs)
+    except EvalDataError as e:
+        reporter.warning("%s skipped: %s", what, e)
+        return None
 
 
 def format_summary(summary: dict, path) -> str:

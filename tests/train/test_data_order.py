@@ -1,0 +1,97 @@
+"""The resumable data order: a function of the step alone, split across ranks, seeded per sample."""
+import itertools
+import os
+
+import pytest
+import torch
+
+from mlip_fast.train.data import (DataConfigError, GlobalBatchSampler, SeededSamples, prepare_synthetic, sample_seed,
+                                  step_seed, synthetic_cache_dir, tokenize_fixed_sentences)
+
+
+def take(sampler, n):
+    return list(itertools.islice(iter(sampler), n))
+
+
+def indices(batch):
+    return [i for i, _ in batch]
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ():
+    n, micro = 23, 5  # 4 steps per epoch, 3 samples dropped each epoch
+    s = GlobalBatchSampler(n, micro, 1, 0, 1, seed=7)
+    assert s.steps_per_epoch == 4
+    epochs = [sum((indices(b) for b in take(GlobalBatchSampler(n, micro, 1, 0, 1, 7, start_step=4 * e), 4)), [])
+              for e in range(3)]
+    for e in epochs:
+        assert len(e) == len(set(e)) == 20 and set(e) <= set(range(n))
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert take(s, 12) == take(GlobalBatchSampler(n, micro, 1, 0, 1, 7), 12)  # deterministic
+    assert take(s, 4) != take(GlobalBatchSampler(n, micro, 1, 0, 1, 8), 4)  # seed matters
+
+
+def test_resuming_at_a_step_replays_the_same_batches():
+    full = take(GlobalBatchSampler(50, 4, 2, 0, 1, seed=3), 2 * 30)  # 2 micro-batches per step
+    for start in (0, 1, 5, 6, 13):
+        resumed = take(GlobalBatchSampler(50, 4, 2, 0, 1, seed=3, start_step=start), 2 * 4)
+        assert resumed == full[2 * start:2 * start + 8]
+
+
+@pytest.mark.parametrize("world, accumulation", [(2, 1), (3, 2), (4, 1)])
+def test_ranks_split_the_one_process_global_batch(world, accumulation):
+    n, micro = 97, 3
+    global_batch = micro * accumulation * world
+    one = take(GlobalBatchSampler(n, global_batch, 1, 0, 1, seed=1), 6)
+    per_rank = [take(GlobalBatchSampler(n, micro, accumulation, r, world, seed=1), 6 * accumulation)
+                for r in range(world)]
+    for step in range(6):
+        # micro-batch m of every rank, in rank order, concatenated over m = the one-process batch
+        rows = [per_rank[r][step * accumulation + m] for m in range(accumulation) for r in range(world)]
+        assert sum(rows, []) == one[step]
+
+
+def test_sample_seeds_depend_on_sample_and_epoch_only():
+    a = GlobalBatchSampler(40, 4, 1, 0, 1, seed=0)
+    seeds = {i: s for b in take(a, 10) for i, s in b}
+    assert all(s == sample_seed(0, 0, i) for i, s in seeds.items())
+    assert sample_seed(0, 0, 5) != sample_seed(0, 1, 5) != sample_seed(1, 0, 5)
+    assert step_seed(0, 3, 0, 0) != step_seed(0, 3, 0, 1) != step_seed(0, 4, 0, 0)
+    assert 0 <= sample_seed(2**40, 3, 7) < 2**63
+
+
+def test_too_little_data_for_one_global_batch():
+    with pytest.raises(DataConfigError, match="fewer than one global batch"):
+        GlobalBatchSampler(7, 4, 1, 0, 2, seed=0)
+
+
+def test_seeded_samples_make_augmentation_reproducible(synthetic_cache):
+    from mlip_fast.data.datasets import PretrainDataset
+    from mlip_fast.data.transforms import ImageTransform
+
+    master = synthetic_cache_dir(synthetic_cache, 32, 48, 0) / "master.csv"
+    ds = SeededSamples(PretrainDataset(master, split="train", transform=ImageTransform(32, train=True)))
+    first = ds[(3, 1234)]["image"]
+    torch.rand(100)  # whatever ran in between
+    assert torch.equal(ds[(3, 1234)]["image"], first)
+    assert not torch.equal(ds[(3, 999)]["image"], first)
+
+
+def test_synthetic_cache_is_generated_once_and_atomically(tmp_path):
+    logs = []
+    master = prepare_synthetic(tmp_path, 16, 12, seed=1, workers=1, log=logs.append)
+    assert master == synthetic_cache_dir(tmp_path, 16, 12, 1) / "master.csv" and master.is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    stamp = os.stat(master).st_mtime_ns
+    prepare_synthetic(tmp_path, 16, 12, seed=1, workers=1, log=logs.append)
+    assert os.stat(master).st_mtime_ns == stamp
+    assert "using the cache" in logs[-1]
+
+
+def test_sentence_axis_is_padded_to_max_sentences():
+    from mlip_fast.models import get_tokenizer
+
+    tok = get_tokenizer("mlip-tiny")
+    out = tokenize_fixed_sentences(tok, ["Heart size is normal.", "No effusion. Lungs clear."], 64, 7)
+    assert out["sentence_mask"].shape == (2, 7) and out["sentence_spans"].shape == (2, 7, 2)
+    assert out["sentence_mask"].sum(1).tolist() == [1, 2]
+    assert out["sentence_spans"][:, 2:].abs().sum() == 0

@@ -1,0 +1,101 @@
+"""DeepSpeed config checks: every mistake is reported with its key before anything starts."""
+import json
+
+import pytest
+
+from mlip_fast.train import ds_config as dsc
+from tests.train.conftest import BASE_DS, REPO
+
+
+def config(**changes):
+    c = json.loads(json.dumps(BASE_DS))
+    c.update(changes)
+    return c
+
+
+def test_shipped_configs_are_valid_on_cpu():
+    paths = [REPO / "ds.json", *sorted((REPO / "mlip_fast/train/ds_configs").glob("*.json"))]
+    names = {p.name for p in paths}
+    assert {"ds.json", "zero1.json", "zero2.json", "zero3.json", "zero2_fp16_gpu.json"} <= names
+    for path in paths:
+        cfg = dsc.load_ds_config(path)
+        assert cfg["optimizer"]["params"]["torch_adam"] is True
+        assert tuple(cfg["optimizer"]["params"]["betas"]) == (0.9, 0.95)
+        assert cfg["optimizer"]["params"]["weight_decay"] == 0.05
+        assert cfg["gradient_clipping"] > 0
+        if path.name == "zero2_fp16_gpu.json":
+            with pytest.raises(dsc.DSConfigError, match="fp16.*needs a CUDA GPU"):
+                dsc.validate_ds_config(cfg, device_type="cpu")
+            dsc.validate_ds_config(cfg, device_type="cuda")
+        else:
+            dsc.validate_ds_config(cfg, device_type="cpu")
+    assert dsc.load_ds_config(REPO / "ds.json")["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"train_batch_sise": 8}, r"unknown top-level key 'train_batch_sise' \(did you mean 'train_batch_size'\?\)"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, r"invalid 'zero_optimization'.*overlap_com"),
+    ({"bf16": {"enabled": True, "loss_scale": 1}}, r"invalid 'bf16'.*loss_scale"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "beta": [0.9, 0.95]}}},
+     r"unknown AdamW optimizer parameter 'beta' \(did you mean 'betas'\?\)"),
+    ({"optimizer": {"type": "AdamQ", "params": {"lr": 1e-3}}}, r"unknown optimizer type 'AdamQ'"),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95]}}}, r"optimizer.params.lr is required"),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_steps": 10}}},
+     r"unknown WarmupCosineLR scheduler parameter 'warmup_steps'"),
+    ({"scheduler": {"type": "CosineLR", "params": {}}}, r"unknown scheduler type 'CosineLR'"),
+    ({"fp16": {"enabled": True}}, r"fp16 is enabled but this run is on cpu"),
+    ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, r"fp16 and bf16 are both enabled"),
+    ({"gradient_clipping": -1}, r"gradient_clipping must be a number >= 0"),
+    ({"zero_optimization": {"stage": 4}}, r"stage"),
+])
+def test_bad_configs_name_the_problem(changes, match):
+    with pytest.raises(dsc.DSConfigError, match=match):
+        dsc.validate_ds_config(config(**changes), device_type="cpu")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(dsc.DSConfigError, match="does not exist"):
+        dsc.load_ds_config(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"train_batch_size\": 8,}")
+    with pytest.raises(dsc.DSConfigError, match="not valid JSON"):
+        dsc.load_ds_config(bad)
+
+
+@pytest.mark.parametrize("given, world, expected", [
+    ({"train_batch_size": 32}, 1, (32, 32, 1)),
+    ({"train_batch_size": 32}, 2, (32, 16, 1)),
+    ({"train_batch_size": 32, "gradient_accumulation_steps": 2}, 2, (32, 8, 2)),
+    ({"train_micro_batch_size_per_gpu": 4}, 2, (8, 4, 1)),
+    ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}, 2, (24, 4, 3)),
+    ({"train_batch_size": 24, "train_micro_batch_size_per_gpu": 4}, 2, (24, 4, 3)),
+    ({"train_batch_size": 24, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}, 2, (24, 4, 3)),
+])
+def test_batch_sizes_follow_the_world_size(given, world, expected):
+    out = dsc.resolve_batch_sizes(given, world)
+    got = (out["train_batch_size"], out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"])
+    assert got == expected
+    assert got[0] == got[1] * got[2] * world
+
+
+@pytest.mark.parametrize("given, world, match", [
+    ({"train_batch_size": 30}, 4, r"not divisible by gradient_accumulation_steps \(1\) x world size \(4\)"),
+    ({"train_batch_size": 24, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2,
+     r"train_batch_size \(24\) != train_micro_batch_size_per_gpu \(4\) x gradient_accumulation_steps \(2\) x world size \(2\)"),
+    ({"gradient_accumulation_steps": 2}, 1, r"set train_batch_size or train_micro_batch_size_per_gpu"),
+    ({"train_batch_size": 0}, 1, r"must be a positive int"),
+])
+def test_inconsistent_batch_sizes(given, world, match):
+    with pytest.raises(dsc.DSConfigError, match=match):
+        dsc.resolve_batch_sizes(given, world)
+
+
+def test_schedule_auto_follows_the_run_length():
+    out = dsc.resolve_schedule(config(), total_steps=400)
+    params = out["scheduler"]["params"]
+    assert params["total_num_steps"] == 400
+    assert params["warmup_num_steps"] == round(dsc.WARMUP_FRACTION * 400)
+    assert dsc.resolve_schedule(config(), total_steps=3)["scheduler"]["params"]["warmup_num_steps"] == 2
+    fixed = config(scheduler={"type": "WarmupCosineLR", "params": {"total_num_steps": 50, "warmup_num_steps": 5}})
+    assert dsc.resolve_schedule(fixed, total_steps=400)["scheduler"]["params"] == {"total_num_steps": 50,
+                                                                                  "warmup_num_steps": 5}
