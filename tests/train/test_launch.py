@@ -1,0 +1,108 @@
+"""Runs through the launchers in subprocesses: stop signals, exit codes, and two gloo processes under
+ZeRO-2 and ZeRO-3 matching one process on the same global batch."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mlip_fast.train import checkpoint as ckpt
+from mlip_fast.train.main import train
+from tests.train.conftest import REPO, TRAIN_PY, base_args, clean_env, seed_run_dir, train_records, write_ds
+
+pytestmark = pytest.mark.slow
+
+
+def test_bad_ds_config_exit_code_and_message(tmp_path, synthetic_cache):
+    ds = write_ds(tmp_path / "ds.json", zero_optimisation={"stage": 2})
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), *base_args(ds, tmp_path / "run", synthetic_cache)],
+                          cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: " in proc.stderr and "unknown top-level key 'zero_optimisation'" in proc.stderr
+    assert "did you mean 'zero_optimization'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, synthetic_cache):
+    ds = write_ds(tmp_path / "ds.json")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY),
+                             *base_args(ds, run_dir, synthetic_cache, "--steps", "100000", "--no-final-eval",
+                                        "--num-workers", "1")],
+                            cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and '"kind": "train"' in metrics.read_text():
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be signalled"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "training stopped by SIGTERM" in err and "--resume latest" in err
+    root = run_dir / "checkpoints"
+    tag = (root / "latest").read_text().strip()
+    state = ckpt.verify_checkpoint(root, tag, world_size=1, zero_stage=2)
+    step = state["step"]
+    assert step >= 1 and max(train_records(run_dir)) == step
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "stopped" and e["signal"] == signal.SIGTERM for e in events)
+    summary = train(base_args(ds, run_dir, synthetic_cache, "--steps", str(step + 1), "--no-final-eval",
+                              "--resume", "latest"))
+    assert summary["resumed_from_step"] == step and summary["steps"] == step + 1
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(tmp_path_factory, synthetic_cache, shared_tokenizer):
+    """Losses of a one-process run with global batch 8, no masking and no dropout (the only randomness
+    that depends on the rank), in fp32."""
+    tmp = tmp_path_factory.mktemp("one-process")
+    ds = write_ds(tmp / "ds.json")
+    run_dir = seed_run_dir(tmp / "run", shared_tokenizer)
+    train(base_args(ds, run_dir, synthetic_cache, *_DETERMINISTIC))
+    return train_records(run_dir)
+
+
+_DETERMINISTIC = ("--steps", "3", "--no-final-eval", "--mask-ratio", "0", "--model-overrides",
+                  '{"text": {"dropout": 0.0}}')
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_match_one_process(tmp_path, synthetic_cache, shared_tokenizer, one_process_reference, stage):
+    """``deepspeed --num_gpus 2`` (two CPU processes, gloo): each rank holds half of the global batch of 8,
+    the losses gather negatives across ranks, and DeepSpeed averages gradients. Per-step losses equal the
+    one-process run up to fp32 reduction order: the tolerance 1e-5 relative is ~100 ulp, far below any
+    real difference (a wrong gather or gradient scale changes the loss at the 1e-2 level)."""
+    ds = write_ds(tmp_path / "ds.json", zero_optimization={"stage": stage})
+    run_dir = seed_run_dir(tmp_path / "run", shared_tokenizer)
+    cmd = [str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv" / "bin" / "deepspeed").exists() else "deepspeed",
+           "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN_PY),
+           *base_args(ds, run_dir, synthetic_cache, *_DETERMINISTIC, "--eval-every", "2")]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == stage and summary["micro_batch"] == 4
+    two = train_records(run_dir)
+    assert sorted(two) == sorted(one_process_reference) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("loss", "loss_global", "loss_local", "loss_sie"):
+            assert two[step][key] == pytest.approx(one_process_reference[step][key], rel=1e-5, abs=1e-6), (step, key)
+    # both ranks saved their optimizer shard and the export consolidates them
+    assert len(list((run_dir / "checkpoints" / "step00000003").glob("*optim_states.pt"))) == 2
+    assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
