@@ -152,3 +152,44 @@ def test_segmentation_end_to_end(tiny_model, synth_dir, eval_tf, tmp_path):
     with pytest.raises(EvalDataError, match="mask"):
         few_shot_segment(tiny_model, SyntheticBenchmark(synth_dir, "train", eval_tf), test, fractions=(1.0,), epochs=1,
                          progress=False)
+
+
+class _BrightnessOracle(torch.nn.Module):
+    """A stand-in model whose patch vectors point towards the text vector where the image is bright, so a
+    correct localisation pipeline must put every sentence on the bright region."""
+
+    def __init__(self, image_size=64, patch_size=8):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(vision=SimpleNamespace(image_size=image_size, patch_size=patch_size, in_chans=1))
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.patch_size = patch_size
+
+    def encode_image(self, images, mask_ratio=0.0):
+        b = images.shape[0]
+        means = torch.nn.functional.avg_pool2d(images[:, :1], self.patch_size).flatten(1)  # [B, P] row-major
+        patches = torch.stack([means, torch.full_like(means, 0.5)], dim=-1)
+        return {"image_global": patches.mean(1), "patches": patches}
+
+    def encode_text(self, texts):
+        n = len(texts)
+        vec = torch.tensor([1.0, 0.0]).expand(n, 1, 2)
+        return {"text_global": vec[:, 0], "sentences": vec, "sentence_mask": torch.ones(n, 1, dtype=torch.bool)}
+
+
+def test_localisation_orientation_with_an_oracle():
+    # Wide raw images (letterboxed into the square input) with one bright rectangle each; the finding mask
+    # marks it. Any flip, transpose or misaligned resize of mask vs. heat map would miss.
+    records = []
+    for top, left in ((4, 6), (30, 44), (8, 50), (34, 2)):
+        image = np.full((48, 64), 0.1, np.float32)
+        image[top:top + 12, left:left + 12] = 0.9
+        mask = np.zeros((48, 64), bool)
+        mask[top:top + 12, left:left + 12] = True
+        records.append({"image": image, "findings": [{"name": "spot", "sentence": "A spot.", "mask": mask}]})
+    r = evaluate_localisation(_BrightnessOracle(), records, progress=False)
+    assert r["pointing_accuracy"] == 1.0 and r["mask_iou"] > 0.5 and r["chance"] < 0.1
+    for rec in records:  # the same maps against the horizontally mirrored masks: no hit
+        rec["findings"][0]["mask"] = rec["findings"][0]["mask"][:, ::-1].copy()
+    assert evaluate_localisation(_BrightnessOracle(), records, progress=False)["pointing_accuracy"] == 0.0
