@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
 from mlip_fast.eval import metrics as M

@@ -7,7 +7,6 @@ import csv
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 from torch.utils.data import Subset
 
