@@ -8,7 +8,11 @@ Import the submodules directly (nothing heavy happens at import time):
 - ``mlip_fast.eval.retrieval``: ``evaluate_retrieval(model, data, ...)``.
 - ``mlip_fast.eval.fewshot``: ``few_shot_classify(model, train_data, test_data, ...)``.
 - ``mlip_fast.eval.segmentation``: ``few_shot_segment(model, train_data, test_data, ...)``.
-- ``python -m mlip_fast.eval <task> --checkpoint DIR --data ... --out DIR``: the command line.
+- ``mlip_fast.eval.common``: ``load_checkpoint``, ``eval_transform``, batching, ``write_summary``.
+- ``mlip_fast.eval.data``: ``SyntheticBenchmark``, ``CovidChestXray``, ``MaskedImageFolder``, ``group_split``.
+- ``mlip_fast.eval.plots``: ROC curves, retrieval, few-shot curves, heat-map and segmentation overlays.
+- ``python -m mlip_fast.eval <task> --checkpoint DIR --data ... --out DIR``: the command line
+  (docs/evaluation.md).
 """
 
 __all__: list[str] = []

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many samples")
+    g.add_argument("--max-samples", type=int, default=None, help="score at most this many samples (zeroshot, retrieval, localisation)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     parser = argparse.ArgumentParser(prog="python -m mlip_fast.eval", description="Evaluate an MLIP checkpoint.")

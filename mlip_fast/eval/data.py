@@ -67,6 +67,10 @@ class SyntheticBenchmark(Dataset):
         with_findings: bool = False,
         segmentation_target: Optional[str] = None,
     ):
+        from mlip_fast.data.synth import FINDINGS
+
+        if segmentation_target is not None and segmentation_target != "any" and segmentation_target not in FINDINGS:
+            raise EvalDataError(f"unknown segmentation target {segmentation_target!r}; use 'any' or one of {list(FINDINGS)}")
         self.root = Path(root)
         master = self.root / "master.csv"
         if not master.is_file():

@@ -193,3 +193,8 @@ def test_localisation_orientation_with_an_oracle():
     for rec in records:  # the same maps against the horizontally mirrored masks: no hit
         rec["findings"][0]["mask"] = rec["findings"][0]["mask"][:, ::-1].copy()
     assert evaluate_localisation(_BrightnessOracle(), records, progress=False)["pointing_accuracy"] == 0.0
+
+
+def test_unknown_segmentation_target(synth_dir):
+    with pytest.raises(EvalDataError, match="unknown segmentation target 'effusion'"):
+        SyntheticBenchmark(synth_dir, "train", segmentation_target="effusion")
