@@ -47,6 +47,10 @@ RUNS_ROOT = Path("runs")
 
 
 # ---------------------------------------------------------------------------------------------- distributed
+class LaunchError(RuntimeError):
+    """The processes could not form their group (e.g. the rendezvous port is taken)."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,7 +71,12 @@ def _init_distributed() -> tuple:
     # compile and, with several processes, it can abort the interpreter at exit. gloo does the collectives.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        try:
+            deepspeed.init_distributed(verbose=False)
+        except dist.DistNetworkError as e:
+            raise LaunchError(f"cannot start the process group at {os.environ.get('MASTER_ADDR')}:"
+                              f"{os.environ.get('MASTER_PORT')} ({e}); another run probably uses this port: pass "
+                              f"--master_port <free port> to the deepspeed launcher") from None
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
@@ -165,16 +174,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _tensorboard(config: dict, args, run_dir: Path) -> dict:
-    wanted = args.tensorboard or config.get("tensorboard", {}).get("enabled", False)
-    if not wanted:
-        return config
+def _wants_tensorboard(config: dict, args) -> bool:
+    return bool(args.tensorboard or config.get("tensorboard", {}).get("enabled", False))
+
+
+def _require_tensorboard() -> None:
     try:
         import tensorboard  # noqa: F401  (DeepSpeed's monitor writes through torch.utils.tensorboard)
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError as e:
         raise dsc.DSConfigError(f"TensorBoard logging was requested but tensorboard is not installed ({e}); "
-                                f"pip install tensorboard, or drop --tensorboard / the 'tensorboard' section") from e
+                                f"pip install tensorboard, or drop --tensorboard / the 'tensorboard' section") from None
+
+
+def _tensorboard(config: dict, args, run_dir: Path) -> dict:
+    if not _wants_tensorboard(config, args):
+        return config
     section = dict(config.get("tensorboard", {}))
     section.update(enabled=True)
     section.setdefault("output_path", str(run_dir / "tensorboard"))
@@ -202,6 +217,8 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
     if zero_stage not in (1, 2, 3):
         raise dsc.DSConfigError(f"{where}: zero_optimization.stage must be 1, 2 or 3 for this training app "
                                 f"(got {zero_stage}); stage 1 is plain data parallelism with sharded optimizer states")
+    if _wants_tensorboard(raw_config, args):
+        _require_tensorboard()
     model_cfg = _model_config(args)  # config errors before any process group exists
 
     rank, world, local_rank, local_world = _init_distributed()
@@ -501,7 +518,7 @@ def _usage_errors() -> tuple:
     from mlip_fast.ops.dispatch import ImplUnavailableError
 
     return (dsc.DSConfigError, tdata.DataConfigError, ckpt.CheckpointError, ConfigError, DatasetError,
-            ModelCheckpointError, ImplUnavailableError)
+            ModelCheckpointError, ImplUnavailableError, LaunchError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -515,6 +532,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"training stopped by {signal.Signals(e.signum).name} after step {e.step}; checkpoint saved at "
               f"{e.checkpoint}; continue with --resume latest", file=sys.stderr)
         code = 128 + e.signum
+    except KeyboardInterrupt:  # a second SIGINT / SIGTERM while the first was being handled
+        print("training interrupted without a checkpoint (second stop signal)", file=sys.stderr)
+        code = 128 + signal.SIGINT
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_NON_FINITE

@@ -126,6 +126,18 @@ def test_bad_ds_config_fails_before_training(tmp_path, synthetic_cache, changes,
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
+def test_tensorboard_without_the_package_is_refused_up_front(tmp_path, synthetic_cache):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    ds = write_ds(tmp_path / "ds.json")
+    with pytest.raises(DSConfigError, match="tensorboard is not installed"):
+        train(base_args(ds, tmp_path / "run", synthetic_cache, "--steps", "2", "--tensorboard"))
+    assert not (tmp_path / "run").exists()
+
+
 def _copy_checkpoints(finished_run, tmp_path):
     _, run_dir, ds = finished_run
     root = tmp_path / "copy" / "checkpoints"
