@@ -21,6 +21,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from mlip_fast.models._state import state_mismatch
 from mlip_fast.models.config import MLIPConfig
 from mlip_fast.models.mlip import MLIP
 from mlip_fast.models.text import build_text_encoder, encoder_from_config, minilm_path, resolve_text_source
@@ -121,22 +122,9 @@ def _load_weights(model: MLIP, file: Path) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(file), device="cpu")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or wrong:
-        lines = [f"{file} does not fit the model:"]
-        if wrong:
-            lines.append(f"  wrong shapes ({len(wrong)}): {wrong}")
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
-        raise CheckpointError("\n".join(lines))
+    problem = state_mismatch(f"{file} does not fit the model:", state, model.state_dict())
+    if problem:
+        raise CheckpointError(problem)
     model.load_state_dict(state, strict=True)
 
 

@@ -28,6 +28,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from mlip_fast.models._state import state_mismatch
+
 __all__ = ["load_pretrained_vit", "convert_vit_state_dict", "read_state_dict", "PretrainedWeightsError", "LoadReport"]
 
 HUB_PREFIX = "hf-hub:"
@@ -249,21 +251,9 @@ def convert_vit_state_dict(state: dict, model) -> tuple[dict, LoadReport]:
             )
         report.adapted.append(f"embeddings.proj.weight: {proj.shape[1]} -> {want.shape[1]} input channels")
 
-    missing = sorted(set(target) - set(converted))
-    unexpected = sorted(unknown + [k for k in converted if k not in target])
-    wrong = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-        for k, v in converted.items() if k in target and tuple(v.shape) != tuple(target[k].shape)
-    )
-    if missing or unexpected or wrong:
-        lines = [f"pretrained ViT weights ({naming} naming) do not fit the model:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
-        if wrong:
-            lines.append(f"  wrong shapes ({len(wrong)}): {wrong}")
-        raise PretrainedWeightsError("\n".join(lines))
+    problem = state_mismatch(f"pretrained ViT weights ({naming} naming) do not fit the model:", converted, target, unknown)
+    if problem:
+        raise PretrainedWeightsError(problem)
     report.loaded = len(converted)
     return converted, report
 
