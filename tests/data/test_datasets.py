@@ -31,7 +31,9 @@ from mlip_fast.data.mimic_prepare import prepare_mimic
 from mlip_fast.data.synth import generate
 from mlip_fast.data.transforms import ImageTransform
 
-IU = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "iu_xray_reports"
+from tests.paths import IU_REPORTS
+
+IU = IU_REPORTS
 
 
 def _png(path, h=20, w=30, value=None, seed=0):

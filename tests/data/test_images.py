@@ -1,6 +1,5 @@
 """Image loading (real mixed-format chest X-rays, synthetic edge cases, bad files) and the transform."""
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,9 @@ from PIL import Image
 from mlip_fast.data.images import ImageLoadError, load_image, sniff_format
 from mlip_fast.data.transforms import ImageTransform, resize_pad
 
-COVID = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "covid_chestxray" / "images"
+from tests.paths import COVID_CXR
+
+COVID = COVID_CXR / "images"
 
 
 def _covid_files():

@@ -10,14 +10,15 @@ import re
 import statistics
 import tarfile
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
 from mlip_fast.data.reports import extract_sections, report_text, split_sentences
 
+from tests.paths import IU_REPORTS
+
 HEADER_INSIDE = re.compile(r"\b(?:FINDINGS|IMPRESSION|INDICATION|COMPARISON):")
-IU = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "iu_xray_reports"
+IU = IU_REPORTS
 
 
 def sentences(text):

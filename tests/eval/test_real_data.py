@@ -5,7 +5,6 @@ drawn by hand (V7 Labs). A tiny random model must run end to end and give finite
 """
 import csv
 import math
-from pathlib import Path
 
 import pytest
 from torch.utils.data import Subset
@@ -15,7 +14,9 @@ from mlip_fast.eval.data import CovidChestXray, MaskedImageFolder, group_split
 from mlip_fast.eval.segmentation import few_shot_segment
 from mlip_fast.eval.zeroshot import zero_shot_classify
 
-ROOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "covid_chestxray"
+from tests.paths import COVID_CXR
+
+ROOT = COVID_CXR
 pytestmark = pytest.mark.skipif(not (ROOT / "staged_images.csv").is_file(), reason=f"{ROOT} is not available")
 
 

@@ -1,11 +1,12 @@
 """Fixtures for the model tests: small models and real IU X-ray report texts."""
 import csv
-from pathlib import Path
 
 import pytest
 import torch
 
-IU_REPORTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "iu_xray_reports" / "reports.csv"
+from tests.paths import IU_REPORTS as IU_REPORTS_DIR
+
+IU_REPORTS = IU_REPORTS_DIR / "reports.csv"
 
 # Multi-sentence findings + impression with "Dr." and decimals ("4.5 x 6.8 cm", "1.4 cm") inside sentences.
 REPORT_UIDS = ("CXR249", "CXR2837", "CXR1", "CXR60")
