@@ -2,8 +2,8 @@
 
 DeepSpeed's own flags come from ``deepspeed.add_config_arguments`` (``--deepspeed``,
 ``--deepspeed_config``); the launcher adds ``--local_rank``. Everything else is the project's.
-Defaults are the built-in synthetic benchmark run (``deepspeed train.py --deepspeed_config ds.json``),
-sized to finish in under 10 minutes on a 2-core CPU and pass its quality bar.
+With ``--data synthetic`` (the default) the flags left unset take the values of ``SYNTHETIC_PRESET``: the
+default run (``deepspeed train.py --deepspeed_config ds.json``).
 """
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-__all__ = ["build_parser", "parse_args", "DEFAULTS"]
+__all__ = ["build_parser", "parse_args", "SYNTHETIC_PRESET"]
 
-# The default run (measured numbers in docs/training.md).
-DEFAULTS = dict(
-    model="mlip-tiny",
-    image_size=64,
-    synthetic_n=3000,
-    synthetic_seed=0,
-    steps=600,
-    eval_every=200,
-    save_every=200,
-    mask_ratio=None,
+# The default run: what --data synthetic (the default) uses for every one of these flags left unset.
+# Sized to finish within 10 minutes on a 2-core CPU and pass its quality bar (measured in docs/training.md).
+SYNTHETIC_PRESET = dict(
+    synthetic_n=6000,
+    steps=1000,
+    mask_ratio=0.25,
+    eval_every=250,
+    save_every=250,
 )
+# Real data: one pass over the training split unless --steps / --epochs say otherwise.
+REAL_DATA_EPOCHS = 1.0
 
 
 def _json_object(text: str) -> dict:
@@ -83,23 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder that relative image paths in a master.csv / manifest start from "
                            "(default: the file's folder)")
     data.add_argument("--cache-dir", default=".cache", help="where the synthetic benchmark is generated")
-    data.add_argument("--synthetic-n", type=_positive_int, default=DEFAULTS["synthetic_n"],
-                      help="number of synthetic image-report pairs (all splits)")
-    data.add_argument("--synthetic-seed", type=int, default=DEFAULTS["synthetic_seed"])
-    data.add_argument("--image-size", type=_positive_int, default=DEFAULTS["image_size"],
-                      help="input side in pixels (overrides the model config's vision.image_size; must be a "
+    data.add_argument("--synthetic-n", type=_positive_int, default=None,
+                      help=f"number of synthetic image-report pairs, all splits (default {SYNTHETIC_PRESET['synthetic_n']})")
+    data.add_argument("--synthetic-seed", type=int, default=0)
+    data.add_argument("--image-size", type=_positive_int, default=None,
+                      help="input side in pixels (default: the model config's vision.image_size; must be a "
                            "multiple of the patch size)")
     data.add_argument("--num-workers", type=_non_negative_int, default=2, help="DataLoader workers per process")
     data.add_argument("--max-bad-fraction", type=float, default=0.01,
                       help="fail when more than this share of the samples cannot be read")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model", default=DEFAULTS["model"], help="shipped model config name or a config JSON path")
+    model.add_argument("--model", default="mlip-tiny", help="shipped model config name or a config JSON path")
     model.add_argument("--pretrained", default=None, help="local ViT weights for the image tower")
     model.add_argument("--model-overrides", type=_json_object, default=None,
                        help='JSON merged into the model config, e.g. \'{"text": {"dropout": 0.0}}\'')
-    model.add_argument("--mask-ratio", type=_ratio, default=DEFAULTS["mask_ratio"],
-                       help="share of patches dropped before the ViT (default: the model config's)")
+    model.add_argument("--mask-ratio", type=_ratio, default=None,
+                       help="share of patches dropped before the ViT (default: the synthetic preset's with --data "
+                            "synthetic, else the model config's)")
     model.add_argument("--attn", default="auto", choices=("auto", "flash", "xformers", "sdpa", "math"),
                        help="ViT attention backend")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
@@ -114,17 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("schedule")
     length = run.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, default=None,
-                        help=f"optimizer steps (default {DEFAULTS['steps']} unless --epochs is given)")
+                        help=f"optimizer steps (default: {SYNTHETIC_PRESET['steps']} on the synthetic benchmark, "
+                             f"{REAL_DATA_EPOCHS:g} epoch on real data)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the training split")
     run.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides the ds config's)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--eval-every", type=_non_negative_int, default=DEFAULTS["eval_every"],
-                     help="zero-shot evaluation on the validation split every N steps (0: only at the end)")
+    run.add_argument("--eval-every", type=_non_negative_int, default=None,
+                     help=f"zero-shot evaluation on the validation split every N steps (0: only at the end; default "
+                          f"{SYNTHETIC_PRESET['eval_every']})")
     run.add_argument("--eval-max-samples", type=_non_negative_int, default=0,
                      help="cap on evaluation samples per split (0: all)")
     run.add_argument("--no-final-eval", action="store_true", help="skip the end-of-run evaluation on the test split")
-    run.add_argument("--save-every", type=_non_negative_int, default=DEFAULTS["save_every"],
-                     help="checkpoint every N steps (0: only at the end); a checkpoint is always written at the end")
+    run.add_argument("--save-every", type=_non_negative_int, default=None,
+                     help=f"checkpoint every N steps (0: only at the end; default {SYNTHETIC_PRESET['save_every']}); a "
+                          f"checkpoint is always written at the end")
     run.add_argument("--keep-checkpoints", type=_non_negative_int, default=2,
                      help="checkpoints kept on disk (0: keep all)")
     run.add_argument("--log-every", type=_positive_int, default=1, help="metrics.jsonl line every N steps")
@@ -154,6 +158,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      "deepspeed train.py --deepspeed_config ds.json)")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         parser.error(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+    synthetic = args.data == "synthetic"
+    for key, value in SYNTHETIC_PRESET.items():
+        if getattr(args, key) is None and (synthetic or key in ("eval_every", "save_every", "synthetic_n")):
+            if key == "steps" and args.epochs is not None:
+                continue
+            setattr(args, key, value)
     if args.steps is None and args.epochs is None:
-        args.steps = DEFAULTS["steps"]
+        args.epochs = REAL_DATA_EPOCHS
     return args

@@ -131,7 +131,8 @@ def _model_config(args):
     cfg = get_model_config(args.model)
     overrides = dict(args.model_overrides or {})
     vision = dict(overrides.pop("vision", {}))
-    vision.setdefault("image_size", args.image_size)
+    if args.image_size is not None:
+        vision.setdefault("image_size", args.image_size)
     vision.setdefault("attn_backend", args.attn)
     overrides["vision"] = vision
     if args.mask_ratio is not None:

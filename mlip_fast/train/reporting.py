@@ -165,7 +165,10 @@ def plot_metrics(metrics_path: Path, out_png: Path, chance_auc: float = 0.5) -> 
     records = read_metrics(metrics_path)
     # a resumed run re-logs the steps after its checkpoint: keep the last value per step
     train = {r["step"]: r for r in records if r.get("kind") == "train"}
-    evals = {(r["split"], r["step"]): r for r in records if r.get("kind") == "eval"}
+    evals: dict = {}
+    for r in records:  # one evaluation may be logged as several records (zero-shot, localisation): merge them
+        if r.get("kind") == "eval":
+            evals.setdefault((r["split"], r["step"]), {}).update(r)
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     steps = sorted(train)
     for key, label in (("loss", "total"), ("loss_global", "global"), ("loss_local", "local"), ("loss_sie", "SIE")):
@@ -179,21 +182,28 @@ def plot_metrics(metrics_path: Path, out_png: Path, chance_auc: float = 0.5) -> 
     ax_loss.grid(alpha=0.3)
     if steps:
         ax_loss.legend()
+    markers = {"valid": "o", "test": "*"}
     for split in sorted({s for s, _ in evals}):
         points = sorted((step, r.get("auc_macro")) for (sp, step), r in evals.items() if sp == split)
         points = [(s, v) for s, v in points if isinstance(v, (int, float))]
         if points:
-            ax_eval.plot(*zip(*points), marker="o", label=f"{split} zero-shot macro AUC")
-        loc = sorted((step, r.get("localisation")) for (sp, step), r in evals.items() if sp == split)
-        loc = [(s, v) for s, v in loc if isinstance(v, (int, float))]
+            ax_eval.plot(*zip(*points), marker=markers.get(split, "o"), markersize=9 if split == "test" else 6,
+                         label=f"{split} zero-shot macro AUC")
+        loc = sorted((step, r.get("localisation"), r.get("localisation_chance"))
+                     for (sp, step), r in evals.items() if sp == split)
+        loc = [(s, v, c) for s, v, c in loc if isinstance(v, (int, float))]
         if loc:
-            ax_eval.plot(*zip(*loc), marker="s", linestyle="--", label=f"{split} localisation (pointing)")
+            ax_eval.plot([s for s, _, _ in loc], [v for _, v, _ in loc], marker="s", linestyle="--",
+                         label=f"{split} localisation (pointing)")
+            if isinstance(loc[-1][2], (int, float)):
+                ax_eval.axhline(loc[-1][2], color="tab:red", linestyle=":", linewidth=0.8,
+                                label=f"localisation chance ({loc[-1][2]:.2f})")
     ax_eval.axhline(chance_auc, color="grey", linestyle=":", label=f"AUC chance ({chance_auc:.2f})")
     ax_eval.set_ylim(0.0, 1.0)
     ax_eval.set_xlabel("step")
     ax_eval.set_title("evaluation")
     ax_eval.grid(alpha=0.3)
-    ax_eval.legend(fontsize=8, loc="lower right")
+    ax_eval.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=110)
