@@ -68,15 +68,16 @@ class RunReporter:
         self.bar = None
         self.logger = logging.getLogger(LOGGER_NAME)
         self._metrics = None
+        self._handlers: list = []
         if self.active:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.logger.setLevel(logging.INFO)
             self.logger.propagate = False
-            if not self.logger.handlers:
-                fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-                for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(self.output_dir / "run.log")):
-                    handler.setFormatter(fmt)
-                    self.logger.addHandler(handler)
+            fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+            self._handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(self.output_dir / "run.log")]
+            for handler in self._handlers:
+                handler.setFormatter(fmt)
+                self.logger.addHandler(handler)
             self._metrics = open(self.output_dir / "metrics.jsonl", "a", buffering=1)
 
     # run log -------------------------------------------------------------------------------------
@@ -125,10 +126,11 @@ class RunReporter:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
-        for handler in list(self.logger.handlers):
+        for handler in self._handlers:
             handler.flush()
             handler.close()
             self.logger.removeHandler(handler)
+        self._handlers = []
         sys.stdout.flush()
         sys.stderr.flush()
 
