@@ -172,15 +172,19 @@ def results_table() -> str:
 
 
 def write_readme_table() -> Path:
-    """Replaces the generated block of benchmarks/README.md with the current results tables."""
-    text = README.read_text() if README.exists() else ""
+    """Replaces the generated block of benchmarks/README.md (and of the project README, when it has the
+    markers) with the current results tables."""
     block = f"{TABLE_BEGIN}\n{results_table()}{TABLE_END}"
-    if TABLE_BEGIN in text and TABLE_END in text:
-        head, rest = text.split(TABLE_BEGIN, 1)
-        text = head + block + rest.split(TABLE_END, 1)[1]
-    else:
-        text = (text.rstrip() + "\n\n" if text else "") + "## Results\n\n" + block + "\n"
-    README.write_text(text)
+    for readme in (README, README.parent.parent / "README.md"):
+        text = readme.read_text() if readme.exists() else ""
+        if TABLE_BEGIN in text and TABLE_END in text:
+            head, rest = text.split(TABLE_BEGIN, 1)
+            text = head + block + rest.split(TABLE_END, 1)[1]
+        elif readme == README:
+            text = (text.rstrip() + "\n\n" if text else "") + "## Results\n\n" + block + "\n"
+        else:
+            continue
+        readme.write_text(text)
     return README
 
 
