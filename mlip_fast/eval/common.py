@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mlip_fast._records import jsonable, versions
 from mlip_fast.models.factory import CheckpointError
 
 __all__ = [
@@ -226,43 +226,6 @@ def l2_normalise(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=dim, eps=1e-12)
 
 
-def versions() -> dict:
-    """Versions of Python, torch, numpy, transformers, mlip_fast, plus the CUDA device when used."""
-    import mlip_fast
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "mlip_fast": mlip_fast.__version__, "platform": platform.platform()}
-    try:
-        import transformers
-
-        out["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        out["cuda"] = torch.version.cuda
-        out["gpu"] = torch.cuda.get_device_name()
-    return out
-
-
-def _jsonable(value):
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.detach().cpu().tolist())
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def write_summary(
     out_dir: str | os.PathLike,
     task: str,
@@ -294,7 +257,7 @@ def write_summary(
         "command": " ".join(sys.argv),
     }
     path = out / filename
-    path.write_text(json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n")
     return path
 
 

@@ -38,7 +38,8 @@ from mlip_fast.train import ds_config as dsc
 from mlip_fast.train.args import parse_args
 from mlip_fast.train.evaluation import EvalSets, localisation, precision_context, zero_shot
 from mlip_fast.train.loop import LoopContext, NonFiniteLossError, TrainingStopped, train_loop
-from mlip_fast.train.reporting import RunReporter, plot_metrics, versions
+from mlip_fast._records import versions
+from mlip_fast.train.reporting import RunReporter, plot_metrics
 
 __all__ = ["train", "main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NON_FINITE"]
 

@@ -13,49 +13,16 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["RunReporter", "read_metrics", "plot_metrics", "versions", "jsonable"]
+from mlip_fast._records import jsonable
+
+__all__ = ["RunReporter", "read_metrics", "plot_metrics"]
 
 LOGGER_NAME = "mlip_fast.train"
-
-
-def versions() -> dict:
-    import numpy
-    import torch
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-           "platform": platform.platform()}
-    for name in ("deepspeed", "transformers", "triton"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:  # optional at run time (triton on CPU-only installs)
-            out[name] = None
-    import mlip_fast
-
-    out["mlip_fast"] = mlip_fast.__version__
-    return out
-
-
-def jsonable(value):
-    """Converts numpy / torch scalars, paths and tuples so that ``json.dumps`` accepts the value."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
 
 
 class RunReporter:
