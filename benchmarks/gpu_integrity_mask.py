@@ -2,7 +2,8 @@
 argsort + gather path and a plain copy of the same bytes.
 
 ``gpu_section_integrity_mask(out)`` is called by the one-command GPU script and fills ``out["integrity_mask"]``.
-It needs only torch, triton and mlip_fast (run from the repository root with ``PYTHONPATH=.``). Also holds
+It needs only torch, triton, pytest (for the shared test helpers) and mlip_fast (run from the repository
+root with ``PYTHONPATH=.``). Also holds
 the argsort + gather baseline that ``bench_integrity_mask.py`` times.
 
 Targets (../shared/PERF.md): the fused forward reaches >= 70% of copy bandwidth and is >= 3x faster than
@@ -10,11 +11,17 @@ argsort + gather, with no host synchronisation and no host-side random numbers.
 """
 from __future__ import annotations
 
-import itertools
-import platform
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [p for p in (str(HERE.parent), str(HERE)) if p not in sys.path]
+
+import harness  # noqa: E402
+from tests.test_integrity_mask import _plackett_luce as plackett_luce  # noqa: E402  exact enumeration
 
 SHAPES = [(b, 196, c, ratio) for b in (128, 256) for c in (768, 1024) for ratio in (0.5, 0.25)]  # B, P, C, mask ratio
 # Launch-parameter variations timed next to the default heuristic, so the heuristic can be retuned from the JSON.
@@ -52,31 +59,6 @@ def backward_bytes(B: int, P: int, C: int, keep: int, elem: int) -> int:
     return B * keep * C * elem + B * P * C * elem
 
 
-def environment() -> dict:
-    import triton
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, sm_count=props.multi_processor_count, cuda=torch.version.cuda,
-                    device_memory_gib=round(props.total_memory / 2**30, 1))
-    else:
-        info.update(device="cpu", cpu=platform.processor() or platform.machine(), torch_threads=torch.get_num_threads())
-    return info
-
-
-def _plackett_luce_inclusion(probs, keep: int) -> torch.Tensor:
-    inclusion = [0.0] * len(probs)
-    for order in itertools.permutations(range(len(probs)), keep):
-        pr, left = 1.0, 1.0
-        for p in order:
-            pr *= probs[p] / left
-            left -= probs[p]
-        for p in order:
-            inclusion[p] += pr
-    return torch.tensor(inclusion, dtype=torch.float64)
-
-
 def _correctness(device) -> dict:
     from mlip_fast.ops.integrity_mask import integrity_mask
 
@@ -111,7 +93,7 @@ def _correctness(device) -> dict:
     row = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.5], device=device)
     r = integrity_mask(torch.zeros(n, 5, 1, device=device), row.expand(n, 5), keep, temperature=temperature, seed=7,
                        impl="triton")
-    expected = _plackett_luce_inclusion(torch.softmax(row.double().cpu() / temperature, 0).tolist(), keep)
+    expected, _ = plackett_luce(torch.softmax(row.double().cpu() / temperature, 0).tolist(), keep)
     counts = torch.bincount(r.index.flatten(), minlength=5).double().cpu()
     z = ((counts - n * expected) / torch.sqrt(n * expected * (1 - expected))).abs().max().item()
     checks["plackett_luce_inclusion"] = {"max_abs_z": z, "ok": z < 5.0}
@@ -200,7 +182,7 @@ def gpu_section_integrity_mask(out: dict) -> None:
         out["integrity_mask"] = {"skipped": "no CUDA device"}
         return
     device = torch.device("cuda")
-    section = {"environment": environment(), "correctness": _correctness(device)}
+    section = {"environment": harness.environment(device), "correctness": _correctness(device)}
     rows = _timings(device)
     section["timing"] = rows
     section["targets"] = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -14,7 +14,7 @@ by ``python -m mlip_fast.models.build_vocab``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch

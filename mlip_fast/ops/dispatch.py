@@ -25,7 +25,7 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
     """
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (availability probe)
     except ImportError:
         return "triton is not installed (pip install triton)"
     if device.type == "cuda":
