@@ -15,13 +15,18 @@ __all__ = ["build_parser", "parse_args", "SYNTHETIC_PRESET"]
 
 # The default run: what --data synthetic (the default) uses for every one of these flags left unset.
 # Sized to finish within 10 minutes on a 2-core CPU and pass its quality bar (measured in docs/training.md).
+# lambda_local: with the spec's 1.0 the short run learns global alignment but barely localises (pointing
+# accuracy 0.071 vs chance 0.051); a heavier patch-sentence term gives the local loss the gradient share
+# it needs within 1,000 steps (measured in docs/training.md). Real data keeps the spec's 1.0.
 SYNTHETIC_PRESET = dict(
     synthetic_n=6000,
     steps=1000,
     mask_ratio=0.25,
     eval_every=250,
     save_every=250,
+    lambda_local=4.0,
 )
+SPEC_LAMBDA_LOCAL = 1.0
 # Real data: one pass over the training split unless --steps / --epochs say otherwise.
 REAL_DATA_EPOCHS = 1.0
 
@@ -106,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
 
     loss = p.add_argument_group("loss")
-    loss.add_argument("--lambda-local", type=_non_negative, default=1.0, help="weight of the patch-sentence loss")
+    loss.add_argument("--lambda-local", type=_non_negative, default=None,
+                      help=f"weight of the patch-sentence loss (default {SPEC_LAMBDA_LOCAL}; "
+                           f"{SYNTHETIC_PRESET['lambda_local']} on the synthetic benchmark)")
     loss.add_argument("--lambda-sie", type=_non_negative, default=0.1,
                       help="weight of the semantic integrity estimator loss")
     loss.add_argument("--impl", default="auto", choices=("auto", "reference", "chunked", "triton"),
@@ -164,6 +171,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             if key == "steps" and args.epochs is not None:
                 continue
             setattr(args, key, value)
+    if args.lambda_local is None:
+        args.lambda_local = SPEC_LAMBDA_LOCAL
     if args.steps is None and args.epochs is None:
         args.epochs = REAL_DATA_EPOCHS
     return args
