@@ -10,6 +10,7 @@ import torch
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train.ds_config import DSConfigError
 from mlip_fast.train.loop import NonFiniteLossError
+from mlip_fast.train.args import SYNTHETIC_PRESET
 from mlip_fast.train.main import param_groups, train
 from tests.train.conftest import base_args, seed_run_dir, train_records, write_ds
 
@@ -34,11 +35,13 @@ def test_run_writes_its_outputs(finished_run):
 
     records = train_records(run_dir)
     assert sorted(records) == [1, 2, 3, 4]
+    # The synthetic preset's loss weights: L = L_g + lambda_local L_l + lambda_sie L_sie
+    lam_l, lam_s = SYNTHETIC_PRESET["lambda_local"], 0.1
+    assert (summary["args"]["lambda_local"], summary["args"]["lambda_sie"]) == (lam_l, lam_s)
     for r in records.values():
         terms = [r[k] for k in ("loss", "loss_global", "loss_local", "loss_sie")]
         assert all(math.isfinite(t) for t in terms)
-        # MLIPLoss defaults: L = L_g + 1.0 L_l + 0.1 L_sie
-        assert r["loss"] == pytest.approx(r["loss_global"] + r["loss_local"] + 0.1 * r["loss_sie"], rel=1e-5)
+        assert r["loss"] == pytest.approx(r["loss_global"] + lam_l * r["loss_local"] + lam_s * r["loss_sie"], rel=1e-5)
         assert r["samples_per_s"] > 0 and 0 <= r["lr"] <= 1e-3
     assert records[1]["lr"] == 0.0 and records[4]["lr"] > 0  # DeepSpeed's linear warm-up starts at 0
     assert summary["final_loss"] == pytest.approx({k: records[4][k] for k in summary["final_loss"]})
