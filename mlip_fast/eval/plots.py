@@ -100,16 +100,20 @@ def plot_fewshot(result: Mapping, path: str | os.PathLike, metric: str = "macro_
     return _save(fig, path)
 
 
+def _example_grid(n: int, cols: int, row_height: float):
+    """A figure with one blank panel per example (at least one), ``cols`` panels a row."""
+    rows = (max(1, n) + cols - 1) // cols
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(3.2 * cols, row_height * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
 def plot_heatmap_overlays(examples: Sequence[Mapping], path: str | os.PathLike, cols: int = 4) -> Path:
     """Per example: the image, the finding mask outline (green), the sentence heat map and the top patch
     (red cross when it misses the mask, green when it hits)."""
-    plt = _pyplot()
-    n = max(1, len(examples))
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, ex in zip(axes.flat, examples):
+    fig, axes = _example_grid(len(examples), cols, row_height=3.6)
+    for ax, ex in zip(axes, examples):
         image, mask, heat = np.asarray(ex["image"]), np.asarray(ex["mask"]), np.asarray(ex["heatmap"])
         size = image.shape
         ax.imshow(image, cmap="gray")
@@ -126,13 +130,8 @@ def plot_heatmap_overlays(examples: Sequence[Mapping], path: str | os.PathLike, 
 
 def plot_segmentation_overlays(examples: Sequence[Mapping], path: str | os.PathLike, cols: int = 4) -> Path:
     """Per example: the image with ground truth (green) and prediction (red) outlines, and its Dice."""
-    plt = _pyplot()
-    n = max(1, len(examples))
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, ex in zip(axes.flat, examples):
+    fig, axes = _example_grid(len(examples), cols, row_height=3.4)
+    for ax, ex in zip(axes, examples):
         mask, pred = np.asarray(ex["mask"], bool), np.asarray(ex["prediction"], bool)
         ax.imshow(np.asarray(ex["image"]), cmap="gray")
         if mask.any():
