@@ -10,9 +10,9 @@ Run once from the repository root (the output is committed)::
 
     python -m mlip_fast.models.build_vocab --reports ../shared/data/iu_xray_reports/reports.csv
 
-The committed file is the reference: the trainer breaks ties between equally frequent merges in hash
-order, so a rerun gives the same vocabulary up to a few dozen rare pieces (and different ids). Models
-keep the vocabulary they were built with, because checkpoints save their tokenizer files.
+Training is deterministic (:func:`mlip_fast.models.tokenization.train_wordpiece_vocab`), so a rerun on the
+same reports rewrites the committed file byte for byte (a test checks it). Models keep the vocabulary they
+were built with, because checkpoints save their tokenizer files.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from mlip_fast.models.tokenization import SPECIAL_TOKENS, DEFAULT_VOCAB_PATH
+from mlip_fast.models.tokenization import DEFAULT_VOCAB_PATH, train_wordpiece_vocab
 
 RADIOLOGY_WORDS = """
 no finding enlarged cardiomediastinum cardiomegaly lung opacity lesion edema consolidation pneumonia
@@ -69,18 +69,20 @@ def read_reports(path: Path) -> list[str]:
     return [" ".join(row[k] for k in fields if row.get(k)).strip() for row in rows]
 
 
-def build(reports: Path, out: Path, vocab_size: int) -> int:
-    from tokenizers.implementations import BertWordPieceTokenizer
-
+def vocabulary(reports: Path, vocab_size: int = 4096) -> list[str]:
+    """The vocabulary (token per id) trained on the reports of ``reports`` plus ``RADIOLOGY_WORDS``."""
     texts = read_reports(reports)
     # Each listed word appears three times so that min_frequency keeps it as a whole piece.
     texts += [" ".join(RADIOLOGY_WORDS)] * 3
-    tokenizer = BertWordPieceTokenizer(lowercase=True, strip_accents=True)
-    tokenizer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-                                  limit_alphabet=200)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return train_wordpiece_vocab(texts, vocab_size=vocab_size, lowercase=True, min_frequency=2, limit_alphabet=200)
+
+
+def build(reports: Path, out: Path, vocab_size: int) -> int:
+    vocab = vocabulary(reports, vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(token + "\n" for token, _ in vocab))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(token + "\n" for token in vocab))
+    tmp.replace(out)
     return len(vocab)
 
 

@@ -10,9 +10,19 @@ Tokenizers: any transformers *fast* tokenizer (offsets need one). The offline de
 WordPiece tokenizer, either trained on a corpus of reports (:func:`train_wordpiece_tokenizer`) or built
 from the radiology vocabulary shipped in ``mlip_fast/models/vocab/`` (:func:`default_tokenizer`; rebuilt
 by ``python -m mlip_fast.models.build_vocab``).
+
+Vocabulary training (:func:`train_wordpiece_vocab`) is deterministic: the same corpus and settings give
+the same vocabulary, in the same order, in every process and under every ``PYTHONHASHSEED``. It follows
+the tokenizers library's WordPiece trainer (BERT normalisation and pre-tokenisation, an alphabet of the
+``limit_alphabet`` most frequent characters, then greedy merges of the most frequent adjacent pair with
+``##`` marking word-internal pieces, ties going to the pair of older tokens) but numbers the word-internal
+characters in sorted order, where the library numbers them in hash order and so gives a different
+vocabulary in every process.
 """
 from __future__ import annotations
 
+import heapq
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -23,6 +33,7 @@ __all__ = [
     "tokenize_reports",
     "default_tokenizer",
     "train_wordpiece_tokenizer",
+    "train_wordpiece_vocab",
     "load_tokenizer",
     "SPECIAL_TOKENS",
     "DEFAULT_VOCAB_PATH",
@@ -30,6 +41,7 @@ __all__ = [
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 DEFAULT_VOCAB_PATH = Path(__file__).resolve().parent / "vocab" / "radiology_wordpiece.txt"
+CONTINUATION = "##"
 
 
 def _bert_tokenizer(vocab: Union[dict, str], lowercase: bool):
@@ -49,19 +61,130 @@ def default_tokenizer(lowercase: bool = True):
     return _bert_tokenizer(vocab, lowercase)
 
 
+def _corpus_words(texts: Iterable[str], lowercase: bool) -> Counter:
+    """Word counts after BERT normalisation and pre-tokenisation (what the tokenizer will see)."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                            strip_accents=True if lowercase else None, lowercase=lowercase)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    return counts
+
+
+def _pairs(symbols: list) -> Counter:
+    return Counter(zip(symbols, symbols[1:]))
+
+
+def _merge_word(symbols: list, left: str, right: str, merged: str) -> list:
+    """``symbols`` with every non-overlapping occurrence of ``(left, right)``, from the left, replaced by
+    ``merged``."""
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and symbols[i] == left and symbols[i + 1] == right:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def train_wordpiece_vocab(corpus: Iterable[str], vocab_size: int = 4096, lowercase: bool = True,
+                          min_frequency: int = 2, limit_alphabet: int = 200) -> list:
+    """A WordPiece vocabulary trained on ``corpus``: a list of tokens, the index of each being its id.
+
+    Order: ``SPECIAL_TOKENS`` (ids 0-4); the alphabet (the ``limit_alphabet`` most frequent characters,
+    frequency ties broken by code point) sorted by code point; the word-internal forms ``##c`` of the
+    alphabet characters that occur inside a word, sorted; then one token per merge, in merge order. Each
+    merge joins the adjacent pair of symbols with the largest count over the corpus (a word's pairs count
+    as often as the word occurs), the pair ``(a, ##b)`` giving ``ab`` (``(##a, ##b)`` gives ``##ab``);
+    equal counts go to the pair with the smallest ``(id(left), id(right))``, as in the tokenizers library.
+    Training stops at ``vocab_size`` tokens or when no pair occurs ``min_frequency`` times.
+
+    Deterministic: the result depends on the multiset of words of the corpus and the settings only (not
+    on the corpus order, the process or ``PYTHONHASHSEED``): every choice is made on counts, strings and
+    ids that are themselves fixed by counts and strings.
+    """
+    if vocab_size < len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS)} (the special tokens), got {vocab_size}")
+    if min_frequency < 1 or limit_alphabet < 1:
+        raise ValueError(f"min_frequency and limit_alphabet must be >= 1, got {min_frequency} and {limit_alphabet}")
+    word_counts = _corpus_words(corpus, lowercase)
+    chars: Counter = Counter()
+    for word, n in word_counts.items():
+        for c in word:
+            chars[c] += n
+    alphabet = sorted(c for c, _ in sorted(chars.items(), key=lambda kv: (-kv[1], kv[0]))[:limit_alphabet])
+    keep = set(alphabet)
+
+    words, counts = [], []
+    for word in sorted(word_counts):
+        kept = [c for c in word if c in keep]
+        if kept:
+            words.append([kept[0]] + [CONTINUATION + c for c in kept[1:]])
+            counts.append(word_counts[word])
+    vocab = list(SPECIAL_TOKENS) + [c for c in alphabet if c not in SPECIAL_TOKENS]
+    vocab += sorted({s for w in words for s in w[1:]} - set(vocab))
+    ids = {token: i for i, token in enumerate(vocab)}
+
+    pair_counts: Counter = Counter()
+    where: dict = {}
+    for i, (w, n) in enumerate(zip(words, counts)):
+        for pair, k in _pairs(w).items():
+            pair_counts[pair] += k * n
+            where.setdefault(pair, set()).add(i)
+    # Max-heap on (count, then the smallest ids) with lazy deletion: an entry whose count is stale is
+    # re-queued with the current count when it reaches the top.
+    heap = [(-n, ids[a], ids[b], a, b) for (a, b), n in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        neg, _, _, a, b = heapq.heappop(heap)
+        current = pair_counts.get((a, b), 0)
+        if -neg != current:
+            if current > 0:
+                heapq.heappush(heap, (-current, ids[a], ids[b], a, b))
+            continue
+        if current < min_frequency:
+            break
+        merged = a + (b[len(CONTINUATION):] if b.startswith(CONTINUATION) else b)
+        if merged not in ids:
+            ids[merged] = len(vocab)
+            vocab.append(merged)
+        touched = set()
+        for i in sorted(where.pop((a, b), ())):
+            old = words[i]
+            new = _merge_word(old, a, b, merged)
+            if len(new) == len(old):
+                continue
+            words[i] = new
+            before, after = _pairs(old), _pairs(new)
+            for pair in before.keys() | after.keys():
+                delta = (after.get(pair, 0) - before.get(pair, 0)) * counts[i]
+                if delta:
+                    pair_counts[pair] += delta
+                    touched.add(pair)
+                if pair in after:
+                    where.setdefault(pair, set()).add(i)
+        for pair in sorted(touched):
+            if pair_counts[pair] > 0:
+                heapq.heappush(heap, (-pair_counts[pair], ids[pair[0]], ids[pair[1]], *pair))
+            else:
+                del pair_counts[pair]
+    return vocab
+
+
 def train_wordpiece_tokenizer(corpus: Iterable[str], vocab_size: int = 4096, lowercase: bool = True,
                               min_frequency: int = 2):
-    """Trains a WordPiece vocabulary (tokenizers library) on ``corpus`` and wraps it as a fast BERT
-    tokenizer with the special tokens [PAD] [UNK] [CLS] [SEP] [MASK] (ids 0-4)."""
-    from tokenizers.implementations import BertWordPieceTokenizer
-
+    """A fast BERT tokenizer over the vocabulary :func:`train_wordpiece_vocab` trains on ``corpus``, with
+    the special tokens [PAD] [UNK] [CLS] [SEP] [MASK] (ids 0-4); deterministic (see there)."""
     texts = [t for t in corpus if t and t.strip()]
     if not texts:
         raise ValueError("train_wordpiece_tokenizer: the corpus has no non-empty text")
-    trainer = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=True if lowercase else None)
-    trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
-                                special_tokens=list(SPECIAL_TOKENS), limit_alphabet=200)
-    return _bert_tokenizer(trainer.get_vocab(), lowercase)
+    vocab = train_wordpiece_vocab(texts, vocab_size=vocab_size, lowercase=lowercase, min_frequency=min_frequency)
+    return _bert_tokenizer({token: i for i, token in enumerate(vocab)}, lowercase)
 
 
 def load_tokenizer(name_or_path: Union[str, Path], *, local_files_only: bool = True):

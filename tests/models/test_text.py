@@ -1,11 +1,23 @@
-"""Report tokenization and sentence pooling on real IU X-ray reports, the text tower, tokenizer sources."""
+"""Report tokenization and sentence pooling on real IU X-ray reports, the text tower, tokenizer sources,
+deterministic WordPiece training."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
 import pytest
 import torch
 
 from mlip_fast.data.reports import split_sentences
-from mlip_fast.models import get_tokenizer, tokenize_reports
+from mlip_fast.models import build_vocab, get_tokenizer, tokenize_reports
 from mlip_fast.models.text import TextTower, pool_sentences
-from mlip_fast.models.tokenization import default_tokenizer
+from mlip_fast.models.tokenization import (DEFAULT_VOCAB_PATH, SPECIAL_TOKENS, _corpus_words, default_tokenizer,
+                                           train_wordpiece_vocab)
+from tests.models.conftest import IU_REPORTS
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +158,107 @@ def test_minilm_source_when_installed(iu_reports):
         expected = model.sentence_projection(pool_sentences(hidden, batch["sentence_spans"], batch["sentence_mask"]))
     torch.testing.assert_close(out["sentences"][0], expected[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out["text_global"], model.text_projection(hidden[:, 0]), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ vocabulary training
+def slow_wordpiece_vocab(corpus, vocab_size, min_frequency=2, limit_alphabet=200):
+    """The WordPiece merge loop written the obvious way: every merge recounts every pair of every word."""
+    words = _corpus_words(corpus, lowercase=True)
+    chars = Counter()
+    for w, n in words.items():
+        for c in w:
+            chars[c] += n
+    alphabet = sorted(sorted(chars, key=lambda c: (-chars[c], c))[:limit_alphabet])
+    split = {}
+    for w in words:
+        kept = [c for c in w if c in alphabet]
+        if kept:
+            split[w] = [kept[0]] + ["##" + c for c in kept[1:]]
+    vocab = list(SPECIAL_TOKENS) + alphabet + sorted({s for pieces in split.values() for s in pieces[1:]})
+    while len(vocab) < vocab_size:
+        pairs = Counter()
+        for w, pieces in split.items():
+            for pair in zip(pieces, pieces[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        (a, b), n = min(pairs.items(), key=lambda kv: (-kv[1], vocab.index(kv[0][0]), vocab.index(kv[0][1])))
+        if n < min_frequency:
+            break
+        merged = a + b.removeprefix("##")
+        if merged not in vocab:
+            vocab.append(merged)
+        for w, pieces in split.items():
+            out, i = [], 0
+            while i < len(pieces):
+                if pieces[i:i + 2] == [a, b]:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(pieces[i])
+                    i += 1
+            split[w] = out
+    return vocab
+
+
+def iu_corpus(n=None):
+    if not IU_REPORTS.exists():
+        pytest.skip(f"real IU reports not found at {IU_REPORTS}")
+    return build_vocab.read_reports(IU_REPORTS)[:n]
+
+
+def test_wordpiece_ties_go_to_the_older_tokens():
+    # "ab", "ac" and "bc" each occur twice: (a, ##b) has the smallest ids, then (a, ##c); then "abc"
+    # (count 1) is below min_frequency.
+    assert train_wordpiece_vocab(["ab ac bc", "bc ab ac", "abc"], vocab_size=100) == [
+        *SPECIAL_TOKENS, "a", "b", "c", "##b", "##c", "ab", "ac", "bc"]
+    assert train_wordpiece_vocab(["ab ac bc", "bc ab ac", "abc"], vocab_size=100, min_frequency=1)[-2:] == ["bc", "abc"]
+    # the alphabet keeps the most frequent characters; a dropped character is skipped inside words
+    vocab = train_wordpiece_vocab(["aab aab", "aqb"], vocab_size=100, limit_alphabet=2, min_frequency=1)
+    assert "q" not in vocab and "##q" not in vocab and "aab" in vocab
+    # vocab_size bounds the merges; the alphabet is always there (as in the tokenizers library)
+    base = [*SPECIAL_TOKENS, "a", "b", "c", "d", "##b", "##d"]
+    assert train_wordpiece_vocab(["ab ab ab cd cd"], vocab_size=9) == base
+    assert train_wordpiece_vocab(["ab ab ab cd cd"], vocab_size=12) == base + ["ab"]
+
+
+def test_wordpiece_training_matches_the_slow_loop():
+    corpus = iu_corpus(200)
+    fast = train_wordpiece_vocab(corpus, vocab_size=500)
+    assert len(fast) == 500
+    assert fast == slow_wordpiece_vocab(corpus, vocab_size=500)
+    assert train_wordpiece_vocab(corpus[::-1], vocab_size=500) == fast  # the corpus order does not matter
+
+
+_TRAIN_AND_SAVE = """
+import json, sys
+from mlip_fast.models.tokenization import train_wordpiece_tokenizer
+corpus = json.loads(open(sys.argv[1]).read())
+train_wordpiece_tokenizer(corpus, vocab_size=2000).save_pretrained(sys.argv[2])
+"""
+
+
+def test_wordpiece_training_is_identical_across_processes_and_hash_seeds(tmp_path):
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps(iu_corpus()))
+    folders = []
+    for hash_seed in ("0", "4242"):
+        out = tmp_path / f"tokenizer-{hash_seed}"
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=str(REPO))
+        subprocess.run([sys.executable, "-c", _TRAIN_AND_SAVE, str(corpus), str(out)], env=env, check=True,
+                       timeout=120, cwd=REPO)
+        folders.append(out)
+    a, b = folders
+    assert len(json.loads((a / "tokenizer.json").read_text())["model"]["vocab"]) == 2000
+    names = sorted(p.name for p in a.iterdir())
+    assert "tokenizer.json" in names and names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_shipped_vocabulary_is_what_its_builder_writes(tmp_path):
+    if not IU_REPORTS.exists():
+        pytest.skip(f"real IU reports not found at {IU_REPORTS}")
+    out = tmp_path / "vocab.txt"
+    build_vocab.main(["--reports", str(IU_REPORTS), "--out", str(out)])
+    assert out.read_bytes() == DEFAULT_VOCAB_PATH.read_bytes()
