@@ -39,10 +39,12 @@ setup(
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "safetensors>=0.4",
+        "webdataset>=1.0,<2",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=5"],
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "dicom": ["pydicom>=2.4"],
+        "fast-jpeg": ["simplejpeg>=1.7"],
     },
 )
