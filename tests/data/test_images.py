@@ -242,6 +242,20 @@ def test_train_augmentation_is_seeded_and_mild():
     assert torch.equal(off(image), plain)
 
 
+def test_warp_grid_equals_affine_grid():
+    """The transform's affine warp samples at F.affine_grid's points (fp32 rounding apart), odd sizes too."""
+    from mlip_fast.data.transforms import _warp
+
+    gen = torch.Generator().manual_seed(0)
+    for h, w in ((33, 33), (17, 40), (64, 64)):
+        theta = torch.tensor([[[0.93, -0.2, 0.05], [0.21, 1.04, -0.07]]])
+        x = torch.rand(h, w, generator=gen)
+        grid = torch.nn.functional.affine_grid(theta.double(), [1, 1, h, w], align_corners=False)
+        ref = torch.nn.functional.grid_sample(x.double()[None, None], grid, align_corners=False)[0, 0]
+        # fp32 grid coordinates are off by ~1e-7, i.e. ~1e-5 px; the bilinear slope is at most 1 per px
+        torch.testing.assert_close(_warp(x, theta), ref.float(), rtol=0, atol=1e-5)
+
+
 def test_affine_rotation_direction_is_a_pure_rotation():
     """A 90-degree setting rotates a single bright pixel on the expected circle around the centre."""
     image = np.zeros((33, 33), np.float32)
