@@ -14,18 +14,16 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mlip_fast.data.sources import DataConfigError, build_pretrain_dataset
+
 __all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
            "SeededSamples", "make_collator", "tokenize_fixed_sentences", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
-
-
-class DataConfigError(ValueError):
-    """``--data`` does not name a usable dataset."""
 
 
 def synthetic_cache_dir(cache_dir: Path, size: int, n: int, seed: int) -> Path:
@@ -61,69 +59,6 @@ def prepare_synthetic(cache_dir: Path, size: int, n: int, seed: int, workers: in
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"synthetic benchmark: generated in {time.perf_counter() - start:.1f} s")
     return master
-
-
-def build_pretrain_dataset(data: str, split: Optional[str], transform, *, image_root: Optional[str] = None,
-                           max_bad_fraction: float = 0.01) -> Dataset:
-    """The image-report pairs named by ``--data`` (a resolved synthetic ``master.csv`` path, a prepared
-    MIMIC-CXR ``master.csv``, an Open-I folder, or a CSV / JSONL manifest).
-
-    ``split`` selects rows of a master.csv (``train`` / ``valid`` / ``test``); manifests and Open-I have
-    no split column and serve every row for ``train`` (evaluation splits are then unavailable: None).
-    """
-    from mlip_fast.data import datasets as D
-
-    path = Path(data)
-    if not path.exists():
-        raise DataConfigError(f"--data {data}: no such file or folder (use 'synthetic', a master.csv, an Open-I "
-                              f"folder or a CSV/JSONL manifest)")
-    if path.is_dir():
-        if (path / "master.csv").is_file():
-            path = path / "master.csv"
-        else:
-            if split not in ("train", None):
-                return None
-            reports, images = _openi_layout(path, image_root)
-            return D.OpenIDataset(reports, image_dir=images, transform=transform, max_bad_fraction=max_bad_fraction)
-    header = path.open().readline() if path.suffix.lower() == ".csv" else ""
-    if path.suffix.lower() == ".csv" and "findings" in header and "impression" in header:
-        columns = [c.strip() for c in header.strip().split(",")]
-        if "split" not in columns:
-            if split not in ("train", None):
-                return None
-            split = None
-        try:
-            return D.PretrainDataset(path, root=image_root, split=split, transform=transform,
-                                     max_bad_fraction=max_bad_fraction)
-        except D.DatasetError:
-            if split in ("valid", "test"):
-                return None
-            raise
-    if path.suffix.lower() in (".csv", ".jsonl", ".json"):
-        if split not in ("train", None):
-            return None
-        return D.ManifestDataset(path, root=image_root, transform=transform, max_bad_fraction=max_bad_fraction)
-    raise DataConfigError(f"--data {data}: expected a .csv / .jsonl file or a folder, got {path.suffix or 'a file'}")
-
-
-def _openi_layout(folder: Path, image_root: Optional[str]) -> tuple:
-    """(reports, image folder) of an Open-I folder: the reports are ``NLMCXR_reports.tgz``,
-    ``reports.csv``, a ``reports/`` (or ``ecgen-radiology/``) folder of XML files, or XML files in the folder
-    itself; images are ``--image-root``, else ``images/``, ``NLMCXR_png/`` or the folder itself."""
-    reports = next((c for c in (folder / "NLMCXR_reports.tgz", folder / "reports.csv", folder / "reports",
-                                folder / "ecgen-radiology") if c.exists()), None)
-    if reports is None:
-        if not any(folder.glob("*.xml")):
-            raise DataConfigError(f"--data {folder}: a folder must hold master.csv (prepared MIMIC-CXR or the synthetic "
-                                  f"benchmark) or Open-I reports (NLMCXR_reports.tgz, reports.csv, reports/*.xml)")
-        reports = folder
-    if image_root is not None:
-        images = Path(image_root)
-    else:
-        images = next((c for c in (folder / "images", folder / "NLMCXR_png") if c.is_dir()), folder)
-    if not any(images.glob("*.png")):
-        raise DataConfigError(f"--data {folder}: no PNG images in {images} (pass --image-root)")
-    return reports, images
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

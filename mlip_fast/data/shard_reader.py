@@ -1,0 +1,227 @@
+"""Reading the WebDataset tar shards written by ``python -m mlip_fast.data.shards``.
+
+Layout of a shard folder (see docs/data.md)::
+
+    OUT/index.json                  the contract: format, image settings, label names, per split the shard
+                                    list (path, samples, bytes, sha256, byte offset of every sample)
+    OUT/<split>/<split>-000000.tar  WebDataset shards: <key>.jpg | <key>.png (8-bit grey, or 16-bit grey
+                                    PNG) and <key>.json (report, findings, impression, labels, index, id)
+    OUT/<split>/reports.txt         the split's reports, one per line (tokenizer training without a scan)
+
+A sample's ``key`` is ``s<index:08d>``, where ``index`` is its position in the source dataset (the index
+the folder reader would give it). Reading goes through webdataset's tar iterators, starting at a
+recorded byte offset, so a reader can begin in the middle of a shard without reading what precedes it.
+
+``ShardSplit`` is one split as an ``IterableDataset`` of item dicts (``image`` [C, S, S] after the
+transform, ``report``, ``labels`` [L] float32 with NaN = unknown, ``index``), in stored order with
+the shards divided among DataLoader workers: the evaluation reader. Training order lives in
+``mlip_fast.data.shard_order``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from .datasets import DatasetError
+
+try:  # libjpeg-turbo through simplejpeg: faster JPEG decoding; Pillow when it is not installed
+    import simplejpeg
+except ImportError:  # pragma: no cover - exercised on machines without the optional package
+    simplejpeg = None
+
+__all__ = ["SHARD_FORMAT", "INDEX_NAME", "DECODERS", "ShardError", "find_index", "load_index", "read_samples",
+           "decode_image", "to_unit_float", "parse_meta", "ShardSplit"]
+
+SHARD_FORMAT = "mlip_fast.shards"
+SHARD_VERSION = 1
+INDEX_NAME = "index.json"
+IMAGE_EXTS = ("jpg", "png")
+DECODERS = ("auto", "simplejpeg", "pillow")
+
+
+class ShardError(DatasetError):
+    """A shard folder or index is unusable (missing or changed shards, unknown format, unreadable sample)."""
+
+
+def find_index(path) -> Path | None:
+    """The ``index.json`` that ``path`` names (the file itself or a folder holding it), or None when
+    ``path`` is not a shard folder. A JSON-lines manifest (one object per line) is not an index."""
+    path = Path(path)
+    candidate = path / INDEX_NAME if path.is_dir() else path
+    if not candidate.is_file() or candidate.suffix.lower() != ".json":
+        return None
+    with open(candidate, encoding="utf-8") as f:
+        if f.readline().strip() != "{":  # the index is written indented; a JSONL line is a whole object
+            return None
+    try:
+        data = json.loads(candidate.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return candidate if isinstance(data, dict) and data.get("format") == SHARD_FORMAT else None
+
+
+def load_index(path, check_files: bool = True) -> dict:
+    """The parsed index of a shard folder with absolute shard paths (``"file"`` in every shard entry).
+
+    Args:
+        path: the folder or its ``index.json``.
+        check_files: every listed shard must exist with its recorded size (a stat per shard, no read).
+
+    Raises:
+        ShardError: not a shard index, an unsupported version, or missing / resized shards (named).
+    """
+    index_path = find_index(path)
+    if index_path is None:
+        raise ShardError(f"{path}: not a shard folder ({INDEX_NAME} with \"format\": \"{SHARD_FORMAT}\" not found); "
+                         f"write one with python -m mlip_fast.data.shards")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    if index.get("version") != SHARD_VERSION:
+        raise ShardError(f"{index_path}: shard format version {index.get('version')}, this reader reads {SHARD_VERSION}")
+    root = index_path.parent
+    problems = []
+    for split, entry in index["splits"].items():
+        for shard in entry["shards"]:
+            shard["file"] = str(root / shard["path"])
+            if check_files:
+                p = Path(shard["file"])
+                if not p.is_file():
+                    problems.append(f"{shard['path']} is missing")
+                elif p.stat().st_size != shard["bytes"]:
+                    problems.append(f"{shard['path']} has {p.stat().st_size} bytes, the index says {shard['bytes']}")
+    if problems:
+        raise ShardError(f"{index_path}: {len(problems)} shard(s) do not match the index: {problems[:5]}; "
+                         f"rerun the writer on the same folder to complete it")
+    index["root"] = str(root)
+    index["index_path"] = str(index_path)
+    return index
+
+
+def read_samples(path, offset: int = 0, count: int | None = None) -> Iterator[dict]:
+    """Raw samples (``{"__key__", "jpg" | "png": bytes, "json": bytes, "__url__"}``) of one shard,
+    starting at byte ``offset`` (a sample's first tar header, from the index), at most ``count``."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        samples = group_by_keys(tar_file_expander([{"url": str(path), "stream": f}]))
+        yield from islice(samples, count)
+
+
+def decode_image(data: bytes, decoder: str = "auto") -> np.ndarray:
+    """A shard image as ``uint8 [H, W]`` (8-bit) or ``uint16 [H, W]`` (16-bit PNG).
+
+    ``decoder``: "auto" (simplejpeg for JPEG when installed, else Pillow), "simplejpeg" or "pillow".
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if data[:3] == b"\xff\xd8\xff" and decoder != "pillow":
+        if simplejpeg is None:
+            if decoder == "simplejpeg":
+                raise RuntimeError("decoder='simplejpeg' needs the simplejpeg package (pip install simplejpeg)")
+        else:
+            return simplejpeg.decode_jpeg(data, colorspace="GRAY")[..., 0]
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode in ("I;16", "I;16B", "I"):
+            return np.asarray(img).astype(np.uint16)
+        return np.asarray(img.convert("L") if img.mode != "L" else img)
+
+
+def to_unit_float(image: np.ndarray) -> np.ndarray:
+    """``float32 [H, W]`` in [0, 1] from a ``decode_image`` array (8-bit / 255, 16-bit / 65535)."""
+    scale = 65535.0 if image.dtype == np.uint16 else 255.0
+    return image.astype(np.float32) * np.float32(1.0 / scale)
+
+
+def parse_meta(sample: dict) -> dict:
+    """The JSON member of a raw sample (labels as floats, null -> NaN)."""
+    meta = json.loads(sample["json"])
+    meta["labels"] = [math.nan if v is None else float(v) for v in meta.get("labels", [])]
+    return meta
+
+
+def image_bytes(sample: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise ShardError(f"sample {sample.get('__key__')} of {sample.get('__url__')} has no image ({sorted(sample)})")
+
+
+def make_item(sample: dict, transform, with_labels: bool, decoder: str = "auto") -> dict:
+    """Item dict of a raw sample: ``image`` (transformed, or the raw float [H, W] without a transform),
+    ``report``, ``labels`` float32 [L] (when ``with_labels``), ``index``."""
+    meta = parse_meta(sample)
+    try:
+        image = to_unit_float(decode_image(image_bytes(sample), decoder))
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{sample.get('__url__')}: sample {sample.get('__key__')} does not decode ({err}); "
+                         f"check the shard with python -m mlip_fast.data.shards --verify") from None
+    item = {"image": transform(image) if transform is not None else torch.from_numpy(image)[None],
+            "report": meta["report"], "index": int(meta["index"])}
+    if with_labels:
+        item["labels"] = torch.tensor(meta["labels"], dtype=torch.float32)
+    return item
+
+
+class ShardSplit(IterableDataset):
+    """One split of a shard folder, read in stored order (the evaluation reader; training order is
+    ``mlip_fast.data.shard_order``). With DataLoader workers, worker ``w`` of ``W`` reads shards
+    ``w, w + W, ...``.
+
+    Args:
+        path: the shard folder or its ``index.json``.
+        split: "train", "valid" or "test" (must be in the index).
+        transform: ``ImageTransform`` (or any callable on a float [H, W] array); None gives ``[1, H, W]``.
+        max_bad_fraction: refuse a split whose writer found more bad or dropped items than this share.
+        decoder: see ``decode_image``.
+
+    Attributes: ``label_names``, ``shards`` (index entries with absolute ``file``), ``index`` (the parsed
+    index), ``num_samples`` (also ``len``).
+    """
+
+    def __init__(self, path, split: str, transform=None, max_bad_fraction: float = 0.01, decoder: str = "auto"):
+        self.index = load_index(path)
+        if split not in self.index["splits"]:
+            raise ShardError(f"{self.index['index_path']}: no split {split!r}; splits: {sorted(self.index['splits'])}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        entry = self.index["splits"][split]
+        self.split, self.transform, self.decoder = split, transform, decoder
+        self.label_names = tuple(self.index.get("label_names", ()))
+        self.shards = entry["shards"]
+        self.num_samples = int(entry["samples"])
+        self.name = f"ShardSplit({Path(self.index['root']).name}/{split})"
+        bad = int(entry.get("bad", 0)) + int(entry.get("dropped", 0))
+        total = self.num_samples + bad
+        if total and bad > max_bad_fraction * total:
+            raise DatasetError(f"{self.name}: the writer found {bad} of {total} items bad or without a report "
+                               f"({100.0 * bad / total:.2f}% > max_bad_fraction {100.0 * max_bad_fraction:.2f}%); "
+                               f"see 'bad' in {self.index['index_path']}")
+        if self.num_samples == 0:
+            raise DatasetError(f"{self.name}: the split is empty")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def describe(self) -> dict:
+        return {"kind": "shards", "index": self.index["index_path"], "split": self.split, "n": self.num_samples,
+                "shards": len(self.shards)}
+
+    def reports(self) -> list[str]:
+        """Every report of the split in stored order (from ``<split>/reports.txt``, no shard read)."""
+        path = Path(self.index["root"]) / self.index["splits"][self.split]["reports"]
+        return path.read_text(encoding="utf-8").splitlines()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard in self.shards[worker::workers]:
+            for sample in read_samples(shard["file"]):
+                yield make_item(sample, self.transform, bool(self.label_names), self.decoder)
