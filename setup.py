@@ -26,7 +26,7 @@ setup(
     package_dir={"mlip_fast.kernels": "kernels"},
     package_data={
         "mlip_fast.models": ["model_configs/*.json", "vocab/*.txt"],
-        "mlip_fast.eval": ["prompts/*.json"],
+        "mlip_fast.eval": ["prompts/*.json", "splits/*.json"],
         "mlip_fast.train": ["ds_configs/*.json"],
     },
     install_requires=[

@@ -4,16 +4,12 @@ Tasks: zeroshot, fewshot, segmentation, retrieval, localisation. Each writes ``O
 (metrics, checkpoint, data, seed, settings, versions, wall time) and its PNG plots into ``OUT``, shows
 progress bars, and prints where the summary is. See docs/evaluation.md.
 
-Data (``--dataset``, default ``auto``):
-- ``synthetic``: a benchmark folder from ``python -m mlip_fast.data.synth`` (has ``master.csv`` with
-  ``findings_json``); ``--split`` (default test) is evaluated, ``--train-split`` (default train) trains
-  the few-shot tasks;
-- ``covid``: ``../shared/data/covid_chestxray`` (has ``staged_images.csv``); train / test by a seeded
-  patient-level split (``--test-fraction``);
-- ``masks``: ``--data IMAGES --masks MASKS`` image + mask pairs by file name (segmentation);
-- ``image-folder`` (``--data`` = class sub-folders), ``chexpert5x200`` (``--data`` = CheXpert's train.csv or a
-  saved 5x200 selection), ``rsna`` / ``siim`` (``--data`` = labels / RLE CSV, ``--images`` = image folder):
-  the readers of ``mlip_fast.data.datasets``; few-shot tasks split them with a seeded ``--test-fraction``.
+Data (``--dataset``, default ``auto``): ``synthetic`` (a benchmark folder from ``python -m
+mlip_fast.data.synth``), ``covid`` (``../shared/data/covid_chestxray``), ``masks`` (``--data IMAGES
+--masks MASKS``), ``image-folder``, ``chexpert5x200`` (CheXpert's train.csv, a saved selection or a
+list file), ``rsna`` / ``siim`` (``--data`` = labels / RLE CSV, ``--images`` = image folder). Every kind
+is split train / valid / test by the field's protocols (``mlip_fast.eval.benchmarks``): ``--split``
+(default test) is scored; few-shot tasks train on train and choose epochs / steps on valid.
 """
 from __future__ import annotations
 
@@ -26,11 +22,15 @@ from pathlib import Path
 import torch
 
 from mlip_fast.data.datasets import DatasetError
+from mlip_fast.eval.benchmarks import KINDS as BENCHMARK_KINDS
+from mlip_fast.eval.benchmarks import SplitOptions, build_eval_sets
 from mlip_fast.eval.common import CheckpointError, EvalDataError, load_checkpoint, seed_everything, write_summary
+from mlip_fast.eval.fewshot import SUBSET_SAMPLERS
 from mlip_fast.eval.prompts import PromptError
+from mlip_fast.eval.protocols import SELECTION_CRITERIA, SPLIT_METHODS, UNCERTAIN_POLICIES
 
 TASKS = ("zeroshot", "fewshot", "segmentation", "retrieval", "localisation")
-KINDS = ("auto", "synthetic", "covid", "masks", "image-folder", "chexpert5x200", "rsna", "siim")
+KINDS = ("auto",) + BENCHMARK_KINDS
 DEFAULT_PROMPTS = {"synthetic": "synthetic", "covid": "rsna_pneumonia", "chexpert5x200": "chexpert5",
                    "rsna": "rsna_pneumonia", "siim": "siim_pneumothorax"}
 
@@ -42,10 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", required=True, help="dataset folder (see --dataset)")
     g.add_argument("--out", required=True, help="output folder for summary.json and plots")
     g.add_argument("--dataset", choices=KINDS, default="auto", help="dataset kind (default: detected from --data)")
-    g.add_argument("--split", default="test", help="evaluated split of a synthetic set (default test)")
+    g.add_argument("--split", default="test", help="evaluated split: train, valid, test or all (default test)")
     g.add_argument("--train-split", default="train", help="training split of a synthetic set for few-shot tasks")
-    g.add_argument("--test-fraction", type=float, default=0.3,
-                   help="test share of the patient-level split for sets without splits (default 0.3)")
+    g.add_argument("--valid-split", default=None,
+                   help="validation split of a synthetic set (default valid, unless it is --split or --train-split)")
+    p_split = common.add_argument_group("protocol (docs/evaluation.md)")
+    p_split.add_argument("--split-file", default=None,
+                         help="split definition or list file replacing the shipped one (covid, rsna, siim, chexpert5x200)")
+    p_split.add_argument("--split-fractions", type=float, nargs=3, default=None, metavar=("TRAIN", "VALID", "TEST"),
+                         help="override the split's fractions (default 0.7 0.15 0.15)")
+    p_split.add_argument("--split-method", choices=SPLIT_METHODS, default=None,
+                         help="override the split's procedure (grouped: by patient; mgca: GLoRIA / MGCA's)")
+    p_split.add_argument("--split-seed", type=int, default=None, help="override the split's seed (default 0)")
+    p_split.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="ignore",
+                         help="CheXpert's uncertain label -1: ignore (unknown), ones, zeros, or gloria (per class)")
+    p_split.add_argument("--selection", choices=SELECTION_CRITERIA, default="gloria",
+                         help="CheXpert 5x200 criterion: gloria (12 other observations 0 or blank) or five")
+    p_split.add_argument("--balance-negatives", action=argparse.BooleanOptionalAction, default=None,
+                         help="segmentation: train on every positive image plus as many negatives "
+                              "(default: yes for siim, as GLoRIA / MGCA; no elsewhere)")
     g.add_argument("--images", default=None, help="image folder of --dataset rsna / siim (--data is the labels CSV)")
     g.add_argument("--masks", default=None, help="mask folder (--dataset masks) or covid mask source: v7labs | lungvae")
     g.add_argument("--seed", type=int, default=0)
@@ -72,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate of the image tower")
     p.add_argument("--splits-dir", default=None, help="split files to read / write (default OUT/splits)")
+    p.add_argument("--subset-sampler", choices=SUBSET_SAMPLERS, default="nested",
+                   help="label-fraction subsets: nested (seeded) or mgca (pandas sample(frac, random_state=--seed))")
 
     p = sub.add_parser("segmentation", parents=[common], help="few-shot segmentation with a light decoder (Dice)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
@@ -107,62 +124,12 @@ def _detect_kind(args) -> str:
     raise EvalDataError(f"cannot tell what kind of dataset {root} is; pass --dataset ({', '.join(KINDS[1:])})")
 
 
-def _reader(kind: str, args, transform):
-    """A whole dataset from ``mlip_fast.data.datasets`` (these readers have no split of their own)."""
-    from mlip_fast.data import datasets as D
-
-    if kind == "image-folder":
-        return D.ImageFolderDataset(args.data, transform=transform)
-    if kind == "chexpert5x200":
-        return D.CheXpert5x200Dataset(args.data, transform=transform, seed=args.seed)
-    if not args.images:
-        raise EvalDataError(f"--dataset {kind} needs --images IMAGE_DIR beside --data (the labels CSV)")
-    if kind == "rsna":
-        return D.RSNAPneumoniaDataset(args.data, args.images, transform=transform)
-    return D.SIIMPneumothoraxDataset(args.data, args.images, transform=transform)
-
-
-def _train_test(kind: str, args, transform, task: str):
-    """(train or None, test) datasets for ``task``; ``describe`` dict of the data for the summary."""
-    from torch.utils.data import Subset
-
-    from mlip_fast.eval.data import CovidChestXray, MaskedImageFolder, SyntheticBenchmark, group_split
-
-    needs_train = task in ("fewshot", "segmentation")
-    described = {"kind": kind, "path": str(args.data)}
-    if kind == "synthetic":
-        target = getattr(args, "target", None) if task == "segmentation" else None
-        test = SyntheticBenchmark(args.data, split=args.split, transform=transform, segmentation_target=target,
-                                  with_findings=task == "localisation")
-        train = (SyntheticBenchmark(args.data, split=args.train_split, transform=transform, segmentation_target=target)
-                 if needs_train else None)
-        described.update(split=args.split, train_split=args.train_split if needs_train else None, target=target)
-        return train, test, described
-    if kind == "covid":
-        masks = (args.masks or "v7labs") if task == "segmentation" else None
-        full = CovidChestXray(args.data, transform=transform, masks=masks,
-                              labelled_only=task in ("zeroshot", "fewshot"))
-        described.update(masks=masks)
-        if not needs_train:
-            return None, full, described
-        tr, te = group_split(full.groups, args.test_fraction, args.seed)
-        described.update(test_fraction=args.test_fraction, split="patient-level", n_train=len(tr), n_test=len(te))
-        return Subset(full, tr), Subset(full, te), described
-    if kind == "masks":
-        if not args.masks:
-            raise EvalDataError("--dataset masks needs --masks MASK_FOLDER")
-        full = MaskedImageFolder(args.data, args.masks, transform=transform)
-        described.update(masks=args.masks)
-        if not needs_train:
-            return None, full, described
-        tr, te = group_split([p[0].name for p in full.pairs], args.test_fraction, args.seed)
-        return Subset(full, tr), Subset(full, te), described
-    full = _reader(kind, args, transform)
-    if not needs_train:
-        return None, full, described
-    tr, te = group_split(list(range(len(full))), args.test_fraction, args.seed)
-    described.update(test_fraction=args.test_fraction, split="seeded", n_train=len(tr), n_test=len(te))
-    return Subset(full, tr), Subset(full, te), described
+def _options(args) -> SplitOptions:
+    return SplitOptions(split=args.split, train_split=args.train_split, valid_split=args.valid_split,
+                        fractions=args.split_fractions, method=args.split_method, split_seed=args.split_seed,
+                        split_file=args.split_file, uncertain=args.uncertain, criterion=args.selection,
+                        balance_negatives=args.balance_negatives, target=getattr(args, "target", "any"),
+                        masks=args.masks, images=args.images, out_dir=Path(args.out) / "splits")
 
 
 def run(args) -> Path:
@@ -175,7 +142,9 @@ def run(args) -> Path:
     model = load_checkpoint(args.checkpoint, device)
     transform = eval_transform(model)
     kind = _detect_kind(args)
-    train, test, described = _train_test(kind, args, transform, args.task)
+    sets = build_eval_sets(kind, args.data, args.task, transform, _options(args))
+    train, valid, test = sets.train, sets.valid, sets.test
+    described = {"kind": kind, "path": str(args.data), **sets.described}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
@@ -200,19 +169,20 @@ def run(args) -> Path:
         from mlip_fast.eval.fewshot import few_shot_classify
 
         splits_dir = Path(args.splits_dir) if args.splits_dir else out / "splits"
-        metrics = few_shot_classify(model, train, test, fractions=args.fractions, methods=args.methods, seed=args.seed,
-                                    classes=args.classes, splits_dir=splits_dir, linear_steps=args.linear_steps,
+        metrics = few_shot_classify(model, train, test, valid_data=valid, fractions=args.fractions, methods=args.methods,
+                                    seed=args.seed, classes=args.classes, splits_dir=splits_dir,
+                                    subset_sampler=args.subset_sampler, linear_steps=args.linear_steps,
                                     finetune_epochs=args.epochs, finetune_lr=args.lr, batch_size=args.batch_size,
                                     device=device, progress=progress)
         plots.append(P.plot_fewshot({m: metrics[m] for m in args.methods}, out / "fewshot_auc.png",
                                     title="few-shot classification (test macro AUC)"))
         settings.update(fractions=args.fractions, methods=args.methods, linear_steps=args.linear_steps,
-                        epochs=args.epochs, lr=args.lr, splits_dir=str(splits_dir))
+                        epochs=args.epochs, lr=args.lr, splits_dir=str(splits_dir), subset_sampler=args.subset_sampler)
     elif args.task == "segmentation":
         from mlip_fast.eval.segmentation import few_shot_segment
 
         splits_dir = Path(args.splits_dir) if args.splits_dir else out / "splits"
-        metrics = few_shot_segment(model, train, test, fractions=args.fractions, seed=args.seed,
+        metrics = few_shot_segment(model, train, test, valid_data=valid, fractions=args.fractions, seed=args.seed,
                                    freeze_encoder=not args.finetune_encoder, epochs=args.epochs, lr=args.lr,
                                    batch_size=args.batch_size, splits_dir=splits_dir, device=device,
                                    progress=progress, examples=args.examples)
@@ -239,7 +209,8 @@ def run(args) -> Path:
         examples = metrics.pop("examples", [])
         plots.append(P.plot_heatmap_overlays(examples, out / "localisation_overlays.png"))
         settings.update(threshold=args.threshold)
-    data_desc = {**described, "n_test": len(test), **({"n_train": len(train)} if train is not None else {})}
+    data_desc = {**described, "n_test": len(test), **({"n_train": len(train)} if train is not None else {}),
+                 **({"n_valid": len(valid)} if valid is not None else {})}
     path = write_summary(out, args.task, metrics, checkpoint=Path(args.checkpoint).resolve(), data=data_desc,
                          seed=args.seed, wall_time_s=round(time.perf_counter() - start, 3), settings=settings,
                          plots=plots)

@@ -1,13 +1,16 @@
 """Evaluation views of datasets that the generic readers do not cover.
 
 - ``SyntheticBenchmark(root, split, ...)``: the built-in synthetic benchmark (``master.csv`` written by
-  ``mlip_fast.data.synth``) with what evaluation needs beyond image-report pairs: the label vector,
-  the per-finding sentences and masks (localisation) and one segmentation target per image.
+  ``mlip_fast.data.synth``) with what evaluation needs beyond image-report pairs: the label vector
+  (CheXpert's uncertain value -1 mapped by ``uncertain``, see ``mlip_fast.eval.protocols``), the
+  per-finding sentences and masks (localisation) and one segmentation target per image.
 - ``CovidChestXray(root, ...)``: the real COVID-19 image data collection subset in
   ``../shared/data/covid_chestxray`` (``staged_images.csv`` + ``metadata.csv``): labels ``Pneumonia``
   (any infection / ARDS finding = 1, "No Finding" = 0, "todo" = unknown) and ``COVID-19`` (1 / 0 among
   labelled findings), clinical notes as the report, lung masks (V7 Labs manual or lungVAE) as ``mask``.
-- ``group_split(groups, test_fraction, seed)``: a seeded split that keeps each group (patient) on one side.
+- ``group_split(groups, test_fraction, seed)``: a seeded split that keeps each group (patient) on one side
+  (``protocols.split_units(method="grouped")`` without a validation part).
+- ``foreground_flags(dataset)``: per item, whether its segmentation mask has any foreground pixel.
 - ``MaskedImageFolder(images, masks, ...)``: image + binary mask pairs matched by file name, e.g. the
   lung masks of ``../shared/data/covid_chestxray`` (``masks_v7labs_lungs/`` or
   ``annotations/lungVAE-masks/``), for few-shot segmentation.
@@ -26,9 +29,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from mlip_fast.eval.common import EvalDataError
+from torch.utils.data import Subset
 
-__all__ = ["SyntheticBenchmark", "MaskedImageFolder", "CovidChestXray", "group_split", "SYNTHETIC_LABELS"]
+from mlip_fast.eval.common import EvalDataError
+from mlip_fast.eval.protocols import UNCERTAIN_POLICIES, map_uncertain, split_units
+
+__all__ = ["SyntheticBenchmark", "MaskedImageFolder", "CovidChestXray", "group_split", "foreground_flags",
+           "SYNTHETIC_LABELS"]
 
 SYNTHETIC_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax", "Pneumonia")
 
@@ -57,6 +64,8 @@ class SyntheticBenchmark(Dataset):
         with_findings: add ``findings``: list of {name, side, zone, extent, sentence, mask (bool [H, W])}.
         segmentation_target: adds ``mask`` (bool [H, W]): the union of every finding's mask ("any"),
             one finding's mask (e.g. "pleural_effusion"; empty when absent), or None for no mask.
+        uncertain: how a label of -1 (CheXpert's uncertain, as a labeller writes it into a master.csv) is
+            read: "ignore" (NaN, left out of the metrics), "ones", "zeros" or "gloria" (per class).
     """
 
     def __init__(
@@ -66,9 +75,12 @@ class SyntheticBenchmark(Dataset):
         transform: Optional[Callable] = None,
         with_findings: bool = False,
         segmentation_target: Optional[str] = None,
+        uncertain: str = "ignore",
     ):
         from mlip_fast.data.synth import FINDINGS
 
+        if uncertain not in UNCERTAIN_POLICIES:
+            raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
         if segmentation_target is not None and segmentation_target != "any" and segmentation_target not in FINDINGS:
             raise EvalDataError(f"unknown segmentation target {segmentation_target!r}; use 'any' or one of {list(FINDINGS)}")
         self.root = Path(root)
@@ -92,13 +104,28 @@ class SyntheticBenchmark(Dataset):
         self.transform = transform
         self.with_findings = with_findings
         self.segmentation_target = segmentation_target
+        self.uncertain = uncertain
         self.label_names = list(SYNTHETIC_LABELS)
+        try:
+            raw = np.array([[float(r[n]) for n in SYNTHETIC_LABELS] for r in rows], dtype=np.float32)
+        except ValueError as err:
+            raise EvalDataError(f"{master}: a label value is not a number ({err})") from None
+        self.n_uncertain = {n: int(c) for n, c in zip(SYNTHETIC_LABELS, (raw == -1.0).sum(0))}
+        self.labels = map_uncertain(raw, SYNTHETIC_LABELS, uncertain)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def describe(self) -> dict:
-        return {"kind": "synthetic", "root": str(self.root), "split": self.split, "n": len(self)}
+        return {"kind": "synthetic", "root": str(self.root), "split": self.split, "n": len(self),
+                "uncertain": self.uncertain, "n_uncertain": self.n_uncertain}
+
+    def has_foreground(self, i: int) -> bool:
+        """Whether item ``i``'s segmentation mask is non-empty (read from ``findings_json``, no image)."""
+        if self.segmentation_target is None:
+            raise EvalDataError("this view has no segmentation target")
+        entries = json.loads(self.rows[i]["findings_json"] or "[]")
+        return any(self.segmentation_target in ("any", e["name"]) for e in entries)
 
     def __getitem__(self, i: int) -> dict:
         from mlip_fast.data.images import load_image
@@ -109,7 +136,7 @@ class SyntheticBenchmark(Dataset):
         sample = {
             "image": self.transform(raw) if self.transform is not None else raw,
             "report": " ".join(t for t in (row["findings"], row["impression"]) if t),
-            "labels": np.array([float(row[n]) for n in SYNTHETIC_LABELS], dtype=np.float32),
+            "labels": self.labels[i].copy(),
             "index": i,
         }
         if self.with_findings:
@@ -182,15 +209,31 @@ def group_split(groups: Sequence, test_fraction: float, seed: int) -> tuple[list
     (at least one, and at least one left for training) go to test, chosen by a seeded permutation."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    unique = sorted({str(g) for g in groups})
-    if len(unique) < 2:
-        raise EvalDataError(f"a group split needs at least 2 groups, got {len(unique)}")
-    order = np.random.default_rng([int(seed), 0x5B17]).permutation(len(unique))
-    n_test = min(len(unique) - 1, max(1, int(round(test_fraction * len(unique)))))
-    test_groups = {unique[i] for i in order[:n_test]}
-    train = [i for i, g in enumerate(groups) if str(g) not in test_groups]
-    test = [i for i, g in enumerate(groups) if str(g) in test_groups]
-    return train, test
+    lists = split_units([str(i) for i in range(len(groups))], (1.0 - test_fraction, 0.0, test_fraction), seed,
+                        "grouped", groups)
+    return [int(i) for i in lists["train"]], [int(i) for i in lists["test"]]
+
+
+def foreground_flags(dataset) -> list[bool]:
+    """Per item of ``dataset`` (possibly a ``Subset``), whether its segmentation ``mask`` has foreground.
+
+    Uses the dataset's ``has_foreground(i)`` when it has one (the synthetic benchmark reads its
+    findings, SIIM its run-length codes: no image is decoded), else reads each item's mask."""
+    indices = list(range(len(dataset)))
+    base = dataset
+    while isinstance(base, Subset):
+        indices = [int(base.indices[i]) for i in indices]
+        base = base.dataset
+    probe = getattr(base, "has_foreground", None)
+    if probe is not None:
+        return [bool(probe(i)) for i in indices]
+    flags = []
+    for i in indices:
+        mask = base[i].get("mask")
+        if mask is None:
+            raise EvalDataError(f"item {i} of {type(base).__name__} has no 'mask'")
+        flags.append(bool(np.asarray(mask).any()))
+    return flags
 
 
 class CovidChestXray(Dataset):

@@ -3,7 +3,7 @@ of the training masks; Dice on the test set.
 
 API::
 
-    few_shot_segment(model, train_data, test_data, *, fractions=(0.01, 0.1, 1.0), seed=0,
+    few_shot_segment(model, train_data, test_data, *, valid_data=None, fractions=(0.01, 0.1, 1.0), seed=0,
                      freeze_encoder=True, epochs=10, lr=1e-3, encoder_lr=1e-5, batch_size=16,
                      splits_dir=None, device=None, progress=True, transform=None, examples=0) -> dict
     SegmentationDecoder(width, grid_size, patch_size, channels=(128, 64, 32, 16))
@@ -16,13 +16,18 @@ Model: patch tokens of ``model.visual.forward_features`` (no masking) reshaped t
 1x1 conv to ``channels[0]`` -> log2(patch_size) stages of (2x bilinear upsampling, 3x3 conv, BatchNorm,
 ReLU) -> 1x1 conv to one logit per pixel (``[B, 1, S, S]``). The encoder is frozen by default (the
 decoder learns from the pre-trained features alone; ``freeze_encoder=False`` fine-tunes it with
-``encoder_lr``). Loss: binary cross-entropy + soft Dice. Prediction: sigmoid >= 0.5.
+``encoder_lr``). Loss: binary cross-entropy + soft Dice. Prediction: sigmoid >= 0.5 (as GLoRIA / MGCA).
+With ``valid_data`` the loss on it is computed after every epoch and the epoch with the lowest one is
+kept (MGCA keeps the checkpoint of the lowest ``val_loss``); without it, the last epoch.
+The training set is used as given: GLoRIA / MGCA's SIIM protocol trains on the positive images plus as
+many negatives, which ``mlip_fast.eval.benchmarks`` builds (``balanced_negatives``).
 
 Dice per test image (``mlip_fast.eval.metrics.dice``; an empty prediction of an empty mask scores 1),
 averaged. Returned metrics::
 
-    {"<pct>%": {"dice", "dice_std", "iou", "n_train", "split_file", "final_loss"}, "n_test", "seed",
-     "freeze_encoder", "chance": {"dice_all_foreground"}}
+    {"<pct>%": {"dice", "dice_std", "iou", "n_train", "split_file", "final_loss",
+                "selection": {"by", "epoch", "valid_loss"}}, "n_test", "n_valid", "seed", "freeze_encoder",
+     "chance": {"dice_all_foreground"}}
 
 ``chance.dice_all_foreground`` is the Dice of predicting every pixel as foreground (a trivial baseline).
 With ``examples=k`` the result also holds ``"examples"`` (image, mask, prediction of the largest
@@ -30,6 +35,7 @@ fraction for k test images) for overlay plots; drop it before writing JSON.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -142,6 +148,7 @@ def few_shot_segment(
     train_data,
     test_data,
     *,
+    valid_data=None,
     fractions: Sequence[float] = (0.01, 0.1, 1.0),
     seed: int = 0,
     freeze_encoder: bool = True,
@@ -161,8 +168,6 @@ def few_shot_segment(
     With a frozen encoder the patch tokens of every needed image are computed once and reused by all
     fractions and epochs when they fit in ``cache_limit_gb``; otherwise images are encoded per batch.
     """
-    import copy
-
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
@@ -170,22 +175,28 @@ def few_shot_segment(
     transform = transform if transform is not None else eval_transform(model)
     size = model.config.vision.image_size
     n_train, n_test = len(train_data), len(test_data)
+    n_valid = len(valid_data) if valid_data is not None else 0
     if n_train == 0 or n_test == 0:
         raise EvalDataError(f"segmentation needs training and test samples, got {n_train} and {n_test}")
+    if valid_data is not None and n_valid == 0:
+        raise EvalDataError("the validation set is empty; pass valid_data=None to keep the last epoch")
     collate = functools.partial(_collate, transform=transform, size=size)
     splits = {f: split_indices(train_data, n_train, f, seed, splits_dir, "segmentation") for f in fractions}
     needed = sorted({i for indices, _ in splits.values() for i in indices})
     visual = model.visual
-    token_bytes = (len(needed) + n_test) * visual.num_patches * visual.width * 4
+    token_bytes = (len(needed) + n_test + n_valid) * visual.num_patches * visual.width * 4
     cache = freeze_encoder and token_bytes <= cache_limit_gb * 2**30
-    result: dict = {"n_test": n_test, "n_train_total": n_train, "seed": seed, "freeze_encoder": freeze_encoder,
-                    "cached_features": cache}
+    result: dict = {"n_test": n_test, "n_valid": n_valid, "n_train_total": n_train, "seed": seed,
+                    "freeze_encoder": freeze_encoder, "cached_features": cache}
     if cache:
         encoder = copy.deepcopy(visual).to(dev).eval()
         train_tok, train_tgt, _ = _encode(encoder, train_data, needed, collate, batch_size, dev, progress, "train features")
         row_of = {idx: r for r, idx in enumerate(needed)}
         test_tok, test_tgt, test_img = _encode(encoder, test_data, range(n_test), collate, batch_size, dev, progress,
                                                "test features")
+        if valid_data is not None:
+            valid_tok, valid_tgt, _ = _encode(encoder, valid_data, range(n_valid), collate, batch_size, dev, progress,
+                                              "valid features")
         del encoder
     kept: list[dict] = []
     for fi, fraction in enumerate(fractions):
@@ -219,21 +230,41 @@ def few_shot_segment(
             def train_batches():
                 for batch in loader:
                     yield batch["images"].to(dev), batch["targets"].to(dev)
-        seg.train()
+        if valid_data is not None and cache:
+            def valid_batches():
+                for k in range(0, n_valid, batch_size):
+                    yield valid_tok[k:k + batch_size].to(dev), valid_tgt[k:k + batch_size].to(dev)
+        elif valid_data is not None:
+            def valid_batches():
+                for b in DataLoader(valid_data, batch_size=batch_size, shuffle=False, collate_fn=collate):
+                    yield b["images"].to(dev), b["targets"].to(dev)
         loss = torch.tensor(float("nan"))
-        with torch.enable_grad(), tqdm(total=epochs * n_batches, desc=f"segmentation {key}", disable=not progress,
-                                       leave=False) as bar:
-            for _ in range(epochs):
-                for inputs, targets in train_batches():
-                    opt.zero_grad(set_to_none=True)
-                    if inputs.shape[0] == 1:
-                        decoder.eval()  # BatchNorm cannot normalise a single image
-                    loss = _loss(seg(inputs), targets)
-                    loss.backward()
-                    opt.step()
-                    seg.train()
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-                    bar.update(1)
+        selection = {"by": "last", "epoch": epochs, "valid_loss": None}
+        best_state = None
+        with tqdm(total=epochs * n_batches, desc=f"segmentation {key}", disable=not progress, leave=False) as bar:
+            for epoch in range(epochs):
+                seg.train()
+                with torch.enable_grad():
+                    for inputs, targets in train_batches():
+                        opt.zero_grad(set_to_none=True)
+                        if inputs.shape[0] == 1:
+                            decoder.eval()  # BatchNorm cannot normalise a single image
+                        loss = _loss(seg(inputs), targets)
+                        loss.backward()
+                        opt.step()
+                        seg.train()
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
+                        bar.update(1)
+                if valid_data is not None:
+                    seg.eval()
+                    with torch.no_grad():
+                        total = sum(float(_loss(seg(x), t)) * x.shape[0] for x, t in valid_batches())
+                    vloss = total / n_valid
+                    if selection["valid_loss"] is None or vloss < selection["valid_loss"]:
+                        selection = {"by": "valid_loss", "epoch": epoch + 1, "valid_loss": vloss}
+                        best_state = copy.deepcopy(seg.state_dict())
+        if best_state is not None:
+            seg.load_state_dict(best_state)
         seg.eval()
         if cache:
             test_batches = ((test_tok[k:k + batch_size].to(dev), test_tgt[k:k + batch_size], test_img[k:k + batch_size])
@@ -255,7 +286,7 @@ def few_shot_segment(
         d = np.concatenate(dices)
         result[key] = {"dice": float(d.mean()), "dice_std": float(d.std()), "iou": float(np.concatenate(ious).mean()),
                        "n_train": len(indices), "split_file": split_file, "fraction": fraction,
-                       "final_loss": float(loss.item())}
+                       "final_loss": float(loss.item()), "selection": selection}
         result["chance"] = {"dice_all_foreground": float(np.concatenate(all_fg).mean())}
     if examples:
         result["examples"] = kept
