@@ -10,13 +10,16 @@ mask    bool [S, S]         segmentation sets (SIIM; RSNA with boxes=True)
 index   int                 the dataset index actually delivered (see "Bad input")
 ```
 
-Bad input. A row whose report is empty is dropped when the dataset is built (counted, warned with the
-file named). An image that is missing, corrupt or unreadable is found when its item is read: the item
-is flagged, a ``BadSampleWarning`` names the file, and the next good item is delivered instead, so an
-epoch never stops on one bad file. Flags live in shared memory, so DataLoader workers count together.
-When more than ``max_bad_fraction`` (default 1%) of a dataset is bad, reading raises ``DatasetError``
-listing the first bad files. ``validate()`` checks every item eagerly (with a progress bar) and raises
-the same error. Columns missing from a CSV / JSONL fail at construction with their names.
+Bad input. Index files are read as UTF-8 (a byte-order mark is allowed) with no field-size limit. A row
+that cannot be used is dropped when the dataset is built, counted, and named by file and line with the
+reason: bytes that are not valid UTF-8, an empty report, or a report with no letter or digit (no sentence
+the text tower could pool). An image that is missing, corrupt or unreadable is found when its item is
+read: the item is flagged, a ``BadSampleWarning`` names the file, and the next good item is delivered
+instead, so an epoch never stops on one bad file. Flags live in shared memory, so DataLoader workers count
+together. When more than ``max_bad_fraction`` (default 1%) of a dataset is bad (already at construction
+when the dropped rows alone exceed it), a ``DatasetError`` names every bad row and file with its reason.
+``skipped()`` lists them all; ``validate()`` checks every item eagerly (with a progress bar) and raises the
+same error. Columns missing from a CSV / JSONL fail at construction with their names.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import csv
 import json
 import math
 import os
+import sys
 import tarfile
 import warnings
 import xml.etree.ElementTree as ET
@@ -53,6 +57,8 @@ __all__ = [
     "CHEXPERT_LABELS",
     "CHEXPERT5",
     "IMAGE_EXTENSIONS",
+    "TABLE_ENCODING",
+    "report_problem",
 ]
 
 CHEXPERT_LABELS = (
@@ -80,40 +86,118 @@ class SampleError(Exception):
         super().__init__(f"{source}: {reason}")
 
 
-def _read_table(path: Path) -> list[dict]:
-    """Rows of a CSV (any other suffix) or JSONL / JSON-lines (``.jsonl``, ``.json``) file."""
+# Index files are text in this encoding (a UTF-8 byte-order mark, as Excel writes, is skipped).
+TABLE_ENCODING = "utf-8-sig"
+# csv's default field limit (131,072 characters) would stop on one long report; reports have no natural limit.
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
+class _Row(dict):
+    """One row of an index file: ``line`` is its first line in the file (1-based); ``problem`` says why its
+    bytes are not valid UTF-8 (its text then holds U+FFFD in their place), else None."""
+
+    __slots__ = ("line", "problem")
+
+    def __init__(self, values=(), line: int = 0, problem: str | None = None):
+        super().__init__(values)
+        self.line, self.problem = line, problem
+
+
+def _bad_utf8(value: str) -> str | None:
+    """Where a string read with ``surrogateescape`` holds a byte that is not UTF-8 (None when it does not)."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in value):
+        return None
+    raw = value.encode("utf-8", "surrogateescape")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"not valid UTF-8: byte 0x{raw[err.start]:02x} at byte {err.start}"
+    return None
+
+
+def _undecodable(row: dict) -> str | None:
+    """Why a row read with ``surrogateescape`` is not UTF-8 text (None when it is); the offending values are
+    replaced in place by their U+FFFD-decoded text."""
+    problem = None
+    for column, value in row.items():
+        bad = _bad_utf8(value) if isinstance(value, str) else None
+        if bad is not None:
+            problem = problem or f"{bad} of column {column!r}"
+            row[column] = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return problem
+
+
+def _read_table(path: Path, keep_undecodable: bool = False) -> list[dict]:
+    """Rows of a CSV (any other suffix) or JSONL / JSON-lines (``.jsonl``, ``.json``) file, as ``_Row``
+    dicts that know their line.
+
+    A row holding bytes that are not UTF-8 raises ``DatasetError`` naming the file and line, unless
+    ``keep_undecodable``: it is then returned with ``problem`` set, for the caller to skip and report.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"index file not found: {path}")
+    rows: list[dict] = []
+
+    def keep(row: _Row) -> None:
+        if row.problem is not None and not keep_undecodable:
+            raise DatasetError(f"{path} line {row.line}: {row.problem}")
+        rows.append(row)
+
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                text = raw.decode(TABLE_ENCODING if line_no == 1 else "utf-8", "surrogateescape")
+                problem = _bad_utf8(text)
+                text = raw.decode("utf-8", "replace") if problem else text
+                if not text.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    value = json.loads(text)
                 except json.JSONDecodeError as err:
                     raise DatasetError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
+                if not isinstance(value, dict):
                     raise DatasetError(f"{path}: line {line_no} is not a JSON object")
-                rows.append(row)
+                keep(_Row(value, line_no, problem))
         return rows
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        # Some public CSVs have padded headers (SIIM's " EncodedPixels").
-        reader.fieldnames = [name.strip() for name in (reader.fieldnames or [])]
-        return list(reader)
+    old_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
+        with open(path, newline="", encoding=TABLE_ENCODING, errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            # Some public CSVs have padded headers (SIIM's " EncodedPixels").
+            names = [name.strip() for name in (reader.fieldnames or [])]
+            if _undecodable(dict(enumerate(names))):
+                raise DatasetError(f"{path} line 1: the header is not valid UTF-8 text")
+            reader.fieldnames = names
+            previous = reader.line_num
+            for record in reader:
+                row = _Row(record, previous + 1)
+                row.problem = _undecodable(row)
+                previous = reader.line_num
+                keep(row)
+    finally:
+        csv.field_size_limit(old_limit)
+    return rows
 
 
 def _require_columns(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
     present = set(rows[0]) if rows else set()
     if not rows and path.suffix.lower() not in (".jsonl", ".json"):
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding=TABLE_ENCODING, errors="replace") as f:
             present = {name.strip() for name in (next(csv.reader(f), []) or [])}
     missing = [c for c in columns if c not in present]
     if missing:
         raise DatasetError(f"{path}: missing column(s) {missing}; found {sorted(present)}")
+
+
+def report_problem(text: str) -> str | None:
+    """Why a report cannot train the text tower, or None when it can: empty, or without any letter or digit.
+    The second is exactly "no sentence": ``split_sentences`` keeps a span iff it holds a letter or digit."""
+    if not text or not text.strip():
+        return "empty report"
+    if not any(ch.isalnum() for ch in text):
+        return f"report has no letter or digit ({text[:40]!r})"
+    return None
 
 
 def _label_value(value) -> float:
@@ -144,7 +228,8 @@ class RobustDataset(torch.utils.data.Dataset):
 
     label_names: tuple[str, ...] = ()
 
-    def __init__(self, n: int, max_bad_fraction: float = 0.01, dropped: Sequence[str] = (), name: str = ""):
+    def __init__(self, n: int, max_bad_fraction: float = 0.01, dropped: Sequence[tuple[str, str]] = (),
+                 name: str = ""):
         if not 0.0 <= max_bad_fraction < 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
         self._n = int(n)
@@ -152,10 +237,15 @@ class RobustDataset(torch.utils.data.Dataset):
         self.name = name or type(self).__name__
         # Shared memory: DataLoader workers see and update the same flags.
         self._bad = torch.zeros(max(self._n, 1), dtype=torch.uint8).share_memory_()
-        self.dropped = list(dropped)
+        # Reasons of the items this process flagged (a worker's reasons stay in the worker; see skipped()).
+        self._reasons: dict[int, str] = {}
+        #: rows left out at construction (e.g. ``"/data/m.csv line 9 (/data/img/9.png)"``) and why
+        self.dropped = [str(where) for where, _ in dropped]
+        self.dropped_reasons = [str(reason) for _, reason in dropped]
         if self.dropped:
-            shown = ", ".join(self.dropped[:3]) + (" ..." if len(self.dropped) > 3 else "")
-            warnings.warn(f"{self.name}: skipped {len(self.dropped)} row(s) with an empty report ({shown})",
+            shown = "; ".join(f"{w}: {r}" for w, r in zip(self.dropped[:3], self.dropped_reasons))
+            shown += " ..." if len(self.dropped) > 3 else ""
+            warnings.warn(f"{self.name}: skipped {len(self.dropped)} row(s) that cannot be used ({shown})",
                           BadSampleWarning, stacklevel=3)
         if self._n == 0 and not self.dropped:
             raise DatasetError(f"{self.name}: the dataset is empty")
@@ -181,20 +271,48 @@ class RobustDataset(torch.utils.data.Dataset):
         """Indices of items flagged bad so far."""
         return torch.nonzero(self._bad[: self._n]).flatten().tolist()
 
+    def mark_bad(self, indices: Sequence[int]) -> None:
+        """Flags items found bad by another process (e.g. another rank) without reading them."""
+        for i in indices:
+            self._bad[int(i)] = 1
+
+    def probe(self, i: int) -> str | None:
+        """Reads item ``i`` once: None when it loads, else why it cannot be used."""
+        try:
+            self._load(i)
+        except (SampleError, ImageLoadError) as err:
+            return err.reason
+        return None
+
+    def skipped(self, reprobe: bool = True) -> list[dict]:
+        """Every row and item left out so far: ``[{"source", "reason"}]``, construction drops first.
+
+        Items flagged in DataLoader workers have their reason only there: with ``reprobe`` they are read
+        again here to name it (only the bad items, so this is cheap)."""
+        out = [{"source": w, "reason": r} for w, r in zip(self.dropped, self.dropped_reasons)]
+        for i in self.bad_items():
+            reason = self._reasons.get(i) or (self.probe(i) if reprobe else None)
+            out.append({"source": self._source(i), "reason": reason or "unreadable when it was read (reads now)"})
+        return out
+
+    def bad_summary(self, reprobe: bool = False) -> str:
+        """One line: the share of bad items and every one of them with its reason."""
+        total = self._n + len(self.dropped)
+        items = "; ".join(f"{s['source']}: {s['reason']}" for s in self.skipped(reprobe=reprobe))
+        return (f"{self.name}: {self.bad_count} of {total} items are bad "
+                f"({100.0 * self.bad_count / max(total, 1):.2f}% > max_bad_fraction "
+                f"{100.0 * self.max_bad_fraction:.2f}%): {items}")
+
     def _check_share(self) -> None:
         total = self._n + len(self.dropped)
         if total and self.bad_count > self.max_bad_fraction * total:
-            files = self.dropped[:5] + [self._source(i) for i in self.bad_items()[:5]]
-            raise DatasetError(
-                f"{self.name}: {self.bad_count} of {total} items are bad "
-                f"({100.0 * self.bad_count / total:.2f}% > max_bad_fraction {100.0 * self.max_bad_fraction:.2f}%); "
-                f"first: {files[:5]}"
-            )
+            raise DatasetError(self.bad_summary())
 
     def _flag(self, i: int, err: Exception) -> None:
         if not self._bad[i]:
             self._bad[i] = 1
             reason = err.reason if isinstance(err, (SampleError, ImageLoadError)) else f"{type(err).__name__}: {err}"
+            self._reasons[i] = reason
             warnings.warn(f"{self.name}: skipping item {i} ({self._source(i)}): {reason} "
                           f"[{self.bad_count} bad so far]", BadSampleWarning, stacklevel=3)
         self._check_share()
@@ -233,8 +351,7 @@ class RobustDataset(torch.utils.data.Dataset):
                 probe(i)
             except (SampleError, ImageLoadError) as err:
                 self._flag(i, err)
-        return {"n": self._n, "bad": self.bad_count,
-                "bad_files": self.dropped + [self._source(i) for i in self.bad_items()]}
+        return {"n": self._n, "bad": self.bad_count, "bad_files": [s["source"] for s in self.skipped(reprobe=False)]}
 
     # -- shared helpers
     @staticmethod
@@ -245,17 +362,25 @@ class RobustDataset(torch.utils.data.Dataset):
 
 
 class _PairDataset(RobustDataset):
-    """Image-report pairs from a list of records ``(image_path, report, labels, source)``."""
+    """Image-report pairs from records ``{image_path, report, labels, source, where}`` (``where``: the file
+    and line of the row, for messages). Records whose report cannot be used (``report_problem``) are dropped
+    here, after ``dropped`` (rows the reader already left out)."""
 
-    def __init__(self, records, transform, label_names, max_bad_fraction, name, require_image=True):
-        kept, dropped = [], []
+    def __init__(self, records, transform, label_names, max_bad_fraction, name, require_image=True, dropped=()):
+        kept, dropped = [], list(dropped)
         for rec in records:
-            (kept if rec["report"] else dropped).append(rec)
+            problem = report_problem(rec["report"])
+            if problem is None:
+                kept.append(rec)
+            else:
+                where = rec.get("where", rec["source"])
+                image = f" ({rec['image_path']})" if rec.get("image_path") is not None else ""
+                dropped.append((f"{where}{image}", problem))
         self.records = kept
         self.transform = transform
         self.label_names = tuple(label_names)
         self.require_image = require_image
-        super().__init__(len(kept), max_bad_fraction, [r["source"] for r in dropped], name)
+        super().__init__(len(kept), max_bad_fraction, dropped, name)
 
     def _source(self, i: int) -> str:
         return str(self.records[i]["source"])
@@ -293,7 +418,7 @@ class PretrainDataset(_PairDataset):
                  label_names: Sequence[str] | str = "auto", max_bad_fraction: float = 0.01,
                  extra_columns: Sequence[str] = ()):
         master_csv = Path(master_csv)
-        rows = _read_table(master_csv)
+        rows = _read_table(master_csv, keep_undecodable=True)
         _require_columns(master_csv, rows, ["image_path", "findings", "impression", *extra_columns]
                          + (["split"] if split else []))
         root = Path(root) if root is not None else master_csv.parent
@@ -307,18 +432,22 @@ class PretrainDataset(_PairDataset):
             rows = [r for r in rows if r["split"] == split]
             if not rows:
                 raise DatasetError(f"{master_csv}: no rows with split == {split!r}; splits present: {sorted(splits)}")
+        undecodable = [(f"{master_csv} line {r.line}", r.problem) for r in rows if r.problem is not None]
+        rows = [r for r in rows if r.problem is None]
         records = [
             {
                 "image_path": _resolve(root, r["image_path"]),
                 "report": report_text(r["findings"], r["impression"]),
                 "labels": [_label_value(r.get(c)) for c in label_names],
                 "source": str(_resolve(root, r["image_path"])),
+                "where": f"{master_csv} line {r.line}",
                 "extra": {c: r[c] for c in extra_columns},
             }
             for r in rows
         ]
         self.rows = rows
-        super().__init__(records, transform, label_names, max_bad_fraction, f"PretrainDataset({master_csv.name})")
+        super().__init__(records, transform, label_names, max_bad_fraction, f"PretrainDataset({master_csv.name})",
+                         dropped=undecodable)
 
 
 class ManifestDataset(_PairDataset):
@@ -337,11 +466,13 @@ class ManifestDataset(_PairDataset):
                  text_column: str = "report", label_columns: Sequence[str] = (), parse_sections: bool = False,
                  require_image: bool = True, max_bad_fraction: float = 0.01):
         manifest = Path(manifest)
-        rows = _read_table(manifest)
+        rows = _read_table(manifest, keep_undecodable=True)
         _require_columns(manifest, rows, ([image_column] if require_image else []) + [text_column, *label_columns])
         root = Path(root) if root is not None else manifest.parent
+        undecodable = [(f"{manifest} line {r.line}", r.problem) for r in rows if r.problem is not None]
+        rows = [r for r in rows if r.problem is None]
         records = []
-        for k, r in enumerate(rows):
+        for r in rows:
             text = r[text_column] if isinstance(r[text_column], str) else ""
             if parse_sections:
                 text = report_text(**extract_sections(text))
@@ -352,11 +483,12 @@ class ManifestDataset(_PairDataset):
                 "image_path": image_path,
                 "report": text,
                 "labels": [_label_value(r.get(c)) for c in label_columns],
-                "source": str(image_path) if image_path else f"{manifest.name} row {k + 1}",
+                "source": str(image_path) if image_path else f"{manifest} line {r.line}",
+                "where": f"{manifest} line {r.line}",
             })
         self.rows = rows
         super().__init__(records, transform, label_columns, max_bad_fraction, f"ManifestDataset({manifest.name})",
-                         require_image=require_image)
+                         require_image=require_image, dropped=undecodable)
 
 
 # Open-I MeSH major headings that name each label (first part of a "Term/qualifier" heading).

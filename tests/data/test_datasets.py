@@ -152,9 +152,10 @@ def test_validate_finds_every_bad_item(tmp_path):
 
 def test_empty_reports_dropped_at_construction(tmp_path):
     manifest = _bad_fixture(tmp_path, corrupt=0, missing=0, empty_report=1)
-    with pytest.warns(BadSampleWarning, match=r"skipped 1 row\(s\) with an empty report.*0\.png"):
+    with pytest.warns(BadSampleWarning, match=r"skipped 1 row\(s\).*manifest\.csv line 32 \(.*0\.png\): empty report"):
         ds = ManifestDataset(manifest, transform=ImageTransform(16))
     assert len(ds) == 150 and ds.bad_count == 1
+    assert ds.skipped() == [{"source": f"{manifest} line 32 ({tmp_path / 'img' / '0.png'})", "reason": "empty report"}]
     many = _bad_fixture(tmp_path / "b", corrupt=0, missing=0, empty_report=3)
     with pytest.raises(DatasetError, match="3 of 153 items are bad"), pytest.warns(BadSampleWarning):
         ManifestDataset(many)
@@ -172,6 +173,111 @@ def test_bad_items_do_not_stop_a_multiworker_loader(tmp_path):
     assert len(seen) == len(ds) and 5 not in seen.tolist() and 20 not in seen.tolist()
     # Flags set in the workers are visible here (shared memory).
     assert ds.bad_items() == [5, 20]
+
+
+# ------------------------------------------------------------------------------------------- report text
+
+
+def _text_fixture(tmp_path, n=100):
+    """A manifest of ``n`` good rows (file lines 2 .. n + 1) as raw bytes, and its images."""
+    for k in range(n):
+        _png(tmp_path / "img" / f"{k}.png", h=8, w=8, seed=k)
+    return [b"image,report\n"] + [f"img/{k}.png,Heart normal {k}. No effusion.\n".encode() for k in range(n)]
+
+
+def test_undecodable_rows_are_skipped_and_named(tmp_path):
+    """A byte that is not UTF-8 (Latin-1 'e acute' in a UTF-8 file) skips that row, naming the file and line;
+    the other rows are read. JSONL alike."""
+    lines = _text_fixture(tmp_path)
+    lines[10] = b"img/9.png,Caf\xe9 au lait spots.\n"  # file line 11
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"".join(lines))
+    with pytest.warns(BadSampleWarning, match=r"m\.csv line 11: not valid UTF-8: byte 0xe9 at byte 3 of column 'report'"):
+        ds = ManifestDataset(manifest, max_bad_fraction=0.02)
+    assert len(ds) == 99 and ds.bad_count == 1
+    assert ds.skipped() == [{"source": f"{manifest} line 11",
+                             "reason": "not valid UTF-8: byte 0xe9 at byte 3 of column 'report'"}]
+    assert all("Caf" not in r["report"] for r in ds.records)
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_bytes(b'{"image": "img/0.png", "report": "Clear."}\n{"image": "img/1.png", "report": "Caf\xe9."}\n')
+    with pytest.warns(BadSampleWarning):
+        ds = ManifestDataset(jsonl, max_bad_fraction=0.5)
+    assert [s["source"] for s in ds.skipped()] == [f"{jsonl} line 2"] and len(ds) == 1
+    # readers without a skip list (evaluation label files) stop, naming the line
+    bad_labels = tmp_path / "labels.csv"
+    bad_labels.write_bytes(b"patientId,Target\np1,1\np\xff2,0\n")
+    with pytest.raises(DatasetError, match=r"labels\.csv line 3: not valid UTF-8: byte 0xff"):
+        RSNAPneumoniaDataset(bad_labels, tmp_path / "img")
+
+
+def test_long_report_and_byte_order_mark(tmp_path):
+    """A 200,000-character report (above csv's default field limit of 131,072) is read intact; a UTF-8
+    byte-order mark (as Excel writes) does not become part of the first column's name."""
+    lines = _text_fixture(tmp_path, n=3)
+    long = "Heart size is normal. " * 9091  # 200,002 characters
+    lines[2] = f'img/1.png,"{long}"\n'.encode()
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + b"".join(lines))
+    ds = ManifestDataset(manifest)
+    assert len(ds) == 3 and len(ds[1]["report"]) == len(long.strip())
+
+
+def test_report_without_letters_or_digits_is_dropped_at_construction(tmp_path):
+    """Findings '-' and impression '.' make the text '-. .': no sentence for the text tower. Such a row is
+    dropped when the dataset is built (not at a later batch), named by file and line."""
+    from mlip_fast.data.reports import report_text, split_sentences
+
+    text = report_text("-", ".")
+    assert text.strip() and split_sentences(text) == []
+    rows = [{"image_path": f"img/{k}.png", "findings": f"Finding {k}.", "impression": "Normal.", "split": "train"}
+            for k in range(100)]
+    rows[8].update(findings="-", impression=".")
+    for k in range(100):
+        _png(tmp_path / "img" / f"{k}.png", h=8, w=8, seed=k)
+    master = _write_csv(tmp_path / "master.csv", rows)
+    with pytest.warns(BadSampleWarning, match=r"master\.csv line 10 .*8\.png\): report has no letter or digit"):
+        ds = PretrainDataset(master, split="train", max_bad_fraction=0.02)
+    assert len(ds) == 99 and all(split_sentences(r["report"]) for r in ds.records)
+
+
+def test_too_many_bad_rows_stop_at_construction_naming_every_one(tmp_path):
+    """5 bad rows of 100 (undecodable, empty, punctuation only) exceed 1% before any item is read, and the
+    error names all five with their reasons."""
+    lines = _text_fixture(tmp_path)
+    lines[3] = b"img/2.png,\xff\xfe broken\n"
+    lines[20] = b"img/19.png,\n"
+    lines[30] = b"img/29.png,  \n"
+    lines[40] = b'img/39.png,"- ."\n'
+    lines[50] = b"img/49.png,Caf\xe9.\n"
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"".join(lines))
+    with pytest.raises(DatasetError) as info, pytest.warns(BadSampleWarning):
+        ManifestDataset(manifest)
+    message = str(info.value)
+    assert "5 of 100 items are bad" in message
+    for line in (4, 21, 31, 41, 51):
+        assert f"m.csv line {line}" in message
+    assert message.count("not valid UTF-8") == 2 and message.count("empty report") == 2
+    assert "no letter or digit" in message
+
+
+def test_skipped_names_items_flagged_in_workers(tmp_path):
+    """Items flagged inside DataLoader workers are named with their reason by the parent (re-read), and
+    flags found by another process can be merged in."""
+    from mlip_fast.data.collate import Collator, make_loader
+
+    ds = ManifestDataset(_bad_fixture(tmp_path, n_good=60), transform=ImageTransform(16), max_bad_fraction=0.05)
+    loader = make_loader(ds, Collator(tokenizer=object(), tokenize_fn=_stand_in_tokenize), batch_size=8,
+                         shuffle=False, num_workers=2, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadSampleWarning)
+        list(loader)
+    skipped = ds.skipped()
+    assert [Path(s["source"]).name for s in skipped] == ["corrupt0.png", "missing0.png"]
+    assert "corrupt" in skipped[0]["reason"] and skipped[1]["reason"] == "file not found"
+    other = ManifestDataset(_bad_fixture(tmp_path, n_good=60), transform=ImageTransform(16), max_bad_fraction=0.05)
+    other.mark_bad(ds.bad_items())
+    assert other.bad_items() == [5, 20]
 
 
 def test_manifest_jsonl_labels_and_sections(tmp_path):
