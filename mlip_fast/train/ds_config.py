@@ -8,7 +8,9 @@ config up front and raises :class:`DSConfigError` with a message naming the key 
 - the sections DeepSpeed models with pydantic (``zero_optimization``, ``bf16``, ``fp16``, monitors)
   through DeepSpeed's own models, which forbid unknown keys;
 - ``optimizer.params`` against the optimizer's constructor and ``scheduler.params`` against the
-  scheduler's constructor (both read by signature, so the check follows the installed versions);
+  scheduler's constructor (both read by signature, so the check follows the installed versions), and
+  every value of both for type, sign and finiteness (``_VALUE_RULES``; a parameter without a rule must
+  have the type of its constructor default), like ``gradient_clipping``;
 - precision against the device: fp16 needs a GPU; bf16 on CPU needs CPU bf16 support;
 - batch sizes against the world size (``train_batch_size = micro x accumulation x world``), filling the
   missing one as DeepSpeed would.
@@ -22,6 +24,7 @@ import copy
 import difflib
 import inspect
 import json
+import math
 from pathlib import Path
 from typing import Optional, Union
 
@@ -52,6 +55,67 @@ _OPTIMIZER_EXTRA_PARAMS = {
     "adam": {"torch_adam", "adam_w_mode", "fp32_optimizer_states"},
     "adamw": {"torch_adam", "adam_w_mode", "fp32_optimizer_states"},
 }
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each optimizer / scheduler value must be, as (description, check): DeepSpeed and torch accept a negative
+# or NaN learning rate, a string, ... and fail, or train silently wrong, long after start-up.
+_POSITIVE = ("a finite number > 0", lambda v: _is_number(v) and v > 0)
+_NON_NEGATIVE = ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
+_UNIT = ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1)
+_BOOL = ("true or false", lambda v: isinstance(v, bool))
+_BOOL_OR_NULL = ("true, false or null", lambda v: v is None or isinstance(v, bool))
+_INT_POSITIVE = ("an int > 0", lambda v: _is_int(v) and v > 0)
+_INT_NON_NEGATIVE = ("an int >= 0", lambda v: _is_int(v) and v >= 0)
+_FINITE = ("a finite number", _is_number)
+_VALUE_RULES = {
+    "lr": _POSITIVE, "eps": _POSITIVE, "weight_decay": _NON_NEGATIVE, "momentum": _NON_NEGATIVE,
+    "dampening": _NON_NEGATIVE, "lr_decay": _NON_NEGATIVE, "initial_accumulator_value": _NON_NEGATIVE,
+    "betas": ("two numbers in [0, 1)",
+              lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)),
+    "amsgrad": _BOOL, "maximize": _BOOL, "nesterov": _BOOL, "capturable": _BOOL, "differentiable": _BOOL,
+    "torch_adam": _BOOL, "adam_w_mode": _BOOL, "foreach": _BOOL_OR_NULL, "fused": _BOOL_OR_NULL,
+    "warmup_min_lr": _NON_NEGATIVE, "warmup_max_lr": _POSITIVE, "warmup_min_ratio": _UNIT, "cos_min_ratio": _UNIT,
+    "warmup_type": ("'log' or 'linear'", lambda v: v in ("log", "linear")),
+    "last_batch_iteration": ("an int >= -1", lambda v: _is_int(v) and v >= -1),
+    "lr_range_test_min_lr": _POSITIVE, "lr_range_test_step_size": _INT_POSITIVE,
+    "lr_range_test_step_rate": _NON_NEGATIVE, "lr_range_test_staircase": _BOOL,
+    "cycle_min_lr": _NON_NEGATIVE, "cycle_max_lr": _POSITIVE, "decay_lr_rate": _NON_NEGATIVE,
+    "cycle_first_step_size": _INT_POSITIVE, "cycle_second_step_size": ("an int > 0 or null", lambda v: v is None or _INT_POSITIVE[1](v)),
+    "cycle_first_stair_count": _INT_NON_NEGATIVE,
+    "cycle_second_stair_count": ("an int >= 0 or null", lambda v: v is None or _INT_NON_NEGATIVE[1](v)),
+    "decay_step_size": _INT_NON_NEGATIVE, "cycle_momentum": _BOOL, "cycle_min_mom": _UNIT, "cycle_max_mom": _UNIT,
+    "decay_mom_rate": _NON_NEGATIVE,
+}
+
+
+def _shown(value) -> str:
+    return f"{value!r} (a string)" if isinstance(value, str) else json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
+
+
+def _defaults(fn) -> dict:
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _check_values(params: dict, defaults: dict, section: str, where: str) -> None:
+    """Every value of ``params`` against ``_VALUE_RULES``, or, for a name without a rule, against the type of
+    its constructor default in ``defaults`` (a number must be a finite number, a flag true or false)."""
+    for key, value in params.items():
+        if value == "auto" and key in ("total_num_steps", "warmup_num_steps"):
+            continue
+        rule = _VALUE_RULES.get(key)
+        if rule is None:
+            default = defaults.get(key)
+            rule = _BOOL if isinstance(default, bool) else _FINITE if isinstance(default, (int, float)) else None
+        if rule is not None and not rule[1](value):
+            raise DSConfigError(f"{where}: {section}.params.{key} must be {rule[0]}, got {_shown(value)}")
 
 
 class DSConfigError(ValueError):
@@ -140,6 +204,7 @@ def _check_optimizer(config: dict, where: str) -> None:
                       f"{section['type']} optimizer", where)
     if "lr" not in params:
         raise DSConfigError(f"{where}: optimizer.params.lr is required")
+    _check_values(params, _defaults(torch_classes[name].__init__) if name in torch_classes else {}, "optimizer", where)
 
 
 def _check_scheduler(config: dict, where: str) -> None:
@@ -159,6 +224,7 @@ def _check_scheduler(config: dict, where: str) -> None:
     if not isinstance(params, dict):
         raise DSConfigError(f"{where}: scheduler.params must be a JSON object")
     _check_params(params, getattr(lr_schedules, name).__init__, set(), f"{name} scheduler", where)
+    _check_values(params, _defaults(getattr(lr_schedules, name).__init__), "scheduler", where)
     for key in ("total_num_steps", "warmup_num_steps"):
         value = params.get(key)
         if value is not None and value != "auto" and not (isinstance(value, int) and value > 0):
@@ -212,8 +278,11 @@ def validate_ds_config(config: dict, *, device_type: str, where: str = "ds confi
     _check_scheduler(config, where)
     _check_precision(config, device_type, where)
     clip = config.get("gradient_clipping", 0.0)
-    if not isinstance(clip, (int, float)) or clip < 0:
-        raise DSConfigError(f"{where}: gradient_clipping must be a number >= 0, got {clip!r}")
+    if not (_is_number(clip) and clip >= 0):
+        raise DSConfigError(f"{where}: gradient_clipping must be a finite number >= 0, got {_shown(clip)}")
+    if config.get("checkpoint", {}).get("use_node_local_storage", False):
+        raise DSConfigError(f"{where}: checkpoint.use_node_local_storage is not supported by this training app "
+                            f"(rank 0 renames each complete checkpoint into place on a filesystem all ranks share)")
 
 
 def resolve_batch_sizes(config: dict, world_size: int, where: str = "ds config") -> dict:
