@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from mlip_fast._records import jsonable, versions
 from mlip_fast.models.factory import CheckpointError
@@ -179,14 +179,18 @@ def iter_batches(
     progress: bool = True,
     desc: str = "eval",
 ) -> Iterator[dict]:
-    """Iterate ``data`` (map-style dataset, list of sample dicts, or DataLoader) as eval batches with a
-    tqdm bar. A DataLoader's batches pass through (``image`` renamed ``images``); anything else is
+    """Iterate ``data`` (map-style dataset, iterable dataset, list of sample dicts, or DataLoader) as eval
+    batches with a tqdm bar. A DataLoader's batches pass through (``image`` renamed ``images``); anything else is
     batched with ``collate_samples``. ``max_samples`` stops after that many samples."""
     from tqdm.auto import tqdm
 
     if isinstance(data, DataLoader):
         loader: Iterable = data
         total = len(data.dataset) if hasattr(data.dataset, "__len__") else None
+    elif isinstance(data, IterableDataset):  # e.g. a ShardSplit: streamed in its own order, batched here
+        loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=functools.partial(collate_samples, transform=transform, label_names=label_names))
+        total = len(data) if hasattr(data, "__len__") else None
     else:
         if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
             raise EvalDataError(f"evaluation data must be a dataset, a list of samples or a DataLoader, got {type(data).__name__}")

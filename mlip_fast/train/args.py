@@ -11,6 +11,8 @@ import argparse
 import json
 from typing import Optional, Sequence
 
+from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
+
 __all__ = ["build_parser", "parse_args", "SYNTHETIC_PRESET"]
 
 # The default run: what --data synthetic (the default) uses for every one of these flags left unset.
@@ -81,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data = p.add_argument_group("data")
     data.add_argument("--data", default="synthetic",
-                      help="'synthetic' (built-in benchmark, generated into --cache-dir on first use), a prepared "
-                           "MIMIC-CXR master.csv, an Open-I directory (XML reports + PNG images), or a CSV/JSONL "
-                           "manifest")
+                      help="'synthetic' (built-in benchmark, generated into --cache-dir on first use), a shard folder "
+                           "(python -m mlip_fast.data.shards), a prepared MIMIC-CXR master.csv, an Open-I directory (XML reports "
+                           "+ PNG images), or a CSV/JSONL manifest")
     data.add_argument("--image-root", default=None,
                       help="folder that relative image paths in a master.csv / manifest start from "
                            "(default: the file's folder)")
@@ -94,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=_positive_int, default=None,
                       help="input side in pixels (default: the model config's vision.image_size; must be a "
                            "multiple of the patch size)")
-    data.add_argument("--num-workers", type=_non_negative_int, default=2, help="DataLoader workers per process")
+    data.add_argument("--num-workers", type=_non_negative_int, default=2,
+                      help="DataLoader workers per process (with a shard folder also the number of read lanes, which "
+                           "the data order depends on)")
+    data.add_argument("--shuffle-buffer", type=_positive_int, default=DEFAULT_SHUFFLE_BUFFER,
+                      help="shard folders: samples in each lane's shuffle buffer")
     data.add_argument("--max-bad-fraction", type=float, default=0.01,
                       help="fail when more than this share of the samples cannot be read")
 

@@ -6,9 +6,12 @@ each micro-batch. The order is therefore a function of the step alone: resuming 
 exactly what an uninterrupted run would have read, and a run on N processes reads the same global batch
 as one process with an N times larger micro-batch. Each sample's augmentation is seeded from
 ``(seed, epoch, index)`` (:class:`SeededSamples`), so it does not depend on workers or ranks either.
+A shard folder is read in the order of :class:`~mlip_fast.data.shard_order.ShardOrder` instead (each rank
+reads its own shards; exact resume with the same ranks and loader workers; same per-sample seeds).
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -20,10 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER, ShardBatchStream, ShardOrder
+from mlip_fast.data.shard_reader import ShardSplit
 from mlip_fast.data.sources import DataConfigError, build_pretrain_dataset
 
 __all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
-           "SeededSamples", "make_collator", "tokenize_fixed_sentences", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
+           "SeededSamples", "make_collator", "tokenize_fixed_sentences", "make_batch_plan", "report_corpus", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
 
 
 def synthetic_cache_dir(cache_dir: Path, size: int, n: int, seed: int) -> Path:
@@ -115,6 +120,10 @@ class GlobalBatchSampler:
         """(epoch, step_in_epoch) of optimizer step ``step``."""
         return divmod(int(step), self.steps_per_epoch)
 
+    def signature(self) -> dict:
+        """What the order depends on beyond the batch layout and seed (compared on resume)."""
+        return {"kind": "permutation", "num_samples": self.num_samples}
+
     def _permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, 0, epoch]).generate_state(1)[0]))
         return torch.randperm(self.num_samples, generator=g)
@@ -164,7 +173,34 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_train_loader(dataset: Dataset, sampler: GlobalBatchSampler, collate, num_workers: int) -> DataLoader:
+def make_batch_plan(dataset: Dataset, micro_batch: int, accumulation: int, rank: int, world_size: int, seed: int,
+                    num_workers: int, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+    """The data order of a run: a :class:`GlobalBatchSampler` for a map-style dataset, a
+    :class:`~mlip_fast.data.shard_order.ShardOrder` (one lane per loader worker) for a shard split."""
+    if isinstance(dataset, ShardSplit):
+        return ShardOrder([s["samples"] for s in dataset.shards], micro_batch, accumulation, rank, world_size, seed,
+                          lanes=max(1, num_workers), shuffle_buffer=shuffle_buffer,
+                          shard_ids=tuple(s["sha256"] for s in dataset.shards))
+    return GlobalBatchSampler(len(dataset), micro_batch, accumulation, rank, world_size, seed)
+
+
+def report_corpus(dataset: Dataset) -> list:
+    """Every training report (for the tokenizer of a randomly initialised text tower)."""
+    if isinstance(dataset, ShardSplit):
+        return dataset.reports()
+    return [r["report"] for r in dataset.records]
+
+
+def make_train_loader(dataset: Dataset, sampler, collate, num_workers: int) -> DataLoader:
+    if isinstance(sampler, ShardOrder):
+        return DataLoader(
+            ShardBatchStream(dataset, sampler, collate, functools.partial(sample_seed, sampler.seed)),
+            batch_size=None,
+            num_workers=num_workers,
+            worker_init_fn=_worker_init if num_workers > 0 else None,
+            persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
     return DataLoader(
         SeededSamples(dataset),
         batch_sampler=sampler,

@@ -236,7 +236,7 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
         def find_checkpoint():
             root, tag = ckpt.resolve_resume(args.resume, run_dir if args.resume == "latest" else None, RUNS_ROOT)
             state = ckpt.verify_checkpoint(root, tag, world, zero_stage)
-            return str(root), tag, {k: state[k] for k in ("step", "num_train", "global_batch") if k in state}
+            return str(root), tag, {k: state[k] for k in ("step", "num_train", "global_batch", "data_order") if k in state}
         resume = _rank0(find_checkpoint, rank)
     reporter = RunReporter(run_dir, rank, progress=not args.no_progress)
     try:
@@ -283,7 +283,7 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
                          "synthetic" if synthetic_root is not None else "chexpert5", synthetic_root)
     reporter.log("data: %s: %d training pairs, %s validation, %s test", data, len(train_set),
                  len(eval_sets.valid) if eval_sets.valid is not None else "no", len(eval_sets.test) if eval_sets.test is not None else "no")
-    sampler = tdata.GlobalBatchSampler(len(train_set), micro, accum, rank, world, args.seed)
+    sampler = tdata.make_batch_plan(train_set, micro, accum, rank, world, args.seed, args.num_workers, args.shuffle_buffer)
     total_steps = _total_steps(args, sampler.steps_per_epoch)
     if resume is not None:
         saved = resume[2]
@@ -292,11 +292,15 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
                 f"checkpoint {resume[0]}/{resume[1]} was trained on {saved.get('num_train')} samples with global batch "
                 f"{saved.get('global_batch')}; this run has {len(train_set)} and {global_batch}: the data order "
                 f"would not continue. Resume with the same data and ds config")
+        if saved.get("data_order", sampler.signature()) != sampler.signature():
+            raise ckpt.CheckpointError(
+                f"checkpoint {resume[0]}/{resume[1]} read its data in the order {saved['data_order']}; this run's is "
+                f"{sampler.signature()}: resume with the same data, --num-workers and --shuffle-buffer")
         if saved["step"] > total_steps:
             raise ckpt.CheckpointError(f"checkpoint is at step {saved['step']}, beyond this run's {total_steps} steps")
 
     # model ----------------------------------------------------------------------------------------
-    tokenizer = _tokenizer(model_cfg, lambda: [r["report"] for r in train_set.records], run_dir, rank,
+    tokenizer = _tokenizer(model_cfg, lambda: tdata.report_corpus(train_set), run_dir, rank,
                            Path(resume[0]).parent if resume is not None else None)
     torch.manual_seed(args.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     model = create_model(model_cfg, tokenizer=tokenizer, image_pretrained=args.pretrained)
@@ -348,6 +352,7 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
         epoch, in_epoch = sampler.position(step)
         client = dict(step=step, epoch=epoch, step_in_epoch=in_epoch, samples_seen=step * global_batch,
                       world_size=world, zero_stage=zero_stage, global_batch=global_batch, num_train=len(train_set),
+                      data_order=sampler.signature(),
                       seed=args.seed, args=vars(args))
         path = ckpt.save_checkpoint(engine, ckpt_root, step, client, keep=args.keep_checkpoints)
         saved_steps[step] = str(path)
