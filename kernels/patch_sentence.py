@@ -58,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mlip_fast.kernels._target import target_of
+
 # Read once, like @triton.jit does: it decides at decoration time whether kernels run in the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -335,12 +337,6 @@ def patch_sentence_fwd(
     return i2t, t2i, arg_i2t, arg_t2i
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _bwd_side(
     own: torch.Tensor,
     other: torch.Tensor,
@@ -361,7 +357,7 @@ def _bwd_side(
     # Split the other side so that about two waves of programs fill the GPU.
     chunks = triton.cdiv(n_cols, block_m)
     if split is None:
-        split = 1 if INTERPRET else max(1, min(chunks, triton.cdiv(2 * _sm_count(own.device), tiles)))
+        split = 1 if INTERPRET else max(1, min(chunks, triton.cdiv(2 * target_of(own.device).sm_count, tiles)))
         if deterministic:
             split = min(split, 4)  # each split costs a [X*R, D] fp32 buffer
     split = max(1, min(int(split), chunks))

@@ -1,0 +1,624 @@
+"""Static GPU compile of every Triton kernel, without a GPU: registers, spills, shared memory, occupancy,
+tensor-core instructions and hot-loop SASS sizes for sm_80 (A100) and sm_90 (H100 / H200).
+
+    python benchmarks/kernel_static.py --json benchmarks/results/kernel_static.json [--dump DIR] [--quick]
+    python benchmarks/kernel_static.py --readme      # only regenerate the table in benchmarks/README.md
+
+How. A stand-in active Triton driver reports the target GPU (``GPUTarget("cuda", 90, 32)`` or 80). The real
+launchers of ``kernels/`` are called on ``meta`` tensors, so their block-size heuristics, constexprs, grids and
+split decisions are exactly those of a real launch; only the final ``kernel[grid](...)`` is redirected to
+``kernel.warmup(...)`` with ``MockTensor`` arguments, which runs Triton's whole pipeline down to PTX and a cubin
+through the ``ptxas`` shipped in the triton wheel. Registers and spills come from ``ptxas -v`` on that PTX
+(the flags Triton uses), SASS from ``cuobjdump -sass``. Run it in a process without ``TRITON_INTERPRET``
+(the interpreter flag is read when kernels are decorated).
+
+Per compiled launch it records: kernel, arch, dtype, shape, config (constexprs, warps, stages), grid,
+compiled (or the error), registers, spill bytes (stores + loads), stack bytes, shared bytes, blocks per SM
+from registers / shared memory / warps and which one limits, tensor-core instructions in the SASS
+(``HGMMA`` on sm_90, ``HMMA`` on sm_80) and the PTX (``wgmma`` / ``mma.sync``), layout conversions in the
+TTGIR, and every loop of the SASS (backward branches) with its instruction count, tensor-core count and
+shuffle / shared-memory traffic. Identical compiles (same kernel, arch and specialisation) are compiled once.
+
+``--dump DIR`` writes each distinct kernel's PTX, cubin and SASS so anyone can re-check with
+``ptxas -v --gpu-name=sm_90a``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # must be decided before any kernel is decorated
+    os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver as triton_driver  # noqa: E402
+from triton.runtime.jit import MockTensor  # noqa: E402
+
+RESULTS = HERE / "results"
+DEFAULT_JSON = RESULTS / "kernel_static.json"
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+# Per-arch hardware limits (CUDA programming guide, compute capability tables).
+ARCHS = {
+    80: dict(name="sm_80", card="A100", sm_count=108, smem_per_block=166_912, smem_per_sm=167_936),
+    90: dict(name="sm_90", card="H100", sm_count=132, smem_per_block=232_448, smem_per_sm=233_472),
+}
+REGS_PER_SM = 65_536
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
+SMEM_RESERVED_PER_BLOCK = 1_024
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+TENSOR_CORE_SASS = {80: ("HMMA",), 90: ("HGMMA", "HMMA")}
+
+
+def tools_available() -> Optional[str]:
+    """None when the wheel ships ptxas and cuobjdump, else the reason."""
+    missing = [t for t in ("ptxas", "ptxas-blackwell", "cuobjdump") if not (TOOLS / t).exists()]
+    return f"the triton wheel has no {', '.join(missing)} under {TOOLS}" if missing else None
+
+
+def ptxas_for(arch: int) -> Path:
+    # Triton's own choice: the legacy ptxas below sm_90, the newer one from sm_90 on.
+    return TOOLS / ("ptxas" if arch < 90 else "ptxas-blackwell")
+
+
+def gpu_name(arch: int) -> str:
+    return "sm_90a" if arch == 90 else f"sm_{arch}"
+
+
+# ------------------------------------------------------------------------------------ stand-in driver
+
+
+class StandInDriver:
+    """An 'active' Triton driver that only tells the compiler which GPU to compile for."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def is_active(self):
+        return True
+
+    def get_active_torch_device(self):
+        return torch.device("meta")
+
+    def map_python_to_cpp_type(self, ty):
+        return ty
+
+
+@contextlib.contextmanager
+def compile_target(arch: int):
+    """Makes Triton compile for ``arch`` and the launchers plan for it (SM count, capability)."""
+    from mlip_fast.kernels import _target
+
+    previous, previous_driver = _target.OVERRIDE, triton_driver._active
+    triton_driver.set_active(StandInDriver(arch))
+    _target.OVERRIDE = _target.Target(arch=arch, sm_count=ARCHS[arch]["sm_count"])
+    try:
+        yield
+    finally:
+        _target.OVERRIDE = previous
+        triton_driver._active = previous_driver  # reset_active() would probe for a real GPU driver
+
+
+# ------------------------------------------------------------------------------------ capturing launches
+
+
+@dataclass
+class Launch:
+    kernel: str
+    grid: tuple
+    compiled: object = None
+    error: Optional[str] = None
+    key: str = ""
+    config: dict = field(default_factory=dict)
+
+
+class _LaunchRecorder:
+    """Stands in for a ``@triton.jit`` function inside a kernels module: ``kernel[grid](*args, **kw)``
+    compiles through ``warmup`` with MockTensors instead of launching, and records the result."""
+
+    def __init__(self, jit_fn, sink: list, cache: dict):
+        self.jit_fn, self.sink, self.cache = jit_fn, sink, cache
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            grid_t = tuple(grid(kwargs) if callable(grid) else grid)
+            mock_args = [MockTensor(a.dtype, list(a.shape)) if isinstance(a, torch.Tensor) else a for a in args]
+            name = self.jit_fn.fn.__name__
+            key = _compile_key(name, mock_args, kwargs)
+            rec = Launch(kernel=name, grid=grid_t, key=key, config={k: _plain(v) for k, v in kwargs.items()})
+            if key not in self.cache:
+                try:
+                    self.cache[key] = (self.jit_fn.warmup(*mock_args, grid=grid_t, **kwargs), None)
+                except Exception as err:  # noqa: BLE001 - a failed compile is a result
+                    self.cache[key] = (None, f"{type(err).__name__}: {str(err).splitlines()[0][:500]}")
+            rec.compiled, rec.error = self.cache[key]
+            self.sink.append(rec)
+
+        return launch
+
+
+def _plain(v):
+    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+
+
+def _spec_int(v) -> str:
+    # What Triton specialises an int on: == 1 and divisibility by 16.
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return "1" if v == 1 else ("d16" if v % 16 == 0 else "i")
+    return repr(v)
+
+
+def _compile_key(name: str, args: list, kwargs: dict) -> str:
+    parts = [name]
+    for a in args:
+        parts.append(f"T{a.dtype}" if isinstance(a, MockTensor) else _spec_int(a))
+    parts += [f"{k}={_plain(v)}" for k, v in sorted(kwargs.items())]
+    return "|".join(map(str, parts)) + f"|arch={triton_driver.active.get_current_target().arch}"
+
+
+@contextlib.contextmanager
+def recording(modules_and_kernels: Iterable[tuple], sink: list, cache: dict):
+    saved = []
+    for module, names in modules_and_kernels:
+        for n in names:
+            saved.append((module, n, getattr(module, n)))
+            setattr(module, n, _LaunchRecorder(getattr(module, n), sink, cache))
+    try:
+        yield
+    finally:
+        for module, n, fn in saved:
+            setattr(module, n, fn)
+
+
+# ------------------------------------------------------------------------------------ analysis
+
+
+_PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "stack_bytes": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+}
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers, stack and spill bytes from ``ptxas -v`` with the flags Triton compiles with."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        cmd = [str(ptxas_for(arch)), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name(arch)}",
+               str(src), "-o", str(Path(tmp) / "k.o")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {proc.stderr.strip()[:500]}")
+    log = proc.stderr + proc.stdout
+    out = {}
+    for key, rx in _PTXAS_RE.items():
+        m = rx.search(log)
+        out[key] = int(m.group(1)) if m else 0
+    return out
+
+
+def sass_of(cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        proc = subprocess.run([str(TOOLS / "cuobjdump"), "-sass", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed: {proc.stderr.strip()[:300]}")
+    return proc.stdout
+
+
+def parse_sass(sass: str) -> list:
+    """[(address, opcode, operands)] of the SASS listing."""
+    return [(int(m.group(1), 16), m.group(3), m.group(4)) for m in map(_SASS_LINE.search, sass.splitlines()) if m]
+
+
+def sass_loops(instrs: list, arch: int) -> list:
+    """Every loop of the SASS (a backward branch closes it): size, nesting, and what its body issues.
+
+    ``innermost`` loops contain no other loop: they are the hot loops whose instruction counts the
+    performance model turns into issue cycles.
+    """
+    addr_index = {a: i for i, (a, _, _) in enumerate(instrs)}
+    loops = []
+    for i, (addr, op, operands) in enumerate(instrs):
+        if not op.startswith("BRA"):
+            continue
+        m = re.search(r"0x([0-9a-f]+)", operands)
+        if not m:
+            continue
+        target = int(m.group(1), 16)
+        if target >= addr or target not in addr_index:
+            continue
+        body = instrs[addr_index[target]: i + 1]
+        ops = [o for _, o, _ in body]
+        loops.append(dict(
+            start=target, end=addr, instructions=len(body),
+            tensor_core=sum(o.split(".")[0] in TENSOR_CORE_SASS[arch] for o in ops),
+            shuffles=sum(o.startswith("SHFL") for o in ops),
+            shared_loads=sum(o.startswith(("LDS", "LDSM")) for o in ops),
+            shared_stores=sum(o.startswith("STS") for o in ops),
+            global_loads=sum(o.startswith(("LDG", "LDGSTS")) for o in ops) + sum(o.startswith("UTMALDG") for o in ops),
+            barriers=sum(o.startswith(("BAR", "WARPSYNC")) for o in ops),
+        ))
+    for lp in loops:
+        lp["innermost"] = not any(
+            o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"] for o in loops
+        )
+        lp["depth"] = sum(o is not lp and o["start"] <= lp["start"] and lp["end"] <= o["end"] for o in loops)
+    return sorted(loops, key=lambda lp: lp["start"])
+
+
+def occupancy(arch: int, registers: int, shared: int, num_warps: int) -> dict:
+    """Resident blocks per SM from registers, shared memory and warps, and which one limits."""
+    lim = ARCHS[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by = {
+        "registers": REGS_PER_SM // (regs_per_warp * num_warps),
+        "shared": lim["smem_per_sm"] // (shared + SMEM_RESERVED_PER_BLOCK) if shared else MAX_BLOCKS_PER_SM,
+        "warps": MAX_WARPS_PER_SM // num_warps,
+        "blocks": MAX_BLOCKS_PER_SM,
+    }
+    blocks = min(by.values())
+    return {"blocks_per_sm": blocks, "limited_by": min(by, key=by.get), "by": by,
+            "warps_per_sm": blocks * num_warps}
+
+
+def analyse(compiled, arch: int, num_warps: int, dump: Optional[Path], key: str) -> dict:
+    asm = compiled.asm
+    ptx, cubin, ttgir = asm["ptx"], asm["cubin"], asm.get("ttgir", "")
+    rep = ptxas_report(ptx, arch)
+    shared = int(compiled.metadata.shared)
+    sass = sass_of(cubin)
+    instrs = parse_sass(sass)
+    loops = sass_loops(instrs, arch)
+    out = dict(rep)
+    out["spill_bytes"] = rep["spill_stores"] + rep["spill_loads"]
+    out["shared_bytes"] = shared
+    out["shared_limit"] = ARCHS[arch]["smem_per_block"]
+    out.update(occupancy(arch, rep["registers"], shared, num_warps))
+    out["sass_instructions"] = len(instrs)
+    out["tensor_core_sass"] = sum(o.split(".")[0] in TENSOR_CORE_SASS[arch] for _, o, _ in instrs)
+    out["tensor_core_ptx"] = len(re.findall(r"\bwgmma\.mma_async|\bmma\.sync", ptx))
+    out["layout_conversions"] = len(re.findall(r"ttg\.convert_layout", ttgir))
+    out["loops"] = loops
+    hot = [lp for lp in loops if lp["innermost"]]
+    out["hot_loop_instructions"] = [lp["instructions"] for lp in hot]
+    if dump is not None:
+        stem = hashlib.sha1(key.encode()).hexdigest()[:12]
+        base = dump / f"{compiled.metadata.name}_{gpu_name(arch)}_{stem}"
+        base.with_suffix(".ptx").write_text(ptx)
+        base.with_suffix(".cubin").write_bytes(cubin)
+        base.with_suffix(".sass").write_text(sass)
+        base.with_suffix(".key").write_text(key + "\n")
+        out["dump"] = base.name
+    return out
+
+
+# ------------------------------------------------------------------------------------ the sweep
+
+
+PS_K = (49, 98, 196, 576, 1024)
+PS_S_SMALL = (1, 16, 64, 256)
+PS_D = (64, 256, 512, 768, 1024)
+PS_BG = ((1, 1), (128, 128), (128, 1024), (1024, 1024))
+MASK_P = (64, 196, 576, 1024, 4096)
+MASK_C = (64, 768, 1024)
+MASK_B = (1, 128, 1024)
+
+
+def patch_sentence_cases(quick: bool = False) -> list:
+    """(mode, shape) cases of the patch-sentence kernels: the PERF.md shapes and what users run."""
+    from mlip_fast.ops.patch_sentence_triton import MAX_TOKENS
+
+    s_values = PS_S_SMALL + (MAX_TOKENS - 1,)
+    cases = []
+    for K in PS_K:
+        for S in s_values:
+            for D in PS_D:
+                for B, G in PS_BG:
+                    if quick and (B, G) != (128, 128):
+                        continue
+                    for mode in ("fwd", "bwd"):
+                        cases.append((mode, dict(B=B, G=G, K=K, S=S, D=D, directions="both")))
+    for directions in ("i2t", "t2i"):
+        for mode in ("fwd", "bwd"):
+            cases.append((mode, dict(B=128, G=1024, K=98, S=16, D=512, directions=directions)))
+    return cases
+
+
+def mask_cases(quick: bool = False) -> list:
+    from mlip_fast.kernels.integrity_mask import MAX_PATCHES
+
+    cases = []
+    for P in MASK_P + (MAX_PATCHES,):
+        for C in MASK_C:
+            for B in MASK_B:
+                if quick and B != 128:
+                    continue
+                for mode in ("fwd", "bwd"):
+                    cases.append((mode, dict(B=B, P=P, C=C, keep=max(1, P // 2))))
+    return cases
+
+
+def _meta(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def run_patch_sentence(mode: str, shape: dict, dtype: torch.dtype) -> None:
+    from mlip_fast.kernels import patch_sentence as ps
+
+    B, G, K, S, D = (shape[k] for k in "BGKSD")
+    do_i2t = shape["directions"] in ("both", "i2t")
+    do_t2i = shape["directions"] in ("both", "t2i")
+    p, s = _meta(B, K, D, dtype=dtype), _meta(G, S, D, dtype=dtype)
+    smask, pmask = _meta(G, S, dtype=torch.bool), _meta(B, K, dtype=torch.bool)
+    if mode == "fwd":
+        ps.patch_sentence_fwd(p, s, smask, pmask, do_i2t, do_t2i)
+    else:
+        g = _meta(B, G, dtype=torch.float32)
+        ps.patch_sentence_bwd(
+            g if do_i2t else None, g if do_t2i else None, p, s,
+            _meta(B, G, K, dtype=torch.int16), _meta(B, G, S, dtype=torch.int16), smask, pmask,
+        )
+
+
+def run_mask(mode: str, shape: dict, dtype: torch.dtype) -> None:
+    from mlip_fast.kernels import integrity_mask as im
+
+    B, P, C, keep = shape["B"], shape["P"], shape["C"], shape["keep"]
+    if mode == "fwd":
+        im.integrity_mask_fwd(_meta(B, P, C, dtype=dtype), _meta(B, P, dtype=dtype), keep, 1.0, 0)
+    else:
+        im.integrity_mask_bwd(_meta(B, keep, C, dtype=dtype), _meta(B, P, dtype=torch.int32))
+
+
+@dataclass
+class Op:
+    name: str
+    module: str
+    kernels: tuple
+    cases: Callable
+    run: Callable
+    dtypes: tuple
+    matmul: bool  # kernels whose half-precision versions must use tensor cores
+
+
+OPS = (
+    Op("patch_sentence", "mlip_fast.kernels.patch_sentence",
+       ("_patch_sentence_fwd_kernel", "_patch_sentence_bwd_kernel"),
+       patch_sentence_cases, run_patch_sentence, ("fp32", "bf16", "fp16"), True),
+    Op("integrity_mask", "mlip_fast.kernels.integrity_mask",
+       ("_integrity_mask_fwd_kernel", "_integrity_mask_bwd_kernel"),
+       mask_cases, run_mask, ("fp32", "bf16", "fp16", "fp64"), False),
+)
+
+
+def sweep(archs=(80, 90), quick: bool = False, dump: Optional[Path] = None, ops=OPS, progress=True) -> list:
+    """Every case of every op on every arch and dtype: one record per kernel launch the launchers make."""
+    import importlib
+
+    records, analysed = [], {}
+    compile_cache: dict = {}
+    t0 = time.time()
+    for arch in archs:
+        with compile_target(arch):
+            for op in ops:
+                module = importlib.import_module(op.module)
+                cases = op.cases(quick)
+                for dname in op.dtypes:
+                    for mode, shape in cases:
+                        launches: list = []
+                        error = None
+                        with recording([(module, op.kernels)], launches, compile_cache):
+                            try:
+                                op.run(mode, shape, DTYPES[dname])
+                            except Exception as err:  # noqa: BLE001 - a refusal is a result
+                                error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                        if error is not None and not launches:
+                            records.append(dict(op=op.name, mode=mode, kernel=None, arch=ARCHS[arch]["name"],
+                                                dtype=dname, shape=shape, compiled=False, refused=error))
+                            continue
+                        for ln in launches:
+                            rec = dict(op=op.name, mode=mode, kernel=ln.kernel, arch=ARCHS[arch]["name"],
+                                       dtype=dname, shape=shape, grid=list(ln.grid), config=ln.config,
+                                       programs=int(_prod(ln.grid)), matmul=op.matmul)
+                            if ln.compiled is None:
+                                rec.update(compiled=False, error=ln.error)
+                            else:
+                                if ln.key not in analysed:
+                                    try:
+                                        analysed[ln.key] = analyse(ln.compiled, arch, ln.config.get("num_warps", 4),
+                                                                   dump, ln.key)
+                                    except Exception as err:  # noqa: BLE001
+                                        analysed[ln.key] = {"analysis_error": f"{type(err).__name__}: {err}"}
+                                rec.update(compiled=True, **analysed[ln.key])
+                                rec["compile_id"] = hashlib.sha1(ln.key.encode()).hexdigest()[:12]
+                            records.append(rec)
+                    if progress:
+                        print(f"[static] {ARCHS[arch]['name']} {op.name} {dname}: {len(records)} records, "
+                              f"{len(compile_cache)} distinct compiles, {time.time() - t0:.0f} s",
+                              file=sys.stderr, flush=True)
+    return records
+
+
+def _prod(xs):
+    n = 1
+    for x in xs:
+        n *= int(x)
+    return n
+
+
+# ------------------------------------------------------------------------------------ gate and summary
+
+
+def violations(records: list) -> list:
+    """Records that break the static gate: not compiled (and not refused up front), spills, shared memory
+    above the arch limit, or a half-precision matmul kernel without tensor-core instructions."""
+    bad = []
+    for r in records:
+        if r.get("refused"):
+            continue
+        why = []
+        if not r.get("compiled"):
+            why.append(f"does not compile: {r.get('error')}")
+        else:
+            if r.get("analysis_error"):
+                why.append(r["analysis_error"])
+            if r.get("spill_bytes", 0) > 0:
+                why.append(f"spills {r['spill_bytes']} bytes")
+            if r.get("shared_bytes", 0) > r.get("shared_limit", 1 << 62):
+                why.append(f"shared memory {r['shared_bytes']} > {r['shared_limit']}")
+            if r.get("matmul") and r["dtype"] in ("bf16", "fp16") and r.get("tensor_core_sass", 0) == 0:
+                why.append("no tensor-core instructions")
+        if why:
+            bad.append((r, why))
+    return bad
+
+
+def summary_rows(records: list) -> list:
+    """The README table: the PERF.md shapes (B=G=128 and 128 x 1024, K=98, S=16, D=512) plus the worst
+    case of each kernel over the whole sweep."""
+    rows = []
+    key_shapes = [dict(B=128, G=128, K=98, S=16, D=512), dict(B=128, G=1024, K=98, S=16, D=512)]
+    for r in records:
+        if not r.get("compiled") or r["op"] != "patch_sentence" or r["shape"].get("directions") != "both":
+            continue
+        if any(all(r["shape"][k] == v for k, v in ks.items()) for ks in key_shapes):
+            rows.append(r)
+    for r in records:
+        if r.get("compiled") and r["op"] == "integrity_mask" and r["shape"] == dict(B=128, P=196, C=768, keep=98):
+            rows.append(r)
+    return rows
+
+
+def table_markdown(data: dict) -> str:
+    recs = data["records"]
+    env = data["environment"]
+    lines = [
+        f"**kernel_static.json**: static compile (no GPU), triton {env['triton']}, ptxas of the triton wheel, "
+        f"{env['date']}; {len(recs)} launches, {data['distinct_compiles']} distinct compiles, "
+        f"{len(violations(recs))} gate violations, {sum(1 for r in recs if r.get('refused'))} shapes refused up front",
+        "",
+        "| kernel | arch | dtype | shape | config | regs | spill B | shared B | blocks/SM | TC instr | hot loops (SASS instr) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in summary_rows(recs):
+        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items() if k != "directions")
+        cfg = " ".join(f"{k}={v}" for k, v in r["config"].items() if k.isupper() or k == "num_warps")
+        lines.append(
+            f"| {r['kernel']} ({r['mode']}) | {r['arch']} | {r['dtype']} | {shape} | {cfg} | {r['registers']} | "
+            f"{r['spill_bytes']} | {r['shared_bytes']} | {r['blocks_per_sm']} ({r['limited_by']}) | "
+            f"{r['tensor_core_sass']} | {', '.join(map(str, r['hot_loop_instructions']))} |"
+        )
+    worst = {}
+    for r in recs:
+        if r.get("compiled"):
+            k = (r["kernel"], r["arch"])
+            if k not in worst or (r["registers"], r["shared_bytes"]) > (worst[k]["registers"], worst[k]["shared_bytes"]):
+                worst[k] = r
+    lines += ["", "Largest register / shared-memory footprint of each kernel over the whole sweep:", "",
+              "| kernel | arch | dtype | shape | regs | spill B | shared B | blocks/SM |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (kern, arch), r in sorted(worst.items()):
+        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items() if k != "directions")
+        lines.append(f"| {kern} | {arch} | {r['dtype']} | {shape} | {r['registers']} | {r['spill_bytes']} | "
+                     f"{r['shared_bytes']} | {r['blocks_per_sm']} |")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    import datetime
+    import platform
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "ptxas": {a: _tool_version(ptxas_for(a)) for a in ARCHS},
+        "archs": {ARCHS[a]["name"]: ARCHS[a] for a in ARCHS},
+    }
+
+
+def _tool_version(path: Path) -> str:
+    try:
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True).stdout
+        return out.strip().splitlines()[-1]
+    except OSError as err:
+        return f"unavailable: {err}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, help="write the records here (e.g. benchmarks/results/kernel_static.json)")
+    parser.add_argument("--dump", type=Path, help="write each distinct kernel's PTX, cubin and SASS here")
+    parser.add_argument("--quick", action="store_true", help="B=G=128 / B=128 only (what the CI gate compiles)")
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS), help="default: all")
+    parser.add_argument("--readme", action="store_true", help="only regenerate the README table from --json")
+    args = parser.parse_args(argv)
+    why = tools_available()
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    if args.readme:
+        import harness
+
+        harness.write_readme_table()
+        return 0
+    if args.dump:
+        args.dump.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    records = sweep(tuple(args.arch or sorted(ARCHS)), quick=args.quick, dump=args.dump)
+    compiles = len({r["compile_id"] for r in records if r.get("compile_id")})
+    data = {"environment": environment(), "quick": args.quick, "wall_s": round(time.time() - start, 1),
+            "distinct_compiles": compiles, "records": records}
+    bad = violations(records)
+    for r, why in bad[:50]:
+        print(f"[static] VIOLATION {r['arch']} {r['kernel']} {r['dtype']} {r['shape']}: {'; '.join(why)}", file=sys.stderr)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(args.json)
+        print(f"[static] wrote {args.json}: {len(records)} records, {compiles} distinct compiles, "
+              f"{len(bad)} violations, {data['wall_s']} s")
+    else:
+        print(table_markdown(data))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

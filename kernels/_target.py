@@ -1,0 +1,32 @@
+"""The GPU a launch is planned for: compute capability and SM count, read from the device.
+
+Launch heuristics (block sizes per architecture, how many programs fill the GPU) ask :func:`target_of`.
+``OVERRIDE`` lets the static compile tool (``benchmarks/kernel_static.py``) plan launches for a GPU that is
+not present, so that what it compiles is exactly what the launchers would launch there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Target:
+    arch: int  # compute capability as major * 10 + minor (80 = A100, 90 = H100/H200); 0 = no GPU
+    sm_count: int
+
+
+OVERRIDE: Optional[Target] = None
+NO_GPU = Target(arch=0, sm_count=1)
+
+
+def target_of(device: torch.device) -> Target:
+    """The target GPU of tensors on ``device`` (``OVERRIDE`` when set; ``NO_GPU`` off CUDA)."""
+    if OVERRIDE is not None:
+        return OVERRIDE
+    if device.type != "cuda":
+        return NO_GPU
+    props = torch.cuda.get_device_properties(device)
+    return Target(arch=props.major * 10 + props.minor, sm_count=props.multi_processor_count)
