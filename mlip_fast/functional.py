@@ -10,14 +10,15 @@ one process on the concatenated batch. The patch-sentence scores go through
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from mlip_fast import _checks
-from mlip_fast.distributed import gather, rank_and_world
-from mlip_fast.ops.patch_sentence import patch_sentence_scores
+from mlip_fast.distributed import all_to_all_blocks, gather, max_size, rank_and_world
+from mlip_fast.ops.patch_sentence import scores_unchecked
 
 DEFAULT_SIE_TEMPERATURE = 0.1
 
@@ -27,11 +28,24 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_scale(name: str, scale) -> torch.Tensor:
+    """The logit scale as a 0-dim tensor; it must be finite and > 0 (a value check: one host sync)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
+        raise ValueError(f"{name} must be a scalar (float or 1-element tensor), got {scale!r}")
     if isinstance(scale, (int, float)):
         scale = torch.tensor(float(scale))
-    if not isinstance(scale, torch.Tensor) or scale.numel() != 1:
-        raise ValueError(f"{name} must be a scalar (float or 1-element tensor), got {scale!r}")
-    return scale.reshape(())
+    if scale.numel() != 1 or not scale.is_floating_point():
+        raise ValueError(f"{name} must be a floating scalar (float or 1-element tensor), got {scale!r}")
+    scale = scale.reshape(())
+    if _checks.VALUE_CHECKS and not torch.compiler.is_compiling():
+        value = float(scale.detach())
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return scale
+
+
+def _check_batch(name: str, x: torch.Tensor) -> None:
+    if x.shape[0] == 0:
+        raise ValueError(f"empty input: {name} has batch size 0 {tuple(x.shape)} (every loss needs B >= 1)")
 
 
 def _row_weights(weights: Optional[torch.Tensor], rows: int, device, group, *, gathered: bool) -> Optional[torch.Tensor]:
@@ -43,10 +57,14 @@ def _row_weights(weights: Optional[torch.Tensor], rows: int, device, group, *, g
         raise ValueError(f"weights must have shape [B={rows}], got {tuple(weights.shape)}")
     if _checks.VALUE_CHECKS and bool((weights < 0).any()):
         raise ValueError("weights must be non-negative")
+    if _checks.VALUE_CHECKS and not bool(torch.isfinite(weights).all()):
+        raise ValueError("weights contains NaN or Inf")
     w = weights.detach().to(device=device, dtype=torch.float32)
     w_all = gather(w, with_grad=False, group=group)
-    mean = w_all.mean().clamp_min(torch.finfo(torch.float32).tiny)
-    return (w_all if gathered else w) / mean
+    mean = w_all.mean()
+    if _checks.VALUE_CHECKS and not bool(mean > 0):
+        raise ValueError("weights are all zero over the batch: no row would contribute to the loss")
+    return (w_all if gathered else w) / mean.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -56,6 +74,16 @@ def _weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: Optional[t
 
 def _labels(rows: int, offset: int, device) -> torch.Tensor:
     return torch.arange(rows, device=device) + offset
+
+
+def _symmetric_ce(sim_i: torch.Tensor, sim_t: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor,
+                  weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """1/2 [CE(scale * sim_i) + CE(scale * sim_t)]; similarities are widened to fp32 (fp64 stays) before
+    scaling, so a large scale cannot overflow half-precision logits."""
+    dtype = torch.promote_types(sim_i.dtype, torch.float32)
+    scale = scale.to(device=sim_i.device, dtype=dtype)
+    return 0.5 * (_weighted_ce(scale * sim_i.to(dtype), labels, weights)
+                  + _weighted_ce(scale * sim_t.to(dtype), labels, weights))
 
 
 def global_contrastive_loss(
@@ -85,6 +113,7 @@ def global_contrastive_loss(
     _checks.check_tensor("text", text, 2, dims=("B", "D"))
     if image.shape != text.shape:
         raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must both be [B, D] with equal B and D")
+    _check_batch("image", image)
     scale = _check_scale("logit_scale", logit_scale)
     image, text = _normalize(image), _normalize(text)
     rank, _ = rank_and_world(group)
@@ -92,22 +121,29 @@ def global_contrastive_loss(
     image_all = gather(image, with_grad=gather_with_grad, group=group)
     text_all = gather(text, with_grad=gather_with_grad, group=group)
     if local_loss:
-        logits_i = scale * image @ text_all.T  # [B, G]
-        logits_t = scale * text @ image_all.T  # [B, G]
+        sim_i = image @ text_all.T  # [B, G]
+        sim_t = text @ image_all.T  # [B, G]
         labels = _labels(B, rank * B, image.device)
         w = _row_weights(weights, B, image.device, group, gathered=False)
     else:
-        logits_i = scale * image_all @ text_all.T  # [G, G]
-        logits_t = logits_i.T
+        sim_i = image_all @ text_all.T  # [G, G]
+        sim_t = sim_i.T
         labels = _labels(image_all.shape[0], 0, image.device)
         w = _row_weights(weights, B, image.device, group, gathered=True)
-    return 0.5 * (_weighted_ce(logits_i, labels, w) + _weighted_ce(logits_t, labels, w))
+    return _symmetric_ce(sim_i, sim_t, scale, labels, w)
 
 
 def _check_local_inputs(patches, sentences, sentence_mask, patch_mask):
     _checks.check_tensor("patches", patches, 3, dims=("B", "K", "D"))
     _checks.check_tensor("sentences", sentences, 3, dims=("B", "S", "D"))
     B, K, D = patches.shape
+    _check_batch("patches", patches)
+    if min(K, D, sentences.shape[1]) == 0:
+        raise ValueError(f"empty input: patches {tuple(patches.shape)}, sentences {tuple(sentences.shape)}")
+    if sentences.dtype != patches.dtype:
+        raise TypeError(f"sentences dtype {sentences.dtype} differs from patches dtype {patches.dtype}")
+    if sentences.device != patches.device:
+        raise ValueError(f"sentences are on {sentences.device} but patches are on {patches.device}")
     if sentences.shape[0] != B:
         raise ValueError(f"patches has batch {B} but sentences has batch {sentences.shape[0]} (one report per image)")
     if sentences.shape[-1] != D:
@@ -138,8 +174,8 @@ def patch_sentence_loss(
 
     Args:
         patches: [B, K, D] kept patch vectors of each image; sentences: [B, S, D] sentence vectors of each
-            image's report (padded); sentence_mask: [B, S] bool (True = valid, every report needs one);
-            patch_mask: [B, K] bool or None.
+            image's report (padded; S may differ between ranks); sentence_mask: [B, S] bool (True = valid,
+            every report needs one); patch_mask: [B, K] bool or None.
         logit_scale: scalar multiplier (1 / tau_l). weights: optional [B] row weights as in
             :func:`global_contrastive_loss`.
         impl: implementation of the scores op ("auto", "reference", "chunked", "triton").
@@ -149,30 +185,56 @@ def patch_sentence_loss(
         S_I2T[i, j] = mean_p max_q <v_ip, u_jq> and S_T2I[i, j] = mean_q max_p <v_ip, u_jq>; the
         diagonal pairs are positives. The column CE of S_T2I is the row CE of its transpose: for
         report j, a softmax over images.
+
+    Work: one scores call computes both directions from one pass over the similarities. In the default
+    distributed mode (``local_loss`` and ``gather_with_grad``) each rank scores its B images against all G
+    gathered reports in both directions; the T2I scores of its own reports against the other ranks' images
+    are the [B, B] blocks those ranks computed, exchanged with one all-to-all (and the gradients with the
+    reverse one), so no rank gathers patches and no similarity is computed twice. Without
+    ``gather_with_grad`` the gradient may only reach local tensors, so the T2I rows are computed locally
+    against the gathered images (a second call).
     """
     sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
     scale = _check_scale("logit_scale", logit_scale)
     patches, sentences = _normalize(patches), _normalize(sentences)
-    rank, _ = rank_and_world(group)
+    rank, world = rank_and_world(group)
     B = patches.shape[0]
-    patches_all = gather(patches, with_grad=gather_with_grad, group=group)
-    sentences_all = gather(sentences, with_grad=gather_with_grad, group=group)
-    smask_all = gather(sentence_mask, with_grad=False, group=group)
-    pmask_all = gather(patch_mask, with_grad=False, group=group)
     kw = dict(impl=impl, deterministic=deterministic)
-    if local_loss:
-        # images of this rank vs all reports; all images vs reports of this rank (transposed to rows).
-        i2t, _ = patch_sentence_scores(patches, sentences_all, smask_all, patch_mask, directions="i2t", **kw)
-        _, t2i = patch_sentence_scores(patches_all, sentences, sentence_mask, pmask_all, directions="t2i", **kw)
-        logits_i, logits_t = scale * i2t, scale * t2i.T  # [B, G] each
+    if world == 1:
+        i2t, t2i = scores_unchecked(patches, sentences, sentence_mask, patch_mask, "both", **kw)
+        logits_i, logits_t = i2t, t2i.T
+        labels = _labels(B, 0, patches.device)
+        w = _row_weights(weights, B, patches.device, group, gathered=False)
+        return _symmetric_ce(logits_i, logits_t, scale, labels, w)
+    if sentence_mask is None:
+        sentence_mask = torch.ones(sentences.shape[:2], dtype=torch.bool, device=sentences.device)
+    s_max = max_size(sentences.shape[1], group, sentences.device)
+    sentences_all = gather(sentences, with_grad=gather_with_grad, group=group, pad_dim=1, pad_size=s_max)
+    smask_all = gather(sentence_mask, with_grad=False, group=group, pad_dim=1, pad_size=s_max)
+    if local_loss and gather_with_grad:
+        i2t, t2i = scores_unchecked(patches, sentences_all, smask_all, patch_mask, "both", **kw)
+        logits_i = i2t  # [B, G]: local images vs all reports
+        logits_t = all_to_all_blocks(t2i, group).T  # [B, G]: local reports vs all images
+        labels = _labels(B, rank * B, patches.device)
+        w = _row_weights(weights, B, patches.device, group, gathered=False)
+    elif local_loss:
+        patches_all = gather(patches, with_grad=False, group=group)
+        pmask_all = gather(patch_mask, with_grad=False, group=group)
+        logits_i, _ = scores_unchecked(patches, sentences_all, smask_all, patch_mask, "i2t", **kw)
+        local_s = sentences_all[rank * B : (rank + 1) * B]
+        local_m = smask_all[rank * B : (rank + 1) * B]
+        _, t2i = scores_unchecked(patches_all, local_s, local_m, pmask_all, "t2i", **kw)
+        logits_t = t2i.T
         labels = _labels(B, rank * B, patches.device)
         w = _row_weights(weights, B, patches.device, group, gathered=False)
     else:
-        i2t, t2i = patch_sentence_scores(patches_all, sentences_all, smask_all, pmask_all, **kw)
-        logits_i, logits_t = scale * i2t, scale * t2i.T
+        patches_all = gather(patches, with_grad=gather_with_grad, group=group)
+        pmask_all = gather(patch_mask, with_grad=False, group=group)
+        i2t, t2i = scores_unchecked(patches_all, sentences_all, smask_all, pmask_all, "both", **kw)
+        logits_i, logits_t = i2t, t2i.T
         labels = _labels(patches_all.shape[0], 0, patches.device)
         w = _row_weights(weights, B, patches.device, group, gathered=True)
-    return 0.5 * (_weighted_ce(logits_i, labels, w) + _weighted_ce(logits_t, labels, w))
+    return _symmetric_ce(logits_i, logits_t, scale, labels, w)
 
 
 def semantic_integrity_loss(

@@ -1,8 +1,10 @@
-"""Two gloo processes give the loss and gradients of one process on the concatenated batch.
+"""2 and 3 gloo processes give the loss and gradients of one process on the concatenated batch.
 
 Per-rank losses are means over local rows, so the single-process loss equals their average, and the
 gradient each rank gets on its own inputs (summed over ranks by the all-gather's backward) equals
-world_size times the single-process gradient on that slice.
+world_size times the single-process gradient on that slice. Ranks hold different numbers of sentences per
+report (ragged S): the library pads them itself. In the default mode (local loss, gather with gradient)
+each rank calls the fused scores op once per loss and exchanges [B, B] score blocks with an all-to-all.
 """
 import os
 
@@ -11,46 +13,56 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mlip_fast import distributed as MD
 from mlip_fast import functional as MF
+from mlip_fast.ops import patch_sentence as ps_op
 
-WORLD = 2
-B, K, S, D = 3, 4, 3, 5
+B, K, S, D = 3, 4, 5, 5
+IMPLS = ("reference", "chunked")
+MODES = ((True, True), (True, False), (False, True))  # (local_loss, gather_with_grad)
 
 
-def _batch():
+def _s_of(rank: int) -> int:
+    return S - (rank % 3)  # ranks hold 5, 4, 3 sentence slots
+
+
+def _batch(world):
     gen = torch.Generator().manual_seed(11)
-    smask = torch.rand(WORLD * B, S, generator=gen) > 0.4
+    smask = torch.rand(world * B, S, generator=gen) > 0.4
     smask[:, 0] = True
-    pmask = torch.rand(WORLD * B, K, generator=gen) > 0.3
+    for r in range(world):  # the slots beyond a rank's S are padding in the concatenated batch
+        smask[r * B : (r + 1) * B, _s_of(r):] = False
+    pmask = torch.rand(world * B, K, generator=gen) > 0.3
     pmask[:, 0] = True
     return dict(
-        image=torch.randn(WORLD * B, D, generator=gen, dtype=torch.float64),
-        text=torch.randn(WORLD * B, D, generator=gen, dtype=torch.float64),
-        patches=torch.randn(WORLD * B, K, D, generator=gen, dtype=torch.float64),
-        sentences=torch.randn(WORLD * B, S, D, generator=gen, dtype=torch.float64),
-        logits=torch.randn(WORLD * B, K, generator=gen, dtype=torch.float64),
-        weights=torch.rand(WORLD * B, generator=gen, dtype=torch.float64) + 0.2,
+        image=torch.randn(world * B, D, generator=gen, dtype=torch.float64),
+        text=torch.randn(world * B, D, generator=gen, dtype=torch.float64),
+        patches=torch.randn(world * B, K, D, generator=gen, dtype=torch.float64),
+        sentences=torch.randn(world * B, S, D, generator=gen, dtype=torch.float64),
+        logits=torch.randn(world * B, K, generator=gen, dtype=torch.float64),
+        weights=torch.rand(world * B, generator=gen, dtype=torch.float64) + 0.2,
         smask=smask,
         pmask=pmask,
     )
 
 
-def _losses(x, local_loss):
+def _losses(x, local_loss, gather_with_grad, impl):
     out = {}
+    dist_kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad)
     for name in ("global", "local", "total"):
         t = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in x.items()}
         if name == "global":
-            loss = MF.global_contrastive_loss(t["image"], t["text"], 8.0, t["weights"], local_loss=local_loss)
+            loss = MF.global_contrastive_loss(t["image"], t["text"], 8.0, t["weights"], **dist_kw)
             keys = ("image", "text")
         elif name == "local":
             loss = MF.patch_sentence_loss(
-                t["patches"], t["sentences"], t["smask"], t["pmask"], 6.0, t["weights"], local_loss=local_loss, impl="reference"
+                t["patches"], t["sentences"], t["smask"], t["pmask"], 6.0, t["weights"], impl=impl, **dist_kw
             )
             keys = ("patches", "sentences")
         else:
             loss, _ = MF.mlip_loss(
                 t["image"], t["text"], t["patches"], t["sentences"], t["smask"], t["logits"], t["weights"], 8.0, 6.0,
-                t["pmask"], weight_local=True, local_loss=local_loss, impl="reference",
+                t["pmask"], weight_local=True, impl=impl, **dist_kw,
             )
             keys = ("image", "text", "patches", "sentences", "logits")
         loss.backward()
@@ -58,32 +70,107 @@ def _losses(x, local_loss):
     return out
 
 
-def _worker(rank, init_file, result_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _count_calls(impl):
+    """Wraps the impl's function to count fused-op calls."""
+    chosen = ps_op.REGISTRY.impls[impl]
+    calls = []
+    original = chosen.fn
+
+    def counting(*args, **kwargs):
+        calls.append(args[4])  # directions
+        return original(*args, **kwargs)
+
+    object.__setattr__(chosen, "fn", counting)
+    return calls, lambda: object.__setattr__(chosen, "fn", original)
+
+
+def _worker(rank, world, init_file, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        full = _batch()
+        full = _batch(world)
         mine = {k: v[rank * B : (rank + 1) * B] for k, v in full.items()}
-        torch.save({ll: _losses(mine, ll) for ll in (True, False)}, os.path.join(result_dir, f"rank{rank}.pt"))
+        mine["sentences"] = mine["sentences"][:, : _s_of(rank)]
+        mine["smask"] = mine["smask"][:, : _s_of(rank)]
+        results = {}
+        for impl in IMPLS:
+            for mode in MODES:
+                results[(impl, mode)] = _losses(mine, *mode, impl)
+        calls, restore = _count_calls("chunked")
+        t = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in mine.items()}
+        MF.patch_sentence_loss(t["patches"], t["sentences"], t["smask"], t["pmask"], 6.0, impl="chunked").backward()
+        restore()
+        results["calls"] = calls
+        torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.barrier()
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    full = _batch()
-    for local_loss in (True, False):
-        single = _losses(full, local_loss)
-        for name, (loss, grads) in single.items():
-            rank_losses = [ranks[r][local_loss][name][0] for r in range(WORLD)]
-            torch.testing.assert_close(sum(rank_losses) / WORLD, loss, rtol=1e-10, atol=1e-12)
-            if not local_loss and name != "total":  # the full G x G losses are the same on every rank
-                for rl in rank_losses:
-                    torch.testing.assert_close(rl, loss, rtol=1e-10, atol=1e-12, msg=f"{name} loss, full mode")
-            for key, g in grads.items():
-                for r in range(WORLD):
-                    got = ranks[r][local_loss][name][1][key]
-                    torch.testing.assert_close(got, WORLD * g[r * B : (r + 1) * B], rtol=1e-9, atol=1e-12,
-                                               msg=f"{name} loss, local_loss={local_loss}, grad of {key}, rank {r}")
+@pytest.mark.parametrize("world", [2, 3])
+def test_processes_match_one(tmp_path, world):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    full = _batch(world)
+    for r in range(world):
+        assert ranks[r]["calls"] == ["both"], "one fused scores call per loss in the default distributed mode"
+    for impl in IMPLS:
+        for local_loss, gather_with_grad in MODES:
+            single = _losses(full, local_loss, gather_with_grad, impl)
+            for name, (loss, grads) in single.items():
+                rank_out = [ranks[r][(impl, (local_loss, gather_with_grad))][name] for r in range(world)]
+                rank_losses = [o[0] for o in rank_out]
+                msg = f"{name} loss, impl={impl}, local_loss={local_loss}, gather_with_grad={gather_with_grad}"
+                torch.testing.assert_close(sum(rank_losses) / world, loss, rtol=1e-10, atol=1e-12, msg=msg)
+                if not local_loss and name != "total":  # the full G x G losses are the same on every rank
+                    for rl in rank_losses:
+                        torch.testing.assert_close(rl, loss, rtol=1e-10, atol=1e-12, msg=f"{msg}, full mode")
+                if not gather_with_grad:
+                    continue  # gradients then reach local tensors only: not the single-process gradient
+                for key, g in grads.items():
+                    for r in range(world):
+                        got = rank_out[r][1][key]
+                        want = world * g[r * B : (r + 1) * B]
+                        if key == "sentences":
+                            want = want[:, : _s_of(r)]
+                        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=f"{msg}, grad of {key}, rank {r}")
+
+
+def _a2a_worker(rank, world, init_file, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.randn(2, world * 3, generator=gen, dtype=torch.float64, requires_grad=True)
+        y = MD.all_to_all_blocks(x)
+        up = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        (y * up).sum().backward()
+        torch.save(dict(x=x.detach(), y=y.detach(), up=up, grad=x.grad), os.path.join(result_dir, f"a2a{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_all_to_all_blocks_exchange_and_gradient(tmp_path):
+    world = 3
+    mp.spawn(_a2a_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    res = [torch.load(tmp_path / f"a2a{r}.pt") for r in range(world)]
+    for me in range(world):
+        want = torch.cat([res[r]["x"][:, me * 3 : (me + 1) * 3] for r in range(world)], dim=0)
+        torch.testing.assert_close(res[me]["y"], want, rtol=0, atol=0)
+    for r in range(world):  # d/dx of sum_me <y_me, up_me>: block `me` of x_r went to rank me, rows r
+        want = torch.cat([res[me]["up"][r * 2 : (r + 1) * 2] for me in range(world)], dim=1)
+        torch.testing.assert_close(res[r]["grad"], want, rtol=0, atol=0)
+
+
+def test_single_process_calls_the_op_once():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(4, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    calls, restore = _count_calls("chunked")
+    try:
+        MF.patch_sentence_loss(p, s, impl="chunked").backward()
+        MF.mlip_loss(p.sum(1), s.sum(1), p, s, impl="chunked", lambda_sie=0.0)[0].backward()
+    finally:
+        restore()
+    assert calls == ["both", "both"]

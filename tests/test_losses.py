@@ -188,3 +188,56 @@ def test_bad_input_errors():
         MLIPLoss()(**{**x, "integrity_logits": None})
     with pytest.raises(ValueError, match="logit_scale"):
         MF.global_contrastive_loss(x["image_global"], x["text_global"], torch.ones(2))
+
+
+@pytest.mark.parametrize("which", ["global", "local", "sie", "mlip"])
+def test_empty_batch_raises_in_every_loss(which):
+    x = _inputs(B=0)
+    with pytest.raises(ValueError, match="batch size 0|empty input"):
+        if which == "global":
+            MF.global_contrastive_loss(x["image_global"], x["text_global"], 10.0)
+        elif which == "local":
+            MF.patch_sentence_loss(x["patches"], x["sentences"], x["sentence_mask"])
+        elif which == "sie":
+            MF.semantic_integrity_loss(x["integrity_logits"], x["patches"], x["sentences"], x["sentence_mask"])
+        else:
+            MF.mlip_loss(**x)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -3.0, torch.tensor(float("nan"))])
+@pytest.mark.parametrize("which", ["global", "local"])
+def test_bad_logit_scale_raises(scale, which):
+    x = _inputs()
+    with pytest.raises(ValueError, match="logit_scale must be finite and > 0"):
+        if which == "global":
+            MF.global_contrastive_loss(x["image_global"], x["text_global"], scale)
+        else:
+            MF.patch_sentence_loss(x["patches"], x["sentences"], x["sentence_mask"], None, scale)
+
+
+@pytest.mark.parametrize("which", ["global", "local"])
+def test_half_features_are_scaled_in_fp32(which):
+    # cosine logits times 1e6 overflow fp16 (max 65504); the loss must widen before scaling, like fp64.
+    x = _inputs(seed=5)
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in x.items()}
+    ref_in = {k: (v.double() if v.is_floating_point() else v) for k, v in half.items()}  # same rounded inputs
+
+    def run(t):
+        if which == "global":
+            return MF.global_contrastive_loss(t["image_global"], t["text_global"], 1e6)
+        return MF.patch_sentence_loss(t["patches"], t["sentences"], t["sentence_mask"], None, 1e6, impl="reference")
+
+    got, want = run(half), run(ref_in)
+    assert torch.isfinite(got) and got.dtype == torch.float32
+    # fp16 cosines carry ~5e-4 relative error; times 1e6 that is an absolute logit error of ~500 per entry
+    # against gaps of the same order, so only agreement to a loose relative tolerance is meaningful.
+    assert got.item() == pytest.approx(want.item(), rel=0.05, abs=50.0)
+
+
+def test_all_zero_integrity_weights_raise():
+    x = _inputs()
+    zeros = torch.zeros_like(x["integrity_weights"])
+    with pytest.raises(ValueError, match="weights are all zero"):
+        MF.global_contrastive_loss(x["image_global"], x["text_global"], 10.0, zeros)
+    with pytest.raises(ValueError, match="weights contains NaN"):
+        MF.global_contrastive_loss(x["image_global"], x["text_global"], 10.0, zeros + float("nan"))

@@ -80,7 +80,31 @@ def patch_sentence_scores(
         raise ValueError(f"empty input: patches {tuple(patches.shape)}, sentences {tuple(sentences.shape)}")
     sentence_mask = _checks.check_mask("sentence_mask", sentence_mask, (G, S), device=patches.device)
     patch_mask = _checks.check_mask("patch_mask", patch_mask, (B, K), device=patches.device)
-    chosen = REGISTRY.select(impl, patches.device, patches.dtype)
+    return scores_unchecked(patches, sentences, sentence_mask, patch_mask, directions, impl=impl,
+                            deterministic=deterministic)
+
+
+def describe_inputs(patches: torch.Tensor, sentences: torch.Tensor, directions: str) -> dict:
+    """What an impl's ``limits`` sees: device, dtype, B, K, G, S, D and the directions."""
+    B, K, D = patches.shape
+    G, S, _ = sentences.shape
+    return dict(device=patches.device, dtype=patches.dtype, B=B, K=K, G=G, S=S, D=D, directions=directions)
+
+
+def scores_unchecked(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: Optional[torch.Tensor],
+    patch_mask: Optional[torch.Tensor],
+    directions: str,
+    *,
+    impl: str = "auto",
+    deterministic: bool = False,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """:func:`patch_sentence_scores` for callers that validated the inputs already (the losses): dispatch
+    only, no checks (and so no host synchronisation)."""
+    inputs = describe_inputs(patches, sentences, directions)
+    chosen = REGISTRY.select(impl, patches.device, patches.dtype, inputs)
     return chosen.fn(patches, sentences, sentence_mask, patch_mask, directions, deterministic)
 
 
