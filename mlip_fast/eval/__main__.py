@@ -7,7 +7,8 @@ progress bars, and prints where the summary is. See docs/evaluation.md.
 Data (``--dataset``, default ``auto``): ``synthetic`` (a benchmark folder from ``python -m
 mlip_fast.data.synth``), ``covid`` (``../shared/data/covid_chestxray``), ``masks`` (``--data IMAGES
 --masks MASKS``), ``image-folder``, ``chexpert5x200`` (CheXpert's train.csv, a saved selection or a
-list file), ``rsna`` / ``siim`` (``--data`` = labels / RLE CSV, ``--images`` = image folder). Every kind
+list file), ``rsna`` / ``siim`` (``--data`` = labels / RLE CSV, ``--images`` = image folder), ``shards``
+(a folder from ``python -m mlip_fast.data.shards``: zeroshot and retrieval on its stored splits). Every kind
 is split train / valid / test by the field's protocols (``mlip_fast.eval.benchmarks``): ``--split``
 (default test) is scored; few-shot tasks train on train and choose epochs / steps on valid.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from mlip_fast.data.datasets import DatasetError
+from mlip_fast.data.shard_reader import find_index
 from mlip_fast.eval.benchmarks import KINDS as BENCHMARK_KINDS
 from mlip_fast.eval.benchmarks import SplitOptions, build_eval_sets
 from mlip_fast.eval.common import CheckpointError, EvalDataError, load_checkpoint, seed_everything, write_summary
@@ -113,6 +115,8 @@ def _detect_kind(args) -> str:
     root = Path(args.data)
     if not root.exists():
         raise EvalDataError(f"--data {root} does not exist")
+    if find_index(root) is not None:
+        return "shards"
     if (root / "master.csv").is_file():
         return "synthetic"
     if (root / "staged_images.csv").is_file():

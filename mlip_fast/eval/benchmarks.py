@@ -14,6 +14,7 @@ choice (epoch, linear-probe step) on valid. The splits (``mlip_fast.eval.protoco
 | ``siim`` | 70/15/15 by image; balanced negatives in train for segmentation | ``splits/siim_pneumothorax.json`` |
 | ``chexpert5x200`` | the 1,000 images are the test set (GLoRIA's criterion, MGCA's draw); few-shot tasks split them 70/15/15 by patient | ``splits/chexpert5x200.json`` |
 | ``masks`` / ``image-folder`` | 70/15/15 by file, seeded | computed |
+| ``shards`` | the splits the shard writer stored (zeroshot and retrieval only) | the shard index |
 
 ``options.fractions`` / ``method`` / ``split_seed`` override a definition's procedure (the lists are then
 recomputed from the data); ``options.split_file`` replaces the shipped definition (e.g. a list file
@@ -33,6 +34,7 @@ from typing import Callable, Optional, Sequence
 
 from torch.utils.data import Dataset, Subset
 
+from mlip_fast.data.shard_reader import ShardSplit
 from mlip_fast.eval.common import EvalDataError
 from mlip_fast.eval.data import CovidChestXray, MaskedImageFolder, SyntheticBenchmark, foreground_flags
 from mlip_fast.eval.protocols import (
@@ -50,7 +52,7 @@ from mlip_fast.eval.protocols import (
 
 __all__ = ["KINDS", "SHIPPED_SPLITS", "SplitOptions", "EvalSets", "build_eval_sets"]
 
-KINDS = ("synthetic", "covid", "masks", "image-folder", "chexpert5x200", "rsna", "siim")
+KINDS = ("synthetic", "covid", "masks", "image-folder", "chexpert5x200", "rsna", "siim", "shards")
 SHIPPED_SPLITS = {"covid": "covid_chestxray", "rsna": "rsna_pneumonia", "siim": "siim_pneumothorax",
                   "chexpert5x200": "chexpert5x200"}
 TRAINING_TASKS = ("fewshot", "segmentation")
@@ -167,6 +169,17 @@ def _synthetic(data: str, task: str, transform, options: SplitOptions) -> EvalSe
     return EvalSets(train, valid, test, described)
 
 
+def _shards(data: str, task: str, transform, options: SplitOptions) -> EvalSets:
+    """A shard folder (``python -m mlip_fast.data.shards``): its ``options.split`` streamed in stored order,
+    for the tasks that score one pass over a split (zeroshot, retrieval)."""
+    if task not in ("zeroshot", "retrieval"):
+        raise EvalDataError(f"--dataset shards serves zeroshot and retrieval; {task} needs the source dataset "
+                            f"(named in the shard index)")
+    test = ShardSplit(data, options.split, transform=transform)
+    return EvalSets(None, None, test, {"split": options.split, "index": test.index["index_path"],
+                                       "source": test.index["source"]})
+
+
 def _balanced(train: Dataset, flags: Sequence[bool], seed: int, described: dict) -> Subset:
     keep = balanced_negatives(flags, seed)
     described["balanced_negatives"] = {"positives": int(sum(flags)), "negatives_kept": len(keep) - int(sum(flags)),
@@ -185,6 +198,8 @@ def build_eval_sets(kind: str, data: str, task: str, transform, options: SplitOp
 
     if kind not in KINDS:
         raise EvalDataError(f"unknown dataset kind {kind!r}; kinds: {KINDS}")
+    if kind == "shards":
+        return _shards(data, task, transform, options)
     if kind == "synthetic":
         sets = _synthetic(data, task, transform, options)
         if task == "segmentation" and options.balance_negatives:
