@@ -5,7 +5,6 @@ zero-shot evaluation of the export on the test shards. Also: resuming a shard ru
 import csv
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -113,7 +112,6 @@ def test_resuming_a_shard_run_continues_exactly(real_shards, tmp_path):
     train(["--deepspeed_config", str(ds), "--data", str(shards), "--output-dir", str(full), "--steps", "3",
            "--save-every", "2", "--keep-checkpoints", "0", "--num-workers", "0", "--shuffle-buffer", "50", *TRAIN_ARGS])
     resumed = tmp_path / "resumed"
-    shutil.copytree(full / "tokenizer", resumed / "tokenizer")
     summary = train(["--deepspeed_config", str(ds), "--data", str(shards), "--output-dir", str(resumed), "--steps", "3",
                      "--resume", str(full / "checkpoints" / "step00000002"), "--num-workers", "1",
                      "--shuffle-buffer", "50", *TRAIN_ARGS])
