@@ -256,6 +256,32 @@ def test_warp_grid_equals_affine_grid():
         torch.testing.assert_close(_warp(x, theta), ref.float(), rtol=0, atol=1e-5)
 
 
+def test_train_transform_resamples_once_for_mild_reductions():
+    """Resize + pad + affine as one resampling: exact for an S x S image, within fp32 rounding when only
+    padding is involved, close to antialiased resizing at 256 -> 224 px, and unused below FUSED_MIN_SCALE."""
+    from mlip_fast.data.transforms import FUSED_MIN_SCALE, _warp
+
+    def two_step(image, size, seed):
+        theta = ImageTransform(size, train=True)._random_theta(torch.Generator().manual_seed(seed))
+        return _warp(resize_pad(torch.from_numpy(image), size), theta)
+
+    def smooth(h, w):  # radiograph-like content
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        return (0.5 + 0.3 * np.sin(9 * xx + 4 * yy) * np.cos(6 * yy)).astype(np.float32)
+
+    for (h, w), size, atol in (((48, 48), 48, 0.0), ((40, 48), 48, 1e-5), ((37, 29), 37, 1e-5)):
+        image = np.random.default_rng(h).random((h, w)).astype(np.float32)
+        fused = ImageTransform(size, train=True, mean=0.0, std=1.0)(image, torch.Generator().manual_seed(3))[0]
+        torch.testing.assert_close(fused, two_step(image, size, 3), rtol=0, atol=atol)
+    image = smooth(307, 256)
+    fused = ImageTransform(224, train=True, mean=0.0, std=1.0)(image, torch.Generator().manual_seed(1))[0]
+    assert (fused - two_step(image, 224, 1)).abs().mean() < 0.004
+    image = smooth(600, 500)
+    assert 224 / 600 < FUSED_MIN_SCALE
+    strong = ImageTransform(224, train=True, mean=0.0, std=1.0)(image, torch.Generator().manual_seed(2))[0]
+    assert torch.equal(strong, two_step(image, 224, 2))
+
+
 def test_affine_rotation_direction_is_a_pure_rotation():
     """A 90-degree setting rotates a single bright pixel on the expected circle around the centre."""
     image = np.zeros((33, 33), np.float32)
