@@ -19,6 +19,7 @@ the shards divided among DataLoader workers: the evaluation reader. Training ord
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+from tqdm.auto import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .datasets import DatasetError
@@ -40,7 +42,7 @@ except ImportError:  # pragma: no cover - exercised on machines without the opti
     simplejpeg = None
 
 __all__ = ["SHARD_FORMAT", "INDEX_NAME", "DECODERS", "ShardError", "find_index", "load_index", "read_samples",
-           "decode_image", "to_unit_float", "parse_meta", "ShardSplit"]
+           "verify_shards", "decode_image", "to_unit_float", "parse_meta", "make_item", "ShardSplit"]
 
 SHARD_FORMAT = "mlip_fast.shards"
 SHARD_VERSION = 1
@@ -113,6 +115,28 @@ def read_samples(path, offset: int = 0, count: int | None = None) -> Iterator[di
         f.seek(offset)
         samples = group_by_keys(tar_file_expander([{"url": str(path), "stream": f}]))
         yield from islice(samples, count)
+
+
+def verify_shards(path, progress: bool = True) -> list[str]:
+    """Problems found by re-reading every shard of a folder: checksum, size, sample count and offsets
+    against the index (empty list = intact)."""
+    index = load_index(path, check_files=False)
+    problems = []
+    shards = [s for entry in index["splits"].values() for s in entry["shards"]]
+    for shard in tqdm(shards, desc="verifying", unit="shard", disable=not progress):
+        p = Path(shard["file"])
+        if not p.is_file():
+            problems.append(f"{shard['path']}: missing")
+            continue
+        data = p.read_bytes()
+        if len(data) != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            problems.append(f"{shard['path']}: checksum or size differs from the index")
+            continue
+        starts = [next(read_samples(p, off, 1), {}).get("__key__") for off in shard["offsets"]]
+        keys = [s["__key__"] for s in read_samples(p)]
+        if keys != starts or len(keys) != shard["samples"]:
+            problems.append(f"{shard['path']}: samples or offsets differ from the index")
+    return problems
 
 
 def decode_image(data: bytes, decoder: str = "auto") -> np.ndarray:

@@ -49,10 +49,10 @@ from mlip_fast._records import jsonable, versions
 from . import datasets as D
 from .images import ImageLoadError, load_image, sniff_format
 from .reports import report_text
-from .shard_reader import INDEX_NAME, SHARD_FORMAT, SHARD_VERSION, ShardError, load_index, read_samples
+from .shard_reader import INDEX_NAME, SHARD_FORMAT, SHARD_VERSION, ShardError, verify_shards
 from .sources import DataConfigError, build_pretrain_dataset
 
-__all__ = ["ShardConfig", "collect_records", "write_shards", "verify_shards", "resize_shorter", "encode_image", "main"]
+__all__ = ["ShardConfig", "collect_records", "write_shards", "resize_shorter", "encode_image", "main"]
 
 SPLITS = ("train", "valid", "test")
 PLAN_NAME = "plan.json"
@@ -320,42 +320,21 @@ def _finish(out, data, config, plan, entries, label_names, dropped, workers, wal
     n_bytes = sum(s["bytes"] for s in splits.values())
     written = [e for e in entries if not e["reused"]]
     cpu = sum(e["cpu_s"] for e in written)
-    per_image = cpu / max(1, sum(e["samples"] + len(e["bad"]) for e in written))
+    n_written = sum(e["samples"] + len(e["bad"]) for e in written)
+    per_image = cpu / n_written if n_written else None  # None: every shard was already there
     summary = {"index": str(out / INDEX_NAME), "source": str(data), "config": dataclasses.asdict(config),
                "samples": {s: v["samples"] for s, v in splits.items()}, "bad": len(bad_all),
                "bad_files": bad_all[:20], "shards": len(entries), "reused_shards": len(entries) - len(written),
                "bytes": n_bytes, "wall_s": round(wall, 2), "workers": workers, "cpu_s_written": round(cpu, 2),
-               "cpu_ms_per_image": round(1e3 * per_image, 3),
+               "cpu_ms_per_image": None if per_image is None else round(1e3 * per_image, 3),
                "per_100k_images": {"gb": round(n_bytes / max(1, n_images) * 1e5 / 1e9, 3),
-                                   "cpu_hours": round(per_image * 1e5 / 3600, 3)},
+                                   "cpu_hours": None if per_image is None else round(per_image * 1e5 / 3600, 3)},
                "versions": versions(), "command": " ".join(sys.argv)}
     _write_json(out / SUMMARY_NAME, summary)
     if problems:
         raise D.DatasetError(f"{out}: more than max_bad_fraction {config.max_bad_fraction} of the items are bad "
                              f"({'; '.join(problems)}); first: {[b['source'] for b in bad_all[:5]]} (all in {INDEX_NAME})")
     return index
-
-
-def verify_shards(path, progress: bool = True) -> list[str]:
-    """Problems found by re-reading every shard of a folder: checksum, size, sample count and offsets
-    against the index (empty list = intact)."""
-    index = load_index(path, check_files=False)
-    problems = []
-    shards = [s for entry in index["splits"].values() for s in entry["shards"]]
-    for shard in tqdm(shards, desc="verifying", unit="shard", disable=not progress):
-        p = Path(shard["file"])
-        if not p.is_file():
-            problems.append(f"{shard['path']}: missing")
-            continue
-        data = p.read_bytes()
-        if len(data) != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
-            problems.append(f"{shard['path']}: checksum or size differs from the index")
-            continue
-        starts = [next(read_samples(p, off, 1), {}).get("__key__") for off in shard["offsets"]]
-        keys = [s["__key__"] for s in read_samples(p)]
-        if keys != starts or len(keys) != shard["samples"]:
-            problems.append(f"{shard['path']}: samples or offsets differ from the index")
-    return problems
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -392,9 +371,10 @@ def main(argv=None) -> int:
     for split, entry in index["splits"].items():
         print(f"{split}: {entry['samples']} samples in {len(entry['shards'])} shard(s), {entry['bytes'] / 1e6:.1f} MB, "
               f"{entry['bad']} bad, {entry['dropped']} without a report")
-    print(f"{summary['wall_s']:.1f} s with {summary['workers']} worker(s), {summary['cpu_ms_per_image']:.1f} ms CPU per "
-          f"image; per 100k images: {summary['per_100k_images']['gb']} GB, {summary['per_100k_images']['cpu_hours']} "
-          f"CPU hours\nindex: {Path(args.out) / INDEX_NAME}\nsummary: {Path(args.out) / SUMMARY_NAME}")
+    per_100k = summary["per_100k_images"]
+    print(f"{summary['wall_s']:.1f} s with {summary['workers']} worker(s), {summary['reused_shards']} shard(s) reused; "
+          f"CPU per image {summary['cpu_ms_per_image']} ms; per 100k images: {per_100k['gb']} GB, "
+          f"{per_100k['cpu_hours']} CPU hours\nindex: {Path(args.out) / INDEX_NAME}\nsummary: {Path(args.out) / SUMMARY_NAME}")
     return 0
 
 
