@@ -305,36 +305,39 @@ def _targets(rows) -> dict:
     return out
 
 
-FWD_SWEEP = [  # candidate forward configs (GB is set from the target number of sentence columns)
-    dict(BLOCK_K=64, N=128, BLOCK_D=64, num_warps=8, num_stages=3),
-    dict(BLOCK_K=64, N=128, BLOCK_D=32, num_warps=4, num_stages=4),
-    dict(BLOCK_K=64, N=64, BLOCK_D=64, num_warps=4, num_stages=3),
-    dict(BLOCK_K=128, N=128, BLOCK_D=64, num_warps=8, num_stages=3),
-    dict(BLOCK_K=128, N=64, BLOCK_D=64, num_warps=8, num_stages=3),
-    dict(BLOCK_K=32, N=128, BLOCK_D=64, num_warps=4, num_stages=3),
-    dict(BLOCK_K=64, N=256, BLOCK_D=32, num_warps=8, num_stages=3),
-    dict(BLOCK_K=64, N=128, BLOCK_D=128, num_warps=8, num_stages=2),
+FWD_SWEEP = [  # candidate forward configs; ROWS = sentence rows per tile (GB = ROWS // S_CH)
+    dict(ROWS=128, BN=128, BD=64, num_warps=8, num_stages=3),
+    dict(ROWS=128, BN=128, BD=64, num_warps=8, num_stages=4),
+    dict(ROWS=128, BN=128, BD=32, num_warps=8, num_stages=4),
+    dict(ROWS=128, BN=64, BD=64, num_warps=8, num_stages=3),
+    dict(ROWS=64, BN=128, BD=64, num_warps=4, num_stages=3),
+    dict(ROWS=64, BN=256, BD=64, num_warps=8, num_stages=3),
+    dict(ROWS=256, BN=64, BD=64, num_warps=8, num_stages=3),
+    dict(ROWS=128, BN=128, BD=128, num_warps=8, num_stages=2),
 ]
 
 
 def section_patch_sentence_fwd_config_sweep(ctx: Context) -> dict:
     """Forward time per block configuration at the 128 x 1024, D=512 bf16 shape (input for tuning the
     launcher's default); a config that fails to compile is recorded with its error."""
-    torch = ctx.torch
     from bench_patch_sentence import make_inputs
 
+    from mlip_fast.kernels._target import target_of
     from mlip_fast.kernels.patch_sentence import fwd_config, patch_sentence_fwd
 
     B, G, K, S, D = (4, 6, 8, 4, 32) if ctx.dry_run else (128, 1024, 196, 16, 512)
     dtype = "float32" if ctx.dry_run else "bfloat16"
     p, s, m, _, _ = make_inputs(B, G, K, S, D, dtype, str(ctx.device), seed=0)
     p, s = p.detach(), s.detach()
-    default = fwd_config(K, S, G, D, p.dtype)
+    target = target_of(p.device)
+    default = fwd_config(B, K, G, S, D, p.dtype, target.arch, target.sm_count)
     expected = patch_sentence_fwd(p, s, m, None)[:2]
     rows = [dict(config="default", **default, ms=ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None)))]
     for cand in FWD_SWEEP[:2] if ctx.dry_run else FWD_SWEEP:
-        cfg = {k: v for k, v in cand.items() if k != "N"}
-        cfg["GB"] = max(1, cand["N"] // default["S_PAD"])
+        cfg = {k: v for k, v in cand.items() if k != "ROWS"}
+        cfg["GB"] = max(1, cand["ROWS"] // default["S_CH"]) if not default["LARGE_S"] else 1
+        if ctx.dry_run:
+            cfg.update(BN=16, BD=16, num_stages=1)
         try:
             got = patch_sentence_fwd(p, s, m, None, config=cfg)[:2]
             diff = max(float((a - b).abs().max()) for a, b in zip(got, expected))

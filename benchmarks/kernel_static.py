@@ -98,7 +98,8 @@ class StandInDriver:
         return self.target
 
     def get_current_device(self):
-        return 0
+        # Triton caches its compile target per device: one stand-in device per arch keeps them apart.
+        return self.target.arch
 
     def get_current_stream(self, device=None):
         return 0
@@ -133,34 +134,32 @@ def compile_target(arch: int):
 
 @dataclass
 class Launch:
+    """One ``kernel[grid](...)`` call of a launcher, captured instead of run."""
+
+    module: str
     kernel: str
+    arch: int
     grid: tuple
-    compiled: object = None
-    error: Optional[str] = None
+    args: list  # ["T", dtype, shape] for a tensor, else the plain value
+    kwargs: dict
     key: str = ""
-    config: dict = field(default_factory=dict)
 
 
 class _LaunchRecorder:
     """Stands in for a ``@triton.jit`` function inside a kernels module: ``kernel[grid](*args, **kw)``
-    compiles through ``warmup`` with MockTensors instead of launching, and records the result."""
+    records the launch (tensor arguments as dtype and shape) instead of running it."""
 
-    def __init__(self, jit_fn, sink: list, cache: dict):
-        self.jit_fn, self.sink, self.cache = jit_fn, sink, cache
+    def __init__(self, module: str, jit_fn, arch: int, sink: list):
+        self.module, self.jit_fn, self.arch, self.sink = module, jit_fn, arch, sink
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            grid_t = tuple(grid(kwargs) if callable(grid) else grid)
-            mock_args = [MockTensor(a.dtype, list(a.shape)) if isinstance(a, torch.Tensor) else a for a in args]
+            grid_t = tuple(int(g) for g in (grid(kwargs) if callable(grid) else grid))
+            spec = [["T", str(a.dtype).replace("torch.", ""), list(a.shape)] if isinstance(a, torch.Tensor) else _plain(a)
+                    for a in args]
             name = self.jit_fn.fn.__name__
-            key = _compile_key(name, mock_args, kwargs)
-            rec = Launch(kernel=name, grid=grid_t, key=key, config={k: _plain(v) for k, v in kwargs.items()})
-            if key not in self.cache:
-                try:
-                    self.cache[key] = (self.jit_fn.warmup(*mock_args, grid=grid_t, **kwargs), None)
-                except Exception as err:  # noqa: BLE001 - a failed compile is a result
-                    self.cache[key] = (None, f"{type(err).__name__}: {str(err).splitlines()[0][:500]}")
-            rec.compiled, rec.error = self.cache[key]
+            rec = Launch(self.module, name, self.arch, grid_t, spec, {k: _plain(v) for k, v in kwargs.items()})
+            rec.key = _compile_key(self.jit_fn, rec)
             self.sink.append(rec)
 
         return launch
@@ -170,35 +169,121 @@ def _plain(v):
     return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
 
 
-def _spec_int(v) -> str:
-    # What Triton specialises an int on: == 1 and divisibility by 16.
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return "1" if v == 1 else ("d16" if v % 16 == 0 else "i")
-    return repr(v)
-
-
-def _compile_key(name: str, args: list, kwargs: dict) -> str:
-    parts = [name]
-    for a in args:
-        parts.append(f"T{a.dtype}" if isinstance(a, MockTensor) else _spec_int(a))
-    parts += [f"{k}={_plain(v)}" for k, v in sorted(kwargs.items())]
-    return "|".join(map(str, parts)) + f"|arch={triton_driver.active.get_current_target().arch}"
+def _compile_key(jit_fn, ln: Launch) -> str:
+    """What Triton specialises a compile on: tensor dtypes, ints == 1 or divisible by 16 (unless the kernel
+    says not to specialise them), constexprs and launch options; plus the arch and the kernel source."""
+    skip = {a if isinstance(a, str) else jit_fn.arg_names[a] for a in jit_fn.do_not_specialize}
+    parts = [ln.module, ln.kernel, hashlib.sha1(jit_fn.src.encode()).hexdigest()[:12], f"arch={ln.arch}"]
+    for name, a in zip(jit_fn.arg_names, ln.args):
+        if isinstance(a, list):
+            parts.append(f"T{a[1]}")
+        elif isinstance(a, bool) or not isinstance(a, int) or name in skip:
+            parts.append("v" if isinstance(a, int) and not isinstance(a, bool) else repr(a))
+        else:
+            parts.append("1" if a == 1 else ("d16" if a % 16 == 0 else "i"))
+    parts += [f"{k}={v}" for k, v in sorted(ln.kwargs.items())]
+    return "|".join(parts)
 
 
 @contextlib.contextmanager
-def recording(modules_and_kernels: Iterable[tuple], sink: list, cache: dict):
+def recording(module, names: Iterable[str], arch: int, sink: list):
     saved = []
-    for module, names in modules_and_kernels:
-        for n in names:
-            saved.append((module, n, getattr(module, n)))
-            setattr(module, n, _LaunchRecorder(getattr(module, n), sink, cache))
+    for n in names:
+        saved.append((n, getattr(module, n)))
+        setattr(module, n, _LaunchRecorder(module.__name__, getattr(module, n), arch, sink))
     try:
         yield
     finally:
-        for module, n, fn in saved:
+        for n, fn in saved:
             setattr(module, n, fn)
+
+
+# ------------------------------------------------------------------------------------ compiling (workers)
+
+
+def compile_and_analyse(job: dict, dump: Optional[str]) -> dict:
+    """Compiles one captured launch for its arch through Triton's own pipeline and analyses the result."""
+    import importlib
+
+    arch = job["arch"]
+    module = importlib.import_module(job["module"])
+    jit_fn = getattr(module, job["kernel"])
+    args = [MockTensor(getattr(torch, a[1]), a[2]) if isinstance(a, list) else a for a in job["args"]]
+    with compile_target(arch):
+        try:
+            compiled = jit_fn.warmup(*args, grid=tuple(job["grid"]), **job["kwargs"])
+        except Exception as err:  # noqa: BLE001 - a failed compile is a result
+            return {"compiled": False, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:500]}"}
+    try:
+        out = analyse(compiled, arch, job["kwargs"].get("num_warps", 4), Path(dump) if dump else None, job["key"])
+    except Exception as err:  # noqa: BLE001
+        return {"compiled": True, "analysis_error": f"{type(err).__name__}: {err}"}
+    return {"compiled": True, **out}
+
+
+def _worker_main() -> int:
+    """``--worker``: compile jobs read as JSON lines from stdin, one JSON result line each on stdout."""
+    out = sys.stdout
+    sys.stdout = sys.stderr  # anything the compiler prints must not mix with the results
+    for line in sys.stdin:
+        job = json.loads(line)
+        result = compile_and_analyse(job["job"], job.get("dump"))
+        out.write(json.dumps(result) + "\n")
+        out.flush()
+    return 0
+
+
+def compile_all(jobs: dict, workers: int, dump: Optional[Path], progress: bool = True) -> dict:
+    """{key: analysis} for every distinct job, over ``workers`` processes; a compiler crash (the process
+    dies) is recorded for the job that caused it and its worker is replaced."""
+    import queue
+    import threading
+
+    pending: "queue.Queue" = queue.Queue()
+    for key, job in jobs.items():
+        pending.put((key, job))
+    results: dict = {}
+    lock = threading.Lock()
+    start = time.time()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def spawn():
+        return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+
+    def run():
+        proc = spawn()
+        while True:
+            try:
+                key, job = pending.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                proc.stdin.write(json.dumps({"job": job, "dump": str(dump) if dump else None}) + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+            except (BrokenPipeError, OSError):
+                line = ""
+            if not line:
+                rc = proc.wait()
+                result = {"compiled": False, "error": f"the compiler crashed (worker exit code {rc})"}
+                proc = spawn()
+            else:
+                result = json.loads(line)
+            with lock:
+                results[key] = result
+                if progress and len(results) % 10 == 0:
+                    print(f"[static] compiled {len(results)} / {len(jobs)} ({time.time() - start:.0f} s)",
+                          file=sys.stderr, flush=True)
+        proc.stdin.close()
+        proc.wait()
+
+    threads = [threading.Thread(target=run) for _ in range(max(1, workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -342,7 +427,7 @@ MASK_B = (1, 128, 1024)
 
 def patch_sentence_cases(quick: bool = False) -> list:
     """(mode, shape) cases of the patch-sentence kernels: the PERF.md shapes and what users run."""
-    from mlip_fast.ops.patch_sentence_triton import MAX_TOKENS
+    from mlip_fast.kernels.patch_sentence import MAX_TOKENS
 
     s_values = PS_S_SMALL + (MAX_TOKENS - 1,)
     cases = []
@@ -427,51 +512,54 @@ OPS = (
 )
 
 
-def sweep(archs=(80, 90), quick: bool = False, dump: Optional[Path] = None, ops=OPS, progress=True) -> list:
-    """Every case of every op on every arch and dtype: one record per kernel launch the launchers make."""
+def collect(archs=(80, 90), quick: bool = False, ops=OPS) -> list:
+    """Every case of every op on every arch and dtype, run through the launchers on meta tensors:
+    [(op, mode, dtype, shape, launches or the refusal)]. Nothing is compiled here."""
     import importlib
 
-    records, analysed = [], {}
-    compile_cache: dict = {}
-    t0 = time.time()
+    cases = []
     for arch in archs:
         with compile_target(arch):
             for op in ops:
                 module = importlib.import_module(op.module)
-                cases = op.cases(quick)
                 for dname in op.dtypes:
-                    for mode, shape in cases:
+                    for mode, shape in op.cases(quick):
                         launches: list = []
                         error = None
-                        with recording([(module, op.kernels)], launches, compile_cache):
+                        with recording(module, op.kernels, arch, launches):
                             try:
                                 op.run(mode, shape, DTYPES[dname])
                             except Exception as err:  # noqa: BLE001 - a refusal is a result
                                 error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-                        if error is not None and not launches:
-                            records.append(dict(op=op.name, mode=mode, kernel=None, arch=ARCHS[arch]["name"],
-                                                dtype=dname, shape=shape, compiled=False, refused=error))
-                            continue
-                        for ln in launches:
-                            rec = dict(op=op.name, mode=mode, kernel=ln.kernel, arch=ARCHS[arch]["name"],
-                                       dtype=dname, shape=shape, grid=list(ln.grid), config=ln.config,
-                                       programs=int(_prod(ln.grid)), matmul=op.matmul)
-                            if ln.compiled is None:
-                                rec.update(compiled=False, error=ln.error)
-                            else:
-                                if ln.key not in analysed:
-                                    try:
-                                        analysed[ln.key] = analyse(ln.compiled, arch, ln.config.get("num_warps", 4),
-                                                                   dump, ln.key)
-                                    except Exception as err:  # noqa: BLE001
-                                        analysed[ln.key] = {"analysis_error": f"{type(err).__name__}: {err}"}
-                                rec.update(compiled=True, **analysed[ln.key])
-                                rec["compile_id"] = hashlib.sha1(ln.key.encode()).hexdigest()[:12]
-                            records.append(rec)
-                    if progress:
-                        print(f"[static] {ARCHS[arch]['name']} {op.name} {dname}: {len(records)} records, "
-                              f"{len(compile_cache)} distinct compiles, {time.time() - t0:.0f} s",
-                              file=sys.stderr, flush=True)
+                        cases.append((op, mode, dname, shape, arch, launches, error))
+    return cases
+
+
+def sweep(archs=(80, 90), quick: bool = False, dump: Optional[Path] = None, ops=OPS, workers: int = 2,
+          progress: bool = True) -> list:
+    """One record per kernel launch the launchers make over the sweep, each with its compile analysis."""
+    cases = collect(archs, quick, ops)
+    jobs = {}
+    for *_, launches, _ in cases:
+        for ln in launches:
+            jobs.setdefault(ln.key, dict(module=ln.module, kernel=ln.kernel, arch=ln.arch, grid=list(ln.grid),
+                                         args=ln.args, kwargs=ln.kwargs, key=ln.key))
+    if progress:
+        print(f"[static] {sum(len(c[5]) for c in cases)} launches, {len(jobs)} distinct compiles", file=sys.stderr)
+    analysed = compile_all(jobs, workers, dump, progress)
+    records = []
+    for op, mode, dname, shape, arch, launches, error in cases:
+        if error is not None and not launches:
+            records.append(dict(op=op.name, mode=mode, kernel=None, arch=ARCHS[arch]["name"], dtype=dname,
+                                shape=shape, compiled=False, refused=error))
+            continue
+        for ln in launches:
+            rec = dict(op=op.name, mode=mode, kernel=ln.kernel, arch=ARCHS[arch]["name"], dtype=dname, shape=shape,
+                       grid=list(ln.grid), programs=int(_prod(ln.grid)), matmul=op.matmul,
+                       config={k: v for k, v in ln.kwargs.items()},
+                       compile_id=hashlib.sha1(ln.key.encode()).hexdigest()[:12])
+            rec.update(analysed[ln.key])
+            records.append(rec)
     return records
 
 
@@ -588,7 +676,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="B=G=128 / B=128 only (what the CI gate compiles)")
     parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS), help="default: all")
     parser.add_argument("--readme", action="store_true", help="only regenerate the README table from --json")
+    parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
+                        help="compiler processes (default: up to 4, one per core)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        return _worker_main()
     why = tools_available()
     if why:
         print(f"error: {why}", file=sys.stderr)
@@ -601,7 +694,7 @@ def main(argv=None) -> int:
     if args.dump:
         args.dump.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    records = sweep(tuple(args.arch or sorted(ARCHS)), quick=args.quick, dump=args.dump)
+    records = sweep(tuple(args.arch or sorted(ARCHS)), quick=args.quick, dump=args.dump, workers=args.workers)
     compiles = len({r["compile_id"] for r in records if r.get("compile_id")})
     data = {"environment": environment(), "quick": args.quick, "wall_s": round(time.time() - start, 1),
             "distinct_compiles": compiles, "records": records}

@@ -49,7 +49,7 @@ MAX_PATCHES = 16384
 _INT32_MIN = tl.constexpr(-2147483648)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "B", "P", "keep"])
 def _integrity_mask_fwd_kernel(
     tokens_ptr,
     scores_ptr,

@@ -8,13 +8,31 @@ with sim[p, q] = <P_b[p], S_g[q]>:
     i2t[b, g] = 1/|m_b| * sum_{p valid} sim[p, a[b, g, p]],   a[b, g, p] = argmax_{q valid} sim[p, q]
     t2i[b, g] = 1/|n_g| * sum_{q valid} sim[c[b, g, q], q],   c[b, g, q] = argmax_{p valid} sim[p, q]
 
-One program owns image b and a block of GB reports. It walks the patches in chunks of BLOCK_K; for each
-chunk it accumulates the [BLOCK_K, GB * S_PAD] tile of dot products over D in chunks of BLOCK_D (fp32
-accumulation), and from that same tile takes both maxima: per patch over the sentences of each report
-(i2t: complete inside the chunk, summed into the mean) and per sentence over the chunk's patches (t2i:
-a running max across chunks). Only the [B, G] scores and the argmax indices a [B, G, K] and c [B, G, S]
-(int16) leave the kernel; the B*G*K*S grid never exists in memory. Pairs with an empty side score 0 and
-get argmax -1, which the backward reads as "no gradient".
+Tile. One program owns a block of GB reports and a group of IB images. Its tile is the transposed
+similarity block: rows are the sentence slots of the GB reports (GB x S_CH rows, S_CH = S padded to a power
+of two), columns are BN patches of one image, accumulated over D in chunks of BD with fp32 accumulation
+(``tl.dot``: wgmma on sm_90, mma.sync on sm_80 for half inputs). Sentences on the rows is what makes both
+reductions cheap in the tensor-core accumulator layout, where a warp holds 16 consecutive rows:
+
+- i2t (per patch, max over the sentences of each report) reduces the tile reshaped to [GB, S_CH, BN] over
+  its middle axis: the rows of one report sit in one warp (S_CH <= 16) or a few, so the max is in-thread
+  plus lane shuffles, with no trip through shared memory. Complete inside the tile; its mean over valid
+  patches accumulates over the image's patch chunks.
+- t2i (per sentence, max over the patches of the image) reduces each row: in-thread plus two shuffle
+  rounds, carried as a running max over the patch chunks of the image.
+
+The program walks its images one after the other with the same report block (its sentence rows stay hot
+in L2); programs are numbered report block fastest, so the programs resident together share their images.
+Only the [B, G] scores and the argmax indices a [B, G, K] and c [B, G, S] (int16) leave the kernel; the
+B*G*K*S grid never exists in memory. Pairs with an empty side score 0 and get argmax -1, which the
+backward reads as "no gradient". Ties go to the lowest index in both directions (strict ``>`` across
+chunks, left tie-break inside one).
+
+Reports longer than one tile (S padded above ``S_TILE`` rows, e.g. S = 1024): the program owns one report and
+walks its sentence chunks of S_TILE rows, each against every patch chunk of the image. t2i of a chunk's
+rows is complete after its patch chunks; the i2t max over the sentence chunks is carried per patch in a
+register tensor [NKC, BN] covering the image (so K is limited to ``LARGE_S_MAX_K`` patches there; beyond,
+the impl declines and ``auto`` takes the chunked path).
 
 Backward
 --------
@@ -33,16 +51,23 @@ never matches). By the chain rule through sim = P_b S_g^T:
     dS_g = sum_b M_bg^T P_b          [S, D]
 
 Both are the same computation with the roles of the two sides swapped: "own" rows (patches of b, or
-sentences of g), "other" rows of every entity on the other side, an "own" argmax pointing from an own row
-into the other side and an "other" argmax pointing back. ``_patch_sentence_bwd_kernel`` therefore serves
-both. One program owns BLOCK_N consecutive own rows (flattened over entity x rows, so odd K or S wastes
-nothing) and BLOCK_D columns of D; it walks the other side's flattened rows in chunks of BLOCK_M, builds the
-[BLOCK_N, BLOCK_M] block of M from the int16 indices (no recompute of the grid) and multiplies it with the
-other rows on the tensor cores: 2*B*G*K*S*D FLOPs per gradient, as counted in PERF.md.
+sentences of g) and "other" rows, an "own" argmax pointing from an own row into the other side and an
+"other" argmax pointing back. ``_patch_sentence_bwd_kernel`` serves both. Its rows are XB own entities x RB
+slots, its columns YB other entities x CB slots (the patch side takes XB = 1 image and YB reports of
+CB = S slots; the sentence side XB reports of RB = S slots and YB = 1 image), so the block of M is
 
-To fill the GPU the other side can be split across SPLIT programs per output tile. Their partial sums are
-either added with fp32 atomics (default, fastest, order-dependent in the last bits) or written to SPLIT
-separate buffers that are summed in a fixed order (``deterministic=True``: bitwise reproducible).
+    M[(x, r), (y, c)] = w_own[x, y] * [a_own[x, y, r] == c] + w_oth[x, y] * [a_oth[x, y, c] == r]
+
+built in registers from compact loads: a_own is [XB, RB, YB] values broadcast along c, a_oth is
+[XB, YB, CB] values broadcast along r, the weights [XB, YB] broadcast along both: no value is loaded twice.
+The block is built once per step of the walk over the other side and multiplied with the other rows over the
+program's whole D range (DC columns; D above DC is split over programs, each rebuilding M), on the tensor
+cores: 2*B*G*K*S*D FLOPs per gradient, as counted in PERF.md.
+
+To fill the GPU the walk over the other side can be split across SPLIT programs per output tile (the split
+count comes from the SM count, so it differs between GPUs). Their partial sums are either added with
+relaxed fp32 atomics (default, fastest, order-dependent in the last bits) or written to SPLIT separate
+buffers summed in a fixed order (``deterministic=True``: bitwise reproducible on a given GPU model).
 
 Numerics: fp32 inputs use IEEE fp32 dot products (no TF32). bf16/fp16 inputs feed the tensor cores directly
 with fp32 accumulation; under the Triton interpreter (CPU) they are widened to fp32 first because the
@@ -52,7 +77,7 @@ dtype, as a same-dtype PyTorch backward rounds its upstream gradient.
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -63,8 +88,27 @@ from mlip_fast.kernels._target import target_of
 # Read once, like @triton.jit does: it decides at decoration time whether kernels run in the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+MAX_TOKENS = 2**15  # argmax indices are int16: K and S must stay below
+LARGE_S_MAX_K = 2048  # K limit when reports span several sentence tiles (the i2t state lives in registers)
+
 
 @triton.jit
+def _max_and_first_index(x, axis: tl.constexpr, n: tl.constexpr):
+    """(max of x along axis, the lowest index reaching it). Two plain reductions (max, then min of the indices
+    where x equals it) cost fewer instructions and shuffles than one reduction carrying (value, index) pairs."""
+    m = tl.max(x, axis=axis)  # NaN-ignoring; NaN only when every entry is NaN
+    if axis == 1:
+        iota = tl.arange(0, n)[None, :, None] if len(x.shape) == 3 else tl.arange(0, n)[None, :]
+    else:
+        iota = tl.arange(0, n)[:, None]
+    hit = x == tl.expand_dims(m, axis)
+    idx = tl.min(tl.where(hit, iota, n), axis=axis)
+    return m, idx
+
+
+# Shape ints are not specialised on (== 1, divisible by 16): one compile serves every B, G, K, S; D and the
+# strides (multiples of D) keep their alignment specialisation, which lets the loads vectorise.
+@triton.jit(do_not_specialize=["B", "G", "K", "S", "n_rb", "IB"])
 def _patch_sentence_fwd_kernel(
     p_ptr,  # [B, K, D], last dim contiguous
     s_ptr,  # [G, S, D], last dim contiguous
@@ -76,6 +120,7 @@ def _patch_sentence_fwd_kernel(
     t2i_ptr,  # [B, G] fp32 out
     arg_i2t_ptr,  # [B, G, K] int16 out: sentence index per patch, -1 = no gradient
     arg_t2i_ptr,  # [B, G, S] int16 out: patch index per sentence, -1 = no gradient
+    B,
     G,
     K,
     S,
@@ -84,106 +129,145 @@ def _patch_sentence_fwd_kernel(
     stride_pk,
     stride_sg,
     stride_ss,
+    n_rb,  # report blocks
+    IB,  # images per program
     HAS_PMASK: tl.constexpr,
     HAS_SMASK: tl.constexpr,
     DO_I2T: tl.constexpr,
     DO_T2I: tl.constexpr,
-    S_PAD: tl.constexpr,
-    GB: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    GB: tl.constexpr,  # reports per block (1 when LARGE_S)
+    S_CH: tl.constexpr,  # sentence rows per report in the tile (S padded, or one sentence chunk)
+    BN: tl.constexpr,  # patches per tile
+    BD: tl.constexpr,  # D chunk of the dot
+    LARGE_S: tl.constexpr,  # reports span several sentence chunks
+    NKC: tl.constexpr,  # patch chunks per image (LARGE_S only: the i2t state covers them all)
     UPCAST: tl.constexpr,
 ):
-    BLOCK_N: tl.constexpr = GB * S_PAD
-    b = tl.program_id(0).to(tl.int64)
-    g0 = tl.program_id(1) * GB
+    BM: tl.constexpr = GB * S_CH
+    pid = tl.program_id(0)
+    rb = pid % n_rb
+    ib = pid // n_rb
+    g0 = rb * GB
 
-    # Sentence side of the tile: column n is sentence (n % S_PAD) of report g0 + n // S_PAD.
-    offs_n = tl.arange(0, BLOCK_N)
-    g_idx = g0 + offs_n // S_PAD
-    s_idx = offs_n % S_PAD
-    n_in = (g_idx < G) & (s_idx < S)
-    n_ok = n_in
-    if HAS_SMASK:
-        n_ok = n_ok & (tl.load(smask_ptr + g_idx * S + s_idx, mask=n_in, other=0) != 0)
-    s_rows = s_ptr + g_idx.to(tl.int64) * stride_sg + s_idx * stride_ss
+    # Rows of the tile: sentence slot q (within the current chunk) of report g0 + j.
+    offs_m = tl.arange(0, BM)
+    j_of_m = offs_m // S_CH
+    g_m = g0 + j_of_m
+    g_m_in = g_m < G
+    s_row_base = s_ptr + g_m.to(tl.int64) * stride_sg
+    offs_j = tl.arange(0, GB)
+    g_j = g0 + offs_j
+    g_j_in = g_j < G
+    n_valid_s = tl.load(ns_ptr + g_j, mask=g_j_in, other=0)  # [GB]
 
-    g_out = g0 + tl.arange(0, GB)
-    g_out_in = g_out < G
-    n_valid_s = tl.load(ns_ptr + g_out, mask=g_out_in, other=0)  # [GB]
-    n_valid_p = tl.load(np_ptr + b)
-
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
     neg_inf = float("-inf")
-    i2t_sum = tl.zeros([GB], dtype=tl.float32)
-    t2i_max = tl.full([BLOCK_N], neg_inf, tl.float32)
-    t2i_arg = tl.zeros([BLOCK_N], dtype=tl.int32)
 
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_in = offs_k < K
-        k_ok = k_in
-        if HAS_PMASK:
-            k_ok = k_ok & (tl.load(pmask_ptr + b * K + offs_k, mask=k_in, other=0) != 0)
-        p_rows = p_ptr + b * stride_pb + offs_k * stride_pk
+    for bi in range(IB):
+        b = ib * IB + bi
+        if b < B:
+            b64 = b.to(tl.int64)
+            p_base = p_ptr + b64 * stride_pb
+            n_valid_p = tl.load(np_ptr + b)
+            i2t_sum = tl.zeros([GB], dtype=tl.float32)
+            t2i_sum = tl.zeros([GB], dtype=tl.float32)
+            if LARGE_S:
+                run_v = tl.full([NKC, BN], neg_inf, tl.float32)
+                run_a = tl.zeros([NKC, BN], dtype=tl.int32)
+            for s0 in range(0, S, S_CH):
+                q_m = s0 + offs_m % S_CH
+                row_in = g_m_in & (q_m < S)
+                row_ok = row_in
+                if HAS_SMASK:
+                    row_ok = row_ok & (tl.load(smask_ptr + g_m * S + q_m, mask=row_in, other=0) != 0)
+                s_rows = s_row_base + q_m * stride_ss
+                t2i_max = tl.full([BM], neg_inf, tl.float32)
+                t2i_arg = tl.zeros([BM], dtype=tl.int32)
+                for k0 in range(0, K, BN):
+                    p_n = k0 + offs_n
+                    col_in = p_n < K
+                    col_ok = col_in
+                    if HAS_PMASK:
+                        col_ok = col_ok & (tl.load(pmask_ptr + b64 * K + p_n, mask=col_in, other=0) != 0)
+                    p_cols = p_base + p_n * stride_pk
 
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + offs_d
-            d_in = dd < D
-            p = tl.load(p_rows[:, None] + dd[None, :], mask=k_in[:, None] & d_in[None, :], other=0.0)
-            q = tl.load(s_rows[None, :] + dd[:, None], mask=n_in[None, :] & d_in[:, None], other=0.0)
-            if UPCAST:
-                p = p.to(tl.float32)
-                q = q.to(tl.float32)
-            acc = tl.dot(p, q, acc, input_precision="ieee")
+                    # Invalid entries (padded or masked sentence row, or patch column) start at NaN, which
+                    # the dot keeps and every max ignores: no mask is applied to the tile after the dot.
+                    acc = tl.where(row_ok[:, None] & col_ok[None, :], 0.0, float("nan"))
+                    for d0 in range(0, D, BD):
+                        dd = d0 + offs_d
+                        d_in = dd < D
+                        a = tl.load(s_rows[:, None] + dd[None, :], mask=row_in[:, None] & d_in[None, :], other=0.0)
+                        bt = tl.load(p_cols[None, :] + dd[:, None], mask=d_in[:, None] & col_in[None, :], other=0.0)
+                        if UPCAST:
+                            a = a.to(tl.float32)
+                            bt = bt.to(tl.float32)
+                        acc = tl.dot(a, bt, acc, input_precision="ieee")
 
-        if DO_I2T:
-            # Per patch, max over the valid sentences of each report of the block.
-            sim = tl.where(n_ok[None, :], acc, neg_inf)
-            row_max, row_arg = tl.max(tl.reshape(sim, [BLOCK_K, GB, S_PAD]), axis=2, return_indices=True)
-            pair_ok = k_ok[:, None] & (n_valid_s[None, :] > 0)
-            i2t_sum += tl.sum(tl.where(pair_ok, row_max, 0.0), axis=0)
-            arg_ptrs = arg_i2t_ptr + (b * G + g_out[None, :]) * K + offs_k[:, None]
-            tl.store(arg_ptrs, tl.where(pair_ok, row_arg, -1).to(tl.int16), mask=k_in[:, None] & g_out_in[None, :])
-        if DO_T2I:
-            # Per sentence, running max over the valid patches; the strict ">" keeps the first maximum,
-            # matching the left tie-break inside a chunk.
-            sim = tl.where(k_ok[:, None], acc, neg_inf)
-            col_max, col_arg = tl.max(sim, axis=0, return_indices=True)
-            better = col_max > t2i_max
-            t2i_max = tl.where(better, col_max, t2i_max)
-            t2i_arg = tl.where(better, col_arg + k0, t2i_arg)
+                    if DO_I2T:
+                        # Per patch, max over the valid sentence rows of each report of the block (NaN: none).
+                        v, arg = _max_and_first_index(tl.reshape(acc, [GB, S_CH, BN]), 1, S_CH)
+                        if LARGE_S:
+                            arg = arg + s0
+                            kc = k0 // BN
+                            v1 = tl.reshape(v, [BN])
+                            a1 = tl.reshape(arg, [BN])
+                            here = (tl.arange(0, NKC) == kc)[:, None]
+                            better = here & (v1[None, :] > run_v)
+                            run_v = tl.where(better, v1[None, :], run_v)
+                            run_a = tl.where(better, a1[None, :], run_a)
+                        else:
+                            pair_ok = v == v  # not NaN: a valid patch and a report with a valid sentence
+                            i2t_sum += tl.sum(tl.where(pair_ok, v, 0.0), axis=1)
+                            arg_ptrs = arg_i2t_ptr + (b64 * G + g_j[:, None]) * K + p_n[None, :]
+                            tl.store(arg_ptrs, tl.where(pair_ok, arg, -1).to(tl.int16),
+                                     mask=g_j_in[:, None] & col_in[None, :])
+                    if DO_T2I:
+                        # Per sentence row, running max over the valid patches of the image (NaN: none yet).
+                        cmax, carg = _max_and_first_index(acc, 1, BN)
+                        better = cmax > t2i_max
+                        t2i_max = tl.where(better, cmax, t2i_max)
+                        t2i_arg = tl.where(better, carg + k0, t2i_arg)
+                if DO_T2I:
+                    row_final = t2i_max > neg_inf  # a valid sentence of an image with a valid patch
+                    t2i_sum += tl.sum(tl.reshape(tl.where(row_final, t2i_max, 0.0), [GB, S_CH]), axis=1)
+                    tl.store(arg_t2i_ptr + (b64 * G + g_m) * S + q_m, tl.where(row_final, t2i_arg, -1).to(tl.int16),
+                             mask=row_in)
+            if DO_I2T:
+                if LARGE_S:
+                    # the report's i2t over every sentence chunk, for all patches of the image at once
+                    p_all = tl.arange(0, NKC * BN)
+                    all_in = p_all < K
+                    all_ok = all_in
+                    if HAS_PMASK:
+                        all_ok = all_ok & (tl.load(pmask_ptr + b64 * K + p_all, mask=all_in, other=0) != 0)
+                    ok = all_ok & (tl.reshape(run_v, [NKC * BN]) > neg_inf)
+                    i2t_sum += tl.sum(tl.where(ok, tl.reshape(run_v, [NKC * BN]), 0.0))
+                    tl.store(arg_i2t_ptr + (b64 * G + g0) * K + p_all,
+                             tl.where(ok, tl.reshape(run_a, [NKC * BN]), -1).to(tl.int16), mask=all_in)
+                i2t = tl.where((n_valid_s > 0) & (n_valid_p > 0), i2t_sum / tl.maximum(n_valid_p, 1).to(tl.float32), 0.0)
+                tl.store(i2t_ptr + b64 * G + g_j, i2t, mask=g_j_in)
+            if DO_T2I:
+                t2i = tl.where(n_valid_s > 0, t2i_sum / tl.maximum(n_valid_s, 1).to(tl.float32), 0.0)
+                tl.store(t2i_ptr + b64 * G + g_j, t2i, mask=g_j_in)
 
-    if DO_I2T:
-        i2t = tl.where((n_valid_s > 0) & (n_valid_p > 0), i2t_sum / tl.maximum(n_valid_p, 1).to(tl.float32), 0.0)
-        tl.store(i2t_ptr + b * G + g_out, i2t, mask=g_out_in)
-    if DO_T2I:
-        col_ok = n_ok & (n_valid_p > 0)
-        t2i_sum = tl.sum(tl.reshape(tl.where(col_ok, t2i_max, 0.0), [GB, S_PAD]), axis=1)
-        t2i = tl.where(n_valid_s > 0, t2i_sum / tl.maximum(n_valid_s, 1).to(tl.float32), 0.0)
-        tl.store(t2i_ptr + b * G + g_out, t2i, mask=g_out_in)
-        tl.store(
-            arg_t2i_ptr + (b * G + g_idx) * S + s_idx,
-            tl.where(col_ok, t2i_arg, -1).to(tl.int16),
-            mask=n_in,
-        )
 
-
-@triton.jit
+@triton.jit(do_not_specialize=["X", "R", "Y", "C", "steps_per_split", "sa_x", "sa_y", "sa_r", "sb_x", "sb_y", "sb_c",
+                               "sw_x", "sw_y"])
 def _patch_sentence_bwd_kernel(
-    out_ptr,  # [SPLIT, X * R, D] fp32 (atomic mode: SPLIT = 1 slice, zero-filled)
-    other_ptr,  # [Y * C, D] rows of the other side, contiguous
-    arg_own_ptr,  # (x, y, r) -> other-side index c in [0, C) or -1
-    arg_oth_ptr,  # (x, y, c) -> own-side index r in [0, R) or -1
+    out_ptr,  # [SPLIT, X * R, D] fp32 (atomic mode: one zero-filled slice)
+    other_ptr,  # [Y, C, D] rows of the other side, contiguous
+    arg_own_ptr,  # (x, y, r) -> other-side slot c in [0, C) or -1
+    arg_oth_ptr,  # (x, y, c) -> own-side slot r in [0, R) or -1
     w_own_ptr,  # (x, y) fp32 weight of the own argmax term
     w_oth_ptr,  # (x, y) fp32 weight of the other argmax term (same strides as w_own)
+    X,
     R,
+    Y,
     C,
     D,
-    n_rows,  # X * R
-    n_cols,  # Y * C
-    cols_per_split,
+    steps_per_split,
     sa_x,
     sa_y,
     sa_r,
@@ -196,55 +280,84 @@ def _patch_sentence_bwd_kernel(
     HAS_OTH: tl.constexpr,
     USE_ATOMIC: tl.constexpr,
     UPCAST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    XB: tl.constexpr,  # own entities per program (1 on the patch side)
+    RB: tl.constexpr,  # own slots per entity in the tile
+    YB: tl.constexpr,  # other entities per step (1 on the sentence side)
+    CB: tl.constexpr,  # other slots per entity in a step
+    DC: tl.constexpr,  # D columns per program
 ):
-    pid_n = tl.program_id(0)
+    BM: tl.constexpr = XB * RB
+    BN: tl.constexpr = YB * CB
+    pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
+    n_rc = tl.cdiv(R, RB)  # own slot chunks per entity block
+    x0 = (pid_m // n_rc) * XB
+    r0 = (pid_m % n_rc) * RB
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_in = offs_n < n_rows
-    x = (offs_n // R).to(tl.int64)
-    r = offs_n % R
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    # Own rows (x, r), as 1-d [BM] and as the [XB, RB] pieces the compact loads broadcast from.
+    offs_m = tl.arange(0, BM)
+    x_m = x0 + offs_m // RB
+    r_m = r0 + offs_m % RB
+    xs = x0 + tl.arange(0, XB)
+    rs = r0 + tl.arange(0, RB)
+    x_ok = xs < X
+    r_ok = rs < R
+    x64 = xs.to(tl.int64)
+    offs_d = pid_d * DC + tl.arange(0, DC)
     d_in = offs_d < D
 
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    m_lo = pid_s * cols_per_split
-    m_hi = tl.minimum(m_lo + cols_per_split, n_cols)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_in = offs_m < m_hi
-        y = (offs_m // C).to(tl.int64)
-        c = offs_m % C
-        pair_in = n_in[:, None] & m_in[None, :]
-        w_offs = x[:, None] * sw_x + y[None, :] * sw_y
-
-        grad = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    n_cc = tl.cdiv(C, CB)
+    n_steps = tl.cdiv(Y, YB) * n_cc
+    t_lo = pid_s * steps_per_split
+    t_hi = tl.minimum(t_lo + steps_per_split, n_steps)
+    acc = tl.zeros([BM, DC], dtype=tl.float32)
+    for t in range(t_lo, t_hi):
+        y0 = (t // n_cc) * YB
+        c0 = (t % n_cc) * CB
+        ys = y0 + tl.arange(0, YB)
+        cs = c0 + tl.arange(0, CB)
+        y_ok = ys < Y
+        c_ok = cs < C
+        y64 = ys.to(tl.int64)
+        # [XB, 1, YB, 1] weights, zero outside the own / other ranges
+        xy_ok = x_ok[:, None, None, None] & y_ok[None, None, :, None]
+        w_offs = x64[:, None, None, None] * sw_x + y64[None, None, :, None] * sw_y
+        grad = tl.zeros([XB, RB, YB, CB], dtype=tl.float32)
         if HAS_OWN:
-            a_own = tl.load(arg_own_ptr + x[:, None] * sa_x + y[None, :] * sa_y + r[:, None] * sa_r, mask=pair_in, other=-1)
-            w_own = tl.load(w_own_ptr + w_offs, mask=pair_in, other=0.0)
-            grad += tl.where(a_own.to(tl.int32) == c[None, :], w_own, 0.0)
+            # a_own[x, y, r] ([XB, RB, YB, 1]) names the slot c of the other entity that row r picked
+            own_ok = xy_ok & r_ok[None, :, None, None]
+            a_own = tl.load(arg_own_ptr + x64[:, None, None, None] * sa_x + y64[None, None, :, None] * sa_y
+                            + rs[None, :, None, None] * sa_r, mask=own_ok, other=-1)
+            w_own = tl.load(w_own_ptr + w_offs, mask=xy_ok, other=0.0)
+            grad += tl.where(a_own.to(tl.int32) == cs[None, None, None, :], w_own, 0.0)
         if HAS_OTH:
-            a_oth = tl.load(arg_oth_ptr + x[:, None] * sb_x + y[None, :] * sb_y + c[None, :] * sb_c, mask=pair_in, other=-1)
-            w_oth = tl.load(w_oth_ptr + w_offs, mask=pair_in, other=0.0)
-            grad += tl.where(a_oth.to(tl.int32) == r[:, None], w_oth, 0.0)
+            # a_oth[x, y, c] ([XB, 1, YB, CB]) names the own slot r that column c picked
+            oth_ok = xy_ok & c_ok[None, None, None, :]
+            a_oth = tl.load(arg_oth_ptr + x64[:, None, None, None] * sb_x + y64[None, None, :, None] * sb_y
+                            + cs[None, None, None, :] * sb_c, mask=oth_ok, other=-1)
+            w_oth = tl.load(w_oth_ptr + w_offs, mask=xy_ok, other=0.0)
+            grad += tl.where(a_oth.to(tl.int32) == rs[None, :, None, None], w_oth, 0.0)
+        m_blk = tl.reshape(grad, [BM, BN])
 
-        rows = tl.load(other_ptr + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :], mask=m_in[:, None] & d_in[None, :], other=0.0)
+        offs_n = tl.arange(0, BN)
+        y_n = y0 + offs_n // CB
+        c_n = c0 + offs_n % CB
+        n_ok = (y_n < Y) & (c_n < C)
+        rows = tl.load(other_ptr + (y_n.to(tl.int64) * C + c_n)[:, None] * D + offs_d[None, :],
+                       mask=n_ok[:, None] & d_in[None, :], other=0.0)
         if UPCAST:
             rows = rows.to(tl.float32)
         else:
-            grad = grad.to(rows.dtype)
-        acc = tl.dot(grad, rows, acc, input_precision="ieee")
+            m_blk = m_blk.to(rows.dtype)
+        acc = tl.dot(m_blk, rows, acc, input_precision="ieee")
 
-    out_ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
-    out_mask = n_in[:, None] & d_in[None, :]
-    if USE_ATOMIC:  # every split adds into the one zero-filled buffer
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    out_rows = (x_m.to(tl.int64) * R + r_m)[:, None] * D + offs_d[None, :]
+    out_mask = ((x_m < X) & (r_m < R))[:, None] & d_in[None, :]
+    if USE_ATOMIC:  # every split adds into the one zero-filled buffer; no ordering is needed between them
+        tl.atomic_add(out_ptr + out_rows, acc, mask=out_mask, sem="relaxed")
     else:  # split s writes its own buffer, summed in a fixed order by the launcher
-        tl.store(out_ptrs + pid_s.to(tl.int64) * n_rows * D, acc, mask=out_mask)
+        tl.store(out_ptr + pid_s.to(tl.int64) * X * R * D + out_rows, acc, mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -259,6 +372,28 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or INTERPRET
 
 
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def s_tile(dtype: torch.dtype, arch: int) -> int:
+    """Most sentence rows in one forward tile; longer reports take the multi-chunk (LARGE_S) path."""
+    if INTERPRET:
+        return 64
+    return 128 if _half(dtype) else 64
+
+
+def limits(K: int, S: int, dtype: torch.dtype, arch: int) -> List[str]:
+    """Why the kernels cannot take these sizes (empty: they can). ``auto`` falls back on any reason."""
+    reasons = []
+    if max(K, S) >= MAX_TOKENS:
+        reasons.append(f"K={K} and S={S} must be below {MAX_TOKENS} (argmax indices are int16)")
+    if _pow2(S) > s_tile(dtype, arch) and _pow2(K) > LARGE_S_MAX_K:
+        reasons.append(f"reports of S={S} sentences span several tiles, which needs K <= {LARGE_S_MAX_K} patches, "
+                       f"got K={K}")
+    return reasons
+
+
 def valid_counts(
     sentence_mask: Optional[torch.Tensor], patch_mask: Optional[torch.Tensor], B: int, K: int, G: int, S: int, device
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -268,19 +403,42 @@ def valid_counts(
     return n_p, n_s
 
 
-def fwd_config(K: int, S: int, G: int, D: int, dtype: torch.dtype) -> dict:
-    """Block sizes for the forward: about 128 sentence columns per tile (GB reports of S_PAD rows)."""
+def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int, sm_count: int) -> dict:
+    """Block sizes of the forward for these sizes on compute capability ``arch``.
+
+    GPU, half inputs: 128 sentence rows x 128 patches per tile (64 patches when K <= 64), D in chunks of 64,
+    8 warps, 3 pipeline stages on sm_90 (96 KiB of shared memory) and 2 on sm_80 (64 KiB, so two blocks fit).
+    fp32 (FMA, no tensor cores): 64 x 64 tiles, D chunks of 32, 4 warps. The interpreter takes tiles of at
+    most 64 rows (each op has a fixed Python cost, so few and large ops, but tests exercise several chunks).
+    """
     s_pad = _pow2(S)
-    target_n = 16 if INTERPRET and G * s_pad < 128 else 128
-    gb = max(1, min(target_n // s_pad, _pow2(G)))
-    while gb * s_pad < 16:  # tl.dot needs at least 16 columns
+    rows = s_tile(dtype, arch)
+    large_s = s_pad > rows
+    s_ch = rows if large_s else s_pad
+    gb = 1 if large_s else max(1, min(rows // s_pad, _pow2(G)))
+    while gb * s_ch < 16:  # tl.dot needs at least 16 rows
         gb *= 2
-    block_k = min(64, _pow2(K, 16))
-    block_d = min(64 if dtype != torch.float32 else 32, _pow2(D, 16))
     if INTERPRET:
-        block_d = min(128, _pow2(D, 16))
-    warps = 8 if block_k * gb * s_pad >= 8192 else 4
-    return dict(S_PAD=s_pad, GB=gb, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps, num_stages=3)
+        bn = min(64, _pow2(K, 16))
+        bd = min(128, _pow2(D, 16))
+        warps, stages = 4, 1
+    elif _half(dtype):
+        bn = 64 if K <= 64 else 128
+        bd = 64
+        warps = 8 if gb * s_ch >= 128 else 4
+        stages = 3 if arch >= 90 else 2
+    else:
+        bn = 64 if K > 32 else 32
+        bd = 32
+        warps, stages = 4, 2
+    nkc = triton.cdiv(K, bn) if large_s else 1
+    n_rb = triton.cdiv(G, gb)
+    # Several images per program only when that still leaves about eight programs per SM.
+    ib = max(1, min(B, (n_rb * B) // (8 * max(sm_count, 1)))) if not INTERPRET else B
+    ib = min(ib, 8) if not INTERPRET else ib
+    return dict(GB=gb, S_CH=s_ch, BN=bn, BD=bd, LARGE_S=large_s, NKC=_pow2(nkc), IB=ib,
+                num_warps=warps, num_stages=stages)
+
 
 
 def patch_sentence_fwd(
@@ -298,7 +456,7 @@ def patch_sentence_fwd(
         patches: [B, K, D] fp16/bf16/fp32; sentences: [G, S, D] same dtype and device.
         sentence_mask: [G, S] bool or None (all valid); patch_mask: [B, K] bool or None.
         do_i2t / do_t2i: which directions to compute (at least one).
-        config: optional block-size override (keys of :func:`fwd_config`), for tuning sweeps.
+        config: optional block-size override (keys of :func:`fwd_config`), for tuning sweeps and tests.
 
     Returns:
         (i2t [B, G] fp32, t2i [B, G] fp32, arg_i2t [B, G, K] int16, arg_t2i [B, G, S] int16). A direction
@@ -306,12 +464,14 @@ def patch_sentence_fwd(
     """
     if not (do_i2t or do_t2i):
         raise ValueError("patch_sentence_fwd: nothing to compute (do_i2t and do_t2i are both False)")
-    if max(patches.shape[1], sentences.shape[1]) >= 2**15:
-        raise ValueError("patch_sentence_fwd: K and S must be below 32768 (argmax indices are int16)")
     patches = patches.contiguous()
     sentences = sentences.contiguous()
     B, K, D = patches.shape
     G, S, _ = sentences.shape
+    target = target_of(patches.device)
+    why = limits(K, S, patches.dtype, target.arch)
+    if why:
+        raise ValueError("patch_sentence_fwd: " + "; ".join(why))
     device = patches.device
     n_p, n_s = valid_counts(sentence_mask, patch_mask, B, K, G, S, device)
     f32 = dict(dtype=torch.float32, device=device)
@@ -319,14 +479,17 @@ def patch_sentence_fwd(
     t2i = torch.empty((B, G) if do_t2i else (0,), **f32)
     arg_i2t = torch.empty((B, G, K) if do_i2t else (0,), dtype=torch.int16, device=device)
     arg_t2i = torch.empty((B, G, S) if do_t2i else (0,), dtype=torch.int16, device=device)
-    cfg = dict(fwd_config(K, S, G, D, patches.dtype), **(config or {}))
+    cfg = dict(fwd_config(B, K, G, S, D, patches.dtype, target.arch, target.sm_count), **(config or {}))
     pm = patch_mask.view(torch.uint8) if patch_mask is not None else n_p
     sm = sentence_mask.view(torch.uint8) if sentence_mask is not None else n_s
-    grid = (B, triton.cdiv(G, cfg["GB"]))
+    n_rb = triton.cdiv(G, cfg["GB"])
+    ib = cfg.pop("IB")
+    grid = (n_rb * triton.cdiv(B, ib),)
     _patch_sentence_fwd_kernel[grid](
         patches, sentences, pm, sm, n_p, n_s, i2t, t2i, arg_i2t, arg_t2i,
-        G, K, S, D,
+        B, G, K, S, D,
         patches.stride(0), patches.stride(1), sentences.stride(0), sentences.stride(1),
+        n_rb, ib,
         HAS_PMASK=patch_mask is not None,
         HAS_SMASK=sentence_mask is not None,
         DO_I2T=do_i2t,
@@ -337,49 +500,71 @@ def patch_sentence_fwd(
     return i2t, t2i, arg_i2t, arg_t2i
 
 
+def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch: int, own_is_patch: bool) -> dict:
+    """Block sizes of one backward side. Own rows: 64 (half) or 32 (fp32) per program; other columns: about
+    64 per step; D columns per program: up to 256 (half: the block of M is built once for them all) or 64
+    (fp32, whose FMA dot keeps both operands in registers)."""
+    half = _half(dtype) and not INTERPRET
+    rows = 64 if (half or INTERPRET) else 32
+    cols = 64 if (half or INTERPRET) else 32
+    if own_is_patch:  # rows: patch chunk of one image; columns: YB reports of CB = S slots
+        xb, rb = 1, min(rows, _pow2(R, 16))
+        cb = _pow2(C)
+        cb = min(cb, cols) if cb > cols else cb
+        yb = max(1, cols // cb)
+        while yb * cb < 16:
+            yb *= 2
+    else:  # rows: XB reports of RB = S slots; columns: a patch chunk of one image
+        rb = min(_pow2(R), rows)
+        xb = max(1, rows // rb)
+        while xb * rb < 16:
+            xb *= 2
+        yb, cb = 1, min(cols, _pow2(C, 16))
+    dc_max = 256 if half else (128 if INTERPRET else 64)
+    dc = min(dc_max, _pow2(D, 16))
+    warps = 8 if half and dc >= 256 else 4
+    return dict(XB=xb, RB=rb, YB=yb, CB=cb, DC=dc, num_warps=warps, num_stages=2)
+
+
 def _bwd_side(
     own: torch.Tensor,
     other: torch.Tensor,
     launch_args: tuple,
     has_own: bool,
     has_oth: bool,
+    own_is_patch: bool,
     deterministic: bool,
     split: Optional[int] = None,
 ) -> torch.Tensor:
     """grad for one side: own [X, R, D] rows, other [Y, C, D] rows; returns fp32 [X, R, D]."""
     X, R, D = own.shape
     Y, C, _ = other.shape
-    n_rows, n_cols = X * R, Y * C
-    block_n = 64 if n_rows >= 64 else _pow2(n_rows, 16)
-    block_m = 64 if n_cols >= 64 else _pow2(n_cols, 16)
-    block_d = min(128, _pow2(D, 16))
-    tiles = triton.cdiv(n_rows, block_n) * triton.cdiv(D, block_d)
-    # Split the other side so that about two waves of programs fill the GPU.
-    chunks = triton.cdiv(n_cols, block_m)
+    target = target_of(own.device)
+    cfg = bwd_config(X, R, Y, C, D, own.dtype, target.arch, own_is_patch)
+    row_programs = triton.cdiv(X, cfg["XB"]) * triton.cdiv(R, cfg["RB"])
+    tiles = row_programs * triton.cdiv(D, cfg["DC"])
+    steps = triton.cdiv(Y, cfg["YB"]) * triton.cdiv(C, cfg["CB"])
+    # Split the walk over the other side so that about two waves of programs fill the GPU.
     if split is None:
-        split = 1 if INTERPRET else max(1, min(chunks, triton.cdiv(2 * target_of(own.device).sm_count, tiles)))
+        split = 1 if INTERPRET else max(1, min(steps, triton.cdiv(2 * target.sm_count, tiles)))
         if deterministic:
             split = min(split, 4)  # each split costs a [X*R, D] fp32 buffer
-    split = max(1, min(int(split), chunks))
-    cols_per_split = triton.cdiv(chunks, split) * block_m
-    split = triton.cdiv(n_cols, cols_per_split)
+    split = max(1, min(int(split), steps))
+    per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, per_split)
     use_atomic = split > 1 and not deterministic
     if use_atomic:
-        out = torch.zeros((1, n_rows, D), dtype=torch.float32, device=own.device)
+        out = torch.zeros((1, X * R, D), dtype=torch.float32, device=own.device)
     else:
-        out = torch.empty((split, n_rows, D), dtype=torch.float32, device=own.device)
-    grid = (triton.cdiv(n_rows, block_n), triton.cdiv(D, block_d), split)
+        out = torch.empty((split, X * R, D), dtype=torch.float32, device=own.device)
+    grid = (row_programs, triton.cdiv(D, cfg["DC"]), split)
     _patch_sentence_bwd_kernel[grid](
-        out, other, *launch_args[:4], R, C, D, n_rows, n_cols, cols_per_split, *launch_args[4:],
+        out, other, *launch_args[:4], X, R, Y, C, D, per_split, *launch_args[4:],
         HAS_OWN=has_own,
         HAS_OTH=has_oth,
         USE_ATOMIC=use_atomic,
         UPCAST=_upcast(other.dtype),
-        BLOCK_N=block_n,
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-        num_warps=4,
-        num_stages=2,
+        **cfg,
     )
     # A fixed-order sum over the split buffers keeps the deterministic mode bitwise reproducible.
     return (out[0] if out.shape[0] == 1 else out.sum(0)).view(X, R, D)
@@ -423,16 +608,16 @@ def patch_sentence_bwd(
     w_i2t, w_t2i = w_i2t.contiguous(), w_t2i.contiguous()
     a_i = arg_i2t if has_i2t else torch.full((1,), -1, dtype=torch.int16, device=patches.device)
     a_t = arg_t2i if has_t2i else torch.full((1,), -1, dtype=torch.int16, device=patches.device)
-    # Patches own side: x = b, y = g, r = p, c = q; own argmax a[b, g, p], other argmax c[b, g, q].
+    # Patch side: x = b, y = g, r = p, c = q; own argmax a[b, g, p], other argmax c[b, g, q].
     grad_p = _bwd_side(
         patches, sentences,
         (a_i, a_t, w_i2t, w_t2i, G * K, K, 1, G * S, S, 1, G, 1),
-        has_i2t, has_t2i, deterministic, split,
+        has_i2t, has_t2i, True, deterministic, split,
     )
-    # Sentences own side: x = g, y = b, r = q, c = p; own argmax c[b, g, q], other argmax a[b, g, p].
+    # Sentence side: x = g, y = b, r = q, c = p; own argmax c[b, g, q], other argmax a[b, g, p].
     grad_s = _bwd_side(
         sentences, patches,
         (a_t, a_i, w_t2i, w_i2t, S, G * S, 1, K, G * K, 1, 1, G),
-        has_t2i, has_i2t, deterministic, split,
+        has_t2i, has_i2t, False, deterministic, split,
     )
     return grad_p.to(patches.dtype), grad_s.to(sentences.dtype)

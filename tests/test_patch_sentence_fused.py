@@ -112,6 +112,7 @@ CASES = [  # B, G, K, S, D, masked, negative
     (4, 2, 70, 5, 20, True, False),  # K over one patch chunk: t2i running max across chunks, B != G
     (2, 3, 6, 17, 150, True, False),  # S not a power of two, D over one D chunk
     (3, 4, 9, 4, 24, True, True),  # all similarities negative, padding at 0 never wins
+    (2, 3, 20, 70, 24, True, False),  # reports longer than one tile: several sentence chunks per report
 ]
 
 
@@ -193,13 +194,10 @@ def test_deterministic_backward_is_bitwise_reproducible(impl):
         assert torch.equal(a, b)
 
 
-def test_triton_argmax_indices_point_at_the_maxima():
-    from mlip_fast.kernels.patch_sentence import patch_sentence_fwd
-
-    B, G, K, S, D = 2, 3, 5, 4, 16
-    p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=2)
-    _, _, arg_i2t, arg_t2i = patch_sentence_fwd(p, s, smask, pmask)
-    assert arg_i2t.dtype == arg_t2i.dtype == torch.int16
+def _check_argmax(p, s, smask, pmask, arg_i2t, arg_t2i):
+    """Every saved index names a maximum (first one on ties: strictly greater than every earlier value)."""
+    B, K, _ = p.shape
+    G, S, _ = s.shape
     sim = torch.einsum("bkd,gsd->bgks", p.double(), s.double())
     for b in range(B):
         for g in range(G):
@@ -216,6 +214,47 @@ def test_triton_argmax_indices_point_at_the_maxima():
                     assert c == -1
                 else:
                     assert c in vp.tolist() and sim[b, g, c, q] == sim[b, g, vp, q].max()
+
+
+def test_triton_argmax_indices_point_at_the_maxima():
+    from mlip_fast.kernels.patch_sentence import patch_sentence_fwd
+
+    B, G, K, S, D = 2, 3, 5, 4, 16
+    p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=2)
+    _, _, arg_i2t, arg_t2i = patch_sentence_fwd(p, s, smask, pmask)
+    assert arg_i2t.dtype == arg_t2i.dtype == torch.int16
+    _check_argmax(p, s, smask, pmask, arg_i2t, arg_t2i)
+
+
+FWD_TILINGS = [  # (B, G, K, S, D, config): what the GPU configs do, at interpreter sizes
+    (5, 3, 40, 5, 24, dict(IB=2, BN=16)),  # several images per program (last group partial), 3 patch chunks
+    (3, 9, 7, 3, 20, dict(IB=1, GB=4)),  # several report blocks, one image per program
+    (2, 3, 37, 40, 20, dict(GB=1, S_CH=16, LARGE_S=True, NKC=4, BN=16, IB=1)),  # 3 sentence x 3 patch chunks
+]
+
+
+@pytest.mark.parametrize("B,G,K,S,D,config", FWD_TILINGS)
+def test_triton_forward_tilings_match_fp64(B, G, K, S, D, config):
+    from mlip_fast.kernels.patch_sentence import patch_sentence_fwd
+
+    p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=K + S)
+    i2t, t2i, arg_i2t, arg_t2i = patch_sentence_fwd(p, s, smask, pmask, config=config)
+    (ref_i2t, ref_t2i), _, _ = run(grid_scores, p.double(), s.double(), smask, pmask, "both",
+                                   torch.zeros(B, G, dtype=torch.float64), torch.zeros(B, G, dtype=torch.float64))
+    assert rel_err(i2t, ref_i2t) < 1e-5 and rel_err(t2i, ref_t2i) < 1e-5
+    _check_argmax(p, s, smask, pmask, arg_i2t, arg_t2i)
+
+
+def test_triton_limits_decline_with_reasons():
+    from mlip_fast.kernels.patch_sentence import LARGE_S_MAX_K
+
+    p = torch.randn(1, LARGE_S_MAX_K + 1, 16)
+    s = torch.randn(1, 200, 16)
+    with pytest.raises(ImplUnavailableError, match=f"K <= {LARGE_S_MAX_K}"):
+        patch_sentence_scores(p, s, impl="triton")
+    big_s = torch.randn(1, 2**15, 16)
+    with pytest.raises(ImplUnavailableError, match="int16"):
+        patch_sentence_scores(torch.randn(1, 3, 16), big_s, impl="triton")
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

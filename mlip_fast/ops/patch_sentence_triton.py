@@ -17,7 +17,6 @@ from mlip_fast.ops.dispatch import Impl, registry, triton_unavailable_reason
 from mlip_fast.ops.patch_sentence import OP_NAME, PRIORITY
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_TOKENS = 2**15  # argmax indices are int16
 
 
 def _kernels():
@@ -148,16 +147,17 @@ def patch_sentence_scores_triton(
     Returns:
         (i2t [B, G], t2i [B, G]) float32, None for a direction not asked for.
     """
-    if max(patches.shape[1], sentences.shape[1]) >= MAX_TOKENS:
-        raise ValueError(
-            f"impl='triton' keeps int16 argmax indices: K={patches.shape[1]} and S={sentences.shape[1]} must be "
-            f"below {MAX_TOKENS} (use impl='chunked')"
-        )
     do_i2t, do_t2i = directions in ("both", "i2t"), directions in ("both", "t2i")
     i2t, t2i, _, _ = patch_sentence_scores_fwd(
         patches, sentences, sentence_mask, patch_mask, do_i2t, do_t2i, bool(deterministic)
     )
     return (i2t if do_i2t else None), (t2i if do_t2i else None)
+
+
+def triton_limits(inputs) -> list:
+    """The kernels' size limits for these inputs (int16 indices; K for reports longer than one tile)."""
+    kernels = _kernels()
+    return kernels.limits(inputs["K"], inputs["S"], inputs["dtype"], kernels.target_of(inputs["device"]).arch)
 
 
 registry(OP_NAME, PRIORITY).register(
@@ -167,5 +167,6 @@ registry(OP_NAME, PRIORITY).register(
         devices=("cuda", "cpu"),
         dtypes=SUPPORTED_DTYPES,
         unavailable=triton_unavailable_reason,
+        limits=triton_limits,
     )
 )
