@@ -146,13 +146,34 @@ def _fmt(value) -> str:
     return str(value)
 
 
+# Result files holding a list of records (one per run) and the function ("module:function", imported from
+# benchmarks/) that turns the records into [(caption, rows)] tables.
+LIST_TABLES = {"ablation_cpu.json": "ablation:readme_tables"}
+
+
+def _markdown(rows: list) -> list:
+    cols = list(rows[0].keys())
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |" for row in rows]
+    return lines + [""]
+
+
 def results_table() -> str:
-    """Markdown tables from every JSON under benchmarks/results/ that has a "table" section."""
+    """Markdown tables from every JSON under benchmarks/results/ that has a "table" section, and from the
+    record lists named in ``LIST_TABLES``."""
     blocks = []
     for path in sorted(RESULTS.glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, list) and path.name in LIST_TABLES:
+            module, function = LIST_TABLES[path.name].split(":")
+            if str(HERE) not in sys.path:
+                sys.path.insert(0, str(HERE))
+            for caption, rows in getattr(importlib.import_module(module), function)(data):
+                blocks.append(f"**{path.name}**: {caption}\n")
+                blocks += _markdown(rows)
             continue
         rows = data.get("table") if isinstance(data, dict) else None
         if not rows:
@@ -162,12 +183,7 @@ def results_table() -> str:
         blocks.append(
             f"**{path.name}**: {where}, torch {env.get('torch')}, triton {env.get('triton')}, {env.get('date', '')}\n"
         )
-        cols = list(rows[0].keys())
-        blocks.append("| " + " | ".join(cols) + " |")
-        blocks.append("| " + " | ".join("---" for _ in cols) + " |")
-        for row in rows:
-            blocks.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
-        blocks.append("")
+        blocks += _markdown(rows)
     return "\n".join(blocks).rstrip() + "\n"
 
 

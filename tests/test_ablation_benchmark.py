@@ -1,0 +1,129 @@
+"""benchmarks/ablation.py: the run plan, the paired statistics, and the whole script at a toy size (records
+schema, PNG, step-time file, resume without redoing finished runs, refusal to mix schedules)."""
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import ablation  # noqa: E402
+from mlip_fast.train.args import SYNTHETIC_PRESET  # noqa: E402
+
+TOY_DS = {
+    "train_batch_size": 8,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "weight_decay": 0.05,
+                                              "torch_adam": True}},
+    "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": 1}},
+    "gradient_clipping": 1.0,
+    "bf16": {"enabled": False},
+    "zero_optimization": {"stage": 2},
+    "steps_per_print": 1000000,
+}
+RECORD_KEYS = {"arm", "mask_ratio", "lambda_local", "lambda_sie", "seed", "steps", "zs_auc_global", "zs_auc_local",
+               "zs_auc_combined", "pointing_accuracy", "pointing_chance", "probe_auc_1pct", "probe_auc_10pct",
+               "samples_per_s", "valid_zs_auc_combined", "valid_pointing_accuracy", "sie_mask_auc",
+               "target_mask_auc", "estimator_constant", "train_s", "final_loss", "torch_threads"}
+
+
+def test_plan_covers_every_arm_at_both_ratios_and_the_preset():
+    runs = ablation.plan([0, 1, 2], [0.5, SYNTHETIC_PRESET["mask_ratio"]])
+    configs = {(r.arm, r.mask_ratio, r.lambda_local, r.lambda_sie) for r in runs}
+    assert configs == {("clip", 0.0, 0.0, 0.0), ("flip", 0.5, 0.0, 0.0), ("flip", 0.25, 0.0, 0.0),
+                       ("flip+local", 0.5, 1.0, 0.0), ("flip+local", 0.25, 1.0, 0.0), ("mlip", 0.5, 1.0, 0.1),
+                       ("mlip", 0.25, 1.0, 0.1), ("mlip", 0.25, SYNTHETIC_PRESET["lambda_local"], 0.1)}
+    assert len(runs) == 3 * len(configs) and len({r.key for r in runs}) == len(runs)
+    assert [r.seed for r in runs[:len(configs)]] == [0] * len(configs)  # every arm's first seed first
+
+
+def test_paired_difference_against_hand_computation():
+    a, b = {0: 0.80, 1: 0.75, 2: 0.90, 3: 0.70}, {0: 0.78, 1: 0.70, 2: 0.86, 3: 0.71}
+    d = [0.02, 0.05, 0.04, -0.01]
+    mean, sd = sum(d) / 4, math.sqrt(sum((x - sum(d) / 4) ** 2 for x in d) / 3)
+    got = ablation.paired_difference(a, b)
+    assert got["n"] == 4 and got["mean"] == pytest.approx(mean)
+    assert got["high"] - mean == pytest.approx(3.182 * sd / 2) and mean - got["low"] == pytest.approx(3.182 * sd / 2)
+    assert ablation.paired_difference({0: 0.5, 1: 0.6}, {1: 0.4, 2: 0.3}) == {"mean": pytest.approx(0.2), "low": None,
+                                                                            "high": None, "n": 1}
+    assert ablation.paired_difference({0: None}, {0: 0.4}) is None
+
+
+def _toy_args(tmp_path, *extra):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(TOY_DS))
+    return ["--steps", "3", "--synthetic-n", "60", "--image-size", "32", "--ds-config", str(ds), "--jobs", "0",
+            "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "ablation.json"), "--png", str(tmp_path / "ablation.png"),
+            "--step-time-out", str(tmp_path / "step_time.json"), "--no-readme", *extra]
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny CPU ops run faster on one thread (and the training app keeps an OMP_NUM_THREADS it finds)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_toy_benchmark_records_and_resume(tmp_path, one_thread):
+    out = tmp_path / "ablation.json"
+    args = _toy_args(tmp_path, "--ratios", "0.5", "--no-preset-row")
+    assert ablation.main(args + ["--seeds", "0", "--arms", "clip", "flip", "mlip", "--step-time-rounds", "1"]) == 0
+    records = json.loads(out.read_text())
+    assert [r["key"] for r in records] == ["clip_r0_ll0_s0", "flip_r0.5_ll0_s0", "mlip_r0.5_ll1_s0"]
+    for r in records:
+        assert RECORD_KEYS <= set(r), RECORD_KEYS - set(r)
+        assert r["arm"] in ablation.ARMS and r["steps"] == 3 and r["seed"] == 0
+        for key in ("zs_auc_global", "zs_auc_local", "zs_auc_combined", "pointing_accuracy", "probe_auc_1pct",
+                    "target_mask_auc"):
+            assert r[key] is None or 0.0 <= r[key] <= 1.0, key
+        assert 0.0 < r["pointing_chance"] < 1.0 and r["samples_per_s"] > 0
+    clip, flip, mlip = records
+    assert clip["final_loss"]["loss_local"] == 0.0 and flip["final_loss"]["loss_sie"] == 0.0
+    # without the estimator loss its logits stay exactly equal: uniform (FLIP) masking, no weighting
+    assert clip["estimator_constant"] and flip["estimator_constant"] and clip["sie_mask_auc"] is None
+    assert not mlip["estimator_constant"] and 0.0 <= mlip["sie_mask_auc"] <= 1.0
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    step_time = json.loads((tmp_path / "step_time.json").read_text())
+    assert step_time["ratio_min"] > 0 and {row["config"] for row in step_time["table"]} == {"clip_r0_ll0",
+                                                                                          "mlip_r0.5_ll1"}
+
+    # Resume: the kept records stay as they are; only the new run trains.
+    trained = tmp_path / "work" / "runs" / "clip_r0_ll0_s0" / "metrics.jsonl"
+    stamp = trained.stat().st_mtime_ns
+    assert ablation.main(args + ["--seeds", "0", "1", "--arms", "clip", "--step-time-rounds", "0"]) == 0
+    after = json.loads(out.read_text())
+    assert after[:3] == records and [r["key"] for r in after[3:]] == ["clip_r0_ll0_s1"]
+    assert trained.stat().st_mtime_ns == stamp
+    # A run that finished but was not collected (the collecting process stopped) is taken from its folder.
+    out.write_text(json.dumps(after[:3]))
+    rerun = tmp_path / "work" / "runs" / "clip_r0_ll0_s1" / "metrics.jsonl"
+    stamp = rerun.stat().st_mtime_ns
+    assert ablation.main(args + ["--seeds", "0", "1", "--arms", "clip", "--step-time-rounds", "0"]) == 0
+    assert json.loads(out.read_text()) == after and rerun.stat().st_mtime_ns == stamp
+    # Another schedule is refused rather than mixed into the same records.
+    with pytest.raises(SystemExit, match="another schedule"):
+        ablation.main(_toy_args(tmp_path, "--steps", "4", "--seeds", "0", "--arms", "clip"))
+
+
+def test_readme_tables_from_records():
+    base = {"model": "mlip-tiny", "steps": 400, "global_batch": 64, "synthetic_n": 6000, "lambda_sie": 0.0,
+            "environment": {"cpu": "cpu", "torch": "2"}}
+    records = []
+    for seed, (f, fl, m) in enumerate([(0.70, 0.72, 0.75), (0.71, 0.74, 0.74), (0.69, 0.73, 0.78)]):
+        for arm, lam, auc in (("flip", 0.0, f), ("flip+local", 1.0, fl), ("mlip", 1.0, m)):
+            records.append({**base, "arm": arm, "mask_ratio": 0.5, "lambda_local": lam, "seed": seed,
+                            "zs_auc_combined": auc})
+    (caption, rows), (_, diffs) = ablation.readme_tables(records)
+    assert "400 steps" in caption and [r["configuration"] for r in rows] == [
+        "flip (r=0.5)", "flip+local (r=0.5, λl=1)", "mlip (r=0.5, λl=1)"]
+    assert rows[2]["zs_auc_combined"] == f"{statistics.mean([0.75, 0.74, 0.78]):.3f} ± {statistics.stdev([0.75, 0.74, 0.78]):.3f}"
+    assert diffs[0]["difference (paired by seed)"] == "MLIP - FLIP+local, r=0.5"
+    assert diffs[0]["zs_auc_combined"].startswith(f"{statistics.mean([0.03, 0.0, 0.05]):+.3f} [")
