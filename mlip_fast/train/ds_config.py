@@ -28,7 +28,8 @@ import math
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["DSConfigError", "load_ds_config", "validate_ds_config", "resolve_batch_sizes", "resolve_schedule",
+__all__ = ["DSConfigError", "load_ds_config", "validate_ds_config", "apply_accum_freq", "resolve_batch_sizes",
+           "resolve_schedule",
            "precision_dtype", "WARMUP_FRACTION"]
 
 # Share of the run spent warming up when the scheduler asks for "auto".
@@ -283,6 +284,22 @@ def validate_ds_config(config: dict, *, device_type: str, where: str = "ds confi
     if config.get("checkpoint", {}).get("use_node_local_storage", False):
         raise DSConfigError(f"{where}: checkpoint.use_node_local_storage is not supported by this training app "
                             f"(rank 0 renames each complete checkpoint into place on a filesystem all ranks share)")
+
+
+def apply_accum_freq(config: dict, accum_freq: Optional[int]) -> dict:
+    """A copy of ``config`` with ``gradient_accumulation_steps = accum_freq`` (``--accum-freq``; None
+    leaves it as it is). A configured ``train_batch_size`` (the global batch, i.e. the contrastive
+    batch) is kept and the per-GPU micro-batch is derived from it; without one the micro-batch is kept
+    and the global batch grows. :func:`resolve_batch_sizes` then checks divisibility."""
+    if accum_freq is None:
+        return config
+    if not isinstance(accum_freq, int) or accum_freq < 1:
+        raise DSConfigError(f"--accum-freq must be a positive int, got {accum_freq!r}")
+    config = copy.deepcopy(config)
+    if config.get("train_batch_size") is not None:
+        config.pop("train_micro_batch_size_per_gpu", None)
+    config["gradient_accumulation_steps"] = accum_freq
+    return config
 
 
 def resolve_batch_sizes(config: dict, world_size: int, where: str = "ds config") -> dict:

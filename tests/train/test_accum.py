@@ -25,6 +25,7 @@ from mlip_fast.losses import MLIPLoss
 from mlip_fast.models import create_model, get_tokenizer
 from mlip_fast.models.tokenization import tokenize_reports
 from mlip_fast.train.accum import CachedLoss, ReplayMismatchError, accumulate, cache_outputs, concat_outputs
+from mlip_fast.train.ds_config import DSConfigError, apply_accum_freq, resolve_batch_sizes
 
 N_MICRO, MICRO, WORLD = 3, 3, 2
 RTOL, ATOL = 1e-9, 1e-12
@@ -154,6 +155,23 @@ def test_replay_mismatch_is_refused():
         loss.surrogate(0, model(batches[0], mask_ratio=0.5, seed=99))
     with pytest.raises(RuntimeError, match="already called"):
         loss.backward()
+
+
+@pytest.mark.parametrize("config, world, expected", [
+    # a global batch is the contrastive batch: it is kept, the micro-batch shrinks
+    ({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2}, 2, (32, 4, 4)),
+    ({"train_batch_size": 32}, 1, (32, 8, 4)),
+    # only a micro-batch: it is kept, the global batch grows
+    ({"train_micro_batch_size_per_gpu": 8}, 2, (64, 8, 4)),
+])
+def test_accum_freq_sets_the_accumulation_steps(config, world, expected):
+    out = resolve_batch_sizes(apply_accum_freq(config, 4), world)
+    assert (out["train_batch_size"], out["train_micro_batch_size_per_gpu"], out["gradient_accumulation_steps"]) == expected
+    assert apply_accum_freq(config, None) is config
+    with pytest.raises(DSConfigError, match="positive int"):
+        apply_accum_freq(config, 0)
+    with pytest.raises(DSConfigError, match="not divisible"):
+        resolve_batch_sizes(apply_accum_freq({"train_batch_size": 30}, 4), 1)
 
 
 def _free_port() -> int:
