@@ -71,6 +71,7 @@ PROBE_FRACTIONS = (0.01, 0.1)
 RESULTS = harness.RESULTS / "ablation_cpu.json"
 PNG = harness.RESULTS / "ablation_cpu.png"
 STEP_TIME_RESULTS = harness.RESULTS / "ablation_step_time_cpu.json"
+MASKING_RESULTS = harness.RESULTS / "ablation_masking_cpu.json"
 # What must agree between a kept record and this invocation for the record to count as this benchmark's.
 SCHEDULE_KEYS = ("steps", "synthetic_n", "image_size", "ds_config", "model")
 RECORD_FILE = "record.json"
@@ -209,6 +210,57 @@ def integrity_alignment(model, root: Path, split: str = "test", batch_size: int 
     return {"sie_mask_auc": None if constant or not est_auc else float(np.mean(est_auc)),
             "target_mask_auc": float(np.mean(tgt_auc)) if tgt_auc else None,
             "estimator_constant": constant, "n_images_with_findings": len(tgt_auc)}
+
+
+@torch.no_grad()
+def masking_diagnostics(model, root: Path, mask_ratio: float, temperatures: Sequence[float], draws: int = 32,
+                        split: str = "test", batch_size: int = 100) -> dict:
+    """What integrity-scored masking does with a trained estimator's logits, on the images with findings.
+
+    For each masking temperature t: the share of the finding patches (at least half inside the union of the
+    finding masks) that Gumbel-top-k over logits / t keeps, averaged over ``draws`` seeded draws, against
+    K / P for uniform masking (FLIP); and the coefficient of variation over images of the kept integrity
+    mass, the weight MLIP gives each image (0 for uniform masking: every image is weighted alike). Also the
+    mean over images of the standard deviation of the logits over the patches (how far from uniform the
+    estimator is at all).
+    """
+    from mlip_fast.eval.common import eval_transform
+    from mlip_fast.eval.data import SyntheticBenchmark
+    from mlip_fast.eval.localisation import mask_to_input_frame
+    from mlip_fast.models.vision import num_kept
+    from mlip_fast.ops.integrity_mask import integrity_mask
+
+    data = SyntheticBenchmark(root, split=split, with_findings=True)
+    transform = eval_transform(model)
+    size, patch = model.config.vision.image_size, model.config.vision.patch_size
+    logits, findings = [], []
+    for start in range(0, len(data), batch_size):
+        rows = [data[i] for i in range(start, min(len(data), start + batch_size))]
+        keep = [i for i, r in enumerate(rows) if any(f.get("mask") is not None for f in r["findings"])]
+        if not keep:
+            continue
+        images = torch.stack([transform(rows[i]["image"]) for i in keep])
+        logits.append(model.visual.estimator(model.visual.embeddings(images)[1]).float())
+        findings += [torch.from_numpy(_patch_coverage([mask_to_input_frame(f["mask"], size) for f in rows[i]["findings"]
+                                                       if f.get("mask") is not None], size, patch) >= 0.5)
+                     for i in keep]
+    a = torch.cat(logits)
+    positive = torch.stack(findings)
+    p = a.shape[1]
+    k = num_kept(p, mask_ratio)
+    out = {"mask_ratio": mask_ratio, "kept_share_uniform": k / p, "logit_std": float(a.std(dim=1).mean()),
+           "n_images": int(a.shape[0])}
+    for t in temperatures:
+        kept = torch.zeros_like(a)
+        weights = []
+        for d in range(draws):
+            result = integrity_mask(a[..., None], a, k, temperature=t, seed=d, impl="reference")
+            kept.scatter_add_(1, result.index, torch.ones_like(a[:, :k]))
+            weights.append(result.integrity)
+        w = torch.stack(weights)
+        out[f"finding_kept_share_t{t:g}"] = float((kept / draws)[positive].mean())
+        out[f"weight_cv_t{t:g}"] = float((w.std(dim=1) / w.mean(dim=1)).mean())
+    return out
 
 
 def _or_none(fn: Callable, *args, **kwargs):
@@ -401,6 +453,35 @@ def measure_step_times(synthetic_root: Path, model: str, rounds: int, batch: int
             "ratio_median": statistics.median(times[cand]) / statistics.median(times[base]), "table": table}
 
 
+def diagnose(records: list, work_dir: Path, synthetic_root: Path, temperatures: Sequence[float] = (1.0, 0.25, 0.1),
+             draws: int = 32) -> dict:
+    """:func:`masking_diagnostics` of every masked run's exported model (its folder under ``work_dir``), at
+    the run's mask ratio; one table row per configuration (mean over its seeds)."""
+    from mlip_fast.models import from_pretrained
+
+    per_run = []
+    for r in records:
+        export = work_dir / "runs" / r["key"] / "export"
+        if r["mask_ratio"] == 0.0 or not export.is_dir():
+            continue
+        model = from_pretrained(export)
+        diag = masking_diagnostics(model, synthetic_root, r["mask_ratio"], temperatures, draws)
+        per_run.append({"key": r["key"], "arm": r["arm"], "mask_ratio": r["mask_ratio"],
+                        "lambda_local": r["lambda_local"], "seed": r["seed"], **diag})
+    table = []
+    for (arm, ratio, lam), runs in _groups(per_run).items():
+        row = {"configuration": _config_label(runs[0]), "seeds": len(runs),
+               "kept share, uniform (K/P)": f"{runs[0]['kept_share_uniform']:.3f}",
+               "estimator logit std": _mean_std([x["logit_std"] for x in runs])}
+        for t in temperatures:
+            row[f"finding patches kept, t={t:g}"] = _mean_std([x[f"finding_kept_share_t{t:g}"] for x in runs])
+        for t in temperatures:
+            row[f"weight CV, t={t:g}"] = _mean_std([x[f"weight_cv_t{t:g}"] for x in runs])
+        table.append(row)
+    return {"environment": harness.environment("cpu"), "temperatures": list(temperatures), "draws": draws,
+            "runs": per_run, "table": table}
+
+
 # ------------------------------------------------------------------------------------------------ summaries
 def _config_label(r: dict) -> str:
     if r["arm"] == "clip":
@@ -561,6 +642,10 @@ def main(argv=None) -> int:
     parser.add_argument("--png", type=Path, default=PNG)
     parser.add_argument("--step-time-out", type=Path, default=STEP_TIME_RESULTS)
     parser.add_argument("--step-time-rounds", type=int, default=20, help="0 skips the step-time measurement")
+    parser.add_argument("--masking-out", type=Path, default=MASKING_RESULTS)
+    parser.add_argument("--diagnose", action="store_true",
+                        help="only measure what integrity-scored masking does with the kept runs' trained estimators "
+                             "(their exports under --work-dir) and regenerate the PNG and README tables")
     parser.add_argument("--readme", action="store_true", help="only regenerate the PNG and the README tables")
     parser.add_argument("--no-readme", action="store_true", help="do not touch the README tables")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)  # worker: one RunSpec as JSON
@@ -578,7 +663,13 @@ def main(argv=None) -> int:
 
     records = load_records(args.out)
     failures = 0
-    if not args.readme:
+    if args.diagnose:
+        from mlip_fast.train.data import synthetic_cache_dir
+
+        root = synthetic_cache_dir(args.cache_dir, records[0]["image_size"], records[0]["synthetic_n"], 0)
+        write_json_atomic(args.masking_out, diagnose(records, args.work_dir, root))
+        print(f"wrote {args.masking_out}")
+    elif not args.readme:
         ds_config = Path(args.ds_config)
         if not ds_config.is_file():
             parser.error(f"--ds-config {ds_config} does not exist")

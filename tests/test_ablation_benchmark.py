@@ -1,5 +1,6 @@
 """benchmarks/ablation.py: the run plan, the paired statistics, and the whole script at a toy size (records
-schema, PNG, step-time file, resume without redoing finished runs, refusal to mix schedules)."""
+schema, PNG, step-time file, masking diagnostics, resume without redoing finished runs, refusal to mix
+schedules)."""
 import json
 import math
 import statistics
@@ -94,6 +95,14 @@ def test_toy_benchmark_records_and_resume(tmp_path, one_thread):
     step_time = json.loads((tmp_path / "step_time.json").read_text())
     assert step_time["ratio_min"] > 0 and {row["config"] for row in step_time["table"]} == {"clip_r0_ll0",
                                                                                           "mlip_r0.5_ll1"}
+
+    # What the masking does with each masked run's estimator: FLIP's is constant, so uniform and unweighted.
+    assert ablation.main(args + ["--diagnose", "--masking-out", str(tmp_path / "masking.json")]) == 0
+    masking = json.loads((tmp_path / "masking.json").read_text())
+    assert [row["configuration"] for row in masking["table"]] == ["flip (r=0.5)", "mlip (r=0.5, λl=1)"]
+    flip_diag = next(r for r in masking["runs"] if r["arm"] == "flip")
+    assert flip_diag["logit_std"] == 0.0 and flip_diag["weight_cv_t1"] == 0.0
+    assert 0.0 < flip_diag["finding_kept_share_t1"] < 1.0 and flip_diag["kept_share_uniform"] == 0.5
 
     # Resume: the kept records stay as they are; only the new run trains.
     trained = tmp_path / "work" / "runs" / "clip_r0_ll0_s0" / "metrics.jsonl"
