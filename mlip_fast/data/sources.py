@@ -55,7 +55,7 @@ def build_pretrain_dataset(data: str, split: Optional[str], transform, *, image_
                 return None
             reports, images = _openi_layout(path, image_root)
             return D.OpenIDataset(reports, image_dir=images, transform=transform, max_bad_fraction=max_bad_fraction)
-    header = path.open().readline() if path.suffix.lower() == ".csv" else ""
+    header = path.open(encoding=D.TABLE_ENCODING, errors="replace").readline() if path.suffix.lower() == ".csv" else ""
     if path.suffix.lower() == ".csv" and "findings" in header and "impression" in header:
         columns = [c.strip() for c in header.strip().split(",")]
         if "split" not in columns:
