@@ -449,7 +449,7 @@ def mask_cases(quick: bool = False) -> list:
     from mlip_fast.kernels.integrity_mask import MAX_PATCHES
 
     cases = []
-    for P in MASK_P + (MAX_PATCHES,):
+    for P in MASK_P + (MAX_PATCHES, 2 * MAX_PATCHES):  # the last is refused up front
         for C in MASK_C:
             for B in MASK_B:
                 if quick and B != 128:

@@ -44,8 +44,9 @@ import triton.language as tl
 
 # tl.rand draws from [0, 1); clamping keeps -log(-log(u)) finite at u == 0.
 _U_MIN = tl.constexpr(1e-20)
-# Selection keeps the whole row in registers; beyond this many patches a row no longer fits well.
-MAX_PATCHES = 16384
+# Selection keeps the whole row in registers (at most 16 positions per thread with 16 warps): beyond this
+# many patches a row would spill. The op declares the limit so that ``auto`` falls back to the reference.
+MAX_PATCHES = 8192
 _INT32_MIN = tl.constexpr(-2147483648)
 
 
@@ -92,12 +93,10 @@ def _integrity_mask_fwd_kernel(
         seed_val = seed
     # Integrity is accumulated in the output's dtype (float32, or float64 for float64 scores).
     acc_dtype = integrity_ptr.dtype.element_ty
-    s = tl.load(scores_ptr + rows[:, None] * stride_sb + p[None, :] * stride_sp, mask=valid, other=0.0)
-    s = s.to(acc_dtype)
-
+    s_ptrs = scores_ptr + rows[:, None] * stride_sb + p[None, :] * stride_sp
     u = tl.rand(seed_val, rows[:, None] * P + p[None, :])
     gumbel = -tl.log(-tl.log(tl.maximum(u, _U_MIN)))
-    key = s.to(tl.float32) / temperature + gumbel
+    key = tl.load(s_ptrs, mask=valid, other=0.0).to(tl.float32) / temperature + gumbel
     bits = key.to(tl.int32, bitcast=True)
     skey = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
@@ -116,6 +115,8 @@ def _integrity_mask_fwd_kernel(
     slot = tl.cumsum(sel.to(tl.int32), axis=1) - 1
 
     if pid_k == 0:
+        # the scores are read again here rather than kept live through the selection (registers at large P)
+        s = tl.load(s_ptrs, mask=valid, other=0.0).to(acc_dtype)
         s_masked = tl.where(valid, s, float("-inf"))
         row_max = tl.where(row_ok, tl.max(s_masked, axis=1), 0.0)
         e = tl.where(valid, tl.exp(s_masked - row_max[:, None]), 0.0)
@@ -180,12 +181,15 @@ def _interpreting(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def fwd_config(B: int, P: int, C: int, keep: int, *, interpret: bool) -> dict:
+def fwd_config(B: int, P: int, C: int, keep: int, *, interpret: bool, itemsize: int = 4,
+               score_itemsize: int = 4) -> dict:
     """Launch configuration of the forward kernel for these sizes.
 
     Interpreter: as few programs and loop trips as possible (each op costs a fixed Python overhead).
     GPU: about 256 selection lanes per program (several rows when P is small), 32 kept slots per
-    program so that B * K / 32 programs share the copy, and [32, 256]-element copy tiles.
+    program so that B * K / 32 programs share the copy, copy tiles of 32 KiB ([32, 256] fp32 elements,
+    half as many columns for 8-byte tokens), and one warp per 512 positions of the row (4 to 32 warps), so
+    each thread holds at most 16 positions of the selection (P = 8192 takes 16 warps) and nothing spills.
     """
     block_p = triton.next_power_of_2(P)
     block_k = triton.next_power_of_2(keep)
@@ -198,9 +202,21 @@ def fwd_config(B: int, P: int, C: int, keep: int, *, interpret: bool) -> dict:
     rows = min(triton.next_power_of_2(B), max(1, 256 // block_p))
     kpb = min(block_k, max(1, 32 // rows))
     block_j = rows * kpb
-    block_c = min(triton.next_power_of_2(C), max(16, 8192 // block_j))
-    num_warps = 8 if block_p >= 4096 else 4
+    block_c = min(triton.next_power_of_2(C), max(16, (32768 // itemsize) // block_j))
+    lanes_per_warp = 512 if score_itemsize <= 4 else 256  # fp64 scores carry twice the registers per lane
+    num_warps = min(16, max(4, (rows * block_p) // lanes_per_warp))
     return dict(ROWS=rows, KPB=kpb, BLOCK_J=block_j, BLOCK_C=block_c, num_warps=num_warps)
+
+
+def limits(B: int, P: int) -> list:
+    """Why the kernels cannot take these sizes (empty: they can)."""
+    reasons = []
+    if P > MAX_PATCHES:
+        reasons.append(f"P={P} patches per image is above the kernel's {MAX_PATCHES} (the selection keeps a row "
+                       f"in registers)")
+    if B * P >= 2**31:
+        reasons.append(f"B * P = {B * P} exceeds the int32 Philox offsets")
+    return reasons
 
 
 def integrity_mask_fwd(
@@ -228,17 +244,17 @@ def integrity_mask_fwd(
         float64 scores), slot [B, P] int32 (kept slot of each position, -1 if dropped).
     """
     B, P, C = tokens.shape
-    if P > MAX_PATCHES:
-        raise ValueError(f"the triton integrity_mask supports P <= {MAX_PATCHES} patches, got P={P}; use impl='reference'")
-    if B * P >= 2**31:
-        raise ValueError(f"B * P = {B * P} exceeds the int32 Philox offsets; split the batch")
+    why = limits(B, P)
+    if why:
+        raise ValueError("integrity_mask_fwd: " + "; ".join(why))
     device = tokens.device
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     kept = torch.empty((B, keep, C), dtype=tokens.dtype, device=device)
     index = torch.empty((B, keep), dtype=torch.int64, device=device)
     integrity = torch.empty((B,), dtype=acc, device=device)
     slot = torch.empty((B, P), dtype=torch.int32, device=device)
-    cfg = fwd_config(B, P, C, keep, interpret=_interpreting(device))
+    cfg = fwd_config(B, P, C, keep, interpret=_interpreting(device), itemsize=tokens.element_size(),
+                     score_itemsize=scores.element_size())
     cfg.update(config or {})
     grid = (triton.cdiv(B, cfg["ROWS"]), triton.cdiv(keep, cfg["KPB"]))
     _integrity_mask_fwd_kernel[grid](

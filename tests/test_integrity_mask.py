@@ -376,3 +376,14 @@ def test_estimator_trained_by_semantic_integrity_loss(impl):
     assert torch.isfinite(loss) and loss.item() >= 0
     assert est.fc1.weight.grad.abs().sum() > 0 and est.fc2.weight.grad.abs().sum() > 0
     assert tokens.grad is not None and not result.integrity.requires_grad
+
+
+def test_triton_declines_rows_above_its_patch_limit():
+    from mlip_fast.kernels.integrity_mask import MAX_PATCHES  # triton is optional: imported where used
+
+    P = MAX_PATCHES + 1
+    tokens, scores = torch.randn(1, P, 2), torch.randn(1, P)
+    with pytest.raises(ImplUnavailableError, match=f"P={P} patches per image"):
+        integrity_mask(tokens, scores, 3, seed=0, impl="triton")
+    out = integrity_mask(tokens, scores, 3, seed=0, impl="auto")  # the reference takes it
+    assert out.kept.shape == (1, 3, 2)

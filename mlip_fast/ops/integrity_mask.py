@@ -97,6 +97,12 @@ def _triton_impl(tokens, scores, keep, temperature, seed, generator) -> MaskResu
     return MaskResult(kept, index, integrity.detach())
 
 
+def _triton_limits(inputs) -> list:
+    from mlip_fast.kernels import integrity_mask as _kernels  # triton is optional: imported on use
+
+    return _kernels.limits(inputs["B"], inputs["P"])
+
+
 REGISTRY = registry(OP_NAME, PRIORITY)
 REGISTRY.register(
     Impl(
@@ -113,6 +119,7 @@ REGISTRY.register(
         devices=("cuda", "cpu"),
         dtypes=_checks.FLOAT_DTYPES,
         unavailable=triton_unavailable_reason,
+        limits=_triton_limits,
     )
 )
 
@@ -190,5 +197,5 @@ def integrity_mask(
             raise ValueError(f"generator is on {generator.device} but tokens are on {tokens.device}")
     if check_finite and not torch.compiler.is_compiling() and not torch.isfinite(scores).all():
         raise ValueError("scores contains NaN or Inf")
-    chosen = REGISTRY.select(impl, tokens.device, tokens.dtype)
+    chosen = REGISTRY.select(impl, tokens.device, tokens.dtype, dict(B=B, P=P, C=C, keep=keep))
     return chosen.fn(tokens, scores, keep, temperature, seed, generator)
