@@ -43,11 +43,25 @@ ENV_VAR = "MLIP_ATTN_BACKEND"
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+FLASH_MAX_HEAD_DIM = 256
+
+
+def _flash_limits(inputs) -> list:
+    """flash-attn's kernels take head dims up to 256, in multiples of 8."""
+    head_dim = inputs.get("head_dim")
+    if head_dim is None:
+        return []
+    reasons = []
+    if head_dim > FLASH_MAX_HEAD_DIM:
+        reasons.append(f"head dim {head_dim} > {FLASH_MAX_HEAD_DIM} is not supported by flash-attn")
+    elif head_dim % 8:
+        reasons.append(f"head dim {head_dim} is not a multiple of 8 (flash-attn)")
+    return reasons
+
+
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from flash_attn import flash_attn_func
 
-    if q.shape[-1] > 256:
-        raise ImplUnavailableError(f"flash: head dim {q.shape[-1]} > 256 is not supported by flash-attn")
     return flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=q.shape[-1] ** -0.5, causal=False)
 
 
@@ -87,7 +101,7 @@ _REGISTRY = registry(
     priority={"cuda": ["flash", "xformers", "sdpa", "math"], "default": ["sdpa", "math"]},
 )
 _REGISTRY.register(Impl("flash", _flash, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16),
-                        unavailable=_module_missing("flash_attn", "pip install flash-attn")))
+                        unavailable=_module_missing("flash_attn", "pip install flash-attn"), limits=_flash_limits))
 _REGISTRY.register(Impl("xformers", _xformers, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
                         unavailable=_module_missing("xformers", "pip install xformers")))
 _REGISTRY.register(Impl("sdpa", _sdpa, devices=("cpu", "cuda", "mps", "xpu"), dtypes=_ALL_FLOATS))
@@ -120,7 +134,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     global _warned_switch
     name = resolve_backend(backend)
     previous = _REGISTRY.last_used
-    impl = _REGISTRY.select(name, q.device, q.dtype)
+    impl = _REGISTRY.select(name, q.device, q.dtype, dict(head_dim=q.shape[-1], heads=q.shape[2], tokens=q.shape[1]))
     if name == "auto" and previous is not None and impl.name != previous and not _warned_switch:
         _warned_switch = True
         logger.warning("ViT attention backend changed from %s to %s (device=%s, dtype=%s)",
@@ -133,7 +147,9 @@ def selected_backend() -> Optional[str]:
     return _REGISTRY.last_used
 
 
-def backend_report(device: torch.device | str, dtype: torch.dtype) -> dict:
-    """{backend: "available" or the reason it cannot run} for ``device`` / ``dtype``, for run logs."""
+def backend_report(device: torch.device | str, dtype: torch.dtype, head_dim: Optional[int] = None) -> dict:
+    """{backend: "available" or the reason it cannot run} for ``device`` / ``dtype`` (and the model's head
+    dim, when given), for run logs."""
     device = torch.device(device)
-    return {name: (_REGISTRY.impls[name].refusal(device, dtype) or "available") for name in BACKENDS}
+    inputs = {} if head_dim is None else {"head_dim": head_dim}
+    return {name: (_REGISTRY.impls[name].refusal(device, dtype, inputs) or "available") for name in BACKENDS}

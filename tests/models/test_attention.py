@@ -104,3 +104,9 @@ def test_gpu_backends_match_sdpa(backend):
     err = (A.attention(q, k, v, backend).double() - ref).abs().max()
     base = (naive(q, k, v).double() - ref).abs().max()
     assert err <= 2 * base + 1e-6
+
+
+def test_flash_declines_head_dims_it_cannot_take():
+    assert A._flash_limits({"head_dim": 64}) == []
+    assert "256" in A._flash_limits({"head_dim": 320})[0]
+    assert "multiple of 8" in A._flash_limits({"head_dim": 60})[0]
