@@ -169,13 +169,15 @@ def section_patch_sentence_correctness(ctx: Context) -> dict:
     return {"ok": not failures, "checks": len(results), "failures": failures, "determinism": determinism, "results": results}
 
 
-BENCH_SHAPES = [  # (B, G, K, S, D): PERF.md's named shapes
+BENCH_SHAPES = [  # (B, G, K, S, D): PERF.md's named shapes and the performance model's
     (32, 32, 196, 16, 256),
     (128, 128, 98, 16, 256),
     (128, 128, 196, 16, 256),
+    (128, 128, 98, 16, 512),
     (128, 128, 196, 16, 512),
     (256, 256, 196, 16, 256),
     (512, 512, 196, 16, 256),
+    (128, 1024, 98, 16, 512),
     (128, 1024, 196, 16, 512),
 ]
 DRY_SHAPES = [(4, 6, 5, 3, 33)]
@@ -270,6 +272,7 @@ def section_patch_sentence_benchmark(ctx: Context) -> dict:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
         del sets, pk, sg
+    ctx.shared["bench_rows"] = rows
     return {"rows": rows, "targets": _targets(rows), "chunked_tile_elements": chunked_tile}
 
 
@@ -348,6 +351,127 @@ def section_patch_sentence_fwd_config_sweep(ctx: Context) -> dict:
     return {"shape": [B, G, K, S, D], "dtype": dtype, "rows": rows, "best": best}
 
 
+def section_loss_local(ctx: Context) -> dict:
+    """The patch-sentence loss (local mode, one process) forward + backward at B=128, K=98 / 196, S=16, D=512,
+    bf16: one both-directions call per loss, against the same loss built from two one-direction calls (what
+    training did before) and against the reference impl."""
+    torch = ctx.torch
+    from bench_patch_sentence import make_inputs
+
+    from mlip_fast import functional as MF
+    from mlip_fast.losses import INIT_TEMPERATURE
+    from mlip_fast.ops import patch_sentence_scores
+
+    dtype = "float32" if ctx.dry_run else "bfloat16"
+    shapes = [(4, 3, 5, 16)] if ctx.dry_run else [(128, 98, 16, 512), (128, 196, 16, 512)]
+    rows = []
+    for B, K, S, D in shapes:
+        p, s, m, _, _ = make_inputs(B, B, K, S, D, dtype, str(ctx.device), seed=1)
+
+        def one_call(impl):
+            def step():
+                loss = MF.patch_sentence_loss(p, s, m, impl=impl)
+                return torch.autograd.grad(loss, (p, s))
+            return step
+
+        def two_calls():
+            pn, sn = torch.nn.functional.normalize(p, dim=-1), torch.nn.functional.normalize(s, dim=-1)
+            i2t, _ = patch_sentence_scores(pn, sn, m, directions="i2t", impl="triton" if ctx.device.type == "cuda" else "chunked")
+            _, t2i = patch_sentence_scores(pn, sn, m, directions="t2i", impl="triton" if ctx.device.type == "cuda" else "chunked")
+            labels = torch.arange(B, device=p.device)
+            scale = 1.0 / INIT_TEMPERATURE
+            loss = 0.5 * (torch.nn.functional.cross_entropy(scale * i2t, labels)
+                          + torch.nn.functional.cross_entropy(scale * t2i.T, labels))
+            return torch.autograd.grad(loss, (p, s))
+
+        fused = "triton" if ctx.device.type == "cuda" else "chunked"
+        for name, fn in (("one_call_" + fused, one_call(fused)), ("two_calls_" + fused, two_calls),
+                         ("reference", one_call("reference"))):
+            try:
+                rows.append(dict(B=B, K=K, S=S, D=D, dtype=dtype, provider=name, ms=ctx.time_ms(fn),
+                                 peak_bytes=ctx.peak_bytes(fn)))
+            except Exception as err:  # noqa: BLE001
+                rows.append(dict(B=B, K=K, S=S, D=D, dtype=dtype, provider=name, error=f"{type(err).__name__}: {err}"[:300]))
+    return {"rows": rows}
+
+
+def section_train_step(ctx: Context) -> dict:
+    """One MLIP training step (ViT-B/16 + BERT-base, bf16, batch 64) for the reference and fused impls: step
+    time, peak memory and the largest per-GPU batch before out-of-memory (doubling search)."""
+    if ctx.device.type != "cuda":
+        return {"skipped": "CUDA only (the CPU step is measured by bench_train_step.py)"}
+    import bench_train_step
+
+    return {"rows": [bench_train_step._measure(impl, bench_train_step.GPU_CASE) for impl in ("reference", "triton")]}
+
+
+def section_compiled_kernels(ctx: Context) -> dict:
+    """What the GPU actually compiled for the kernels run so far (registers, spills, shared memory, warps),
+    next to the static compile's committed record of the same kernels, so the two can be related."""
+    import importlib
+
+    found = []
+    for module_name, kernels in (("mlip_fast.kernels.patch_sentence", ("_patch_sentence_fwd_kernel", "_patch_sentence_bwd_kernel")),
+                                 ("mlip_fast.kernels.integrity_mask", ("_integrity_mask_fwd_kernel", "_integrity_mask_bwd_kernel"))):
+        module = importlib.import_module(module_name)
+        for name in kernels:
+            fn = getattr(module, name)
+            for caches in getattr(fn, "device_caches", {}).values():
+                for key, compiled in caches[0].items():
+                    row = dict(kernel=name, specialization=str(key)[:400])
+                    for attr in ("n_regs", "n_spills", "n_max_threads"):
+                        row[attr] = getattr(compiled, attr, None)
+                    meta = getattr(compiled, "metadata", None)
+                    if meta is not None:
+                        row.update(shared=getattr(meta, "shared", None), num_warps=getattr(meta, "num_warps", None),
+                                   num_stages=getattr(meta, "num_stages", None))
+                    found.append(row)
+    static_path = HERE / "results" / "kernel_static.json"
+    static = []
+    if static_path.exists():
+        arch = None
+        if ctx.device.type == "cuda":
+            major, minor = ctx.torch.cuda.get_device_capability(ctx.device)
+            arch = f"sm_{major}{minor}"
+        data = json.loads(static_path.read_text())
+        for r in data["records"]:
+            shape = r.get("shape", {})
+            if r.get("compiled") and r["arch"] == arch and r["dtype"] == "bf16" and shape.get("K") in (98, 196) \
+                    and shape.get("S") == 16 and shape.get("D") == 512 and shape.get("G") in (128, 1024):
+                static.append({k: r.get(k) for k in ("kernel", "mode", "shape", "config", "registers", "spill_bytes",
+                                                     "shared_bytes", "blocks_per_sm", "tensor_core_sass")})
+    return {"compiled_here": found, "static_records": static}
+
+
+def section_model_vs_measurement(ctx: Context) -> dict:
+    """The performance model's predictions (``results/perf_model.json``) beside this run's measurements of the
+    same shapes: the first GPU run calibrates the model."""
+    path = HERE / "results" / "perf_model.json"
+    if not path.exists():
+        return {"skipped": f"{path.name} not found"}
+    model = json.loads(path.read_text())["records"]
+    bench = ctx.shared.get("bench_rows", [])
+    name = ctx.torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    card = "A100" if "A100" in name else "H100"  # H200: same SMs and clocks as H100, more HBM bandwidth
+    rows = []
+    for r in bench:
+        if "ms" not in r or r.get("provider") not in ("triton", "naive"):
+            continue
+        mode = "fwd+bwd" if r["mode"] == "full" else r["mode"]
+        impl = "fused" if r["provider"] == "triton" else "naive"
+        pred = next((m for m in model if m["impl"] == impl and m["mode"] == mode and m["card"] == card
+                     and all(m[k] == r[k] for k in ("B", "G", "K", "S", "D"))), None)
+        if pred is None:
+            continue
+        rows.append(dict(impl=impl, mode=mode, B=r["B"], G=r["G"], K=r["K"], S=r["S"], D=r["D"],
+                         measured_us=r["ms"] * 1e3, predicted_us=pred["predicted_s"] * 1e6,
+                         measured_over_predicted=r["ms"] * 1e-3 / pred["predicted_s"], model_card=card))
+    for row in rows:
+        print(f"  model vs measured: {row['impl']:5s} {row['mode']:7s} {row['B']}x{row['G']} K{row['K']} D{row['D']}: "
+              f"predicted {row['predicted_us']:.1f} us, measured {row['measured_us']:.1f} us", flush=True)
+    return {"device": name, "model_card": card, "rows": rows}
+
+
 def section_integrity_mask(ctx: Context) -> dict:
     """Integrity-scored masking on CUDA: correctness, no host sync, timings vs argsort + gather and copy."""
     if ctx.device.type != "cuda":
@@ -364,8 +488,12 @@ SECTIONS = [
     section_matmul_rate,
     section_patch_sentence_correctness,
     section_patch_sentence_benchmark,
+    section_model_vs_measurement,
+    section_loss_local,
+    section_compiled_kernels,
     section_patch_sentence_fwd_config_sweep,
     section_integrity_mask,
+    section_train_step,
 ]
 
 

@@ -149,6 +149,8 @@ def _fmt(value) -> str:
 # Result files holding a list of records (one per run) and the function ("module:function", imported from
 # benchmarks/) that turns the records into [(caption, rows)] tables.
 LIST_TABLES = {"ablation_cpu.json": "ablation:readme_tables"}
+# Result files whose own module renders their markdown ("module:function(data) -> str").
+MARKDOWN_TABLES = {"kernel_static.json": "kernel_static:table_markdown", "perf_model.json": "perf_model:table_markdown"}
 
 
 def _markdown(rows: list) -> list:
@@ -166,6 +168,12 @@ def results_table() -> str:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
+            continue
+        if path.name in MARKDOWN_TABLES:
+            module, function = MARKDOWN_TABLES[path.name].split(":")
+            if str(HERE) not in sys.path:
+                sys.path.insert(0, str(HERE))
+            blocks.append(getattr(importlib.import_module(module), function)(data) + "\n")
             continue
         if isinstance(data, list) and path.name in LIST_TABLES:
             module, function = LIST_TABLES[path.name].split(":")

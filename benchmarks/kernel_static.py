@@ -42,9 +42,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":  # must be decided before any kernel is decorated
-    os.environ["TRITON_INTERPRET"] = "0"
-
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -435,7 +432,7 @@ def patch_sentence_cases(quick: bool = False) -> list:
         for S in s_values:
             for D in PS_D:
                 for B, G in PS_BG:
-                    if quick and (B, G) != (128, 128):
+                    if quick and (B, G) not in ((128, 128), (128, 1024)):
                         continue
                     for mode in ("fwd", "bwd"):
                         cases.append((mode, dict(B=B, G=G, K=K, S=S, D=D, directions="both")))
@@ -457,6 +454,24 @@ def mask_cases(quick: bool = False) -> list:
                 for mode in ("fwd", "bwd"):
                     cases.append((mode, dict(B=B, P=P, C=C, keep=max(1, P // 2))))
     return cases
+
+
+# What CI compiles on every run (both archs): the PERF.md shapes in every dtype, and the extremes of each kernel
+# (reports longer than a tile, the largest K and D, S = 1, the mask kernel's patch limit) in bf16 and fp32.
+GATE_PS_DEFAULT = [dict(B=128, G=G, K=K, S=16, D=D, directions="both") for G in (128, 1024) for K in (98, 196)
+                   for D in (256, 512)]
+GATE_PS_EXTREME = [dict(B=128, G=128, K=98, S=32767, D=512, directions="both"),
+                   dict(B=128, G=128, K=1024, S=256, D=1024, directions="both"),
+                   dict(B=128, G=128, K=49, S=1, D=64, directions="both")]
+GATE_MASK = [dict(B=128, P=196, C=768, keep=98), dict(B=128, P=8192, C=768, keep=4096)]
+
+
+def gate_cases(op_name: str) -> list:
+    """(mode, shape, dtypes) the CI gate compiles."""
+    if op_name == "patch_sentence":
+        return ([(m, sh, ("fp32", "bf16", "fp16")) for sh in GATE_PS_DEFAULT for m in ("fwd", "bwd")]
+                + [(m, sh, ("fp32", "bf16")) for sh in GATE_PS_EXTREME for m in ("fwd", "bwd")])
+    return [(m, sh, ("fp32", "bf16", "fp64")) for sh in GATE_MASK for m in ("fwd", "bwd")]
 
 
 def _meta(*shape, dtype):
@@ -512,9 +527,10 @@ OPS = (
 )
 
 
-def collect(archs=(80, 90), quick: bool = False, ops=OPS) -> list:
+def collect(archs=(80, 90), quick: bool = False, ops=OPS, gate: bool = False) -> list:
     """Every case of every op on every arch and dtype, run through the launchers on meta tensors:
-    [(op, mode, dtype, shape, launches or the refusal)]. Nothing is compiled here."""
+    [(op, mode, dtype, shape, launches or the refusal)]. Nothing is compiled here. ``gate``: only the cases
+    of :func:`gate_cases`."""
     import importlib
 
     cases = []
@@ -522,23 +538,26 @@ def collect(archs=(80, 90), quick: bool = False, ops=OPS) -> list:
         with compile_target(arch):
             for op in ops:
                 module = importlib.import_module(op.module)
-                for dname in op.dtypes:
-                    for mode, shape in op.cases(quick):
-                        launches: list = []
-                        error = None
-                        with recording(module, op.kernels, arch, launches):
-                            try:
-                                op.run(mode, shape, DTYPES[dname])
-                            except Exception as err:  # noqa: BLE001 - a refusal is a result
-                                error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-                        cases.append((op, mode, dname, shape, arch, launches, error))
+                if gate:
+                    todo = [(d, m, sh) for m, sh, dts in gate_cases(op.name) for d in dts]
+                else:
+                    todo = [(d, m, sh) for d in op.dtypes for m, sh in op.cases(quick)]
+                for dname, mode, shape in todo:
+                    launches: list = []
+                    error = None
+                    with recording(module, op.kernels, arch, launches):
+                        try:
+                            op.run(mode, shape, DTYPES[dname])
+                        except Exception as err:  # noqa: BLE001 - a refusal is a result
+                            error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                    cases.append((op, mode, dname, shape, arch, launches, error))
     return cases
 
 
 def sweep(archs=(80, 90), quick: bool = False, dump: Optional[Path] = None, ops=OPS, workers: int = 2,
-          progress: bool = True) -> list:
+          progress: bool = True, gate: bool = False) -> list:
     """One record per kernel launch the launchers make over the sweep, each with its compile analysis."""
-    cases = collect(archs, quick, ops)
+    cases = collect(archs, quick, ops, gate)
     jobs = {}
     for *_, launches, _ in cases:
         for ln in launches:
@@ -647,6 +666,62 @@ def table_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+GATE_FIELDS = ("compiled", "registers", "spill_bytes", "stack_bytes", "shared_bytes", "tensor_core_sass")
+
+
+def run_gate(committed: Path, workers: int) -> int:
+    """The CI gate. Fails (exit 1, offending records printed) when:
+
+    - a gate case does not compile, spills, exceeds shared memory, or a half matmul kernel has no
+      tensor-core instruction, on sm_80 or sm_90;
+    - the committed records miss a launch of the full sweep (the kernels or their launch heuristics changed
+      since they were written: regenerate with ``--json``), were made by another triton version, or hold a
+      violation;
+    - a gate case compiled now differs from its committed record (registers, spills, shared memory).
+    """
+    problems = []
+    start = time.time()
+    if not committed.exists():
+        print(f"[gate] {committed} is missing: run benchmarks/kernel_static.py --json {committed}", file=sys.stderr)
+        return 1
+    data = json.loads(committed.read_text())
+    if data["environment"]["triton"] != triton.__version__:
+        problems.append(f"committed records are from triton {data['environment']['triton']}, this is {triton.__version__}")
+    by_id = {r["compile_id"]: r for r in data["records"] if r.get("compile_id")}
+    for r, why in violations(data["records"]):
+        problems.append(f"committed record violates the gate: {_describe(r)}: {'; '.join(why)}")
+    full = collect(tuple(ARCHS), quick=bool(data.get("quick")))
+    missing = {}
+    for op, mode, dname, shape, arch, launches, error in full:
+        for ln in launches:
+            cid = hashlib.sha1(ln.key.encode()).hexdigest()[:12]
+            if cid not in by_id:
+                missing.setdefault(cid, f"{ARCHS[arch]['name']} {ln.kernel} {dname} {shape}")
+    if missing:
+        problems.append(f"{len(missing)} launches of the sweep have no committed record (regenerate the JSON), e.g. "
+                        + "; ".join(list(missing.values())[:5]))
+    records = sweep(tuple(ARCHS), workers=workers, progress=False, gate=True)
+    for r, why in violations(records):
+        problems.append(f"{_describe(r)}: {'; '.join(why)}")
+    for r in records:
+        old = by_id.get(r.get("compile_id"))
+        if old is not None:
+            diff = {f: (old.get(f), r.get(f)) for f in GATE_FIELDS if old.get(f) != r.get(f)}
+            if diff:
+                problems.append(f"{_describe(r)} differs from its committed record: {diff}")
+    ids = {r.get("compile_id") for r in records}
+    print(f"[gate] {len(records)} gate launches ({len(ids)} distinct compiles) on sm_80 and sm_90, "
+          f"{sum(len(c[5]) for c in full)} sweep launches checked against {committed.name}, "
+          f"{len(problems)} problems, {time.time() - start:.0f} s")
+    for p in problems:
+        print(f"[gate] FAIL {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _describe(r: dict) -> str:
+    return f"{r['arch']} {r.get('kernel') or r['op']} {r['mode']} {r['dtype']} {r['shape']} config={r.get('config')}"
+
+
 def environment() -> dict:
     import datetime
     import platform
@@ -669,16 +744,27 @@ def _tool_version(path: Path) -> str:
         return f"unavailable: {err}"
 
 
+def _no_interpreter() -> None:
+    """Kernels must be decorated for a real GPU target: read when ``mlip_fast.kernels`` is first imported."""
+    if "mlip_fast.kernels.patch_sentence" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("kernel_static needs a process whose kernels were not decorated under TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "0"
+
+
 def main(argv=None) -> int:
+    _no_interpreter()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the records here (e.g. benchmarks/results/kernel_static.json)")
     parser.add_argument("--dump", type=Path, help="write each distinct kernel's PTX, cubin and SASS here")
-    parser.add_argument("--quick", action="store_true", help="B=G=128 / B=128 only (what the CI gate compiles)")
+    parser.add_argument("--quick", action="store_true", help="only B x G = 128 x 128 and 128 x 1024 (mask: B=128)")
     parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCHS), help="default: all")
     parser.add_argument("--readme", action="store_true", help="only regenerate the README table from --json")
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="compiler processes (default: up to 4, one per core)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gate", action="store_true",
+                        help="CI: compile the gate cases, check them, and check that --json (the committed records) "
+                             "covers every launch of the full sweep with the same results")
     args = parser.parse_args(argv)
     if args.worker:
         return _worker_main()
@@ -691,6 +777,8 @@ def main(argv=None) -> int:
 
         harness.write_readme_table()
         return 0
+    if args.gate:
+        return run_gate(args.json or DEFAULT_JSON, args.workers)
     if args.dump:
         args.dump.mkdir(parents=True, exist_ok=True)
     start = time.time()

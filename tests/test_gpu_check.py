@@ -31,6 +31,10 @@ def test_dry_run_writes_all_sections(tmp_path):
         "patch_sentence_benchmark",
         "patch_sentence_fwd_config_sweep",
         "integrity_mask",
+        "model_vs_measurement",
+        "loss_local",
+        "compiled_kernels",
+        "train_step",
     }
     assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     correctness = sections["patch_sentence_correctness"]["result"]
