@@ -276,6 +276,10 @@ class RobustDataset(torch.utils.data.Dataset):
         for i in indices:
             self._bad[int(i)] = 1
 
+    def source_of(self, i: int) -> str:
+        """The file item ``i`` reads (for messages)."""
+        return self._source(i)
+
     def probe(self, i: int) -> str | None:
         """Reads item ``i`` once: None when it loads, else why it cannot be used."""
         try:

@@ -11,6 +11,10 @@ list file), ``rsna`` / ``siim`` (``--data`` = labels / RLE CSV, ``--images`` = i
 (a folder from ``python -m mlip_fast.data.shards``: zeroshot and retrieval on its stored splits). Every kind
 is split train / valid / test by the field's protocols (``mlip_fast.eval.benchmarks``): ``--split``
 (default test) is scored; few-shot tasks train on train and choose epochs / steps on valid.
+
+Unreadable samples (missing, empty or corrupt image files) are found by reading every sample once before
+the task: up to ``--max-bad-fraction`` (default 1%) of each set is left out of the metrics and named in
+``summary.json`` (``data.skipped``); more stops with exit 2 and a message naming every one.
 """
 from __future__ import annotations
 
@@ -23,10 +27,12 @@ from pathlib import Path
 import torch
 
 from mlip_fast.data.datasets import DatasetError
+from mlip_fast.data.images import ImageLoadError
 from mlip_fast.data.shard_reader import find_index
 from mlip_fast.eval.benchmarks import KINDS as BENCHMARK_KINDS
 from mlip_fast.eval.benchmarks import SplitOptions, build_eval_sets
-from mlip_fast.eval.common import CheckpointError, EvalDataError, load_checkpoint, seed_everything, write_summary
+from mlip_fast.eval.common import (CheckpointError, EvalDataError, load_checkpoint, screen_samples, seed_everything,
+                                   write_summary)
 from mlip_fast.eval.fewshot import SUBSET_SAMPLERS
 from mlip_fast.eval.prompts import PromptError
 from mlip_fast.eval.protocols import SELECTION_CRITERIA, SPLIT_METHODS, UNCERTAIN_POLICIES
@@ -69,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--max-samples", type=int, default=None, help="score at most this many samples (zeroshot, retrieval, localisation)")
+    g.add_argument("--max-bad-fraction", type=_fraction, default=0.01,
+                   help="share of unreadable samples (missing or corrupt images) left out, named in summary.json; more "
+                        "stops with an error naming every one")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     parser = argparse.ArgumentParser(prog="python -m mlip_fast.eval", description="Evaluate an MLIP checkpoint.")
@@ -136,6 +145,35 @@ def _options(args) -> SplitOptions:
                         masks=args.masks, images=args.images, out_dir=Path(args.out) / "splits")
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _screen(sets, args, progress: bool) -> tuple:
+    """(train, valid, test, skipped): each set without its unreadable samples (``screen_samples``), which are
+    listed per set (``{"train" | "valid" | "test": [...]}``, test being the evaluated one) and reported on stderr. ``--max-samples`` applies before: the test set is cut first."""
+    from torch.utils.data import IterableDataset, Subset
+
+    out, skipped = [], {}
+    for name, what in (("train", "training set"), ("valid", "validation set"), ("test", "evaluated set")):
+        data = getattr(sets, name)
+        if data is None:
+            out.append(None)
+            continue
+        if name == "test" and args.max_samples is not None and not isinstance(data, IterableDataset):
+            data = Subset(data, range(min(len(data), args.max_samples)))
+        data, bad = screen_samples(data, args.max_bad_fraction, what, progress)
+        if bad:
+            skipped[name] = bad
+            print(f"warning: {what}: left out {len(bad)} unreadable sample(s): "
+                  + "; ".join(f"{s['source']}: {s['reason']}" for s in bad), file=sys.stderr)
+        out.append(data)
+    return (*out, skipped)
+
+
 def run(args) -> Path:
     """Run one task from parsed arguments; returns the summary path."""
     from mlip_fast.eval.common import eval_transform
@@ -147,11 +185,11 @@ def run(args) -> Path:
     transform = eval_transform(model)
     kind = _detect_kind(args)
     sets = build_eval_sets(kind, args.data, args.task, transform, _options(args))
-    train, valid, test = sets.train, sets.valid, sets.test
-    described = {"kind": kind, "path": str(args.data), **sets.described}
+    progress = not args.no_progress
+    train, valid, test, skipped = _screen(sets, args, progress)
+    described = {"kind": kind, "path": str(args.data), **sets.described, "skipped": skipped}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
     plots: list[Path] = []
     settings: dict = {"device": str(device), "batch_size": args.batch_size, "max_samples": args.max_samples}
     from mlip_fast.eval import plots as P
@@ -241,7 +279,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         path = run(args)
-    except (CheckpointError, EvalDataError, PromptError, DatasetError, FileNotFoundError) as err:
+    except (CheckpointError, EvalDataError, PromptError, DatasetError, FileNotFoundError, ImageLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = json.loads(path.read_text())

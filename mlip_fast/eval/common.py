@@ -25,6 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from mlip_fast._records import jsonable, versions
+from mlip_fast.data.datasets import SampleError
+from mlip_fast.data.images import ImageLoadError
 from mlip_fast.models.factory import CheckpointError
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "write_summary",
     "seed_everything",
     "evaluating",
+    "screen_samples",
 ]
 
 
@@ -223,6 +226,57 @@ def iter_batches(
             yield batch
             if max_samples is not None and seen >= max_samples:
                 break
+
+
+def _base_item(data, i: int) -> tuple:
+    """(dataset, index) under any ``Subset`` wrappers."""
+    while isinstance(data, Subset):
+        i, data = int(data.indices[i]), data.dataset
+    return data, i
+
+
+def screen_samples(data, max_bad_fraction: float, name: str = "evaluation data", progress: bool = True) -> tuple:
+    """Reads every sample of ``data`` once and leaves out those that cannot be read (a missing, empty,
+    corrupt or unsupported image file), so that no metric counts a substitute or stops half-way.
+
+    Returns ``(data, skipped)``: ``data`` itself, or a ``Subset`` of its readable samples, and
+    ``[{"index", "source", "reason"}]``. A dataset of ``mlip_fast.data.datasets`` is probed item by item
+    (its reads would otherwise deliver the next good item in place of a bad one). An iterable dataset (a
+    shard split, which skips its own bad samples) is returned unchanged.
+
+    Raises:
+        EvalDataError: more than ``max_bad_fraction`` of the samples are bad (every one is named, with the
+            ``--max-bad-fraction`` that would accept them), or none is readable.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
+        return data, []
+    n = len(data)
+    good, skipped = [], []
+    for i in tqdm(range(n), desc=f"reading {name}", unit="img", disable=not progress, leave=False):
+        base, j = _base_item(data, i)
+        if hasattr(base, "probe"):
+            reason, source = base.probe(j), base.source_of(j)
+        else:
+            try:
+                data[i]
+                reason = None
+            except (ImageLoadError, SampleError) as err:
+                reason, source = err.reason, getattr(err, "path", None) or getattr(err, "source", f"sample {i}")
+        if reason is None:
+            good.append(i)
+        else:
+            skipped.append({"index": i, "source": str(source), "reason": reason})
+    if skipped and len(skipped) > max_bad_fraction * n:
+        needed = math.ceil(100 * len(skipped) / n) / 100
+        raise EvalDataError(
+            f"{name}: {len(skipped)} of {n} samples cannot be read ({100 * len(skipped) / n:.2f}% > --max-bad-fraction "
+            f"{max_bad_fraction:g}): " + "; ".join(f"{s['source']}: {s['reason']}" for s in skipped)
+            + f". Fix or remove them, or pass --max-bad-fraction {needed:g} to evaluate without them")
+    if not good:
+        raise EvalDataError(f"{name}: no sample can be read")
+    return (Subset(data, good) if skipped else data), skipped
 
 
 def l2_normalise(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """The command line: every task writes summary.json and its plots; bad input gives a clear error."""
+import csv
 import json
+import shutil
 
 import pytest
 
@@ -100,3 +102,29 @@ def test_cli_image_folder(tiny_checkpoint, synth_dir, tmp_path, capsys):
     assert set(summary["metrics"]["global"]["classes"]) == {"Cardiomegaly", "Pneumothorax"}
     code, _, err = _run(capsys, "zeroshot", "--checkpoint", tiny_checkpoint, "--data", root, "--out", out)
     assert code == 2 and "--prompts is required" in err
+
+
+def test_cli_max_bad_fraction(tiny_checkpoint, synth_dir, tmp_path, capsys):
+    """One corrupt image among the 24 of the train split: over the default 1% the run stops, naming the file
+    and the fraction that would accept it (exit 2, no traceback); with --max-bad-fraction the image is left
+    out of the metrics and named in summary.json."""
+    data = tmp_path / "synth"
+    shutil.copytree(synth_dir, data)
+    with open(data / "master.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    assert len(rows) == 24
+    broken = data / rows[5]["image_path"]
+    broken.write_bytes(broken.read_bytes()[:40])
+    argv = ["zeroshot", "--checkpoint", tiny_checkpoint, "--data", data, "--split", "train", "--classes", "Cardiomegaly",
+            "Pleural Effusion", "--skip-empty"]
+    code, _, err = _run(capsys, *argv, "--out", tmp_path / "strict")
+    assert code == 2 and "Traceback" not in err
+    assert f"evaluated set: 1 of 24 samples cannot be read (4.17% > --max-bad-fraction 0.01): {broken}: corrupt" in err
+    assert "pass --max-bad-fraction 0.05 to evaluate without them" in err
+    code, _, err = _run(capsys, *argv, "--out", tmp_path / "lenient", "--max-bad-fraction", "0.05")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "lenient" / "summary.json").read_text())
+    assert summary["data"]["n_test"] == 23
+    [skipped] = summary["data"]["skipped"]["test"]
+    assert skipped["source"] == str(broken) and skipped["reason"].startswith("corrupt or truncated PNG data")
+    assert f"left out 1 unreadable sample(s): {broken}" in err
