@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Optional, Sequence
 
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
@@ -52,8 +53,15 @@ def _ratio(text: str) -> float:
 
 def _non_negative(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return value
 
 
@@ -131,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"optimizer steps (default: {SYNTHETIC_PRESET['steps']} on the synthetic benchmark, "
                              f"{REAL_DATA_EPOCHS:g} epoch on real data)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the training split")
-    run.add_argument("--lr", type=float, default=None, help="peak learning rate (overrides the ds config's)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--lr", type=_positive, default=None, help="peak learning rate (overrides the ds config's)")
+    run.add_argument("--seed", type=int, default=None,
+                     help="seed of data order, masking and initialisation (default 0; a resumed run takes its "
+                          "checkpoint's, and refuses another)")
     run.add_argument("--eval-every", type=_non_negative_int, default=None,
                      help=f"zero-shot evaluation on the validation split every N steps (0: only at the end; default "
                           f"{SYNTHETIC_PRESET['eval_every']})")

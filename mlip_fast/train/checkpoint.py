@@ -1,17 +1,26 @@
-"""Checkpoints, exact resume, stop signals and the consolidated export.
+"""Checkpoints, exact resume and the consolidated export.
 
 Layout of a run folder::
 
-    <output_dir>/checkpoints/latest             tag of the newest complete checkpoint (DeepSpeed's file)
+    <output_dir>/checkpoints/latest             tag of the newest complete checkpoint
     <output_dir>/checkpoints/step00000200/      engine.save_checkpoint: module, ZeRO shards, scheduler,
                                                 client state (below)
     <output_dir>/export/                        save_pretrained of the consolidated fp32 weights
 
+Atomic saves (:class:`Checkpointer`). Every rank writes its files into ``checkpoints/.partial-<tag>/<tag>/``;
+after DeepSpeed's closing barrier rank 0 fsyncs them, renames the folder to ``checkpoints/<tag>`` and only
+then replaces ``latest`` (written to a temporary file, fsynced, renamed over the old one). A process killed
+at any point leaves ``latest`` naming a complete checkpoint; leftovers (``.partial-*``, ``.discard-*``) are
+removed by the next run. An existing step folder is never written into: a resumed run does not save the
+step it resumed from again, and resuming from an older checkpoint of the same folder first points
+``latest`` at it and sets the newer ones aside (``<tag>.superseded-<time>``). Old checkpoints are pruned by
+renaming them to ``.discard-<tag>`` before deleting them, so a half-deleted folder never looks like one.
+
 Client state: ``step`` (optimizer steps done), ``epoch`` and ``step_in_epoch`` (the sampler position),
-``samples_seen``, ``world_size``, ``global_batch``, ``num_train`` (to refuse resuming on other data),
-the python / numpy / torch RNG states of rank 0, and ``args`` for reference. Data order and the masking
-and dropout randomness of step ``s`` are functions of (seed, s) (see :mod:`mlip_fast.train.loop`), so the
-sampler position restores them exactly on every rank.
+``samples_seen``, ``world_size``, ``global_batch``, ``num_train`` and ``data_fingerprint`` (to refuse
+resuming on other data), ``seed``, the python / numpy / torch RNG states of rank 0, and ``args`` for
+reference. Data order and the masking and dropout randomness of step ``s`` are functions of (seed, s)
+(see :mod:`mlip_fast.train.loop`), so the sampler position restores them exactly on every rank.
 """
 from __future__ import annotations
 
@@ -19,20 +28,25 @@ import os
 import random
 import re
 import shutil
-import signal
+import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "CHECKPOINT_DIR", "EXPORT_DIR", "tag_for", "save_checkpoint", "resolve_resume",
-           "verify_checkpoint", "load_checkpoint", "export_consolidated", "StopRequest", "rng_state",
-           "restore_rng_state"]
+__all__ = ["CheckpointError", "CHECKPOINT_DIR", "EXPORT_DIR", "LATEST", "tag_for", "step_of", "Checkpointer",
+           "resolve_resume", "verify_checkpoint", "load_checkpoint", "set_aside_newer", "export_consolidated",
+           "rng_state", "restore_rng_state"]
 
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
+LATEST = "latest"
 _TAG = re.compile(r"^step(\d{8})$")
+_PARTIAL = ".partial-"
+_DISCARD = ".discard-"
+# DeepSpeed copies its consolidation script next to the checkpoints; it is kept in the checkpoint root.
+_RECOVERY_SCRIPT = "zero_to_fp32.py"
 
 
 class CheckpointError(RuntimeError):
@@ -53,26 +67,159 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(engine, ckpt_root: Path, step: int, client_state: dict, keep: int = 0) -> Path:
-    """Collective (every rank calls it): writes ``ckpt_root/step<step>`` and points ``latest`` at it, then
-    (rank 0) deletes all but the newest ``keep`` checkpoints (0 keeps all). Returns the tag folder."""
+def step_of(tag: str) -> Optional[int]:
+    """The step of a checkpoint tag ``step00000200`` -> 200; None for any other name."""
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+def _write_latest(ckpt_root: Path, tag: str) -> None:
+    """Points ``latest`` at ``tag`` atomically: a temporary file, fsynced, renamed over the old one."""
+    tmp = ckpt_root / f".{LATEST}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_root / LATEST)
+    _fsync(ckpt_root)
+
+
+def _discard(folder: Path) -> None:
+    """Deletes a checkpoint folder after renaming it out of the checkpoint namespace (a kill during the
+    deletion then leaves a ``.discard-*`` leftover, never a half-deleted checkpoint)."""
+    trash = folder.with_name(f"{_DISCARD}{folder.name}-{os.getpid()}")
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(ckpt_root: Path) -> None:
+    """Staging folders and half-deleted checkpoints of processes that were killed (one run per folder holds
+    the run lock, so none of them is in use)."""
+    if not ckpt_root.is_dir():
+        return
+    for p in ckpt_root.iterdir():
+        if p.name.startswith((_PARTIAL, _DISCARD)):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith(f".{LATEST}.tmp-"):
+            p.unlink(missing_ok=True)
+
+
+def _is_rank0() -> bool:
     import torch.distributed as dist
 
-    tag = tag_for(step)
-    state = dict(client_state, rng=rng_state())
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=state)
-    if dist.is_initialized():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-    if keep > 0 and (not dist.is_initialized() or dist.get_rank() == 0):
-        tags = sorted(p.name for p in ckpt_root.iterdir() if p.is_dir() and _TAG.match(p.name))
-        for old in tags[:-keep]:
-            if old != tag:
-                shutil.rmtree(ckpt_root / old, ignore_errors=True)
-    return ckpt_root / tag
+
+
+class Checkpointer:
+    """The checkpoint saves of one run into ``ckpt_root`` (atomic; see the module docstring).
+
+    Args:
+        ckpt_root: the run's ``checkpoints/`` folder.
+        keep: checkpoints kept on disk, the newest first (0 keeps all).
+        resumed: ``(checkpoint root, tag)`` the run resumed from: when it is a folder of ``ckpt_root``,
+            saving its step again returns it unchanged (the state is the one it holds).
+    """
+
+    def __init__(self, ckpt_root: Path, keep: int = 0, resumed: Optional[tuple] = None):
+        self.root = Path(ckpt_root)
+        self.keep = int(keep)
+        self.resumed_step = None
+        if resumed is not None and Path(resumed[0]).resolve() == self.root.resolve():
+            self.resumed_step = step_of(resumed[1])
+        if _is_rank0():
+            _remove_leftovers(self.root)
+
+    def save(self, engine, step: int, client_state: dict) -> Path:
+        """Collective (every rank calls it): writes the checkpoint of ``step``, points ``latest`` at it and
+        (rank 0) prunes older ones. Returns the tag folder."""
+        tag = tag_for(step)
+        final = self.root / tag
+        if step == self.resumed_step and final.is_dir():
+            latest = self.root / LATEST
+            if _is_rank0() and not (latest.is_file() and latest.read_text().strip() == tag):
+                _write_latest(self.root, tag)
+            _barrier()
+            return final
+        if final.exists():  # every rank sees the same folder, so every rank raises
+            raise CheckpointError(f"checkpoint {final} already exists; refusing to overwrite it (the run folder "
+                                  f"was changed by something else while this run used it)")
+        staging = self.root / f"{_PARTIAL}{tag}"
+        if _is_rank0():
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+        _barrier()
+        state = dict(client_state, rng=rng_state())
+        # DeepSpeed writes every rank's files and ends with a barrier: after it the staging folder is complete.
+        engine.save_checkpoint(str(staging), tag=tag, client_state=state, save_latest=False)
+        if _is_rank0():
+            _fsync_tree(staging)
+            script = staging / _RECOVERY_SCRIPT
+            if script.is_file():
+                os.replace(script, self.root / _RECOVERY_SCRIPT)
+            os.rename(staging / tag, final)
+            _fsync(self.root)
+            _write_latest(self.root, tag)
+            shutil.rmtree(staging, ignore_errors=True)
+            self._prune(step)
+        _barrier()
+        return final
+
+    def _prune(self, step: int) -> None:
+        if self.keep <= 0:
+            return
+        older = sorted(s for s in (step_of(p.name) for p in self.root.iterdir() if p.is_dir()) if s is not None and s < step)
+        for s in older[:max(0, len(older) - (self.keep - 1))]:
+            _discard(self.root / tag_for(s))
+
+
+def set_aside_newer(ckpt_root: Path, tag: str) -> list:
+    """Rank 0, before resuming from ``tag`` of ``ckpt_root``: points ``latest`` at ``tag`` and renames the
+    checkpoints of later steps (left by the run being rewound) to ``<tag>.superseded-<unix time>``, so that
+    the resumed run never writes into them. Returns the new names."""
+    step = step_of(tag)
+    if step is None:
+        return []
+    newer = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and (step_of(p.name) or -1) > step)
+    if not newer:
+        return []
+    _write_latest(ckpt_root, tag)
+    stamp = int(time.time())
+    moved = []
+    for p in newer:
+        target, n = p.with_name(f"{p.name}.superseded-{stamp}"), 0
+        while target.exists():  # rewound twice within a second
+            n += 1
+            target = p.with_name(f"{p.name}.superseded-{stamp}-{n}")
+        os.rename(p, target)
+        moved.append(target)
+    _fsync(ckpt_root)
+    return moved
 
 
 def _read_latest(ckpt_root: Path) -> str:
-    latest = ckpt_root / "latest"
+    latest = ckpt_root / LATEST
     if not latest.is_file():
         raise CheckpointError(f"no checkpoint to resume from: {latest} does not exist (a run writes it with its "
                               f"first checkpoint; pass a checkpoint folder to --resume)")
@@ -95,7 +242,7 @@ def resolve_resume(resume: str, output_dir: Optional[Path], runs_root: Path) -> 
             if not root.is_dir():
                 raise CheckpointError(f"--resume latest: {output_dir} has no {CHECKPOINT_DIR}/ folder")
             return root, _read_latest(root)
-        candidates = sorted((p for p in runs_root.glob(f"*/{CHECKPOINT_DIR}/latest")), key=lambda p: p.stat().st_mtime)
+        candidates = sorted((p for p in runs_root.glob(f"*/{CHECKPOINT_DIR}/{LATEST}")), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise CheckpointError(f"--resume latest: no run under {runs_root}/ has a checkpoint; pass --output-dir "
                                   f"or a checkpoint folder")
@@ -106,7 +253,7 @@ def resolve_resume(resume: str, output_dir: Optional[Path], runs_root: Path) -> 
         raise CheckpointError(f"--resume {resume}: {path} does not exist")
     if (path / CHECKPOINT_DIR).is_dir():
         path = path / CHECKPOINT_DIR
-    if (path / "latest").is_file():
+    if (path / LATEST).is_file():
         return path, _read_latest(path)
     if path.is_dir() and any(path.glob("*model_states.pt")):
         return path.parent, path.name
@@ -122,7 +269,7 @@ def verify_checkpoint(ckpt_root: Path, tag: str, world_size: int, zero_stage: in
     """
     folder = ckpt_root / tag
     if not folder.is_dir():
-        raise CheckpointError(f"checkpoint {folder} does not exist ({ckpt_root / 'latest'} names it)")
+        raise CheckpointError(f"checkpoint {folder} does not exist ({ckpt_root / LATEST} names it)")
     model_files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
     if not model_files:
         raise CheckpointError(f"checkpoint {folder} has no mp_rank_00_model_states.pt; it is incomplete")
@@ -188,27 +335,3 @@ def export_consolidated(ckpt_root: Path, tag: str, fresh_model: torch.nn.Module,
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir
-
-
-class StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps (it then saves a checkpoint and
-    exits with 128 + signal number). A second signal of the same kind interrupts at once."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous = {}
-
-    def install(self) -> "StopRequest":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame):
-        if self.signum == signum:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
-        self.signum = signum

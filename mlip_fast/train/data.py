@@ -12,6 +12,7 @@ reads its own shards; exact resume with the same ranks and loader workers; same 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import random
 import shutil
@@ -28,7 +29,7 @@ from mlip_fast.data.shard_reader import ShardSplit
 from mlip_fast.data.sources import DataConfigError, build_pretrain_dataset
 
 __all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
-           "SeededSamples", "make_collator", "tokenize_fixed_sentences", "make_batch_plan", "report_corpus", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
+           "SeededSamples", "make_collator", "tokenize_fixed_sentences", "make_batch_plan", "report_corpus", "data_fingerprint", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
 
 
 def synthetic_cache_dir(cache_dir: Path, size: int, n: int, seed: int) -> Path:
@@ -189,6 +190,21 @@ def report_corpus(dataset: Dataset) -> list:
     if isinstance(dataset, ShardSplit):
         return dataset.reports()
     return [r["report"] for r in dataset.records]
+
+
+def data_fingerprint(dataset: Dataset) -> str:
+    """A short hash of what the training set holds, recorded in checkpoints and compared on resume: the
+    shard hashes of a shard split, else every record's image file name and report (file names, not full
+    paths, so that moving the data does not change it)."""
+    h = hashlib.sha256()
+    if isinstance(dataset, ShardSplit):
+        for shard in dataset.shards:
+            h.update(f"{shard['sha256']}\n".encode())
+    else:
+        for rec in dataset.records:
+            name = Path(rec["image_path"]).name if rec.get("image_path") is not None else ""
+            h.update(f"{name}\t{rec['report']}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
 
 
 def make_train_loader(dataset: Dataset, sampler, collate, num_workers: int) -> DataLoader:

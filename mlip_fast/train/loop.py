@@ -16,6 +16,7 @@ One optimizer step = ``gradient_accumulation_steps`` micro-steps. Each micro-ste
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from mlip_fast.train.checkpoint import StopRequest
 from mlip_fast.train.data import step_seed
+from mlip_fast.train.signals import StopRequest
 
 __all__ = ["LOSS_KEYS", "NonFiniteLossError", "TrainingStopped", "LoopContext", "LoopResult", "train_loop",
            "model_inputs"]
@@ -45,11 +46,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingStopped(Exception):
-    """A stop signal arrived; a checkpoint of ``step`` was saved."""
+    """A stop was requested (``reason``: a signal's name, or the launcher that ended); a checkpoint of
+    ``step`` was saved. The process exits with 128 + ``signum``."""
 
-    def __init__(self, signum: int, step: int, checkpoint):
+    def __init__(self, signum: int, step: int, checkpoint, reason: Optional[str] = None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"stopped by signal {signum} after step {step}; checkpoint at {checkpoint}")
+        self.reason = reason or signal.Signals(signum).name
+        super().__init__(f"stopped ({self.reason}) after step {step}; checkpoint at {checkpoint}")
 
 
 def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -170,9 +173,11 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         if stop_votes > 0:
             ctx.reporter.close_progress()
             path = ctx.save(step) if ctx.save is not None else None
-            signum = ctx.stop.signum if ctx.stop.signum is not None else 15
-            ctx.reporter.record("event", event="stopped", signal=signum, step=step, checkpoint=path)
-            raise TrainingStopped(signum, step, path)
+            # another rank's request: this rank stops as if it had received SIGTERM
+            signum = ctx.stop.signum if ctx.stop.signum is not None else signal.SIGTERM
+            reason = ctx.stop.reason or "another rank was asked to stop"
+            ctx.reporter.record("event", event="stopped", signal=signum, reason=reason, step=step, checkpoint=path)
+            raise TrainingStopped(signum, step, path, reason)
         if ctx.eval_every and step % ctx.eval_every == 0 and step < ctx.total_steps and ctx.evaluate is not None:
             ctx.evaluate(step)
         if ctx.save_every and step % ctx.save_every == 0 and step < ctx.total_steps and ctx.save is not None:

@@ -8,8 +8,13 @@ with exit codes and a clean process exit:
 1     unexpected error (traceback printed)
 2     bad usage: arguments, DeepSpeed config, model config, data or checkpoint (message printed)
 3     non-finite loss: stopped, the last good state is checkpointed
-130   stopped by SIGINT, 143 by SIGTERM: a checkpoint was saved first (``--resume latest``)
+130   stopped by SIGINT, 143 by SIGTERM (or by the DeepSpeed launcher ending): a checkpoint was saved
+      first (``--resume latest``); also 130 when a second stop interrupted without a checkpoint
 ====  ======================================================================================
+
+One run per folder: rank 0 holds the folder's run lock for the whole run, a folder that holds a run is
+refused without ``--resume``, and a resume must match the recorded seed and data (see
+:mod:`mlip_fast.train.run_folder`).
 
 Exit. With several processes on CPU, DeepSpeed's shared-memory all-reduce op can abort the interpreter
 at exit after a successful run. The app never builds that op (the collectives go through gloo; it only
@@ -32,6 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from mlip_fast.data.datasets import DatasetError
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train import data as tdata
 from mlip_fast.train import ds_config as dsc
@@ -40,11 +46,16 @@ from mlip_fast.train.evaluation import EvalSets, localisation, precision_context
 from mlip_fast.train.loop import LoopContext, NonFiniteLossError, TrainingStopped, train_loop
 from mlip_fast._records import versions
 from mlip_fast.train.reporting import RunReporter, plot_metrics
+from mlip_fast.train.run_folder import RunFolderError, RunLock, check_run_folder
+from mlip_fast.train.signals import StopRequest, watch_launcher
 
 __all__ = ["train", "main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NON_FINITE"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NON_FINITE = 0, 1, 2, 3
 RUNS_ROOT = Path("runs")
+DEFAULT_SEED = 0
+# What a checkpoint's client state says about the run, compared when resuming.
+_RESUME_KEYS = ("step", "num_train", "global_batch", "data_order", "seed", "data_fingerprint")
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -158,10 +169,12 @@ def _tokenizer(cfg, corpus_fn, run_dir: Path, rank: int, resumed_run: Optional[P
                 tokenizer = load_tokenizer(previous)
             else:
                 tokenizer = get_tokenizer(cfg, corpus=corpus_fn() if cfg.text.source == "random" else None)
-            tmp = folder.with_name("tokenizer.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tokenizer.save_pretrained(str(tmp))
-            os.replace(tmp, folder)
+            tmp = folder.with_name(f".tokenizer.tmp-{os.getpid()}")
+            try:
+                tokenizer.save_pretrained(str(tmp))
+                os.replace(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return str(folder)
 
     return load_tokenizer(_rank0(build, rank))
@@ -230,20 +243,65 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
     micro, accum, global_batch = (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
                                   config["train_batch_size"])
 
-    run_dir = Path(_rank0(lambda: str(_output_dir(args)), rank))
-    resume = None
-    if args.resume is not None:
-        def find_checkpoint():
+    lock = None
+
+    def claim_run_folder():
+        """(run folder, resume or None, stale lock or None); holds the folder's run lock from here on."""
+        run_dir = _output_dir(args)
+        found = None
+        if args.resume is not None:
             root, tag = ckpt.resolve_resume(args.resume, run_dir if args.resume == "latest" else None, RUNS_ROOT)
             state = ckpt.verify_checkpoint(root, tag, world, zero_stage)
-            return str(root), tag, {k: state[k] for k in ("step", "num_train", "global_batch", "data_order") if k in state}
-        resume = _rank0(find_checkpoint, rank)
-    reporter = RunReporter(run_dir, rank, progress=not args.no_progress)
+            found = (str(root), tag, {k: state[k] for k in _RESUME_KEYS if k in state})
+        check_run_folder(run_dir, resuming=found is not None,
+                         checkpoint_run=Path(found[0]).parent if found is not None else None)
+        nonlocal lock
+        lock = RunLock(run_dir).acquire()
+        return str(run_dir), found, lock.stale
+
+    run_dir, resume, stale_lock = _rank0(claim_run_folder, rank)
+    run_dir = Path(run_dir)
     try:
-        return _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, local_rank, micro, accum,
-                      global_batch, zero_stage, device_type, start)
+        args.seed = _resolve_seed(args.seed, resume)
+        reporter = RunReporter(run_dir, rank, progress=not args.no_progress)
+        try:
+            if stale_lock:
+                reporter.log("took over the stale run lock of pid %s on %s (that process no longer runs)",
+                             stale_lock.get("pid"), stale_lock.get("host"))
+            return _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, local_rank, micro, accum,
+                          global_batch, zero_stage, device_type, start)
+        finally:
+            reporter.close()
     finally:
-        reporter.close()
+        if lock is not None:
+            lock.release()
+
+
+def _resolve_seed(seed: Optional[int], resume) -> int:
+    """``--seed``, else the resumed checkpoint's seed, else ``DEFAULT_SEED``; a resume with another seed than
+    its checkpoint's is refused (the data order and masking would not continue)."""
+    saved = resume[2].get("seed") if resume is not None else None
+    if seed is None:
+        return DEFAULT_SEED if saved is None else int(saved)
+    if saved is not None and int(saved) != seed:
+        raise ckpt.CheckpointError(f"checkpoint {resume[0]}/{resume[1]} was trained with --seed {saved}; this run asks "
+                                   f"for --seed {seed}. Resume with --seed {saved} (or leave --seed out)")
+    return seed
+
+
+def _check_resume_data(resume, train_set, global_batch: int, fingerprint: str, sampler) -> None:
+    """Refuses a resume whose training data or batch layout differ from the checkpoint's, naming each
+    difference (checkpoints that predate a record are not compared on it)."""
+    saved = resume[2]
+    now = {"num_train": len(train_set), "data_fingerprint": fingerprint, "global_batch": global_batch,
+           "data_order": sampler.signature()}
+    labels = {"num_train": "training samples", "data_fingerprint": "training data fingerprint",
+              "global_batch": "global batch", "data_order": "data order"}
+    differ = [f"{labels[k]} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+    if differ:
+        raise ckpt.CheckpointError(f"checkpoint {resume[0]}/{resume[1]} does not match this run: {'; '.join(differ)}. "
+                                   f"Resume with the same data (--data, --image-root), ds config, --num-workers and "
+                                   f"--shuffle-buffer, or start a new run")
 
 
 def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, local_rank, micro, accum, global_batch,
@@ -283,21 +341,24 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
                          "synthetic" if synthetic_root is not None else "chexpert5", synthetic_root)
     reporter.log("data: %s: %d training pairs, %s validation, %s test", data, len(train_set),
                  len(eval_sets.valid) if eval_sets.valid is not None else "no", len(eval_sets.test) if eval_sets.test is not None else "no")
+    splits = {"train": train_set, "valid": eval_sets.valid, "test": eval_sets.test}
+    skipped = {split: _report_skipped(reporter, split, ds, reprobe=False) for split, ds in splits.items()}
+    fingerprint = tdata.data_fingerprint(train_set)
     sampler = tdata.make_batch_plan(train_set, micro, accum, rank, world, args.seed, args.num_workers, args.shuffle_buffer)
     total_steps = _total_steps(args, sampler.steps_per_epoch)
+    ckpt_root = run_dir / ckpt.CHECKPOINT_DIR
     if resume is not None:
-        saved = resume[2]
-        if saved.get("num_train", len(train_set)) != len(train_set) or saved.get("global_batch", global_batch) != global_batch:
-            raise ckpt.CheckpointError(
-                f"checkpoint {resume[0]}/{resume[1]} was trained on {saved.get('num_train')} samples with global batch "
-                f"{saved.get('global_batch')}; this run has {len(train_set)} and {global_batch}: the data order "
-                f"would not continue. Resume with the same data and ds config")
-        if saved.get("data_order", sampler.signature()) != sampler.signature():
-            raise ckpt.CheckpointError(
-                f"checkpoint {resume[0]}/{resume[1]} read its data in the order {saved['data_order']}; this run's is "
-                f"{sampler.signature()}: resume with the same data, --num-workers and --shuffle-buffer")
-        if saved["step"] > total_steps:
-            raise ckpt.CheckpointError(f"checkpoint is at step {saved['step']}, beyond this run's {total_steps} steps")
+        _check_resume_data(resume, train_set, global_batch, fingerprint, sampler)
+        if resume[2]["step"] > total_steps:
+            raise ckpt.CheckpointError(f"checkpoint is at step {resume[2]['step']}, beyond this run's {total_steps} steps")
+        if rank == 0 and Path(resume[0]).resolve() == ckpt_root.resolve():
+            # the run continues from its checkpoint: what it wrote after that step is redone
+            for moved in ckpt.set_aside_newer(ckpt_root, resume[1]):
+                reporter.log("set aside %s: it is newer than the checkpoint this run resumes from", moved)
+            dropped = reporter.rewind(resume[2]["step"])
+            if dropped:
+                reporter.log("metrics.jsonl: dropped %d record(s) of the steps after %d (they are redone)", dropped,
+                             resume[2]["step"])
 
     # model ----------------------------------------------------------------------------------------
     tokenizer = _tokenizer(model_cfg, lambda: tdata.report_corpus(train_set), run_dir, rank,
@@ -343,7 +404,8 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
         reporter.record("event", event="backends", **backends)
 
     # checkpoints and evaluation -----------------------------------------------------------------------
-    ckpt_root = run_dir / ckpt.CHECKPOINT_DIR
+    checkpointer = ckpt.Checkpointer(ckpt_root, keep=args.keep_checkpoints,
+                                     resumed=(Path(resume[0]), resume[1]) if resume is not None else None)
     saved_steps = {}
 
     def save(step: int) -> str:
@@ -352,9 +414,9 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
         epoch, in_epoch = sampler.position(step)
         client = dict(step=step, epoch=epoch, step_in_epoch=in_epoch, samples_seen=step * global_batch,
                       world_size=world, zero_stage=zero_stage, global_batch=global_batch, num_train=len(train_set),
-                      data_order=sampler.signature(),
+                      data_order=sampler.signature(), data_fingerprint=fingerprint,
                       seed=args.seed, args=vars(args))
-        path = ckpt.save_checkpoint(engine, ckpt_root, step, client, keep=args.keep_checkpoints)
+        path = checkpointer.save(engine, step, client)
         saved_steps[step] = str(path)
         reporter.record("event", event="checkpoint", step=step, path=str(path))
         return str(path)
@@ -386,7 +448,8 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
     # training -------------------------------------------------------------------------------------
     loader = tdata.make_train_loader(train_set, sampler, collate, args.num_workers)
     batches = iter(loader)
-    stop = ckpt.StopRequest().install()
+    stop = StopRequest().install()
+    launcher_watch = watch_launcher(stop)
     monitor = engine.monitor.write_events if engine.monitor.enabled else None
     ctx = LoopContext(engine=engine, criterion=criterion, batches=batches, reporter=reporter, stop=stop,
                       seed=args.seed, rank=rank, world_size=world, accumulation=accum, global_batch=global_batch,
@@ -397,11 +460,18 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
     setup_s = time.perf_counter() - start
     try:
         result = train_loop(ctx)
+    except DatasetError:
+        # raised in a loader worker, which knows only its own bad items: name every one from here
+        if not hasattr(train_set, "bad_summary"):
+            raise
+        raise DatasetError(train_set.bad_summary(reprobe=True)) from None
     finally:
+        launcher_watch.close()
         stop.uninstall()
         del batches  # shuts the loader's workers down before anything else can exit the process
     reporter.log("training: %d steps in %.1f s (%.1f samples/s)", result.steps - start_step, result.wall_s,
                  result.samples / max(result.wall_s, 1e-9))
+    _merge_bad_items(train_set)
     final_ckpt = save(result.steps)
     _barrier()
 
@@ -473,11 +543,45 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
             "args": vars(args),
             "seed": args.seed,
             "versions": versions(),
+            "skipped": _skipped_record(skipped, _report_skipped(reporter, "train", train_set, reprobe=True,
+                                                               after=len(skipped["train"]))),
         }
         path = reporter.write_summary(summary)
         reporter.log("%s", format_summary(summary, path))
     summary = _rank0(lambda: summary, rank)
     return summary
+
+
+def _merge_bad_items(dataset) -> None:
+    """Collective: every rank learns the items the other ranks (and their loader workers) found bad."""
+    import torch.distributed as dist
+
+    if not hasattr(dataset, "bad_items") or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, dataset.bad_items())
+    dataset.mark_bad(sorted({i for items in found for i in items}))
+
+
+def _report_skipped(reporter, split: str, dataset, reprobe: bool, after: int = 0) -> list:
+    """The rows and items of ``dataset`` left out so far (``[{"source", "reason"}]``), each beyond the first
+    ``after`` logged to run.log and recorded in metrics.jsonl (rank 0). ``reprobe`` names the reason of items
+    flagged in loader workers."""
+    items = dataset.skipped(reprobe=reprobe) if dataset is not None and hasattr(dataset, "skipped") else []
+    new = items[after:]
+    if new:
+        reporter.warning("%s split: skipped %d row(s) or item(s) that cannot be used:", split, len(new))
+        for item in new:
+            reporter.warning("  %s: %s", item["source"], item["reason"])
+        reporter.record("event", event="skipped", split=split, items=new)
+    return items
+
+
+def _skipped_record(at_start: dict, train_at_end: list) -> dict:
+    """summary.json's ``skipped``: every row and item left out, per split, with reasons."""
+    per_split = {**at_start, "train": train_at_end}
+    items = [{"split": split, **item} for split, found in per_split.items() for item in found]
+    return {"count": len(items), "items": items}
 
 
 def _or_skip(reporter, what: str, fn, *args, **kwargs):
@@ -519,13 +623,12 @@ def format_summary(summary: dict, path) -> str:
 
 # ---------------------------------------------------------------------------------------------- main
 def _usage_errors() -> tuple:
-    from mlip_fast.data.datasets import DatasetError
     from mlip_fast.models.config import ConfigError
     from mlip_fast.models.factory import CheckpointError as ModelCheckpointError
     from mlip_fast.ops.dispatch import ImplUnavailableError
 
     return (dsc.DSConfigError, tdata.DataConfigError, ckpt.CheckpointError, ConfigError, DatasetError,
-            ModelCheckpointError, ImplUnavailableError, LaunchError)
+            ModelCheckpointError, ImplUnavailableError, LaunchError, RunFolderError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -536,11 +639,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except SystemExit as e:  # argparse
         code = e.code if isinstance(e.code, int) else EXIT_USAGE
     except TrainingStopped as e:
-        print(f"training stopped by {signal.Signals(e.signum).name} after step {e.step}; checkpoint saved at "
-              f"{e.checkpoint}; continue with --resume latest", file=sys.stderr)
+        print(f"training stopped by {e.reason} after step {e.step}; checkpoint saved at {e.checkpoint}; continue "
+              f"with --resume latest", file=sys.stderr)
         code = 128 + e.signum
     except KeyboardInterrupt:  # a second SIGINT / SIGTERM while the first was being handled
-        print("training interrupted without a checkpoint (second stop signal)", file=sys.stderr)
+        print("training interrupted without a checkpoint (second stop request); the newest complete checkpoint "
+              "is intact: continue with --resume latest", file=sys.stderr)
         code = 128 + signal.SIGINT
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)

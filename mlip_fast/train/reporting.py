@@ -5,7 +5,8 @@ loss / eval PNG and summary.json. Only rank 0 writes; every function is a no-op 
 ``{"kind": "train", "step", "epoch", "loss", "loss_global", "loss_local", "loss_sie", "lr",
 "samples_per_s", "elapsed_s"}`` every ``--log-every`` steps, ``{"kind": "eval", "step", "split",
 "auc_macro", "auc": {class: value}, ...}`` after each evaluation and ``{"kind": "event", ...}`` for
-checkpoints, resumes and stops. A resumed run appends to the same file.
+checkpoints, resumes, stops and skipped data rows. A resumed run continues the same file after dropping
+the records of the steps after its checkpoint (:meth:`RunReporter.rewind`), so every step appears once.
 """
 from __future__ import annotations
 
@@ -67,6 +68,36 @@ class RunReporter:
             return
         self._metrics.write(json.dumps(jsonable({"kind": kind, "time": time.time(), **fields})) + "\n")
         self._metrics.flush()
+
+    def rewind(self, step: int) -> int:
+        """Drops the records of steps after ``step`` from metrics.jsonl (a resumed run redoes them); records
+        without a step are kept. The file is rewritten to a temporary file and renamed over the old one.
+        Returns the number of records dropped."""
+        if self._metrics is None:
+            return 0
+        path = self.output_dir / "metrics.jsonl"
+        self._metrics.close()
+        kept, dropped = [], 0
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash
+                    dropped += 1
+                    continue
+                if isinstance(record.get("step"), int) and record["step"] > step:
+                    dropped += 1
+                else:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            tmp = path.with_suffix(".jsonl.tmp")
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        self._metrics = open(path, "a", buffering=1)
+        return dropped
 
     # progress bar --------------------------------------------------------------------------------
     def start_progress(self, total: int, initial: int) -> None:

@@ -1,4 +1,7 @@
-"""The synthetic preset fills only the flags left unset, and real data keeps the spec's defaults."""
+"""The synthetic preset fills only the flags left unset, and real data keeps the spec's defaults; bad
+numbers are refused by the parser."""
+import pytest
+
 from mlip_fast.train.args import SPEC_LAMBDA_LOCAL, SYNTHETIC_PRESET, parse_args
 
 BASE = ["--deepspeed_config", "ds.json"]
@@ -19,3 +22,14 @@ def test_real_data_keeps_the_spec_loss_weights():
     args = parse_args(BASE + ["--data", "/data/mimic/master.csv"])
     assert args.lambda_local == SPEC_LAMBDA_LOCAL == 1.0
     assert args.mask_ratio is None and args.steps is None  # the model config and one epoch decide
+
+
+def test_bad_numbers_are_refused_naming_the_flag(capsys):
+    for flag, value in (("--lr", "-0.01"), ("--lr", "0"), ("--lr", "nan"), ("--lambda-local", "nan"),
+                        ("--lambda-sie", "-1"), ("--max-bad-fraction", "2")):
+        with pytest.raises(SystemExit) as info:
+            parse_args(BASE + [flag, value])
+        assert info.value.code == 2
+        assert flag in capsys.readouterr().err
+    assert parse_args(BASE + ["--lr", "2e-3"]).lr == 2e-3
+    assert parse_args(BASE).seed is None  # 0 for a new run, the checkpoint's for a resumed one
