@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{REAL_DATA_EPOCHS:g} epoch on real data)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the training split")
     run.add_argument("--lr", type=_positive, default=None, help="peak learning rate (overrides the ds config's)")
+    run.add_argument("--accum-freq", type=_positive_int, default=None,
+                     help="micro-batches per optimizer step (sets the ds config's gradient_accumulation_steps, keeping "
+                          "its train_batch_size); the contrastive losses see the whole accumulated batch as negatives")
     run.add_argument("--seed", type=int, default=None,
                      help="seed of data order, masking and initialisation (default 0; a resumed run takes its "
                           "checkpoint's, and refuses another)")

@@ -1,17 +1,22 @@
 """The DeepSpeed training loop.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-steps. Each micro-step:
+One optimizer step = ``gradient_accumulation_steps`` (N) micro-steps:
 
-1. seeds torch from ``step_seed(seed, step, micro, rank)`` and passes the same seed to the model's
-   integrity-scored masking, so the randomness of step ``s`` does not depend on what ran before it
-   (exact resume);
-2. runs the engine's forward, casts the outputs to fp32 and computes ``MLIPLoss`` (the contrastive
-   terms gather their negatives from every rank, with gradient);
-3. all-reduces the loss terms together with a stop flag, so every rank takes the same decision: a
-   non-finite loss on any rank stops the run before ``backward`` (the engine still holds the last good
-   state, which is checkpointed), and a SIGTERM / SIGINT on any rank stops it after the current
+1. every micro-step m seeds torch from ``step_seed(seed, step, m, rank)`` and passes the same seed to the
+   model's integrity-scored masking, so the randomness of step ``s`` does not depend on what ran before
+   it (exact resume);
+2. the engine's forward, outputs cast to fp32, and ``MLIPLoss`` (the contrastive terms gather their
+   negatives from every rank, with gradient). With N > 1 the loss is contrastive-correct
+   (``mlip_fast.train.accum``): the N micro-batches are run without gradient, the loss is computed once
+   over all their outputs, so the negatives are the whole accumulated batch (N x micro x world), and each
+   micro-batch is re-run with gradient (same batch, same seed) to back-propagate its share;
+3. the loss terms are all-reduced together with a stop flag, so every rank takes the same decision: a
+   non-finite loss on any rank stops the run before any ``backward`` (the engine still holds the last
+   good state, which is checkpointed), and a SIGTERM / SIGINT on any rank stops it after the current
    optimizer step with a checkpoint;
-4. ``engine.backward`` and ``engine.step`` (DeepSpeed applies clipping, accumulation and the schedule).
+4. ``engine.backward`` and ``engine.step`` per micro-step (DeepSpeed applies clipping, accumulation and
+   the schedule; the accumulated micro-step gradients already sum to the step's gradient, so they are not
+   divided by N again).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from mlip_fast.train.accum import CachedLoss, cache_outputs
 from mlip_fast.train.data import step_seed
 from mlip_fast.train.signals import StopRequest
 
@@ -127,39 +133,52 @@ def train_loop(ctx: LoopContext) -> LoopResult:
     engine.train()
     while step < ctx.total_steps:
         t0 = time.perf_counter()
-        sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
         lr = float(engine.get_lr()[0]) if engine.get_lr() else math.nan  # the rate this step uses
-        stop_votes = 0.0
-        for micro in range(ctx.accumulation):
-            batch = next(ctx.batches)
-            seed = step_seed(ctx.seed, step, micro, ctx.rank)
-            torch.manual_seed(seed)
-            outputs = _as_fp32(engine(model_inputs(batch, device, ctx.dtype), mask_ratio=ctx.mask_ratio, seed=seed))
-            if _all_finite(outputs):
-                total, terms = ctx.criterion(**outputs)
-                values = [float(terms[k].detach()) for k in LOSS_KEYS]
-            else:  # the losses refuse non-finite inputs; report it like a non-finite loss
-                total, values = None, [math.nan] * len(LOSS_KEYS)
-            stats = torch.tensor(values + [1.0 if ctx.stop.signum is not None else 0.0], dtype=torch.float64)
-            stats = _reduce(stats)
-            terms_now = stats[:-1] / ctx.world_size
-            stop_votes = float(stats[-1])
-            if not torch.isfinite(terms_now).all():
-                values = {k: float(v) for k, v in zip(LOSS_KEYS, terms_now)}
-                ctx.reporter.close_progress()
-                checkpoint = ctx.save(step) if ctx.save is not None else None
-                ctx.reporter.record("event", event="non_finite_loss", step=step, terms=values, checkpoint=checkpoint)
-                raise NonFiniteLossError(step, values, checkpoint)
+        batches = [next(ctx.batches) for _ in range(ctx.accumulation)]
+        seeds = [step_seed(ctx.seed, step, micro, ctx.rank) for micro in range(ctx.accumulation)]
+
+        def forward(micro: int) -> dict:
+            torch.manual_seed(seeds[micro])
+            inputs = model_inputs(batches[micro], device, ctx.dtype)
+            return _as_fp32(engine(inputs, mask_ratio=ctx.mask_ratio, seed=seeds[micro]))
+
+        # N = 1 needs no cache: the one forward keeps its graph
+        outputs = [forward(0)] if ctx.accumulation == 1 else cache_outputs(forward, ctx.accumulation)
+        loss = total = None
+        if all(_all_finite(o) for o in outputs):  # the losses refuse non-finite inputs
+            if ctx.accumulation == 1:
+                total, terms = ctx.criterion(**outputs[0])
+            else:
+                loss = CachedLoss(outputs, ctx.criterion)
+                terms = loss.terms
+            values = [float(terms[k].detach()) for k in LOSS_KEYS]
+        else:
+            values = [math.nan] * len(LOSS_KEYS)
+        stats = torch.tensor(values + [1.0 if ctx.stop.signum is not None else 0.0], dtype=torch.float64)
+        stats = _reduce(stats)
+        terms_now = stats[:-1] / ctx.world_size
+        stop_votes = float(stats[-1])
+        if not torch.isfinite(terms_now).all():
+            values = {k: float(v) for k, v in zip(LOSS_KEYS, terms_now)}
+            ctx.reporter.close_progress()
+            checkpoint = ctx.save(step) if ctx.save is not None else None
+            ctx.reporter.record("event", event="non_finite_loss", step=step, terms=values, checkpoint=checkpoint)
+            raise NonFiniteLossError(step, values, checkpoint)
+        if loss is None:
             engine.backward(total)
             engine.step()
-            sums += terms_now
+        else:
+            loss.backward()
+            for micro in range(ctx.accumulation):
+                engine.backward(loss.surrogate(micro, forward(micro)), scale_wrt_gas=False)
+                engine.step()
         step += 1
         if step == ctx.start_step + 1 and ctx.on_first_step is not None:
             ctx.on_first_step()
         dt = time.perf_counter() - t0
         rate_window.append((ctx.global_batch, dt))
         samples_per_s = sum(b for b, _ in rate_window) / max(1e-9, sum(t for _, t in rate_window))
-        terms_mean = {k: float(v) / ctx.accumulation for k, v in zip(LOSS_KEYS, sums)}
+        terms_mean = {k: float(v) for k, v in zip(LOSS_KEYS, terms_now)}
         last_terms = terms_mean
         window.append(terms_mean)
         epoch = (step - 1) // ctx.steps_per_epoch

@@ -228,6 +228,7 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
     where = str(args.deepspeed_config)
     raw_config = dsc.load_ds_config(args.deepspeed_config)
     dsc.validate_ds_config(raw_config, device_type=device_type, where=where)
+    raw_config = dsc.apply_accum_freq(raw_config, args.accum_freq)
     zero_stage = raw_config.get("zero_optimization", {}).get("stage", 0)
     if zero_stage not in (1, 2, 3):
         raise dsc.DSConfigError(f"{where}: zero_optimization.stage must be 1, 2 or 3 for this training app "

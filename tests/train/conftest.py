@@ -72,6 +72,24 @@ def shared_tokenizer(tmp_path_factory, synthetic_cache) -> Path:
     return folder
 
 
+# No masking and no dropout: the only model randomness that depends on the rank and the micro-batch layout
+# (augmentation is seeded per sample, and each step's global batch does not depend on the layout).
+DETERMINISTIC = ("--steps", "3", "--no-final-eval", "--mask-ratio", "0", "--model-overrides",
+                 '{"text": {"dropout": 0.0}}')
+
+
+@pytest.fixture(scope="session")
+def one_process_reference(tmp_path_factory, synthetic_cache, shared_tokenizer) -> dict:
+    """{step: record} of a one-process run with the global batch of 8 in one micro-batch, ``DETERMINISTIC``,
+    fp32, ZeRO-2: what other layouts of the same global batch (more processes, accumulation) must match."""
+    from mlip_fast.train.main import train
+
+    tmp = tmp_path_factory.mktemp("one-process")
+    run_dir = seed_run_dir(tmp / "run", shared_tokenizer)
+    train(base_args(write_ds(tmp / "ds.json"), run_dir, synthetic_cache, *DETERMINISTIC))
+    return train_records(run_dir)
+
+
 def seed_run_dir(run_dir: Path, tokenizer: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(tokenizer, run_dir / "tokenizer")

@@ -13,8 +13,10 @@ micro-batch's negatives only (checked: plain per-micro-batch accumulation misses
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
 
 import pytest
 import torch
@@ -26,6 +28,9 @@ from mlip_fast.models import create_model, get_tokenizer
 from mlip_fast.models.tokenization import tokenize_reports
 from mlip_fast.train.accum import CachedLoss, ReplayMismatchError, accumulate, cache_outputs, concat_outputs
 from mlip_fast.train.ds_config import DSConfigError, apply_accum_freq, resolve_batch_sizes
+from mlip_fast.train.main import train
+from tests.train.conftest import (DETERMINISTIC, REPO, TRAIN_PY, base_args, clean_env, seed_run_dir, train_records,
+                                  write_ds)
 
 N_MICRO, MICRO, WORLD = 3, 3, 2
 RTOL, ATOL = 1e-9, 1e-12
@@ -211,3 +216,41 @@ def test_accumulation_equals_one_large_batch_on_two_processes(tmp_path):
     for name, p in model.named_parameters():
         torch.testing.assert_close(exact[0]["accum"][1][name], p.grad if p.grad is not None else torch.zeros_like(p),
                                    rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------- the training app (DeepSpeed)
+def _assert_same_curve(records: dict, reference: dict) -> None:
+    """fp32 with another reduction order: 1e-5 relative is ~100 ulp, while plain accumulation (negatives of
+    one micro-batch) misses the first loss by a factor of ~3 (3.8 vs 11.0, checked)."""
+    assert sorted(records) == sorted(reference) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("loss", "loss_global", "loss_local", "loss_sie"):
+            assert records[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_accum_freq_zero3_matches_one_batch(tmp_path, synthetic_cache, shared_tokenizer, one_process_reference):
+    """ZeRO-3 (partitioned weights gathered in the no-grad pass and again in the re-run), one process, global
+    batch 8 = 4 micro-batches of 2: the per-step losses of one micro-batch of 8."""
+    run_dir = seed_run_dir(tmp_path / "run", shared_tokenizer)
+    ds = write_ds(tmp_path / "ds.json", zero_optimization={"stage": 3})
+    summary = train(base_args(ds, run_dir, synthetic_cache, *DETERMINISTIC, "--accum-freq", "4"))
+    assert (summary["micro_batch"], summary["gradient_accumulation"], summary["global_batch"]) == (2, 4, 8)
+    _assert_same_curve(train_records(run_dir), one_process_reference)
+
+
+@pytest.mark.slow
+def test_accum_freq_two_processes_zero2_matches_one_batch(tmp_path, synthetic_cache, shared_tokenizer,
+                                                           one_process_reference):
+    """``deepspeed --num_gpus 2`` (gloo), ZeRO-2, global batch 8 = micro 2 x 2 micro-batches x 2 ranks: every
+    rank's loss sees all 8 rows as negatives, as the one-process run with one micro-batch of 8."""
+    run_dir = seed_run_dir(tmp_path / "run", shared_tokenizer)
+    launcher = REPO / ".venv" / "bin" / "deepspeed"
+    cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(TRAIN_PY), *base_args(write_ds(tmp_path / "ds.json"), run_dir, synthetic_cache, *DETERMINISTIC,
+                                     "--accum-freq", "2")]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["world_size"], summary["zero_stage"], summary["micro_batch"], summary["gradient_accumulation"]) == (
+        2, 2, 2, 2)
+    _assert_same_curve(train_records(run_dir), one_process_reference)

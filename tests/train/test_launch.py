@@ -10,7 +10,8 @@ import pytest
 
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train.main import train
-from tests.train.conftest import REPO, TRAIN_PY, base_args, clean_env, seed_run_dir, train_records, write_ds
+from tests.train.conftest import (DETERMINISTIC, REPO, TRAIN_PY, base_args, clean_env, seed_run_dir, train_records,
+                                  write_ds)
 
 pytestmark = pytest.mark.slow
 
@@ -60,21 +61,6 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, synthetic_cache):
     assert summary["resumed_from_step"] == step and summary["steps"] == step + 1
 
 
-@pytest.fixture(scope="module")
-def one_process_reference(tmp_path_factory, synthetic_cache, shared_tokenizer):
-    """Losses of a one-process run with global batch 8, no masking and no dropout (the only randomness
-    that depends on the rank), in fp32."""
-    tmp = tmp_path_factory.mktemp("one-process")
-    ds = write_ds(tmp / "ds.json")
-    run_dir = seed_run_dir(tmp / "run", shared_tokenizer)
-    train(base_args(ds, run_dir, synthetic_cache, *_DETERMINISTIC))
-    return train_records(run_dir)
-
-
-_DETERMINISTIC = ("--steps", "3", "--no-final-eval", "--mask-ratio", "0", "--model-overrides",
-                  '{"text": {"dropout": 0.0}}')
-
-
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_processes_match_one_process(tmp_path, synthetic_cache, shared_tokenizer, one_process_reference, stage):
     """``deepspeed --num_gpus 2`` (two CPU processes, gloo): each rank holds half of the global batch of 8,
@@ -85,7 +71,7 @@ def test_two_processes_match_one_process(tmp_path, synthetic_cache, shared_token
     run_dir = seed_run_dir(tmp_path / "run", shared_tokenizer)
     cmd = [str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv" / "bin" / "deepspeed").exists() else "deepspeed",
            "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN_PY),
-           *base_args(ds, run_dir, synthetic_cache, *_DETERMINISTIC, "--eval-every", "2")]
+           *base_args(ds, run_dir, synthetic_cache, *DETERMINISTIC, "--eval-every", "2")]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     summary = json.loads((run_dir / "summary.json").read_text())
