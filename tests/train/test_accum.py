@@ -134,12 +134,21 @@ def _assert_equal(result: dict) -> None:
     assert all(name.startswith(("visual.estimator.norm.", "visual.estimator.fc1.")) for name in zero), zero
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids the oversubscription of a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("case", ["exact", "masked"])
-def test_accumulation_equals_one_large_batch(case):
+def test_accumulation_equals_one_large_batch(case, one_thread):
     _assert_equal(_run(case))
 
 
-def test_variable_sentence_counts_are_padded():
+def test_variable_sentence_counts_are_padded(one_thread):
     model = _model(0.0)
     micro = _data(0, 1)
     cached = cache_outputs(lambda m: model(_batch(model, *micro[m]), mask_ratio=0.0), N_MICRO)
@@ -150,7 +159,7 @@ def test_variable_sentence_counts_are_padded():
     assert int(merged["sentence_mask"].sum()) == sum(int(o["sentence_mask"].sum()) for o in cached)
 
 
-def test_replay_mismatch_is_refused():
+def test_replay_mismatch_is_refused(one_thread):
     model = _model(0.1)
     batches = [_batch(model, *mb) for mb in _data(0, 1)]
     criterion = MLIPLoss(impl="reference")
