@@ -13,6 +13,7 @@ import math
 from typing import Optional, Sequence
 
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
+from mlip_fast.functional import DEFAULT_SIE_TEMPERATURE
 
 __all__ = ["build_parser", "parse_args", "SYNTHETIC_PRESET"]
 
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{SYNTHETIC_PRESET['lambda_local']} on the synthetic benchmark)")
     loss.add_argument("--lambda-sie", type=_non_negative, default=0.1,
                       help="weight of the semantic integrity estimator loss")
+    loss.add_argument("--sie-temperature", type=_positive, default=DEFAULT_SIE_TEMPERATURE,
+                      help="temperature of the estimator's target: softmax over the kept patches of each patch's best "
+                           "similarity to its own report's sentences / T")
     loss.add_argument("--impl", default="auto", choices=("auto", "reference", "chunked", "triton"),
                       help="patch-sentence scores implementation")
 
@@ -143,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accum-freq", type=_positive_int, default=None,
                      help="micro-batches per optimizer step (sets the ds config's gradient_accumulation_steps, keeping "
                           "its train_batch_size); the contrastive losses see the whole accumulated batch as negatives")
+    run.add_argument("--deterministic", action="store_true",
+                     help="bitwise-reproducible runs on GPU too (slower): torch deterministic algorithms, "
+                          "CUBLAS_WORKSPACE_CONFIG=:4096:8, the patch-sentence backward without atomics and, on CUDA, "
+                          "math ViT attention and eager BERT attention (CPU runs are reproducible without it)")
     run.add_argument("--seed", type=int, default=None,
                      help="seed of data order, masking and initialisation (default 0; a resumed run takes its "
                           "checkpoint's, and refuses another)")

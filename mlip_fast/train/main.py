@@ -23,6 +23,7 @@ serves DeepSpeed's inference all-reduce), and :func:`main` ends with ``barrier``
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -137,15 +138,24 @@ def _output_dir(args) -> Path:
     return RUNS_ROOT / (args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def _model_config(args):
+def _model_config(args, device_type: str = "cpu"):
     from mlip_fast.models import get_model_config
+    from mlip_fast.models.config import ConfigError
 
     cfg = get_model_config(args.model)
     overrides = dict(args.model_overrides or {})
     vision = dict(overrides.pop("vision", {}))
     if args.image_size is not None:
         vision.setdefault("image_size", args.image_size)
-    vision.setdefault("attn_backend", args.attn)
+    attn = args.attn
+    if args.deterministic and device_type == "cuda":
+        # the fused attention kernels' backward accumulates with atomics (docs/training.md, Reproducibility)
+        if attn not in ("auto", "math"):
+            raise ConfigError(f"--attn {attn} has a nondeterministic backward on CUDA; --deterministic needs --attn "
+                              f"math (or auto, which then takes math)")
+        attn = "math"
+        overrides["text"] = {"attn_implementation": "eager", **overrides.get("text", {})}
+    vision.setdefault("attn_backend", attn)
     overrides["vision"] = vision
     if args.mask_ratio is not None:
         overrides["mask_ratio"] = args.mask_ratio
@@ -224,6 +234,8 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
     start = time.perf_counter()
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.deterministic:  # read when cuBLAS starts: before anything touches CUDA
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device_type = _device_type()
     where = str(args.deepspeed_config)
     raw_config = dsc.load_ds_config(args.deepspeed_config)
@@ -235,7 +247,7 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
                                 f"(got {zero_stage}); stage 1 is plain data parallelism with sharded optimizer states")
     if _wants_tensorboard(raw_config, args):
         _require_tensorboard()
-    model_cfg = _model_config(args)  # config errors before any process group exists
+    model_cfg = _model_config(args, device_type)  # config errors before any process group exists
 
     rank, world, local_rank, local_world = _init_distributed()
     if "OMP_NUM_THREADS" not in os.environ and device_type == "cpu":
@@ -269,13 +281,26 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
             if stale_lock:
                 reporter.log("took over the stale run lock of pid %s on %s (that process no longer runs)",
                              stale_lock.get("pid"), stale_lock.get("host"))
-            return _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, local_rank, micro, accum,
-                          global_batch, zero_stage, device_type, start)
+            with _deterministic_algorithms(args.deterministic):
+                return _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, local_rank, micro,
+                              accum, global_batch, zero_stage, device_type, start)
         finally:
             reporter.close()
     finally:
         if lock is not None:
             lock.release()
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms(enabled: bool):
+    """``torch.use_deterministic_algorithms(True)`` for the run when ``enabled``, the previous mode after it."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def _resolve_seed(seed: Optional[int], resume) -> int:
@@ -370,7 +395,12 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
         model.set_grad_checkpointing(True)
     model_cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    criterion = MLIPLoss(lambda_local=args.lambda_local, lambda_sie=args.lambda_sie, impl=args.impl)
+    criterion = MLIPLoss(lambda_local=args.lambda_local, lambda_sie=args.lambda_sie, sie_temperature=args.sie_temperature,
+                         impl=args.impl, deterministic=args.deterministic)
+    if args.deterministic:
+        reporter.log("deterministic: torch deterministic algorithms, CUBLAS_WORKSPACE_CONFIG=%s, patch-sentence backward "
+                     "without atomics, ViT attention %s, text attention %s", os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                     model_cfg.vision.attn_backend, model_cfg.text.attn_implementation)
     collate = tdata.make_collator(tokenizer, model_cfg.text.max_length, model_cfg.text.max_sentences)
 
     config = dsc.resolve_schedule(config, total_steps)

@@ -1,12 +1,17 @@
 """Same seed, same run: two fresh training runs (separate processes, output folders and synthetic caches,
 different PYTHONHASHSEED) with the same flags log identical losses at every step and end with identical
 metrics. CPU, one process, fp32, the app's default thread count, a DataLoader worker, masking, dropout
-and augmentation all active; each run trains its own WordPiece vocabulary on the training reports."""
+and augmentation all active; each run trains its own WordPiece vocabulary on the training reports.
+Also the --deterministic switches (GPU attention choices, no effect on CPU numbers) and --sie-temperature."""
 import json
 import subprocess
 import sys
 
-from tests.train.conftest import REPO, SYNTH_N, SYNTH_SIZE, TRAIN_PY, clean_env, write_ds
+import pytest
+import torch
+
+from mlip_fast.train.main import train
+from tests.train.conftest import REPO, SYNTH_N, SYNTH_SIZE, TRAIN_PY, base_args, clean_env, train_records, write_ds
 
 STEPS = 20
 TIMING_KEYS = {"time", "samples_per_s", "step_s", "elapsed_s"}
@@ -27,6 +32,11 @@ def _run(tmp_path, name: str, hash_seed: str) -> tuple:
     return out, logged, json.loads((out / "summary.json").read_text())
 
 
+def _in_process(run_dir, ds, cache, extra):
+    train(base_args(ds, run_dir, cache, *extra))
+    return run_dir
+
+
 def test_same_seed_same_flags_give_the_same_run(tmp_path):
     a_dir, a, a_summary = _run(tmp_path, "a", "1")
     b_dir, b, b_summary = _run(tmp_path, "b", "2")
@@ -44,3 +54,40 @@ def test_same_seed_same_flags_give_the_same_run(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (a_dir / "tokenizer" / name).read_bytes() == (b_dir / "tokenizer" / name).read_bytes()
     assert (a_dir / "export" / "model.safetensors").read_bytes() == (b_dir / "export" / "model.safetensors").read_bytes()
+
+
+def test_deterministic_switches_on_cuda():
+    from mlip_fast.models.config import ConfigError
+    from mlip_fast.train.args import parse_args
+    from mlip_fast.train.main import _model_config
+
+    base = ["--deepspeed_config", "ds.json"]
+    cfg = _model_config(parse_args(base + ["--deterministic"]), "cuda")
+    assert (cfg.vision.attn_backend, cfg.text.attn_implementation) == ("math", "eager")
+    cfg = _model_config(parse_args(base + ["--deterministic", "--model-overrides", '{"text": {"attn_implementation": "sdpa"}}']), "cuda")
+    assert cfg.text.attn_implementation == "sdpa"  # an explicit choice stands
+    for attn in ("flash", "xformers", "sdpa"):
+        with pytest.raises(ConfigError, match=f"--attn {attn} has a nondeterministic backward"):
+            _model_config(parse_args(base + ["--deterministic", "--attn", attn]), "cuda")
+    assert _model_config(parse_args(base + ["--attn", "flash"]), "cuda").vision.attn_backend == "flash"
+    cpu = _model_config(parse_args(base + ["--deterministic"]), "cpu")  # CPU kernels are deterministic already
+    assert (cpu.vision.attn_backend, cpu.text.attn_implementation) == ("auto", "sdpa")
+
+
+def test_deterministic_and_sie_temperature_flags(tmp_path, synthetic_cache):
+    """On CPU --deterministic changes no number (every kernel there already is) and is switched off after the
+    run; --sie-temperature reaches the estimator's loss and nothing else."""
+    ds = write_ds(tmp_path / "ds.json")
+    common = ["--steps", "2", "--no-final-eval", "--seed", "5"]
+    plain = train_records(_in_process(tmp_path / "plain", ds, synthetic_cache, common))
+    det_dir = _in_process(tmp_path / "det", ds, synthetic_cache, common + ["--deterministic"])
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "deterministic: torch deterministic algorithms" in (det_dir / "run.log").read_text()
+    assert json.loads((det_dir / "summary.json").read_text())["args"]["deterministic"] is True
+    det = train_records(det_dir)
+    for step in (1, 2):
+        for key in ("loss", "loss_global", "loss_local", "loss_sie", "lr"):
+            assert det[step][key] == plain[step][key], (step, key)
+    warm = train_records(_in_process(tmp_path / "warm", ds, synthetic_cache, common + ["--sie-temperature", "0.5"]))
+    assert warm[1]["loss_global"] == plain[1]["loss_global"] and warm[1]["loss_local"] == plain[1]["loss_local"]
+    assert warm[1]["loss_sie"] != plain[1]["loss_sie"]
