@@ -290,9 +290,9 @@ def integrity_mask_bwd(grad_kept: torch.Tensor, slot: torch.Tensor) -> torch.Ten
     if _interpreting(grad_kept.device):
         block_c = min(triton.next_power_of_2(C), 256)
         block_n = min(triton.next_power_of_2(B * P), max(1, 16384 // block_c))
-    else:
+    else:  # 32 KiB tiles: 8192 fp32 / 4096 fp64 elements over 128 threads
         block_c = min(triton.next_power_of_2(C), 256)
-        block_n = max(1, 8192 // block_c)
+        block_n = max(1, (32768 // grad_kept.element_size()) // block_c)
     grid = (triton.cdiv(B * P, block_n),)
     _integrity_mask_bwd_kernel[grid](
         grad_kept, slot, grad_tokens, B * P, P, C, *grad_kept.stride(), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4

@@ -31,8 +31,8 @@ chunks, left tie-break inside one).
 Reports longer than one tile (S padded above ``S_TILE`` rows, e.g. S = 1024): the program owns one report and
 walks its sentence chunks of S_TILE rows, each against every patch chunk of the image. t2i of a chunk's
 rows is complete after its patch chunks; the i2t max over the sentence chunks is carried per patch in a
-register tensor [NKC, BN] covering the image (so K is limited to ``LARGE_S_MAX_K`` patches there; beyond,
-the impl declines and ``auto`` takes the chunked path).
+program-private scratch row in global memory (K values and indices, L2-resident), read and written once per
+tile behind a block barrier, so neither K nor S is limited by registers.
 
 Backward
 --------
@@ -89,7 +89,6 @@ from mlip_fast.kernels._target import target_of
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 MAX_TOKENS = 2**15  # argmax indices are int16: K and S must stay below
-LARGE_S_MAX_K = 2048  # K limit when reports span several sentence tiles (the i2t state lives in registers)
 
 
 @triton.jit
@@ -108,7 +107,7 @@ def _max_and_first_index(x, axis: tl.constexpr, n: tl.constexpr):
 
 # Shape ints are not specialised on (== 1, divisible by 16): one compile serves every B, G, K, S; D and the
 # strides (multiples of D) keep their alignment specialisation, which lets the loads vectorise.
-@triton.jit(do_not_specialize=["B", "G", "K", "S", "n_rb", "IB"])
+@triton.jit(do_not_specialize=["K_SCRATCH", "B", "G", "K", "S", "n_rb", "IB"])
 def _patch_sentence_fwd_kernel(
     p_ptr,  # [B, K, D], last dim contiguous
     s_ptr,  # [G, S, D], last dim contiguous
@@ -120,6 +119,9 @@ def _patch_sentence_fwd_kernel(
     t2i_ptr,  # [B, G] fp32 out
     arg_i2t_ptr,  # [B, G, K] int16 out: sentence index per patch, -1 = no gradient
     arg_t2i_ptr,  # [B, G, S] int16 out: patch index per sentence, -1 = no gradient
+    scratch_v_ptr,  # [programs, K_SCRATCH] fp32 (LARGE_S only): running i2t max per patch
+    scratch_a_ptr,  # [programs, K_SCRATCH] int32 (LARGE_S only): its sentence index
+    K_SCRATCH,
     B,
     G,
     K,
@@ -140,7 +142,6 @@ def _patch_sentence_fwd_kernel(
     BN: tl.constexpr,  # patches per tile
     BD: tl.constexpr,  # D chunk of the dot
     LARGE_S: tl.constexpr,  # reports span several sentence chunks
-    NKC: tl.constexpr,  # patch chunks per image (LARGE_S only: the i2t state covers them all)
     UPCAST: tl.constexpr,
 ):
     BM: tl.constexpr = GB * S_CH
@@ -173,8 +174,11 @@ def _patch_sentence_fwd_kernel(
             i2t_sum = tl.zeros([GB], dtype=tl.float32)
             t2i_sum = tl.zeros([GB], dtype=tl.float32)
             if LARGE_S:
-                run_v = tl.full([NKC, BN], neg_inf, tl.float32)
-                run_a = tl.zeros([NKC, BN], dtype=tl.int32)
+                scr = pid.to(tl.int64) * K_SCRATCH
+                for k0 in range(0, K, BN):
+                    tl.store(scratch_v_ptr + scr + k0 + offs_n, tl.full([BN], neg_inf, tl.float32))
+                    tl.store(scratch_a_ptr + scr + k0 + offs_n, tl.zeros([BN], dtype=tl.int32))
+                tl.debug_barrier()
             for s0 in range(0, S, S_CH):
                 q_m = s0 + offs_m % S_CH
                 row_in = g_m_in & (q_m < S)
@@ -209,14 +213,15 @@ def _patch_sentence_fwd_kernel(
                         # Per patch, max over the valid sentence rows of each report of the block (NaN: none).
                         v, arg = _max_and_first_index(tl.reshape(acc, [GB, S_CH, BN]), 1, S_CH)
                         if LARGE_S:
-                            arg = arg + s0
-                            kc = k0 // BN
+                            # merge into the report's running max; strict > keeps the earlier sentence chunk
                             v1 = tl.reshape(v, [BN])
-                            a1 = tl.reshape(arg, [BN])
-                            here = (tl.arange(0, NKC) == kc)[:, None]
-                            better = here & (v1[None, :] > run_v)
-                            run_v = tl.where(better, v1[None, :], run_v)
-                            run_a = tl.where(better, a1[None, :], run_a)
+                            a1 = tl.reshape(arg, [BN]) + s0
+                            old_v = tl.load(scratch_v_ptr + scr + k0 + offs_n)
+                            old_a = tl.load(scratch_a_ptr + scr + k0 + offs_n)
+                            better = v1 > old_v
+                            tl.store(scratch_v_ptr + scr + k0 + offs_n, tl.where(better, v1, old_v))
+                            tl.store(scratch_a_ptr + scr + k0 + offs_n, tl.where(better, a1, old_a))
+                            tl.debug_barrier()
                         else:
                             pair_ok = v == v  # not NaN: a valid patch and a report with a valid sentence
                             i2t_sum += tl.sum(tl.where(pair_ok, v, 0.0), axis=1)
@@ -236,16 +241,16 @@ def _patch_sentence_fwd_kernel(
                              mask=row_in)
             if DO_I2T:
                 if LARGE_S:
-                    # the report's i2t over every sentence chunk, for all patches of the image at once
-                    p_all = tl.arange(0, NKC * BN)
-                    all_in = p_all < K
-                    all_ok = all_in
-                    if HAS_PMASK:
-                        all_ok = all_ok & (tl.load(pmask_ptr + b64 * K + p_all, mask=all_in, other=0) != 0)
-                    ok = all_ok & (tl.reshape(run_v, [NKC * BN]) > neg_inf)
-                    i2t_sum += tl.sum(tl.where(ok, tl.reshape(run_v, [NKC * BN]), 0.0))
-                    tl.store(arg_i2t_ptr + (b64 * G + g0) * K + p_all,
-                             tl.where(ok, tl.reshape(run_a, [NKC * BN]), -1).to(tl.int16), mask=all_in)
+                    # the report's i2t over every sentence chunk, patch chunk by patch chunk
+                    for k0 in range(0, K, BN):
+                        p_n = k0 + offs_n
+                        run_v = tl.load(scratch_v_ptr + scr + p_n)
+                        run_a = tl.load(scratch_a_ptr + scr + p_n)
+                        ok = (p_n < K) & (run_v > neg_inf)  # a valid patch with a valid sentence
+                        i2t_sum += tl.sum(tl.where(ok, run_v, 0.0))
+                        tl.store(arg_i2t_ptr + (b64 * G + g0) * K + p_n, tl.where(ok, run_a, -1).to(tl.int16),
+                                 mask=p_n < K)
+                    tl.debug_barrier()  # the next image re-initialises the scratch row
                 i2t = tl.where((n_valid_s > 0) & (n_valid_p > 0), i2t_sum / tl.maximum(n_valid_p, 1).to(tl.float32), 0.0)
                 tl.store(i2t_ptr + b64 * G + g_j, i2t, mask=g_j_in)
             if DO_T2I:
@@ -388,9 +393,6 @@ def limits(K: int, S: int, dtype: torch.dtype, arch: int) -> List[str]:
     reasons = []
     if max(K, S) >= MAX_TOKENS:
         reasons.append(f"K={K} and S={S} must be below {MAX_TOKENS} (argmax indices are int16)")
-    if _pow2(S) > s_tile(dtype, arch) and _pow2(K) > LARGE_S_MAX_K:
-        reasons.append(f"reports of S={S} sentences span several tiles, which needs K <= {LARGE_S_MAX_K} patches, "
-                       f"got K={K}")
     return reasons
 
 
@@ -403,19 +405,28 @@ def valid_counts(
     return n_p, n_s
 
 
-def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int, sm_count: int) -> dict:
-    """Block sizes of the forward for these sizes on compute capability ``arch``.
+MAX_REPORTS_PER_TILE = 16  # more reports per tile (tiny S) only adds per-report state; pad S instead
 
-    GPU, half inputs: 128 sentence rows x 128 patches per tile (64 patches when K <= 64), D in chunks of 64,
-    8 warps, 3 pipeline stages on sm_90 (96 KiB of shared memory) and 2 on sm_80 (64 KiB, so two blocks fit).
-    fp32 (FMA, no tensor cores): 64 x 64 tiles, D chunks of 32, 4 warps. The interpreter takes tiles of at
-    most 64 rows (each op has a fixed Python cost, so few and large ops, but tests exercise several chunks).
+
+def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int, sm_count: int) -> dict:
+    """Block sizes of the forward for these sizes on compute capability ``arch`` (checked spill-free on sm_80
+    and sm_90 by ``benchmarks/kernel_static.py``).
+
+    Half inputs: 128 sentence rows (GB reports x S_CH slots, S padded to at least 128 / 16 slots) per tile, D
+    in chunks of 64, 8 warps; 128 patches per tile and 3 pipeline stages on sm_90 (96 KiB of shared memory),
+    64 patches and 2 stages on sm_80 (its mma.sync accumulators hold twice the registers). fp32 (FMA, no
+    tensor cores): 64 x 32 tiles, D chunks of 32 on sm_90; on sm_80 chunks of 16 and 8 warps for long reports.
+    Reports longer than 128 (fp32: 64) rows take the
+    chunked-sentence path with one report per program and several images per program (its scratch row is
+    reused). The interpreter takes tiles of at most 64 rows (each op has a fixed Python cost, so few and
+    large ops, but tests exercise several chunks).
     """
     s_pad = _pow2(S)
     rows = s_tile(dtype, arch)
     large_s = s_pad > rows
-    s_ch = rows if large_s else s_pad
-    gb = 1 if large_s else max(1, min(rows // s_pad, _pow2(G)))
+    min_slots = rows // MAX_REPORTS_PER_TILE if _half(dtype) else 16  # fp32: FMA tiles want 16-row reports
+    s_ch = rows if large_s else max(s_pad, min_slots)
+    gb = 1 if large_s else max(1, min(rows // s_ch, _pow2(G)))
     while gb * s_ch < 16:  # tl.dot needs at least 16 rows
         gb *= 2
     if INTERPRET:
@@ -423,22 +434,21 @@ def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch:
         bd = min(128, _pow2(D, 16))
         warps, stages = 4, 1
     elif _half(dtype):
-        bn = 64 if K <= 64 else 128
+        bn = 64 if (K <= 64 or arch < 90) else 128
         bd = 64
         warps = 8 if gb * s_ch >= 128 else 4
         stages = 3 if arch >= 90 else 2
     else:
-        bn = 64 if K > 32 else 32
-        bd = 32
-        warps, stages = 4, 2
-    nkc = triton.cdiv(K, bn) if large_s else 1
+        bn, bd = 32, (32 if arch >= 90 else 16)
+        warps, stages = (8 if (large_s and arch < 90) else 4), 2
     n_rb = triton.cdiv(G, gb)
-    # Several images per program only when that still leaves about eight programs per SM.
-    ib = max(1, min(B, (n_rb * B) // (8 * max(sm_count, 1)))) if not INTERPRET else B
-    ib = min(ib, 8) if not INTERPRET else ib
-    return dict(GB=gb, S_CH=s_ch, BN=bn, BD=bd, LARGE_S=large_s, NKC=_pow2(nkc), IB=ib,
-                num_warps=warps, num_stages=stages)
-
+    if INTERPRET:
+        ib = B
+    elif large_s:  # a few programs per SM, each with a scratch row it reuses for all its images
+        ib = triton.cdiv(B, max(1, (4 * max(sm_count, 1)) // n_rb))
+    else:  # several images per program only when that still leaves about eight programs per SM
+        ib = min(8, max(1, min(B, (n_rb * B) // (8 * max(sm_count, 1)))))
+    return dict(GB=gb, S_CH=s_ch, BN=bn, BD=bd, LARGE_S=large_s, IB=ib, num_warps=warps, num_stages=stages)
 
 
 def patch_sentence_fwd(
@@ -485,8 +495,11 @@ def patch_sentence_fwd(
     n_rb = triton.cdiv(G, cfg["GB"])
     ib = cfg.pop("IB")
     grid = (n_rb * triton.cdiv(B, ib),)
+    k_scratch = triton.cdiv(K, cfg["BN"]) * cfg["BN"] if cfg["LARGE_S"] else 0
+    scratch_v = torch.empty((grid[0] * k_scratch if k_scratch else 1,), **f32)
+    scratch_a = torch.empty(scratch_v.shape, dtype=torch.int32, device=device)
     _patch_sentence_fwd_kernel[grid](
-        patches, sentences, pm, sm, n_p, n_s, i2t, t2i, arg_i2t, arg_t2i,
+        patches, sentences, pm, sm, n_p, n_s, i2t, t2i, arg_i2t, arg_t2i, scratch_v, scratch_a, k_scratch,
         B, G, K, S, D,
         patches.stride(0), patches.stride(1), sentences.stride(0), sentences.stride(1),
         n_rb, ib,
@@ -501,28 +514,37 @@ def patch_sentence_fwd(
 
 
 def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch: int, own_is_patch: bool) -> dict:
-    """Block sizes of one backward side. Own rows: 64 (half) or 32 (fp32) per program; other columns: about
-    64 per step; D columns per program: up to 256 (half: the block of M is built once for them all) or 64
-    (fp32, whose FMA dot keeps both operands in registers)."""
+    """Block sizes of one backward side (checked spill-free on sm_80 and sm_90 by the static tool).
+
+    Own rows: 64 (half) or 32 (fp32) per program; other columns: about 64 per step, sentence slots padded to at
+    least 4 (tiny S would otherwise put 64 entities in one block); D columns per program: 256 on sm_90 and 128
+    on sm_80 for half inputs (the block of M is built once for all of them; 8 warps), 64 for fp32, whose FMA dot
+    keeps its operands in registers.
+    """
     half = _half(dtype) and not INTERPRET
     rows = 64 if (half or INTERPRET) else 32
     cols = 64 if (half or INTERPRET) else 32
+    min_slots = 4
     if own_is_patch:  # rows: patch chunk of one image; columns: YB reports of CB = S slots
         xb, rb = 1, min(rows, _pow2(R, 16))
-        cb = _pow2(C)
-        cb = min(cb, cols) if cb > cols else cb
+        cb = min(_pow2(C, min_slots), cols)
         yb = max(1, cols // cb)
         while yb * cb < 16:
             yb *= 2
     else:  # rows: XB reports of RB = S slots; columns: a patch chunk of one image
-        rb = min(_pow2(R), rows)
+        rb = min(_pow2(R, min_slots), rows)
         xb = max(1, rows // rb)
         while xb * rb < 16:
             xb *= 2
         yb, cb = 1, min(cols, _pow2(C, 16))
-    dc_max = 256 if half else (128 if INTERPRET else 64)
+    if INTERPRET:
+        dc_max = 128
+    elif half:
+        dc_max = 256 if arch >= 90 else 128
+    else:
+        dc_max = 64
     dc = min(dc_max, _pow2(D, 16))
-    warps = 8 if half and dc >= 256 else 4
+    warps = 8 if half and (dc >= 256 or arch < 90) else 4
     return dict(XB=xb, RB=rb, YB=yb, CB=cb, DC=dc, num_warps=warps, num_stages=2)
 
 
