@@ -183,6 +183,40 @@ def test_kill_9_during_saves_always_resumes(tmp_path):
     assert {r["scenario"] for r in result["records"]} == {"continue", "finished", "rewind"}
 
 
+@pytest.mark.parametrize("crash", ["file half-written", "folder renamed, latest not replaced", "latest half-written",
+                                   "pruning half-done"])
+def test_every_crash_point_of_a_save_leaves_latest_complete(finished, tmp_path, crash):
+    """The disk as a kill leaves it at each point of the save of step 6 after step 4 (a half-written file is
+    the moment an in-place rewrite used to leave latest naming a truncated file): ``--resume latest`` finds
+    step 4 complete, the resumed run sets an orphan step 6 aside, and the leftovers are removed."""
+    run_dir, _ = finished
+    root = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", root)
+    step4 = root / "step00000004"
+    if crash == "file half-written":
+        staged = root / ".partial-step00000006" / "step00000006"
+        staged.mkdir(parents=True)
+        data = (step4 / "mp_rank_00_model_states.pt").read_bytes()
+        (staged / "mp_rank_00_model_states.pt").write_bytes(data[: len(data) // 3])
+    elif crash == "folder renamed, latest not replaced":
+        shutil.copytree(step4, root / "step00000006")
+    elif crash == "latest half-written":
+        shutil.copytree(step4, root / "step00000006")
+        (root / ".latest.tmp-12345").write_text("step000")
+    else:
+        shutil.copytree(root / "step00000002", root / ".discard-step00000002-12345")
+        (root / ".discard-step00000002-12345" / "mp_rank_00_model_states.pt").unlink()
+    found_root, tag = ckpt.resolve_resume("latest", tmp_path, tmp_path)
+    assert (found_root, tag) == (root, "step00000004")
+    assert ckpt.verify_checkpoint(root, tag, world_size=1, zero_stage=2)["step"] == 4
+    moved = ckpt.set_aside_newer(root, tag)
+    ckpt.Checkpointer(root, keep=2, resumed=(root, tag))
+    names = sorted(p.name for p in root.iterdir())
+    assert not [n for n in names if n.startswith(".")]
+    assert [n for n in names if ckpt.step_of(n) is not None] == ["step00000002", "step00000004"]
+    assert [p.name.split(".")[0] for p in moved] == (["step00000006"] if "renamed" in crash or "latest" in crash else [])
+
+
 # ------------------------------------------------------------------------------------ one run per folder
 def test_two_runs_started_together_in_one_folder(tmp_path, synthetic_cache, shared_tokenizer):
     """Exactly one trains; the other stops with exit 2 and one line naming the holder, leaves nothing
