@@ -7,7 +7,7 @@ progress bars, and prints where the summary is. See docs/evaluation.md.
 Data (``--dataset``, default ``auto``): ``synthetic`` (a benchmark folder from ``python -m
 mlip_fast.data.synth``), ``covid`` (``../shared/data/covid_chestxray``), ``masks`` (``--data IMAGES
 --masks MASKS``), ``image-folder``, ``chexpert5x200`` (CheXpert's train.csv, a saved selection or a
-list file), ``rsna`` / ``siim`` (``--data`` = labels / RLE CSV, ``--images`` = image folder), ``shards``
+list file), ``chexpert`` (CheXpert's train.csv, with valid.csv beside it as the test set), ``rsna`` / ``siim`` (``--data`` = labels / RLE CSV, ``--images`` = image folder), ``shards``
 (a folder from ``python -m mlip_fast.data.shards``: zeroshot and retrieval on its stored splits). Every kind
 is split train / valid / test by the field's protocols (``mlip_fast.eval.benchmarks``): ``--split``
 (default test) is scored; few-shot tasks train on train and choose epochs / steps on valid.
@@ -39,7 +39,7 @@ from mlip_fast.eval.protocols import SELECTION_CRITERIA, SPLIT_METHODS, UNCERTAI
 
 TASKS = ("zeroshot", "fewshot", "segmentation", "retrieval", "localisation")
 KINDS = ("auto",) + BENCHMARK_KINDS
-DEFAULT_PROMPTS = {"synthetic": "synthetic", "covid": "rsna_pneumonia", "chexpert5x200": "chexpert5",
+DEFAULT_PROMPTS = {"synthetic": "synthetic", "covid": "rsna_pneumonia", "chexpert5x200": "chexpert5", "chexpert": "chexpert5",
                    "rsna": "rsna_pneumonia", "siim": "siim_pneumothorax"}
 
 

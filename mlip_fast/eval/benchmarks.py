@@ -12,6 +12,7 @@ choice (epoch, linear-probe step) on valid. The splits (``mlip_fast.eval.protoco
 | ``covid`` | 70/15/15 by patient | shipped ``splits/covid_chestxray.json`` (lists included) |
 | ``rsna`` | 70/15/15 by patient, GLoRIA / MGCA's procedure | ``splits/rsna_pneumonia.json`` on ``--data`` |
 | ``siim`` | 70/15/15 by image; balanced negatives in train for segmentation | ``splits/siim_pneumothorax.json`` |
+| ``chexpert`` | train / valid 85/15 by patient from ``train.csv`` without the CheXpert 5x200 images; test = CheXpert's ``valid.csv`` beside it (as GLoRIA / MGCA) | computed |
 | ``chexpert5x200`` | the 1,000 images are the test set (GLoRIA's criterion, MGCA's draw); few-shot tasks split them 70/15/15 by patient | ``splits/chexpert5x200.json`` |
 | ``masks`` / ``image-folder`` | 70/15/15 by file, seeded | computed |
 | ``shards`` | the splits the shard writer stored (zeroshot and retrieval only) | the shard index |
@@ -26,7 +27,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +36,8 @@ from torch.utils.data import Dataset, Subset
 
 from mlip_fast.data.shard_reader import ShardSplit
 from mlip_fast.eval.common import EvalDataError
-from mlip_fast.eval.data import CovidChestXray, MaskedImageFolder, SyntheticBenchmark, foreground_flags
+from mlip_fast.eval.data import (CheXpertLabels, CovidChestXray, MaskedImageFolder, SyntheticBenchmark,
+                                 foreground_flags, patient_of)
 from mlip_fast.eval.protocols import (
     DEFAULT_FRACTIONS,
     SPLIT_FORMAT,
@@ -52,11 +53,10 @@ from mlip_fast.eval.protocols import (
 
 __all__ = ["KINDS", "SHIPPED_SPLITS", "SplitOptions", "EvalSets", "build_eval_sets"]
 
-KINDS = ("synthetic", "covid", "masks", "image-folder", "chexpert5x200", "rsna", "siim", "shards")
+KINDS = ("synthetic", "covid", "masks", "image-folder", "chexpert", "chexpert5x200", "rsna", "siim", "shards")
 SHIPPED_SPLITS = {"covid": "covid_chestxray", "rsna": "rsna_pneumonia", "siim": "siim_pneumothorax",
                   "chexpert5x200": "chexpert5x200"}
 TRAINING_TASKS = ("fewshot", "segmentation")
-_PATIENT = re.compile(r"(patient\d+)")
 
 
 @dataclass
@@ -230,6 +230,8 @@ def build_eval_sets(kind: str, data: str, task: str, transform, options: SplitOp
         else:
             def make(ids, _):
                 return D.SIIMPneumothoraxDataset(data, options.images, transform=transform, image_ids=list(ids))
+    elif kind == "chexpert":
+        record, make = _chexpert(data, transform, options, described)
     elif kind == "chexpert5x200":
         record, make = _chexpert_5x200(data, task, transform, options, described)
     else:
@@ -262,6 +264,45 @@ def build_eval_sets(kind: str, data: str, task: str, transform, options: SplitOp
             flags = foreground_flags(sets.train)
         sets.train = _balanced(sets.train, flags, record["procedure"].get("seed", 0), described)
     return sets
+
+
+def _chexpert(data: str, transform, options: SplitOptions, described: dict):
+    """(record, make) for CheXpert classification: ``data`` = ``train.csv``; its frontal images without the
+    CheXpert 5x200 selection (the shipped definition, ``options.criterion``) are split by patient into train
+    and valid; the test set is the official ``valid.csv`` beside it (GLoRIA and MGCA test there too)."""
+    path = Path(data)
+    test_csv = path.with_name("valid.csv")
+    if not path.is_file() or not test_csv.is_file():
+        raise EvalDataError(f"--dataset chexpert needs CheXpert's train.csv as --data and valid.csv beside it; "
+                            f"missing: {[str(p) for p in (path, test_csv) if not p.is_file()]}")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    proc = load_split_definition("chexpert5x200")["procedure"]
+    seed = proc["seed"] if options.split_seed is None else options.split_seed
+    held_out = {s["path"] for s in chexpert_5x200(rows, criterion=options.criterion, per_class=proc["per_class"],
+                                                   seed=seed, frontal_only=proc["frontal_only"], where=str(path))}
+    units = [r["Path"] for r in rows if r.get("Frontal/Lateral") == "Frontal" and r["Path"] not in held_out]
+    f_train, f_valid, _ = options.fractions or DEFAULT_FRACTIONS
+    share = f_valid / (f_train + f_valid)
+    parts = split_units(units, (1.0 - share, 0.0, share), seed, "grouped", [patient_of(u) for u in units])
+    root = Path(options.images) if options.images else path.parent.parent
+    test = CheXpertLabels(test_csv, root=root, transform=transform, uncertain=options.uncertain)
+    lists = {"train": parts["train"], "valid": parts["test"], "test": [r["Path"] for r in test.rows]}
+    record = {"format": SPLIT_FORMAT, "name": "chexpert", "source": {"file": "train.csv + valid.csv", "unit": "Path",
+                                                                      "group": "patient"},
+              "procedure": {"method": "grouped", "valid_share_of_train_csv": share, "seed": seed,
+                            "excluded": f"chexpert5x200 ({options.criterion}, seed {seed}): {len(held_out)} images",
+                            "test": "valid.csv (frontal)"},
+              "lists": lists, "counts": {k: len(v) for k, v in lists.items()}, "source_sha256": file_sha256(path)}
+    described.update(criterion=options.criterion, n_uncertain_test=test.n_uncertain)
+
+    def make(ids, split):
+        if split == "all":
+            raise EvalDataError("--dataset chexpert has its test set in valid.csv; evaluate 'train', 'valid' or 'test'")
+        if split == "test":
+            return test
+        return CheXpertLabels(path, root=root, transform=transform, uncertain=options.uncertain, paths=ids)
+    return record, make
 
 
 def _chexpert_5x200(data: str, task: str, transform, options: SplitOptions, described: dict):
@@ -301,7 +342,7 @@ def _chexpert_5x200(data: str, task: str, transform, options: SplitOptions, desc
     labels = record["labels"]
     paths = record["lists"]["test"]
     if task in TRAINING_TASKS:
-        patients = [(_PATIENT.search(p).group(1) if _PATIENT.search(p) else p) for p in paths]
+        patients = [patient_of(p) for p in paths]
         lists = split_units(paths, options.fractions or DEFAULT_FRACTIONS,
                             0 if options.split_seed is None else options.split_seed, "grouped", patients)
         record = {**record, "lists": lists}

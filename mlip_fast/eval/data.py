@@ -11,6 +11,8 @@
 - ``group_split(groups, test_fraction, seed)``: a seeded split that keeps each group (patient) on one side
   (``protocols.split_units(method="grouped")`` without a validation part).
 - ``foreground_flags(dataset)``: per item, whether its segmentation mask has any foreground pixel.
+- ``CheXpertLabels(csv, ...)``: CheXpert's label table (``train.csv`` / ``valid.csv``): frontal images with
+  the five competition labels, blanks read as 0 and the uncertain -1 mapped by ``uncertain``.
 - ``MaskedImageFolder(images, masks, ...)``: image + binary mask pairs matched by file name, e.g. the
   lung masks of ``../shared/data/covid_chestxray`` (``masks_v7labs_lungs/`` or
   ``annotations/lungVAE-masks/``), for few-shot segmentation.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -32,10 +35,11 @@ from torch.utils.data import Dataset
 from torch.utils.data import Subset
 
 from mlip_fast.eval.common import EvalDataError
-from mlip_fast.eval.protocols import UNCERTAIN_POLICIES, map_uncertain, split_units
+from mlip_fast.data.datasets import CHEXPERT5
+from mlip_fast.eval.protocols import UNCERTAIN_POLICIES, chexpert_value, map_uncertain, split_units
 
-__all__ = ["SyntheticBenchmark", "MaskedImageFolder", "CovidChestXray", "group_split", "foreground_flags",
-           "SYNTHETIC_LABELS"]
+__all__ = ["SyntheticBenchmark", "MaskedImageFolder", "CovidChestXray", "CheXpertLabels", "group_split",
+           "foreground_flags", "patient_of", "SYNTHETIC_LABELS"]
 
 SYNTHETIC_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax", "Pneumonia")
 
@@ -319,3 +323,76 @@ class CovidChestXray(Dataset):
             mask = _load_mask_file(self.root / row[self._MASK_COLUMNS[self.masks]])
             sample["mask"] = mask if mask.shape == raw.shape else _resize_mask(mask, raw.shape)
         return sample
+
+
+class CheXpertLabels(Dataset):
+    """CheXpert's label table as a classification set: labels ``[5]`` over ``CHEXPERT5``.
+
+    Blank cells are 0 (the observation was not mentioned; GLoRIA / MGCA's ``fillna(0)``); -1 (uncertain)
+    is mapped by ``uncertain`` ("ignore" = NaN, "ones", "zeros", "gloria"); ``groups`` are the patient ids
+    (``patientNNNNN`` in the path), for patient-level splits.
+
+    Args:
+        csv_path: ``train.csv`` or ``valid.csv`` (columns ``Path``, ``Frontal/Lateral`` and the labels).
+        root: the folder the ``Path`` values start from (default: the CSV folder's parent, since CheXpert's
+            paths begin with the dataset folder, e.g. ``CheXpert-v1.0-small/train/...``).
+        frontal_only: keep frontal views (as GLoRIA / MGCA).
+        paths: keep only these ``Path`` values (one split), in file order.
+    """
+
+    label_names = CHEXPERT5
+
+    def __init__(self, csv_path: str | os.PathLike, root: Optional[str | os.PathLike] = None,
+                 transform: Optional[Callable] = None, uncertain: str = "ignore", frontal_only: bool = True,
+                 paths: Optional[Sequence[str]] = None):
+        if uncertain not in UNCERTAIN_POLICIES:
+            raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
+        self.csv_path = Path(csv_path)
+        if not self.csv_path.is_file():
+            raise EvalDataError(f"CheXpert label file {self.csv_path} does not exist")
+        with open(self.csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        need = ["Path", *CHEXPERT5] + (["Frontal/Lateral"] if frontal_only else [])
+        missing = [c for c in need if not rows or c not in rows[0]]
+        if missing:
+            raise EvalDataError(f"{self.csv_path}: missing column(s) {missing}")
+        keep = set(paths) if paths is not None else None
+        rows = [r for r in rows if (not frontal_only or r["Frontal/Lateral"] == "Frontal")
+                and (keep is None or r["Path"] in keep)]
+        if not rows:
+            raise EvalDataError(f"{self.csv_path}: no frontal image" + (" of the given paths" if keep else ""))
+        try:
+            raw = np.array([[chexpert_value(r[c]) for c in CHEXPERT5] for r in rows], dtype=np.float32)
+        except EvalDataError as err:
+            raise EvalDataError(f"{self.csv_path}: {err}") from None
+        self.rows = rows
+        self.root = Path(root) if root is not None else self.csv_path.parent.parent
+        self.transform = transform
+        self.uncertain = uncertain
+        self.n_uncertain = {n: int(c) for n, c in zip(CHEXPERT5, (raw == -1.0).sum(0))}
+        self.labels = map_uncertain(raw, CHEXPERT5, uncertain)
+        self.groups = [patient_of(r["Path"]) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def describe(self) -> dict:
+        return {"kind": "chexpert", "csv": str(self.csv_path), "n": len(self), "uncertain": self.uncertain,
+                "n_uncertain": self.n_uncertain}
+
+    def __getitem__(self, i: int) -> dict:
+        from mlip_fast.data.images import load_image
+
+        path = self.rows[i]["Path"]
+        raw = load_image(self.root / path, max_side=1024)
+        return {"image": self.transform(raw) if self.transform is not None else raw,
+                "labels": self.labels[i].copy(), "index": i, "name": path}
+
+
+_PATIENT = re.compile(r"(patient\d+)")
+
+
+def patient_of(path: str) -> str:
+    """CheXpert's patient id (``patientNNNNN``) of an image path; the path itself when it has none."""
+    found = _PATIENT.search(path)
+    return found.group(1) if found else path

@@ -240,3 +240,46 @@ def test_chexpert_5x200_kind(tmp_path, eval_tf):
     assert devices & {s["path"] for s in five.test.selection}  # the five-class criterion admits them
     few = build_eval_sets("chexpert5x200", str(train_csv), "fewshot", eval_tf, SplitOptions())
     assert len(few.train) + len(few.valid) + len(few.test) == 1000
+
+
+def test_chexpert_kind_splits_by_patient_and_maps_uncertain_labels(tmp_path, eval_tf):
+    folder = tmp_path / "CheXpert-v1.0"
+    folder.mkdir()
+    rows = _chexpert_train_csv(folder / "train.csv", per_class=400)  # 3 per class with a device: never in 5x200
+    # every second image has a second (lateral) view and a -1 for Edema; patients hold 2 studies
+    columns = list(rows[0])
+    extra = []
+    for i, r in enumerate(rows):
+        r["Path"] = f"CheXpert-v1.0/train/patient{i // 2:05d}/study{i % 2 + 1}/view1_frontal.jpg"
+        if i % 2:
+            r["Edema"] = r["Edema"] or "-1.0"
+            extra.append({**r, "Path": r["Path"].replace("view1_frontal", "view2_lateral"), "Frontal/Lateral": "Lateral"})
+    with open(folder / "train.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows + extra)
+    valid = [{**{c: "" for c in columns}, "Path": f"CheXpert-v1.0/valid/patient9{k:04d}/study1/view1_frontal.jpg",
+              "Frontal/Lateral": "Frontal", "Cardiomegaly": "1.0" if k % 2 else "0.0"} for k in range(6)]
+    with open(folder / "valid.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(valid)
+    _png(tmp_path / valid[0]["Path"], 0)
+    opts = SplitOptions(uncertain="gloria", out_dir=tmp_path / "out")
+    sets = build_eval_sets("chexpert", str(folder / "train.csv"), "fewshot", eval_tf, opts)
+    selection = {s["path"] for s in build_eval_sets("chexpert5x200", str(folder / "train.csv"), "zeroshot", eval_tf,
+                                                    SplitOptions()).test.selection}
+    train_paths = {r["Path"] for r in sets.train.rows}
+    valid_paths = {r["Path"] for r in sets.valid.rows}
+    assert len(train_paths) + len(valid_paths) == len(rows) - 1000 and not (train_paths | valid_paths) & selection
+    assert not set(sets.train.groups) & set(sets.valid.groups)
+    assert all(r["Frontal/Lateral"] == "Frontal" for r in sets.train.rows)
+    assert len(sets.test) == 6 and sets.test[0]["labels"].shape == (5,)
+    edema = CHEXPERT5.index("Edema")
+    # gloria: U-Ones for Edema; ignore: unknown
+    uncertain_rows = [i for i, r in enumerate(sets.train.rows) if r["Edema"] == "-1.0"]
+    assert uncertain_rows and all(sets.train.labels[i, edema] == 1.0 for i in uncertain_rows)
+    ignore = build_eval_sets("chexpert", str(folder / "train.csv"), "fewshot", eval_tf, SplitOptions())
+    assert all(np.isnan(ignore.train.labels[i, edema]) for i in uncertain_rows)
+    assert ignore.train.n_uncertain["Edema"] == len(uncertain_rows)
+    assert (tmp_path / "out" / "chexpert.json").is_file()
