@@ -76,15 +76,32 @@ def make_step(provider, mode, B, G, K, S, D, dtype="float32", device="cpu", seed
     return step
 
 
-def op_peak_memory(provider, B, G, K, S, D, dtype, device):
+def make_loss_step(provider, mode, B, G, K, S, D, dtype="float32", device="cpu", seed=0):
+    """Like :func:`make_step` for the patch-sentence *loss* (local mode, one process: one scores call with both
+    directions, then the symmetric cross-entropy); "full" back-propagates it to patches and sentences. G must
+    equal B (each image has its own report)."""
+    from mlip_fast.functional import patch_sentence_loss
+
+    p, s, smask, _, _ = make_inputs(B, G, K, S, D, dtype, device, seed)
+
+    def step():
+        loss = patch_sentence_loss(p, s, smask, impl=provider)
+        out = torch.autograd.grad(loss, (p, s)) if mode == "full" else loss
+        _sync(device)
+        return out
+
+    return step
+
+
+def op_peak_memory(provider, B, G, K, S, D, dtype, device, factory="make_step"):
     """Peak bytes of one fwd+bwd above the inputs, and the bytes of the input gradients it returns."""
     import harness
 
     if torch.device(device).type == "cuda":
-        peak = harness.cuda_peak_memory(make_step(provider, "full", B, G, K, S, D, dtype, device), device)
+        peak = harness.cuda_peak_memory(globals()[factory](provider, "full", B, G, K, S, D, dtype, device), device)
     else:
         kwargs = dict(provider=provider, mode="full", B=B, G=G, K=K, S=S, D=D, dtype=dtype, device=device)
-        peak = harness.cpu_peak_memory("bench_patch_sentence:make_step", kwargs)
+        peak = harness.cpu_peak_memory(f"bench_patch_sentence:{factory}", kwargs)
     grads = (B * K + G * S) * D * getattr(torch, dtype).itemsize
     return peak, grads
 

@@ -292,7 +292,7 @@ _PTXAS_RE = {
     "spill_stores": re.compile(r"(\d+) bytes spill stores"),
     "spill_loads": re.compile(r"(\d+) bytes spill loads"),
 }
-_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 
 
 def ptxas_report(ptx: str, arch: int) -> dict:
@@ -370,7 +370,7 @@ def occupancy(arch: int, registers: int, shared: int, num_warps: int) -> dict:
     regs_per_warp = -(-max(registers, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
     by = {
         "registers": REGS_PER_SM // (regs_per_warp * num_warps),
-        "shared": lim["smem_per_sm"] // (shared + SMEM_RESERVED_PER_BLOCK) if shared else MAX_BLOCKS_PER_SM,
+        "shared": lim["smem_per_sm"] // (shared + SMEM_RESERVED_PER_BLOCK) if shared else 1 << 30,
         "warps": MAX_WARPS_PER_SM // num_warps,
         "blocks": MAX_BLOCKS_PER_SM,
     }
