@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
@@ -52,6 +53,7 @@ def _seed(*words: int) -> int:
     return int(np.random.SeedSequence([w & 0xFFFFFFFF for w in words]).generate_state(1)[0])
 
 
+@dataclass
 class ShardOrder:
     """The plan of the module doc for one rank.
 
@@ -62,18 +64,24 @@ class ShardOrder:
         lanes: L (>= 1).
         shuffle_buffer: B (1 = no shuffling within a lane).
         start_step: first optimizer step to deliver (resume).
+        shard_ids: the shards' checksums (part of ``signature()``).
     """
 
-    def __init__(self, shard_sizes, micro_batch: int, accumulation: int, rank: int, world_size: int, seed: int,
-                 lanes: int = 1, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, start_step: int = 0,
-                 shard_ids: tuple = ()):
-        if lanes < 1 or shuffle_buffer < 1:
-            raise ValueError(f"lanes and shuffle_buffer must be >= 1, got {lanes} and {shuffle_buffer}")
-        self.shard_sizes = [int(n) for n in shard_sizes]
-        self.micro_batch, self.accumulation = int(micro_batch), int(accumulation)
-        self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
-        self.lanes, self.shuffle_buffer, self.start_step = int(lanes), int(shuffle_buffer), int(start_step)
-        self.shard_ids = tuple(shard_ids)
+    shard_sizes: list
+    micro_batch: int
+    accumulation: int
+    rank: int
+    world_size: int
+    seed: int
+    lanes: int = 1
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    start_step: int = 0
+    shard_ids: tuple = ()
+
+    def __post_init__(self):
+        if self.lanes < 1 or self.shuffle_buffer < 1:
+            raise ValueError(f"lanes and shuffle_buffer must be >= 1, got {self.lanes} and {self.shuffle_buffer}")
+        self.shard_sizes = [int(n) for n in self.shard_sizes]
         self.num_samples = sum(self.shard_sizes)
         self.global_batch = self.micro_batch * self.accumulation * self.world_size
         if self.num_samples < self.global_batch:
