@@ -57,7 +57,7 @@ def _integrity_mask_fwd_kernel(
     seed_ptr,
     kept_ptr,
     index_ptr,
-    integrity_ptr,
+    integrity_ptr,  # [2, B]: kept softmax mass and total mass (the launcher divides: no fp64 division here)
     slot_ptr,
     seed,
     temperature,
@@ -122,7 +122,8 @@ def _integrity_mask_fwd_kernel(
         e = tl.where(valid, tl.exp(s_masked - row_max[:, None]), 0.0)
         kept_mass = tl.sum(tl.where(sel, e, 0.0), axis=1)
         total = tl.sum(e, axis=1)
-        tl.store(integrity_ptr + rows, kept_mass / tl.where(row_ok, total, 1.0), mask=row_ok)
+        tl.store(integrity_ptr + rows, kept_mass, mask=row_ok)
+        tl.store(integrity_ptr + B + rows, total, mask=row_ok)
         tl.store(slot_ptr + rows[:, None] * P + p[None, :], tl.where(sel, slot, -1), mask=valid)
 
     k0 = pid_k * KPB
@@ -204,7 +205,8 @@ def fwd_config(B: int, P: int, C: int, keep: int, *, interpret: bool, itemsize: 
     block_j = rows * kpb
     block_c = min(triton.next_power_of_2(C), max(16, (32768 // itemsize) // block_j))
     lanes_per_warp = 512 if score_itemsize <= 4 else 256  # fp64 scores carry twice the registers per lane
-    num_warps = min(16, max(4, (rows * block_p) // lanes_per_warp))
+    min_warps = 4 if score_itemsize <= 4 else 8  # fp64: at 4 warps ptxas spills a register in the copy loop
+    num_warps = min(16, max(min_warps, (rows * block_p) // lanes_per_warp))
     return dict(ROWS=rows, KPB=kpb, BLOCK_J=block_j, BLOCK_C=block_c, num_warps=num_warps)
 
 
@@ -251,7 +253,7 @@ def integrity_mask_fwd(
     acc = torch.float64 if scores.dtype == torch.float64 else torch.float32
     kept = torch.empty((B, keep, C), dtype=tokens.dtype, device=device)
     index = torch.empty((B, keep), dtype=torch.int64, device=device)
-    integrity = torch.empty((B,), dtype=acc, device=device)
+    masses = torch.empty((2, B), dtype=acc, device=device)
     slot = torch.empty((B, P), dtype=torch.int32, device=device)
     cfg = fwd_config(B, P, C, keep, interpret=_interpreting(device), itemsize=tokens.element_size(),
                      score_itemsize=scores.element_size())
@@ -263,7 +265,7 @@ def integrity_mask_fwd(
         seed_tensor if seed_tensor is not None else index,
         kept,
         index,
-        integrity,
+        masses,
         slot,
         0 if seed_tensor is not None else int(seed),
         float(temperature),
@@ -278,6 +280,7 @@ def integrity_mask_fwd(
         BLOCK_P=triton.next_power_of_2(P),
         **cfg,
     )
+    integrity = masses[0] / masses[1]  # a division in the kernel would call fp64's slow-path routine
     return kept, index, integrity, slot
 
 

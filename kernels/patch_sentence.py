@@ -405,17 +405,18 @@ def valid_counts(
     return n_p, n_s
 
 
-MAX_REPORTS_PER_TILE = 16  # more reports per tile (tiny S) only adds per-report state; pad S instead
+MIN_SLOTS = 16  # sentence slots per report in a forward tile
 
 
 def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int, sm_count: int) -> dict:
     """Block sizes of the forward for these sizes on compute capability ``arch`` (checked spill-free on sm_80
     and sm_90 by ``benchmarks/kernel_static.py``).
 
-    Half inputs: 128 sentence rows (GB reports x S_CH slots, S padded to at least 128 / 16 slots) per tile, D
+    Half inputs: 128 sentence rows (GB reports x S_CH slots, S padded to at least 16 slots) per tile, D
     in chunks of 64, 8 warps; 128 patches per tile and 3 pipeline stages on sm_90 (96 KiB of shared memory),
     64 patches and 2 stages on sm_80 (its mma.sync accumulators hold twice the registers). fp32 (FMA, no
-    tensor cores): 64 x 32 tiles, D chunks of 32 on sm_90; on sm_80 chunks of 16 and 8 warps for long reports.
+    tensor cores): 64 x 32 tiles, D chunks of 32 on sm_90; on sm_80 chunks of 16 (32 for 64-slot reports) and
+    8 warps for long reports.
     Reports longer than 128 (fp32: 64) rows take the
     chunked-sentence path with one report per program and several images per program (its scratch row is
     reused). The interpreter takes tiles of at most 64 rows (each op has a fixed Python cost, so few and
@@ -424,11 +425,11 @@ def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch:
     s_pad = _pow2(S)
     rows = s_tile(dtype, arch)
     large_s = s_pad > rows
-    min_slots = rows // MAX_REPORTS_PER_TILE if _half(dtype) else 16  # fp32: FMA tiles want 16-row reports
-    s_ch = rows if large_s else max(s_pad, min_slots)
-    gb = 1 if large_s else max(1, min(rows // s_ch, _pow2(G)))
-    while gb * s_ch < 16:  # tl.dot needs at least 16 rows
-        gb *= 2
+    # Reports shorter than 16 sentences are padded to 16 slots: a report then fills the rows of one warp,
+    # and the tile (and its compile) is that of S = 16. The tile does not shrink for small G (rows past G are
+    # masked), so every G shares one compile.
+    s_ch = rows if large_s else max(s_pad, MIN_SLOTS)
+    gb = 1 if large_s else max(1, rows // s_ch)
     if INTERPRET:
         bn = min(64, _pow2(K, 16))
         bd = min(128, _pow2(D, 16))
@@ -439,7 +440,7 @@ def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch:
         warps = 8 if gb * s_ch >= 128 else 4
         stages = 3 if arch >= 90 else 2
     else:
-        bn, bd = 32, (32 if arch >= 90 else 16)
+        bn, bd = 32, (32 if (arch >= 90 or (s_ch >= 64 and not large_s)) else 16)
         warps, stages = (8 if (large_s and arch < 90) else 4), 2
     n_rb = triton.cdiv(G, gb)
     if INTERPRET:
