@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import IterableDataset, Subset
 
 from mlip_fast.data.datasets import DatasetError
 from mlip_fast.data.images import ImageLoadError
@@ -155,8 +156,6 @@ def _fraction(text: str) -> float:
 def _screen(sets, args, progress: bool) -> tuple:
     """(train, valid, test, skipped): each set without its unreadable samples (``screen_samples``), which are
     listed per set (``{"train" | "valid" | "test": [...]}``, test being the evaluated one) and reported on stderr. ``--max-samples`` applies before: the test set is cut first."""
-    from torch.utils.data import IterableDataset, Subset
-
     out, skipped = [], {}
     for name, what in (("train", "training set"), ("valid", "validation set"), ("test", "evaluated set")):
         data = getattr(sets, name)

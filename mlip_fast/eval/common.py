@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from tqdm.auto import tqdm
 
 from mlip_fast._records import jsonable, versions
 from mlip_fast.data.datasets import SampleError
@@ -185,8 +186,6 @@ def iter_batches(
     """Iterate ``data`` (map-style dataset, iterable dataset, list of sample dicts, or DataLoader) as eval
     batches with a tqdm bar. A DataLoader's batches pass through (``image`` renamed ``images``); anything else is
     batched with ``collate_samples``. ``max_samples`` stops after that many samples."""
-    from tqdm.auto import tqdm
-
     if isinstance(data, DataLoader):
         loader: Iterable = data
         total = len(data.dataset) if hasattr(data.dataset, "__len__") else None
@@ -248,8 +247,6 @@ def screen_samples(data, max_bad_fraction: float, name: str = "evaluation data",
         EvalDataError: more than ``max_bad_fraction`` of the samples are bad (every one is named, with the
             ``--max-bad-fraction`` that would accept them), or none is readable.
     """
-    from tqdm.auto import tqdm
-
     if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
         return data, []
     n = len(data)

@@ -34,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 __all__ = ["CheckpointError", "CHECKPOINT_DIR", "EXPORT_DIR", "LATEST", "tag_for", "step_of", "Checkpointer",
            "resolve_resume", "verify_checkpoint", "load_checkpoint", "set_aside_newer", "export_consolidated",
@@ -120,14 +121,10 @@ def _remove_leftovers(ckpt_root: Path) -> None:
 
 
 def _is_rank0() -> bool:
-    import torch.distributed as dist
-
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from mlip_fast.data.datasets import DatasetError
 from mlip_fast.train import checkpoint as ckpt
@@ -75,7 +76,6 @@ def _init_distributed() -> tuple:
     DeepSpeed (gloo on CPU, NCCL on GPU). A plain ``python train.py`` runs as a world of one."""
     import deepspeed
     import deepspeed.ops
-    import torch.distributed as dist
 
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -99,8 +99,6 @@ def _init_distributed() -> tuple:
 def _rank0(fn, rank: int):
     """Runs ``fn`` on rank 0 and gives every rank its result, or raises its exception on every rank (so
     that a decision such as "this checkpoint is corrupted" stops all processes alike)."""
-    import torch.distributed as dist
-
     payload = [None]
     if rank == 0:
         try:
@@ -116,8 +114,6 @@ def _rank0(fn, rank: int):
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
@@ -585,8 +581,6 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
 
 def _merge_bad_items(dataset) -> None:
     """Collective: every rank learns the items the other ranks (and their loader workers) found bad."""
-    import torch.distributed as dist
-
     if not hasattr(dataset, "bad_items") or not dist.is_initialized() or dist.get_world_size() == 1:
         return
     found = [None] * dist.get_world_size()
@@ -690,8 +684,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _exit(code: int) -> None:
-    import torch.distributed as dist
-
     sys.stdout.flush()
     sys.stderr.flush()
     if dist.is_available() and dist.is_initialized():
