@@ -204,7 +204,7 @@ def fwd_config(B: int, P: int, C: int, keep: int, *, interpret: bool, itemsize: 
     kpb = min(block_k, max(1, 32 // rows))
     block_j = rows * kpb
     block_c = min(triton.next_power_of_2(C), max(16, (32768 // itemsize) // block_j))
-    lanes_per_warp = 512 if score_itemsize <= 4 else 256  # fp64 scores carry twice the registers per lane
+    lanes_per_warp = 512 if score_itemsize <= 4 else 64  # fp64 rows of 1024+ positions take 16 warps
     min_warps = 4 if score_itemsize <= 4 else 8  # fp64: at 4 warps ptxas spills a register in the copy loop
     num_warps = min(16, max(min_warps, (rows * block_p) // lanes_per_warp))
     return dict(ROWS=rows, KPB=kpb, BLOCK_J=block_j, BLOCK_C=block_c, num_warps=num_warps)
