@@ -283,3 +283,25 @@ def test_real_png_named_jpg_and_rgba_images(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(ShardSplit(tmp_path / "s", "train")) == 2
+
+
+def test_zero_shot_from_shards_equals_zero_shot_from_the_folder(png_shards, synth):
+    """The evaluation of an iterable shard split scores exactly what the folder reader's split scores
+    (PNG shards store the 48 px synthetic pixels unchanged), image by image and class by class."""
+    from mlip_fast.eval.common import eval_transform
+    from mlip_fast.eval.data import SyntheticBenchmark
+    from mlip_fast.eval.zeroshot import MODES, zero_shot_scores
+    from mlip_fast.models import create_model
+
+    model = create_model("mlip-tiny", vision={"image_size": 48}).eval()
+    transform = eval_transform(model)
+    kw = dict(progress=False, batch_size=3)
+    shards = zero_shot_scores(model, ShardSplit(png_shards, "test", transform), "synthetic", **kw)
+    folder = zero_shot_scores(model, SyntheticBenchmark(synth.parent, split="test", transform=transform),
+                              "synthetic", **kw)
+    assert shards.class_names == folder.class_names and len(shards.class_names) == 7
+    assert shards.index.tolist() == folder.index.tolist() == list(range(len(PretrainDataset(synth, split="test"))))
+    np.testing.assert_array_equal(shards.labels, folder.labels)
+    for mode in MODES:
+        np.testing.assert_allclose(shards.scores[mode], folder.scores[mode], rtol=0, atol=1e-6)
+    assert np.ptp(folder.scores["combined"]) > 0
