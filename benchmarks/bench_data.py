@@ -11,11 +11,11 @@ each with Pillow and with simplejpeg (libjpeg-turbo) where a JPEG is decoded. Th
 of this process (``time.process_time``), so other work on a shared machine inflates it less than wall
 time would; the wall-clock rate and the load average are recorded too.
 
-``cores_per_gpu``: cores of this kind that keep one H100 fed at the training step rate. No GPU training
-step has been measured yet (``results/train_step_cuda.json`` is absent), so the rate comes from a
-performance model, labelled as such in the JSON: the FLOPs of one MLIP sample (ViT-B/16 at 224 px with the
-config's mask ratio + BERT-base over ``TEXT_TOKENS`` tokens, forward and backward = 3 x forward) at
-``MFU`` of PERF.md's measured H100 bf16 matmul rate.
+Cores per H100: cores of this kind that keep one H100 fed at the training step rate: the rate
+``gpu_check.py`` measured (its train_step section, in a committed ``results/gpu_*.json``), or until one
+is measured a performance model, labelled as such in the JSON: the FLOPs of one MLIP sample (ViT-B/16 at
+224 px with the config's mask ratio + BERT-base over ``TEXT_TOKENS`` tokens, forward and backward = 3 x
+forward) at ``MFU`` of PERF.md's measured H100 bf16 matmul rate.
 
     pytest benchmarks/bench_data.py --benchmark-only
     python benchmarks/bench_data.py [--images 200]   # writes benchmarks/results/data_cpu.json
@@ -164,9 +164,29 @@ def encoder_flops(tokens: int, width: int, depth: int, mlp: int) -> int:
     return depth * tokens * (8 * width * width + 4 * mlp * width + 4 * tokens * width)
 
 
+def measured_gpu_rate():
+    """The fused-impl training rate of ``gpu_check.py``'s train_step section in a committed
+    ``results/gpu_*.json`` (the ViT-B/16 + BERT-base step of ``bench_train_step``), or None."""
+    for path in sorted(harness.RESULTS.glob("gpu_*.json")):
+        data = json.loads(path.read_text())
+        rows = data.get("sections", {}).get("train_step", {}).get("result", {}).get("rows", [])
+        fused = [r for r in rows if r.get("impl") == "triton" and r.get("samples_per_s")]
+        if fused and not data.get("dry_run"):
+            return {"source": f"measured: {path.name} (gpu_check.py train_step, fused impl)",
+                    "device": data.get("environment", {}).get("device"), "samples_per_s": round(fused[0]["samples_per_s"])}
+    return None
+
+
 def gpu_samples_per_s() -> dict:
-    """Training samples per second of one H100 (performance model; see the module doc)."""
+    """Training samples per second of one H100: measured by ``gpu_check.py`` when a result is committed,
+    else the performance model of the module doc."""
+    return measured_gpu_rate() or model_gpu_rate()
+
+
+def model_gpu_rate() -> dict:
+    """The performance model of one H100 training step (see the module doc)."""
     from mlip_fast.models import get_model_config
+
 
     cfg = get_model_config(GPU_MODEL)
     v, t = cfg.vision, cfg.text
@@ -219,7 +239,7 @@ def test_gpu_feed_model_counts_the_encoder_flops():
     v = model.config.vision
     formula = encoder_flops(1 + (64 // v.patch_size) ** 2, v.width, v.depth, int(v.width * v.mlp_ratio))
     assert formula == pytest.approx(counter.get_total_flops() - counts["aten.convolution"], rel=0.02)
-    feed = gpu_samples_per_s()
+    feed = model_gpu_rate()
     assert feed["image_tokens"] == 1 + 98 and feed["samples_per_s"] > 0
 
 
@@ -242,7 +262,7 @@ def main(argv=None) -> Path:
         print(f"corpus: {args.images} images in {time.perf_counter() - t0:.0f} s")
         full_bytes = np.mean([p.stat().st_size for p in corpus["images"]])
         gpu = gpu_samples_per_s()
-        feed = f"cores per H100 at {gpu['samples_per_s']:,} samples/s (model)"
+        feed = f"cores per H100 at {gpu['samples_per_s']:,} samples/s ({'model' if 'model' in gpu['source'] else 'measured'})"
         rows, results = [], {}
         for case in CASES:
             for decoder in DECODERS:
