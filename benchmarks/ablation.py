@@ -197,8 +197,8 @@ def integrity_alignment(model, root: Path, split: str = "test", batch_size: int 
         _, tokens = model.visual.embeddings(images)
         logits = model.visual.estimator(tokens).float()
         constant &= bool((logits == logits[:, :1]).all())
-        image = model.encode_image(images, mask_ratio=0.0)
-        text = model.encode_text([r["report"] for r in rows])
+        image = model.encode_image_local(images, mask_ratio=0.0)
+        text = model.encode_text_local([r["report"] for r in rows])
         sim = torch.einsum("bpd,bsd->bps", l2_normalise(image["patches"]), l2_normalise(text["sentences"]))
         target = sim.masked_fill(~text["sentence_mask"][:, None, :], -math.inf).max(dim=-1).values
         for b, r in enumerate(rows):

@@ -10,9 +10,16 @@ Intensity conventions:
   bits stays dark; the transform's normalisation, or ``minmax=True``, takes care of contrast);
 - colour images become luminance (ITU-R BT.601 weights, as Pillow's "L"); alpha is composited onto
   black (the background of a radiograph); palette images are expanded first;
-- DICOM: the modality LUT (RescaleSlope / RescaleIntercept) is applied, then the first VOI window
-  (WindowCenter / WindowWidth) when present, else the min-max range; MONOCHROME1 is inverted so that
-  bone is bright, as in MONOCHROME2 and in every PNG/JPEG export.
+- DICOM: pydicom's own ``apply_modality_lut`` (Modality LUT Sequence or RescaleSlope / RescaleIntercept)
+  then ``apply_voi_lut`` (the first VOI LUT Sequence item, else the first window with its VOI LUT
+  Function: LINEAR, LINEAR_EXACT or SIGMOID), scaled from the VOI output range to [0, 1] (``0 .. 2^n - 1``
+  for an n-bit VOI LUT, pydicom's window output range for a window); without any VOI the min-max range
+  of the modality values (also when the window is one pydicom refuses, e.g. a width below 1);
+  MONOCHROME1 is inverted so that bone is bright, as in MONOCHROME2 and in every
+  PNG/JPEG export.
+
+``pil_to_gray(image)`` applies the same conventions to an already opened Pillow image (the transforms
+take one).
 """
 from __future__ import annotations
 
@@ -22,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ImageLoadError", "load_image", "sniff_format"]
+__all__ = ["ImageLoadError", "load_image", "sniff_format", "pil_to_gray"]
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# Pillow formats whose EXIF orientation tag is applied (as viewers do)
+_EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP")
 
 
 class ImageLoadError(Exception):
@@ -106,19 +115,24 @@ def _minmax(image: np.ndarray) -> np.ndarray:
 
 
 def _decode_pillow(data: bytes, fmt: str, max_side: int | None) -> np.ndarray:
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
         if fmt == "jpeg" and max_side:
             # JPEG DCT scaling: decode at 1/2, 1/4 or 1/8 size while staying >= max_side.
             img.draft(img.mode if img.mode in ("L", "RGB") else None, (max_side, max_side))
         img.load()
-        if fmt in ("jpeg", "tiff", "webp"):
-            img = ImageOps.exif_transpose(img)
-        return _pil_to_gray(img)
+        return pil_to_gray(img)
 
 
-def _pil_to_gray(img) -> np.ndarray:
+def pil_to_gray(img) -> np.ndarray:
+    """A Pillow image of any mode (1, L, LA, I;16*, I, F, P, PA, RGB, RGBA, CMYK, ...) -> float32 ``[H, W]``
+    with the module's intensity conventions (8-bit / 255, 16-bit / 65535, colour to BT.601 luminance,
+    alpha composited onto black); the EXIF orientation of a JPEG / TIFF / WebP is applied first."""
+    from PIL import ImageOps
+
+    if img.format in _EXIF_FORMATS:
+        img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode == "1":
         return np.asarray(img, dtype=np.float32)
@@ -155,6 +169,8 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         import pydicom
     except ImportError:
         raise ImageLoadError("", "DICOM file, but pydicom is not installed (pip install pydicom)") from None
+    from pydicom.pixels import apply_modality_lut
+
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     if "PixelData" not in ds:
         raise ImageLoadError("", "DICOM file has no pixel data")
@@ -170,25 +186,35 @@ def _decode_dicom(data: bytes) -> np.ndarray:
             arr = convert_color_space(arr, photometric, "RGB")
         scale = float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "ui" else 1.0
         return (arr[..., :3].astype(np.float32) / scale) @ _LUMA
-    values = arr.astype(np.float64)
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    values = values * slope + intercept
-    center, width = _first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None))
-    if center is not None and width is not None and width > 1:
-        # DICOM PS3.3 C.11.2.1.2 linear VOI function.
-        out = np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
-    else:
-        out = _minmax(values)
+    values = apply_modality_lut(arr, ds)
+    out = _apply_voi(values, ds)
+    if out is None:
+        out = _minmax(np.asarray(values, dtype=np.float64))
     if photometric == "MONOCHROME1":
         out = 1.0 - out
     return out.astype(np.float32)
 
 
-def _first(value) -> float | None:
-    if value is None:
+def _apply_voi(values: np.ndarray, ds) -> np.ndarray | None:
+    """pydicom's ``apply_voi_lut`` on the modality values, scaled from its output range to [0, 1]; None
+    when the dataset has no usable VOI (no LUT Sequence item with descriptor and data, no window)."""
+    from pydicom.pixels import apply_voi_lut, apply_windowing
+
+    item = (ds.get("VOILUTSequence") or [None])[0]
+    if item is not None and item.get("LUTDescriptor") is not None and item.get("LUTData") is not None:
+        if values.dtype.kind == "f" and np.array_equal(values, np.round(values)):
+            values = values.astype(np.int64)  # a LUT is indexed by integers (rescale made them floats)
+        depth = int(item.LUTDescriptor[2])
+        return np.clip(apply_voi_lut(values, ds).astype(np.float64) / (2**depth - 1), 0.0, 1.0)
+    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
         return None
     try:
-        return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
-    except (TypeError, ValueError, IndexError):
+        windowed = apply_voi_lut(values, ds)
+        # the window's output range, exactly as pydicom derives it (bits stored, sign, rescale, LUT depth):
+        # its function sends -inf to the bottom and +inf to the top of that range, for every VOI LUT Function
+        lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds)
+    except ValueError:
+        return None  # a window pydicom refuses (width < 1 for LINEAR, an unknown function): the image is still usable
+    if not hi > lo:
         return None
+    return np.clip((windowed - lo) / (hi - lo), 0.0, 1.0)

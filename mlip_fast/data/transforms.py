@@ -1,11 +1,17 @@
 """Image transform: aspect-preserving resize, pad to square, optional mild affine, normalisation.
 
-``ImageTransform(image_size, train, in_chans)(array [H, W]) -> torch.float32 [in_chans, S, S]`` with
-``S = image_size``. The longer side is resized to ``S`` (antialiased bilinear), the shorter side is
-padded with 0 (black, the background of a radiograph) on both sides to centre the image, then in
-training a small random rotation / scale / translation is applied (bilinear ``grid_sample``), and
-finally ``(x - mean) / std``. Horizontal flips are deliberately absent: reports name sides ("left
-base"), and a flip would contradict them.
+``ImageTransform(image_size, train, in_chans)(image) -> torch.float32 [in_chans, S, S]`` with
+``S = image_size``. ``image`` is what a user has at hand (:func:`to_gray`): a Pillow image of any mode
+(8- or 16-bit grey, RGB, RGBA, palette, ...), a numpy array ``[H, W]`` or ``[H, W, C]``, a tensor
+``[H, W]`` or ``[C, H, W]`` (C = 1, 3 or 4), or the path of an image file (PNG, JPEG, DICOM, ...,
+read by :func:`mlip_fast.data.images.load_image`). Colour becomes BT.601 luminance with alpha composited
+onto black, as the loader does, and the grey image is replicated to ``in_chans`` channels.
+
+The longer side is resized to ``S`` (antialiased bilinear), the shorter side is padded with 0 (black,
+the background of a radiograph) on both sides to centre the image, then in training a small random
+rotation / scale / translation is applied (bilinear ``grid_sample``), and finally ``(x - mean) / std``.
+Horizontal flips are deliberately absent: reports name sides ("left base"), and a flip would
+contradict them.
 
 In training, when the resize shrinks by no more than ``FUSED_MIN_SCALE`` (e.g. 256 px shards to 224 px,
 or a JPEG decoded at a reduced DCT scale), resize, pad and the random affine are one bilinear resampling
@@ -14,22 +20,36 @@ CPU time, and at 256 -> 224 px within 0.004 mean absolute difference (44 dB PSNR
 antialiasing first. An image already ``S x S`` gives the same result either way; stronger reductions
 take the antialiased resize first. A mask always follows the image's path.
 
+:class:`PreprocessConfig` holds the transform's settings; a model carries one and checkpoints store it
+(``preprocess_config.json``), so a loaded model gets back the transforms it was trained with.
+
 Randomness comes from torch: pass ``generator=`` for a reproducible draw, otherwise the global torch
 RNG is used, which DataLoader seeds differently in every worker.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageTransform", "resize_pad", "DEFAULT_AUGMENT"]
+from mlip_fast.data.images import load_image, pil_to_gray
+
+__all__ = ["ImageTransform", "PreprocessConfig", "resize_pad", "to_gray", "DEFAULT_AUGMENT", "DEFAULT_MEAN",
+           "DEFAULT_STD"]
 
 DEFAULT_AUGMENT = {"degrees": 7.0, "scale": (0.92, 1.08), "translate": 0.04}
+# Normalisation of a grey radiograph in [0, 1]: the whole field's intensities land around zero.
+DEFAULT_MEAN, DEFAULT_STD = 0.5, 0.25
+_LUMA = (0.299, 0.587, 0.114)
 FUSED_MIN_SCALE = 0.5  # below it, bilinear sampling without antialiasing would alias
 
 
@@ -49,20 +69,20 @@ def resize_pad(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ImageTransform:
-    """Map a grayscale image to the model's input tensor.
+    """Map an image to the model's input tensor.
 
     Args:
         image_size: output side S.
         train: apply the random affine augmentation.
-        in_chans: 1, or 3 to replicate the grayscale channel.
+        in_chans: 1, or 3 to replicate the grey channel.
         mean, std: normalisation, scalars or one value per channel.
         augment: overrides of ``DEFAULT_AUGMENT``: ``degrees`` (max absolute rotation), ``scale``
             ((min, max) zoom), ``translate`` (max shift as a fraction of the side). Zeros disable a part.
 
-    Call: ``transform(image, generator=None)`` with image ``np.ndarray`` or tensor ``[H, W]`` in [0, 1]
-    (uint8 arrays are divided by 255) -> float32 tensor ``[in_chans, S, S]``;
-    ``transform(image, generator, mask=mask)`` -> ``(image_tensor, bool mask [S, S])`` with the same
-    resize, pad and affine applied to the mask.
+    Call: ``transform(image, generator=None)`` with any image :func:`to_gray` takes (PIL image, array,
+    tensor, path) -> float32 tensor ``[in_chans, S, S]``; ``transform(image, generator, mask=mask)`` ->
+    ``(image_tensor, bool mask [S, S])`` with the same resize, pad and affine applied to the mask (``[H, W]``
+    like the grey image).
     """
 
     def __init__(
@@ -70,8 +90,8 @@ class ImageTransform:
         image_size: int = 224,
         train: bool = False,
         in_chans: int = 1,
-        mean: float | Sequence[float] = 0.5,
-        std: float | Sequence[float] = 0.25,
+        mean: float | Sequence[float] = DEFAULT_MEAN,
+        std: float | Sequence[float] = DEFAULT_STD,
         augment: dict | None = None,
     ):
         if image_size < 1:
@@ -98,6 +118,19 @@ class ImageTransform:
             raise ValueError(f"{name} needs 1 or {self.in_chans} values, got {t.numel()}")
         return t.clone().view(-1, 1, 1)
 
+    @classmethod
+    def from_config(cls, config: "PreprocessConfig", train: bool = False) -> "ImageTransform":
+        """The transform a :class:`PreprocessConfig` describes (``train`` adds its augmentation)."""
+        return cls(config.image_size, train=train, in_chans=config.in_chans, mean=config.mean, std=config.std,
+                   augment=config.augment)
+
+    @property
+    def config(self) -> "PreprocessConfig":
+        """The settings of this transform (without the train switch) as a :class:`PreprocessConfig`."""
+        return PreprocessConfig(image_size=self.image_size, in_chans=self.in_chans,
+                                mean=tuple(self.mean.flatten().tolist()), std=tuple(self.std.flatten().tolist()),
+                                augment=dict(self.augment))
+
     def __repr__(self) -> str:
         return (
             f"ImageTransform(image_size={self.image_size}, train={self.train}, in_chans={self.in_chans}, "
@@ -105,14 +138,14 @@ class ImageTransform:
         )
 
     def __call__(self, image, generator: torch.Generator | None = None, mask=None):
-        """Transform ``image``; with ``mask`` (same [H, W], any dtype, nonzero = inside) also return the
-        mask under the same geometry as a bool tensor ``[S, S]``: ``(image_tensor, mask_tensor)``."""
-        x = _as_float_tensor(image)
+        """Transform ``image``; with ``mask`` (the grey image's [H, W], any dtype, nonzero = inside) also
+        return the mask under the same geometry as a bool tensor ``[S, S]``: ``(image_tensor, mask_tensor)``."""
+        x = to_gray(image, max_side=self.image_size)
         m = None
         if mask is not None:
             m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
-            if tuple(m.shape) != tuple(np.shape(image)):
-                raise ValueError(f"mask shape {tuple(m.shape)} differs from image shape {tuple(np.shape(image))}")
+            if tuple(m.shape) != tuple(x.shape):
+                raise ValueError(f"mask shape {tuple(m.shape)} differs from image shape {tuple(x.shape)}")
             m = (m != 0).to(torch.float32)
         size = self.image_size
         theta = self._random_theta(generator) if self.train else None
@@ -179,15 +212,116 @@ def _fit_then(theta: torch.Tensor, shape: tuple, size: int) -> torch.Tensor:
     return composed[None]
 
 
-def _as_float_tensor(image) -> torch.Tensor:
+def to_gray(image, max_side: int | None = None) -> torch.Tensor:
+    """Any image a user has at hand -> float32 grey tensor ``[H, W]`` (values in [0, 1] for integer inputs).
+
+    - a Pillow image, any mode: :func:`mlip_fast.data.images.pil_to_gray` (8-bit / 255, 16-bit / 65535,
+      colour to luminance, alpha composited onto black, EXIF orientation applied);
+    - a path (``str`` or ``os.PathLike``): :func:`mlip_fast.data.images.load_image` (format by content,
+      DICOM included; ``max_side`` lets a large JPEG decode at a reduced scale, never below it);
+    - a numpy array ``[H, W]`` or ``[H, W, C]``, a tensor ``[H, W]`` or ``[C, H, W]``, with C = 1 (grey),
+      3 (RGB) or 4 (RGBA); uint8 is divided by 255, uint16 by 65535, bool becomes 0 / 1, floating point is
+      taken as it is (expected in [0, 1]).
+
+    Raises TypeError for another kind of object or dtype, ValueError for another layout.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return torch.from_numpy(load_image(Path(image), max_side=max_side))
+    if _is_pil(image):
+        return torch.from_numpy(np.ascontiguousarray(pil_to_gray(image), dtype=np.float32))
     if isinstance(image, np.ndarray):
-        if image.dtype == np.uint8:
-            image = image.astype(np.float32) / 255.0
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        if image.ndim == 3 and image.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"a numpy image must be [H, W] or [H, W, C] with C = 1, 3 or 4 (channels last, as PIL "
+                             f"gives them), got shape {image.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(image))
+        channels_last = True
     elif isinstance(image, torch.Tensor):
-        x = image.to(torch.float32) / 255.0 if image.dtype == torch.uint8 else image.to(torch.float32)
+        if image.dim() == 3 and image.shape[0] not in (1, 3, 4):
+            raise ValueError(f"an image tensor must be [H, W] or [C, H, W] with C = 1, 3 or 4 (channels first), got "
+                             f"shape {tuple(image.shape)}")
+        x = image.detach().cpu()
+        channels_last = False
     else:
-        raise TypeError(f"expected a numpy array or tensor [H, W], got {type(image).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"expected a grayscale image [H, W], got shape {tuple(x.shape)}")
-    return x
+        raise TypeError(f"expected a PIL image, a numpy array, a tensor or an image file path, got "
+                        f"{type(image).__name__}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"expected an image [H, W] or with a channel axis, got shape {tuple(x.shape)}")
+    x = _unit_float(x)
+    if x.dim() == 3:
+        x = x.movedim(-1, 0) if channels_last else x
+        x = _channels_to_gray(x)
+    return x.contiguous()
+
+
+def _is_pil(image) -> bool:
+    # duck-typed, so that Pillow is not imported unless a user passes one of its images
+    return hasattr(image, "getbands") and hasattr(image, "mode") and hasattr(image, "convert")
+
+
+_INT_SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
+
+
+def _unit_float(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.bool:
+        return x.to(torch.float32)
+    if x.dtype in _INT_SCALE:
+        return x.to(torch.float32) / _INT_SCALE[x.dtype]
+    if x.dtype.is_floating_point:
+        return x.to(torch.float32)
+    raise TypeError(f"image dtype {x.dtype} has no known range; pass uint8, uint16, bool, or floating point in [0, 1]")
+
+
+def _channels_to_gray(x: torch.Tensor) -> torch.Tensor:
+    """``[C, H, W]`` (C = 1 grey, 3 RGB, 4 RGBA) -> ``[H, W]``: BT.601 luminance, alpha composited onto black."""
+    if x.shape[0] == 1:
+        return x[0]
+    gray = torch.einsum("chw,c->hw", x[:3], torch.tensor(_LUMA, dtype=x.dtype))
+    return gray * x[3] if x.shape[0] == 4 else gray
+
+
+@dataclass
+class PreprocessConfig:
+    """The image preprocessing a model expects, stored with its weights (``preprocess_config.json``).
+
+    ``image_size`` S and ``in_chans`` match the model's ViT; ``mean`` / ``std`` normalise each channel
+    after the grey image in [0, 1] is resized (longer side to S, antialiased bilinear) and centred on a
+    zero-padded S x S square; ``augment`` is the training augmentation (``DEFAULT_AUGMENT`` with the
+    given keys replaced).
+    """
+
+    image_size: int = 224
+    in_chans: int = 1
+    mean: tuple = (DEFAULT_MEAN,)
+    std: tuple = (DEFAULT_STD,)
+    augment: dict = field(default_factory=lambda: dict(DEFAULT_AUGMENT))
+
+    def __post_init__(self):
+        self.mean = tuple(float(v) for v in np.atleast_1d(self.mean))
+        self.std = tuple(float(v) for v in np.atleast_1d(self.std))
+        self.augment = {k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                        for k, v in {**DEFAULT_AUGMENT, **self.augment}.items()}
+        ImageTransform.from_config(self)  # validates every field the way the transform does
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "preprocess config") -> "PreprocessConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path) -> "PreprocessConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()), where=str(path))
+
+    def to_json(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def transforms(self) -> tuple:
+        """``(train_transform, eval_transform)``."""
+        return ImageTransform.from_config(self, train=True), ImageTransform.from_config(self, train=False)

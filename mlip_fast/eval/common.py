@@ -109,9 +109,13 @@ class evaluating:
 
 
 def eval_transform(model: torch.nn.Module):
-    """The deterministic image transform matching ``model``'s input size and channels."""
+    """The deterministic image transform of ``model``: the preprocessing stored with it
+    (``model.preprocess_cfg``, restored from its checkpoint), else the default of its input size and channels."""
     from mlip_fast.data.transforms import ImageTransform
 
+    preprocess = getattr(model, "preprocess_cfg", None)
+    if preprocess is not None:
+        return ImageTransform.from_config(preprocess, train=False)
     vision = model.config.vision
     return ImageTransform(vision.image_size, train=False, in_chans=vision.in_chans)
 

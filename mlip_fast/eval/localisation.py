@@ -11,7 +11,7 @@ the rows), or a dataset / list of records, each a dict with ``image`` (a transfo
 ``[C, S, S]`` or a raw ``[H, W]`` array) and ``findings``: a list of ``{"name", "sentence", "mask"}``
 with the finding's mask ``[H, W]`` in the raw image's frame (an array, or a path to a mask image).
 
-For every (image, finding sentence) pair: the sentence is encoded on its own (``encode_text``), its
+For every (image, finding sentence) pair: the sentence is encoded on its own (``encode_text_local``), its
 heat map is ``cos(patch_p, sentence)`` over the patch grid of the unmasked image, and the mask is put in
 the model's input frame with the same aspect-preserving resize + pad as ``ImageTransform``. Then:
 - pointing hit: the centre of the top-scoring patch lies inside the mask; chance = the mask's area
@@ -50,9 +50,9 @@ def sentence_heatmaps(model, images: torch.Tensor, sentences: Sequence[str], own
     """
     vision = model.config.vision
     grid = vision.image_size // vision.patch_size
-    out = model.encode_image(images, mask_ratio=0.0)
+    out = model.encode_image_local(images, mask_ratio=0.0)
     patches = l2_normalise(out["patches"])  # [B, P, D], P in row-major grid order at mask ratio 0
-    text = model.encode_text(list(sentences))
+    text = model.encode_text_local(list(sentences))
     sent = torch.where(text["sentence_mask"][:, :1], text["sentences"][:, 0], text["text_global"])
     sent = l2_normalise(sent)
     idx = torch.as_tensor(list(owner), device=patches.device)

@@ -54,8 +54,8 @@ def evaluate_retrieval(
             batch_reports = batch.get("reports")
             if batch_reports is None or any(not isinstance(r, str) or not r.strip() for r in batch_reports):
                 raise EvalDataError("retrieval needs a non-empty 'report' for every sample (an image-report dataset)")
-            images.append(l2_normalise(model.encode_image(batch["images"].to(dev), mask_ratio=0.0)["image_global"]).cpu())
-            texts.append(l2_normalise(model.encode_text(list(batch_reports))["text_global"]).cpu())
+            images.append(l2_normalise(model.encode_image(batch["images"].to(dev))).cpu())
+            texts.append(l2_normalise(model.encode_text(list(batch_reports))).cpu())
             reports.extend(batch_reports)
     image = torch.cat(images)
     text = torch.cat(texts)

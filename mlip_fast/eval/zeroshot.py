@@ -76,7 +76,7 @@ class ZeroShotScores:
 
 
 def encode_prompts(model, prompts: Mapping[str, ClassPrompts], device: torch.device) -> PromptEmbeddings:
-    """Encode every prompt once with ``model.encode_text`` and build the per-class prompt embeddings."""
+    """Encode every prompt once with ``model.encode_text_local`` and build the per-class prompt embeddings."""
     names = list(prompts)
     texts: list[str] = []
     owner: list[int] = []  # row 2c or 2c + 1 of each prompt
@@ -84,7 +84,7 @@ def encode_prompts(model, prompts: Mapping[str, ClassPrompts], device: torch.dev
         for polarity, sentences in enumerate((prompts[name].positive, prompts[name].negative)):
             texts.extend(sentences)
             owner.extend([2 * c + polarity] * len(sentences))
-    out = model.encode_text(texts)
+    out = model.encode_text_local(texts)
     text_global = l2_normalise(out["text_global"]).to(device)
     sents = l2_normalise(out["sentences"]).to(device)
     smask = out["sentence_mask"].to(device).bool()
@@ -168,7 +168,7 @@ def zero_shot_scores(
                     "zero-shot classification needs labels, but the dataset yields samples without 'labels' "
                     "(use a labelled reader, or the image-folder reader with one sub-folder per class)"
                 )
-            out = model.encode_image(batch["images"].to(dev), mask_ratio=0.0)
+            out = model.encode_image_local(batch["images"].to(dev), mask_ratio=0.0)
             image = l2_normalise(out["image_global"])
             sims = torch.einsum("bd,cpd->bcp", image, emb.global_)  # [B, C, 2]
             g = sims[..., 0] - sims[..., 1]

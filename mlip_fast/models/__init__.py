@@ -4,6 +4,9 @@ Public API::
 
     from mlip_fast.models import create_model_and_transforms, list_models, get_tokenizer
     model, train_tf, eval_tf = create_model_and_transforms("mlip-tiny")
+    tokenizer = get_tokenizer("mlip-tiny")
+    image = model.encode_image(eval_tf(pil_image)[None], normalize=True)      # [1, D]
+    text = model.encode_text(tokenizer(reports), normalize=True)              # [B, D]
     loss, terms = MLIPLoss()(**model(batch))
 """
 from mlip_fast.models.attention import selected_backend
@@ -19,7 +22,8 @@ from mlip_fast.models.factory import (
     save_pretrained,
 )
 from mlip_fast.models.mlip import MLIP
-from mlip_fast.models.tokenization import tokenize_reports
+from mlip_fast.models.model_card import render_model_card, write_model_card
+from mlip_fast.models.tokenization import ReportTokenizer, tokenize_reports
 from mlip_fast.models.vision import VisionTransformer
 from mlip_fast.models.vit_weights import PretrainedWeightsError, load_pretrained_vit
 
@@ -38,6 +42,9 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "tokenize_reports",
+    "ReportTokenizer",
+    "render_model_card",
+    "write_model_card",
     "load_pretrained_vit",
     "selected_backend",
     "CheckpointError",

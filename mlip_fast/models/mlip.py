@@ -1,19 +1,33 @@
 """The MLIP model: masked ViT image tower, BERT report tower, projection heads into the joint space of
 width D, the semantic integrity estimator (inside the image tower) and two learnable logit scales.
 
-``MLIP.forward(batch)`` returns exactly the keys ``MLIPLoss`` takes (see docs/architecture.md), so a
-training step is ``loss, terms = criterion(**model(batch))``.
+open_clip-shaped API: ``encode_image(images, normalize=False)`` and ``encode_text(texts_or_batch,
+normalize=False)`` return the global embeddings ``[B, D]``; ``encode_image_local`` / ``encode_text_local``
+return the local outputs too (patches, sentences, masks, integrity). ``MLIP.forward(batch)`` returns
+exactly the keys ``MLIPLoss`` takes (see docs/architecture.md), so a training step is
+``loss, terms = criterion(**model(batch))``.
+
+Checkpoints go through ``huggingface_hub``'s ``PyTorchModelHubMixin``: ``model.save_pretrained(folder)``,
+``model.push_to_hub(repo_id)`` and ``MLIP.from_pretrained(folder_or_repo_id, revision=...)`` (layout in
+:mod:`mlip_fast.models.hub`, model card in :mod:`mlip_fast.models.model_card`).
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 
+from mlip_fast.data.transforms import PreprocessConfig
+from mlip_fast.models import hub
 from mlip_fast.models.config import MLIPConfig
+from mlip_fast.models.model_card import CARD_METADATA, is_generated_card, render_model_card
 from mlip_fast.models.text import TextTower
+from mlip_fast.models.tokenization import ReportTokenizer, fast_tokenizer
 from mlip_fast.models.vision import VisionTransformer
 
 __all__ = ["MLIP", "Projection", "LogitScale"]
@@ -59,24 +73,33 @@ class LogitScale(nn.Module):
         return self.log_scale.exp().clamp(max=self.max_scale).squeeze(0)
 
 
-class MLIP(nn.Module):
+class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_name"],
+           pipeline_tag=CARD_METADATA["pipeline_tag"], tags=list(CARD_METADATA["tags"])):
     """MLIP image-report model.
 
     Args:
         config: the model configuration (``config.text.source`` already resolved, i.e. not ``"auto"``).
         text_encoder: the transformers encoder of the report tower (see ``text.build_text_encoder``).
         tokenizer: the fast tokenizer matching ``text_encoder`` (used by ``encode_text(list[str])`` and
-            saved with the checkpoint).
+            saved with the checkpoint); a :class:`ReportTokenizer` is unwrapped.
+        preprocess: the image preprocessing the model expects (default: the config's image size and
+            channels with the default normalisation); saved with the checkpoint.
 
     Submodules: ``visual`` (ViT with ``visual.estimator``), ``text`` (report tower), ``image_projection``,
     ``text_projection``, ``patch_projection``, ``sentence_projection``, ``logit_scale_global``,
     ``logit_scale_local``.
     """
 
-    def __init__(self, config: MLIPConfig, text_encoder: nn.Module, tokenizer=None):
+    def __init__(self, config: MLIPConfig, text_encoder: nn.Module, tokenizer=None,
+                 preprocess: Optional[PreprocessConfig] = None):
         super().__init__()
+        preprocess = preprocess if preprocess is not None else hub.default_preprocess(config)
+        if (preprocess.image_size, preprocess.in_chans) != (config.vision.image_size, config.vision.in_chans):
+            raise ValueError(f"preprocessing for {preprocess.image_size} px, {preprocess.in_chans} channel(s) does not fit "
+                             f"the ViT ({config.vision.image_size} px, {config.vision.in_chans} channel(s))")
         self.config = config
-        self.tokenizer = tokenizer
+        self.tokenizer = fast_tokenizer(tokenizer) if tokenizer is not None else None
+        self.preprocess_cfg = preprocess
         self.visual = VisionTransformer(config.vision, sie_hidden=config.sie_hidden)
         self.text = TextTower(text_encoder)
         d, kind = config.embed_dim, config.projection
@@ -90,7 +113,13 @@ class MLIP(nn.Module):
         self._locked_text = False
 
     # encoders ------------------------------------------------------------------------------------
-    def encode_image(
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """images [B, C_in, H, W] (the output of the model's transform, stacked) -> global image embeddings
+        [B, D] of the whole image (no masking), L2-normalised along D when ``normalize``."""
+        features = self.image_projection(self.visual.forward_features(images)[:, 0])
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_image_local(
         self,
         images: torch.Tensor,
         mask_ratio: float = 0.0,
@@ -101,7 +130,8 @@ class MLIP(nn.Module):
 
         image_global [B, D], patches [B, K, D], patch_index [B, K] int64 (ascending kept positions),
         integrity_logits_all [B, P], integrity_logits [B, K], integrity_weights [B] (detached; 1 at r = 0).
-        K = round((1 - mask_ratio) P); ``mask_ratio=0`` encodes the whole image without sampling.
+        K = round((1 - mask_ratio) P); ``mask_ratio=0`` encodes the whole image without sampling (patches
+        then follow the row-major patch grid).
         """
         out = self.visual(images, mask_ratio, temperature=self.config.mask_temperature, seed=seed,
                           generator=generator)
@@ -114,29 +144,43 @@ class MLIP(nn.Module):
             "integrity_weights": out.integrity_weights,
         }
 
-    def tokenize(self, texts: Sequence[str]) -> dict:
-        """Report texts -> the text part of a batch (see ``tokenization.tokenize_reports``)."""
-        from mlip_fast.models.tokenization import tokenize_reports
-
+    def get_tokenizer(self) -> ReportTokenizer:
+        """The model's tokenizer bound to its text limits: ``tokenizer(texts)`` is what ``encode_text`` takes."""
         if self.tokenizer is None:
             raise RuntimeError("this model has no tokenizer; pass tokenized batches or set model.tokenizer")
-        return tokenize_reports(self.tokenizer, texts, self.config.text.max_length, self.config.text.max_sentences)
+        return ReportTokenizer(self.tokenizer, self.config.text.max_length, self.config.text.max_sentences)
 
-    def encode_text(self, batch_or_texts: Union[dict, Sequence[str]]) -> dict:
-        """A batch dict (input_ids, attention_mask, sentence_spans, sentence_mask) or a list of report
-        texts (tokenized with ``self.tokenizer`` on the model's device) -> dict of unnormalised outputs:
+    def tokenize(self, texts: Sequence[str]) -> dict:
+        """Report texts -> the text part of a batch (see ``tokenization.tokenize_reports``), truncated to the
+        config's ``text.max_length`` tokens and ``text.max_sentences`` sentences."""
+        return self.get_tokenizer()(texts)
 
-        text_global [B, D], sentences [B, S, D] (zero at padded sentences), sentence_mask [B, S] bool.
-        """
-        if isinstance(batch_or_texts, dict):
-            batch = batch_or_texts
+    def _text_batch(self, texts_or_batch: Union[dict, str, Sequence[str]]) -> dict:
+        if isinstance(texts_or_batch, dict):
+            batch = texts_or_batch
         else:
             # a parameter's device attribute is valid even when ZeRO-3 has partitioned its data
             device = next(self.parameters()).device
-            batch = {k: v.to(device) for k, v in self.tokenize(batch_or_texts).items()}
+            batch = {k: v.to(device) for k, v in self.tokenize(texts_or_batch).items()}
         missing = [k for k in _TEXT_KEYS if k not in batch]
         if missing:
-            raise KeyError(f"text batch is missing {missing} (produce it with tokenize_reports)")
+            raise KeyError(f"text batch is missing {missing} (produce it with mlip_fast.get_tokenizer(...)(texts))")
+        return batch
+
+    def encode_text(self, texts_or_batch: Union[dict, str, Sequence[str]], normalize: bool = False) -> torch.Tensor:
+        """Report texts (a list, or one string) or a tokenized batch dict (what ``get_tokenizer(name)(texts)``
+        returns) -> global report embeddings [B, D] ([CLS] state), L2-normalised along D when ``normalize``."""
+        batch = self._text_batch(texts_or_batch)
+        cls, _ = self.text(*(batch[k] for k in _TEXT_KEYS))
+        features = self.text_projection(cls)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text_local(self, texts_or_batch: Union[dict, str, Sequence[str]]) -> dict:
+        """Report texts or a tokenized batch dict -> dict of unnormalised outputs:
+
+        text_global [B, D], sentences [B, S, D] (zero at padded sentences), sentence_mask [B, S] bool.
+        """
+        batch = self._text_batch(texts_or_batch)
         cls, sentences = self.text(*(batch[k] for k in _TEXT_KEYS))
         mask = batch["sentence_mask"]
         return {
@@ -145,6 +189,10 @@ class MLIP(nn.Module):
             "sentences": self.sentence_projection(sentences) * mask[..., None].to(sentences.dtype),
             "sentence_mask": mask,
         }
+
+    def image_transforms(self) -> tuple:
+        """``(train_transform, eval_transform)`` of the model's stored preprocessing."""
+        return self.preprocess_cfg.transforms()
 
     def forward(self, batch: dict, mask_ratio: Optional[float] = None, seed: Optional[int] = None) -> dict:
         """One image-report batch -> the model outputs consumed by ``MLIPLoss(**outputs)``:
@@ -160,8 +208,8 @@ class MLIP(nn.Module):
             mask_ratio = self.config.mask_ratio if self.training else 0.0
         if "images" not in batch:
             raise KeyError("batch is missing 'images' [B, C, H, W]")
-        image = self.encode_image(batch["images"], mask_ratio=mask_ratio, seed=seed)
-        text = self.encode_text(batch)
+        image = self.encode_image_local(batch["images"], mask_ratio=mask_ratio, seed=seed)
+        text = self.encode_text_local(batch)
         if image["image_global"].shape[0] != text["text_global"].shape[0]:
             raise ValueError(f"batch has {image['image_global'].shape[0]} images but "
                              f"{text['text_global'].shape[0]} reports")
@@ -177,7 +225,6 @@ class MLIP(nn.Module):
             "logit_scale_global": self.logit_scale_global(),
             "logit_scale_local": self.logit_scale_local(),
         }
-
     # training switches ---------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of every ViT block and BERT layer (recompute in backward)."""
@@ -213,9 +260,54 @@ class MLIP(nn.Module):
                     module.eval()
         return self
 
-    # checkpoints ---------------------------------------------------------------------------------
-    def save_pretrained(self, directory) -> None:
-        """Writes config.json, model.safetensors, the text encoder's config and the tokenizer files."""
-        from mlip_fast.models.factory import save_pretrained
+    # checkpoints (huggingface_hub's PyTorchModelHubMixin) ----------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The mixin's ``save_pretrained(folder)`` writes the files of :mod:`mlip_fast.models.hub`, then the model
+        card (``model_card_kwargs={"summary": run_summary}`` adds a training run's numbers). A card this
+        library wrote earlier is replaced; a README.md a user wrote is kept."""
+        hub.write_checkpoint(self, Path(save_directory))
+        card = Path(save_directory) / hub.CARD_FILE
+        if is_generated_card(card):
+            card.unlink()
 
-        save_pretrained(self, directory)
+    def generate_model_card(self, summary: Optional[dict] = None, **_) -> ModelCard:
+        """The model card (see :func:`mlip_fast.models.model_card.render_model_card`)."""
+        return ModelCard(render_model_card(self, summary))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Union[str, Path],
+        *,
+        revision: Optional[str] = None,
+        cache_dir: Union[str, Path, None] = None,
+        local_files_only: bool = False,
+        token: Union[str, bool, None] = None,
+        force_download: bool = False,
+        device: Union[str, torch.device, None] = None,
+    ) -> "MLIP":
+        """Loads a checkpoint in eval mode: a folder written by ``save_pretrained``, or a Hub repo
+        (``"org/name"`` or ``"hf-hub:org/name"``) at ``revision`` (branch, tag or commit), taken from the local
+        Hugging Face cache when it holds that revision (``local_files_only=True`` or ``HF_HUB_OFFLINE=1``: never
+        downloads). Weights are checked strictly; the preprocessing and tokenizer come back with them.
+
+        Raises:
+            CheckpointError: not found (locally or on the Hub), not an MLIP checkpoint, incomplete, or weights
+                that do not fit (every such key named).
+        """
+        directory = hub.resolve_checkpoint(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                           local_files_only=local_files_only, token=token,
+                                           force_download=force_download)
+        # the mixin reads config.json and hands over to _from_pretrained below
+        return super().from_pretrained(str(directory), device=device)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, device: Union[str, torch.device, None] = None, **_) -> "MLIP":
+        directory = Path(model_id)
+        config = hub.read_config(directory)
+        encoder, tokenizer = hub.read_text_tower(directory, config)
+        model = cls(config, encoder, tokenizer, hub.read_preprocess(directory, config))
+        hub.load_weights(model, directory / hub.WEIGHTS_FILE)
+        if device is not None:
+            model.to(device)
+        return model.eval()

@@ -1,7 +1,9 @@
 """Report tokenization with sentence token spans.
 
 :func:`tokenize_reports` turns report texts into the text part of a batch: token ids, attention mask and,
-for every sentence, its token span ``[start, end)``. Sentences come from
+for every sentence, its token span ``[start, end)``. :class:`ReportTokenizer` binds a tokenizer to a model's
+limits (``max_length``, ``max_sentences``): ``ReportTokenizer(...)(texts)`` is exactly the batch
+``MLIP.encode_text`` takes (what ``get_tokenizer(name)`` returns, as open_clip's tokenizers). Sentences come from
 :func:`mlip_fast.data.reports.split_sentences` (character spans) and are mapped to tokens through the fast
 tokenizer's offset mapping: a token belongs to the sentence whose character span holds its first
 character. Special and padding tokens belong to no sentence.
@@ -30,6 +32,8 @@ import numpy as np
 import torch
 
 __all__ = [
+    "ReportTokenizer",
+    "fast_tokenizer",
     "tokenize_reports",
     "default_tokenizer",
     "train_wordpiece_tokenizer",
@@ -224,11 +228,56 @@ def _sentence_token_spans(offsets: np.ndarray, text_token: np.ndarray, sentences
     return np.stack([first[keep], last[keep] + 1], axis=1)
 
 
+class ReportTokenizer:
+    """A fast tokenizer bound to a model's text limits; call it on report texts.
+
+    ``ReportTokenizer(tokenizer, max_length, max_sentences)(texts)`` with ``texts`` a list of B reports (or
+    one string) -> the dict of :func:`tokenize_reports`: ``input_ids`` / ``attention_mask`` [B, T] int64
+    with T <= ``max_length`` (longer reports are truncated), ``sentence_spans`` [B, S, 2] and
+    ``sentence_mask`` [B, S] bool with S <= ``max_sentences``.
+
+    ``tokenizer`` is the underlying transformers fast tokenizer (vocabulary, ``save_pretrained``).
+    """
+
+    def __init__(self, tokenizer, max_length: int = 128, max_sentences: int = 16):
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError(f"ReportTokenizer needs a transformers fast tokenizer (offset mappings), got "
+                            f"{type(tokenizer).__name__}")
+        if not (isinstance(max_length, int) and max_length >= 3):
+            raise ValueError(f"max_length must be an int >= 3 ([CLS], one token, [SEP]), got {max_length!r}")
+        if not (isinstance(max_sentences, int) and max_sentences >= 1):
+            raise ValueError(f"max_sentences must be a positive int, got {max_sentences!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_sentences = max_sentences
+
+    def __call__(self, texts: Union[str, Sequence[str]]) -> dict:
+        return tokenize_reports(self.tokenizer, [texts] if isinstance(texts, str) else texts, self.max_length,
+                                self.max_sentences)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def save_pretrained(self, directory: Union[str, Path]):
+        """Writes the underlying tokenizer's files (the limits belong to the model config)."""
+        return self.tokenizer.save_pretrained(str(directory))
+
+    def __repr__(self) -> str:
+        return (f"ReportTokenizer({type(self.tokenizer).__name__}, vocab {len(self)}, max_length={self.max_length}, "
+                f"max_sentences={self.max_sentences})")
+
+
+def fast_tokenizer(tokenizer):
+    """The transformers fast tokenizer inside ``tokenizer`` (a :class:`ReportTokenizer` or one already)."""
+    return tokenizer.tokenizer if isinstance(tokenizer, ReportTokenizer) else tokenizer
+
+
 def tokenize_reports(tokenizer, texts: Sequence[str], max_length: int = 128, max_sentences: int = 16) -> dict:
     """Tokenizes reports and locates every sentence's tokens.
 
     Args:
-        tokenizer: a transformers fast tokenizer (BERT-style: [CLS] first).
+        tokenizer: a transformers fast tokenizer (BERT-style: [CLS] first), or a :class:`ReportTokenizer`
+            (its tokenizer is used; the limits are the arguments here).
         texts: B report texts (e.g. findings + impression).
         max_length: T upper bound (longer reports are truncated; padding is to the longest in the batch).
         max_sentences: S upper bound; later sentences are dropped.
@@ -251,6 +300,7 @@ def tokenize_reports(tokenizer, texts: Sequence[str], max_length: int = 128, max
         raise ValueError("tokenize_reports: texts is empty")
     if max_sentences < 1:
         raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
+    tokenizer = fast_tokenizer(tokenizer)
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("tokenize_reports needs a fast tokenizer (offset mappings); got "
                         f"{type(tokenizer).__name__}")

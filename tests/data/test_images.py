@@ -222,8 +222,8 @@ def test_transform_shapes_normalisation_and_channels():
         ImageTransform(in_chans=2)
     with pytest.raises(ValueError, match="unknown augment"):
         ImageTransform(augment={"flip": True})
-    with pytest.raises(ValueError, match="grayscale"):
-        ImageTransform(image_size=8)(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="channels last"):
+        ImageTransform(image_size=8)(np.zeros((3, 5, 6), np.float32))
 
 
 def test_train_augmentation_is_seeded_and_mild():

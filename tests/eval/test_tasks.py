@@ -34,8 +34,8 @@ def test_localisation_against_direct_heatmap(tiny_model, synth_dir, eval_tf):
     image = eval_tf(record["image"])[None]
     with torch.no_grad():
         heat = sentence_heatmaps(tiny_model.eval(), image, [finding["sentence"]], [0])[0].numpy()
-        patches = tiny_model.encode_image(image)["patches"][0]
-        sentence = tiny_model.encode_text([finding["sentence"]])["sentences"][0, 0]
+        patches = tiny_model.encode_image_local(image)["patches"][0]
+        sentence = tiny_model.encode_text_local([finding["sentence"]])["sentences"][0, 0]
     grid = tiny_model.config.vision.image_size // tiny_model.config.vision.patch_size
     for p in range(grid * grid):
         cos = float(patches[p] @ sentence / (patches[p].norm() * sentence.norm()))
@@ -166,13 +166,13 @@ class _BrightnessOracle(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.patch_size = patch_size
 
-    def encode_image(self, images, mask_ratio=0.0):
+    def encode_image_local(self, images, mask_ratio=0.0):
         b = images.shape[0]
         means = torch.nn.functional.avg_pool2d(images[:, :1], self.patch_size).flatten(1)  # [B, P] row-major
         patches = torch.stack([means, torch.full_like(means, 0.5)], dim=-1)
         return {"image_global": patches.mean(1), "patches": patches}
 
-    def encode_text(self, texts):
+    def encode_text_local(self, texts):
         n = len(texts)
         vec = torch.tensor([1.0, 0.0]).expand(n, 1, 2)
         return {"text_global": vec[:, 0], "sentences": vec, "sentence_mask": torch.ones(n, 1, dtype=torch.bool)}

@@ -34,11 +34,11 @@ def _direct_scores(model, images, prompts, local_weight=0.5):
     norm = lambda v: v / v.norm()
     model.eval()
     with torch.no_grad():
-        out = model.encode_image(images)
+        out = model.encode_image_local(images)
         sets = {}
         for cls, p in prompts.items():
             for polarity, texts in (("pos", p.positive), ("neg", p.negative)):
-                enc = model.encode_text(list(texts))
+                enc = model.encode_text_local(list(texts))
                 mean = norm(sum(norm(t) for t in enc["text_global"]))
                 sentences = [norm(enc["sentences"][i, q]) for i in range(len(texts))
                              for q in range(enc["sentences"].shape[1]) if enc["sentence_mask"][i, q]]

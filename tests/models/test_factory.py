@@ -1,5 +1,6 @@
 """Factory and checkpoints: create_model_and_transforms, save/load round trip (bitwise), clear errors for
-wrong shapes and for directories that are not MLIP checkpoints, tokenizers, pretrained image weights."""
+wrong shapes and for directories that are not MLIP checkpoints, tokenizers, pretrained image weights.
+Hub checkpoints (hf-hub: names, revisions, push_to_hub, the model card) are in test_hub.py."""
 import json
 
 import numpy as np
@@ -35,7 +36,7 @@ def test_create_model_and_transforms():
     image = eval_tf(np.random.default_rng(0).random((90, 70), dtype=np.float32))
     assert image.shape == (1, 64, 64)
     with torch.no_grad():
-        out = model.eval().encode_image(image[None])
+        out = model.eval().encode_image_local(image[None])
     assert out["patches"].shape == (1, 64, 64)
 
 
@@ -43,7 +44,8 @@ def test_save_load_round_trip_is_bitwise(tmp_path):
     model = create_model("mlip-tiny", **tiny_overrides()).eval()
     torch.nn.init.normal_(model.visual.estimator.fc2.weight)  # non-trivial masking
     model.save_pretrained(tmp_path / "ckpt")
-    for name in ("config.json", "model.safetensors", "text/config.json", "tokenizer/tokenizer.json"):
+    for name in ("config.json", "model.safetensors", "preprocess_config.json", "text/config.json",
+                 "tokenizer/tokenizer.json", "README.md"):
         assert (tmp_path / "ckpt" / name).is_file(), name
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["format"] == "mlip_fast"
     loaded = from_pretrained(tmp_path / "ckpt")
@@ -66,7 +68,7 @@ def test_corpus_tokenizer_travels_with_the_checkpoint(tmp_path):
     save_pretrained(model, tmp_path)
     loaded = from_pretrained(tmp_path)
     assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
-    assert get_tokenizer(tmp_path).get_vocab() == model.tokenizer.get_vocab()
+    assert get_tokenizer(tmp_path).tokenizer.get_vocab() == model.tokenizer.get_vocab()
     batch = make_batch(model, TEXTS)
     assert torch.equal(outputs(model, batch)["sentences"], outputs(loaded, batch)["sentences"])
 
@@ -102,9 +104,40 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_get_tokenizer_sources():
     tok = get_tokenizer("mlip-tiny")
-    assert tok.is_fast and len(tok) == 4096
+    assert tok.tokenizer.is_fast and len(tok) == 4096
     with pytest.raises(OSError, match="only local files"):
         get_tokenizer("no-such-org/no-such-model")
+
+
+def test_get_tokenizer_is_callable_and_truncates_to_the_model_limits(iu_reports):
+    """The tokenizer of a model name returns exactly the batch encode_text takes, cut to the config's
+    text.max_length tokens and text.max_sentences sentences; a long report is truncated."""
+    model = create_model("mlip-tiny", **tiny_overrides()).eval()
+    tokenizer = get_tokenizer("mlip-tiny")
+    limits = model.config.text
+    assert (tokenizer.max_length, tokenizer.max_sentences) == (limits.max_length, limits.max_sentences)
+    long_report = " ".join(iu_reports.values()) * 6
+    assert len(tokenizer.tokenizer(long_report)["input_ids"]) > 3 * limits.max_length  # untruncated ids
+    batch = tokenizer([long_report, "No acute disease."])
+    assert batch["input_ids"].shape == (2, limits.max_length)
+    assert batch["sentence_mask"].shape[1] <= limits.max_sentences and batch["sentence_mask"][0].all()
+    for key, value in model.tokenize([long_report, "No acute disease."]).items():
+        assert torch.equal(batch[key], value), key
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(batch), model.encode_text([long_report, "No acute disease."]))
+    assert torch.equal(tokenizer("One line.")["input_ids"], tokenizer(["One line."])["input_ids"])
+    assert get_tokenizer("mlip-tiny", max_length=16)([long_report])["input_ids"].shape == (1, 16)
+    capped = get_tokenizer("mlip-tiny", max_length=512, max_sentences=2)([long_report])
+    assert capped["sentence_mask"].shape == (1, 2) and capped["sentence_mask"].all()
+
+
+def test_unknown_model_is_a_config_error_listing_the_shipped_ones():
+    from mlip_fast.models import ConfigError, list_models
+
+    with pytest.raises(ConfigError, match="unknown model 'nope'; shipped models: " + ", ".join(list_models())):
+        create_model("nope")
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_model("missing/config.json")
 
 
 def test_unavailable_text_model_is_a_clear_error():

@@ -76,9 +76,10 @@ def test_mask_ratio_zero_equals_the_unmasked_model(tiny_model):
     model = tiny_model.eval()
     images = torch.randn(3, 1, 64, 64)
     with torch.no_grad():
-        out = model.encode_image(images, mask_ratio=0.0)
+        out = model.encode_image_local(images, mask_ratio=0.0)
         full = model.visual.forward_features(images)
         assert torch.equal(out["image_global"], model.image_projection(full[:, 0]))
+        assert torch.equal(model.encode_image(images), out["image_global"])
         assert torch.equal(out["patches"], model.patch_projection(full[:, 1:]))
     assert out["integrity_logits_all"].shape == (3, 64)
     assert torch.equal(out["patch_index"], torch.arange(64).expand(3, 64))
@@ -88,7 +89,7 @@ def test_masked_encode_image_uses_the_towers_masked_pass(tiny_model):
     model = tiny_model.eval()
     images = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
-        out = model.encode_image(images, mask_ratio=0.75, seed=9)
+        out = model.encode_image_local(images, mask_ratio=0.75, seed=9)
         vis = model.visual(images, 0.75, temperature=model.config.mask_temperature, seed=9)
     assert out["patches"].shape == (2, 16, 64)
     assert torch.equal(out["patches"], model.patch_projection(vis.patch_features))
@@ -108,13 +109,31 @@ def test_encode_text_from_strings_equals_batch(tiny_model, iu_reports):
     model = tiny_model.eval()
     texts = report_texts(iu_reports, 3)
     with torch.no_grad():
-        a = model.encode_text(texts)
-        b = model.encode_text(model.tokenize(texts))
+        a = model.encode_text_local(texts)
+        b = model.encode_text_local(model.tokenize(texts))
+        assert torch.equal(model.encode_text(texts), a["text_global"])
     for key in a:
         assert torch.equal(a[key], b[key])
     assert (a["sentences"][~a["sentence_mask"]] == 0).all()
     with pytest.raises(KeyError, match="sentence_spans"):
         model.encode_text({"input_ids": b["sentence_mask"]})
+
+
+def test_open_clip_shaped_encoders_return_embeddings(tiny_model, iu_reports):
+    """encode_image / encode_text give [B, D] global embeddings; normalize=True is their L2 normalisation
+    (checked in fp64 against the unnormalised output); a single string is a batch of one."""
+    model = tiny_model.eval()
+    images = torch.randn(3, 1, 64, 64)
+    texts = report_texts(iu_reports, 2)
+    with torch.no_grad():
+        img, img_n = model.encode_image(images), model.encode_image(images, normalize=True)
+        txt, txt_n = model.encode_text(texts), model.encode_text(texts, normalize=True)
+        one = model.encode_text(texts[0], normalize=True)
+    assert img.shape == (3, 64) and txt.shape == (2, 64) and one.shape == (1, 64)
+    for raw, unit in ((img, img_n), (txt, txt_n)):
+        expected = raw.double() / raw.double().pow(2).sum(-1, keepdim=True).sqrt()
+        torch.testing.assert_close(unit.double(), expected, atol=1e-6, rtol=1e-6)  # fp32 rounding of a division
+    torch.testing.assert_close(one, txt_n[:1], atol=1e-6, rtol=1e-6)  # padding to a longer report changes nothing
 
 
 def test_logit_scales_clamped(tiny_model):

@@ -126,7 +126,7 @@ def test_text_tower_cls_and_sentences_from_the_encoder(tokenizer, iu_reports):
 
 def test_corpus_trained_tokenizer(iu_reports):
     corpus = list(iu_reports.values()) * 3
-    tok = get_tokenizer("mlip-tiny", corpus=corpus)
+    tok = get_tokenizer("mlip-tiny", corpus=corpus).tokenizer
     assert tok.is_fast and tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
     assert len(tok) < len(default_tokenizer())
     batch = tokenize_reports(tok, [iu_reports["CXR1"]], max_length=64, max_sentences=8)
@@ -153,7 +153,7 @@ def test_minilm_source_when_installed(iu_reports):
     batch = model.tokenize(texts)
     reference = AutoModel.from_pretrained(minilm_path(), local_files_only=True).eval()
     with torch.no_grad():
-        out = model.encode_text(texts)
+        out = model.encode_text_local(texts)
         hidden = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         expected = model.sentence_projection(pool_sentences(hidden, batch["sentence_spans"], batch["sentence_mask"]))
     torch.testing.assert_close(out["sentences"][0], expected[0], atol=1e-5, rtol=1e-4)
