@@ -433,8 +433,10 @@ def section_compiled_kernels(ctx: Context) -> dict:
         if ctx.device.type == "cuda":
             major, minor = ctx.torch.cuda.get_device_capability(ctx.device)
             arch = f"sm_{major}{minor}"
+        import kernel_static
+
         data = json.loads(static_path.read_text())
-        for r in data["records"]:
+        for r in kernel_static.unpack(data):
             shape = r.get("shape", {})
             if r.get("compiled") and r["arch"] == arch and r["dtype"] == "bf16" and shape.get("K") in (98, 196) \
                     and shape.get("S") == 16 and shape.get("D") == 512 and shape.get("G") in (128, 1024):

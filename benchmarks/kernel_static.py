@@ -616,38 +616,42 @@ def violations(records: list) -> list:
     return bad
 
 
+_FLAG_PREFIXES = ("HAS_", "DO_", "UPCAST", "USE_", "SEED_")
+
+
 def summary_rows(records: list) -> list:
-    """The README table: the PERF.md shapes (B=G=128 and 128 x 1024, K=98, S=16, D=512) plus the worst
-    case of each kernel over the whole sweep."""
+    """The README table: the PERF.md shape (B=128 x G=1024, K=98, S=16, D=512) for each patch-sentence kernel
+    and the mask kernels at P=196, C=768 (fp32 and bf16; fp64 for the mask), on both archs."""
     rows = []
-    key_shapes = [dict(B=128, G=128, K=98, S=16, D=512), dict(B=128, G=1024, K=98, S=16, D=512)]
     for r in records:
-        if not r.get("compiled") or r["op"] != "patch_sentence" or r["shape"].get("directions") != "both":
+        if not r.get("compiled"):
             continue
-        if any(all(r["shape"][k] == v for k, v in ks.items()) for ks in key_shapes):
-            rows.append(r)
-    for r in records:
-        if r.get("compiled") and r["op"] == "integrity_mask" and r["shape"] == dict(B=128, P=196, C=768, keep=98):
+        if r["op"] == "patch_sentence":
+            if r["shape"] == dict(B=128, G=1024, K=98, S=16, D=512, directions="both") and r["dtype"] in ("fp32", "bf16"):
+                rows.append(r)
+        elif r["shape"] == dict(B=128, P=196, C=768, keep=98) and r["dtype"] in ("fp32", "bf16", "fp64"):
             rows.append(r)
     return rows
 
 
 def table_markdown(data: dict) -> str:
-    recs = data["records"]
+    recs = unpack(data)
     env = data["environment"]
     lines = [
         f"**kernel_static.json**: static compile (no GPU), triton {env['triton']}, ptxas of the triton wheel, "
         f"{env['date']}; {len(recs)} launches, {data['distinct_compiles']} distinct compiles, "
         f"{len(violations(recs))} gate violations, {sum(1 for r in recs if r.get('refused'))} shapes refused up front",
         "",
-        "| kernel | arch | dtype | shape | config | regs | spill B | shared B | blocks/SM | TC instr | hot loops (SASS instr) |",
+        "| kernel | arch | dtype | shape | tile | regs | spill B | shared B | blocks/SM | TC instr | hot loop SASS instr |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in summary_rows(recs):
         shape = " ".join(f"{k}={v}" for k, v in r["shape"].items() if k != "directions")
-        cfg = " ".join(f"{k}={v}" for k, v in r["config"].items() if k.isupper() or k == "num_warps")
+        cfg = " ".join(f"{k}={v}" for k, v in r["config"].items()
+                       if (k.isupper() and not k.startswith(_FLAG_PREFIXES)) or k == "num_warps")
+        name = r["kernel"].strip("_").replace("_kernel", "")
         lines.append(
-            f"| {r['kernel']} ({r['mode']}) | {r['arch']} | {r['dtype']} | {shape} | {cfg} | {r['registers']} | "
+            f"| {name} | {r['arch']} | {r['dtype']} | {shape} | {cfg} | {r['registers']} | "
             f"{r['spill_bytes']} | {r['shared_bytes']} | {r['blocks_per_sm']} ({r['limited_by']}) | "
             f"{r['tensor_core_sass']} | {', '.join(map(str, r['hot_loop_instructions']))} |"
         )
@@ -657,16 +661,37 @@ def table_markdown(data: dict) -> str:
             k = (r["kernel"], r["arch"])
             if k not in worst or (r["registers"], r["shared_bytes"]) > (worst[k]["registers"], worst[k]["shared_bytes"]):
                 worst[k] = r
-    lines += ["", "Largest register / shared-memory footprint of each kernel over the whole sweep:", "",
+    lines += ["", "Largest register / shared-memory footprint of each kernel over the whole sweep (all spill-free):", "",
               "| kernel | arch | dtype | shape | regs | spill B | shared B | blocks/SM |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (kern, arch), r in sorted(worst.items()):
         shape = " ".join(f"{k}={v}" for k, v in r["shape"].items() if k != "directions")
-        lines.append(f"| {kern} | {arch} | {r['dtype']} | {shape} | {r['registers']} | {r['spill_bytes']} | "
-                     f"{r['shared_bytes']} | {r['blocks_per_sm']} |")
+        lines.append(f"| {kern.strip('_').replace('_kernel', '')} | {arch} | {r['dtype']} | {shape} | {r['registers']} | "
+                     f"{r['spill_bytes']} | {r['shared_bytes']} | {r['blocks_per_sm']} |")
     return "\n".join(lines)
 
 
 GATE_FIELDS = ("compiled", "registers", "spill_bytes", "stack_bytes", "shared_bytes", "tensor_core_sass")
+# Fields every launch record keeps; the rest of a compile's analysis (loops, ptxas report, occupancy detail)
+# is stored once per distinct compile under "compiles" (the same kernel compiles for many shapes).
+RECORD_FIELDS = ("op", "mode", "kernel", "arch", "dtype", "shape", "grid", "programs", "compile_id", "refused",
+                 "compiled", "error", "registers", "spill_bytes", "shared_bytes", "blocks_per_sm")
+
+
+def pack(records: list, env: dict, **extra) -> dict:
+    """The JSON layout: compact launch records plus one full analysis per distinct compile."""
+    compiles = {}
+    for r in records:
+        if r.get("compile_id") and r["compile_id"] not in compiles:
+            compiles[r["compile_id"]] = {k: v for k, v in r.items()
+                                         if k not in RECORD_FIELDS or k in GATE_FIELDS or k == "blocks_per_sm"}
+    slim = [{k: r[k] for k in RECORD_FIELDS if k in r} for r in records]
+    return {"environment": env, **extra, "distinct_compiles": len(compiles), "records": slim, "compiles": compiles}
+
+
+def unpack(data: dict) -> list:
+    """Launch records with their compile's full analysis merged back in."""
+    compiles = data.get("compiles", {})
+    return [{**compiles.get(r.get("compile_id"), {}), **r} for r in data["records"]]
 
 
 def run_gate(committed: Path, workers: int) -> int:
@@ -687,8 +712,9 @@ def run_gate(committed: Path, workers: int) -> int:
     data = json.loads(committed.read_text())
     if data["environment"]["triton"] != triton.__version__:
         problems.append(f"committed records are from triton {data['environment']['triton']}, this is {triton.__version__}")
-    by_id = {r["compile_id"]: r for r in data["records"] if r.get("compile_id")}
-    for r, why in violations(data["records"]):
+    committed_records = unpack(data)
+    by_id = {r["compile_id"]: r for r in committed_records if r.get("compile_id")}
+    for r, why in violations(committed_records):
         problems.append(f"committed record violates the gate: {_describe(r)}: {'; '.join(why)}")
     full = collect(tuple(ARCHS), quick=bool(data.get("quick")))
     missing = {}
@@ -783,16 +809,15 @@ def main(argv=None) -> int:
         args.dump.mkdir(parents=True, exist_ok=True)
     start = time.time()
     records = sweep(tuple(args.arch or sorted(ARCHS)), quick=args.quick, dump=args.dump, workers=args.workers)
-    compiles = len({r["compile_id"] for r in records if r.get("compile_id")})
-    data = {"environment": environment(), "quick": args.quick, "wall_s": round(time.time() - start, 1),
-            "distinct_compiles": compiles, "records": records}
+    data = pack(records, environment(), quick=args.quick, wall_s=round(time.time() - start, 1))
+    compiles = data["distinct_compiles"]
     bad = violations(records)
     for r, why in bad[:50]:
         print(f"[static] VIOLATION {r['arch']} {r['kernel']} {r['dtype']} {r['shape']}: {'; '.join(why)}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
+        tmp.write_text(json.dumps(data, separators=(",", ":")) + "\n")
         tmp.replace(args.json)
         print(f"[static] wrote {args.json}: {len(records)} records, {compiles} distinct compiles, "
               f"{len(bad)} violations, {data['wall_s']} s")

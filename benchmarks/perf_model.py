@@ -277,8 +277,10 @@ def main(argv=None) -> int:
     if not args.static.exists():
         print(f"error: {args.static} not found: run benchmarks/kernel_static.py --json {args.static} first", file=sys.stderr)
         return 2
+    import kernel_static
+
     static = json.loads(args.static.read_text())
-    records = build(static["records"])
+    records = build(kernel_static.unpack(static))
     data = {"model": "prediction from published peaks, stated assumptions and the static compile; not a measurement",
             "static_source": str(args.static.name), "static_environment": static.get("environment"),
             "cards": [c.__dict__ for c in CARDS], "records": records}
