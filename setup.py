@@ -33,6 +33,7 @@ setup(
         "torch>=2.11,<2.14",
         "triton>=3.6,<3.10",
         "transformers>=5.17,<6",
+        "huggingface_hub>=1.0,<3",  # already required by transformers; MLIP is a PyTorchModelHubMixin
         "deepspeed>=0.18,<0.20",
         "numpy>=1.26",
         "pillow>=10",
@@ -41,10 +42,11 @@ setup(
         "safetensors>=0.4",
         "webdataset>=1.0,<2",
     ],
+    entry_points={"console_scripts": ["mlip-train = mlip_fast.train.launch:main"]},
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=5"],
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
-        "dicom": ["pydicom>=2.4"],
+        "dicom": ["pydicom>=3.0"],
         "fast-jpeg": ["simplejpeg>=1.7"],
     },
 )

@@ -1,21 +1,28 @@
-"""Command-line arguments of the training app (``train.py``).
+"""Command-line arguments of the training app (``mlip-train``, ``deepspeed --module mlip_fast.train``, or
+``train.py`` in a source checkout).
 
-DeepSpeed's own flags come from ``deepspeed.add_config_arguments`` (``--deepspeed``,
-``--deepspeed_config``); the launcher adds ``--local_rank``. Everything else is the project's.
-With ``--data synthetic`` (the default) the flags left unset take the values of ``SYNTHETIC_PRESET``: the
-default run (``deepspeed train.py --deepspeed_config ds.json``).
+``--deepspeed_config`` takes a JSON file or the name of a config shipped in the package (``zero2``, ...;
+see :func:`mlip_fast.train.ds_config.shipped_ds_configs`); the launcher adds ``--local_rank``. The
+open_clip-style flags ``--batch-size``, ``--precision``, ``--wd``, ``--warmup`` override the matching
+ds config keys (:func:`mlip_fast.train.ds_config.apply_flag_overrides`). With ``--data synthetic`` (the
+default) the flags left unset take the values of ``SYNTHETIC_PRESET``: the default run
+(``deepspeed train.py --deepspeed_config ds.json``). A usage error is one line on stderr and exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
+import sys
 from typing import Optional, Sequence
 
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
 from mlip_fast.functional import DEFAULT_SIE_TEMPERATURE
 
-__all__ = ["build_parser", "parse_args", "SYNTHETIC_PRESET"]
+__all__ = ["build_parser", "parse_args", "SYNTHETIC_PRESET", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 # The default run: what --data synthetic (the default) uses for every one of these flags left unset.
 # Sized to finish within 10 minutes on a 2-core CPU and pass its quality bar (measured in docs/training.md).
@@ -80,15 +87,39 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import deepspeed
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help only when there is a default to show (not None, not False)
+    and the help does not already say what the default is."""
 
-    p = argparse.ArgumentParser(
-        prog="train.py",
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (then exit 2) rather than the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _prog() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mlip-train"
+    return "python -m mlip_fast.train" if name == "__main__.py" else name
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    from mlip_fast.train.ds_config import shipped_ds_configs
+
+    p = _Parser(
+        prog=prog or _prog(),
         description="MLIP pre-training with DeepSpeed. With no argument but --deepspeed_config it trains on the "
                     "built-in synthetic chest X-ray benchmark and evaluates zero-shot classification and "
                     "localisation at the end.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     data = p.add_argument_group("data")
     data.add_argument("--data", default="synthetic",
@@ -101,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", default=".cache", help="where the synthetic benchmark is generated")
     data.add_argument("--synthetic-n", type=_positive_int, default=None,
                       help=f"number of synthetic image-report pairs, all splits (default {SYNTHETIC_PRESET['synthetic_n']})")
-    data.add_argument("--synthetic-seed", type=int, default=0)
+    data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic benchmark's generator")
     data.add_argument("--image-size", type=_positive_int, default=None,
                       help="input side in pixels (default: the model config's vision.image_size; must be a "
                            "multiple of the patch size)")
@@ -115,7 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     model.add_argument("--model", default="mlip-tiny", help="shipped model config name or a config JSON path")
-    model.add_argument("--pretrained", default=None, help="local ViT weights for the image tower")
+    model.add_argument("--pretrained", default=None,
+                       help="ImageNet ViT weights for the image tower: a local transformers / timm checkpoint file or "
+                            "folder, or hf-hub:<repo id>")
+    model.add_argument("--lock-image", action="store_true",
+                       help="freeze the image tower (ViT; the integrity estimator and the projections still train)")
+    model.add_argument("--lock-text", action="store_true",
+                       help="freeze the report encoder (the projections still train)")
     model.add_argument("--model-overrides", type=_json_object, default=None,
                        help='JSON merged into the model config, e.g. \'{"text": {"dropout": 0.0}}\'')
     model.add_argument("--mask-ratio", type=_ratio, default=None,
@@ -137,13 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--impl", default="auto", choices=("auto", "reference", "chunked", "triton"),
                       help="patch-sentence scores implementation")
 
-    run = p.add_argument_group("schedule")
+    run = p.add_argument_group("optimisation (each flag overrides the matching key of the ds config)")
+    run.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="images per process per micro-batch (the ds config's train_micro_batch_size_per_gpu; the global "
+                          "batch becomes batch size x accumulation x processes)")
+    run.add_argument("--precision", choices=PRECISIONS, default=None,
+                     help="training precision (the ds config's bf16 / fp16 sections; fp16 needs a GPU)")
+    run.add_argument("--wd", type=_non_negative, default=None, help="weight decay (the ds config's optimizer.params.weight_decay)")
+    run.add_argument("--warmup", type=_non_negative_int, default=None,
+                     help="learning-rate warm-up steps (the ds config's scheduler.params.warmup_num_steps)")
     length = run.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, default=None,
                         help=f"optimizer steps (default: {SYNTHETIC_PRESET['steps']} on the synthetic benchmark, "
                              f"{REAL_DATA_EPOCHS:g} epoch on real data)")
     length.add_argument("--epochs", type=float, default=None, help="passes over the training split")
-    run.add_argument("--lr", type=_positive, default=None, help="peak learning rate (overrides the ds config's)")
+    run.add_argument("--lr", type=_positive, default=None, help="peak learning rate (the ds config's optimizer.params.lr)")
     run.add_argument("--accum-freq", type=_positive_int, default=None,
                      help="micro-batches per optimizer step (sets the ds config's gradient_accumulation_steps, keeping "
                           "its train_batch_size); the contrastive losses see the whole accumulated batch as negatives")
@@ -177,19 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also log to TensorBoard through DeepSpeed's monitor (needs the tensorboard package)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    ds = p.add_argument_group("DeepSpeed")
+    ds.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="FILE_OR_NAME",
+                    help="DeepSpeed JSON config (required): a file, or the name of one shipped with the package: "
+                         f"{', '.join(shipped_ds_configs())} (ds.json of a source checkout is zero2_fp32)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    deepspeed.add_config_arguments(p)
+    # accepted for scripts written for DeepSpeed's add_config_arguments; they change nothing
+    p.add_argument("--deepspeed", "--deepscale", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = build_parser()
+def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.epochs is not None and not args.epochs > 0:
         parser.error(f"--epochs must be > 0, got {args.epochs}")
     if args.deepspeed_config is None:
-        parser.error("--deepspeed_config is required (the default is ds.json: "
-                     "deepspeed train.py --deepspeed_config ds.json)")
+        parser.error("--deepspeed_config is required: a DeepSpeed JSON file or a shipped name such as zero2_fp32")
+    if args.warmup is not None and args.steps is not None and args.warmup >= args.steps:
+        parser.error(f"--warmup {args.warmup} must be below --steps {args.steps}")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         parser.error(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
     synthetic = args.data == "synthetic"

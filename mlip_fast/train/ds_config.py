@@ -17,6 +17,11 @@ config up front and raises :class:`DSConfigError` with a message naming the key 
 
 ``"auto"`` is accepted for ``scheduler.params.total_num_steps`` and ``warmup_num_steps`` and resolved
 from the run length (:func:`resolve_schedule`).
+
+Configs ship in the package (``mlip_fast/train/ds_configs/*.json``) and are named without a path:
+``--deepspeed_config zero2`` (:func:`resolve_ds_config`). The open_clip-style flags ``--batch-size``,
+``--precision``, ``--wd`` and ``--warmup`` are mapped onto the config by :func:`apply_flag_overrides`
+before it is validated, so the config that runs is checked as a whole.
 """
 from __future__ import annotations
 
@@ -28,12 +33,13 @@ import math
 from pathlib import Path
 from typing import Optional, Union
 
-__all__ = ["DSConfigError", "load_ds_config", "validate_ds_config", "apply_accum_freq", "resolve_batch_sizes",
-           "resolve_schedule",
-           "precision_dtype", "WARMUP_FRACTION"]
+__all__ = ["DSConfigError", "load_ds_config", "resolve_ds_config", "shipped_ds_configs", "apply_flag_overrides",
+           "validate_ds_config", "apply_accum_freq", "resolve_batch_sizes", "resolve_schedule", "precision_dtype",
+           "WARMUP_FRACTION", "SHIPPED_DIR"]
 
 # Share of the run spent warming up when the scheduler asks for "auto".
 WARMUP_FRACTION = 0.05
+SHIPPED_DIR = Path(__file__).resolve().parent / "ds_configs"
 
 # Top-level keys read by DeepSpeed 0.19 (runtime/config.py and the feature configs it parses).
 KNOWN_TOP_LEVEL_KEYS = frozenset({
@@ -123,11 +129,28 @@ class DSConfigError(ValueError):
     """The DeepSpeed config is invalid (the message names the key and the file)."""
 
 
+def shipped_ds_configs() -> list[str]:
+    """Names of the DeepSpeed configs shipped with the package (``--deepspeed_config <name>``)."""
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.json"))
+
+
+def resolve_ds_config(name: Union[str, Path]) -> Path:
+    """The file of ``--deepspeed_config``: an existing file, else a shipped config by name (``zero2`` or
+    ``zero2.json``); :class:`DSConfigError` naming both when neither exists."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = SHIPPED_DIR / f"{path.stem}.json"
+    if path.name == str(name) and path.suffix in ("", ".json") and shipped.is_file():
+        return shipped
+    raise DSConfigError(f"DeepSpeed config {str(name)!r} does not exist: it is neither a file nor the name of a "
+                        f"shipped config ({', '.join(shipped_ds_configs())})")
+
+
 def load_ds_config(path: Union[str, Path]) -> dict:
-    """Reads a DeepSpeed JSON config; clear errors for a missing file or invalid JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise DSConfigError(f"DeepSpeed config {path} does not exist")
+    """Reads a DeepSpeed JSON config (a file or a shipped name); clear errors for a missing file or invalid
+    JSON."""
+    path = resolve_ds_config(path)
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -286,6 +309,60 @@ def validate_ds_config(config: dict, *, device_type: str, where: str = "ds confi
                             f"(rank 0 renames each complete checkpoint into place on a filesystem all ranks share)")
 
 
+def apply_flag_overrides(config: dict, *, batch_size: Optional[int] = None, precision: Optional[str] = None,
+                         weight_decay: Optional[float] = None, warmup: Optional[int] = None,
+                         where: str = "ds config") -> tuple[dict, list]:
+    """A copy of ``config`` with the open_clip-style flags mapped onto it, and the list of changes made
+    (``"key: old -> new"``, for the run log). None leaves a key as the config has it.
+
+    - ``batch_size`` (``--batch-size``, per process): ``train_micro_batch_size_per_gpu``; a configured
+      ``train_batch_size`` is dropped, so the global batch is batch size x accumulation x processes;
+    - ``precision`` (``--precision fp32|bf16|fp16``): ``bf16.enabled`` and ``fp16.enabled``;
+    - ``weight_decay`` (``--wd``): ``optimizer.params.weight_decay``;
+    - ``warmup`` (``--warmup``): ``scheduler.params.warmup_num_steps``, which needs a scheduler that warms
+      up (:class:`DSConfigError` otherwise).
+    """
+    config = copy.deepcopy(config)
+    changes = []
+
+    def put(section: dict, key: str, value, shown: str) -> None:
+        old = section.get(key, "unset")
+        if old != value:
+            changes.append(f"{shown}: {old} -> {value}")
+        section[key] = value
+
+    if batch_size is not None:
+        if "train_batch_size" in config:
+            changes.append(f"train_batch_size: {config.pop('train_batch_size')} -> derived")
+        put(config, "train_micro_batch_size_per_gpu", batch_size, "train_micro_batch_size_per_gpu")
+    if precision is not None:
+        for kind in ("bf16", "fp16"):
+            if precision == kind or kind in config:
+                section = config.setdefault(kind, {})
+                if not isinstance(section, dict):
+                    raise DSConfigError(f"{where}: {kind!r} must be a JSON object, got {type(section).__name__}")
+                put(section, "enabled", precision == kind, f"{kind}.enabled")
+    if weight_decay is not None:
+        optimizer = config.get("optimizer")
+        if not isinstance(optimizer, dict):
+            raise DSConfigError(f"{where}: --wd sets optimizer.params.weight_decay, but the config has no 'optimizer' "
+                                f"section")
+        put(optimizer.setdefault("params", {}), "weight_decay", weight_decay, "optimizer.params.weight_decay")
+    if warmup is not None:
+        scheduler = config.get("scheduler")
+        if not isinstance(scheduler, dict):
+            raise DSConfigError(f"{where}: --warmup sets scheduler.params.warmup_num_steps, but the config has no "
+                                f"'scheduler' section (add one, e.g. WarmupCosineLR)")
+        from deepspeed.runtime import lr_schedules
+
+        cls = getattr(lr_schedules, str(scheduler.get("type")), None)
+        if cls is None or "warmup_num_steps" not in inspect.signature(cls.__init__).parameters:
+            raise DSConfigError(f"{where}: --warmup needs a scheduler with warmup_num_steps (WarmupLR, WarmupDecayLR, "
+                                f"WarmupCosineLR); this config's is {scheduler.get('type')!r}")
+        put(scheduler.setdefault("params", {}), "warmup_num_steps", warmup, "scheduler.params.warmup_num_steps")
+    return config, changes
+
+
 def apply_accum_freq(config: dict, accum_freq: Optional[int]) -> dict:
     """A copy of ``config`` with ``gradient_accumulation_steps = accum_freq`` (``--accum-freq``; None
     leaves it as it is). A configured ``train_batch_size`` (the global batch, i.e. the contrastive
@@ -346,7 +423,7 @@ def resolve_batch_sizes(config: dict, world_size: int, where: str = "ds config")
 def resolve_schedule(config: dict, total_steps: int) -> dict:
     """A copy of ``config`` whose scheduler's ``"auto"`` (or absent) step counts follow the run length:
     ``total_num_steps`` = the run's optimizer steps, ``warmup_num_steps`` = ``WARMUP_FRACTION`` of them
-    (at least 2, DeepSpeed's minimum)."""
+    (at least 2, DeepSpeed's minimum). A warm-up set in steps must be shorter than the run."""
     config = copy.deepcopy(config)
     section = config.get("scheduler")
     if section is None:
@@ -354,8 +431,12 @@ def resolve_schedule(config: dict, total_steps: int) -> dict:
     params = section.setdefault("params", {})
     if section.get("type") in ("WarmupCosineLR", "WarmupDecayLR") and params.get("total_num_steps", "auto") == "auto":
         params["total_num_steps"] = int(total_steps)
-    if params.get("warmup_num_steps") == "auto":
+    warmup, total = params.get("warmup_num_steps"), params.get("total_num_steps")
+    if warmup == "auto":
         params["warmup_num_steps"] = max(2, int(round(WARMUP_FRACTION * total_steps)))
+    elif isinstance(warmup, int) and isinstance(total, int) and warmup >= total:
+        raise DSConfigError(f"scheduler.params.warmup_num_steps ({warmup}) must be below the run's {total} steps "
+                            f"(--warmup / the ds config)")
     return config
 
 

@@ -51,7 +51,8 @@ from mlip_fast.train.reporting import RunReporter, plot_metrics
 from mlip_fast.train.run_folder import RunFolderError, RunLock, check_run_folder
 from mlip_fast.train.signals import StopRequest, watch_launcher
 
-__all__ = ["train", "main", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_NON_FINITE"]
+__all__ = ["train", "main", "preflight", "usage_errors", "device_type_name", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE",
+           "EXIT_NON_FINITE"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NON_FINITE = 0, 1, 2, 3
 RUNS_ROOT = Path("runs")
@@ -119,7 +120,8 @@ def _barrier() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def _device_type() -> str:
+def device_type_name() -> str:
+    """The accelerator DeepSpeed picked: "cuda", "cpu", ..."""
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().device_name()
@@ -224,17 +226,21 @@ def _total_steps(args, steps_per_epoch: int) -> int:
     return max(1, int(round(args.epochs * steps_per_epoch)))
 
 
-# ---------------------------------------------------------------------------------------------- train
-def train(argv: Optional[Sequence[str]] = None) -> dict:
-    """Runs one training job (see the module docstring) and returns its summary dict."""
-    start = time.perf_counter()
-    args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.deterministic:  # read when cuBLAS starts: before anything touches CUDA
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    device_type = _device_type()
-    where = str(args.deepspeed_config)
-    raw_config = dsc.load_ds_config(args.deepspeed_config)
+def preflight(args, device_type: str) -> tuple:
+    """Every check that needs no process group, data or model, so that a mistake costs seconds and not a data
+    generation: the DeepSpeed config (a file or a shipped name, with ``--batch-size`` / ``--precision`` /
+    ``--wd`` / ``--warmup`` mapped onto it, then validated as a whole against the device), the model config
+    (``--model``, ``--model-overrides``, ``--image-size``, ...) and the ``--pretrained`` weights' path.
+
+    Returns (ds config, model config, the flag overrides as ``"key: old -> new"``); raises the usage errors
+    that :func:`main` turns into one line on stderr and exit code 2.
+    """
+    from mlip_fast.models.config import ConfigError
+
+    where = str(dsc.resolve_ds_config(args.deepspeed_config))
+    raw_config = dsc.load_ds_config(where)
+    raw_config, changes = dsc.apply_flag_overrides(raw_config, batch_size=args.batch_size, precision=args.precision,
+                                                   weight_decay=args.wd, warmup=args.warmup, where=where)
     dsc.validate_ds_config(raw_config, device_type=device_type, where=where)
     raw_config = dsc.apply_accum_freq(raw_config, args.accum_freq)
     zero_stage = raw_config.get("zero_optimization", {}).get("stage", 0)
@@ -243,7 +249,26 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
                                 f"(got {zero_stage}); stage 1 is plain data parallelism with sharded optimizer states")
     if _wants_tensorboard(raw_config, args):
         _require_tensorboard()
-    model_cfg = _model_config(args, device_type)  # config errors before any process group exists
+    model_cfg = _model_config(args, device_type)
+    pretrained = args.pretrained
+    if pretrained is not None and not str(pretrained).startswith("hf-hub:") and not Path(pretrained).expanduser().exists():
+        raise ConfigError(f"--pretrained {pretrained!r} does not exist (ViT weights: a local file or folder, or "
+                          f"hf-hub:<repo id>)")
+    return raw_config, model_cfg, changes
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(argv: Optional[Sequence[str]] = None) -> dict:
+    """Runs one training job (see the module docstring) and returns its summary dict."""
+    start = time.perf_counter()
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.deterministic:  # read when cuBLAS starts: before anything touches CUDA
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    device_type = device_type_name()
+    raw_config, model_cfg, flag_changes = preflight(args, device_type)  # before any process group exists
+    where = str(dsc.resolve_ds_config(args.deepspeed_config))
+    zero_stage = raw_config.get("zero_optimization", {}).get("stage", 0)
 
     rank, world, local_rank, local_world = _init_distributed()
     if "OMP_NUM_THREADS" not in os.environ and device_type == "cpu":
@@ -277,6 +302,8 @@ def train(argv: Optional[Sequence[str]] = None) -> dict:
             if stale_lock:
                 reporter.log("took over the stale run lock of pid %s on %s (that process no longer runs)",
                              stale_lock.get("pid"), stale_lock.get("host"))
+            if flag_changes:
+                reporter.log("ds config %s with the flags mapped onto it: %s", where, "; ".join(flag_changes))
             with _deterministic_algorithms(args.deterministic):
                 return _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, local_rank, micro,
                               accum, global_batch, zero_stage, device_type, start)
@@ -332,7 +359,7 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
 
     from mlip_fast.data.transforms import ImageTransform
     from mlip_fast.losses import MLIPLoss
-    from mlip_fast.models import create_model, from_pretrained
+    from mlip_fast.models import create_model, from_pretrained, write_model_card
     from mlip_fast.models.attention import backend_report, selected_backend
     from mlip_fast.ops.dispatch import describe_selected
 
@@ -389,6 +416,7 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
     model = create_model(model_cfg, tokenizer=tokenizer, image_pretrained=args.pretrained)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    _lock_towers(model, args, reporter)
     model_cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     criterion = MLIPLoss(lambda_local=args.lambda_local, lambda_sie=args.lambda_sie, sie_temperature=args.sie_temperature,
@@ -573,10 +601,29 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
             "skipped": _skipped_record(skipped, _report_skipped(reporter, "train", train_set, reprobe=True,
                                                                after=len(skipped["train"]))),
         }
+        # the export's model card gets the run's data, training and evaluation numbers
+        summary["model_card"] = str(write_model_card(export_dir, exported, summary))
         path = reporter.write_summary(summary)
         reporter.log("%s", format_summary(summary, path))
     summary = _rank0(lambda: summary, rank)
     return summary
+
+
+def _lock_towers(model, args, reporter) -> None:
+    """``--lock-image`` / ``--lock-text``: freeze a tower (kept in eval mode; its parameters leave the optimizer).
+    Locking a randomly initialised tower is allowed (a frozen random-features baseline) but said in the log."""
+    if args.lock_image:
+        model.lock_image_tower()
+        if args.pretrained is None:
+            reporter.warning("--lock-image without --pretrained: the image tower stays at its random initialisation")
+    if args.lock_text:
+        model.lock_text_tower()
+        if model.config.text.source == "random":
+            reporter.warning("--lock-text with a randomly initialised report encoder: it stays at its initialisation")
+    if args.lock_image or args.lock_text:
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+        reporter.log("locked %s: %.2fM parameters frozen", " and ".join(
+            name for name, on in (("image tower", args.lock_image), ("text tower", args.lock_text)) if on), frozen / 1e6)
 
 
 def _merge_bad_items(dataset) -> None:
@@ -647,13 +694,15 @@ def format_summary(summary: dict, path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _usage_errors() -> tuple:
+def usage_errors() -> tuple:
+    """The exception classes that mean bad usage (arguments, configs, data, checkpoints): exit code 2."""
     from mlip_fast.models.config import ConfigError
     from mlip_fast.models.factory import CheckpointError as ModelCheckpointError
+    from mlip_fast.models.vit_weights import PretrainedWeightsError
     from mlip_fast.ops.dispatch import ImplUnavailableError
 
     return (dsc.DSConfigError, tdata.DataConfigError, ckpt.CheckpointError, ConfigError, DatasetError,
-            ModelCheckpointError, ImplUnavailableError, LaunchError, RunFolderError)
+            ModelCheckpointError, PretrainedWeightsError, ImplUnavailableError, LaunchError, RunFolderError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -674,7 +723,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_NON_FINITE
-    except _usage_errors() as e:
+    except usage_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         code = EXIT_USAGE
     except BaseException:  # noqa: BLE001  (any failure must still end the process with a code)

@@ -40,9 +40,13 @@ class RunReporter:
         if self.active:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.logger.setLevel(logging.INFO)
-            self.logger.propagate = False
+            # Records propagate to the root logger, so a user's own logging set-up sees them; the console handler
+            # is added only when the root logger has none (no set-up: the messages would otherwise go unseen).
+            self.logger.propagate = True
             fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-            self._handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(self.output_dir / "run.log")]
+            self._handlers = [logging.FileHandler(self.output_dir / "run.log")]
+            if not logging.getLogger().handlers:
+                self._handlers.append(logging.StreamHandler(sys.stdout))
             for handler in self._handlers:
                 handler.setFormatter(fmt)
                 self.logger.addHandler(handler)

@@ -1,0 +1,122 @@
+"""The training app's command line: shipped DeepSpeed configs by name, the open_clip-style flags mapped onto
+the ds config and checked with it, usage errors found before any slow work (one line, exit 2), clean help
+texts, the mlip-train argument split, and a run logger that propagates to the user's logging set-up."""
+import argparse
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from mlip_fast.models.config import ConfigError
+from mlip_fast.train import ds_config as dsc
+from mlip_fast.train.args import build_parser, parse_args
+from mlip_fast.train.launch import split_argv
+from mlip_fast.train.main import preflight
+from mlip_fast.train.reporting import LOGGER_NAME, RunReporter
+from tests.train.conftest import REPO, clean_env, write_ds
+
+
+def checked(*argv):
+    """preflight of a command line on CPU: (ds config, model config, changes)."""
+    return preflight(parse_args(list(argv)), "cpu")
+
+
+def test_shipped_configs_by_name_and_flags_mapped_onto_them():
+    assert {"zero1", "zero2", "zero2_fp32", "zero3", "zero3_fp32"} <= set(dsc.shipped_ds_configs())
+    assert dsc.resolve_ds_config("zero3") == dsc.SHIPPED_DIR / "zero3.json"
+    assert dsc.resolve_ds_config("zero3.json") == dsc.SHIPPED_DIR / "zero3.json"
+    config, model_cfg, changes = checked("--deepspeed_config", "zero2", "--batch-size", "6", "--precision", "fp32",
+                                         "--wd", "0.2", "--warmup", "7", "--accum-freq", "2")
+    assert config["train_micro_batch_size_per_gpu"] == 6 and "train_batch_size" not in config
+    assert config["bf16"]["enabled"] is False and dsc.precision_dtype(config) is not None
+    assert config["optimizer"]["params"]["weight_decay"] == 0.2
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 7 and config["gradient_accumulation_steps"] == 2
+    # the global batch follows the per-process batch: 6 x 2 accumulation x 3 processes
+    assert dsc.resolve_batch_sizes(config, 3)["train_batch_size"] == 36
+    assert "bf16.enabled: True -> False" in changes and "train_batch_size: 64 -> derived" in changes
+    assert model_cfg.name == "mlip-tiny"
+    config, _, _ = checked("--deepspeed_config", "zero2_fp32", "--precision", "bf16")
+    assert str(dsc.precision_dtype(config)) == "torch.bfloat16"
+    assert checked("--deepspeed_config", "ds.json")[2] == []  # no flag, no change
+
+
+@pytest.mark.parametrize("argv, error, match", [
+    (["--model", "nope"], ConfigError, "unknown model 'nope'; shipped models: mlip-small, mlip-tiny"),
+    (["--model", "missing.json"], ConfigError, "model config file 'missing.json' does not exist"),
+    (["--model-overrides", '{"vision": {"widht": 3}}'], ConfigError, "unknown keys \\['widht'\\]"),
+    (["--pretrained", "/no/such/vit.safetensors"], ConfigError, "--pretrained '/no/such/vit.safetensors' does not exist"),
+    (["--precision", "fp16"], dsc.DSConfigError, "fp16 is enabled but this run is on cpu"),
+    (["--deepspeed_config", "zero9"], dsc.DSConfigError, "'zero9' does not exist.*zero1, zero2"),
+    (["--deepspeed_config", "zero2_fp16_gpu"], dsc.DSConfigError, "needs a CUDA GPU"),
+])
+def test_usage_errors_before_any_slow_work(argv, error, match):
+    base = ["--deepspeed_config", "zero2_fp32"] if "--deepspeed_config" not in argv else []
+    with pytest.raises(error, match=match):
+        checked(*base, *argv)
+
+
+def test_flags_the_config_cannot_take_are_refused(tmp_path, capsys):
+    no_scheduler = write_ds(tmp_path / "plain.json", scheduler=None)
+    with pytest.raises(dsc.DSConfigError, match="--warmup .* no 'scheduler' section"):
+        checked("--deepspeed_config", str(no_scheduler), "--warmup", "5")
+    one_cycle = write_ds(tmp_path / "cycle.json", scheduler={"type": "OneCycle", "params": {"cycle_max_lr": 0.01}})
+    with pytest.raises(dsc.DSConfigError, match="--warmup needs a scheduler with warmup_num_steps"):
+        checked("--deepspeed_config", str(one_cycle), "--warmup", "5")
+    with pytest.raises(dsc.DSConfigError, match="warmup_num_steps \\(30\\) must be below the run's 20 steps"):
+        dsc.resolve_schedule(checked("--deepspeed_config", "zero2", "--warmup", "30")[0], 20)
+    for argv, flag in ((["--warmup", "9", "--steps", "9"], "--warmup 9 must be below --steps 9"),
+                       (["--batch-size", "0"], "--batch-size"), (["--precision", "fp64"], "--precision"),
+                       (["--wd", "-1"], "--wd"), ([], "--deepspeed_config is required")):
+        with pytest.raises(SystemExit) as info:
+            parse_args([*(["--deepspeed_config", "zero2"] if argv else []), *argv])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and flag in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_model_through_the_module_entry_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mlip_fast.train", "--deepspeed_config", "zero2", "--model", "nope",
+                           "--output-dir", str(tmp_path / "run")], cwd=REPO, env=clean_env(), capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: unknown model 'nope'; shipped models:")
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_is_clean():
+    parser = build_parser(prog="mlip-train")
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text and "deepscale" not in text
+    assert text.count("(default 6000)") == 1 and "(default 6000) (default" not in text.replace("\n", " ")
+    for action in parser._actions:
+        if action.option_strings and action.help is not argparse.SUPPRESS:
+            assert action.help, f"{action.option_strings} has no help"
+    for flag in ("--batch-size", "--precision", "--wd", "--warmup", "--lock-image", "--lock-text", "zero2_fp32"):
+        assert flag in text
+
+
+def test_mlip_train_splits_launcher_and_training_arguments():
+    launcher, training = split_argv(["--num_gpus", "2", "--deepspeed_config", "zero3", "--master_port=29511",
+                                     "--batch-size", "8", "--no_ssh_check", "-H", "hosts", "--steps", "5"])
+    assert launcher == ["--num_gpus", "2", "--master_port=29511", "--no_ssh_check", "-H", "hosts"]
+    assert training == ["--deepspeed_config", "zero3", "--batch-size", "8", "--steps", "5"]
+
+
+def test_run_logger_propagates_to_the_users_logging(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    reporter = RunReporter(tmp_path / "run", rank=0, progress=False)
+    try:
+        reporter.log("step %d done", 3)
+        assert ("mlip_fast.train", logging.INFO, "step 3 done") in caplog.record_tuples
+        assert not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                       for h in logging.getLogger(LOGGER_NAME).handlers)  # the user's handlers print it
+    finally:
+        reporter.close()
+    assert "step 3 done" in (tmp_path / "run" / "run.log").read_text()
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # no logging set-up: the app prints itself
+    reporter = RunReporter(tmp_path / "run2", rank=0, progress=False)
+    try:
+        assert any(type(h) is logging.StreamHandler for h in logging.getLogger(LOGGER_NAME).handlers)
+    finally:
+        reporter.close()
