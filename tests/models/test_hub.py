@@ -2,11 +2,8 @@
 -> snapshots/<commit>/...) stands in for the Hub. MLIP.from_pretrained with revisions, hf-hub: names in the
 factory, push_to_hub through a recording stand-in for HfApi, the preprocessing stored and restored, and the
 model card (numbers with chance rates, a user's README kept)."""
-import hashlib
 import json
-import shutil
 
-import huggingface_hub
 import pytest
 import torch
 
@@ -21,6 +18,7 @@ from mlip_fast.models import (
     write_model_card,
 )
 from mlip_fast.models.model_card import CARD_MARKER
+from tests.hub_cache import offline_cache, publish, record_pushes
 
 from .conftest import tiny_overrides
 
@@ -30,27 +28,8 @@ TEXTS = ["Heart size is normal. No focal consolidation.", "Small right pleural e
 
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache with every network request refused (offline mode)."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
-
-
-def publish(folder, cache, repo_id: str, refs=("main",)) -> str:
-    """Lays ``folder`` out in ``cache`` as the Hub would leave a download of ``repo_id``: the files under
-    snapshots/<commit>/, each named ref pointing at that commit. Returns the commit."""
-    digest = hashlib.sha1()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
-    commit = digest.hexdigest()
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    for ref in refs:
-        (repo / "refs" / ref).write_text(commit)
-    return commit
+    """An empty Hugging Face cache, the default one, with every network request refused (offline mode)."""
+    return offline_cache(monkeypatch, tmp_path / "hf-cache")
 
 
 def encode(model, images):
@@ -103,34 +82,11 @@ def test_missing_hub_checkpoints_are_clear_errors(tmp_path, hub_cache):
         MLIP.from_pretrained(tmp_path / "missing")
 
 
-class RecordingHubApi:
-    """Stands in for huggingface_hub.HfApi in push_to_hub: records the calls and publishes the uploaded
-    folder into the offline cache, as a later download would see it."""
-
-    calls: list = []
-    cache = None
-
-    def __init__(self, token=None):
-        self.token = token
-
-    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
-        RecordingHubApi.calls.append(("create_repo", repo_id, private))
-        return type("RepoUrl", (), {"repo_id": repo_id})()
-
-    def upload_folder(self, repo_id, folder_path, revision=None, **kwargs):
-        files = sorted(p.relative_to(folder_path).as_posix() for p in folder_path.rglob("*") if p.is_file())
-        RecordingHubApi.calls.append(("upload_folder", repo_id, revision, files))
-        commit = publish(folder_path, RecordingHubApi.cache, repo_id, refs=(revision or "main",))
-        return f"https://huggingface.co/{repo_id}/commit/{commit}"
-
-
 def test_push_to_hub_uploads_a_complete_checkpoint(tmp_path, hub_cache, monkeypatch):
-    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", RecordingHubApi)
-    monkeypatch.setattr(RecordingHubApi, "calls", [])
-    monkeypatch.setattr(RecordingHubApi, "cache", hub_cache)
+    calls = record_pushes(monkeypatch, hub_cache)
     model = create_model("mlip-tiny", **tiny_overrides()).eval()
     url = model.push_to_hub(REPO, private=True, branch="release")
-    (create, upload) = RecordingHubApi.calls
+    (create, upload) = calls
     assert create == ("create_repo", REPO, True) and url.startswith(f"https://huggingface.co/{REPO}/commit/")
     assert upload[:3] == ("upload_folder", REPO, "release")
     assert {"README.md", "config.json", "model.safetensors", "preprocess_config.json", "text/config.json",
