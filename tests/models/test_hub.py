@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mlip_fast.data.transforms import ImageTransform, PreprocessConfig
+from mlip_fast.eval.common import eval_transform
 from mlip_fast.models import (
     MLIP,
     CheckpointError,
@@ -106,6 +107,7 @@ def test_preprocessing_is_stored_and_restored(tmp_path):
     image = torch.rand(50, 40)
     expected = ImageTransform(64, mean=0.45, std=0.3)(image)
     assert torch.equal(eval_tf(image), expected) and train_tf.augment["degrees"] == 3.0
+    assert torch.equal(eval_transform(loaded)(image), expected)  # what the evaluation tasks use
     # an export written before the preprocessing was stored: the default of its image size
     (tmp_path / "ckpt" / "preprocess_config.json").unlink()
     assert MLIP.from_pretrained(tmp_path / "ckpt").preprocess_cfg == PreprocessConfig(image_size=64)
