@@ -5,6 +5,8 @@ of the scaled cosine similarities (recomputed in fp64), and the model saved, pus
 out as the Hub cache, offline) and loaded back at a revision gives identical outputs."""
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +75,18 @@ def test_readme_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     with Image.open("chest_xray.jpg") as img:
         grey = (np.asarray(img, dtype=np.float64) / 255.0) @ np.array([0.299, 0.587, 0.114])
     torch.testing.assert_close(image[0], preprocess(grey.astype(np.float32)), atol=1e-5, rtol=0)
+
+
+def test_top_level_names_are_lazy():
+    """``import mlip_fast`` stays light (no torch); the open_clip names resolve on first use."""
+    code = "import sys, mlip_fast; print(sorted(mlip_fast.__all__)); assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import mlip_fast
+    from mlip_fast.models import factory
+
+    for name in ("create_model_and_transforms", "create_model", "get_tokenizer", "list_models", "from_pretrained"):
+        assert name in proc.stdout and name in dir(mlip_fast)
+        assert getattr(mlip_fast, name) is getattr(factory, name)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        mlip_fast.nope
