@@ -79,8 +79,11 @@ def get_model_config(name: Union[str, Path, MLIPConfig]) -> MLIPConfig:
 
 
 def _is_checkpoint_name(name) -> bool:
-    """``name`` names an MLIP checkpoint (a Hub id with the ``hf-hub:`` prefix, or a checkpoint folder)."""
-    return not isinstance(name, MLIPConfig) and (str(name).startswith(HUB_PREFIX) or is_checkpoint(name))
+    """``name`` names an MLIP checkpoint: a Hub id with the ``hf-hub:`` prefix, or a checkpoint folder (a
+    shipped model name wins over a folder of the same name in the working directory)."""
+    if isinstance(name, MLIPConfig):
+        return False
+    return str(name).startswith(HUB_PREFIX) or (str(name) not in list_models() and is_checkpoint(name))
 
 
 def _tokenizer_for(text: TextConfig, corpus: Optional[Iterable[str]]):

@@ -109,7 +109,8 @@ def _data_section(summary: Optional[dict]) -> list[str]:
 def _hardware(summary: dict) -> str:
     versions = summary.get("versions", {})
     device = summary.get("device", "n/a")
-    what = versions.get("gpu") or (f"CPU, {os.cpu_count()} cores" if device == "cpu" else device)
+    cores = summary.get("cpu_count")
+    what = versions.get("gpu") or (f"CPU, {cores} cores" if device == "cpu" and cores else device)
     return f"{summary.get('world_size', 1)} process(es) on {what} ({versions.get('platform') or platform.platform()})"
 
 

@@ -584,6 +584,7 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
             "backends": backends,
             "world_size": world,
             "device": device_type,
+            "cpu_count": os.cpu_count(),
             "zero_stage": zero_stage,
             "dtype": str(dtype).replace("torch.", ""),
             "global_batch": global_batch,

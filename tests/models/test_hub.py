@@ -117,7 +117,7 @@ def test_preprocessing_is_stored_and_restored(tmp_path):
 
 SUMMARY = {
     "steps": 12, "global_batch": 8, "micro_batch": 4, "gradient_accumulation": 2, "world_size": 1, "dtype": "float32",
-    "zero_stage": 2, "wall_time_s": 41.5, "train_s": 20.25, "samples_per_s": 4.74, "seed": 3, "device": "cpu",
+    "zero_stage": 2, "wall_time_s": 41.5, "train_s": 20.25, "samples_per_s": 4.74, "seed": 3, "device": "cpu", "cpu_count": 2,
     "ds_config": {"optimizer": {"type": "AdamW", "params": {"lr": 0.002, "weight_decay": 0.05}},
                   "scheduler": {"type": "WarmupCosineLR"}},
     "data": {"source": "synthetic", "path": "/x/master.csv", "n_train": 70, "n_valid": 15, "n_test": 15},
@@ -144,6 +144,7 @@ def test_model_card_holds_the_run_numbers_and_keeps_a_users_readme(tmp_path):
                  "| localisation pointing accuracy (9 finding sentences) | 0.250 | 0.051 |",
                  "| global batch | 8 = 4 per process x 2 accumulation x 1 process(es) |", "| precision | float32 |",
                  "| wall time | 41.5 s in all, 20.2 s training (4.7 samples/s) |",
+                 "| hardware | 1 process(es) on CPU, 2 cores (Linux-x86_64) |",
                  "- Splits: 70 training, 15 validation and 15 test pairs"):
         assert line in card, line
     mine = tmp_path / "mine"
