@@ -93,8 +93,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
-                or "default" in text):
+        if (not action.option_strings or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS or "default" in text):
             return text
         return f"{text} (default: %(default)s)"
 

@@ -88,7 +88,9 @@ def test_help_is_clean():
     parser = build_parser(prog="mlip-train")
     text = parser.format_help()
     assert "(default: None)" not in text and "(default: False)" not in text and "deepscale" not in text
-    assert text.count("(default 6000)") == 1 and "(default 6000) (default" not in text.replace("\n", " ")
+    flat = " ".join(text.split())
+    assert flat.count("(default 6000)") == 1 and "(default 6000) (default" not in flat
+    assert "generator (default: 0)" in flat  # a default of 0 is shown (0 == False must not hide it)
     for action in parser._actions:
         if action.option_strings and action.help is not argparse.SUPPRESS:
             assert action.help, f"{action.option_strings} has no help"
