@@ -18,11 +18,20 @@ from torch.utils.data import Dataset
 from . import datasets as D
 from .shard_reader import ShardSplit, find_index
 
-__all__ = ["DataConfigError", "build_pretrain_dataset"]
+__all__ = ["DataConfigError", "build_pretrain_dataset", "check_data_exists"]
 
 
 class DataConfigError(ValueError):
     """``--data`` does not name a usable dataset."""
+
+
+def check_data_exists(data: str) -> Path:
+    """``--data`` as a path that exists; :class:`DataConfigError` saying what it may name otherwise."""
+    path = Path(data)
+    if not path.exists():
+        raise DataConfigError(f"--data {data}: no such file or folder (use 'synthetic', a shard folder, a master.csv, "
+                              f"an Open-I folder or a CSV/JSONL manifest)")
+    return path
 
 
 def build_pretrain_dataset(data: str, split: Optional[str], transform, *, image_root: Optional[str] = None,
@@ -34,10 +43,7 @@ def build_pretrain_dataset(data: str, split: Optional[str], transform, *, image_
     folder; manifests and Open-I have no split column and serve every row for ``train`` (evaluation splits
     are then unavailable: None, as is a split that a shard folder lacks).
     """
-    path = Path(data)
-    if not path.exists():
-        raise DataConfigError(f"--data {data}: no such file or folder (use 'synthetic', a shard folder, a master.csv, "
-                              f"an Open-I folder or a CSV/JSONL manifest)")
+    path = check_data_exists(data)
     index = find_index(path)
     if index is not None:
         with open(index, encoding="utf-8") as f:

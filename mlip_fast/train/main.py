@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from mlip_fast.data.datasets import DatasetError
+from mlip_fast.data.sources import check_data_exists
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train import data as tdata
 from mlip_fast.train import ds_config as dsc
@@ -230,7 +231,8 @@ def preflight(args, device_type: str) -> tuple:
     """Every check that needs no process group, data or model, so that a mistake costs seconds and not a data
     generation: the DeepSpeed config (a file or a shipped name, with ``--batch-size`` / ``--precision`` /
     ``--wd`` / ``--warmup`` mapped onto it, then validated as a whole against the device), the model config
-    (``--model``, ``--model-overrides``, ``--image-size``, ...) and the ``--pretrained`` weights' path.
+    (``--model``, ``--model-overrides``, ``--image-size``, ...), that ``--data`` exists and the ``--pretrained``
+    weights' path.
 
     Returns (ds config, model config, the flag overrides as ``"key: old -> new"``); raises the usage errors
     that :func:`main` turns into one line on stderr and exit code 2.
@@ -250,6 +252,8 @@ def preflight(args, device_type: str) -> tuple:
     if _wants_tensorboard(raw_config, args):
         _require_tensorboard()
     model_cfg = _model_config(args, device_type)
+    if args.data != "synthetic":
+        check_data_exists(args.data)
     pretrained = args.pretrained
     if pretrained is not None and not str(pretrained).startswith("hf-hub:") and not Path(pretrained).expanduser().exists():
         raise ConfigError(f"--pretrained {pretrained!r} does not exist (ViT weights: a local file or folder, or "

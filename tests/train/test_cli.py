@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from mlip_fast.data.sources import DataConfigError
 from mlip_fast.models.config import ConfigError
 from mlip_fast.train import ds_config as dsc
 from mlip_fast.train.args import build_parser, parse_args
@@ -47,6 +48,7 @@ def test_shipped_configs_by_name_and_flags_mapped_onto_them():
     (["--model-overrides", '{"vision": {"widht": 3}}'], ConfigError, "unknown keys \\['widht'\\]"),
     (["--pretrained", "/no/such/vit.safetensors"], ConfigError, "--pretrained '/no/such/vit.safetensors' does not exist"),
     (["--precision", "fp16"], dsc.DSConfigError, "fp16 is enabled but this run is on cpu"),
+    (["--data", "/no/such/master.csv"], DataConfigError, "--data /no/such/master.csv: no such file or folder"),
     (["--deepspeed_config", "zero9"], dsc.DSConfigError, "'zero9' does not exist.*zero1, zero2"),
     (["--deepspeed_config", "zero2_fp16_gpu"], dsc.DSConfigError, "needs a CUDA GPU"),
 ])
