@@ -54,9 +54,9 @@ def test_revisions_of_a_hub_snapshot_load_bitwise(tmp_path, hub_cache):
 
     assert_same(encode(MLIP.from_pretrained(REPO, revision="v1"), images), encode(old, images))
     assert_same(encode(MLIP.from_pretrained(f"hf-hub:{REPO}"), images), encode(new, images))
-    assert_same(encode(MLIP.from_pretrained(REPO, revision=first, local_files_only=True), images), encode(old, images))
-    loaded = MLIP.from_pretrained(REPO, revision="v1", cache_dir=hub_cache)
-    assert not loaded.training and loaded.config == old.config
+    by_commit = MLIP.from_pretrained(REPO, revision=first, local_files_only=True, cache_dir=hub_cache)
+    assert_same(encode(by_commit, images), encode(old, images))
+    assert not by_commit.training and by_commit.config == old.config
 
     model, train_tf, eval_tf = create_model_and_transforms(f"hf-hub:{REPO}", revision="v1")
     assert_same(encode(model.eval(), images), encode(old, images))
