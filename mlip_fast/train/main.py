@@ -361,9 +361,9 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
            zero_stage, device_type, start) -> dict:
     import deepspeed
 
-    from mlip_fast.data.transforms import ImageTransform
     from mlip_fast.losses import MLIPLoss
     from mlip_fast.models import create_model, from_pretrained, write_model_card
+    from mlip_fast.models.hub import default_preprocess
     from mlip_fast.models.attention import backend_report, selected_backend
     from mlip_fast.ops.dispatch import describe_selected
 
@@ -385,8 +385,8 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
         master = tdata.synthetic_cache_dir(Path(args.cache_dir), size, args.synthetic_n, args.synthetic_seed) / "master.csv"
         data, synthetic_root = str(master), master.parent
     v = model_cfg.vision
-    train_tf = ImageTransform(v.image_size, train=True, in_chans=v.in_chans)
-    eval_tf = ImageTransform(v.image_size, train=False, in_chans=v.in_chans)
+    # the preprocessing the export stores (preprocess_config.json) is the one the run trains with
+    train_tf, eval_tf = default_preprocess(model_cfg).transforms()
     kw = dict(image_root=args.image_root, max_bad_fraction=args.max_bad_fraction)
     train_set = tdata.build_pretrain_dataset(data, "train", train_tf, **kw)
     eval_sets = EvalSets(tdata.build_pretrain_dataset(data, "valid", eval_tf, **kw),
