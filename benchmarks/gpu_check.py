@@ -191,7 +191,7 @@ def section_patch_sentence_benchmark(ctx: Context) -> dict:
     from bench_patch_sentence import flops, make_inputs
 
     from mlip_fast.ops import patch_sentence_scores
-    from mlip_fast.ops.patch_sentence_chunked import patch_sentence_scores_chunked
+    from mlip_fast.ops.patch_sentence.chunked import patch_sentence_scores_chunked
 
     dev = ctx.device
     dtype = "float32" if ctx.dry_run else "bfloat16"

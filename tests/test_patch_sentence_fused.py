@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mlip_fast.ops import ImplUnavailableError, patch_sentence_scores
-from mlip_fast.ops.patch_sentence_chunked import patch_sentence_scores_chunked
+from mlip_fast.ops.patch_sentence.chunked import patch_sentence_scores_chunked
 
 IMPLS = ["triton", "chunked"]
 NEG_INF = float("-inf")
@@ -285,7 +285,7 @@ def test_triton_refuses_float64_naming_the_dtype():
 
 
 def test_custom_op_under_torch_compile():
-    from mlip_fast.ops.patch_sentence_triton import patch_sentence_scores_fwd
+    from mlip_fast.ops.patch_sentence.triton_impl import patch_sentence_scores_fwd
 
     B, G, K, S, D = 2, 3, 4, 3, 16
     p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=4)

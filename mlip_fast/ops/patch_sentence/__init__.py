@@ -1,7 +1,7 @@
 """Public patch-sentence scores op: input checks, then dispatch to the reference, chunked or Triton impl.
 
-See ``mlip_fast.reference.patch_sentence`` for the formula. The fused impls register themselves into
-this op's registry when their modules are imported (at the end of this file).
+See ``mlip_fast.reference.patch_sentence`` for the formula. One module per backend (``chunked``,
+``triton_impl``), each exposing its ``IMPL``; this package registers them explicitly, in one place.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from mlip_fast import _checks
 from mlip_fast.ops.dispatch import Impl, registry
+from mlip_fast.ops.patch_sentence import chunked, triton_impl
 from mlip_fast.reference import patch_sentence as _reference
 
 OP_NAME = "patch_sentence_scores"
@@ -30,6 +31,8 @@ REGISTRY.register(
         dtypes=_checks.FLOAT_DTYPES,
     )
 )
+REGISTRY.register(chunked.IMPL)
+REGISTRY.register(triton_impl.IMPL)
 
 
 def patch_sentence_scores(
@@ -106,18 +109,3 @@ def scores_unchecked(
     inputs = describe_inputs(patches, sentences, directions)
     chosen = REGISTRY.select(impl, patches.device, patches.dtype, inputs)
     return chosen.fn(patches, sentences, sentence_mask, patch_mask, directions, deterministic)
-
-
-def _register_fused_impls() -> None:
-    """Imports the fused impl modules so they register themselves (they import this module's REGISTRY)."""
-    import importlib
-
-    for module in ("mlip_fast.ops.patch_sentence_chunked", "mlip_fast.ops.patch_sentence_triton"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-
-
-_register_fused_impls()

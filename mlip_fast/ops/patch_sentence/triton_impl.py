@@ -13,8 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from mlip_fast.ops.dispatch import Impl, registry, triton_unavailable_reason
-from mlip_fast.ops.patch_sentence import OP_NAME, PRIORITY
+from mlip_fast.ops.dispatch import Impl, triton_unavailable_reason
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -160,13 +159,11 @@ def triton_limits(inputs) -> list:
     return kernels.limits(inputs["K"], inputs["S"], inputs["dtype"], kernels.target_of(inputs["device"]).arch)
 
 
-registry(OP_NAME, PRIORITY).register(
-    Impl(
-        name="triton",
-        fn=patch_sentence_scores_triton,
-        devices=("cuda", "cpu"),
-        dtypes=SUPPORTED_DTYPES,
-        unavailable=triton_unavailable_reason,
-        limits=triton_limits,
-    )
+IMPL = Impl(
+    name="triton",
+    fn=patch_sentence_scores_triton,
+    devices=("cuda", "cpu"),
+    dtypes=SUPPORTED_DTYPES,
+    unavailable=triton_unavailable_reason,
+    limits=triton_limits,
 )

@@ -15,8 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from mlip_fast import _checks
-from mlip_fast.ops.dispatch import Impl, registry
-from mlip_fast.ops.patch_sentence import OP_NAME, PRIORITY
+from mlip_fast.ops.dispatch import Impl
 from mlip_fast.reference.patch_sentence import score_dtype
 
 # Elements of one similarity tile: 2**19 fp32 values (2 MiB) stay in cache, keep the op count per call low
@@ -187,11 +186,9 @@ def patch_sentence_scores_chunked(
     return (i2t if do_i2t else None), (t2i if do_t2i else None)
 
 
-registry(OP_NAME, PRIORITY).register(
-    Impl(
-        name="chunked",
-        fn=patch_sentence_scores_chunked,
-        devices=("cpu", "cuda", "mps", "xpu"),
-        dtypes=_checks.FLOAT_DTYPES,
-    )
+IMPL = Impl(
+    name="chunked",
+    fn=patch_sentence_scores_chunked,
+    devices=("cpu", "cuda", "mps", "xpu"),
+    dtypes=_checks.FLOAT_DTYPES,
 )
