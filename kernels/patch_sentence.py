@@ -514,13 +514,14 @@ def patch_sentence_fwd(
     return i2t, t2i, arg_i2t, arg_t2i
 
 
-def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch: int, own_is_patch: bool) -> dict:
+def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch: int, own_is_patch: bool,
+               atomic: bool = False) -> dict:
     """Block sizes of one backward side (checked spill-free on sm_80 and sm_90 by the static tool).
 
     Own rows: 64 (half) or 32 (fp32) per program; other columns: about 64 per step, sentence slots padded to at
-    least 4 (tiny S would otherwise put 64 entities in one block); D columns per program: 256 on sm_90 and 128
-    on sm_80 for half inputs (the block of M is built once for all of them; 8 warps), 64 for fp32, whose FMA dot
-    keeps its operands in registers.
+    least 4 (tiny S would otherwise put 64 entities in one block); D columns per program: 256 on sm_90 (4 warps,
+    two blocks per SM) and 128 on sm_80 (8 warps) for half inputs (the block of M is built once for all of
+    them), 64 for fp32, whose FMA dot keeps its operands in registers.
     """
     half = _half(dtype) and not INTERPRET
     rows = 64 if (half or INTERPRET) else 32
@@ -545,7 +546,14 @@ def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch:
     else:
         dc_max = 64
     dc = min(dc_max, _pow2(D, 16))
-    warps = 8 if half and (dc >= 256 or arch < 90) else 4
+    # sm_90, reports of up to 16 sentences, plain stores: 4 warps (one warpgroup) keep two blocks resident per
+    # SM, so one block builds its block of M while the other's wgmma runs. Longer reports (wider compact
+    # loads), the atomic epilogue and sm_80's mma.sync accumulators need 8 warps to stay spill-free.
+    slots = cb if own_is_patch else rb
+    if half and (arch < 90 or slots > 16 or atomic):
+        warps = 8
+    else:
+        warps = 4
     return dict(XB=xb, RB=rb, YB=yb, CB=cb, DC=dc, num_warps=warps, num_stages=2)
 
 
@@ -577,6 +585,7 @@ def _bwd_side(
     split = triton.cdiv(steps, per_split)
     use_atomic = split > 1 and not deterministic
     if use_atomic:
+        cfg = bwd_config(X, R, Y, C, D, own.dtype, target.arch, own_is_patch, atomic=True)
         out = torch.zeros((1, X * R, D), dtype=torch.float32, device=own.device)
     else:
         out = torch.empty((split, X * R, D), dtype=torch.float32, device=own.device)
