@@ -519,8 +519,8 @@ def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch:
     """Block sizes of one backward side (checked spill-free on sm_80 and sm_90 by the static tool).
 
     Own rows: 64 (half) or 32 (fp32) per program; other columns: about 64 per step, sentence slots padded to at
-    least 4 (tiny S would otherwise put 64 entities in one block); D columns per program: 256 on sm_90 (4 warps,
-    two blocks per SM) and 128 on sm_80 (8 warps) for half inputs (the block of M is built once for all of
+    least 4 (tiny S would otherwise put 64 entities in one block); D columns per program: 256 on sm_90 (4 warps
+    and two blocks per SM for 16-slot reports) and 128 on sm_80 (8 warps) for half inputs (the block of M is built once for all of
     them), 64 for fp32, whose FMA dot keeps its operands in registers.
     """
     half = _half(dtype) and not INTERPRET
@@ -546,11 +546,12 @@ def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch:
     else:
         dc_max = 64
     dc = min(dc_max, _pow2(D, 16))
-    # sm_90, reports of up to 16 sentences, plain stores: 4 warps (one warpgroup) keep two blocks resident per
-    # SM, so one block builds its block of M while the other's wgmma runs. Longer reports (wider compact
-    # loads), the atomic epilogue and sm_80's mma.sync accumulators need 8 warps to stay spill-free.
+    # sm_90, reports of 9 to 16 sentences (16 slots), plain stores: 4 warps (one warpgroup) keep two blocks
+    # resident per SM, so one block builds its block of M while the other's wgmma runs. Other slot counts (more
+    # entities or wider compact loads per step), the atomic epilogue and sm_80's mma.sync accumulators need 8
+    # warps to stay spill-free.
     slots = cb if own_is_patch else rb
-    if half and (arch < 90 or slots > 16 or atomic):
+    if half and (arch < 90 or slots != 16 or atomic):
         warps = 8
     else:
         warps = 4
