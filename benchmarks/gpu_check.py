@@ -359,7 +359,7 @@ def section_loss_local(ctx: Context) -> dict:
     from bench_patch_sentence import make_inputs
 
     from mlip_fast import functional as MF
-    from mlip_fast.losses import INIT_TEMPERATURE
+    from mlip_fast.constants import INIT_LOGIT_SCALE
     from mlip_fast.ops import patch_sentence_scores
 
     dtype = "float32" if ctx.dry_run else "bfloat16"
@@ -379,7 +379,7 @@ def section_loss_local(ctx: Context) -> dict:
             i2t, _ = patch_sentence_scores(pn, sn, m, directions="i2t", impl="triton" if ctx.device.type == "cuda" else "chunked")
             _, t2i = patch_sentence_scores(pn, sn, m, directions="t2i", impl="triton" if ctx.device.type == "cuda" else "chunked")
             labels = torch.arange(B, device=p.device)
-            scale = 1.0 / INIT_TEMPERATURE
+            scale = INIT_LOGIT_SCALE
             loss = 0.5 * (torch.nn.functional.cross_entropy(scale * i2t, labels)
                           + torch.nn.functional.cross_entropy(scale * t2i.T, labels))
             return torch.autograd.grad(loss, (p, s))

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from mlip_fast import _checks
+from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE, INIT_LOGIT_SCALE
 from mlip_fast.distributed import all_to_all_blocks, gather, max_size, rank_and_world
 from mlip_fast.ops.patch_sentence import scores_unchecked
-
-DEFAULT_SIE_TEMPERATURE = 0.1
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +160,7 @@ def patch_sentence_loss(
     sentences: torch.Tensor,
     sentence_mask: Optional[torch.Tensor] = None,
     patch_mask: Optional[torch.Tensor] = None,
-    logit_scale=1.0 / 0.07,
+    logit_scale=INIT_LOGIT_SCALE,
     weights: Optional[torch.Tensor] = None,
     *,
     local_loss: bool = True,
@@ -292,8 +291,8 @@ def mlip_loss(
     sentence_mask: Optional[torch.Tensor] = None,
     integrity_logits: Optional[torch.Tensor] = None,
     integrity_weights: Optional[torch.Tensor] = None,
-    logit_scale_global=1.0 / 0.07,
-    logit_scale_local=1.0 / 0.07,
+    logit_scale_global=INIT_LOGIT_SCALE,
+    logit_scale_local=INIT_LOGIT_SCALE,
     patch_mask: Optional[torch.Tensor] = None,
     *,
     lambda_local: float = 1.0,

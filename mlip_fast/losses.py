@@ -1,15 +1,20 @@
 """MLIP's losses as drop-in nn.Modules (formulas and shapes in :mod:`mlip_fast.functional`).
 
-Each module that uses a temperature owns a learnable log logit scale (init log(1/0.07), the scale is
-clamped at 100) that is used when ``forward`` gets no ``logit_scale``; pass the model's own scale to use
-that instead. ``impl`` picks the patch-sentence scores implementation: "auto", "reference", "chunked" or
-"triton" (see :func:`mlip_fast.ops.patch_sentence_scores`).
+Each module that uses a temperature owns a learnable :class:`LogitScale` (init 1 / 0.07, bounded at 100,
+see :mod:`mlip_fast.constants`) that is used when ``forward`` gets no ``logit_scale``; pass the model's own
+scale to use that instead. As in open_clip, the bound is kept by clamping the parameter after each
+optimizer step, not inside ``forward``: call :func:`clamp_logit_scales_` on the model (and on the loss
+modules whose own scale you train) after ``optimizer.step()``. ``impl`` picks the patch-sentence scores
+implementation: "auto", "reference", "chunked" or "triton" (see :func:`mlip_fast.ops.patch_sentence_scores`).
 
 Example::
 
-    from mlip_fast.losses import MLIPLoss
+    from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
     criterion = MLIPLoss()
     total, terms = criterion(**model(batch))
+    total.backward()
+    optimizer.step()
+    clamp_logit_scales_(model)
 """
 from __future__ import annotations
 
@@ -20,28 +25,67 @@ import torch
 from torch import nn
 
 from mlip_fast import functional as MF
+from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE, INIT_LOGIT_SCALE, INIT_TEMPERATURE, MAX_LOGIT_SCALE
 
-INIT_TEMPERATURE = 0.07
-MAX_LOGIT_SCALE = 100.0
-
-__all__ = ["GlobalContrastiveLoss", "PatchSentenceLoss", "SemanticIntegrityLoss", "MLIPLoss"]
+__all__ = ["LogitScale", "clamp_logit_scales_", "GlobalContrastiveLoss", "PatchSentenceLoss",
+           "SemanticIntegrityLoss", "MLIPLoss"]
 
 
-class _LogitScale(nn.Module):
-    """Learnable log(1 / temperature); ``forward`` returns exp of it, clamped at ``MAX_LOGIT_SCALE``."""
+class LogitScale(nn.Module):
+    """A learnable logit scale: the parameter ``log_scale`` = log(1 / temperature); ``forward()`` gives
+    exp(log_scale) as a 0-dim tensor.
 
-    def __init__(self, init_temperature: float = INIT_TEMPERATURE, learnable: bool = True):
+    The scale is bounded at ``max_scale`` by clamping the parameter after each optimizer step
+    (:meth:`clamp_`, :func:`clamp_logit_scales_`), as open_clip does, and not inside ``forward``: a clamp
+    in ``forward`` has zero gradient once the parameter passes log(max_scale), so it could never come back.
+    An initial value above ``max_scale`` starts at ``max_scale``.
+
+    A module of its own so that DeepSpeed ZeRO-3 gathers the parameter around the call that reads it. The
+    parameter has shape [1], not [], because DeepSpeed's start-up broadcast views every parameter as bytes,
+    which fails for 0-dim tensors. ``learnable=False`` keeps the value in a buffer instead.
+    """
+
+    def __init__(self, init: float = INIT_LOGIT_SCALE, max_scale: float = MAX_LOGIT_SCALE, learnable: bool = True):
         super().__init__()
-        if not init_temperature > 0:
-            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
-        value = torch.tensor(math.log(1.0 / init_temperature))
+        if not (math.isfinite(init) and init > 0):
+            raise ValueError(f"the initial logit scale must be finite and > 0, got {init}")
+        if not (math.isfinite(max_scale) and max_scale > 0):
+            raise ValueError(f"max_scale must be finite and > 0, got {max_scale}")
+        self.max_scale = float(max_scale)
+        value = torch.full((1,), math.log(min(init, max_scale)))
         if learnable:
             self.log_scale = nn.Parameter(value)
         else:
             self.register_buffer("log_scale", value)
 
+    @property
+    def max_log_scale(self) -> float:
+        """The bound of the parameter: log(``max_scale``)."""
+        return math.log(self.max_scale)
+
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        return self.log_scale.exp().squeeze(0)
+
+    @torch.no_grad()
+    def clamp_(self) -> "LogitScale":
+        """Clamps the parameter at log(``max_scale``) in place (after an optimizer step)."""
+        self.log_scale.clamp_(max=self.max_log_scale)
+        return self
+
+
+def clamp_logit_scales_(module: nn.Module) -> None:
+    """Clamps every :class:`LogitScale` inside ``module`` (the model, a loss module) at its bound; call it
+    after each ``optimizer.step()``. (The DeepSpeed training app clamps the optimizer's fp32 copy as well:
+    ``mlip_fast.train.loop.clamp_engine_logit_scales``.)"""
+    for m in module.modules():
+        if isinstance(m, LogitScale):
+            m.clamp_()
+
+
+def _loss_scale(init_temperature: float, learnable: bool = True) -> LogitScale:
+    if not init_temperature > 0:
+        raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+    return LogitScale(1.0 / init_temperature, learnable=learnable)
 
 
 class GlobalContrastiveLoss(nn.Module):
@@ -58,7 +102,7 @@ class GlobalContrastiveLoss(nn.Module):
         super().__init__()
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        self.logit_scale = _LogitScale(init_temperature, learn_temperature)
+        self.logit_scale = _loss_scale(init_temperature, learn_temperature)
 
     def forward(self, image, text, logit_scale=None, weights=None) -> torch.Tensor:
         scale = self.logit_scale() if logit_scale is None else logit_scale
@@ -85,7 +129,7 @@ class PatchSentenceLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
         self.impl = impl
         self.deterministic = deterministic
-        self.logit_scale = _LogitScale(init_temperature, learn_temperature)
+        self.logit_scale = _loss_scale(init_temperature, learn_temperature)
 
     def forward(self, patches, sentences, sentence_mask=None, patch_mask=None, logit_scale=None, weights=None):
         scale = self.logit_scale() if logit_scale is None else logit_scale
@@ -99,7 +143,7 @@ class PatchSentenceLoss(nn.Module):
 class SemanticIntegrityLoss(nn.Module):
     """KL loss of the semantic integrity estimator; see :func:`mlip_fast.functional.semantic_integrity_loss`."""
 
-    def __init__(self, temperature: float = MF.DEFAULT_SIE_TEMPERATURE):
+    def __init__(self, temperature: float = DEFAULT_SIE_TEMPERATURE):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -126,7 +170,7 @@ class MLIPLoss(nn.Module):
         lambda_sie: float = 0.1,
         weight_global: bool = True,
         weight_local: bool = False,
-        sie_temperature: float = MF.DEFAULT_SIE_TEMPERATURE,
+        sie_temperature: float = DEFAULT_SIE_TEMPERATURE,
         local_loss: bool = True,
         gather_with_grad: bool = True,
         impl: str = "auto",
@@ -143,8 +187,8 @@ class MLIPLoss(nn.Module):
             weight_local=weight_local, sie_temperature=sie_temperature, local_loss=local_loss,
             gather_with_grad=gather_with_grad, impl=impl, deterministic=deterministic,
         )
-        self.logit_scale_global = _LogitScale(init_temperature)
-        self.logit_scale_local = _LogitScale(init_temperature)
+        self.logit_scale_global = _loss_scale(init_temperature)
+        self.logit_scale_local = _loss_scale(init_temperature)
 
     def forward(
         self,

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from mlip_fast import functional as MF
-from mlip_fast.losses import GlobalContrastiveLoss, MLIPLoss, PatchSentenceLoss, SemanticIntegrityLoss
+from mlip_fast.losses import (
+    GlobalContrastiveLoss,
+    LogitScale,
+    MLIPLoss,
+    PatchSentenceLoss,
+    SemanticIntegrityLoss,
+    clamp_logit_scales_,
+)
 from tests.slow_reference import normalize_rows, slow_infonce, slow_scores
 
 
@@ -155,9 +162,58 @@ def test_modules_use_own_scale_and_match_functional():
     )
 
 
-def test_scale_is_clamped_at_100():
+def test_scale_starts_at_most_at_100():
     g = GlobalContrastiveLoss(init_temperature=0.001)
     assert g.logit_scale().item() == pytest.approx(100.0)
+
+
+def test_logit_scale_gradient_is_not_zero_above_the_bound():
+    """A clamp inside forward has zero gradient once the parameter passes log(max); the scale is bounded
+    by clamping the parameter after the step instead, so forward keeps d exp(t) / dt = exp(t) everywhere."""
+    scale = LogitScale(10.0, max_scale=100.0).double()
+    for value in (math.log(10.0), math.log(1000.0)):  # below and above the bound
+        with torch.no_grad():
+            scale.log_scale.fill_(value)
+        scale.log_scale.grad = None
+        out = scale()
+        assert out.shape == ()
+        out.backward()
+        assert out.item() == pytest.approx(math.exp(value), rel=1e-12)
+        assert scale.log_scale.grad.item() == pytest.approx(math.exp(value), rel=1e-12)
+
+
+def test_clamp_after_step_bounds_the_parameter():
+    scale = LogitScale(10.0, max_scale=100.0)
+    with torch.no_grad():
+        scale.log_scale.fill_(math.log(1000.0))
+    assert scale().item() == pytest.approx(1000.0, rel=1e-6)  # forward itself does not bound it
+    scale.clamp_()
+    assert scale.log_scale.item() == pytest.approx(math.log(100.0), rel=1e-7)  # fp32 rounding of log(100)
+    below = LogitScale(10.0, max_scale=100.0)
+    before = below.log_scale.detach().clone()
+    below.clamp_()
+    assert torch.equal(below.log_scale.detach(), before)  # inside the bound: untouched
+
+
+def test_clamp_logit_scales_reaches_every_scale_of_a_module():
+    crit = MLIPLoss()
+    fixed = GlobalContrastiveLoss(learn_temperature=False)
+    with torch.no_grad():
+        for s in (crit.logit_scale_global, crit.logit_scale_local, fixed.logit_scale):
+            s.log_scale.fill_(7.0)
+    clamp_logit_scales_(torch.nn.ModuleList([crit, fixed]))
+    for s in (crit.logit_scale_global, crit.logit_scale_local, fixed.logit_scale):
+        assert s.log_scale.item() == pytest.approx(math.log(100.0), rel=1e-7)
+    assert "logit_scale.log_scale" in dict(fixed.named_buffers())  # not learnable: a buffer, clamped all the same
+
+
+def test_logit_scale_rejects_bad_values():
+    with pytest.raises(ValueError, match="initial logit scale"):
+        LogitScale(0.0)
+    with pytest.raises(ValueError, match="max_scale"):
+        LogitScale(10.0, max_scale=float("inf"))
+    with pytest.raises(ValueError, match="init_temperature"):
+        PatchSentenceLoss(init_temperature=0.0)
 
 
 def test_bad_input_errors():

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from mlip_fast.constants import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE
+
 __all__ = ["VisionConfig", "TextConfig", "MLIPConfig", "ConfigError"]
 
 ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "math")
@@ -141,7 +143,8 @@ class MLIPConfig:
     ``mask_ratio`` r is the training default share of patches dropped before the ViT blocks
     (K = round((1 - r) P) kept); ``mask_temperature`` is the Gumbel-top-k temperature over the integrity
     logits; ``sie_hidden`` the hidden width of the semantic integrity estimator. Logit scales start at
-    ``init_logit_scale`` (1 / 0.07) and are clamped at ``max_logit_scale`` after ``exp``.
+    ``init_logit_scale`` (1 / 0.07) and are bounded at ``max_logit_scale`` (100) by clamping their parameter
+    after each optimizer step (:class:`mlip_fast.losses.LogitScale`).
     """
 
     name: str = "custom"
@@ -152,8 +155,8 @@ class MLIPConfig:
     mask_ratio: float = 0.5
     mask_temperature: float = 1.0
     sie_hidden: int = 256
-    init_logit_scale: float = 1.0 / 0.07
-    max_logit_scale: float = 100.0
+    init_logit_scale: float = INIT_LOGIT_SCALE
+    max_logit_scale: float = MAX_LOGIT_SCALE
 
     def __post_init__(self):
         if isinstance(self.vision, dict):

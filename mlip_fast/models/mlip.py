@@ -13,7 +13,6 @@ Checkpoints go through ``huggingface_hub``'s ``PyTorchModelHubMixin``: ``model.s
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 
 from mlip_fast.data.transforms import PreprocessConfig
+from mlip_fast.losses import LogitScale
 from mlip_fast.models import hub
 from mlip_fast.models.config import MLIPConfig
 from mlip_fast.models.model_card import CARD_METADATA, is_generated_card, render_model_card
@@ -30,7 +30,7 @@ from mlip_fast.models.text import TextTower
 from mlip_fast.models.tokenization import ReportTokenizer, fast_tokenizer
 from mlip_fast.models.vision import VisionTransformer
 
-__all__ = ["MLIP", "Projection", "LogitScale"]
+__all__ = ["MLIP", "Projection"]
 
 _TEXT_KEYS = ("input_ids", "attention_mask", "sentence_spans", "sentence_mask")
 
@@ -54,23 +54,6 @@ class Projection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-class LogitScale(nn.Module):
-    """Learnable log logit scale; ``forward()`` gives exp(log_scale) clamped at ``max_scale`` (0-dim).
-
-    A module of its own so that DeepSpeed ZeRO-3 gathers the parameter around the call that reads it.
-    The parameter has shape [1], not [], because DeepSpeed's start-up broadcast views every parameter as
-    bytes, which fails for 0-dim tensors.
-    """
-
-    def __init__(self, init: float, max_scale: float):
-        super().__init__()
-        self.max_scale = max_scale
-        self.log_scale = nn.Parameter(torch.full((1,), math.log(init)))
-
-    def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.max_scale).squeeze(0)
 
 
 class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_name"],
@@ -199,7 +182,7 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
 
         image_global [B, D], text_global [B, D], patches [B, K, D], patch_index [B, K],
         sentences [B, S, D], sentence_mask [B, S], integrity_logits [B, K], integrity_weights [B],
-        logit_scale_global, logit_scale_local (0-dim, exp'd and clamped).
+        logit_scale_global, logit_scale_local (0-dim, exp'd; bounded by the clamp after each optimizer step).
 
         ``mask_ratio=None`` means ``config.mask_ratio`` in training mode and 0 (the whole image) in eval
         mode; pass a number to override either.

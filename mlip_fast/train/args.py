@@ -18,7 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
-from mlip_fast.functional import DEFAULT_SIE_TEMPERATURE
+from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE
 
 __all__ = ["build_parser", "parse_args", "SYNTHETIC_PRESET", "PRECISIONS"]
 

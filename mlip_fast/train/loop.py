@@ -16,7 +16,9 @@ One optimizer step = ``gradient_accumulation_steps`` (N) micro-steps:
    optimizer step with a checkpoint;
 4. ``engine.backward`` and ``engine.step`` per micro-step (DeepSpeed applies clipping, accumulation and
    the schedule; the accumulated micro-step gradients already sum to the step's gradient, so they are not
-   divided by N again).
+   divided by N again);
+5. after the optimizer step, the logit scales' parameters are clamped at their bound (open_clip), in the
+   model and in the optimizer's fp32 copy (:func:`clamp_engine_logit_scales`).
 """
 from __future__ import annotations
 
@@ -30,12 +32,13 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from mlip_fast.losses import LogitScale, clamp_logit_scales_
 from mlip_fast.train.accum import CachedLoss, cache_outputs
 from mlip_fast.train.data import step_seed
 from mlip_fast.train.signals import StopRequest
 
 __all__ = ["LOSS_KEYS", "NonFiniteLossError", "TrainingStopped", "LoopContext", "LoopResult", "train_loop",
-           "model_inputs"]
+           "model_inputs", "clamp_engine_logit_scales"]
 
 LOSS_KEYS = ("loss", "loss_global", "loss_local", "loss_sie")
 _MODEL_KEYS = ("images", "input_ids", "attention_mask", "sentence_spans", "sentence_mask")
@@ -78,6 +81,27 @@ def _as_fp32(outputs: dict) -> dict:
 def _all_finite(outputs: dict) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in outputs.values()
                if torch.is_tensor(v) and v.is_floating_point())
+
+
+def clamp_engine_logit_scales(model: torch.nn.Module) -> None:
+    """Clamps every :class:`~mlip_fast.losses.LogitScale` of ``model`` (the engine's module) at its bound after
+    an optimizer step. A DeepSpeed optimizer updates its own fp32 copy of each parameter (ZeRO 1/2/3, bf16)
+    and writes it back into the model at the next step, so that copy is clamped and the model's parameter
+    set from it (gathered and re-partitioned under ZeRO-3). Collective: every rank calls it after every step."""
+    import deepspeed  # optional heavy dependency of the library; the training app's engine
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    for scale in (m for m in model.modules() if isinstance(m, LogitScale)):
+        param = scale.log_scale
+        master = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if master is None:  # no DeepSpeed optimizer holds a copy: the parameter is the master
+            clamp_logit_scales_(scale)
+            continue
+        master = master.clamp(max=scale.max_log_scale)
+        safe_set_full_fp32_param(param, master)
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")), \
+                torch.no_grad():
+            param.data.copy_(master.reshape(param.data.shape).to(param.dtype))
 
 
 @dataclass
@@ -172,6 +196,7 @@ def train_loop(ctx: LoopContext) -> LoopResult:
             for micro in range(ctx.accumulation):
                 engine.backward(loss.surrogate(micro, forward(micro)), scale_wrt_gas=False)
                 engine.step()
+        clamp_engine_logit_scales(engine.module)  # the step above was the optimizer's
         step += 1
         if step == ctx.start_step + 1 and ctx.on_first_step is not None:
             ctx.on_first_step()

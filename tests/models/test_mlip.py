@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mlip_fast.losses import MLIPLoss
+from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
 from mlip_fast.models import create_model, get_model_config
 from mlip_fast.models.vision import num_kept
 
@@ -136,10 +136,15 @@ def test_open_clip_shaped_encoders_return_embeddings(tiny_model, iu_reports):
     torch.testing.assert_close(one, txt_n[:1], atol=1e-6, rtol=1e-6)  # padding to a longer report changes nothing
 
 
-def test_logit_scales_clamped(tiny_model):
+def test_logit_scales_clamped_after_the_step_not_in_forward(tiny_model):
     with torch.no_grad():
         tiny_model.logit_scale_global.log_scale.fill_(math.log(1000.0))
-    assert tiny_model.logit_scale_global().item() == 100.0
+    scale = tiny_model.logit_scale_global()
+    assert scale.item() == pytest.approx(1000.0, rel=1e-6)
+    scale.backward()
+    assert tiny_model.logit_scale_global.log_scale.grad.item() == pytest.approx(1000.0, rel=1e-6)
+    clamp_logit_scales_(tiny_model)
+    assert tiny_model.logit_scale_global().item() == pytest.approx(100.0, rel=1e-6)
     assert tiny_model.logit_scale_local().item() == pytest.approx(1 / 0.07)
 
 

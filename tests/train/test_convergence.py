@@ -36,7 +36,7 @@ from mlip_fast.data.datasets import CHEXPERT5, PretrainDataset
 from mlip_fast.data.transforms import ImageTransform
 from mlip_fast.eval.data import SyntheticBenchmark
 from mlip_fast.eval.zeroshot import zero_shot_classify
-from mlip_fast.losses import MLIPLoss
+from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
 from mlip_fast.models import create_model, get_tokenizer
 from mlip_fast.train.data import step_seed, tokenize_fixed_sentences
 
@@ -86,6 +86,7 @@ def _train(corpus, impl: str, dtype: torch.dtype, steps: int):
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        clamp_logit_scales_(model)
         losses.append([float(terms[k]) for k in ("loss", "loss_global", "loss_local", "loss_sie")])
     return np.array(losses), model
 

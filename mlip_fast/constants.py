@@ -1,0 +1,18 @@
+"""The method's default values, one home each (losses, functional API, model configs and the training app
+read them from here).
+
+- ``INIT_TEMPERATURE``: CLIP's initial temperature tau; both learnable logit scales (global and local)
+  start at ``INIT_LOGIT_SCALE`` = 1 / tau.
+- ``MAX_LOGIT_SCALE``: the bound on a logit scale (CLIP, open_clip); the parameter log(scale) is clamped at
+  log(``MAX_LOGIT_SCALE``) after each optimizer step (:class:`mlip_fast.losses.LogitScale`).
+- ``DEFAULT_SIE_TEMPERATURE``: tau_sie of the semantic integrity estimator's target distribution (the
+  method leaves it open).
+"""
+from __future__ import annotations
+
+__all__ = ["INIT_TEMPERATURE", "INIT_LOGIT_SCALE", "MAX_LOGIT_SCALE", "DEFAULT_SIE_TEMPERATURE"]
+
+INIT_TEMPERATURE = 0.07
+INIT_LOGIT_SCALE = 1.0 / INIT_TEMPERATURE
+MAX_LOGIT_SCALE = 100.0
+DEFAULT_SIE_TEMPERATURE = 0.1

@@ -1,0 +1,122 @@
+"""The logit scales are bounded by clamping their parameter after each optimizer step (open_clip), not in
+forward: the training loop clamps right after the step, and under DeepSpeed the optimizer's fp32 copy of the
+parameter is clamped too (otherwise the next step would write the unclamped copy back into the model)."""
+import math
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from mlip_fast.losses import LogitScale
+from mlip_fast.train.loop import LOSS_KEYS, LoopContext, clamp_engine_logit_scales, train_loop
+from mlip_fast.train.signals import StopRequest
+
+BOUND = math.log(100.0)
+BOUND_FP32 = torch.tensor(BOUND, dtype=torch.float32).item()
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = LogitScale(90.0, max_scale=100.0)
+
+
+class _Engine:
+    """What ``train_loop`` uses of a DeepSpeed engine, over a plain SGD step; records the parameter at every
+    forward and right after every optimizer step."""
+
+    def __init__(self, lr: float):
+        self.module, self.device, self.lr = _Net(), torch.device("cpu"), lr
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=lr)
+        self.at_forward, self.after_step = [], []
+
+    def get_lr(self):
+        return [self.lr]
+
+    def train(self):
+        self.module.train()
+
+    def __call__(self, inputs, **kwargs):
+        self.at_forward.append(self.module.scale.log_scale.item())
+        return {"logit_scale_global": self.module.scale()}
+
+    def backward(self, loss, **kwargs):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.after_step.append(self.module.scale.log_scale.item())
+
+
+class _Reporter:
+    def start_progress(self, *args, **kwargs):
+        pass
+
+    update_progress = close_progress = record = start_progress
+
+
+def _criterion(logit_scale_global):
+    # a loss that always wants a larger scale: every step pushes the parameter up by lr * scale
+    total = -logit_scale_global
+    return total, {k: total.detach() for k in LOSS_KEYS}
+
+
+def _batches():
+    keys = ("images", "input_ids", "attention_mask", "sentence_spans", "sentence_mask")
+    while True:
+        yield {k: torch.zeros(1, 2) for k in keys}
+
+
+def test_loop_clamps_right_after_each_optimizer_step():
+    engine = _Engine(lr=0.01)  # log(90) + 0.01 * 90 > log(100): every step overshoots the bound
+    ctx = LoopContext(engine=engine, criterion=_criterion, batches=_batches(), reporter=_Reporter(), stop=StopRequest(),
+                      seed=0, rank=0, world_size=1, accumulation=1, global_batch=1, steps_per_epoch=10, total_steps=3,
+                      start_step=0, dtype=torch.float32, mask_ratio=None)
+    train_loop(ctx)
+    assert len(engine.after_step) == 3 and all(v > BOUND + 0.1 for v in engine.after_step)
+    assert engine.at_forward[0] == pytest.approx(math.log(90.0), rel=1e-7)
+    assert engine.at_forward[1:] == [BOUND_FP32, BOUND_FP32]  # clamped before the next step's forward
+    assert engine.module.scale.log_scale.item() == BOUND_FP32  # and after the last one
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "bf16")])
+def test_engine_clamp_reaches_the_optimizer_copy(stage, precision, monkeypatch):
+    """ZeRO-2 (fp32 partitions of the parameters) and ZeRO-3 (bf16 model, partitioned parameters): after the
+    clamp, a step with zero gradient (Adam's first update is then 0) leaves the model at the bound, which it
+    only does when the optimizer's fp32 copy was clamped as well."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu").items():
+        monkeypatch.setenv(key, value)
+    owns_group = not dist.is_initialized()
+    net = _Net()
+    net.lin = nn.Linear(2, 2)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+              "bf16": {"enabled": precision == "bf16"},
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.0, "torch_adam": True}}}
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
+        param = engine.module.scale.log_scale
+        safe_set_full_fp32_param(param, torch.full((1,), 7.0))  # as if the last step went far above the bound
+        clamp_engine_logit_scales(engine.module)
+        assert safe_get_full_fp32_param(param).item() == BOUND_FP32
+        engine.train()
+        loss = engine.module.scale() * 0.0 + engine.module.lin(torch.ones(1, 2, dtype=param.dtype)).sum() * 0.0
+        engine.backward(loss)
+        engine.step()
+        assert safe_get_full_fp32_param(param).item() == BOUND_FP32
+        assert engine.module.scale().float().item() == pytest.approx(100.0, rel=1e-2 if precision == "bf16" else 1e-6)
+    finally:
+        if owns_group and dist.is_initialized():
+            deepspeed.comm.destroy_process_group()
