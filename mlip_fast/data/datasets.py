@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .images import ImageLoadError, load_image
+from .labels import CHEXPERT5, CHEXPERT_LABELS, RSNA_LABELS, SIIM_LABELS
 from .reports import extract_sections, report_text
 
 __all__ = [
@@ -54,19 +55,11 @@ __all__ = [
     "ImageFolderDataset",
     "rle_decode",
     "rle_encode",
-    "CHEXPERT_LABELS",
-    "CHEXPERT5",
     "IMAGE_EXTENSIONS",
     "TABLE_ENCODING",
     "report_problem",
 ]
 
-CHEXPERT_LABELS = (
-    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-    "Fracture", "Support Devices",
-)
-CHEXPERT5 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".gif", ".webp")
 
 
@@ -708,7 +701,7 @@ class RSNAPneumoniaDataset(RobustDataset):
         patient_ids: keep only these patients (e.g. a split file), in the given order.
     """
 
-    label_names = ("Pneumonia",)
+    label_names = RSNA_LABELS
 
     def __init__(self, labels_csv, image_dir, transform=None, boxes: bool = False,
                  patient_ids: Sequence[str] | None = None, max_bad_fraction: float = 0.01):
@@ -821,7 +814,7 @@ class SIIMPneumothoraxDataset(RobustDataset):
         image_ids: keep only these images (e.g. a split), in the given order.
     """
 
-    label_names = ("Pneumothorax",)
+    label_names = SIIM_LABELS
 
     def __init__(self, rle_csv, image_dir, transform=None, relative_rle: bool = True,
                  image_ids: Sequence[str] | None = None, max_bad_fraction: float = 0.01):

@@ -9,7 +9,7 @@ DIR/masks/<id>_<finding>.png        0/255 pixel mask of one finding (present fin
 DIR/summary.json                    parameters, counts, prevalence, wall time
 ```
 master.csv columns: ``image_path`` (relative to DIR), ``study_id``, ``findings``, ``impression``,
-``split`` (train / valid / test), one 1/0 column per label in ``LABELS`` (CheXpert names), and
+``split`` (train / valid / test), one 1/0 column per label in ``SYNTHETIC_LABELS`` (CheXpert names), and
 ``findings_json``: a JSON list with one entry per present finding: ``name``, ``side`` ("right", "left",
 "bilateral" or "" for the heart), ``zone`` ("upper", "mid", "lower", "apical", "basal", "perihilar",
 "cardiac"), ``extent``, ``mask`` (relative path) and ``sentence`` (the findings-section sentence that
@@ -50,10 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mlip_fast.data.labels import SYNTHETIC_LABELS
+
 __all__ = [
     "FINDINGS",
-    "LABELS",
-    "CHEXPERT5",
     "PREVALENCE",
     "make_sample",
     "generate",
@@ -61,8 +61,6 @@ __all__ = [
 ]
 
 FINDINGS = ("consolidation", "pleural_effusion", "pneumothorax", "cardiomegaly", "atelectasis", "edema", "nodule")
-LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax", "Pneumonia")
-CHEXPERT5 = LABELS[:5]
 PREVALENCE = {
     "consolidation": 0.3,
     "pleural_effusion": 0.27,
@@ -514,7 +512,7 @@ def make_sample(seed: int, index: int = 0, size: int = 224) -> dict:
     Returns:
         dict with ``image`` float32 [S, S] in [0, 1], ``masks`` {finding name: bool [S, S]},
         ``findings`` (list of dicts: name, side, zone, extent, sentence), ``findings_text``,
-        ``impression``, ``labels`` {label name: 0 | 1} over ``LABELS``.
+        ``impression``, ``labels`` {label name: 0 | 1} over ``SYNTHETIC_LABELS``.
     """
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")
@@ -526,7 +524,7 @@ def make_sample(seed: int, index: int = 0, size: int = 224) -> dict:
             # Tiny images can round a small finding away: keep at least its strongest pixel.
             mask.flat[int(np.argmax(np.abs(image - image.mean())))] = True
     findings_text, impression = _write_report(rng, findings)
-    labels = {label: 0 for label in LABELS}
+    labels = {label: 0 for label in SYNTHETIC_LABELS}
     for f in findings:
         if f.name in _LABEL_OF:
             labels[_LABEL_OF[f.name]] = 1
@@ -625,7 +623,7 @@ def generate(out_dir, n: int, seed: int = 0, size: int = 224, workers: int = 2,
         with mp.get_context(method).Pool(workers) as pool:
             parts = pool.map(_work, jobs, chunksize=1)
     rows = sorted((row for part in parts for row in part), key=lambda r: r["_index"])
-    columns = ["image_path", "study_id", "findings", "impression", "split", *LABELS, "findings_json"]
+    columns = ["image_path", "study_id", "findings", "impression", "split", *SYNTHETIC_LABELS, "findings_json"]
     master = out_dir / "master.csv"
     with open(master, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -634,7 +632,7 @@ def generate(out_dir, n: int, seed: int = 0, size: int = 224, workers: int = 2,
             row["split"] = split_of[row["_index"]]
             writer.writerow(row)
     wall = time.perf_counter() - start
-    prevalence = {label: sum(r[label] for r in rows) / n for label in LABELS}
+    prevalence = {label: sum(r[label] for r in rows) / n for label in SYNTHETIC_LABELS}
     summary = {
         "dataset": "mlip_fast synthetic chest X-ray benchmark",
         "n": n, "seed": seed, "size": size, "workers": workers, "splits": list(splits),

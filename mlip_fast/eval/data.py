@@ -35,13 +35,11 @@ from torch.utils.data import Dataset
 from torch.utils.data import Subset
 
 from mlip_fast.eval.common import EvalDataError
-from mlip_fast.data.datasets import CHEXPERT5
+from mlip_fast.data.labels import CHEXPERT5, COVID_LABELS, SYNTHETIC_LABELS
 from mlip_fast.eval.protocols import UNCERTAIN_POLICIES, chexpert_value, map_uncertain, split_units
 
 __all__ = ["SyntheticBenchmark", "MaskedImageFolder", "CovidChestXray", "CheXpertLabels", "group_split",
-           "foreground_flags", "patient_of", "SYNTHETIC_LABELS"]
-
-SYNTHETIC_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion", "Pneumothorax", "Pneumonia")
+           "foreground_flags", "patient_of"]
 
 
 def _load_mask_file(path: Path) -> np.ndarray:
@@ -253,7 +251,7 @@ class CovidChestXray(Dataset):
         names: keep only these image file names.
     """
 
-    label_names = ("Pneumonia", "COVID-19")
+    label_names = COVID_LABELS
     _MASK_COLUMNS = {"v7labs": "v7labs_lung_mask", "lungvae": "lungVAE_mask"}
 
     def __init__(self, root: str | os.PathLike, transform: Optional[Callable] = None, masks: Optional[str] = None,

@@ -61,13 +61,12 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from mlip_fast.data.datasets import CHEXPERT5
+from mlip_fast.data.labels import CHEXPERT5, GLORIA_5X200_OBSERVATIONS
 from mlip_fast.eval.common import EvalDataError
 
 __all__ = [
     "UNCERTAIN_POLICIES",
     "GLORIA_UNCERTAIN",
-    "GLORIA_5X200_OBSERVATIONS",
     "SELECTION_CRITERIA",
     "SPLIT_METHODS",
     "SPLIT_NAMES",
@@ -92,10 +91,6 @@ UNCERTAIN = -1.0
 UNCERTAIN_POLICIES = ("ignore", "ones", "zeros", "gloria")
 # GLoRIA's constants.py (and MGCA's): "based on original chexpert paper".
 GLORIA_UNCERTAIN = {"Atelectasis": 1.0, "Cardiomegaly": 0.0, "Consolidation": 0.0, "Edema": 1.0, "Pleural Effusion": 1.0}
-GLORIA_5X200_OBSERVATIONS = CHEXPERT5 + (
-    "Enlarged Cardiomediastinum", "Lung Lesion", "Lung Opacity", "Pneumonia", "Pneumothorax", "Pleural Other",
-    "Fracture", "Support Devices",
-)
 SELECTION_CRITERIA = ("gloria", "five")
 SPLIT_METHODS = ("grouped", "mgca")
 SPLIT_NAMES = ("train", "valid", "test")

@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["EvalSets", "zero_shot", "localisation", "precision_context", "CHEXPERT5"]
+from mlip_fast.data.labels import CHEXPERT5
 
-CHEXPERT5 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+__all__ = ["EvalSets", "zero_shot", "localisation", "precision_context"]
 
 
 class EvalSets:

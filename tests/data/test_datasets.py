@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from mlip_fast.data.labels import CHEXPERT5
 from mlip_fast.data.datasets import (
-    CHEXPERT5,
     BadSampleWarning,
     CheXpert5x200Dataset,
     DatasetError,

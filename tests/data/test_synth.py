@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mlip_fast.data.reports import report_text, split_sentences
-from mlip_fast.data.synth import CHEXPERT5, FINDINGS, LABELS, generate, main, make_sample
+from mlip_fast.data.labels import CHEXPERT5, SYNTHETIC_LABELS
+from mlip_fast.data.synth import FINDINGS, generate, main, make_sample
 
 LABEL_OF = {
     "atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "consolidation": "Consolidation",
@@ -118,14 +119,14 @@ def test_linear_probe_on_tiny_images_separates_findings():
     for i in range(700):
         s = make_sample(1, i, 32)
         xs.append(s["image"].ravel())
-        ys.append([s["labels"][label] for label in LABELS])
+        ys.append([s["labels"][label] for label in SYNTHETIC_LABELS])
     x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
     xtr, xte, ytr, yte = x[:500], x[500:], y[:500], y[500:]
     mean = xtr.mean(0)
     xtr, xte = xtr - mean, xte - mean
     w = np.linalg.solve(xtr.T @ xtr + 3.0 * np.eye(x.shape[1]), xtr.T @ (ytr - ytr.mean(0)))
     scores = xte @ w
-    for k, label in enumerate(LABELS):
+    for k, label in enumerate(SYNTHETIC_LABELS):
         if label in CHEXPERT5 or label == "Pneumothorax":
             assert _auc(yte[:, k], scores[:, k]) >= 0.8, label
 
@@ -136,7 +137,7 @@ def test_generate_layout_determinism_and_workers(tmp_path):
     assert one.read_text() == two.read_text()
     rows = list(csv.DictReader(open(one)))
     assert len(rows) == 14
-    assert {"image_path", "findings", "impression", "split", "findings_json", *LABELS} <= set(rows[0])
+    assert {"image_path", "findings", "impression", "split", "findings_json", *SYNTHETIC_LABELS} <= set(rows[0])
     assert {r["split"] for r in rows} <= {"train", "valid", "test"}
     assert sum(r["split"] == "train" for r in rows) == round(0.8 * 14)
     for r in rows:

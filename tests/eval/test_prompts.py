@@ -5,6 +5,7 @@ import re
 import pytest
 
 from mlip_fast.data import synth
+from mlip_fast.data.labels import SYNTHETIC_LABELS
 from mlip_fast.eval.prompts import PromptError, list_prompt_files, load_prompts, normalise_name
 
 
@@ -14,7 +15,7 @@ def test_shipped_prompt_files():
         "atelectasis", "cardiomegaly", "consolidation", "edema", "pleuraleffusion"]
     assert list(load_prompts("rsna_pneumonia")) == ["pneumonia"]
     assert list(load_prompts("siim_pneumothorax")) == ["pneumothorax"]
-    assert tuple(load_prompts("synthetic")) == synth.LABELS
+    assert tuple(load_prompts("synthetic")) == SYNTHETIC_LABELS
     for name in list_prompt_files():
         for cls, sets in load_prompts(name).items():
             assert sets.positive and sets.negative, (name, cls)

@@ -8,11 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from mlip_fast.data.datasets import CHEXPERT5, CHEXPERT_LABELS
+from mlip_fast.data.labels import CHEXPERT5, CHEXPERT_LABELS, GLORIA_5X200_OBSERVATIONS
 from mlip_fast.eval.common import EvalDataError
 from mlip_fast.eval.fewshot import subset_indices
 from mlip_fast.eval.protocols import (
-    GLORIA_5X200_OBSERVATIONS,
     balanced_negatives,
     chexpert_5x200,
     list_split_definitions,

@@ -32,7 +32,8 @@ import pytest
 import torch
 
 from mlip_fast.data import synth
-from mlip_fast.data.datasets import CHEXPERT5, PretrainDataset
+from mlip_fast.data.datasets import PretrainDataset
+from mlip_fast.data.labels import CHEXPERT5
 from mlip_fast.data.transforms import ImageTransform
 from mlip_fast.eval.data import SyntheticBenchmark
 from mlip_fast.eval.zeroshot import zero_shot_classify
