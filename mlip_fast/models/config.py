@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 from mlip_fast.constants import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE
 
-__all__ = ["VisionConfig", "TextConfig", "MLIPConfig", "ConfigError"]
+__all__ = ["VisionConfig", "TextConfig", "MLIPConfig", "ConfigError", "check_mask_ratio"]
 
 ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "math")
 TEXT_SOURCES = ("random", "hf", "minilm", "auto")
@@ -26,6 +26,15 @@ DEFAULT_TEXT_MODEL = "emilyalsentzer/Bio_ClinicalBERT"
 
 class ConfigError(ValueError):
     """A configuration has an unknown key or an invalid value."""
+
+
+def check_mask_ratio(value) -> float:
+    """The masking ratio r (the share of patches dropped before the ViT blocks) as a float; it must be in
+    [0, 1), so that K = round((1 - r) P) >= 1 patches are kept. The one check of r: the config's field, and a
+    ratio passed to the model directly (``encode_image_local``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"mask_ratio must be in [0, 1), got {value!r}")
+    return float(value)
 
 
 def _from_dict(cls, data: dict, where: str):
@@ -165,7 +174,7 @@ class MLIPConfig:
             self.text = _from_dict(TextConfig, self.text, "text")
         _check(isinstance(self.embed_dim, int) and self.embed_dim > 0, f"embed_dim must be a positive int, got {self.embed_dim!r}")
         _check(self.projection in PROJECTIONS, f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
-        _check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        check_mask_ratio(self.mask_ratio)
         _check(self.mask_temperature > 0, f"mask_temperature must be positive, got {self.mask_temperature}")
         _check(isinstance(self.sie_hidden, int) and self.sie_hidden > 0, f"sie_hidden must be a positive int, got {self.sie_hidden!r}")
         _check(self.init_logit_scale > 0 and math.isfinite(self.init_logit_scale),

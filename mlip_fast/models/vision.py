@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from mlip_fast.models.attention import attention
-from mlip_fast.models.config import VisionConfig
+from mlip_fast.models.config import VisionConfig, check_mask_ratio
 from mlip_fast.models.estimator import SemanticIntegrityEstimator
 from mlip_fast.ops.integrity_mask import integrity_mask
 
@@ -32,8 +32,7 @@ __all__ = ["VisionTransformer", "VisionOutput", "Block", "Attention", "Mlp", "Em
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
     """K = round((1 - r) P), half rounded up, at least 1."""
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    mask_ratio = check_mask_ratio(mask_ratio)
     return max(1, int(math.floor((1.0 - mask_ratio) * num_patches + 0.5)))
 
 

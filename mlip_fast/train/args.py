@@ -52,13 +52,6 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
 def _non_negative(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
@@ -155,9 +148,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                        help="freeze the report encoder (the projections still train)")
     model.add_argument("--model-overrides", type=_json_object, default=None,
                        help='JSON merged into the model config, e.g. \'{"text": {"dropout": 0.0}}\'')
-    model.add_argument("--mask-ratio", type=_ratio, default=None,
-                       help="share of patches dropped before the ViT (default: the synthetic preset's with --data "
-                            "synthetic, else the model config's)")
+    model.add_argument("--mask-ratio", type=float, default=None,
+                       help="share of patches dropped before the ViT, in [0, 1); sets the model config's mask_ratio "
+                            "(default: the synthetic preset's with --data synthetic, else the model config's)")
     model.add_argument("--attn", default="auto", choices=("auto", "flash", "xformers", "sdpa", "math"),
                        help="ViT attention backend")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")

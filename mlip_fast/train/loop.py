@@ -120,7 +120,6 @@ class LoopContext:
     total_steps: int
     start_step: int
     dtype: torch.dtype
-    mask_ratio: Optional[float]
     log_every: int = 1
     eval_every: int = 0
     save_every: int = 0
@@ -164,7 +163,7 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         def forward(micro: int) -> dict:
             torch.manual_seed(seeds[micro])
             inputs = model_inputs(batches[micro], device, ctx.dtype)
-            return _as_fp32(engine(inputs, mask_ratio=ctx.mask_ratio, seed=seeds[micro]))
+            return _as_fp32(engine(inputs, seed=seeds[micro]))  # the model config's mask ratio (training mode)
 
         # N = 1 needs no cache: the one forward keeps its graph
         outputs = [forward(0)] if ctx.accumulation == 1 else cache_outputs(forward, ctx.accumulation)

@@ -446,7 +446,7 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
     sampler.start_step = start_step
     reporter.log("model %s: %.2fM parameters; image %d px, %d patches, mask ratio %.2f; text %s", model_cfg.name,
                  n_params / 1e6, v.image_size, model_cfg.vision.num_patches,
-                 model_cfg.mask_ratio if args.mask_ratio is None else args.mask_ratio, model_cfg.text.source)
+                 model_cfg.mask_ratio, model_cfg.text.source)
     reporter.log("DeepSpeed: ZeRO stage %d, %s, global batch %d = micro %d x accumulation %d x %d process(es), "
                  "%d steps (%.1f epochs of %d steps), peak lr %g", zero_stage, str(dtype).replace("torch.", ""),
                  global_batch, micro, accum, world, total_steps, total_steps / sampler.steps_per_epoch,
@@ -513,7 +513,7 @@ def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, loca
     ctx = LoopContext(engine=engine, criterion=criterion, batches=batches, reporter=reporter, stop=stop,
                       seed=args.seed, rank=rank, world_size=world, accumulation=accum, global_batch=global_batch,
                       steps_per_epoch=sampler.steps_per_epoch, total_steps=total_steps, start_step=start_step,
-                      dtype=dtype, mask_ratio=args.mask_ratio, log_every=args.log_every, eval_every=args.eval_every,
+                      dtype=dtype, log_every=args.log_every, eval_every=args.eval_every,
                       save_every=args.save_every, evaluate=evaluate, save=save, on_first_step=on_first_step,
                       monitor=monitor)
     setup_s = time.perf_counter() - start

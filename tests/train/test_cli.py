@@ -46,6 +46,7 @@ def test_shipped_configs_by_name_and_flags_mapped_onto_them():
     (["--model", "nope"], ConfigError, "unknown model 'nope'; shipped models: mlip-small, mlip-tiny"),
     (["--model", "missing.json"], ConfigError, "model config file 'missing.json' does not exist"),
     (["--model-overrides", '{"vision": {"widht": 3}}'], ConfigError, "unknown keys \\['widht'\\]"),
+    (["--mask-ratio", "1.0"], ConfigError, "mask_ratio must be in \\[0, 1\\), got 1.0"),
     (["--pretrained", "/no/such/vit.safetensors"], ConfigError, "--pretrained '/no/such/vit.safetensors' does not exist"),
     (["--precision", "fp16"], dsc.DSConfigError, "fp16 is enabled but this run is on cpu"),
     (["--data", "/no/such/master.csv"], DataConfigError, "--data /no/such/master.csv: no such file or folder"),

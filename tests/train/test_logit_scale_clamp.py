@@ -73,7 +73,7 @@ def test_loop_clamps_right_after_each_optimizer_step():
     engine = _Engine(lr=0.01)  # log(90) + 0.01 * 90 > log(100): every step overshoots the bound
     ctx = LoopContext(engine=engine, criterion=_criterion, batches=_batches(), reporter=_Reporter(), stop=StopRequest(),
                       seed=0, rank=0, world_size=1, accumulation=1, global_batch=1, steps_per_epoch=10, total_steps=3,
-                      start_step=0, dtype=torch.float32, mask_ratio=None)
+                      start_step=0, dtype=torch.float32)
     train_loop(ctx)
     assert len(engine.after_step) == 3 and all(v > BOUND + 0.1 for v in engine.after_step)
     assert engine.at_forward[0] == pytest.approx(math.log(90.0), rel=1e-7)
