@@ -1,11 +1,32 @@
-"""What every run record (training and evaluation ``summary.json``, ``metrics.jsonl``) shares: the
-library versions of the run and conversion of values to plain JSON."""
+"""What every run record (the ``summary.json`` of training, evaluation and the synthetic benchmark,
+``metrics.jsonl``) shares: the one writer of a record file, the library versions of the run and conversion of
+values to plain JSON."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import platform
 from collections.abc import Mapping
 from pathlib import Path
+
+SUMMARY_FILE = "summary.json"
+
+
+def write_run_record(out_dir, record: Mapping, filename: str = SUMMARY_FILE) -> Path:
+    """Writes ``record`` as ``out_dir/filename`` (default ``summary.json``; the folder is created) and returns
+    the path. Values go through :func:`jsonable` (non-finite numbers become null) and the file is replaced
+    atomically: written beside it, then renamed over it, so a reader never sees half a record."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / filename
+    tmp = path.with_name(f".{filename}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def versions() -> dict:

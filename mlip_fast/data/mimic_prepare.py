@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from mlip_fast._records import write_run_record
 
 from .reports import extract_sections
 
@@ -168,7 +169,7 @@ def prepare_mimic(mimic_jpg, reports, out, split_csv=None, metadata_csv=None, ch
         "master_csv": str(out),
         "wall_time_s": round(time.perf_counter() - start, 3),
     }
-    out.with_name(f"{out.stem}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_run_record(out.parent, summary, f"{out.stem}_summary.json")
     return summary
 
 

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlip_fast._records import SUMMARY_FILE, write_run_record
 from mlip_fast.data.labels import SYNTHETIC_LABELS
 
 __all__ = [
@@ -644,7 +645,7 @@ def generate(out_dir, n: int, seed: int = 0, size: int = 224, workers: int = 2,
         "versions": {"python": platform.python_version(), "numpy": np.__version__},
         "master_csv": str(master),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_run_record(out_dir, summary)
     return master
 
 
@@ -661,9 +662,9 @@ def main(argv=None) -> int:
     parser.add_argument("--splits", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VALID", "TEST"))
     args = parser.parse_args(argv)
     master = generate(args.out, args.n, args.seed, args.size, args.workers, tuple(args.splits))
-    summary = json.loads((master.parent / "summary.json").read_text())
+    summary = json.loads((master.parent / SUMMARY_FILE).read_text())
     print(f"wrote {args.n} images at {args.size} px in {summary['wall_time_s']:.1f} s "
-          f"({summary['images_per_s']:.0f} images/s); master.csv: {master}; summary: {master.parent / 'summary.json'}")
+          f"({summary['images_per_s']:.0f} images/s); master.csv: {master}; summary: {master.parent / SUMMARY_FILE}")
     return 0
 
 

@@ -10,7 +10,6 @@ dataset's ``label_names`` (or ``classes`` / ``class_names``) attribute unless gi
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import random
@@ -25,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
-from mlip_fast._records import jsonable, versions
+from mlip_fast._records import SUMMARY_FILE, versions, write_run_record
 from mlip_fast.data.datasets import SampleError
 from mlip_fast.data.images import ImageLoadError
 from mlip_fast.models.factory import CheckpointError
@@ -296,12 +295,11 @@ def write_summary(
     wall_time_s: Optional[float] = None,
     settings: Optional[Mapping] = None,
     plots: Sequence[str | os.PathLike] = (),
-    filename: str = "summary.json",
+    filename: str = SUMMARY_FILE,
 ) -> Path:
     """Write ``out_dir/summary.json`` (task, metrics, checkpoint, data, seed, settings, versions, wall
     time, plot files relative to ``out_dir``); non-finite numbers become null. Returns the path."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         "task": task,
         "metrics": metrics,
@@ -315,9 +313,7 @@ def write_summary(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(sys.argv),
     }
-    path = out / filename
-    path.write_text(json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n")
-    return path
+    return write_run_record(out, record, filename)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from mlip_fast._records import jsonable
+from mlip_fast._records import jsonable, write_run_record
 
 __all__ = ["RunReporter", "read_metrics", "plot_metrics"]
 
@@ -140,11 +140,7 @@ class RunReporter:
     def write_summary(self, summary: dict) -> Optional[Path]:
         if not self.active:
             return None
-        path = self.output_dir / "summary.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(jsonable(summary), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_run_record(self.output_dir, summary)
 
 
 def read_metrics(path: Path) -> list:
