@@ -25,7 +25,8 @@ setup(
     packages=PACKAGES,
     package_dir={"mlip_fast.kernels": "kernels"},
     package_data={
-        "mlip_fast.models": ["model_configs/*.json", "vocab/*.txt"],
+        "mlip_fast.models": ["model_configs/*.json"],
+        "mlip_fast.preprocess": ["vocab/*.txt"],
         "mlip_fast.eval": ["prompts/*.json", "splits/*.json"],
         "mlip_fast.train": ["ds_configs/*.json"],
     },

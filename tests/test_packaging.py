@@ -42,6 +42,6 @@ def test_wheel_contains_only_mlip_fast(tmp_path):
     assert kernel_files == {p.name for p in (ROOT / "kernels").glob("*.py")}
     assert "mlip_fast/kernels/__init__.py" not in names  # the source-tree shim is not shipped
     data_files = {n for n in names if n.endswith((".json", ".txt")) and n.startswith("mlip_fast/")}
-    for folder in ("models/model_configs", "models/vocab", "eval/prompts", "eval/splits"):
+    for folder in ("models/model_configs", "preprocess/vocab", "eval/prompts", "eval/splits"):
         expected = {f"mlip_fast/{folder}/{p.name}" for p in (ROOT / "mlip_fast" / folder).iterdir() if p.is_file()}
         assert expected and expected <= data_files, f"{folder} files missing from the wheel"

@@ -1,7 +1,7 @@
 """Data: report parsing, image loading, transforms, the synthetic benchmark, dataset readers, collate.
 
 Submodules (import them directly; this package imports nothing heavy on its own):
-- ``mlip_fast.data.reports``: ``extract_sections``, ``split_sentences``, ``report_text``
+- ``mlip_fast.preprocess.reports``: ``extract_sections``, ``split_sentences``, ``report_text``
 - ``mlip_fast.data.images``: ``load_image``, ``ImageLoadError``
 - ``mlip_fast.data.transforms``: ``ImageTransform``
 - ``mlip_fast.data.synth``: ``generate``, ``make_sample`` (and ``python -m mlip_fast.data.synth``)

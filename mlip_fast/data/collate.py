@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from mlip_fast.preprocess.tokenization import tokenize_reports
+
 __all__ = ["Collator", "make_loader"]
 
 _TENSOR_KEYS = {"image": "images", "labels": "labels", "mask": "masks"}
@@ -35,17 +37,15 @@ class Collator:
         max_length: T upper bound for the reports.
         max_sentences: S upper bound.
         tokenize_fn: ``fn(tokenizer, texts, max_length, max_sentences) -> dict`` producing the text part;
-            default ``mlip_fast.models.tokenization.tokenize_reports``.
+            default ``mlip_fast.preprocess.tokenization.tokenize_reports``.
     """
 
     def __init__(self, tokenizer=None, max_length: int = 128, max_sentences: int = 16,
                  tokenize_fn: Callable | None = None):
-        if tokenize_fn is None:
-            from mlip_fast.models.tokenization import tokenize_reports as tokenize_fn
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.max_sentences = int(max_sentences)
-        self.tokenize_fn = tokenize_fn
+        self.tokenize_fn = tokenize_reports if tokenize_fn is None else tokenize_fn
 
     def __call__(self, items: Sequence[dict]) -> dict:
         if not items:

@@ -37,9 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlip_fast.preprocess.reports import extract_sections, report_text
+
 from .images import ImageLoadError, load_image
 from .labels import CHEXPERT5, CHEXPERT_LABELS, RSNA_LABELS, SIIM_LABELS
-from .reports import extract_sections, report_text
 
 __all__ = [
     "BadSampleWarning",

@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 
 from mlip_fast._records import write_run_record
-
-from .reports import extract_sections
+from mlip_fast.preprocess.reports import extract_sections
 
 __all__ = ["prepare_mimic", "main"]
 

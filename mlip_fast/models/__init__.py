@@ -23,7 +23,7 @@ from mlip_fast.models.factory import (
 )
 from mlip_fast.models.mlip import MLIP
 from mlip_fast.models.model_card import render_model_card, write_model_card
-from mlip_fast.models.tokenization import ReportTokenizer, tokenize_reports
+from mlip_fast.preprocess.tokenization import ReportTokenizer, tokenize_reports
 from mlip_fast.models.vision import VisionTransformer
 from mlip_fast.models.vit_weights import PretrainedWeightsError, load_pretrained_vit
 

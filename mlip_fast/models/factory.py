@@ -27,7 +27,7 @@ from mlip_fast.models.hub import (
 )
 from mlip_fast.models.mlip import MLIP
 from mlip_fast.models.text import build_text_encoder, minilm_path, resolve_text_source
-from mlip_fast.models.tokenization import (
+from mlip_fast.preprocess.tokenization import (
     ReportTokenizer,
     default_tokenizer,
     fast_tokenizer,

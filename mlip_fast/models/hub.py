@@ -34,7 +34,7 @@ from mlip_fast.data.transforms import PreprocessConfig
 from mlip_fast.models._state import state_mismatch
 from mlip_fast.models.config import MLIPConfig
 from mlip_fast.models.text import encoder_from_config
-from mlip_fast.models.tokenization import load_tokenizer
+from mlip_fast.preprocess.tokenization import load_tokenizer
 
 __all__ = [
     "CheckpointError",

@@ -27,7 +27,7 @@ from mlip_fast.models import hub
 from mlip_fast.models.config import MLIPConfig
 from mlip_fast.models.model_card import CARD_METADATA, is_generated_card, render_model_card
 from mlip_fast.models.text import TextTower
-from mlip_fast.models.tokenization import ReportTokenizer, fast_tokenizer
+from mlip_fast.preprocess.tokenization import ReportTokenizer, fast_tokenizer
 from mlip_fast.models.vision import VisionTransformer
 
 __all__ = ["MLIP", "Projection"]

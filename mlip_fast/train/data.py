@@ -147,7 +147,7 @@ class GlobalBatchSampler:
 def tokenize_fixed_sentences(tokenizer, texts, max_length: int, max_sentences: int) -> dict:
     """``tokenize_reports`` with S always ``max_sentences`` (padded with invalid sentences): the losses
     all-gather sentence tensors across ranks, which needs the same S on every rank whatever its reports."""
-    from mlip_fast.models.tokenization import tokenize_reports
+    from mlip_fast.preprocess.tokenization import tokenize_reports
 
     text = tokenize_reports(tokenizer, texts, max_length, max_sentences)
     pad = max_sentences - text["sentence_mask"].shape[1]

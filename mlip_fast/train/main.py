@@ -167,7 +167,7 @@ def _tokenizer(cfg, corpus_fn, run_dir: Path, rank: int, resumed_run: Optional[P
     there by every rank, so all ranks tokenize identically. A resumed run takes the tokenizer of the run
     that wrote its checkpoint."""
     from mlip_fast.models import get_tokenizer
-    from mlip_fast.models.tokenization import load_tokenizer
+    from mlip_fast.preprocess.tokenization import load_tokenizer
 
     folder = run_dir / "tokenizer"
 

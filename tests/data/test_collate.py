@@ -4,7 +4,7 @@ import torch
 
 from mlip_fast.data.collate import Collator, make_loader
 from mlip_fast.data.datasets import PretrainDataset
-from mlip_fast.data.reports import split_sentences
+from mlip_fast.preprocess.reports import split_sentences
 from mlip_fast.data.synth import generate
 from mlip_fast.data.transforms import ImageTransform
 
@@ -56,7 +56,7 @@ def test_collate_errors():
 
 
 def test_collate_with_the_real_tokenizer():
-    from mlip_fast.models.tokenization import default_tokenizer
+    from mlip_fast.preprocess.tokenization import default_tokenizer
 
     tok = default_tokenizer()
     items = _items(2)

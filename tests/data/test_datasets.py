@@ -225,7 +225,7 @@ def test_long_report_and_byte_order_mark(tmp_path):
 def test_report_without_letters_or_digits_is_dropped_at_construction(tmp_path):
     """Findings '-' and impression '.' make the text '-. .': no sentence for the text tower. Such a row is
     dropped when the dataset is built (not at a later batch), named by file and line."""
-    from mlip_fast.data.reports import report_text, split_sentences
+    from mlip_fast.preprocess.reports import report_text, split_sentences
 
     text = report_text("-", ".")
     assert text.strip() and split_sentences(text) == []

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlip_fast.data.reports import report_text, split_sentences
+from mlip_fast.preprocess.reports import report_text, split_sentences
 from mlip_fast.data.labels import CHEXPERT5, SYNTHETIC_LABELS
 from mlip_fast.data.synth import FINDINGS, generate, main, make_sample
 

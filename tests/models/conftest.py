@@ -17,7 +17,7 @@ def iu_reports():
     """{uid: findings + impression text} for a few real reports (skips when the data is absent)."""
     if not IU_REPORTS.exists():
         pytest.skip(f"real IU reports not found at {IU_REPORTS}")
-    from mlip_fast.data.reports import report_text
+    from mlip_fast.preprocess.reports import report_text
 
     with open(IU_REPORTS, newline="") as f:
         rows = {row["uid"]: row for row in csv.DictReader(f) if row["uid"] in REPORT_UIDS}

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlip_fast.data.reports import split_sentences
-from mlip_fast.models import build_vocab, get_tokenizer, tokenize_reports
+from mlip_fast.models import get_tokenizer, tokenize_reports
 from mlip_fast.models.text import TextTower, pool_sentences
-from mlip_fast.models.tokenization import (DEFAULT_VOCAB_PATH, SPECIAL_TOKENS, _corpus_words, default_tokenizer,
-                                           train_wordpiece_vocab)
+from mlip_fast.preprocess import build_vocab
+from mlip_fast.preprocess.reports import split_sentences
+from mlip_fast.preprocess.tokenization import (DEFAULT_VOCAB_PATH, SPECIAL_TOKENS, _corpus_words, default_tokenizer,
+                                               train_wordpiece_vocab)
 from tests.models.conftest import IU_REPORTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,7 +233,7 @@ def test_wordpiece_training_matches_the_slow_loop():
 
 _TRAIN_AND_SAVE = """
 import json, sys
-from mlip_fast.models.tokenization import train_wordpiece_tokenizer
+from mlip_fast.preprocess.tokenization import train_wordpiece_tokenizer
 corpus = json.loads(open(sys.argv[1]).read())
 train_wordpiece_tokenizer(corpus, vocab_size=2000).save_pretrained(sys.argv[2])
 """

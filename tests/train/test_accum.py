@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 from mlip_fast.losses import MLIPLoss
 from mlip_fast.models import create_model, get_tokenizer
-from mlip_fast.models.tokenization import tokenize_reports
+from mlip_fast.preprocess.tokenization import tokenize_reports
 from mlip_fast.train.accum import CachedLoss, ReplayMismatchError, accumulate, cache_outputs, concat_outputs
 from mlip_fast.train.ds_config import DSConfigError, apply_accum_freq, resolve_batch_sizes
 from mlip_fast.train.main import train

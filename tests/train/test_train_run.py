@@ -69,7 +69,7 @@ def test_export_matches_the_engine_model(finished_run):
     import deepspeed
 
     from mlip_fast.models import MLIPConfig, create_model, from_pretrained
-    from mlip_fast.models.tokenization import load_tokenizer
+    from mlip_fast.preprocess.tokenization import load_tokenizer
 
     summary, run_dir, _ = finished_run
     tokenizer = load_tokenizer(run_dir / "tokenizer")

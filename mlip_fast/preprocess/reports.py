@@ -1,7 +1,7 @@
 """Radiology report parsing: section extraction and sentence splitting with character spans.
 
 The text tower pools token states over each sentence, so sentences are returned as character spans
-``[start, end)`` into the exact string the tokenizer sees; ``mlip_fast.models.tokenization`` maps them to
+``[start, end)`` into the exact string the tokenizer sees; ``mlip_fast.preprocess.tokenization`` maps them to
 token spans with the tokenizer's offsets. Pre-training uses ``report_text(findings, impression)``.
 
 Sentence splitting is rule-based (no model, no download) and written for radiology prose:
@@ -13,7 +13,7 @@ Sentence splitting is rule-based (no model, no download) and written for radiolo
 Every returned span is stripped of surrounding whitespace and contains at least one letter or digit.
 
 Measured on the 3,955 Indiana University / Open-I reports (``report_text(findings, impression)``;
-see ``tests/data/test_reports.py`` and docs/data.md): 3,927 non-empty reports, sentences per report
+see ``tests/preprocess/test_reports.py`` and docs/data.md): 3,927 non-empty reports, sentences per report
 min 1, median 5, mean 5.8, 95th percentile 10, max 27.
 """
 from __future__ import annotations

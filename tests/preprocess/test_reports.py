@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from mlip_fast.data.reports import extract_sections, report_text, split_sentences
+from mlip_fast.preprocess.reports import extract_sections, report_text, split_sentences
 
 from tests.paths import IU_REPORTS
 

@@ -4,14 +4,14 @@
 for every sentence, its token span ``[start, end)``. :class:`ReportTokenizer` binds a tokenizer to a model's
 limits (``max_length``, ``max_sentences``): ``ReportTokenizer(...)(texts)`` is exactly the batch
 ``MLIP.encode_text`` takes (what ``get_tokenizer(name)`` returns, as open_clip's tokenizers). Sentences come from
-:func:`mlip_fast.data.reports.split_sentences` (character spans) and are mapped to tokens through the fast
+:func:`mlip_fast.preprocess.reports.split_sentences` (character spans) and are mapped to tokens through the fast
 tokenizer's offset mapping: a token belongs to the sentence whose character span holds its first
 character. Special and padding tokens belong to no sentence.
 
 Tokenizers: any transformers *fast* tokenizer (offsets need one). The offline default is an uncased
 WordPiece tokenizer, either trained on a corpus of reports (:func:`train_wordpiece_tokenizer`) or built
-from the radiology vocabulary shipped in ``mlip_fast/models/vocab/`` (:func:`default_tokenizer`; rebuilt
-by ``python -m mlip_fast.models.build_vocab``).
+from the radiology vocabulary shipped in ``mlip_fast/preprocess/vocab/`` (:func:`default_tokenizer`; rebuilt
+by ``python -m mlip_fast.preprocess.build_vocab``).
 
 Vocabulary training (:func:`train_wordpiece_vocab`) is deterministic: the same corpus and settings give
 the same vocabulary, in the same order, in every process and under every ``PYTHONHASHSEED``. It follows
@@ -30,6 +30,8 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
+
+from mlip_fast.preprocess.reports import split_sentences
 
 __all__ = [
     "ReportTokenizer",
@@ -59,7 +61,7 @@ def default_tokenizer(lowercase: bool = True):
     if not DEFAULT_VOCAB_PATH.exists():
         raise FileNotFoundError(
             f"the default radiology vocabulary {DEFAULT_VOCAB_PATH} is missing from this install; rebuild it "
-            "with `python -m mlip_fast.models.build_vocab --reports <reports.csv>` or pass a corpus"
+            "with `python -m mlip_fast.preprocess.build_vocab --reports <reports.csv>` or pass a corpus"
         )
     vocab = {tok: i for i, tok in enumerate(DEFAULT_VOCAB_PATH.read_text().splitlines())}
     return _bert_tokenizer(vocab, lowercase)
@@ -291,8 +293,6 @@ def tokenize_reports(tokenizer, texts: Sequence[str], max_length: int = 128, max
         ValueError: a report is empty (no letter or digit), or none of its sentences has a token left
             after truncation.
     """
-    from mlip_fast.data.reports import split_sentences
-
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of report strings, not a single string")
     texts = list(texts)

@@ -1,4 +1,4 @@
-"""Builds the default radiology WordPiece vocabulary shipped in ``mlip_fast/models/vocab/``.
+"""Builds the default radiology WordPiece vocabulary shipped in ``mlip_fast/preprocess/vocab/``.
 
 The offline default text tower (``text.source = "random"`` with no training corpus) needs a tokenizer
 that exists without any download. This script trains an uncased WordPiece vocabulary (tokenizers library)
@@ -8,9 +8,9 @@ rare in IU reports (devices, views, CheXpert labels) still get whole-word pieces
 
 Run once from the repository root (the output is committed)::
 
-    python -m mlip_fast.models.build_vocab --reports ../shared/data/iu_xray_reports/reports.csv
+    python -m mlip_fast.preprocess.build_vocab --reports ../shared/data/iu_xray_reports/reports.csv
 
-Training is deterministic (:func:`mlip_fast.models.tokenization.train_wordpiece_vocab`), so a rerun on the
+Training is deterministic (:func:`mlip_fast.preprocess.tokenization.train_wordpiece_vocab`), so a rerun on the
 same reports rewrites the committed file byte for byte (a test checks it). Models keep the vocabulary they
 were built with, because checkpoints save their tokenizer files.
 """
@@ -20,7 +20,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from mlip_fast.models.tokenization import DEFAULT_VOCAB_PATH, train_wordpiece_vocab
+from mlip_fast.preprocess.tokenization import DEFAULT_VOCAB_PATH, train_wordpiece_vocab
 
 RADIOLOGY_WORDS = """
 no finding enlarged cardiomediastinum cardiomegaly lung opacity lesion edema consolidation pneumonia
