@@ -180,8 +180,10 @@ def integrity_alignment(model, root: Path, split: str = "test", batch_size: int 
     of the finding masks are positives; the AUC of a per-patch score at separating them from the other
     patches is taken per image and averaged (chance 0.5). Scores: the estimator's logits a[b, p] (from the
     patch embeddings, before the blocks) and the target it is trained towards, max over the image's own
-    report sentences of cos(patch, sentence) on the unmasked image. ``estimator_constant`` is True when every
-    logit of every image is equal (an untrained estimator: uniform masking, no weighting).
+    report sentences of cos(patch, sentence) on the unmasked image; and, as a reference that needs no
+    training, the patch's mean pixel value (most findings are opacities: brighter than the lung around them).
+    ``estimator_constant`` is True when every logit of every image is equal (an untrained estimator: uniform
+    masking, no weighting).
     """
     from mlip_fast.eval.common import eval_transform, l2_normalise
     from mlip_fast.eval.data import SyntheticBenchmark
@@ -190,7 +192,7 @@ def integrity_alignment(model, root: Path, split: str = "test", batch_size: int 
     data = SyntheticBenchmark(root, split=split, with_findings=True)
     transform = eval_transform(model)
     size, patch = model.config.vision.image_size, model.config.vision.patch_size
-    est_auc, tgt_auc, constant = [], [], True
+    est_auc, tgt_auc, bright_auc, constant = [], [], [], True
     for start in range(0, len(data), batch_size):
         rows = [data[i] for i in range(start, min(len(data), start + batch_size))]
         images = torch.stack([transform(r["image"]) for r in rows])
@@ -201,17 +203,19 @@ def integrity_alignment(model, root: Path, split: str = "test", batch_size: int 
         text = model.encode_text_local([r["report"] for r in rows])
         sim = torch.einsum("bpd,bsd->bps", l2_normalise(image["patches"]), l2_normalise(text["sentences"]))
         target = sim.masked_fill(~text["sentence_mask"][:, None, :], -math.inf).max(dim=-1).values
+        brightness = torch.nn.functional.avg_pool2d(images.float().mean(1, keepdim=True), patch).flatten(1)
         for b, r in enumerate(rows):
             masks = [mask_to_input_frame(f["mask"], size) for f in r["findings"] if f.get("mask") is not None]
             if not masks:
                 continue
             positive = _patch_coverage(masks, size, patch) >= 0.5
-            for out, score in ((est_auc, logits[b]), (tgt_auc, target[b])):
+            for out, score in ((est_auc, logits[b]), (tgt_auc, target[b]), (bright_auc, brightness[b])):
                 value = _auc(positive, score.numpy())
                 if value is not None:
                     out.append(value)
     return {"sie_mask_auc": None if constant or not est_auc else float(np.mean(est_auc)),
             "target_mask_auc": float(np.mean(tgt_auc)) if tgt_auc else None,
+            "brightness_mask_auc": float(np.mean(bright_auc)) if bright_auc else None,
             "estimator_constant": constant, "n_images_with_findings": len(tgt_auc)}
 
 
@@ -329,15 +333,15 @@ def run_one(spec: RunSpec, schedule: dict, work_dir: Path, cache_dir: Path, synt
     argv = ["--deepspeed_config", schedule["ds_config"], "--model", schedule["model"],
             "--steps", str(schedule["steps"]), "--synthetic-n", str(schedule["synthetic_n"]),
             "--image-size", str(schedule["image_size"]), "--cache-dir", str(cache_dir), "--output-dir", str(run_dir),
-            "--num-workers", "1", "--eval-every", "0", "--save-every", "0", "--keep-checkpoints", "1",
-            "--no-final-eval", "--no-progress", *spec.train_flags()]
+            "--num-workers", str(schedule.get("num_workers", 1)), "--eval-every", "0", "--save-every", "0",
+            "--keep-checkpoints", "1", "--no-final-eval", "--no-progress", *spec.train_flags()]
     summary = train(argv)
     metrics = evaluate(Path(summary["export"]), synthetic_root)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export holds the weights
     record = {
         "arm": spec.arm, "mask_ratio": spec.mask_ratio, "lambda_local": spec.lambda_local,
         "lambda_sie": spec.lambda_sie, "seed": spec.seed, "key": spec.key,
-        **schedule, "ds_config": Path(schedule["ds_config"]).name,
+        **{k: schedule[k] for k in SCHEDULE_KEYS}, "ds_config": Path(schedule["ds_config"]).name,
         **metrics,
         "samples_per_s": summary["samples_per_s"], "train_s": summary["train_s"],
         "final_loss": summary["final_loss_mean_last_steps"], "global_batch": summary["global_batch"],
@@ -362,7 +366,7 @@ def run_all(todo: list, schedule: dict, args, synthetic_root: Path, on_record: C
     """Runs ``todo``: in this process one after the other (``--jobs 0``), or in ``--jobs`` worker processes
     of ``cores // jobs`` threads each (small CPU ops scale badly across threads, and a busy machine starves a
     multi-threaded process, so several single-threaded runs use the cores best). Returns the failures."""
-    run_schedule = {**schedule, "ds_config": str(Path(args.ds_config).resolve())}
+    run_schedule = {**schedule, "ds_config": str(Path(args.ds_config).resolve()), "num_workers": args.num_workers}
     if args.jobs == 0:
         for i, spec in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {spec.key}", flush=True)
@@ -458,8 +462,9 @@ def measure_step_times(synthetic_root: Path, model: str, rounds: int, batch: int
 
 def diagnose(records: list, work_dir: Path, synthetic_root: Path, temperatures: Sequence[float] = (1.0, 0.25, 0.1),
              draws: int = 32) -> dict:
-    """:func:`masking_diagnostics` of every masked run's exported model (its folder under ``work_dir``), at
-    the run's mask ratio; one table row per configuration (mean over its seeds)."""
+    """:func:`masking_diagnostics` and :func:`integrity_alignment` of every masked run's exported model (its
+    folder under ``work_dir``), at the run's mask ratio; one table row per configuration (mean over its
+    seeds)."""
     from mlip_fast.models import from_pretrained
 
     per_run = []
@@ -470,12 +475,16 @@ def diagnose(records: list, work_dir: Path, synthetic_root: Path, temperatures: 
         model = from_pretrained(export)
         diag = masking_diagnostics(model, synthetic_root, r["mask_ratio"], temperatures, draws)
         per_run.append({"key": r["key"], "arm": r["arm"], "mask_ratio": r["mask_ratio"],
-                        "lambda_local": r["lambda_local"], "seed": r["seed"], **diag})
+                        "lambda_local": r["lambda_local"], "seed": r["seed"], **diag,
+                        **integrity_alignment(model, synthetic_root)})
     table = []
     for (arm, ratio, lam), runs in _groups(per_run).items():
         row = {"configuration": _config_label(runs[0]), "seeds": len(runs),
                "kept share, uniform (K/P)": f"{runs[0]['kept_share_uniform']:.3f}",
                "estimator logit std": _mean_std([x["logit_std"] for x in runs])}
+        for key, label in (("sie_mask_auc", "finding-patch AUC: estimator"), ("target_mask_auc", "its target"),
+                           ("brightness_mask_auc", "pixel brightness")):
+            row[label] = _mean_std([x[key] for x in runs])
         for t in temperatures:
             row[f"finding patches kept, t={t:g}"] = _mean_std([x[f"finding_kept_share_t{t:g}"] for x in runs])
         for t in temperatures:
@@ -642,6 +651,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs at a time, each in its own process with cores / jobs threads; 0: one after "
                              "the other in this process")
+    parser.add_argument("--num-workers", type=int, default=1,
+                        help="DataLoader workers of each run (the data order does not depend on it)")
     parser.add_argument("--work-dir", type=Path, default=Path(".cache/ablation"), help="run folders and logs")
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="synthetic benchmark cache")
     parser.add_argument("--out", type=Path, default=RESULTS, help="the records (JSON list)")

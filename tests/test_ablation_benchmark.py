@@ -57,7 +57,9 @@ def test_paired_difference_against_hand_computation():
 def _toy_args(tmp_path, *extra):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(TOY_DS))
+    # --num-workers 0: no fork of this process, which holds the process group's threads after the first run
     return ["--steps", "3", "--synthetic-n", "60", "--image-size", "32", "--ds-config", str(ds), "--jobs", "0",
+            "--num-workers", "0",
             "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
             "--out", str(tmp_path / "ablation.json"), "--png", str(tmp_path / "ablation.png"),
             "--step-time-out", str(tmp_path / "step_time.json"), "--no-readme", *extra]
