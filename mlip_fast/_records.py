@@ -10,6 +10,11 @@ import platform
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy
+import torch
+
+from mlip_fast import __version__
+
 SUMMARY_FILE = "summary.json"
 
 
@@ -32,13 +37,8 @@ def write_run_record(out_dir, record: Mapping, filename: str = SUMMARY_FILE) -> 
 def versions() -> dict:
     """Python, platform, torch, numpy, deepspeed, transformers, triton and mlip_fast versions (None when
     a package is not importable), plus CUDA and the GPU name when one is visible."""
-    import numpy
-    import torch
-
-    import mlip_fast
-
     out = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "numpy": numpy.__version__, "mlip_fast": mlip_fast.__version__}
+           "numpy": numpy.__version__, "mlip_fast": __version__}
     for name in ("deepspeed", "transformers", "triton"):
         try:
             out[name] = __import__(name).__version__

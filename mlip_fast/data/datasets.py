@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from mlip_fast.preprocess.reports import extract_sections, report_text
 
@@ -339,8 +340,6 @@ class RobustDataset(torch.utils.data.Dataset):
         Returns:
             ``{"n": items, "bad": count, "bad_files": [...]}``.
         """
-        from tqdm.auto import tqdm
-
         probe = check or self._load
         for i in tqdm(range(self._n), desc=f"validating {self.name}", disable=not progress, leave=False):
             if self._bad[i]:

@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
 __all__ = ["ImageLoadError", "load_image", "sniff_format", "pil_to_gray"]
 
@@ -115,8 +116,6 @@ def _minmax(image: np.ndarray) -> np.ndarray:
 
 
 def _decode_pillow(data: bytes, fmt: str, max_side: int | None) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         if fmt == "jpeg" and max_side:
             # JPEG DCT scaling: decode at 1/2, 1/4 or 1/8 size while staying >= max_side.
@@ -129,8 +128,6 @@ def pil_to_gray(img) -> np.ndarray:
     """A Pillow image of any mode (1, L, LA, I;16*, I, F, P, PA, RGB, RGBA, CMYK, ...) -> float32 ``[H, W]``
     with the module's intensity conventions (8-bit / 255, 16-bit / 65535, colour to BT.601 luminance,
     alpha composited onto black); the EXIF orientation of a JPEG / TIFF / WebP is applied first."""
-    from PIL import ImageOps
-
     if img.format in _EXIF_FORMATS:
         img = ImageOps.exif_transpose(img)
     mode = img.mode

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from mlip_fast._records import write_run_record
 from mlip_fast.preprocess.reports import extract_sections
 
@@ -72,8 +74,6 @@ def prepare_mimic(mimic_jpg, reports, out, split_csv=None, metadata_csv=None, ch
         views: keep only these ViewPosition values (e.g. ("PA", "AP")); needs the metadata CSV.
         check_images: drop rows whose JPG file is missing (one stat per image).
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     mimic_jpg, reports, out = Path(mimic_jpg), Path(reports), Path(out)
     split_csv = Path(split_csv) if split_csv else _find_csv(mimic_jpg, "mimic-cxr-2.0.0-split")

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from mlip_fast._records import SUMMARY_FILE, write_run_record
 from mlip_fast.data.labels import SYNTHETIC_LABELS
@@ -144,8 +145,6 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Band-limited noise: a cells x cells Gaussian grid, bilinearly upsampled to size x size, unit std."""
-    from PIL import Image
-
     grid = rng.standard_normal((cells, cells)).astype(np.float32)
     up = np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.BILINEAR), dtype=np.float32)
     return up / max(float(up.std()), 1e-6)
@@ -545,8 +544,6 @@ def make_sample(seed: int, index: int = 0, size: int = 224) -> dict:
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
     Image.fromarray(array).save(path, compress_level=1)
 
 

@@ -30,13 +30,18 @@ from torch.utils.data import IterableDataset, Subset
 from mlip_fast.data.datasets import DatasetError
 from mlip_fast.data.images import ImageLoadError
 from mlip_fast.data.shard_reader import find_index
+from mlip_fast.eval import plots as P
 from mlip_fast.eval.benchmarks import KINDS as BENCHMARK_KINDS
 from mlip_fast.eval.benchmarks import SplitOptions, build_eval_sets
-from mlip_fast.eval.common import (CheckpointError, EvalDataError, load_checkpoint, screen_samples, seed_everything,
-                                   write_summary)
-from mlip_fast.eval.fewshot import SUBSET_SAMPLERS
+from mlip_fast.eval.common import (CheckpointError, EvalDataError, eval_transform, load_checkpoint, screen_samples,
+                                   seed_everything, write_summary)
+from mlip_fast.eval.fewshot import SUBSET_SAMPLERS, few_shot_classify
+from mlip_fast.eval.localisation import evaluate_localisation
 from mlip_fast.eval.prompts import PromptError
 from mlip_fast.eval.protocols import SELECTION_CRITERIA, SPLIT_METHODS, UNCERTAIN_POLICIES
+from mlip_fast.eval.retrieval import evaluate_retrieval
+from mlip_fast.eval.segmentation import few_shot_segment
+from mlip_fast.eval.zeroshot import MODES, scores_to_metrics, zero_shot_scores
 
 TASKS = ("zeroshot", "fewshot", "segmentation", "retrieval", "localisation")
 KINDS = ("auto",) + BENCHMARK_KINDS
@@ -175,8 +180,6 @@ def _screen(sets, args, progress: bool) -> tuple:
 
 def run(args) -> Path:
     """Run one task from parsed arguments; returns the summary path."""
-    from mlip_fast.eval.common import eval_transform
-
     start = time.perf_counter()
     seed_everything(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,11 +194,8 @@ def run(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots: list[Path] = []
     settings: dict = {"device": str(device), "batch_size": args.batch_size, "max_samples": args.max_samples}
-    from mlip_fast.eval import plots as P
 
     if args.task == "zeroshot":
-        from mlip_fast.eval.zeroshot import MODES, scores_to_metrics, zero_shot_scores
-
         prompts = args.prompts or DEFAULT_PROMPTS.get(kind)
         if prompts is None:
             raise PromptError(f"--prompts is required for --dataset {kind}")
@@ -207,8 +207,6 @@ def run(args) -> Path:
         plots.append(P.plot_roc_curves({m: zs.scores[m] for m in modes}, zs.labels, zs.class_names, out / "roc_curves.png"))
         settings.update(prompts=str(prompts), mode=args.mode, local_weight=args.local_weight, classes=zs.class_names)
     elif args.task == "fewshot":
-        from mlip_fast.eval.fewshot import few_shot_classify
-
         splits_dir = Path(args.splits_dir) if args.splits_dir else out / "splits"
         metrics = few_shot_classify(model, train, test, valid_data=valid, fractions=args.fractions, methods=args.methods,
                                     seed=args.seed, classes=args.classes, splits_dir=splits_dir,
@@ -220,8 +218,6 @@ def run(args) -> Path:
         settings.update(fractions=args.fractions, methods=args.methods, linear_steps=args.linear_steps,
                         epochs=args.epochs, lr=args.lr, splits_dir=str(splits_dir), subset_sampler=args.subset_sampler)
     elif args.task == "segmentation":
-        from mlip_fast.eval.segmentation import few_shot_segment
-
         splits_dir = Path(args.splits_dir) if args.splits_dir else out / "splits"
         metrics = few_shot_segment(model, train, test, valid_data=valid, fractions=args.fractions, seed=args.seed,
                                    freeze_encoder=not args.finetune_encoder, epochs=args.epochs, lr=args.lr,
@@ -235,15 +231,11 @@ def run(args) -> Path:
         settings.update(fractions=args.fractions, epochs=args.epochs, lr=args.lr,
                         freeze_encoder=not args.finetune_encoder, splits_dir=str(splits_dir))
     elif args.task == "retrieval":
-        from mlip_fast.eval.retrieval import evaluate_retrieval
-
         metrics = evaluate_retrieval(model, test, batch_size=args.batch_size, device=device,
                                      max_samples=args.max_samples, progress=progress, return_similarity=True)
         sim = metrics.pop("similarity")
         plots.append(P.plot_retrieval(metrics, out / "retrieval.png", similarity=sim))
     else:
-        from mlip_fast.eval.localisation import evaluate_localisation
-
         metrics = evaluate_localisation(model, test, threshold=args.threshold, batch_size=args.batch_size,
                                         device=device, max_samples=args.max_samples, progress=progress,
                                         examples=args.examples)

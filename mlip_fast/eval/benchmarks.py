@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence
 from torch.utils.data import Dataset, Subset
 
 from mlip_fast.data.shard_reader import ShardSplit
+from mlip_fast.data import datasets as D
 from mlip_fast.eval.common import EvalDataError
 from mlip_fast.eval.data import (CheXpertLabels, CovidChestXray, MaskedImageFolder, SyntheticBenchmark,
                                  foreground_flags, patient_of)
@@ -194,8 +195,6 @@ def _default_definition(name: str) -> dict:
 
 def build_eval_sets(kind: str, data: str, task: str, transform, options: SplitOptions) -> EvalSets:
     """Train / valid / test views of the dataset at ``data`` for ``task`` (see the module doc)."""
-    from mlip_fast.data import datasets as D
-
     if kind not in KINDS:
         raise EvalDataError(f"unknown dataset kind {kind!r}; kinds: {KINDS}")
     if kind == "shards":
@@ -308,8 +307,6 @@ def _chexpert(data: str, transform, options: SplitOptions, described: dict):
 def _chexpert_5x200(data: str, task: str, transform, options: SplitOptions, described: dict):
     """(record, make) for CheXpert 5x200 from CheXpert's ``train.csv``, a saved selection CSV (``Path``,
     ``label``) or a materialised list file (``.json``)."""
-    from mlip_fast.data import datasets as D
-
     path = Path(data)
     record = _definition("chexpert5x200", options, {})
     proc = record["procedure"]

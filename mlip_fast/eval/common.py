@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from mlip_fast._records import SUMMARY_FILE, versions, write_run_record
 from mlip_fast.data.datasets import SampleError
 from mlip_fast.data.images import ImageLoadError
-from mlip_fast.models.factory import CheckpointError
+from mlip_fast.data.transforms import ImageTransform
+from mlip_fast.models.factory import CheckpointError, from_pretrained
 
 __all__ = [
     "EvalDataError",
@@ -57,8 +58,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None =
     Raises ``CheckpointError`` (``mlip_fast.models.CheckpointError``) naming what was found when ``path``
     is missing, a file, a DeepSpeed engine checkpoint (export it first) or another kind of directory.
     """
-    from mlip_fast.models import from_pretrained
-
     p = Path(path)
     if p.is_dir() and not (p / "config.json").is_file():
         names = sorted(q.name for q in p.iterdir())
@@ -110,8 +109,6 @@ class evaluating:
 def eval_transform(model: torch.nn.Module):
     """The deterministic image transform of ``model``: the preprocessing stored with it
     (``model.preprocess_cfg``, restored from its checkpoint), else the default of its input size and channels."""
-    from mlip_fast.data.transforms import ImageTransform
-
     preprocess = getattr(model, "preprocess_cfg", None)
     if preprocess is not None:
         return ImageTransform.from_config(preprocess, train=False)

@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import Dataset, Subset
 
-from torch.utils.data import Subset
-
-from mlip_fast.eval.common import EvalDataError
+from mlip_fast.data.images import load_image
 from mlip_fast.data.labels import CHEXPERT5, COVID_LABELS, SYNTHETIC_LABELS
+from mlip_fast.data.synth import FINDINGS
+from mlip_fast.eval.common import EvalDataError
 from mlip_fast.eval.protocols import UNCERTAIN_POLICIES, chexpert_value, map_uncertain, split_units
 
 __all__ = ["SyntheticBenchmark", "MaskedImageFolder", "CovidChestXray", "CheXpertLabels", "group_split",
@@ -43,15 +44,11 @@ __all__ = ["SyntheticBenchmark", "MaskedImageFolder", "CovidChestXray", "CheXper
 
 
 def _load_mask_file(path: Path) -> np.ndarray:
-    from mlip_fast.data.images import load_image
-
     return load_image(path) >= 0.5
 
 
 def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of a bool mask to ``shape`` (masks made at another resolution)."""
-    from PIL import Image
-
     img = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
     return np.asarray(img) >= 128
 
@@ -79,8 +76,6 @@ class SyntheticBenchmark(Dataset):
         segmentation_target: Optional[str] = None,
         uncertain: str = "ignore",
     ):
-        from mlip_fast.data.synth import FINDINGS
-
         if uncertain not in UNCERTAIN_POLICIES:
             raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}")
         if segmentation_target is not None and segmentation_target != "any" and segmentation_target not in FINDINGS:
@@ -130,8 +125,6 @@ class SyntheticBenchmark(Dataset):
         return any(self.segmentation_target in ("any", e["name"]) for e in entries)
 
     def __getitem__(self, i: int) -> dict:
-        from mlip_fast.data.images import load_image
-
         row = self.rows[i]
         raw = load_image(self.root / row["image_path"])
         entries = json.loads(row["findings_json"] or "[]")
@@ -195,8 +188,6 @@ class MaskedImageFolder(Dataset):
         return {"kind": "masked_image_folder", "images": str(self.images), "masks": str(self.masks), "n": len(self)}
 
     def __getitem__(self, i: int) -> dict:
-        from mlip_fast.data.images import load_image
-
         img, m = self.pairs[i]
         raw = load_image(img)
         mask = _load_mask_file(m)
@@ -306,8 +297,6 @@ class CovidChestXray(Dataset):
         return {"kind": "covid_chestxray", "root": str(self.root), "masks": self.masks, "n": len(self)}
 
     def __getitem__(self, i: int) -> dict:
-        from mlip_fast.data.images import load_image
-
         row = self.rows[i]
         raw = load_image(self.root / "images" / row["filename"], max_side=1024)
         sample = {
@@ -379,8 +368,6 @@ class CheXpertLabels(Dataset):
                 "n_uncertain": self.n_uncertain}
 
     def __getitem__(self, i: int) -> dict:
-        from mlip_fast.data.images import load_image
-
         path = self.rows[i]["Path"]
         raw = load_image(self.root / path, max_side=1024)
         return {"image": self.transform(raw) if self.transform is not None else raw,

@@ -47,6 +47,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from mlip_fast.eval import metrics as M
 from mlip_fast.eval.common import (
@@ -91,8 +93,6 @@ def _pct(fraction: float) -> str:
 
 def _sample_names(data, indices: Sequence[int]) -> Optional[list[str]]:
     """File names of ``data[indices]`` when the dataset (possibly a Subset) lists them, else None."""
-    from torch.utils.data import Subset
-
     base = data
     while isinstance(base, Subset):
         indices = [int(base.indices[i]) for i in indices]
@@ -241,9 +241,6 @@ def _finetune(model, train_data, indices, columns, *, epochs, lr, head_lr, batch
     """Fine-tune a copy of the image tower + a linear head; returns it (at the epoch of the lowest validation
     loss when ``valid = (data, columns, label_names)`` is given, else the last), the subset's labels
     ``[n, L]`` and the selection record."""
-    from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     clf = _Classifier(copy.deepcopy(model.visual), len(columns)).to(device)
     for p in clf.visual.parameters():

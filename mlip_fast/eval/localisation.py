@@ -35,9 +35,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from mlip_fast.data.images import load_image
+from mlip_fast.data.transforms import resize_pad
 from mlip_fast.eval import metrics as M
 from mlip_fast.eval.common import EvalDataError, evaluating, eval_transform, l2_normalise, model_device
+from mlip_fast.eval.data import SyntheticBenchmark
 
 __all__ = ["evaluate_localisation", "sentence_heatmaps", "mask_to_input_frame"]
 
@@ -63,8 +67,6 @@ def sentence_heatmaps(model, images: torch.Tensor, sentences: Sequence[str], own
 def mask_to_input_frame(mask, image_size: int) -> np.ndarray:
     """A raw-frame mask ``[H, W]`` (bool / 0-1 / 0-255) -> bool ``[S, S]`` in the model's input frame
     (aspect-preserving resize + centred pad, as ``ImageTransform``; nearest after a 0.5 threshold)."""
-    from mlip_fast.data.transforms import resize_pad
-
     m = np.asarray(mask)
     if m.ndim != 2:
         raise EvalDataError(f"a finding mask must be 2-D [H, W], got shape {m.shape}")
@@ -78,8 +80,6 @@ def mask_to_input_frame(mask, image_size: int) -> np.ndarray:
 
 def _load_mask(value, root: Optional[Path]):
     if isinstance(value, (str, os.PathLike)):
-        from mlip_fast.data.images import load_image
-
         path = Path(value)
         if root is not None and not path.is_absolute():
             path = root / path
@@ -88,8 +88,6 @@ def _load_mask(value, root: Optional[Path]):
 
 
 def _synthetic_records(root: Path, split: Optional[str]) -> list[dict]:
-    from mlip_fast.eval.data import SyntheticBenchmark
-
     return SyntheticBenchmark(root, split=split, with_findings=True)
 
 
@@ -107,8 +105,6 @@ def evaluate_localisation(
     examples: int = 0,
 ) -> dict:
     """Pointing accuracy and mask IoU of finding-sentence heat maps, with chance rates (module doc)."""
-    from tqdm.auto import tqdm
-
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     root = None

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from mlip_fast.eval import metrics as M
 from mlip_fast.eval.common import EvalDataError, collate_samples, eval_transform, model_device
@@ -129,9 +131,6 @@ def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _encode(encoder: nn.Module, data, indices, collate, batch_size: int, device, progress: bool, desc: str):
     """Frozen patch tokens ``[N, P, C]`` (CPU float32), targets ``[N, S, S]`` and input images of ``data[indices]``."""
-    from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
-
     loader = DataLoader(Subset(data, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate)
     tokens, targets, images = [], [], []
     with torch.no_grad(), tqdm(total=len(indices), desc=desc, disable=not progress, leave=False) as bar:
@@ -168,9 +167,6 @@ def few_shot_segment(
     With a frozen encoder the patch tokens of every needed image are computed once and reused by all
     fractions and epochs when they fit in ``cache_limit_gb``; otherwise images are encoded per batch.
     """
-    from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
-
     dev = model_device(model, device)
     transform = transform if transform is not None else eval_transform(model)
     size = model.config.vision.image_size

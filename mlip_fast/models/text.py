@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from huggingface_hub import try_to_load_from_cache
 
 from mlip_fast.models.config import TextConfig
 
@@ -99,8 +100,6 @@ def _locally_available(name: str) -> bool:
     if Path(name).expanduser().is_dir():
         return True
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
     except Exception:  # noqa: BLE001 - an invalid repo id is simply "not available locally"
         return False

@@ -27,6 +27,8 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
 
 from mlip_fast.models._state import state_mismatch
 
@@ -78,8 +80,6 @@ def read_state_dict(source: Union[str, Path]) -> dict:
                 raise FileNotFoundError(f"{path} holds none of {[c.name for c in candidates]}")
             path = found[0]
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(path), device="cpu")
     else:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -92,8 +92,6 @@ def read_state_dict(source: Union[str, Path]) -> dict:
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download
-
     errors = []
     for filename in ("model.safetensors", "pytorch_model.bin"):
         try:

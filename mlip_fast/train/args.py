@@ -18,6 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
+from mlip_fast.train.ds_config import shipped_ds_configs
 from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE
 
 __all__ = ["build_parser", "parse_args", "SYNTHETIC_PRESET", "PRECISIONS"]
@@ -105,8 +106,6 @@ def _prog() -> str:
 
 
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    from mlip_fast.train.ds_config import shipped_ds_configs
-
     p = _Parser(
         prog=prog or _prog(),
         description="MLIP pre-training with DeepSpeed. With no argument but --deepspeed_config it trains on the "

@@ -16,6 +16,7 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,9 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mlip_fast.data import synth
+from mlip_fast.data.collate import Collator
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER, ShardBatchStream, ShardOrder
 from mlip_fast.data.shard_reader import ShardSplit
 from mlip_fast.data.sources import DataConfigError, build_pretrain_dataset
+from mlip_fast.preprocess.tokenization import tokenize_reports
 
 __all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
            "SeededSamples", "make_collator", "tokenize_fixed_sentences", "make_batch_plan", "report_corpus", "data_fingerprint", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
@@ -44,8 +48,6 @@ def prepare_synthetic(cache_dir: Path, size: int, n: int, seed: int, workers: in
     generation never leaves a half-written cache that a later run would trust; concurrent generators
     (one per node) race harmlessly: the first rename wins, the others discard their copy.
     """
-    from mlip_fast.data import synth
-
     target = synthetic_cache_dir(cache_dir, size, n, seed)
     master = target / "master.csv"
     if master.is_file():
@@ -147,8 +149,6 @@ class GlobalBatchSampler:
 def tokenize_fixed_sentences(tokenizer, texts, max_length: int, max_sentences: int) -> dict:
     """``tokenize_reports`` with S always ``max_sentences`` (padded with invalid sentences): the losses
     all-gather sentence tensors across ranks, which needs the same S on every rank whatever its reports."""
-    from mlip_fast.preprocess.tokenization import tokenize_reports
-
     text = tokenize_reports(tokenizer, texts, max_length, max_sentences)
     pad = max_sentences - text["sentence_mask"].shape[1]
     if pad > 0:
@@ -159,15 +159,12 @@ def tokenize_fixed_sentences(tokenizer, texts, max_length: int, max_sentences: i
 
 def make_collator(tokenizer, max_length: int, max_sentences: int):
     """The data package's ``Collator`` with fixed-S sentence padding (see :func:`tokenize_fixed_sentences`)."""
-    from mlip_fast.data.collate import Collator
-
     return Collator(tokenizer, max_length, max_sentences, tokenize_fn=tokenize_fixed_sentences)
 
 
 def _worker_init(_worker_id: int) -> None:
     # Stop signals are handled by the training process, which checkpoints and then shuts the workers down;
     # a worker dying on Ctrl-C / SIGTERM first would turn that into a DataLoader crash.
-    import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -33,6 +33,8 @@ import math
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
+
 __all__ = ["DSConfigError", "load_ds_config", "resolve_ds_config", "shipped_ds_configs", "apply_flag_overrides",
            "validate_ds_config", "apply_accum_freq", "resolve_batch_sizes", "resolve_schedule", "precision_dtype",
            "WARMUP_FRACTION", "SHIPPED_DIR"]
@@ -202,8 +204,6 @@ def _check_params(params: dict, fn, allowed_extra: set, what: str, where: str) -
 
 
 def _check_optimizer(config: dict, where: str) -> None:
-    import torch
-
     section = config.get("optimizer")
     if section is None:
         raise DSConfigError(f"{where}: an 'optimizer' section is required (the training app lets DeepSpeed "
@@ -256,8 +256,6 @@ def _check_scheduler(config: dict, where: str) -> None:
 
 
 def cpu_supports_bf16() -> bool:
-    import torch
-
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -442,8 +440,6 @@ def resolve_schedule(config: dict, total_steps: int) -> dict:
 
 def precision_dtype(config: dict):
     """The dtype DeepSpeed keeps the model in for this config."""
-    import torch
-
     if config.get("bf16", {}).get("enabled", False):
         return torch.bfloat16
     if config.get("fp16", {}).get("enabled", False):

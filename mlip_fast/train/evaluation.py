@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 
 from mlip_fast.data.labels import CHEXPERT5
+from mlip_fast.eval.localisation import evaluate_localisation
+from mlip_fast.eval.zeroshot import zero_shot_classify
 
 __all__ = ["EvalSets", "zero_shot", "localisation", "precision_context"]
 
@@ -51,8 +53,6 @@ def zero_shot(model, dataset, prompts: str, *, max_samples: int = 0, progress: b
     """Zero-shot CheXpert-5 metrics (combined global + local scores): ``{"auc_macro", "auc": {class: auc},
     "accuracy_macro", "f1_macro", "chance_auc", "n_images", "full": <mlip_fast.eval result>}``. A class
     without both positive and negative images in ``dataset`` gets AUC None and is left out of the macro."""
-    from mlip_fast.eval.zeroshot import zero_shot_classify
-
     result = zero_shot_classify(model, dataset, prompts, mode="combined", classes=list(CHEXPERT5),
                                 max_samples=max_samples or None, progress=progress, batch_size=64, skip_empty=True)
     return {
@@ -69,8 +69,6 @@ def zero_shot(model, dataset, prompts: str, *, max_samples: int = 0, progress: b
 def localisation(model, synthetic_root: Path, split: str = "test", *, max_samples: int = 0,
                  progress: bool = False) -> dict:
     """Pointing accuracy of finding sentences on the synthetic benchmark with its chance rate."""
-    from mlip_fast.eval.localisation import evaluate_localisation
-
     result = evaluate_localisation(model, synthetic_root, split=split, max_samples=max_samples or None,
                                    progress=progress, batch_size=64)
     return {

@@ -39,15 +39,25 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from mlip_fast._records import versions
 from mlip_fast.data.datasets import DatasetError
 from mlip_fast.data.sources import check_data_exists
+from mlip_fast.eval.common import EvalDataError
+from mlip_fast.losses import MLIPLoss
+from mlip_fast.models import create_model, from_pretrained, get_model_config, get_tokenizer, write_model_card
+from mlip_fast.models.attention import backend_report, selected_backend
+from mlip_fast.models.config import ConfigError
+from mlip_fast.models.factory import CheckpointError as ModelCheckpointError
+from mlip_fast.models.hub import default_preprocess
+from mlip_fast.models.vit_weights import PretrainedWeightsError
+from mlip_fast.ops.dispatch import ImplUnavailableError, describe_selected
+from mlip_fast.preprocess.tokenization import load_tokenizer
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train import data as tdata
 from mlip_fast.train import ds_config as dsc
 from mlip_fast.train.args import parse_args
 from mlip_fast.train.evaluation import EvalSets, localisation, precision_context, zero_shot
 from mlip_fast.train.loop import LoopContext, NonFiniteLossError, TrainingStopped, train_loop
-from mlip_fast._records import versions
 from mlip_fast.train.reporting import RunReporter, plot_metrics
 from mlip_fast.train.run_folder import RunFolderError, RunLock, check_run_folder
 from mlip_fast.train.signals import StopRequest, watch_launcher
@@ -138,9 +148,6 @@ def _output_dir(args) -> Path:
 
 
 def _model_config(args, device_type: str = "cpu"):
-    from mlip_fast.models import get_model_config
-    from mlip_fast.models.config import ConfigError
-
     cfg = get_model_config(args.model)
     overrides = dict(args.model_overrides or {})
     vision = dict(overrides.pop("vision", {}))
@@ -166,9 +173,6 @@ def _tokenizer(cfg, corpus_fn, run_dir: Path, rank: int, resumed_run: Optional[P
     for a random-init text tower, else the pretrained tower's) into ``run_dir/tokenizer`` and loaded from
     there by every rank, so all ranks tokenize identically. A resumed run takes the tokenizer of the run
     that wrote its checkpoint."""
-    from mlip_fast.models import get_tokenizer
-    from mlip_fast.preprocess.tokenization import load_tokenizer
-
     folder = run_dir / "tokenizer"
 
     def build():
@@ -237,8 +241,6 @@ def preflight(args, device_type: str) -> tuple:
     Returns (ds config, model config, the flag overrides as ``"key: old -> new"``); raises the usage errors
     that :func:`main` turns into one line on stderr and exit code 2.
     """
-    from mlip_fast.models.config import ConfigError
-
     where = str(dsc.resolve_ds_config(args.deepspeed_config))
     raw_config = dsc.load_ds_config(where)
     raw_config, changes = dsc.apply_flag_overrides(raw_config, batch_size=args.batch_size, precision=args.precision,
@@ -360,12 +362,6 @@ def _check_resume_data(resume, train_set, global_batch: int, fingerprint: str, s
 def _train(args, config, model_cfg, reporter, run_dir, resume, rank, world, local_rank, micro, accum, global_batch,
            zero_stage, device_type, start) -> dict:
     import deepspeed
-
-    from mlip_fast.losses import MLIPLoss
-    from mlip_fast.models import create_model, from_pretrained, write_model_card
-    from mlip_fast.models.hub import default_preprocess
-    from mlip_fast.models.attention import backend_report, selected_backend
-    from mlip_fast.ops.dispatch import describe_selected
 
     reporter.log("run folder: %s (%d process(es), %s)", run_dir, world, device_type)
     if resume is not None:
@@ -664,8 +660,6 @@ def _skipped_record(at_start: dict, train_at_end: list) -> dict:
 def _or_skip(reporter, what: str, fn, *args, **kwargs):
     """``fn(*args, **kwargs)``, or None with a warning when the evaluation data cannot serve it (e.g. a
     split too small to hold both positive and negative images of any class)."""
-    from mlip_fast.eval.common import EvalDataError
-
     try:
         return fn(*args, **kwargs)
     except EvalDataError as e:
@@ -701,11 +695,6 @@ def format_summary(summary: dict, path) -> str:
 # ---------------------------------------------------------------------------------------------- main
 def usage_errors() -> tuple:
     """The exception classes that mean bad usage (arguments, configs, data, checkpoints): exit code 2."""
-    from mlip_fast.models.config import ConfigError
-    from mlip_fast.models.factory import CheckpointError as ModelCheckpointError
-    from mlip_fast.models.vit_weights import PretrainedWeightsError
-    from mlip_fast.ops.dispatch import ImplUnavailableError
-
     return (dsc.DSConfigError, tdata.DataConfigError, ckpt.CheckpointError, ConfigError, DatasetError,
             ModelCheckpointError, PretrainedWeightsError, ImplUnavailableError, LaunchError, RunFolderError)
 

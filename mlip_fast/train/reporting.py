@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from tqdm.auto import tqdm
+
 from mlip_fast._records import jsonable, write_run_record
 
 __all__ = ["RunReporter", "read_metrics", "plot_metrics"]
@@ -107,7 +109,6 @@ class RunReporter:
     def start_progress(self, total: int, initial: int) -> None:
         if not self.show_progress:
             return
-        from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stderr, smoothing=0.1)
