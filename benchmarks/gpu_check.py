@@ -351,6 +351,46 @@ def section_patch_sentence_fwd_config_sweep(ctx: Context) -> dict:
     return {"shape": [B, G, K, S, D], "dtype": dtype, "rows": rows, "best": best}
 
 
+BWD_SWEEP = [  # candidate backward overrides (both sides); None = the launcher's default
+    None,
+    dict(num_warps=4),
+    dict(num_warps=8),
+    dict(DC=128, num_warps=4),
+    dict(DC=128, num_warps=8),
+    dict(num_warps=4, num_stages=3),
+]
+
+
+def section_patch_sentence_bwd_config_sweep(ctx: Context) -> dict:
+    """Backward time per block configuration at B=G=128 and 128 x 1024, K=98, S=16, D=512, bf16 (input for
+    tuning the launcher); a config that fails to compile is recorded with its error."""
+    torch = ctx.torch
+    from bench_patch_sentence import make_inputs
+
+    from mlip_fast.kernels.patch_sentence import patch_sentence_bwd, patch_sentence_fwd
+
+    shapes = [(4, 6, 8, 4, 32)] if ctx.dry_run else [(128, 128, 98, 16, 512), (128, 1024, 98, 16, 512)]
+    dtype = "float32" if ctx.dry_run else "bfloat16"
+    rows = []
+    for B, G, K, S, D in shapes:
+        p, s, m, gi, gt = make_inputs(B, G, K, S, D, dtype, str(ctx.device), seed=2)
+        p, s = p.detach(), s.detach()
+        _, _, a_i, a_t = patch_sentence_fwd(p, s, m, None)
+        args = (gi, gt, p, s, a_i, a_t, m, None)
+        expected = patch_sentence_bwd(*args)
+        for cand in BWD_SWEEP[:2] if ctx.dry_run else BWD_SWEEP:
+            row = dict(shape=[B, G, K, S, D], config=cand or "default")
+            try:
+                got = patch_sentence_bwd(*args, config=cand)
+                row["max_abs_diff"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, expected))
+                row["ms"] = ctx.time_ms(lambda cand=cand: patch_sentence_bwd(*args, config=cand))
+            except Exception as err:  # noqa: BLE001 - e.g. out of shared memory on this card
+                row["error"] = f"{type(err).__name__}: {err}"[:300]
+            rows.append(row)
+        del p, s, a_i, a_t
+    return {"dtype": dtype, "rows": rows}
+
+
 def section_loss_local(ctx: Context) -> dict:
     """The patch-sentence loss (local mode, one process) forward + backward at B=128, K=98 / 196, S=16, D=512,
     bf16: one both-directions call per loss, against the same loss built from two one-direction calls (what
@@ -494,6 +534,7 @@ SECTIONS = [
     section_loss_local,
     section_compiled_kernels,
     section_patch_sentence_fwd_config_sweep,
+    section_patch_sentence_bwd_config_sweep,
     section_integrity_mask,
     section_train_step,
 ]

@@ -567,12 +567,13 @@ def _bwd_side(
     own_is_patch: bool,
     deterministic: bool,
     split: Optional[int] = None,
+    config: Optional[dict] = None,
 ) -> torch.Tensor:
     """grad for one side: own [X, R, D] rows, other [Y, C, D] rows; returns fp32 [X, R, D]."""
     X, R, D = own.shape
     Y, C, _ = other.shape
     target = target_of(own.device)
-    cfg = bwd_config(X, R, Y, C, D, own.dtype, target.arch, own_is_patch)
+    cfg = dict(bwd_config(X, R, Y, C, D, own.dtype, target.arch, own_is_patch), **(config or {}))
     row_programs = triton.cdiv(X, cfg["XB"]) * triton.cdiv(R, cfg["RB"])
     tiles = row_programs * triton.cdiv(D, cfg["DC"])
     steps = triton.cdiv(Y, cfg["YB"]) * triton.cdiv(C, cfg["CB"])
@@ -586,7 +587,7 @@ def _bwd_side(
     split = triton.cdiv(steps, per_split)
     use_atomic = split > 1 and not deterministic
     if use_atomic:
-        cfg = bwd_config(X, R, Y, C, D, own.dtype, target.arch, own_is_patch, atomic=True)
+        cfg = dict(bwd_config(X, R, Y, C, D, own.dtype, target.arch, own_is_patch, atomic=True), **(config or {}))
         out = torch.zeros((1, X * R, D), dtype=torch.float32, device=own.device)
     else:
         out = torch.empty((split, X * R, D), dtype=torch.float32, device=own.device)
@@ -614,6 +615,7 @@ def patch_sentence_bwd(
     patch_mask: Optional[torch.Tensor],
     deterministic: bool = False,
     split: Optional[int] = None,
+    config: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launches the backward from the saved argmax indices.
 
@@ -623,6 +625,7 @@ def patch_sentence_bwd(
         arg_i2t [B, G, K], arg_t2i [B, G, S]: int16 indices from the forward.
         deterministic: no atomics; bitwise reproducible.
         split: programs sharing one output tile (default: enough to fill the GPU; 1 under the interpreter).
+        config: optional overrides of :func:`bwd_config`'s block sizes for both sides (tuning sweeps).
 
     Returns:
         (grad_patches [B, K, D], grad_sentences [G, S, D]) in the input dtype.
@@ -645,12 +648,12 @@ def patch_sentence_bwd(
     grad_p = _bwd_side(
         patches, sentences,
         (a_i, a_t, w_i2t, w_t2i, G * K, K, 1, G * S, S, 1, G, 1),
-        has_i2t, has_t2i, True, deterministic, split,
+        has_i2t, has_t2i, True, deterministic, split, config,
     )
     # Sentence side: x = g, y = b, r = q, c = p; own argmax c[b, g, q], other argmax a[b, g, p].
     grad_s = _bwd_side(
         sentences, patches,
         (a_t, a_i, w_t2i, w_i2t, S, G * S, 1, K, G * K, 1, 1, G),
-        has_t2i, has_i2t, False, deterministic, split,
+        has_t2i, has_i2t, False, deterministic, split, config,
     )
     return grad_p.to(patches.dtype), grad_s.to(sentences.dtype)

@@ -30,6 +30,7 @@ def test_dry_run_writes_all_sections(tmp_path):
         "patch_sentence_correctness",
         "patch_sentence_benchmark",
         "patch_sentence_fwd_config_sweep",
+        "patch_sentence_bwd_config_sweep",
         "integrity_mask",
         "model_vs_measurement",
         "loss_local",
