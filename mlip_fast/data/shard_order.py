@@ -39,9 +39,8 @@ from itertools import islice
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset import shuffle as wds_shuffle
 
-from .shard_reader import ShardSplit, make_item, read_samples
+from .shard_reader import ShardSplit, make_item, read_samples, webdataset
 from .sources import DataConfigError
 
 __all__ = ["ShardOrder", "ShardBatchStream", "DEFAULT_SHUFFLE_BUFFER"]
@@ -151,7 +150,9 @@ class ShardBatchStream(IterableDataset):
         order, shards = self.order, self.split.shards
         raw = (sample for shard, first, count in order.lane_segments(epoch, lane)
                for sample in read_samples(shards[shard]["file"], shards[shard]["offsets"][first], count))
-        shuffled = wds_shuffle(order.shuffle_buffer, order.shuffle_buffer, rng=random.Random(order.lane_seed(epoch, lane)))(raw)
+        shuffle = webdataset().shuffle(order.shuffle_buffer, order.shuffle_buffer,
+                                       rng=random.Random(order.lane_seed(epoch, lane)))
+        shuffled = shuffle(raw)
         samples = islice(shuffled, skip * order.micro_batch, None)
         while True:
             chunk = list(islice(samples, order.micro_batch))

@@ -32,7 +32,6 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .datasets import DatasetError
 
@@ -108,12 +107,24 @@ def load_index(path, check_files: bool = True) -> dict:
     return index
 
 
+def webdataset():
+    """The ``webdataset`` package, needed only to read or write shards: imported on first use (so the rest of
+    the training app imports without it, e.g. on a machine that only benchmarks the model), with what to
+    install when it is missing."""
+    try:
+        import webdataset as wds
+    except ImportError as err:
+        raise ImportError("reading or writing shards needs the webdataset package: pip install webdataset") from err
+    return wds
+
+
 def read_samples(path, offset: int = 0, count: int | None = None) -> Iterator[dict]:
     """Raw samples (``{"__key__", "jpg" | "png": bytes, "json": bytes, "__url__"}``) of one shard,
     starting at byte ``offset`` (a sample's first tar header, from the index), at most ``count``."""
+    tariterators = webdataset().tariterators
     with open(path, "rb") as f:
         f.seek(offset)
-        samples = group_by_keys(tar_file_expander([{"url": str(path), "stream": f}]))
+        samples = tariterators.group_by_keys(tariterators.tar_file_expander([{"url": str(path), "stream": f}]))
         yield from islice(samples, count)
 
 
