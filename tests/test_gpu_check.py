@@ -65,3 +65,20 @@ def test_a_failing_section_keeps_the_others(tmp_path, monkeypatch):
     assert rc == 1
     assert data["sections"]["environment"]["ok"]
     assert not data["sections"]["broken"]["ok"] and "boom" in data["sections"]["broken"]["error"]
+
+
+def test_runs_without_the_packages_gpu_machines_lack():
+    """The GPU machines have torch, triton and transformers but no deepspeed, webdataset or simplejpeg: the
+    script and the training step it measures must import and run without them."""
+    code = (
+        "import sys\n"
+        "for name in ('deepspeed', 'webdataset', 'simplejpeg'):\n"
+        "    sys.modules[name] = None\n"
+        "sys.path[:0] = ['benchmarks']\n"
+        "import gpu_check, bench_train_step\n"
+        "loss = bench_train_step.make_train_step('chunked', batch=4)()\n"
+        "assert loss == loss, 'non-finite loss'\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
