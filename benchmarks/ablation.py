@@ -412,7 +412,7 @@ def measure_step_times(synthetic_root: Path, model: str, rounds: int, batch: int
     from mlip_fast.eval.data import SyntheticBenchmark
     from mlip_fast.losses import MLIPLoss
     from mlip_fast.models import create_model, get_model_config, get_tokenizer
-    from mlip_fast.data.transforms import ImageTransform
+    from mlip_fast.preprocess.transforms import ImageTransform
     from mlip_fast.train.data import tokenize_fixed_sentences
 
     cfg = get_model_config(model)

@@ -43,11 +43,11 @@ if str(HERE) not in sys.path:  # stand-alone use (python benchmarks/bench_data.p
 
 import harness  # noqa: E402
 from mlip_fast.data import shard_reader  # noqa: E402
-from mlip_fast.data.images import load_image  # noqa: E402
 from mlip_fast.data.shard_reader import make_item, read_samples  # noqa: E402
 from mlip_fast.data.shards import ShardConfig, write_shards  # noqa: E402
 from mlip_fast.data.synth import make_sample  # noqa: E402
-from mlip_fast.data.transforms import ImageTransform  # noqa: E402
+from mlip_fast.preprocess.images import load_image  # noqa: E402
+from mlip_fast.preprocess.transforms import ImageTransform  # noqa: E402
 
 IMAGE_SIZE = 224
 FULL_SIZE = (3000, 2500)  # H, W of a MIMIC-CXR-JPG image

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mlip_fast.preprocess.images import ImageLoadError, load_image
 from mlip_fast.preprocess.reports import extract_sections, report_text
 
-from .images import ImageLoadError, load_image
 from .labels import CHEXPERT5, CHEXPERT_LABELS, RSNA_LABELS, SIIM_LABELS
 
 __all__ = [

@@ -45,10 +45,10 @@ from tqdm.auto import tqdm
 from webdataset import TarWriter
 
 from mlip_fast._records import jsonable, versions
+from mlip_fast.preprocess.images import ImageLoadError, load_image, sniff_format
 from mlip_fast.preprocess.reports import report_text
 
 from . import datasets as D
-from .images import ImageLoadError, load_image, sniff_format
 from .shard_reader import INDEX_NAME, SHARD_FORMAT, SHARD_VERSION, ShardError, verify_shards
 from .sources import DataConfigError, build_pretrain_dataset
 

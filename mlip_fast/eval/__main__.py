@@ -28,7 +28,6 @@ import torch
 from torch.utils.data import IterableDataset, Subset
 
 from mlip_fast.data.datasets import DatasetError
-from mlip_fast.data.images import ImageLoadError
 from mlip_fast.data.shard_reader import find_index
 from mlip_fast.eval import plots as P
 from mlip_fast.eval.benchmarks import KINDS as BENCHMARK_KINDS
@@ -42,6 +41,7 @@ from mlip_fast.eval.protocols import SELECTION_CRITERIA, SPLIT_METHODS, UNCERTAI
 from mlip_fast.eval.retrieval import evaluate_retrieval
 from mlip_fast.eval.segmentation import few_shot_segment
 from mlip_fast.eval.zeroshot import MODES, scores_to_metrics, zero_shot_scores
+from mlip_fast.preprocess.images import ImageLoadError
 
 TASKS = ("zeroshot", "fewshot", "segmentation", "retrieval", "localisation")
 KINDS = ("auto",) + BENCHMARK_KINDS

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from mlip_fast._records import SUMMARY_FILE, versions, write_run_record
 from mlip_fast.data.datasets import SampleError
-from mlip_fast.data.images import ImageLoadError
-from mlip_fast.data.transforms import ImageTransform
 from mlip_fast.models.factory import CheckpointError, from_pretrained
+from mlip_fast.preprocess.images import ImageLoadError
+from mlip_fast.preprocess.transforms import ImageTransform
 
 __all__ = [
     "EvalDataError",

@@ -33,11 +33,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from mlip_fast.data.images import load_image
 from mlip_fast.data.labels import CHEXPERT5, COVID_LABELS, SYNTHETIC_LABELS
 from mlip_fast.data.synth import FINDINGS
 from mlip_fast.eval.common import EvalDataError
 from mlip_fast.eval.protocols import UNCERTAIN_POLICIES, chexpert_value, map_uncertain, split_units
+from mlip_fast.preprocess.images import load_image
 
 __all__ = ["SyntheticBenchmark", "MaskedImageFolder", "CovidChestXray", "CheXpertLabels", "group_split",
            "foreground_flags", "patient_of"]

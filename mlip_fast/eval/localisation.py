@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mlip_fast.data.images import load_image
-from mlip_fast.data.transforms import resize_pad
 from mlip_fast.eval import metrics as M
 from mlip_fast.eval.common import EvalDataError, evaluating, eval_transform, l2_normalise, model_device
 from mlip_fast.eval.data import SyntheticBenchmark
+from mlip_fast.preprocess.images import load_image
+from mlip_fast.preprocess.transforms import resize_pad
 
 __all__ = ["evaluate_localisation", "sentence_heatmaps", "mask_to_input_frame"]
 

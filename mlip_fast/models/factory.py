@@ -27,6 +27,7 @@ from mlip_fast.models.hub import (
 )
 from mlip_fast.models.mlip import MLIP
 from mlip_fast.models.text import build_text_encoder, minilm_path, resolve_text_source
+from mlip_fast.models.vit_weights import load_pretrained_vit
 from mlip_fast.preprocess.tokenization import (
     ReportTokenizer,
     default_tokenizer,
@@ -34,7 +35,6 @@ from mlip_fast.preprocess.tokenization import (
     load_tokenizer,
     train_wordpiece_tokenizer,
 )
-from mlip_fast.models.vit_weights import load_pretrained_vit
 
 __all__ = [
     "list_models",
@@ -198,7 +198,7 @@ def create_model_and_transforms(name: Union[str, Path, MLIPConfig], pretrained: 
     arguments, see :func:`create_model`) and the transforms of the preprocessing the model carries.
 
     Returns:
-        (model, train_transform, eval_transform): ``mlip_fast.data.transforms.ImageTransform`` of the model's
+        (model, train_transform, eval_transform): ``mlip_fast.preprocess.transforms.ImageTransform`` of the model's
         preprocessing (``model.preprocess_cfg``), taking a PIL image, an array, a tensor or a path.
     """
     model = create_model(name, pretrained, **kwargs)

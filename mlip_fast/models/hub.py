@@ -4,7 +4,7 @@ A checkpoint is one folder (a local directory, or the snapshot of a Hub repo at 
 
   config.json              the resolved :class:`MLIPConfig` plus ``"format": "mlip_fast"`` and the version
   model.safetensors        every parameter and buffer
-  preprocess_config.json   the image preprocessing (:class:`~mlip_fast.data.transforms.PreprocessConfig`)
+  preprocess_config.json   the image preprocessing (:class:`~mlip_fast.preprocess.transforms.PreprocessConfig`)
   text/config.json         the transformers config of the report encoder (rebuilt without any download)
   tokenizer/               the tokenizer files
   README.md                the model card (:mod:`mlip_fast.models.model_card`)
@@ -30,11 +30,11 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidat
 from safetensors.torch import load_file, save_file
 
 from mlip_fast import __version__
-from mlip_fast.data.transforms import PreprocessConfig
 from mlip_fast.models._state import state_mismatch
 from mlip_fast.models.config import MLIPConfig
 from mlip_fast.models.text import encoder_from_config
 from mlip_fast.preprocess.tokenization import load_tokenizer
+from mlip_fast.preprocess.transforms import PreprocessConfig
 
 __all__ = [
     "CheckpointError",

@@ -21,14 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 
-from mlip_fast.data.transforms import PreprocessConfig
 from mlip_fast.losses import LogitScale
 from mlip_fast.models import hub
 from mlip_fast.models.config import MLIPConfig
 from mlip_fast.models.model_card import CARD_METADATA, is_generated_card, render_model_card
 from mlip_fast.models.text import TextTower
-from mlip_fast.preprocess.tokenization import ReportTokenizer, fast_tokenizer
 from mlip_fast.models.vision import VisionTransformer
+from mlip_fast.preprocess.tokenization import ReportTokenizer, fast_tokenizer
+from mlip_fast.preprocess.transforms import PreprocessConfig
 
 __all__ = ["MLIP", "Projection"]
 

@@ -4,9 +4,9 @@ import torch
 
 from mlip_fast.data.collate import Collator, make_loader
 from mlip_fast.data.datasets import PretrainDataset
-from mlip_fast.preprocess.reports import split_sentences
 from mlip_fast.data.synth import generate
-from mlip_fast.data.transforms import ImageTransform
+from mlip_fast.preprocess.reports import split_sentences
+from mlip_fast.preprocess.transforms import ImageTransform
 
 from .test_datasets import _stand_in_tokenize
 

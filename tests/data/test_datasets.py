@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from mlip_fast.data.labels import CHEXPERT5
 from mlip_fast.data.datasets import (
     BadSampleWarning,
     CheXpert5x200Dataset,
@@ -26,10 +25,11 @@ from mlip_fast.data.datasets import (
     rle_decode,
     rle_encode,
 )
+from mlip_fast.data.labels import CHEXPERT5
 from mlip_fast.data.mimic_prepare import main as mimic_main
 from mlip_fast.data.mimic_prepare import prepare_mimic
 from mlip_fast.data.synth import generate
-from mlip_fast.data.transforms import ImageTransform
+from mlip_fast.preprocess.transforms import ImageTransform
 
 from tests.paths import IU_REPORTS
 

@@ -13,7 +13,7 @@ from mlip_fast.data.shard_reader import ShardSplit, decode_image, read_samples, 
 from mlip_fast.data.shards import ShardConfig, write_shards
 from mlip_fast.data.sources import DataConfigError
 from mlip_fast.data.synth import generate
-from mlip_fast.data.transforms import ImageTransform
+from mlip_fast.preprocess.transforms import ImageTransform
 
 
 def seed_of(epoch, index):

@@ -17,12 +17,12 @@ from PIL import Image
 
 from mlip_fast.data import shard_reader
 from mlip_fast.data.datasets import BadSampleWarning, DatasetError, PretrainDataset
-from mlip_fast.data.images import load_image
 from mlip_fast.data.shard_reader import ShardError, ShardSplit, decode_image, find_index, load_index, verify_shards
 from mlip_fast.data.shards import ShardConfig, main, write_shards
 from mlip_fast.data.sources import build_pretrain_dataset
 from mlip_fast.data.synth import generate
-from mlip_fast.data.transforms import ImageTransform
+from mlip_fast.preprocess.images import load_image
+from mlip_fast.preprocess.transforms import ImageTransform
 
 from tests.paths import COVID_CXR
 

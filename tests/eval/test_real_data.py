@@ -9,10 +9,10 @@ import math
 import pytest
 from torch.utils.data import Subset
 
-from mlip_fast.data.images import sniff_format
 from mlip_fast.eval.data import CovidChestXray, MaskedImageFolder, group_split
 from mlip_fast.eval.segmentation import few_shot_segment
 from mlip_fast.eval.zeroshot import zero_shot_classify
+from mlip_fast.preprocess.images import sniff_format
 
 from tests.paths import COVID_CXR
 

@@ -28,7 +28,7 @@ def outputs(model, batch, **kw):
 
 
 def test_create_model_and_transforms():
-    from mlip_fast.data.transforms import ImageTransform
+    from mlip_fast.preprocess.transforms import ImageTransform
 
     model, train_tf, eval_tf = create_model_and_transforms("mlip-tiny")
     assert isinstance(train_tf, ImageTransform) and isinstance(eval_tf, ImageTransform)

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from mlip_fast.data.transforms import ImageTransform, PreprocessConfig
 from mlip_fast.eval.common import eval_transform
 from mlip_fast.models import (
     MLIP,
@@ -19,6 +18,7 @@ from mlip_fast.models import (
     write_model_card,
 )
 from mlip_fast.models.model_card import CARD_MARKER
+from mlip_fast.preprocess.transforms import ImageTransform, PreprocessConfig
 from tests.hub_cache import offline_cache, publish, record_pushes
 
 from .conftest import tiny_overrides

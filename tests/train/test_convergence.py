@@ -34,11 +34,11 @@ import torch
 from mlip_fast.data import synth
 from mlip_fast.data.datasets import PretrainDataset
 from mlip_fast.data.labels import CHEXPERT5
-from mlip_fast.data.transforms import ImageTransform
 from mlip_fast.eval.data import SyntheticBenchmark
 from mlip_fast.eval.zeroshot import zero_shot_classify
 from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
 from mlip_fast.models import create_model, get_tokenizer
+from mlip_fast.preprocess.transforms import ImageTransform
 from mlip_fast.train.data import step_seed, tokenize_fixed_sentences
 
 SIZE, N, BATCH, STEPS, LR, MASK_RATIO, MAX_SENTENCES = 32, 200, 16, 300, 5e-4, 0.5, 8

@@ -4,7 +4,7 @@
 ``S = image_size``. ``image`` is what a user has at hand (:func:`to_gray`): a Pillow image of any mode
 (8- or 16-bit grey, RGB, RGBA, palette, ...), a numpy array ``[H, W]`` or ``[H, W, C]``, a tensor
 ``[H, W]`` or ``[C, H, W]`` (C = 1, 3 or 4), or the path of an image file (PNG, JPEG, DICOM, ...,
-read by :func:`mlip_fast.data.images.load_image`). Colour becomes BT.601 luminance with alpha composited
+read by :func:`mlip_fast.preprocess.images.load_image`). Colour becomes BT.601 luminance with alpha composited
 onto black, as the loader does, and the grey image is replicated to ``in_chans`` channels.
 
 The longer side is resized to ``S`` (antialiased bilinear), the shorter side is padded with 0 (black,
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlip_fast.data.images import load_image, pil_to_gray
+from mlip_fast.preprocess.images import load_image, pil_to_gray
 
 __all__ = ["ImageTransform", "PreprocessConfig", "resize_pad", "to_gray", "DEFAULT_AUGMENT", "DEFAULT_MEAN",
            "DEFAULT_STD"]
@@ -215,9 +215,9 @@ def _fit_then(theta: torch.Tensor, shape: tuple, size: int) -> torch.Tensor:
 def to_gray(image, max_side: int | None = None) -> torch.Tensor:
     """Any image a user has at hand -> float32 grey tensor ``[H, W]`` (values in [0, 1] for integer inputs).
 
-    - a Pillow image, any mode: :func:`mlip_fast.data.images.pil_to_gray` (8-bit / 255, 16-bit / 65535,
+    - a Pillow image, any mode: :func:`mlip_fast.preprocess.images.pil_to_gray` (8-bit / 255, 16-bit / 65535,
       colour to luminance, alpha composited onto black, EXIF orientation applied);
-    - a path (``str`` or ``os.PathLike``): :func:`mlip_fast.data.images.load_image` (format by content,
+    - a path (``str`` or ``os.PathLike``): :func:`mlip_fast.preprocess.images.load_image` (format by content,
       DICOM included; ``max_side`` lets a large JPEG decode at a reduced scale, never below it);
     - a numpy array ``[H, W]`` or ``[H, W, C]``, a tensor ``[H, W]`` or ``[C, H, W]``, with C = 1 (grey),
       3 (RGB) or 4 (RGBA); uint8 is divided by 255, uint16 by 65535, bool becomes 0 / 1, floating point is

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mlip_fast.data.images import load_image
-from mlip_fast.data.transforms import ImageTransform, to_gray
+from mlip_fast.preprocess.images import load_image
+from mlip_fast.preprocess.transforms import ImageTransform, to_gray
 
 from tests.paths import COVID_CXR
 

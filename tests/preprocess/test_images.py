@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mlip_fast.data.images import ImageLoadError, load_image, sniff_format
-from mlip_fast.data.transforms import ImageTransform, resize_pad
+from mlip_fast.preprocess.images import ImageLoadError, load_image, sniff_format
+from mlip_fast.preprocess.transforms import ImageTransform, resize_pad
 
 from tests.paths import COVID_CXR
 
@@ -244,7 +244,7 @@ def test_train_augmentation_is_seeded_and_mild():
 
 def test_warp_grid_equals_affine_grid():
     """The transform's affine warp samples at F.affine_grid's points (fp32 rounding apart), odd sizes too."""
-    from mlip_fast.data.transforms import _warp
+    from mlip_fast.preprocess.transforms import _warp
 
     gen = torch.Generator().manual_seed(0)
     for h, w in ((33, 33), (17, 40), (64, 64)):
@@ -259,7 +259,7 @@ def test_warp_grid_equals_affine_grid():
 def test_train_transform_resamples_once_for_mild_reductions():
     """Resize + pad + affine as one resampling: exact for an S x S image, within fp32 rounding when only
     padding is involved, close to antialiased resizing at 256 -> 224 px, and unused below FUSED_MIN_SCALE."""
-    from mlip_fast.data.transforms import FUSED_MIN_SCALE, _warp
+    from mlip_fast.preprocess.transforms import FUSED_MIN_SCALE, _warp
 
     def two_step(image, size, seed):
         theta = ImageTransform(size, train=True)._random_theta(torch.Generator().manual_seed(seed))
