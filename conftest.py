@@ -14,6 +14,10 @@ if not os.environ.get("TRITON_INTERPRET"):
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import torch.nn.functional as _torch_functional  # noqa: E402
+
+_TORCH_LINEAR = _torch_functional.linear
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,3 +32,12 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_linear():
+    """DeepSpeed's ZeRO-3 engine replaces ``torch.nn.functional.linear`` with its own autograd function for the
+    rest of the process; a test that starts one in-process (or a fixture of it) would otherwise change the
+    numerics, and the rounding-sensitive convergence comparisons, of every model built by the tests after it."""
+    yield
+    _torch_functional.linear = _TORCH_LINEAR
