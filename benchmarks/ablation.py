@@ -58,6 +58,7 @@ ROOT = HERE.parent
 sys.path[:0] = [p for p in (str(ROOT), str(HERE)) if p not in sys.path]
 
 import harness  # noqa: E402
+from mlip_fast.data.labels import CHEXPERT5  # noqa: E402
 from mlip_fast.train.args import SPEC_LAMBDA_LOCAL, SYNTHETIC_PRESET  # noqa: E402
 
 ARMS = ("clip", "flip", "flip+local", "mlip")
@@ -66,7 +67,6 @@ ARMS = ("clip", "flip", "flip+local", "mlip")
 DEFAULT_STEPS = 400
 SPEC_MASK_RATIO = 0.5
 LAMBDA_SIE = 0.1
-CHEXPERT5 = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 PROBE_FRACTIONS = (0.01, 0.1)
 RESULTS = harness.RESULTS / "ablation_cpu.json"
 PNG = harness.RESULTS / "ablation_cpu.png"
@@ -410,10 +410,10 @@ def measure_step_times(synthetic_root: Path, model: str, rounds: int, batch: int
     """Training-step time (forward, loss, backward, AdamW) of each config on the same batch of the benchmark's
     training images and reports, in this process, rounds interleaved (alternating order) after a warm-up."""
     from mlip_fast.eval.data import SyntheticBenchmark
-    from mlip_fast.losses import MLIPLoss
+    from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
     from mlip_fast.models import create_model, get_model_config, get_tokenizer
+    from mlip_fast.preprocess.tokenization import tokenize_reports
     from mlip_fast.preprocess.transforms import ImageTransform
-    from mlip_fast.train.data import tokenize_fixed_sentences
 
     cfg = get_model_config(model)
     data = SyntheticBenchmark(synthetic_root, split="train")
@@ -423,7 +423,7 @@ def measure_step_times(synthetic_root: Path, model: str, rounds: int, batch: int
                                            for i in range(len(data))])
     rows = [data[i] for i in range(min(batch, len(data)))]
     transform = ImageTransform(size, train=False, in_chans=cfg.vision.in_chans)
-    text = tokenize_fixed_sentences(tokenizer, [r["report"] for r in rows], cfg.text.max_length, cfg.text.max_sentences)
+    text = tokenize_reports(tokenizer, [r["report"] for r in rows], cfg.text.max_length, cfg.text.max_sentences)
     inputs = {"images": torch.stack([transform(r["image"]) for r in rows]), **text}
     steps = {}
     for spec in configs:
@@ -436,6 +436,7 @@ def measure_step_times(synthetic_root: Path, model: str, rounds: int, batch: int
             loss, _ = criterion(**net(inputs, mask_ratio=r, seed=0))
             loss.backward()
             opt.step()
+            clamp_logit_scales_(net)
             opt.zero_grad(set_to_none=True)
 
         steps[spec.key.rsplit("_s", 1)[0]] = step

@@ -54,9 +54,9 @@ def make_train_step(impl: str, config: str = "mlip-tiny", batch: int = 64, image
                     dtype: str = "float32", device: str = "cpu", seed: int = 0) -> Callable[[], float]:
     """A zero-argument callable running one training step (forward, loss, backward, AdamW) on a fixed
     batch; returns the loss. Also the target of the fresh-process memory probe."""
-    from mlip_fast.losses import MLIPLoss
+    from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
     from mlip_fast.models import create_model
-    from mlip_fast.train.data import tokenize_fixed_sentences
+    from mlip_fast.preprocess.tokenization import tokenize_reports
 
     torch.manual_seed(seed)
     model = create_model(config, vision={"image_size": image_size}).to(device)
@@ -64,7 +64,8 @@ def make_train_step(impl: str, config: str = "mlip-tiny", batch: int = 64, image
     criterion = MLIPLoss(impl=impl)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     cfg = model.config
-    text = tokenize_fixed_sentences(model.tokenizer, _reports(batch), cfg.text.max_length, cfg.text.max_sentences)
+    # the batch's own S, as the training app's collator gives it
+    text = tokenize_reports(model.tokenizer, _reports(batch), cfg.text.max_length, cfg.text.max_sentences)
     inputs = {"images": torch.randn(batch, cfg.vision.in_chans, image_size, image_size), **text}
     inputs = {k: v.to(device) for k, v in inputs.items()}
     amp_dtype = getattr(torch, dtype)
@@ -77,6 +78,7 @@ def make_train_step(impl: str, config: str = "mlip-tiny", batch: int = 64, image
         loss, _ = criterion(**outputs)
         loss.backward()
         optimizer.step()
+        clamp_logit_scales_(model)
         optimizer.zero_grad(set_to_none=True)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)

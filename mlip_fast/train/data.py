@@ -30,10 +30,9 @@ from mlip_fast.data.collate import Collator
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER, ShardBatchStream, ShardOrder
 from mlip_fast.data.shard_reader import ShardSplit
 from mlip_fast.data.sources import DataConfigError, build_pretrain_dataset
-from mlip_fast.preprocess.tokenization import tokenize_reports
 
 __all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
-           "SeededSamples", "make_collator", "tokenize_fixed_sentences", "make_batch_plan", "report_corpus", "data_fingerprint", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
+           "SeededSamples", "make_collator", "make_batch_plan", "report_corpus", "data_fingerprint", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
 
 
 def synthetic_cache_dir(cache_dir: Path, size: int, n: int, seed: int) -> Path:
@@ -146,20 +145,11 @@ class GlobalBatchSampler:
             step += 1
 
 
-def tokenize_fixed_sentences(tokenizer, texts, max_length: int, max_sentences: int) -> dict:
-    """``tokenize_reports`` with S always ``max_sentences`` (padded with invalid sentences): the losses
-    all-gather sentence tensors across ranks, which needs the same S on every rank whatever its reports."""
-    text = tokenize_reports(tokenizer, texts, max_length, max_sentences)
-    pad = max_sentences - text["sentence_mask"].shape[1]
-    if pad > 0:
-        text["sentence_spans"] = torch.nn.functional.pad(text["sentence_spans"], (0, 0, 0, pad))
-        text["sentence_mask"] = torch.nn.functional.pad(text["sentence_mask"], (0, pad), value=False)
-    return text
-
-
 def make_collator(tokenizer, max_length: int, max_sentences: int):
-    """The data package's ``Collator`` with fixed-S sentence padding (see :func:`tokenize_fixed_sentences`)."""
-    return Collator(tokenizer, max_length, max_sentences, tokenize_fn=tokenize_fixed_sentences)
+    """The data package's ``Collator``. Each batch keeps its own S (its longest report, at most
+    ``max_sentences``): the losses pad ragged S across ranks themselves (``mlip_fast.distributed.gather``) and
+    the contrastive accumulation pads it across micro-batches (``mlip_fast.train.accum``)."""
+    return Collator(tokenizer, max_length, max_sentences)
 
 
 def _worker_init(_worker_id: int) -> None:

@@ -38,8 +38,9 @@ from mlip_fast.eval.data import SyntheticBenchmark
 from mlip_fast.eval.zeroshot import zero_shot_classify
 from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
 from mlip_fast.models import create_model, get_tokenizer
+from mlip_fast.preprocess.tokenization import tokenize_reports
 from mlip_fast.preprocess.transforms import ImageTransform
-from mlip_fast.train.data import step_seed, tokenize_fixed_sentences
+from mlip_fast.train.data import step_seed
 
 SIZE, N, BATCH, STEPS, LR, MASK_RATIO, MAX_SENTENCES = 32, 200, 16, 300, 5e-4, 0.5, 8
 FP32_STEPS = 120
@@ -59,7 +60,7 @@ def corpus(tmp_path_factory):
     reports = [r["report"] for r in train.records]
     tokenizer = get_tokenizer("mlip-tiny", corpus=reports)
     images = torch.stack([train[i]["image"] for i in range(len(train))])
-    text = tokenize_fixed_sentences(tokenizer, reports, 128, MAX_SENTENCES)
+    text = tokenize_reports(tokenizer, reports, 128, MAX_SENTENCES)  # S = 8: every batch slices the same S
     return root, images, text, tokenizer
 
 

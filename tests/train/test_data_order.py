@@ -5,8 +5,10 @@ import os
 import pytest
 import torch
 
-from mlip_fast.train.data import (DataConfigError, GlobalBatchSampler, SeededSamples, prepare_synthetic, sample_seed,
-                                  step_seed, synthetic_cache_dir, tokenize_fixed_sentences)
+from mlip_fast.models import get_tokenizer
+from mlip_fast.preprocess.tokenization import tokenize_reports
+from mlip_fast.train.data import (DataConfigError, GlobalBatchSampler, SeededSamples, make_collator, prepare_synthetic,
+                                  sample_seed, step_seed, synthetic_cache_dir)
 
 
 def take(sampler, n):
@@ -87,11 +89,13 @@ def test_synthetic_cache_is_generated_once_and_atomically(tmp_path):
     assert "using the cache" in logs[-1]
 
 
-def test_sentence_axis_is_padded_to_max_sentences():
-    from mlip_fast.models import get_tokenizer
-
+def test_training_batches_keep_their_own_sentence_count():
+    """The app does not pad S to max_sentences: the losses pad ragged S across ranks and the accumulation across
+    micro-batches (tests/test_distributed.py, tests/train/test_accum.py), so a batch is what the tokenizer gives."""
     tok = get_tokenizer("mlip-tiny")
-    out = tokenize_fixed_sentences(tok, ["Heart size is normal.", "No effusion. Lungs clear."], 64, 7)
-    assert out["sentence_mask"].shape == (2, 7) and out["sentence_spans"].shape == (2, 7, 2)
-    assert out["sentence_mask"].sum(1).tolist() == [1, 2]
-    assert out["sentence_spans"][:, 2:].abs().sum() == 0
+    reports = ["Heart size is normal.", "No effusion. Lungs clear."]
+    batch = make_collator(tok, 64, 7)([{"report": r} for r in reports])
+    assert batch["sentence_mask"].shape == (2, 2) and batch["sentence_mask"].sum(1).tolist() == [1, 2]
+    expected = tokenize_reports(tok, reports, 64, 7)
+    for key in ("input_ids", "attention_mask", "sentence_spans", "sentence_mask"):
+        assert torch.equal(batch[key], expected[key]), key
