@@ -36,7 +36,8 @@ from __future__ import annotations
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from mlip_fast.distributed import pad_to
 
 __all__ = ["GRAD_KEYS", "STEP_KEYS", "cache_outputs", "concat_outputs", "CachedLoss", "accumulate",
            "ReplayMismatchError"]
@@ -67,14 +68,6 @@ def cache_outputs(forward: Callable[[int], Mapping], n_micro: int) -> list[dict]
         return [_detached(forward(m)) for m in range(n_micro)]
 
 
-def _pad_sentences(x: torch.Tensor, s: int, value) -> torch.Tensor:
-    pad = s - x.shape[1]
-    if pad == 0:
-        return x
-    spec = (0, 0, 0, pad) if x.dim() == 3 else (0, pad)
-    return F.pad(x, spec, value=value)
-
-
 def concat_outputs(outputs: Sequence[Mapping]) -> dict:
     """Model outputs of several micro-batches as one batch: per-row tensors concatenated along dim 0,
     ``sentences [b, S_m, D]`` / ``sentence_mask [b, S_m]`` padded to the largest S (zeros / False), the
@@ -93,7 +86,7 @@ def concat_outputs(outputs: Sequence[Mapping]) -> dict:
             out[k] = values[0]
         elif k in ("sentences", "sentence_mask"):
             fill = False if k == "sentence_mask" else 0.0
-            out[k] = torch.cat([_pad_sentences(v, s_max, fill) for v in values])
+            out[k] = torch.cat([pad_to(v, s_max, 1, fill) for v in values])
         else:
             out[k] = torch.cat(values)
     return out
