@@ -186,7 +186,7 @@ def integrity_alignment(model, root: Path, split: str = "test", batch_size: int 
     masking, no weighting).
     """
     from mlip_fast.eval.common import eval_transform, l2_normalise
-    from mlip_fast.eval.data import SyntheticBenchmark
+    from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
     from mlip_fast.eval.localisation import mask_to_input_frame
 
     data = SyntheticBenchmark(root, split=split, with_findings=True)
@@ -232,7 +232,7 @@ def masking_diagnostics(model, root: Path, mask_ratio: float, temperatures: Sequ
     estimator is at all).
     """
     from mlip_fast.eval.common import eval_transform
-    from mlip_fast.eval.data import SyntheticBenchmark
+    from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
     from mlip_fast.eval.localisation import mask_to_input_frame
     from mlip_fast.models.vision import num_kept
     from mlip_fast.ops.integrity_mask import integrity_mask
@@ -272,7 +272,7 @@ def masking_diagnostics(model, root: Path, mask_ratio: float, temperatures: Sequ
 
 def _or_none(fn: Callable, *args, **kwargs):
     """``fn(...)``, or None when the evaluation data cannot serve it (a toy split without both outcomes)."""
-    from mlip_fast.eval.common import EvalDataError
+    from mlip_fast.data.readers import EvalDataError
 
     try:
         return fn(*args, **kwargs)
@@ -282,7 +282,7 @@ def _or_none(fn: Callable, *args, **kwargs):
 
 def evaluate(export: Path, root: Path) -> dict:
     """The record's metrics of the exported model of one run (module docstring)."""
-    from mlip_fast.eval.data import SyntheticBenchmark
+    from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
     from mlip_fast.eval.fewshot import few_shot_classify
     from mlip_fast.eval.localisation import evaluate_localisation
     from mlip_fast.eval.zeroshot import zero_shot_classify
@@ -409,7 +409,7 @@ def measure_step_times(synthetic_root: Path, model: str, rounds: int, batch: int
                                                     RunSpec("mlip", SPEC_MASK_RATIO, SPEC_LAMBDA_LOCAL, 0))) -> dict:
     """Training-step time (forward, loss, backward, AdamW) of each config on the same batch of the benchmark's
     training images and reports, in this process, rounds interleaved (alternating order) after a warm-up."""
-    from mlip_fast.eval.data import SyntheticBenchmark
+    from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
     from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
     from mlip_fast.models import create_model, get_model_config, get_tokenizer
     from mlip_fast.preprocess.tokenization import tokenize_reports

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from .datasets import DatasetError
+from mlip_fast.data.readers import DatasetError
 
 try:  # libjpeg-turbo through simplejpeg: faster JPEG decoding; Pillow when it is not installed
     import simplejpeg

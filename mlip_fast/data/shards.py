@@ -45,10 +45,11 @@ from tqdm.auto import tqdm
 from webdataset import TarWriter
 
 from mlip_fast._records import jsonable, versions
+from mlip_fast.data.pretrain import OpenIDataset, PretrainDataset
+from mlip_fast.data.readers import BadSampleWarning, DatasetError
 from mlip_fast.preprocess.images import ImageLoadError, load_image, sniff_format
 from mlip_fast.preprocess.reports import report_text
 
-from . import datasets as D
 from .shard_reader import INDEX_NAME, SHARD_FORMAT, SHARD_VERSION, ShardError, verify_shards
 from .sources import DataConfigError, build_pretrain_dataset
 
@@ -132,10 +133,10 @@ def encode_image(path: Path, config: ShardConfig) -> bytes:
 # ------------------------------------------------------------------------------------------ records
 def _sections(dataset) -> list:
     """(findings, impression, id) per record of ``dataset`` (None where the source has no sections)."""
-    if isinstance(dataset, D.PretrainDataset):
+    if isinstance(dataset, PretrainDataset):
         rows = [r for r in dataset.rows if report_text(r["findings"], r["impression"])]
         return [(r["findings"], r["impression"], r.get("dicom_id") or r["image_path"]) for r in rows]
-    if isinstance(dataset, D.OpenIDataset):
+    if isinstance(dataset, OpenIDataset):
         reps = [rep for rep in dataset.reports for _ in rep["images"] if report_text(rep["findings"], rep["impression"])]
         return [(rep["findings"], rep["impression"], Path(rec["source"]).stem) for rep, rec in zip(reps, dataset.records)]
     return [(None, None, Path(rec["source"]).name) for rec in dataset.records]
@@ -147,7 +148,7 @@ def collect_records(data: str, image_root: str | None = None) -> tuple[dict, tup
     ``index`` is the item index of the folder reader for that split."""
     records, dropped, label_names = {}, {}, None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", D.BadSampleWarning)  # dropped rows are reported with the rest
+        warnings.simplefilter("ignore", BadSampleWarning)  # dropped rows are reported with the rest
         for split in SPLITS:
             ds = build_pretrain_dataset(data, split, None, image_root=image_root, max_bad_fraction=0.99)
             if ds is None:
@@ -286,7 +287,7 @@ def write_shards(data: str, out, config: ShardConfig = ShardConfig(), *, image_r
             results = pool.imap_unordered(_write_shard, tasks) if pool else map(_write_shard, tasks)
             for entry in results:
                 for b in entry["bad"] if not entry["reused"] else ():
-                    warnings.warn(f"{b['split']}: skipping {b['source']}: {b['reason']}", D.BadSampleWarning, stacklevel=2)
+                    warnings.warn(f"{b['split']}: skipping {b['source']}: {b['reason']}", BadSampleWarning, stacklevel=2)
                 entries.append(entry)
                 bar.update(entry["samples"] + len(entry["bad"]))
         finally:
@@ -332,7 +333,7 @@ def _finish(out, data, config, plan, entries, label_names, dropped, workers, wal
                "versions": versions(), "command": " ".join(sys.argv)}
     _write_json(out / SUMMARY_NAME, summary)
     if problems:
-        raise D.DatasetError(f"{out}: more than max_bad_fraction {config.max_bad_fraction} of the items are bad "
+        raise DatasetError(f"{out}: more than max_bad_fraction {config.max_bad_fraction} of the items are bad "
                              f"({'; '.join(problems)}); first: {[b['source'] for b in bad_all[:5]]} (all in {INDEX_NAME})")
     return index
 
@@ -364,7 +365,7 @@ def main(argv=None) -> int:
         config = ShardConfig(args.size, args.image_format, args.quality, args.shard_size, args.seed, args.max_bad_fraction)
         index = write_shards(args.data, args.out, config, image_root=args.image_root, workers=max(1, args.workers),
                              overwrite=args.overwrite, progress=not args.no_progress)
-    except (ValueError, D.DatasetError, FileNotFoundError) as err:  # DataConfigError is a ValueError
+    except (ValueError, DatasetError, FileNotFoundError) as err:  # DataConfigError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     summary = json.loads((Path(args.out) / SUMMARY_NAME).read_text())

@@ -15,7 +15,9 @@ from typing import Optional
 
 from torch.utils.data import Dataset
 
-from . import datasets as D
+from mlip_fast.data.pretrain import ManifestDataset, OpenIDataset, PretrainDataset
+from mlip_fast.data.readers import TABLE_ENCODING, DatasetError
+
 from .shard_reader import ShardSplit, find_index
 
 __all__ = ["DataConfigError", "build_pretrain_dataset", "check_data_exists"]
@@ -60,8 +62,8 @@ def build_pretrain_dataset(data: str, split: Optional[str], transform, *, image_
             if split not in ("train", None):
                 return None
             reports, images = _openi_layout(path, image_root)
-            return D.OpenIDataset(reports, image_dir=images, transform=transform, max_bad_fraction=max_bad_fraction)
-    header = path.open(encoding=D.TABLE_ENCODING, errors="replace").readline() if path.suffix.lower() == ".csv" else ""
+            return OpenIDataset(reports, image_dir=images, transform=transform, max_bad_fraction=max_bad_fraction)
+    header = path.open(encoding=TABLE_ENCODING, errors="replace").readline() if path.suffix.lower() == ".csv" else ""
     if path.suffix.lower() == ".csv" and "findings" in header and "impression" in header:
         columns = [c.strip() for c in header.strip().split(",")]
         if "split" not in columns:
@@ -69,16 +71,16 @@ def build_pretrain_dataset(data: str, split: Optional[str], transform, *, image_
                 return None
             split = None
         try:
-            return D.PretrainDataset(path, root=image_root, split=split, transform=transform,
+            return PretrainDataset(path, root=image_root, split=split, transform=transform,
                                      max_bad_fraction=max_bad_fraction)
-        except D.DatasetError:
+        except DatasetError:
             if split in ("valid", "test"):
                 return None
             raise
     if path.suffix.lower() in (".csv", ".jsonl", ".json"):
         if split not in ("train", None):
             return None
-        return D.ManifestDataset(path, root=image_root, transform=transform, max_bad_fraction=max_bad_fraction)
+        return ManifestDataset(path, root=image_root, transform=transform, max_bad_fraction=max_bad_fraction)
     raise DataConfigError(f"--data {data}: expected a .csv / .jsonl file or a folder, got {path.suffix or 'a file'}")
 
 

@@ -1,7 +1,7 @@
 """The built-in synthetic chest X-ray + report benchmark.
 
 ``python -m mlip_fast.data.synth --out DIR --n N --seed S [--size 224] [--workers 2]`` writes a dataset in
-the prepared-MIMIC-CXR layout that ``mlip_fast.data.datasets.PretrainDataset`` reads:
+the prepared-MIMIC-CXR layout that ``mlip_fast.data.pretrain.PretrainDataset`` reads:
 ```
 DIR/master.csv                      one row per image (columns below)
 DIR/images/<id>.png                 8-bit grayscale radiograph, S x S

@@ -9,9 +9,8 @@ Import the submodules directly (nothing heavy happens at import time):
 - ``mlip_fast.eval.fewshot``: ``few_shot_classify(model, train_data, test_data, ...)``.
 - ``mlip_fast.eval.segmentation``: ``few_shot_segment(model, train_data, test_data, ...)``.
 - ``mlip_fast.eval.common``: ``load_checkpoint``, ``eval_transform``, batching, ``write_summary``.
-- ``mlip_fast.eval.data``: ``SyntheticBenchmark``, ``CovidChestXray``, ``MaskedImageFolder``, ``group_split``.
-- ``mlip_fast.eval.protocols``: the field's protocols (CheXpert 5x200 selection, uncertain labels, splits,
-  balanced negatives) and the split definitions shipped in ``splits/``.
+- ``mlip_fast.eval.protocols``: the field's protocols (CheXpert 5x200 selection, splits, balanced negatives)
+  and the split definitions shipped in ``splits/``. The datasets' readers are in ``mlip_fast.data.evaluation``.
 - ``mlip_fast.eval.benchmarks``: ``build_eval_sets(kind, data, task, ...)``: train / valid / test views.
 - ``mlip_fast.eval.plots``: ROC curves, retrieval, few-shot curves, heat-map and segmentation overlays.
 - ``python -m mlip_fast.eval <task> --checkpoint DIR --data ... --out DIR``: the command line

@@ -27,17 +27,24 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, Subset
 
-from mlip_fast.data.datasets import DatasetError
+from mlip_fast.data.evaluation.chexpert import UNCERTAIN_POLICIES
+from mlip_fast.data.readers import DatasetError, EvalDataError
 from mlip_fast.data.shard_reader import find_index
 from mlip_fast.eval import plots as P
 from mlip_fast.eval.benchmarks import KINDS as BENCHMARK_KINDS
 from mlip_fast.eval.benchmarks import SplitOptions, build_eval_sets
-from mlip_fast.eval.common import (CheckpointError, EvalDataError, eval_transform, load_checkpoint, screen_samples,
-                                   seed_everything, write_summary)
+from mlip_fast.eval.common import (
+    CheckpointError,
+    eval_transform,
+    load_checkpoint,
+    screen_samples,
+    seed_everything,
+    write_summary,
+)
 from mlip_fast.eval.fewshot import SUBSET_SAMPLERS, few_shot_classify
 from mlip_fast.eval.localisation import evaluate_localisation
 from mlip_fast.eval.prompts import PromptError
-from mlip_fast.eval.protocols import SELECTION_CRITERIA, SPLIT_METHODS, UNCERTAIN_POLICIES
+from mlip_fast.eval.protocols import SELECTION_CRITERIA, SPLIT_METHODS
 from mlip_fast.eval.retrieval import evaluate_retrieval
 from mlip_fast.eval.segmentation import few_shot_segment
 from mlip_fast.eval.zeroshot import MODES, scores_to_metrics, zero_shot_scores

@@ -32,13 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 from torch.utils.data import Dataset, Subset
 
+from mlip_fast.data.evaluation.chexpert import CheXpert5x200Dataset, CheXpertLabels, patient_of
+from mlip_fast.data.evaluation.covid import CovidChestXray
+from mlip_fast.data.evaluation.folders import ImageFolderDataset, MaskedImageFolder
+from mlip_fast.data.evaluation.rsna import RSNAPneumoniaDataset
+from mlip_fast.data.evaluation.siim import SIIMPneumothoraxDataset
+from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
+from mlip_fast.data.readers import EvalDataError
 from mlip_fast.data.shard_reader import ShardSplit
-from mlip_fast.data import datasets as D
-from mlip_fast.eval.common import EvalDataError
-from mlip_fast.eval.data import (CheXpertLabels, CovidChestXray, MaskedImageFolder, SyntheticBenchmark,
-                                 foreground_flags, patient_of)
 from mlip_fast.eval.protocols import (
     DEFAULT_FRACTIONS,
     SPLIT_FORMAT,
@@ -52,7 +56,7 @@ from mlip_fast.eval.protocols import (
     split_units,
 )
 
-__all__ = ["KINDS", "SHIPPED_SPLITS", "SplitOptions", "EvalSets", "build_eval_sets"]
+__all__ = ["KINDS", "SHIPPED_SPLITS", "SplitOptions", "EvalSets", "build_eval_sets", "foreground_flags"]
 
 KINDS = ("synthetic", "covid", "masks", "image-folder", "chexpert", "chexpert5x200", "rsna", "siim", "shards")
 SHIPPED_SPLITS = {"covid": "covid_chestxray", "rsna": "rsna_pneumonia", "siim": "siim_pneumothorax",
@@ -224,11 +228,11 @@ def build_eval_sets(kind: str, data: str, task: str, transform, options: SplitOp
         record = materialise_split(_definition(kind, options, {}), units, groups=groups, source=source)
         if kind == "rsna":
             def make(ids, _):
-                return D.RSNAPneumoniaDataset(data, options.images, transform=transform, patient_ids=list(ids),
+                return RSNAPneumoniaDataset(data, options.images, transform=transform, patient_ids=list(ids),
                                               boxes=task == "segmentation")
         else:
             def make(ids, _):
-                return D.SIIMPneumothoraxDataset(data, options.images, transform=transform, image_ids=list(ids))
+                return SIIMPneumothoraxDataset(data, options.images, transform=transform, image_ids=list(ids))
     elif kind == "chexpert":
         record, make = _chexpert(data, transform, options, described)
     elif kind == "chexpert5x200":
@@ -240,7 +244,7 @@ def build_eval_sets(kind: str, data: str, task: str, transform, options: SplitOp
             full = MaskedImageFolder(data, options.masks, transform=transform)
             units = [p[0].name for p in full.pairs]
         else:
-            full = D.ImageFolderDataset(data, transform=transform)
+            full = ImageFolderDataset(data, transform=transform)
             units = [str(p.relative_to(full.root)) for p, _ in full.samples]
         record = materialise_split(_definition(kind, options, _default_definition(f"{kind}_split")), units)
         position = {u: i for i, u in enumerate(units)}
@@ -354,5 +358,27 @@ def _chexpert_5x200(data: str, task: str, transform, options: SplitOptions, desc
                 writer = csv.DictWriter(f, fieldnames=["Path", "label"])
                 writer.writeheader()
                 writer.writerows({"Path": p, "label": labels[p]} for p in items)
-            return D.CheXpert5x200Dataset(selection_csv, root=root, transform=transform)
+            return CheXpert5x200Dataset(selection_csv, root=root, transform=transform)
     return record, make
+
+
+def foreground_flags(dataset) -> list[bool]:
+    """Per item of ``dataset`` (possibly a ``Subset``), whether its segmentation ``mask`` has foreground.
+
+    Uses the dataset's ``has_foreground(i)`` when it has one (the synthetic benchmark reads its
+    findings, SIIM its run-length codes: no image is decoded), else reads each item's mask."""
+    indices = list(range(len(dataset)))
+    base = dataset
+    while isinstance(base, Subset):
+        indices = [int(base.indices[i]) for i in indices]
+        base = base.dataset
+    probe = getattr(base, "has_foreground", None)
+    if probe is not None:
+        return [bool(probe(i)) for i in indices]
+    flags = []
+    for i in indices:
+        mask = base[i].get("mask")
+        if mask is None:
+            raise EvalDataError(f"item {i} of {type(base).__name__} has no 'mask'")
+        flags.append(bool(np.asarray(mask).any()))
+    return flags

@@ -25,13 +25,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
 from mlip_fast._records import SUMMARY_FILE, versions, write_run_record
-from mlip_fast.data.datasets import SampleError
+from mlip_fast.data.readers import EvalDataError, SampleError
 from mlip_fast.models.factory import CheckpointError, from_pretrained
 from mlip_fast.preprocess.images import ImageLoadError
 from mlip_fast.preprocess.transforms import ImageTransform
 
 __all__ = [
-    "EvalDataError",
     "CheckpointError",
     "load_checkpoint",
     "model_device",
@@ -46,10 +45,6 @@ __all__ = [
     "evaluating",
     "screen_samples",
 ]
-
-
-class EvalDataError(ValueError):
-    """The evaluation data cannot serve the task (no labels, empty class, missing masks, no samples)."""
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None):
@@ -239,7 +234,7 @@ def screen_samples(data, max_bad_fraction: float, name: str = "evaluation data",
     corrupt or unsupported image file), so that no metric counts a substitute or stops half-way.
 
     Returns ``(data, skipped)``: ``data`` itself, or a ``Subset`` of its readable samples, and
-    ``[{"index", "source", "reason"}]``. A dataset of ``mlip_fast.data.datasets`` is probed item by item
+    ``[{"index", "source", "reason"}]``. A dataset of ``mlip_fast.data`` (a ``RobustDataset``) is probed item by item
     (its reads would otherwise deliver the next good item in place of a bad one). An iterable dataset (a
     shard split, which skips its own bad samples) is returned unchanged.
 

@@ -50,9 +50,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
 from mlip_fast.eval.common import (
-    EvalDataError,
     collate_samples,
     eval_transform,
     evaluating,

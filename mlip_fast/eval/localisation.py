@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
+from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
-from mlip_fast.eval.common import EvalDataError, evaluating, eval_transform, l2_normalise, model_device
-from mlip_fast.eval.data import SyntheticBenchmark
+from mlip_fast.eval.common import evaluating, eval_transform, l2_normalise, model_device
 from mlip_fast.preprocess.images import load_image
 from mlip_fast.preprocess.transforms import resize_pad
 

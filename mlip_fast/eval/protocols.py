@@ -14,10 +14,8 @@ What this module reproduces of it, index for index, and where it deliberately di
   ``DataFrame.sample(n=per_class, random_state=seed)`` over the candidates in file order (the first
   ``per_class`` entries of ``RandomState(seed).permutation``), i.e. MGCA's ``chexpert_5x200.csv``
   for seed 0 (GLoRIA's own draw was unseeded).
-- ``map_uncertain(labels, names, policy)``: CheXpert's uncertain label (-1) as unknown ("ignore", NaN,
-  left out of every metric), 1 ("ones", U-Ones), 0 ("zeros", U-Zeros) or GLoRIA / MGCA's per-class
-  mapping ("gloria": 1 for Atelectasis, Edema, Pleural Effusion; 0 for Cardiomegaly, Consolidation;
-  unknown for other observations).
+- CheXpert's label cells and the uncertain-label policies (blank -> 0, U-Ones, U-Zeros, GLoRIA / MGCA's
+  per-class mapping): ``mlip_fast.data.evaluation.chexpert`` (``chexpert_value``, ``map_uncertain``).
 - ``shuffle_split(n, test_fraction, seed)``: scikit-learn's ``train_test_split(range(n),
   test_size=test_fraction, random_state=seed)`` index for index (the legacy ``RandomState``
   permutation; test = its first ``ceil(test_fraction n)`` entries), without depending on scikit-learn.
@@ -28,6 +26,8 @@ What this module reproduces of it, index for index, and where it deliberately di
   ``method="grouped"``: a seeded permutation of the sorted unique groups (patients) so that every group
   lies on one side; the default wherever the data has patient ids (GLoRIA / MGCA split SIIM by rows of
   ``train-rle.csv``, so an image with several regions can straddle their splits: ours does not).
+- ``group_split(groups, test_fraction, seed)``: (train, test) indices keeping each group (patient) on one
+  side (``split_units(method="grouped")`` without a validation part).
 - ``balanced_negatives(positive, seed)``: every positive plus as many negatives drawn without
   replacement (GLoRIA / MGCA's SIIM segmentation training set; their draw uses numpy's global state, so
   the exact images differ).
@@ -61,23 +61,21 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from mlip_fast.data.evaluation.chexpert import chexpert_value
 from mlip_fast.data.labels import CHEXPERT5, GLORIA_5X200_OBSERVATIONS
-from mlip_fast.eval.common import EvalDataError
+from mlip_fast.data.readers import EvalDataError
 
 __all__ = [
-    "UNCERTAIN_POLICIES",
-    "GLORIA_UNCERTAIN",
     "SELECTION_CRITERIA",
     "SPLIT_METHODS",
     "SPLIT_NAMES",
     "SPLIT_DIR",
     "SPLIT_FORMAT",
     "DEFAULT_FRACTIONS",
-    "chexpert_value",
-    "map_uncertain",
     "chexpert_5x200",
     "shuffle_split",
     "split_units",
+    "group_split",
     "balanced_negatives",
     "load_split_definition",
     "list_split_definitions",
@@ -87,10 +85,6 @@ __all__ = [
     "main",
 ]
 
-UNCERTAIN = -1.0
-UNCERTAIN_POLICIES = ("ignore", "ones", "zeros", "gloria")
-# GLoRIA's constants.py (and MGCA's): "based on original chexpert paper".
-GLORIA_UNCERTAIN = {"Atelectasis": 1.0, "Cardiomegaly": 0.0, "Consolidation": 0.0, "Edema": 1.0, "Pleural Effusion": 1.0}
 SELECTION_CRITERIA = ("gloria", "five")
 SPLIT_METHODS = ("grouped", "mgca")
 SPLIT_NAMES = ("train", "valid", "test")
@@ -98,37 +92,6 @@ DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 SPLIT_DIR = Path(__file__).resolve().parent / "splits"
 SPLIT_FORMAT = "mlip_fast.split/1"
 _GROUP_SALT = 0x5B17  # mixes into the grouped split's seed (the draw of ``data.group_split`` before it)
-
-
-def chexpert_value(text) -> float:
-    """A CheXpert label cell as a float: blank -> 0 (not mentioned, as GLoRIA / MGCA's ``fillna(0)``),
-    "1.0" / "0.0" / "-1.0" -> 1 / 0 / -1. Raises ``EvalDataError`` for anything else."""
-    s = "" if text is None else str(text).strip()
-    if s == "":
-        return 0.0
-    try:
-        v = float(s)
-    except ValueError:
-        raise EvalDataError(f"CheXpert label value {text!r} is not 1, 0, -1 or blank") from None
-    if v not in (1.0, 0.0, UNCERTAIN):
-        raise EvalDataError(f"CheXpert label value {text!r} is not 1, 0, -1 or blank")
-    return v
-
-
-def map_uncertain(labels, names: Sequence[str], policy: str) -> np.ndarray:
-    """``labels [..., L]`` (1 / 0 / -1 uncertain / NaN unknown) with every -1 mapped by ``policy``
-    (see the module doc); returns a float32 copy. ``names`` are the L label names."""
-    if policy not in UNCERTAIN_POLICIES:
-        raise ValueError(f"uncertain policy must be one of {UNCERTAIN_POLICIES}, got {policy!r}")
-    out = np.array(labels, dtype=np.float32, copy=True)
-    if out.shape[-1:] != (len(names),):
-        raise ValueError(f"labels have {out.shape[-1:]} columns but {len(names)} names were given")
-    if policy == "gloria":
-        fill = np.array([GLORIA_UNCERTAIN.get(str(n), math.nan) for n in names], dtype=np.float32)
-    else:
-        fill = np.full(len(names), {"ignore": math.nan, "ones": 1.0, "zeros": 0.0}[policy], dtype=np.float32)
-    uncertain = out == UNCERTAIN
-    return np.where(uncertain, np.broadcast_to(fill, out.shape), out).astype(np.float32)
 
 
 def chexpert_5x200(rows: Sequence[Mapping], *, criterion: str = "gloria", per_class: int = 200, seed: int = 0,
@@ -240,6 +203,16 @@ def split_units(units: Sequence[str], fractions: Sequence[float] = DEFAULT_FRACT
     for u, k in zip(units, keys):
         out[side[k]].append(u)
     return out
+
+
+def group_split(groups: Sequence, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, test) with every group entirely on one side; about ``test_fraction`` of the groups
+    (at least one, and at least one left for training) go to test, chosen by a seeded permutation."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    lists = split_units([str(i) for i in range(len(groups))], (1.0 - test_fraction, 0.0, test_fraction), seed,
+                        "grouped", groups)
+    return [int(i) for i in lists["train"]], [int(i) for i in lists["test"]]
 
 
 def balanced_negatives(positive: Sequence[bool], seed: int) -> list[int]:

@@ -26,8 +26,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
-from mlip_fast.eval.common import EvalDataError, evaluating, eval_transform, iter_batches, l2_normalise, model_device
+from mlip_fast.eval.common import evaluating, eval_transform, iter_batches, l2_normalise, model_device
 
 __all__ = ["evaluate_retrieval"]
 

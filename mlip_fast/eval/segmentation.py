@@ -48,8 +48,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
-from mlip_fast.eval.common import EvalDataError, collate_samples, eval_transform, model_device
+from mlip_fast.eval.common import collate_samples, eval_transform, model_device
 from mlip_fast.eval.fewshot import _pct, split_indices
 from mlip_fast.eval.localisation import mask_to_input_frame
 

@@ -42,8 +42,9 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
-from mlip_fast.eval.common import EvalDataError, evaluating, eval_transform, iter_batches, l2_normalise, label_names_of, model_device
+from mlip_fast.eval.common import evaluating, eval_transform, iter_batches, l2_normalise, label_names_of, model_device
 from mlip_fast.eval.prompts import ClassPrompts, load_prompts, normalise_name
 from mlip_fast.ops import patch_sentence_scores
 

@@ -40,9 +40,8 @@ import torch
 import torch.distributed as dist
 
 from mlip_fast._records import versions
-from mlip_fast.data.datasets import DatasetError
+from mlip_fast.data.readers import DatasetError, EvalDataError
 from mlip_fast.data.sources import check_data_exists
-from mlip_fast.eval.common import EvalDataError
 from mlip_fast.losses import MLIPLoss
 from mlip_fast.models import create_model, from_pretrained, get_model_config, get_tokenizer, write_model_card
 from mlip_fast.models.attention import backend_report, selected_backend

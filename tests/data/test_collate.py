@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mlip_fast.data.collate import Collator, make_loader
-from mlip_fast.data.datasets import PretrainDataset
+from mlip_fast.data.pretrain import PretrainDataset
 from mlip_fast.data.synth import generate
 from mlip_fast.preprocess.reports import split_sentences
 from mlip_fast.preprocess.transforms import ImageTransform

@@ -11,23 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from mlip_fast.data.datasets import (
-    BadSampleWarning,
-    CheXpert5x200Dataset,
-    DatasetError,
-    ImageFolderDataset,
-    ManifestDataset,
-    OpenIDataset,
-    PretrainDataset,
-    RSNAPneumoniaDataset,
-    SIIMPneumothoraxDataset,
-    build_chexpert_5x200,
-    rle_decode,
-    rle_encode,
-)
+from mlip_fast.data.evaluation.chexpert import CheXpert5x200Dataset, build_chexpert_5x200
+from mlip_fast.data.evaluation.folders import ImageFolderDataset
+from mlip_fast.data.evaluation.rsna import RSNAPneumoniaDataset
+from mlip_fast.data.evaluation.siim import SIIMPneumothoraxDataset
 from mlip_fast.data.labels import CHEXPERT5
 from mlip_fast.data.mimic_prepare import main as mimic_main
 from mlip_fast.data.mimic_prepare import prepare_mimic
+from mlip_fast.data.pretrain import ManifestDataset, OpenIDataset, PretrainDataset
+from mlip_fast.data.readers import BadSampleWarning, DatasetError
+from mlip_fast.data.rle import rle_decode, rle_encode
 from mlip_fast.data.synth import generate
 from mlip_fast.preprocess.transforms import ImageTransform
 

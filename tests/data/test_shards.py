@@ -16,7 +16,8 @@ import webdataset as wds
 from PIL import Image
 
 from mlip_fast.data import shard_reader
-from mlip_fast.data.datasets import BadSampleWarning, DatasetError, PretrainDataset
+from mlip_fast.data.pretrain import PretrainDataset
+from mlip_fast.data.readers import BadSampleWarning, DatasetError
 from mlip_fast.data.shard_reader import ShardError, ShardSplit, decode_image, find_index, load_index, verify_shards
 from mlip_fast.data.shards import ShardConfig, main, write_shards
 from mlip_fast.data.sources import build_pretrain_dataset
@@ -289,7 +290,7 @@ def test_zero_shot_from_shards_equals_zero_shot_from_the_folder(png_shards, synt
     """The evaluation of an iterable shard split scores exactly what the folder reader's split scores
     (PNG shards store the 48 px synthetic pixels unchanged), image by image and class by class."""
     from mlip_fast.eval.common import eval_transform
-    from mlip_fast.eval.data import SyntheticBenchmark
+    from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
     from mlip_fast.eval.zeroshot import MODES, zero_shot_scores
     from mlip_fast.models import create_model
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mlip_fast.data.evaluation.covid import CovidChestXray
+from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
 from mlip_fast.data.labels import CHEXPERT5, CHEXPERT_LABELS, SYNTHETIC_LABELS
-from mlip_fast.eval.benchmarks import SplitOptions, build_eval_sets
-from mlip_fast.eval.common import EvalDataError
-from mlip_fast.eval.data import CovidChestXray, SyntheticBenchmark, foreground_flags
+from mlip_fast.data.readers import EvalDataError
+from mlip_fast.eval.benchmarks import SplitOptions, build_eval_sets, foreground_flags
 from mlip_fast.eval.fewshot import LINEAR_CHECK_EVERY, _masked_bce, few_shot_classify, linear_probe
 from mlip_fast.eval.protocols import load_split_definition, split_units
 from mlip_fast.eval.segmentation import few_shot_segment

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from mlip_fast.data.evaluation.chexpert import map_uncertain
 from mlip_fast.data.labels import CHEXPERT5, CHEXPERT_LABELS, GLORIA_5X200_OBSERVATIONS
-from mlip_fast.eval.common import EvalDataError
+from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval.fewshot import subset_indices
 from mlip_fast.eval.protocols import (
     balanced_negatives,
@@ -17,7 +18,6 @@ from mlip_fast.eval.protocols import (
     list_split_definitions,
     load_split_definition,
     main,
-    map_uncertain,
     materialise_split,
     shuffle_split,
     source_units,

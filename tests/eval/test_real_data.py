@@ -9,7 +9,9 @@ import math
 import pytest
 from torch.utils.data import Subset
 
-from mlip_fast.eval.data import CovidChestXray, MaskedImageFolder, group_split
+from mlip_fast.data.evaluation.covid import CovidChestXray
+from mlip_fast.data.evaluation.folders import MaskedImageFolder
+from mlip_fast.eval.protocols import group_split
 from mlip_fast.eval.segmentation import few_shot_segment
 from mlip_fast.eval.zeroshot import zero_shot_classify
 from mlip_fast.preprocess.images import sniff_format

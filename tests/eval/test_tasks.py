@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
+from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
-from mlip_fast.eval.common import EvalDataError
-from mlip_fast.eval.data import SyntheticBenchmark
 from mlip_fast.eval.fewshot import few_shot_classify, subset_indices
 from mlip_fast.eval.localisation import evaluate_localisation, mask_to_input_frame, sentence_heatmaps
 from mlip_fast.eval.retrieval import evaluate_retrieval

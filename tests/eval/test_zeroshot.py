@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
 from mlip_fast.data.labels import CHEXPERT5
+from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
-from mlip_fast.eval.common import EvalDataError, collate_samples
-from mlip_fast.eval.data import SyntheticBenchmark
+from mlip_fast.eval.common import collate_samples
 from mlip_fast.eval.prompts import load_prompts
 from mlip_fast.eval.zeroshot import MODES, scores_to_metrics, zero_shot_classify, zero_shot_scores
 

@@ -61,7 +61,7 @@ def synthetic_cache(tmp_path_factory) -> Path:
 def shared_tokenizer(tmp_path_factory, synthetic_cache) -> Path:
     """One tokenizer folder copied into runs that are compared with each other (WordPiece training is not
     bitwise reproducible across processes, so compared runs must share their tokenizer)."""
-    from mlip_fast.data.datasets import PretrainDataset
+    from mlip_fast.data.pretrain import PretrainDataset
     from mlip_fast.models import get_tokenizer
     from mlip_fast.train.data import synthetic_cache_dir
 

@@ -32,9 +32,9 @@ import pytest
 import torch
 
 from mlip_fast.data import synth
-from mlip_fast.data.datasets import PretrainDataset
+from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
 from mlip_fast.data.labels import CHEXPERT5
-from mlip_fast.eval.data import SyntheticBenchmark
+from mlip_fast.data.pretrain import PretrainDataset
 from mlip_fast.eval.zeroshot import zero_shot_classify
 from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
 from mlip_fast.models import create_model, get_tokenizer

@@ -67,7 +67,7 @@ def test_too_little_data_for_one_global_batch():
 
 
 def test_seeded_samples_make_augmentation_reproducible(synthetic_cache):
-    from mlip_fast.data.datasets import PretrainDataset
+    from mlip_fast.data.pretrain import PretrainDataset
     from mlip_fast.preprocess.transforms import ImageTransform
 
     master = synthetic_cache_dir(synthetic_cache, 32, 48, 0) / "master.csv"

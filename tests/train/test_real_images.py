@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mlip_fast.data.evaluation.covid import CovidChestXray
 from mlip_fast.data.shard_reader import ShardSplit
 from mlip_fast.data.shards import ShardConfig, write_shards
 from mlip_fast.eval.__main__ import main as eval_main
-from mlip_fast.eval.data import CovidChestXray, group_split
+from mlip_fast.eval.protocols import group_split
 from mlip_fast.models import from_pretrained
 from mlip_fast.train.main import train
 from tests.paths import COVID_CXR

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from mlip_fast.data.datasets import DatasetError
+from mlip_fast.data.readers import DatasetError
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train.main import train
 from mlip_fast.train.reporting import read_metrics
