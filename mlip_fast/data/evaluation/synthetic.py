@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from mlip_fast.data.evaluation.chexpert import UNCERTAIN_POLICIES, map_uncertain
 from mlip_fast.data.labels import SYNTHETIC_LABELS
 from mlip_fast.data.readers import EvalDataError, load_mask_file
-from mlip_fast.data.synth import FINDINGS
+from mlip_fast.data.synth.findings import FINDINGS
 from mlip_fast.preprocess.images import load_image
 
 __all__ = ["SyntheticBenchmark"]
