@@ -86,21 +86,31 @@ def _all_finite(outputs: dict) -> bool:
 def clamp_engine_logit_scales(model: torch.nn.Module) -> None:
     """Clamps every :class:`~mlip_fast.losses.LogitScale` of ``model`` (the engine's module) at its bound after
     an optimizer step. A DeepSpeed optimizer updates its own fp32 copy of each parameter (ZeRO 1/2/3, bf16)
-    and writes it back into the model at the next step, so that copy is clamped and the model's parameter
-    set from it (gathered and re-partitioned under ZeRO-3). Collective: every rank calls it after every step."""
-    import deepspeed  # optional heavy dependency of the library; the training app's engine
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    and writes it back into the model at the next step, so that copy is clamped as well as the model's parameter.
+    Under ZeRO-3 each rank clamps its own partitions (the fp32 one and the model's ``ds_tensor``): the clamp is
+    elementwise, so no gather is needed (and a 1-element parameter's padded partition on the other ranks
+    stays harmless). Every rank calls it after every step."""
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                                 safe_set_local_fp32_param)
 
     for scale in (m for m in model.modules() if isinstance(m, LogitScale)):
         param = scale.log_scale
+        bound = scale.max_log_scale
+        if hasattr(param, "ds_id"):  # ZeRO-3: partitioned
+            if param.requires_grad:
+                local = safe_get_local_fp32_param(param)
+                if local is not None:
+                    safe_set_local_fp32_param(param, local.clamp(max=bound))
+            with torch.no_grad():
+                param.ds_tensor.data.clamp_(max=bound)
+            continue
         master = safe_get_full_fp32_param(param) if param.requires_grad else None
         if master is None:  # no DeepSpeed optimizer holds a copy: the parameter is the master
             clamp_logit_scales_(scale)
             continue
-        master = master.clamp(max=scale.max_log_scale)
+        master = master.clamp(max=bound)
         safe_set_full_fp32_param(param, master)
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")), \
-                torch.no_grad():
+        with torch.no_grad():
             param.data.copy_(master.reshape(param.data.shape).to(param.dtype))
 
 

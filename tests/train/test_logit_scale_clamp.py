@@ -120,3 +120,67 @@ def test_engine_clamp_reaches_the_optimizer_copy(stage, precision, monkeypatch):
     finally:
         if owns_group and dist.is_initialized():
             deepspeed.comm.destroy_process_group()
+
+
+def _zero3_two_ranks(rank: int, port: int, failures) -> None:
+    """One rank of a 2-process gloo group: ZeRO-3 partitions the 1-element logit-scale parameter into one value
+    on rank 0 and one padding value on rank 1 (DeepSpeed's full-parameter setter cannot write such a
+    parameter from rank 1, which is why the clamp works on each rank's own partitions)."""
+    import os
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_local_fp32_param
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    try:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        torch.manual_seed(0)
+        net = _Net()
+        net.lin = nn.Linear(2, 2)
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 3}, "bf16": {"enabled": True},
+                  "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.0, "torch_adam": True}}}
+        engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
+        param = engine.module.scale.log_scale
+        # as if the last step went far above the bound, in both copies and on both ranks
+        safe_set_local_fp32_param(param, torch.full((param.ds_tensor.numel(),), 7.0))
+        with torch.no_grad():
+            param.ds_tensor.data.fill_(7.0)
+        clamp_engine_logit_scales(engine.module)
+        assert safe_get_full_fp32_param(param).item() == BOUND_FP32
+        engine.train()
+        loss = engine.module.scale() * 0.0 + engine.module.lin(torch.ones(1, 2, dtype=torch.bfloat16)).sum() * 0.0
+        engine.backward(loss)
+        engine.step()
+        clamp_engine_logit_scales(engine.module)
+        assert safe_get_full_fp32_param(param).item() == BOUND_FP32
+        assert engine.module.scale().float().item() == pytest.approx(100.0, rel=1e-2)
+        dist.barrier()
+    except BaseException as e:  # noqa: BLE001  (reported to the parent, which fails the test)
+        failures.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_engine_clamp_zero3_two_processes():
+    """ZeRO-3 over 2 gloo processes (the layout ``deepspeed --num_gpus 2`` trains with): the clamp reaches the
+    fp32 partition and the model's, and the next step keeps the bound."""
+    pytest.importorskip("deepspeed")
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    failures = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_zero3_two_ranks, args=(rank, port, failures)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    reported = []
+    while not failures.empty():
+        reported.append(failures.get())
+    assert not reported and all(p.exitcode == 0 for p in procs), (reported, [p.exitcode for p in procs])
