@@ -5,6 +5,8 @@
 - ``loop``: the engine loop; ``checkpoint``: checkpoints, resume, stop signals, export;
 - ``evaluation``: zero-shot and localisation during and after training; ``reporting``: run log,
   metrics.jsonl, progress bar, curves PNG, summary.json;
+- ``setup``: checks before any slow work, run folder, seed; ``process``: process group, rank-0 decisions, exit;
+- ``run``: the data, engine and training phases; ``finish``: export, final evaluation, summary.json;
 - ``main``: ``train(argv) -> summary`` and ``main()`` (exit codes).
 """
 

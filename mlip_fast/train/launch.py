@@ -4,7 +4,7 @@
 ``deepspeed [launcher options] --module mlip_fast.train [training options]``: the launcher options
 (``--num_gpus``, ``--num_nodes``, ``--hostfile``, ``--master_port``, ... see :data:`LAUNCHER_OPTIONS`) go to
 the launcher, everything else to :mod:`mlip_fast.train.main`. The training options are checked here first
-(:func:`mlip_fast.train.main.preflight`: arguments, DeepSpeed config, model config), so a usage error is one
+(:func:`mlip_fast.train.setup.preflight`: arguments, DeepSpeed config, model config), so a usage error is one
 line on stderr and exit code 2 before any training process starts. The exit code is the training's.
 """
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Optional, Sequence
 from deepspeed.launcher import runner
 
 from mlip_fast.train.args import build_parser, parse_args
-from mlip_fast.train.main import EXIT_USAGE, device_type_name, preflight, usage_errors
+from mlip_fast.train.main import EXIT_USAGE, usage_errors
+from mlip_fast.train.process import device_type_name
+from mlip_fast.train.setup import preflight
 
 __all__ = ["main", "split_argv", "LAUNCHER_OPTIONS", "LAUNCHER_SWITCHES"]
 

@@ -39,7 +39,8 @@ import torch
 
 from mlip_fast.models import create_model, get_model_config, get_tokenizer
 from mlip_fast.train import checkpoint as ckpt
-from mlip_fast.train.main import _init_distributed, param_groups
+from mlip_fast.train.process import init_distributed
+from mlip_fast.train.run import param_groups
 
 DS_CONFIG = {
     "train_batch_size": 8,
@@ -60,7 +61,7 @@ def _free_port() -> int:
 
 def _engine(tokenizer):
     os.environ["MASTER_PORT"] = str(_free_port())
-    _init_distributed()
+    init_distributed()
     model = create_model(get_model_config("mlip-tiny"), tokenizer=tokenizer)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=DS_CONFIG)
     return engine

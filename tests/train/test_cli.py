@@ -13,7 +13,7 @@ from mlip_fast.models.config import ConfigError
 from mlip_fast.train import ds_config as dsc
 from mlip_fast.train.args import build_parser, parse_args
 from mlip_fast.train.launch import split_argv
-from mlip_fast.train.main import preflight
+from mlip_fast.train.setup import preflight
 from mlip_fast.train.reporting import LOGGER_NAME, RunReporter
 from tests.train.conftest import REPO, clean_env, write_ds
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mlip_fast.train.main import train
+from mlip_fast.train.setup import model_config
 from tests.train.conftest import REPO, SYNTH_N, SYNTH_SIZE, TRAIN_PY, base_args, clean_env, train_records, write_ds
 
 STEPS = 20
@@ -59,18 +60,17 @@ def test_same_seed_same_flags_give_the_same_run(tmp_path):
 def test_deterministic_switches_on_cuda():
     from mlip_fast.models.config import ConfigError
     from mlip_fast.train.args import parse_args
-    from mlip_fast.train.main import _model_config
 
     base = ["--deepspeed_config", "ds.json"]
-    cfg = _model_config(parse_args(base + ["--deterministic"]), "cuda")
+    cfg = model_config(parse_args(base + ["--deterministic"]), "cuda")
     assert (cfg.vision.attn_backend, cfg.text.attn_implementation) == ("math", "eager")
-    cfg = _model_config(parse_args(base + ["--deterministic", "--model-overrides", '{"text": {"attn_implementation": "sdpa"}}']), "cuda")
+    cfg = model_config(parse_args(base + ["--deterministic", "--model-overrides", '{"text": {"attn_implementation": "sdpa"}}']), "cuda")
     assert cfg.text.attn_implementation == "sdpa"  # an explicit choice stands
     for attn in ("flash", "xformers", "sdpa"):
         with pytest.raises(ConfigError, match=f"--attn {attn} has a nondeterministic backward"):
-            _model_config(parse_args(base + ["--deterministic", "--attn", attn]), "cuda")
-    assert _model_config(parse_args(base + ["--attn", "flash"]), "cuda").vision.attn_backend == "flash"
-    cpu = _model_config(parse_args(base + ["--deterministic"]), "cpu")  # CPU kernels are deterministic already
+            model_config(parse_args(base + ["--deterministic", "--attn", attn]), "cuda")
+    assert model_config(parse_args(base + ["--attn", "flash"]), "cuda").vision.attn_backend == "flash"
+    cpu = model_config(parse_args(base + ["--deterministic"]), "cpu")  # CPU kernels are deterministic already
     assert (cpu.vision.attn_backend, cpu.text.attn_implementation) == ("auto", "sdpa")
 
 

@@ -11,7 +11,8 @@ from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train.ds_config import DSConfigError
 from mlip_fast.train.loop import NonFiniteLossError
 from mlip_fast.train.args import SYNTHETIC_PRESET
-from mlip_fast.train.main import param_groups, train
+from mlip_fast.train.main import train
+from mlip_fast.train.run import param_groups
 from tests.train.conftest import base_args, seed_run_dir, train_records, write_ds
 
 
