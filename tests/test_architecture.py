@@ -213,3 +213,12 @@ def test_the_checker_sees_what_it_checks(tmp_path):
     assert ("mlip_fast.ops.dispatch", 7, True) in found
     assert not any("models" in name for name, _, _ in found)
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_package_modules_stay_small():
+    """Every module of ``mlip_fast/`` stays under about 400 lines (one job per file); the Triton kernel files
+    (``kernels/``, one op each, opening with their derivation) are not counted."""
+    limit = 420
+    big = {str(path.relative_to(REPO)): n for path in sorted((REPO / PACKAGE).rglob("*.py"))
+           if (n := len(path.read_text().splitlines())) > limit}
+    assert not big, f"modules over {limit} lines (split them by job): {big}"
