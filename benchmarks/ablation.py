@@ -16,8 +16,11 @@ With ``--lambda-sie 0`` the estimator gets no gradient and keeps its zero-initia
 patch has logit 0: Gumbel-top-k over equal logits keeps a uniformly random K-subset (FLIP's masking) and every
 image has the same kept integrity mass, which the mean-1 normalisation turns into weight 1 (no weighting).
 Each record checks this (``estimator_constant``). Every masked arm runs at r = 0.5 (the method's default) and at
-the synthetic preset's ratio, with the method's patch-sentence weight 1; ``mlip`` also runs with the preset's
-patch-sentence weight at the preset's ratio, the exact default run. Each configuration runs for every seed.
+the synthetic preset's r = 0.25, with the method's patch-sentence weight 1; ``mlip`` also runs with the preset's
+weight 4 at its ratio, the exact default run (``DEPARTURES``: the preset's departures from the method, measured
+one at a time and together). Each configuration runs for every seed. ``--steps 1000 --arms mlip --ratios 0.5``
+into another ``--out`` compares the preset with the method at the default run's length
+(``ablation_preset_1000_cpu.json``).
 
 Per run (records of ``benchmarks/results/ablation_cpu.json``, one per run), on the test split: zero-shot macro AUC
 over the CheXpert-5 classes scored by global, local (patch-sentence) and combined similarity; localisation
@@ -66,6 +69,9 @@ ARMS = ("clip", "flip", "flip+local", "mlip")
 # time, one thread each; measured in the records' train_s / wall_s).
 DEFAULT_STEPS = 400
 SPEC_MASK_RATIO = 0.5
+# The synthetic preset's departures from the method (mask ratio, patch-sentence weight), measured one at a time
+# and together against the method's values.
+DEPARTURES = {"mask_ratio": SYNTHETIC_PRESET["mask_ratio"], "lambda_local": SYNTHETIC_PRESET["lambda_local"]}
 LAMBDA_SIE = 0.1
 PROBE_FRACTIONS = (0.01, 0.1)
 RESULTS = harness.RESULTS / "ablation_cpu.json"
@@ -122,9 +128,9 @@ def plan(seeds: Sequence[int], ratios: Sequence[float], arms: Sequence[str] = AR
             configs += [("flip", r, 0.0) for r in ratios]
         else:
             configs += [(arm, r, SPEC_LAMBDA_LOCAL) for r in ratios]
-    preset = (SYNTHETIC_PRESET["mask_ratio"], SYNTHETIC_PRESET["lambda_local"])
-    if preset_row and "mlip" in arms and preset[1] != SPEC_LAMBDA_LOCAL:
-        configs.append(("mlip", *preset))
+    departed = (DEPARTURES["mask_ratio"], DEPARTURES["lambda_local"])
+    if preset_row and "mlip" in arms and departed[1] != SPEC_LAMBDA_LOCAL:
+        configs.append(("mlip", *departed))
     return [RunSpec(arm, r, lam, s) for s in seeds for arm, r, lam in configs]
 
 
@@ -561,7 +567,7 @@ def readme_tables(records: list) -> list:
             ka = (a, r, SPEC_LAMBDA_LOCAL if a in ("flip+local", "mlip") else 0.0)
             kb = (b, 0.0 if b == "clip" else r, SPEC_LAMBDA_LOCAL if b in ("flip+local", "mlip") else 0.0)
             pairs.append((f"{label}, r={r:g}" + (" vs r=0" if b == "clip" else ""), ka, kb))
-    preset = ("mlip", SYNTHETIC_PRESET["mask_ratio"], SYNTHETIC_PRESET["lambda_local"])
+    preset = ("mlip", DEPARTURES["mask_ratio"], DEPARTURES["lambda_local"])
     spec = ("mlip", SPEC_MASK_RATIO, SPEC_LAMBDA_LOCAL)
     # the preset's departures from the method, one at a time and together
     pairs.append((f"MLIP r={preset[1]:g} - r={spec[1]:g} (λl={spec[2]:g})", ("mlip", preset[1], spec[2]), spec))
@@ -640,7 +646,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps of every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ratios", type=float, nargs="+",
-                        default=sorted({SPEC_MASK_RATIO, SYNTHETIC_PRESET["mask_ratio"]}, reverse=True),
+                        default=sorted({SPEC_MASK_RATIO, DEPARTURES["mask_ratio"]}, reverse=True),
                         help="mask ratios of the masked arms (default: the method's and the synthetic preset's)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--no-preset-row", action="store_true",

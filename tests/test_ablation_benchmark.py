@@ -14,7 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import ablation  # noqa: E402
-from mlip_fast.train.args import SYNTHETIC_PRESET  # noqa: E402
 
 TOY_DS = {
     "train_batch_size": 8,
@@ -33,11 +32,11 @@ RECORD_KEYS = {"arm", "mask_ratio", "lambda_local", "lambda_sie", "seed", "steps
 
 
 def test_plan_covers_every_arm_at_both_ratios_and_the_preset():
-    runs = ablation.plan([0, 1, 2], [0.5, SYNTHETIC_PRESET["mask_ratio"]])
+    runs = ablation.plan([0, 1, 2], [0.5, ablation.DEPARTURES["mask_ratio"]])
     configs = {(r.arm, r.mask_ratio, r.lambda_local, r.lambda_sie) for r in runs}
     assert configs == {("clip", 0.0, 0.0, 0.0), ("flip", 0.5, 0.0, 0.0), ("flip", 0.25, 0.0, 0.0),
                        ("flip+local", 0.5, 1.0, 0.0), ("flip+local", 0.25, 1.0, 0.0), ("mlip", 0.5, 1.0, 0.1),
-                       ("mlip", 0.25, 1.0, 0.1), ("mlip", 0.25, SYNTHETIC_PRESET["lambda_local"], 0.1)}
+                       ("mlip", 0.25, 1.0, 0.1), ("mlip", 0.25, ablation.DEPARTURES["lambda_local"], 0.1)}
     assert len(runs) == 3 * len(configs) and len({r.key for r in runs}) == len(runs)
     assert [r.seed for r in runs[:len(configs)]] == [0] * len(configs)  # every arm's first seed first
 
