@@ -10,6 +10,7 @@ from mlip_fast.preprocess.images import ImageLoadError, load_image, sniff_format
 from mlip_fast.preprocess.transforms import ImageTransform, resize_pad
 
 from tests.paths import COVID_CXR
+from tests.preprocess.dicom_files import write_dicom
 
 COVID = COVID_CXR / "images"
 
@@ -135,39 +136,14 @@ def test_truncated_real_jpeg(tmp_path):
         load_image(cut)
 
 
-def _write_dicom(path, pixels, photometric, slope=1.0, intercept=0.0, window=None):
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\x00" * 128)
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    if int(pydicom.__version__.split(".")[0]) >= 3:
-        ds.save_as(str(path), enforce_file_format=True)
-    else:
-        ds.save_as(str(path), write_like_original=False)
-    return path
-
-
 def test_dicom_monochrome1_inverted_and_windowed(tmp_path):
     pixels = np.tile(np.arange(0, 4000, 100, dtype=np.uint16), (8, 1))
-    mono2 = load_image(_write_dicom(tmp_path / "a.bin", pixels, "MONOCHROME2"))  # no extension: content decides
-    mono1 = load_image(_write_dicom(tmp_path / "b.dcm", pixels, "MONOCHROME1"))
+    mono2 = load_image(write_dicom(tmp_path / "a.bin", pixels, slope=1.0, intercept=0.0))  # no extension: content decides
+    mono1 = load_image(write_dicom(tmp_path / "b.dcm", pixels, slope=1.0, intercept=0.0,
+                                   photometric="MONOCHROME1"))
     np.testing.assert_allclose(mono2, pixels / pixels.max(), atol=1e-6)
     np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
-    win = load_image(_write_dicom(tmp_path / "c.dcm", pixels, "MONOCHROME2", slope=2.0, intercept=-100.0,
-                                  window=(2000.0, 1001.0)))
+    win = load_image(write_dicom(tmp_path / "c.dcm", pixels, slope=2.0, intercept=-100.0, window=(2000.0, 1001.0)))
     value = pixels * 2.0 - 100.0
     np.testing.assert_allclose(win, np.clip((value - 1999.5) / 1000.0 + 0.5, 0, 1), atol=1e-6)
 
