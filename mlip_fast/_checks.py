@@ -1,8 +1,8 @@
 """Input validation shared by ops and losses: clear errors naming the argument."""
 from __future__ import annotations
 
+import dataclasses
 import os
-
 from typing import Optional, Sequence
 
 import torch
@@ -57,3 +57,15 @@ def check_rows_nonempty(name: str, mask: Optional[torch.Tensor], what: str) -> N
 # Value-dependent checks (NaN/Inf, empty rows, negative weights) read tensor contents, which costs a
 # host synchronisation on accelerators. MLIP_FAST_VALUE_CHECKS=0 turns them off for production runs.
 VALUE_CHECKS = os.environ.get("MLIP_FAST_VALUE_CHECKS", "1") != "0"
+
+
+def dataclass_from_dict(cls, data, where: str, error: type = ValueError):
+    """``cls(**data)`` for a dataclass ``cls``, refusing a non-dict and unknown keys with ``error`` naming
+    ``where`` (a config file or section) and the known keys."""
+    if not isinstance(data, dict):
+        raise error(f"{where} must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise error(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
+    return cls(**data)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from mlip_fast._checks import dataclass_from_dict
 from mlip_fast.constants import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE
 
 __all__ = ["VisionConfig", "TextConfig", "MLIPConfig", "ConfigError", "check_mask_ratio"]
@@ -38,13 +39,7 @@ def check_mask_ratio(value) -> float:
 
 
 def _from_dict(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
-    return cls(**data)
+    return dataclass_from_dict(cls, data, where, ConfigError)
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mlip_fast._checks import dataclass_from_dict
 from mlip_fast.preprocess.images import load_image, pil_to_gray
 
 __all__ = ["ImageTransform", "PreprocessConfig", "resize_pad", "to_gray", "DEFAULT_AUGMENT", "DEFAULT_MEAN",
@@ -307,13 +308,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "preprocess config") -> "PreprocessConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, where)
 
     @classmethod
     def from_json(cls, path) -> "PreprocessConfig":
