@@ -87,6 +87,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _engine(deepspeed, stage: int, bf16: bool):
+    """A DeepSpeed engine over a logit scale and a small linear layer, AdamW at lr 0.1."""
+    net = _Net()
+    net.lin = nn.Linear(2, 2)
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+              "bf16": {"enabled": bf16},
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.0, "torch_adam": True}}}
+    engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
+    return engine
+
+
+def _zero_gradient_step(engine, dtype: torch.dtype) -> None:
+    """One optimizer step whose gradients are all zero (Adam's first update is then 0)."""
+    engine.train()
+    loss = engine.module.scale() * 0.0 + engine.module.lin(torch.ones(1, 2, dtype=dtype)).sum() * 0.0
+    engine.backward(loss)
+    engine.step()
+
+
 @pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "bf16")])
 def test_engine_clamp_reaches_the_optimizer_copy(stage, precision, monkeypatch):
     """ZeRO-2 (fp32 partitions of the parameters) and ZeRO-3 (bf16 model, partitioned parameters): after the
@@ -100,21 +119,13 @@ def test_engine_clamp_reaches_the_optimizer_copy(stage, precision, monkeypatch):
                            MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu").items():
         monkeypatch.setenv(key, value)
     owns_group = not dist.is_initialized()
-    net = _Net()
-    net.lin = nn.Linear(2, 2)
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
-              "bf16": {"enabled": precision == "bf16"},
-              "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.0, "torch_adam": True}}}
     try:
-        engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
+        engine = _engine(deepspeed, stage, bf16=precision == "bf16")
         param = engine.module.scale.log_scale
         safe_set_full_fp32_param(param, torch.full((1,), 7.0))  # as if the last step went far above the bound
         clamp_engine_logit_scales(engine.module)
         assert safe_get_full_fp32_param(param).item() == BOUND_FP32
-        engine.train()
-        loss = engine.module.scale() * 0.0 + engine.module.lin(torch.ones(1, 2, dtype=param.dtype)).sum() * 0.0
-        engine.backward(loss)
-        engine.step()
+        _zero_gradient_step(engine, param.dtype)
         assert safe_get_full_fp32_param(param).item() == BOUND_FP32
         assert engine.module.scale().float().item() == pytest.approx(100.0, rel=1e-2 if precision == "bf16" else 1e-6)
     finally:
@@ -137,12 +148,7 @@ def _zero3_two_ranks(rank: int, port: int, failures) -> None:
     try:
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         torch.manual_seed(0)
-        net = _Net()
-        net.lin = nn.Linear(2, 2)
-        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": 3}, "bf16": {"enabled": True},
-                  "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.0, "torch_adam": True}}}
-        engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
+        engine = _engine(deepspeed, 3, bf16=True)
         param = engine.module.scale.log_scale
         # as if the last step went far above the bound, in both copies and on both ranks
         safe_set_local_fp32_param(param, torch.full((param.ds_tensor.numel(),), 7.0))
@@ -150,10 +156,7 @@ def _zero3_two_ranks(rank: int, port: int, failures) -> None:
             param.ds_tensor.data.fill_(7.0)
         clamp_engine_logit_scales(engine.module)
         assert safe_get_full_fp32_param(param).item() == BOUND_FP32
-        engine.train()
-        loss = engine.module.scale() * 0.0 + engine.module.lin(torch.ones(1, 2, dtype=torch.bfloat16)).sum() * 0.0
-        engine.backward(loss)
-        engine.step()
+        _zero_gradient_step(engine, torch.bfloat16)
         clamp_engine_logit_scales(engine.module)
         assert safe_get_full_fp32_param(param).item() == BOUND_FP32
         assert engine.module.scale().float().item() == pytest.approx(100.0, rel=1e-2)
