@@ -57,6 +57,7 @@ def make_train_step(impl: str, config: str = "mlip-tiny", batch: int = 64, image
     from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
     from mlip_fast.models import create_model
     from mlip_fast.preprocess.tokenization import tokenize_reports
+    from mlip_fast.train.loop import loss_inputs
 
     torch.manual_seed(seed)
     model = create_model(config, vision={"image_size": image_size}).to(device)
@@ -74,7 +75,7 @@ def make_train_step(impl: str, config: str = "mlip-tiny", batch: int = 64, image
         with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype,
                             enabled=amp_dtype != torch.float32):
             outputs = model(inputs)
-        outputs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
+        outputs = loss_inputs(outputs)  # the training app's precision policy: local embeddings stay half
         loss, _ = criterion(**outputs)
         loss.backward()
         optimizer.step()

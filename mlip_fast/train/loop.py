@@ -5,7 +5,8 @@ One optimizer step = ``gradient_accumulation_steps`` (N) micro-steps:
 1. every micro-step m seeds torch from ``step_seed(seed, step, m, rank)`` and passes the same seed to the
    model's integrity-scored masking, so the randomness of step ``s`` does not depend on what ran before
    it (exact resume);
-2. the engine's forward, outputs cast to fp32, and ``MLIPLoss`` (the contrastive terms gather their
+2. the engine's forward, outputs cast to fp32 except the local embeddings (:func:`loss_inputs`: a bf16 run
+   scores patches against sentences in bf16), and ``MLIPLoss`` (the contrastive terms gather their
    negatives from every rank, with gradient). With N > 1 the loss is contrastive-correct
    (``mlip_fast.train.accum``): the N micro-batches are run without gradient, the loss is computed once
    over all their outputs, so the negatives are the whole accumulated batch (N x micro x world), and each
@@ -38,7 +39,7 @@ from mlip_fast.train.data import step_seed
 from mlip_fast.train.signals import StopRequest
 
 __all__ = ["LOSS_KEYS", "NonFiniteLossError", "TrainingStopped", "LoopContext", "LoopResult", "train_loop",
-           "model_inputs", "clamp_engine_logit_scales"]
+           "model_inputs", "loss_inputs", "clamp_engine_logit_scales"]
 
 LOSS_KEYS = ("loss", "loss_global", "loss_local", "loss_sie")
 _MODEL_KEYS = ("images", "input_ids", "attention_mask", "sentence_spans", "sentence_mask")
@@ -73,9 +74,17 @@ def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
-def _as_fp32(outputs: dict) -> dict:
-    # the losses run in fp32 whatever the engine's precision (logsumexp over a batch in bf16 is too coarse)
-    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in outputs.items()}
+# The model outputs that stay in the engine's precision: the local embeddings go to the patch-sentence scores
+# op as they are, so a bf16 / fp16 run scores them with the half-precision (tensor-core) kernels; the op
+# normalises them with fp32 norms, accumulates in fp32 and returns fp32 scores.
+LOCAL_EMBEDDINGS = ("patches", "sentences")
+
+
+def loss_inputs(outputs: dict) -> dict:
+    """The precision policy of the losses: every floating output in fp32 (logsumexp over a batch in bf16 is too
+    coarse) except the local embeddings (:data:`LOCAL_EMBEDDINGS`), which keep the engine's dtype."""
+    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() and k not in LOCAL_EMBEDDINGS else v)
+            for k, v in outputs.items()}
 
 
 def _all_finite(outputs: dict) -> bool:
@@ -173,7 +182,7 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         def forward(micro: int) -> dict:
             torch.manual_seed(seeds[micro])
             inputs = model_inputs(batches[micro], device, ctx.dtype)
-            return _as_fp32(engine(inputs, seed=seeds[micro]))  # the model config's mask ratio (training mode)
+            return loss_inputs(engine(inputs, seed=seeds[micro]))  # the model config's mask ratio (training mode)
 
         # N = 1 needs no cache: the one forward keeps its graph
         outputs = [forward(0)] if ctx.accumulation == 1 else cache_outputs(forward, ctx.accumulation)
