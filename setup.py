@@ -12,7 +12,9 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "mlip_fast" / "__init__.py").read_text()).group(1)
 
-PACKAGES = sorted(set(find_packages(include=["mlip_fast", "mlip_fast.*"])) | {"mlip_fast.kernels"})
+# kernels/<op>/ folders are subpackages of mlip_fast.kernels (found under kernels/, mapped by package_dir)
+KERNEL_PACKAGES = {f"mlip_fast.kernels.{name}" for name in find_packages(where="kernels")}
+PACKAGES = sorted(set(find_packages(include=["mlip_fast", "mlip_fast.*"])) | {"mlip_fast.kernels"} | KERNEL_PACKAGES)
 
 setup(
     name="mlip_fast",

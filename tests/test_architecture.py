@@ -47,8 +47,9 @@ def _source_files() -> dict:
     for path in sorted((REPO / PACKAGE).rglob("*.py")):
         parts = path.relative_to(REPO).with_suffix("").parts
         files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    for path in sorted((REPO / "kernels").glob("*.py")):
-        files[f"{PACKAGE}.kernels.{path.stem}"] = path
+    for path in sorted((REPO / "kernels").rglob("*.py")):  # kernels/<op>/ folders are subpackages
+        parts = path.relative_to(REPO / "kernels").with_suffix("").parts
+        files[".".join((PACKAGE, "kernels", *(parts[:-1] if parts[-1] == "__init__" else parts)))] = path
     return files
 
 

@@ -38,8 +38,8 @@ def test_wheel_contains_only_mlip_fast(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"mlip_fast"}
-    kernel_files = {Path(n).name for n in names if n.startswith("mlip_fast/kernels/")}
-    assert kernel_files == {p.name for p in (ROOT / "kernels").glob("*.py")}
+    kernel_files = {n[len("mlip_fast/kernels/"):] for n in names if n.startswith("mlip_fast/kernels/")}
+    assert kernel_files == {p.relative_to(ROOT / "kernels").as_posix() for p in (ROOT / "kernels").rglob("*.py")}
     assert "mlip_fast/kernels/__init__.py" not in names  # the source-tree shim is not shipped
     data_files = {n for n in names if n.endswith((".json", ".txt")) and n.startswith("mlip_fast/")}
     for folder in ("models/model_configs", "preprocess/vocab", "eval/prompts", "eval/splits"):

@@ -6,5 +6,6 @@
 from mlip_fast.ops.dispatch import ImplUnavailableError, describe_selected
 from mlip_fast.ops.integrity_mask import MaskResult, integrity_mask
 from mlip_fast.ops.patch_sentence import patch_sentence_scores
+from mlip_fast.ops.patch_sentence_ot import patch_sentence_ot_scores
 
-__all__ = ["patch_sentence_scores", "integrity_mask", "MaskResult", "ImplUnavailableError", "describe_selected"]
+__all__ = ["patch_sentence_scores", "patch_sentence_ot_scores", "integrity_mask", "MaskResult", "ImplUnavailableError", "describe_selected"]

@@ -1,0 +1,237 @@
+"""``impl="chunked"`` for optimal-transport patch-sentence scores: pure PyTorch, tiled, memory-lean.
+
+The [B, G, K, S] similarity grid is produced one tile of (image block, report block) at a time; each tile runs
+its Sinkhorn iterations while it is in cache, writes its scores and keeps only the potentials f [B, G, K] and
+g [B, G, S]. Peak extra memory is O(B*G*(K + S)) plus a few tiles instead of several B*G*K*S grids. The
+backward recomputes each similarity tile and the plan P = exp(f + g + sim / eps) from the potentials and
+applies the envelope gradient dsim = w * P with two matmuls (see ``kernels/patch_sentence_ot/backward.py``
+for the derivation).
+
+Iterations. The same iterates as the log-domain reference (``mlip_fast.reference.patch_sentence_ot``),
+computed in the stabilised scaling form (Schmitzer 2019, POT's ``sinkhorn_stabilized``): after a first
+log-domain iteration the tile holds the current plan kern = exp(f + g + sim / eps), and each later half-step
+updates a linear scaling instead of a potential,
+
+    v_q <- b_q / sum_p kern_pq u_p        (g = g_abs + log v)
+    u_p <- a_p / sum_q kern_pq v_q        (f = f_abs + log u)
+
+which is two multiply-add passes over the tile instead of two exp passes and three more for the logsumexp.
+When a new scaling leaves [exp(-ABSORB_AT), exp(ABSORB_AT)] (or a row or column of kern underflowed), that
+half-step is redone in the log domain and the scalings are absorbed into the potentials (kern recomputed), so
+the numbers stay those of the log-domain iteration for any eps: entries of kern that underflow carry at most
+exp(-87 + 2 * ABSORB_AT) of mass in fp32. Runs on any device and dtype (iterations in fp32, or fp64 for fp64).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from mlip_fast import _checks
+from mlip_fast.ops.dispatch import Impl
+from mlip_fast.reference.patch_sentence import score_dtype
+from mlip_fast.reference.patch_sentence_ot import DEAD, log_marginals
+
+# Elements of one similarity tile: 2**18 fp32 values (1 MiB) keep a tile and its few work buffers in cache,
+# while each of the ~10 ops per iteration still works on enough data to hide its per-call cost.
+TILE_ELEMENTS = 2**18
+# Largest |log scaling| kept in the linear domain before it is absorbed into the potentials.
+ABSORB_AT = 16.0
+
+
+def _tiles(B: int, K: int, G: int, S: int, tile_elements: int):
+    """Yields (image slice, report slice) covering [B] x [G] with at most ``tile_elements`` K*S cells each
+    (a single pair may exceed it when K*S alone does)."""
+    per_pair = K * S
+    g_block = max(1, min(G, tile_elements // per_pair))
+    b_block = max(1, min(B, tile_elements // (per_pair * g_block)))
+    for b0 in range(0, B, b_block):
+        for g0 in range(0, G, g_block):
+            yield slice(b0, min(b0 + b_block, B)), slice(g0, min(g0 + g_block, G))
+
+
+def _log_update(shifted: torch.Tensor, dim: int, log_marginal: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """One log-domain half-step: log m - logsumexp(shifted, dim), DEAD where not live."""
+    return torch.where(live, log_marginal - torch.logsumexp(shifted, dim=dim), torch.full_like(log_marginal, DEAD))
+
+
+class _TileSinkhorn:
+    """Sinkhorn on one tile of N pairs: z [N, K, S] = sim / eps (DEAD off the live entries)."""
+
+    def __init__(self, z, live_p, live_q, tol, absorb_at):
+        self.z, self.live_p, self.live_q, self.tol = z, live_p, live_q, tol
+        dtype = z.dtype
+        self.tiny = torch.finfo(dtype).tiny
+        self.hi, self.lo = math.exp(absorb_at), math.exp(-absorb_at)
+        self.log_a, self.log_b = log_marginals(live_p, dtype), log_marginals(live_q, dtype)  # [N, K], [N, S]
+        # Linear marginals with ``tiny`` in place of 0: a dead entry's kern row / column is 0, clamped to tiny,
+        # so its scaling is tiny / tiny = 1 and never triggers an absorption.
+        self.a = self.log_a.exp().clamp_min(self.tiny)[:, :, None]
+        self.b = self.log_b.exp().clamp_min(self.tiny)[:, None, :]
+        self.active = None if tol is None else torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+        self.buf = torch.empty_like(z)
+
+    def g_log(self, f):
+        return _log_update(torch.add(f[:, :, None], self.z, out=self.buf), 1, self.log_b, self.live_q)
+
+    def f_log(self, g):
+        return _log_update(torch.add(g[:, None, :], self.z, out=self.buf), 2, self.log_a, self.live_p)
+
+    def absorb(self, f, g):
+        """The plan of potentials (f, g) as the new kern, with unit scalings."""
+        kern = torch.add(f[:, :, None], g[:, None, :]).add_(self.z).exp_()
+        return kern, torch.ones_like(self.a), torch.ones_like(self.b)
+
+    def _moderate(self, x) -> bool:
+        lo, hi = torch.aminmax(x)
+        return bool(lo >= self.lo) and bool(hi <= self.hi)
+
+    def _keep_frozen(self, new, old):
+        return new if self.active is None else torch.where(self.active.view(-1, *[1] * (new.ndim - 1)), new, old)
+
+    def run(self, n_iter: int):
+        """(f [N, K], g [N, S], score [N]) after ``n_iter`` iterations (or each pair's convergence)."""
+        z = self.z
+        f = torch.where(self.live_p, torch.zeros((), dtype=z.dtype, device=z.device), torch.full_like(self.log_a, DEAD))
+        g = self.g_log(f)
+        f = self.f_log(g)
+        kern, u, v = self.absorb(f, g)
+        for _ in range(1, n_iter):
+            col = torch.mul(kern, u, out=self.buf).sum(1, keepdim=True)  # [N, 1, S]
+            v_new = self.b / col.clamp_min(self.tiny)
+            if self.active is not None:
+                # L1 violation of the sentence marginal by the current plan: sum_q |v_q col_q - b_q|
+                self.active &= (v * col - self.b).abs().sum((1, 2)) > self.tol
+                if not bool(self.active.any()):
+                    break
+                v_new = self._keep_frozen(v_new, v)
+            if self._moderate(v_new):
+                v = v_new
+            else:  # redo the sentence update in the log domain and absorb the scalings
+                f = f + u[:, :, 0].log()
+                g = self._keep_frozen(self.g_log(f), g + v[:, 0].log())
+                kern, u, v = self.absorb(f, g)
+            row = torch.mul(kern, v, out=self.buf).sum(2, keepdim=True)  # [N, K, 1]
+            u_new = self._keep_frozen(self.a / row.clamp_min(self.tiny), u)
+            if self._moderate(u_new):
+                u = u_new
+            else:  # redo the patch update in the log domain and absorb the scalings
+                g = g + v[:, 0].log()
+                f = self._keep_frozen(self.f_log(g), f + u[:, :, 0].log())
+                kern, u, v = self.absorb(f, g)
+        # score = sum_pq u_p kern_pq v_q sim_pq, with sim = z * eps on the live entries (kern is 0 elsewhere)
+        weighted = torch.mul(kern, z, out=self.buf).mul_(v).sum(2, keepdim=True)
+        return f + u[:, :, 0].log(), g + v[:, 0].log(), (weighted * u).sum((1, 2))
+
+
+def _sim_tile(patches, sent_flat, bs, gs, S, work):
+    """[bc * K, gc * S] similarities of a tile, computed in the input dtype (as the reference grid), widened."""
+    return (patches[bs].flatten(0, 1) @ sent_flat[gs.start * S: gs.stop * S].T).to(work)
+
+
+class PatchSentenceOTChunkedFunction(torch.autograd.Function):
+    """Tiled forward saving the potentials; envelope backward from them.
+
+    forward(patches [B, K, D], sentences [G, S, D], sentence_mask [G, S] bool, patch_mask [B, K] bool, eps,
+    n_iter, tol, tile_elements, absorb_at) -> scores [B, G] in ``score_dtype``.
+    """
+
+    @staticmethod
+    def forward(ctx, patches, sentences, sentence_mask, patch_mask, eps, n_iter, tol, tile_elements, absorb_at):
+        B, K, D = patches.shape
+        G, S, _ = sentences.shape
+        device, work = patches.device, score_dtype(patches.dtype)
+        has_p, has_s = patch_mask.any(1), sentence_mask.any(1)
+        sent_flat = sentences.reshape(G * S, D)
+        scores = torch.empty(B, G, dtype=work, device=device)
+        f_all = torch.empty(B, G, K, dtype=work, device=device)
+        g_all = torch.empty(B, G, S, dtype=work, device=device)
+        neg_inf = float("-inf")
+        for bs, gs in _tiles(B, K, G, S, tile_elements):
+            bc, gc = bs.stop - bs.start, gs.stop - gs.start
+            # [b, p, g, q] -> [b, g, p, q]: one copy, then every pair's K x S block is contiguous
+            z = _sim_tile(patches, sent_flat, bs, gs, S, work).view(bc, K, gc, S).transpose(1, 2)
+            z = z.reshape(bc * gc, K, S).div_(eps)
+            live_p = (patch_mask[bs, None, :] & has_s[None, gs, None]).reshape(bc * gc, K)
+            live_q = (sentence_mask[None, gs, :] & has_p[bs, None, None]).reshape(bc * gc, S)
+            z.masked_fill_(~(live_p[:, :, None] & live_q[:, None, :]), DEAD)
+            f, g, score = _TileSinkhorn(z, live_p, live_q, tol, absorb_at).run(n_iter)
+            scores[bs, gs] = score.view(bc, gc).mul_(eps)
+            f_all[bs, gs] = f.masked_fill_(~live_p, neg_inf).view(bc, gc, K)
+            g_all[bs, gs] = g.masked_fill_(~live_q, neg_inf).view(bc, gc, S)
+        ctx.save_for_backward(patches, sentences, f_all, g_all)
+        ctx.eps, ctx.tile_elements = eps, tile_elements
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        patches, sentences, f_all, g_all = ctx.saved_tensors
+        eps, tile_elements = ctx.eps, ctx.tile_elements
+        need_p, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        B, K, D = patches.shape
+        G, S, _ = sentences.shape
+        device, work = patches.device, score_dtype(patches.dtype)
+        w = grad_scores.to(work)
+        sent_flat = sentences.reshape(G * S, D)
+        # Gradients are accumulated in the score dtype (fp32 for half inputs) and cast back once.
+        grad_p = torch.zeros(B, K, D, dtype=work, device=device) if need_p else None
+        grad_s = torch.zeros(G * S, D, dtype=work, device=device) if need_s else None
+        for bs, gs in _tiles(B, K, G, S, tile_elements):
+            bc, gc = bs.stop - bs.start, gs.stop - gs.start
+            rows = slice(gs.start * S, gs.stop * S)
+            # M[b, p, g, q] = w[b, g] exp(f[b, g, p] + g[b, g, q] + sim / eps), built in place in the
+            # [b, p, g, q] layout of the similarity tile (-inf potentials give exactly 0)
+            m = _sim_tile(patches, sent_flat, bs, gs, S, work).view(bc, K, gc, S).div_(eps)
+            m.add_(f_all[bs, gs].transpose(1, 2)[..., None]).add_(g_all[bs, gs][:, None])
+            m = m.exp_().mul_(w[bs, gs][:, None, :, None]).view(bc * K, gc * S)
+            if need_p:
+                grad_p[bs].view(bc * K, D).addmm_(m, sent_flat[rows].to(work))
+            if need_s:
+                grad_s[rows].addmm_(m.T, patches[bs].flatten(0, 1).to(work))
+        grad_p = grad_p.to(patches.dtype) if need_p else None
+        grad_s = grad_s.view(G, S, D).to(sentences.dtype) if need_s else None
+        return grad_p, grad_s, None, None, None, None, None, None, None
+
+
+def patch_sentence_ot_scores_chunked(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    eps: float = 0.05,
+    n_iter: int = 50,
+    tol: Optional[float] = None,
+    tile_elements: int = TILE_ELEMENTS,
+    absorb_at: float = ABSORB_AT,
+) -> torch.Tensor:
+    """Tiled OT patch-sentence scores (same contract as ``mlip_fast.ops.patch_sentence_ot_scores``).
+
+    Args:
+        patches: [B, K, D]; sentences: [G, S, D] (any float dtype, same device).
+        sentence_mask: [G, S] bool (True = valid) or None; patch_mask: [B, K] bool or None.
+        eps, n_iter, tol: as in ``mlip_fast.reference.patch_sentence_ot``.
+        tile_elements: K*S similarity cells per tile (memory per tile vs per-op overhead).
+        absorb_at: largest |log scaling| kept in the linear domain (tests lower it to force absorptions).
+
+    Returns:
+        [B, G] scores, float32 for half inputs, else the input dtype; envelope gradient (plan constant).
+    """
+    B, K, _ = patches.shape
+    G, S, _ = sentences.shape
+    if sentence_mask is None:
+        sentence_mask = torch.ones(G, S, dtype=torch.bool, device=patches.device)
+    if patch_mask is None:
+        patch_mask = torch.ones(B, K, dtype=torch.bool, device=patches.device)
+    return PatchSentenceOTChunkedFunction.apply(
+        patches, sentences, sentence_mask, patch_mask, float(eps), int(n_iter), tol, int(tile_elements),
+        float(absorb_at),
+    )
+
+
+IMPL = Impl(
+    name="chunked",
+    fn=patch_sentence_ot_scores_chunked,
+    devices=("cpu", "cuda", "mps", "xpu"),
+    dtypes=_checks.FLOAT_DTYPES,
+)

@@ -1,0 +1,139 @@
+"""``impl="triton"`` for optimal-transport patch-sentence scores: the fused kernels as ``torch.library`` custom ops.
+
+``mlip_fast::patch_sentence_ot_scores_fwd`` returns the scores and the potentials f [B, G, K], g [B, G, S];
+``mlip_fast::patch_sentence_ot_scores_bwd`` turns the upstream gradient and those potentials into the input
+gradients (plan constant, see ``kernels/patch_sentence_ot/backward.py``). Both have fake (meta) impls, and the
+forward's autograd formula is registered with ``torch.library.register_autograd``, so torch.compile traces
+through the op instead of breaking on the raw Triton launch.
+
+The kernel modules are imported here, at module top, so the path from the op to its kernels is visible; without
+triton they are None and the impl's ``unavailable`` says why (the rest of the op still loads).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from mlip_fast.ops.dispatch import Impl, triton_unavailable_reason
+
+try:
+    from mlip_fast.kernels.patch_sentence_ot import launch as _launch
+except ImportError as err:  # triton absent (a CPU-only install): the impl reports it, nothing else changes
+    _launch = None
+    _IMPORT_ERROR: Optional[str] = f"the Triton kernels cannot be imported ({err}); pip install triton"
+else:
+    _IMPORT_ERROR = None
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.library.custom_op("mlip_fast::patch_sentence_ot_scores_fwd", mutates_args=())
+def patch_sentence_ot_scores_fwd(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: Optional[torch.Tensor],
+    patch_mask: Optional[torch.Tensor],
+    eps: float,
+    n_iter: int,
+    tol: Optional[float],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward: (scores [B, G] fp32, f [B, G, K] fp32, g [B, G, S] fp32)."""
+    return _launch.patch_sentence_ot_fwd(patches, sentences, sentence_mask, patch_mask, eps, n_iter, tol)
+
+
+@patch_sentence_ot_scores_fwd.register_fake
+def _(patches, sentences, sentence_mask, patch_mask, eps, n_iter, tol):
+    B, K, _ = patches.shape
+    G, S, _ = sentences.shape
+    f32 = dict(dtype=torch.float32)
+    return patches.new_empty((B, G), **f32), patches.new_empty((B, G, K), **f32), patches.new_empty((B, G, S), **f32)
+
+
+@torch.library.custom_op("mlip_fast::patch_sentence_ot_scores_bwd", mutates_args=())
+def patch_sentence_ot_scores_bwd(
+    grad_scores: torch.Tensor,
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    f: torch.Tensor,
+    g: torch.Tensor,
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused backward: (grad_patches [B, K, D], grad_sentences [G, S, D]) in the input dtype."""
+    return _launch.patch_sentence_ot_bwd(grad_scores, patches, sentences, f, g, eps)
+
+
+@patch_sentence_ot_scores_bwd.register_fake
+def _(grad_scores, patches, sentences, f, g, eps):
+    return torch.empty_like(patches), torch.empty_like(sentences)
+
+
+def _setup_context(ctx, inputs, output):
+    patches, sentences, _, _, eps, _, _ = inputs
+    _, f, g = output
+    ctx.save_for_backward(patches, sentences, f, g)
+    ctx.eps = eps
+
+
+def _backward(ctx, grad_scores, _grad_f, _grad_g):
+    patches, sentences, f, g = ctx.saved_tensors
+    if grad_scores is None:  # only the potentials were used downstream: they carry no gradient
+        grad_scores = patches.new_zeros(f.shape[:2], dtype=torch.float32)
+    grad_p, grad_s = patch_sentence_ot_scores_bwd(grad_scores, patches, sentences, f, g, ctx.eps)
+    return grad_p, grad_s, None, None, None, None, None
+
+
+patch_sentence_ot_scores_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def patch_sentence_ot_scores_triton(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    eps: float = 0.05,
+    n_iter: int = 50,
+    tol: Optional[float] = None,
+) -> torch.Tensor:
+    """Fused Triton OT patch-sentence scores (same contract as ``mlip_fast.ops.patch_sentence_ot_scores``).
+
+    Args:
+        patches: [B, K, D] fp16/bf16/fp32 on CUDA (or CPU under TRITON_INTERPRET=1).
+        sentences: [G, S, D], same dtype and device.
+        sentence_mask: [G, S] bool (True = valid) or None; patch_mask: [B, K] bool or None.
+        eps, n_iter, tol: as in ``mlip_fast.reference.patch_sentence_ot``.
+
+    Returns:
+        [B, G] float32 scores; envelope gradient (plan constant).
+    """
+    scores, _, _ = patch_sentence_ot_scores_fwd(
+        patches, sentences, sentence_mask, patch_mask, float(eps), int(n_iter), None if tol is None else float(tol)
+    )
+    return scores
+
+
+def triton_unavailable(device: torch.device) -> Optional[str]:
+    """Why the kernels cannot run on ``device``: no triton, no GPU nor interpreter, or kernels that were
+    decorated for the other mode (TRITON_INTERPRET is read once, when the kernels are imported)."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    why = triton_unavailable_reason(device)
+    if why is None and device.type == "cpu" and not _launch.INTERPRET:
+        why = ("the kernels were imported without TRITON_INTERPRET=1, so they cannot run on CPU tensors "
+               "(set it before importing mlip_fast)")
+    return why
+
+
+def triton_limits(inputs) -> list:
+    """The forward's register tile: a pair's padded S x K block must fit (see ``launch.limits``)."""
+    return _launch.limits(inputs["K"], inputs["S"], inputs["dtype"], _launch.target_of(inputs["device"]).arch)
+
+
+IMPL = Impl(
+    name="triton",
+    fn=patch_sentence_ot_scores_triton,
+    devices=("cuda", "cpu"),
+    dtypes=SUPPORTED_DTYPES,
+    unavailable=triton_unavailable,
+    limits=triton_limits,
+)
