@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from mlip_fast.preprocess.images import ImageLoadError, load_image
 
-__all__ = ["BadSampleWarning", "DatasetError", "EvalDataError", "SampleError", "RobustDataset", "IMAGE_EXTENSIONS", "TABLE_ENCODING", "report_problem", "read_table", "require_columns", "label_value", "resolve_path", "index_images", "apply_transform", "load_mask_file", "resize_mask"]
+__all__ = ["BadSampleWarning", "DatasetError", "EvalDataError", "SampleError", "RobustDataset", "IMAGE_EXTENSIONS", "TABLE_ENCODING", "report_problem", "read_table", "require_columns", "label_value", "resolve_path", "resolve_inside", "index_images", "apply_transform", "load_mask_file", "resize_mask"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".gif", ".webp")
 
@@ -193,8 +193,32 @@ def label_value(value) -> float:
 
 
 def resolve_path(root: Path, value: str) -> Path:
+    """Path policy of index files written by the user (a master.csv, a CSV / JSONL manifest): an image path is
+    the user's choice, like ``--data`` itself, so it may be absolute or relative to ``root`` (the file's folder or
+    ``--image-root``), ``..`` included. What is read from it is decoded as an image only (never run, never copied
+    into text), and nothing is written there. Files that come with a folder of data instead (a shard index) are
+    held to the folder: :func:`resolve_inside`."""
     p = Path(value)
     return p if p.is_absolute() else root / p
+
+
+def resolve_inside(root: Path, value, what: str) -> Path:
+    """Path policy of files that belong to a data folder (the shards and reports a shard ``index.json`` lists):
+    ``value`` must be a relative path without ``..`` that, symlinks followed, stays inside ``root``. Raises
+    :class:`DatasetError` naming ``what`` (e.g. "index.json: shard path") and the path otherwise, so that an
+    index copied from elsewhere cannot make a run read (and put in its tokenizer, its records or its uploads)
+    a file outside the folder."""
+    if not isinstance(value, str) or not value:
+        raise DatasetError(f"{what} {value!r} is not a path")
+    relative = Path(value)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise DatasetError(f"{what} {value!r} leaves the data folder {root} (absolute paths and '..' are refused)")
+    real_root = Path(root).resolve()
+    target = (Path(root) / relative).resolve()
+    if target != real_root and real_root not in target.parents:
+        raise DatasetError(f"{what} {value!r} resolves to {target}, outside the data folder {real_root} (a symlink "
+                           f"out of the folder is refused)")
+    return Path(root) / relative
 
 
 def index_images(folder: Path) -> dict[str, Path]:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .shard_reader import ShardSplit, make_item, read_samples, webdataset
+from .shard_reader import ShardSplit, make_item, read_samples, sample_index, webdataset
 from .sources import DataConfigError
 
 __all__ = ["ShardOrder", "ShardBatchStream", "DEFAULT_SHUFFLE_BUFFER"]
@@ -161,7 +161,7 @@ class ShardBatchStream(IterableDataset):
             yield [self._item(sample, epoch) for sample in chunk]
 
     def _item(self, sample: dict, epoch: int) -> dict:
-        seed = self.item_seed(epoch, int(sample["__key__"][1:]))
+        seed = self.item_seed(epoch, sample_index(sample))
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)

@@ -47,6 +47,21 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _is_finite_number(value) -> bool:
+    """A real number (not a bool, not a string such as "NaN") that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(value, name: str, low: float, high: float = math.inf, low_open: bool = True,
+                  high_open: bool = True) -> None:
+    """``value`` is a finite number in the interval named by the bounds (the message shows the interval)."""
+    inside = _is_finite_number(value) and (value > low if low_open else value >= low) and (
+        value < high if high_open else value <= high)
+    if not inside:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be a finite number in {interval}, got {value!r}")
+
+
 @dataclass
 class VisionConfig:
     """ViT image tower.
@@ -76,7 +91,8 @@ class VisionConfig:
             f"vision.image_size ({self.image_size}) must be a multiple of vision.patch_size ({self.patch_size})",
         )
         _check(self.width % self.heads == 0, f"vision.width ({self.width}) must be divisible by vision.heads ({self.heads})")
-        _check(self.mlp_ratio > 0, f"vision.mlp_ratio must be positive, got {self.mlp_ratio}")
+        _check_number(self.mlp_ratio, "vision.mlp_ratio", 0.0)
+        _check_number(self.layer_norm_eps, "vision.layer_norm_eps", 0.0, 1.0)
         _check(self.attn_backend in ATTN_BACKENDS, f"vision.attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
 
     @property
@@ -134,7 +150,7 @@ class TextConfig:
                f"got {self.max_length!r}")
         _check(self.vocab_size is None or (isinstance(self.vocab_size, int) and self.vocab_size > 0),
                f"text.vocab_size must be a positive int or null, got {self.vocab_size!r}")
-        _check(0.0 <= self.dropout < 1.0, f"text.dropout must be in [0, 1), got {self.dropout}")
+        _check_number(self.dropout, "text.dropout", 0.0, 1.0, low_open=False)
         _check(self.attn_implementation in ("eager", "sdpa", "flex_attention", "flash_attention_2"),
                f"text.attn_implementation must be eager, sdpa, flex_attention or flash_attention_2, "
                f"got {self.attn_implementation!r}")
@@ -170,10 +186,10 @@ class MLIPConfig:
         _check(isinstance(self.embed_dim, int) and self.embed_dim > 0, f"embed_dim must be a positive int, got {self.embed_dim!r}")
         _check(self.projection in PROJECTIONS, f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         check_mask_ratio(self.mask_ratio)
-        _check(self.mask_temperature > 0, f"mask_temperature must be positive, got {self.mask_temperature}")
+        _check_number(self.mask_temperature, "mask_temperature", 0.0)
         _check(isinstance(self.sie_hidden, int) and self.sie_hidden > 0, f"sie_hidden must be a positive int, got {self.sie_hidden!r}")
-        _check(self.init_logit_scale > 0 and math.isfinite(self.init_logit_scale),
-               f"init_logit_scale must be positive, got {self.init_logit_scale}")
+        _check_number(self.init_logit_scale, "init_logit_scale", 0.0)
+        _check_number(self.max_logit_scale, "max_logit_scale", 0.0)
         _check(self.max_logit_scale >= self.init_logit_scale,
                f"max_logit_scale ({self.max_logit_scale}) must be >= init_logit_scale ({self.init_logit_scale})")
 

@@ -27,6 +27,7 @@ from typing import Optional, Union
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mlip_fast import __version__
@@ -140,7 +141,10 @@ def checkpoint_dir(path: Union[str, Path], shown: Optional[str] = None) -> Path:
 
 
 def read_config(directory: Path) -> MLIPConfig:
-    data = json.loads((directory / CONFIG_FILE).read_text())
+    try:
+        data = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE} cannot be read ({e})") from None
     data.pop("format", None)
     data.pop("mlip_fast_version", None)
     return MLIPConfig.from_dict(data)
@@ -162,14 +166,24 @@ def read_text_tower(directory: Path, config: MLIPConfig) -> tuple:
     """(report encoder built from ``text/config.json`` with random weights, tokenizer)."""
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(str(directory / TEXT_DIR), local_files_only=True)
-    encoder = encoder_from_config(hf_config, config.text.attn_implementation)
-    return encoder, load_tokenizer(directory / TOKENIZER_DIR)
+    try:
+        hf_config = AutoConfig.from_pretrained(str(directory / TEXT_DIR), local_files_only=True)
+        tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
+    except (OSError, ValueError) as e:  # a damaged text/config.json or tokenizer file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"MLIP checkpoint {directory}: its text tower config or tokenizer cannot be read "
+                              f"({type(e).__name__}: {first})") from None
+    return encoder_from_config(hf_config, config.text.attn_implementation), tokenizer
 
 
 def load_weights(model: torch.nn.Module, file: Path) -> None:
-    """Loads ``file`` into ``model`` strictly; :class:`CheckpointError` names every key that does not fit."""
-    state = load_file(str(file), device="cpu")
+    """Loads ``file`` into ``model`` strictly; :class:`CheckpointError` names every key that does not fit, or the
+    file when it is not a readable safetensors file (truncated, overwritten, another format)."""
+    try:
+        state = load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); the checkpoint "
+                              f"is corrupted: export or download it again") from None
     problem = state_mismatch(f"{file} does not fit the model:", state, model.state_dict())
     if problem:
         raise CheckpointError(problem)

@@ -17,9 +17,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
-from mlip_fast.train.ds_config import shipped_ds_configs
 from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE
+from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
+from mlip_fast.train.ds_checks import MAX_LR
+from mlip_fast.train.ds_config import shipped_ds_configs
 
 __all__ = ["build_parser", "parse_args", "SYNTHETIC_PRESET", "PRECISIONS"]
 
@@ -66,6 +67,20 @@ def _positive(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def _learning_rate(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 < value <= MAX_LR):
+        raise argparse.ArgumentTypeError(f"must be a learning rate in (0, {MAX_LR:g}], got {value}")
+    return value
+
+
+def _fraction_below_one(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (1 would accept a dataset with no readable item), got {value}")
     return value
 
 
@@ -135,7 +150,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                            "the data order depends on)")
     data.add_argument("--shuffle-buffer", type=_positive_int, default=DEFAULT_SHUFFLE_BUFFER,
                       help="shard folders: samples in each lane's shuffle buffer")
-    data.add_argument("--max-bad-fraction", type=float, default=0.01,
+    data.add_argument("--max-bad-fraction", type=_fraction_below_one, default=0.01,
                       help="fail when more than this share of the samples cannot be read")
 
     model = p.add_argument_group("model")
@@ -181,8 +196,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     length.add_argument("--steps", type=_positive_int, default=None,
                         help=f"optimizer steps (default: {SYNTHETIC_PRESET['steps']} on the synthetic benchmark, "
                              f"{REAL_DATA_EPOCHS:g} epoch on real data)")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the training split")
-    run.add_argument("--lr", type=_positive, default=None, help="peak learning rate (the ds config's optimizer.params.lr)")
+    length.add_argument("--epochs", type=_positive, default=None, help="passes over the training split")
+    run.add_argument("--lr", type=_learning_rate, default=None,
+                     help=f"peak learning rate (the ds config's optimizer.params.lr), in (0, {MAX_LR:g}]")
     run.add_argument("--accum-freq", type=_positive_int, default=None,
                      help="micro-batches per optimizer step (sets the ds config's gradient_accumulation_steps, keeping "
                           "its train_batch_size); the contrastive losses see the whole accumulated batch as negatives")
@@ -229,14 +245,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if args.epochs is not None and not args.epochs > 0:
-        parser.error(f"--epochs must be > 0, got {args.epochs}")
     if args.deepspeed_config is None:
         parser.error("--deepspeed_config is required: a DeepSpeed JSON file or a shipped name such as zero2_fp32")
     if args.warmup is not None and args.steps is not None and args.warmup >= args.steps:
         parser.error(f"--warmup {args.warmup} must be below --steps {args.steps}")
-    if not 0.0 <= args.max_bad_fraction <= 1.0:
-        parser.error(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
     synthetic = args.data == "synthetic"
     for key, value in SYNTHETIC_PRESET.items():
         if getattr(args, key) is None and (synthetic or key in ("eval_every", "save_every", "synthetic_n")):

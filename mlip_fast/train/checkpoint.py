@@ -1,61 +1,63 @@
-"""Checkpoints, exact resume and the consolidated export.
+"""Checkpoint folders and resuming from them: finding the checkpoint ``--resume`` names, proving it (complete,
+unchanged since its save, data only), loading it, and the folder bookkeeping around a resume. Saving is
+:mod:`mlip_fast.train.checkpoint_save`; the file-level trust (weights-only loads, SHA-256 manifests) is
+:mod:`mlip_fast.train.checkpoint_files`.
 
 Layout of a run folder::
 
-    <output_dir>/checkpoints/latest             tag of the newest complete checkpoint
+    <output_dir>/checkpoints/latest             tag of the newest complete, verified checkpoint
     <output_dir>/checkpoints/step00000200/      engine.save_checkpoint: module, ZeRO shards, scheduler,
-                                                client state (below)
+                                                client state (below), and manifest.json (size and SHA-256
+                                                of every file)
     <output_dir>/export/                        save_pretrained of the consolidated fp32 weights
-
-Atomic saves (:class:`Checkpointer`). Every rank writes its files into ``checkpoints/.partial-<tag>/<tag>/``;
-after DeepSpeed's closing barrier rank 0 fsyncs them, renames the folder to ``checkpoints/<tag>`` and only
-then replaces ``latest`` (written to a temporary file, fsynced, renamed over the old one). A process killed
-at any point leaves ``latest`` naming a complete checkpoint; leftovers (``.partial-*``, ``.discard-*``) are
-removed by the next run. An existing step folder is never written into: a resumed run does not save the
-step it resumed from again, and resuming from an older checkpoint of the same folder first points
-``latest`` at it and sets the newer ones aside (``<tag>.superseded-<time>``). Old checkpoints are pruned by
-renaming them to ``.discard-<tag>`` before deleting them, so a half-deleted folder never looks like one.
 
 Client state: ``step`` (optimizer steps done), ``epoch`` and ``step_in_epoch`` (the sampler position),
 ``samples_seen``, ``world_size``, ``global_batch``, ``num_train`` and ``data_fingerprint`` (to refuse
-resuming on other data), ``seed``, the python / numpy / torch RNG states of rank 0, and ``args`` for
-reference. Data order and the masking and dropout randomness of step ``s`` are functions of (seed, s)
-(see :mod:`mlip_fast.train.loop`), so the sampler position restores them exactly on every rank.
+resuming on other data), ``seed``, ``loss`` (the terms of the step that produced the state), the python /
+numpy / torch RNG states of rank 0, and ``args`` for reference. Data order and the masking and dropout
+randomness of step ``s`` are functions of (seed, s) (see :mod:`mlip_fast.train.loop`), so the sampler
+position restores them exactly on every rank.
+
+Resume (:func:`choose_checkpoint`): before anything slow, rank 0 checks the checkpoint's files against its
+manifest and reads the client state and every ``.pt`` file's pickle weights-only. With ``--resume latest``
+(or a run / checkpoints folder) a checkpoint that fails is named and the previous complete one is tried, loudly;
+a checkpoint named by its own folder must pass. A run folder with no checkpoint at all (its run stopped before
+the first one) is restarted from scratch by ``--resume latest`` (:class:`NoCheckpointYet`).
 """
 from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-__all__ = ["CheckpointError", "CHECKPOINT_DIR", "EXPORT_DIR", "LATEST", "tag_for", "step_of", "Checkpointer",
-           "resolve_resume", "verify_checkpoint", "load_checkpoint", "set_aside_newer", "export_consolidated",
-           "rng_state", "restore_rng_state"]
+from mlip_fast.train.checkpoint_files import (LATEST, MANIFEST, CheckpointError, DiskFullError, fsync,
+                                              install_weights_only_loader, load_weights_only, step_of, tag_for,
+                                              verify_manifest)
+
+__all__ = ["CheckpointError", "DiskFullError", "IncompatibleCheckpoint", "NoCheckpointYet", "CHECKPOINT_DIR",
+           "EXPORT_DIR", "LATEST", "tag_for", "step_of", "write_latest", "remove_leftovers", "resolve_resume",
+           "verify_checkpoint", "choose_checkpoint", "load_checkpoint", "set_aside_newer", "rng_state",
+           "restore_rng_state", "has_manifest", "PARTIAL", "DISCARD"]
 
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
-LATEST = "latest"
-_TAG = re.compile(r"^step(\d{8})$")
-_PARTIAL = ".partial-"
-_DISCARD = ".discard-"
-# DeepSpeed copies its consolidation script next to the checkpoints; it is kept in the checkpoint root.
-_RECOVERY_SCRIPT = "zero_to_fp32.py"
+PARTIAL = ".partial-"
+DISCARD = ".discard-"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint folder is absent, incomplete, corrupted or from an incompatible run."""
+class IncompatibleCheckpoint(CheckpointError):
+    """A sound checkpoint that this run cannot continue (another world size or ZeRO stage): never skipped over."""
 
 
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
+class NoCheckpointYet(CheckpointError):
+    """``--resume latest`` names a run folder without any checkpoint (its run stopped before the first save)."""
 
 
 def rng_state() -> dict:
@@ -68,28 +70,7 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def step_of(tag: str) -> Optional[int]:
-    """The step of a checkpoint tag ``step00000200`` -> 200; None for any other name."""
-    m = _TAG.match(tag)
-    return int(m.group(1)) if m else None
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
-
-
-def _write_latest(ckpt_root: Path, tag: str) -> None:
+def write_latest(ckpt_root: Path, tag: str) -> None:
     """Points ``latest`` at ``tag`` atomically: a temporary file, fsynced, renamed over the old one."""
     tmp = ckpt_root / f".{LATEST}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -97,111 +78,34 @@ def _write_latest(ckpt_root: Path, tag: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, ckpt_root / LATEST)
-    _fsync(ckpt_root)
+    fsync(ckpt_root)
 
 
-def _discard(folder: Path) -> None:
-    """Deletes a checkpoint folder after renaming it out of the checkpoint namespace (a kill during the
-    deletion then leaves a ``.discard-*`` leftover, never a half-deleted checkpoint)."""
-    trash = folder.with_name(f"{_DISCARD}{folder.name}-{os.getpid()}")
-    os.rename(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _remove_leftovers(ckpt_root: Path) -> None:
+def remove_leftovers(ckpt_root: Path) -> None:
     """Staging folders and half-deleted checkpoints of processes that were killed (one run per folder holds
-    the run lock, so none of them is in use)."""
+    the run lock, so none of them is in use). Run first thing under the lock: on a full disk they hold the
+    space everything else needs."""
     if not ckpt_root.is_dir():
         return
     for p in ckpt_root.iterdir():
-        if p.name.startswith((_PARTIAL, _DISCARD)):
+        if p.name.startswith((PARTIAL, DISCARD)):
             shutil.rmtree(p, ignore_errors=True)
         elif p.name.startswith(f".{LATEST}.tmp-"):
             p.unlink(missing_ok=True)
 
 
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-class Checkpointer:
-    """The checkpoint saves of one run into ``ckpt_root`` (atomic; see the module docstring).
-
-    Args:
-        ckpt_root: the run's ``checkpoints/`` folder.
-        keep: checkpoints kept on disk, the newest first (0 keeps all).
-        resumed: ``(checkpoint root, tag)`` the run resumed from: when it is a folder of ``ckpt_root``,
-            saving its step again returns it unchanged (the state is the one it holds).
-    """
-
-    def __init__(self, ckpt_root: Path, keep: int = 0, resumed: Optional[tuple] = None):
-        self.root = Path(ckpt_root)
-        self.keep = int(keep)
-        self.resumed_step = None
-        if resumed is not None and Path(resumed[0]).resolve() == self.root.resolve():
-            self.resumed_step = step_of(resumed[1])
-        if _is_rank0():
-            _remove_leftovers(self.root)
-
-    def save(self, engine, step: int, client_state: dict) -> Path:
-        """Collective (every rank calls it): writes the checkpoint of ``step``, points ``latest`` at it and
-        (rank 0) prunes older ones. Returns the tag folder."""
-        tag = tag_for(step)
-        final = self.root / tag
-        if step == self.resumed_step and final.is_dir():
-            latest = self.root / LATEST
-            if _is_rank0() and not (latest.is_file() and latest.read_text().strip() == tag):
-                _write_latest(self.root, tag)
-            _barrier()
-            return final
-        if final.exists():  # every rank sees the same folder, so every rank raises
-            raise CheckpointError(f"checkpoint {final} already exists; refusing to overwrite it (the run folder "
-                                  f"was changed by something else while this run used it)")
-        staging = self.root / f"{_PARTIAL}{tag}"
-        if _is_rank0():
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)
-        _barrier()
-        state = dict(client_state, rng=rng_state())
-        # DeepSpeed writes every rank's files and ends with a barrier: after it the staging folder is complete.
-        engine.save_checkpoint(str(staging), tag=tag, client_state=state, save_latest=False)
-        if _is_rank0():
-            _fsync_tree(staging)
-            script = staging / _RECOVERY_SCRIPT
-            if script.is_file():
-                os.replace(script, self.root / _RECOVERY_SCRIPT)
-            os.rename(staging / tag, final)
-            _fsync(self.root)
-            _write_latest(self.root, tag)
-            shutil.rmtree(staging, ignore_errors=True)
-            self._prune(step)
-        _barrier()
-        return final
-
-    def _prune(self, step: int) -> None:
-        if self.keep <= 0:
-            return
-        older = sorted(s for s in (step_of(p.name) for p in self.root.iterdir() if p.is_dir()) if s is not None and s < step)
-        for s in older[:max(0, len(older) - (self.keep - 1))]:
-            _discard(self.root / tag_for(s))
-
-
-def set_aside_newer(ckpt_root: Path, tag: str) -> list:
-    """Rank 0, before resuming from ``tag`` of ``ckpt_root``: points ``latest`` at ``tag`` and renames the
-    checkpoints of later steps (left by the run being rewound) to ``<tag>.superseded-<unix time>``, so that
-    the resumed run never writes into them. Returns the new names."""
-    step = step_of(tag)
-    if step is None:
+def set_aside_newer(ckpt_root: Path, tag: Optional[str]) -> list:
+    """Rank 0, before resuming from ``tag`` of ``ckpt_root`` (None: restarting from scratch): points ``latest``
+    at ``tag`` and renames the checkpoints of later steps (left by the run being rewound, or rejected on resume)
+    to ``<tag>.superseded-<unix time>``, so that the resumed run never writes into them. Returns the new names."""
+    step = -1 if tag is None else step_of(tag)
+    if step is None or not ckpt_root.is_dir():
         return []
     newer = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and (step_of(p.name) or -1) > step)
     if not newer:
         return []
-    _write_latest(ckpt_root, tag)
+    if tag is not None:
+        write_latest(ckpt_root, tag)
     stamp = int(time.time())
     moved = []
     for p in newer:
@@ -211,7 +115,7 @@ def set_aside_newer(ckpt_root: Path, tag: str) -> list:
             target = p.with_name(f"{p.name}.superseded-{stamp}-{n}")
         os.rename(p, target)
         moved.append(target)
-    _fsync(ckpt_root)
+    fsync(ckpt_root)
     return moved
 
 
@@ -229,15 +133,15 @@ def _read_latest(ckpt_root: Path) -> str:
 def resolve_resume(resume: str, output_dir: Optional[Path], runs_root: Path) -> tuple:
     """``--resume`` -> (checkpoint root, tag).
 
-    ``latest``: the newest checkpoint of ``output_dir`` when given, else of the most recently modified run
-    under ``runs_root`` that has one. A path: a checkpoint root (holding ``latest``), a tag folder inside
-    one, or a run folder (holding ``checkpoints/``).
+    ``latest``: the newest checkpoint of ``output_dir`` when given (:class:`NoCheckpointYet` when it has none),
+    else of the most recently modified run under ``runs_root`` that has one. A path: a checkpoint root (holding
+    ``latest``), a tag folder inside one, or a run folder (holding ``checkpoints/``).
     """
     if resume == "latest":
         if output_dir is not None:
             root = output_dir / CHECKPOINT_DIR
-            if not root.is_dir():
-                raise CheckpointError(f"--resume latest: {output_dir} has no {CHECKPOINT_DIR}/ folder")
+            if not (root / LATEST).is_file():
+                raise NoCheckpointYet(f"--resume latest: {output_dir} has no checkpoint yet")
             return root, _read_latest(root)
         candidates = sorted((p for p in runs_root.glob(f"*/{CHECKPOINT_DIR}/{LATEST}")), key=lambda p: p.stat().st_mtime)
         if not candidates:
@@ -258,33 +162,40 @@ def resolve_resume(resume: str, output_dir: Optional[Path], runs_root: Path) -> 
                           f"*model_states.pt files)")
 
 
-def verify_checkpoint(ckpt_root: Path, tag: str, world_size: int, zero_stage: int) -> dict:
-    """Checks that every file the engine will read exists and loads; returns the client state.
+def _load_pickle_part(path: Path):
+    """The file read weights-only; a zip-format file is memory-mapped, so its tensor bytes are not read (the
+    manifest check hashes them) and a large optimizer shard costs a pickle scan."""
+    return load_weights_only(path, mmap=zipfile.is_zipfile(path))
 
-    DeepSpeed reports a missing checkpoint with a warning and carries on from scratch; this raises
-    :class:`CheckpointError` instead, naming the file and the cause.
+
+def verify_checkpoint(ckpt_root: Path, tag: str, world_size: int, zero_stage: int) -> dict:
+    """Proves the checkpoint ``ckpt_root/tag`` before anything loads it; returns its client state.
+
+    Every file must match the folder's manifest (size and SHA-256; a checkpoint written before manifests is
+    accepted on the checks below alone), every ``.pt`` file must read weights-only (no object of it is built
+    beyond tensors and plain values), the client state must be this app's, and the optimizer shards must be
+    those of ``world_size`` processes at ``zero_stage``. DeepSpeed reports a missing checkpoint with a warning
+    and carries on from scratch; this raises :class:`CheckpointError` instead, naming the file and the cause
+    (:class:`IncompatibleCheckpoint` for another world size or stage).
     """
     folder = ckpt_root / tag
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} does not exist ({ckpt_root / LATEST} names it)")
+    verify_manifest(folder)
     model_files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
     if not model_files:
         raise CheckpointError(f"checkpoint {folder} has no mp_rank_00_model_states.pt; it is incomplete")
-    try:
-        state = torch.load(model_files[0], map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or overwritten file
-        raise CheckpointError(f"checkpoint file {model_files[0]} cannot be read ({type(e).__name__}: {e}); the "
-                              f"checkpoint is corrupted, resume from an older one") from e
+    state = _load_pickle_part(model_files[0])
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{model_files[0]} was not written by this training app (no client state)")
     saved_world = state.get("world_size")
     if saved_world is not None and saved_world != world_size:
-        raise CheckpointError(f"checkpoint {folder} was written by {saved_world} processes but this run has "
-                              f"{world_size}; resume with the same number of processes")
+        raise IncompatibleCheckpoint(f"checkpoint {folder} was written by {saved_world} processes but this run has "
+                                     f"{world_size}; resume with the same number of processes")
     saved_stage = state.get("zero_stage")
     if saved_stage is not None and saved_stage != zero_stage:
-        raise CheckpointError(f"checkpoint {folder} was written with ZeRO stage {saved_stage} but the config asks "
-                              f"for stage {zero_stage}; resume with the same stage")
+        raise IncompatibleCheckpoint(f"checkpoint {folder} was written with ZeRO stage {saved_stage} but the config "
+                                     f"asks for stage {zero_stage}; resume with the same stage")
     optim_files = sorted(folder.glob("*optim_states.pt"))
     if len(optim_files) != world_size:
         raise CheckpointError(f"checkpoint {folder} has {len(optim_files)} optimizer shard file(s) for a run of "
@@ -292,13 +203,48 @@ def verify_checkpoint(ckpt_root: Path, tag: str, world_size: int, zero_stage: in
     for f in optim_files:
         if f.stat().st_size == 0:
             raise CheckpointError(f"checkpoint file {f} is empty; the checkpoint is corrupted")
+    for f in sorted(folder.glob("*.pt")):
+        if f != model_files[0]:
+            _load_pickle_part(f)
     return state
 
 
+def _older_tags(ckpt_root: Path, tag: str) -> list:
+    step = step_of(tag)
+    steps = sorted((s for s in (step_of(p.name) for p in ckpt_root.iterdir() if p.is_dir()) if s is not None
+                    and (step is None or s < step)), reverse=True)
+    return [tag_for(s) for s in steps]
+
+
+def choose_checkpoint(ckpt_root: Path, tag: str, world_size: int, zero_stage: int, fall_back: bool) -> tuple:
+    """(tag, client state, [why each newer checkpoint was rejected]) of the checkpoint to resume from: ``tag``
+    when it passes :func:`verify_checkpoint`; with ``fall_back`` (``latest`` was asked for), else the newest
+    older checkpoint of ``ckpt_root`` that passes. Raises :class:`CheckpointError` when none does."""
+    rejected = []
+    for candidate in [tag, *(_older_tags(ckpt_root, tag) if fall_back else [])]:
+        try:
+            return candidate, verify_checkpoint(ckpt_root, candidate, world_size, zero_stage), rejected
+        except IncompatibleCheckpoint:
+            raise
+        except CheckpointError as e:
+            if not fall_back:
+                raise
+            rejected.append(str(e))
+    raise CheckpointError(f"no checkpoint of {ckpt_root} can be resumed from: {' | '.join(rejected)}")
+
+
+def has_manifest(ckpt_root: Path, tag: str) -> bool:
+    return (ckpt_root / tag / MANIFEST).is_file()
+
+
 def load_checkpoint(engine, ckpt_root: Path, tag: str) -> dict:
-    """Collective: loads module, optimizer, scheduler and client state; restores rank 0's RNG states."""
+    """Collective: loads module, optimizer, scheduler and client state, every file weights-only; restores rank
+    0's RNG states."""
+    install_weights_only_loader(engine)
     try:
         path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"loading checkpoint {ckpt_root / tag} failed ({type(e).__name__}: {e})") from e
     if path is None:
@@ -306,29 +252,3 @@ def load_checkpoint(engine, ckpt_root: Path, tag: str) -> dict:
     if "rng" in client_state:
         restore_rng_state(client_state["rng"])
     return client_state
-
-
-def export_consolidated(ckpt_root: Path, tag: str, fresh_model: torch.nn.Module, out_dir: Path) -> Path:
-    """Rank 0: consolidates the fp32 master weights of a ZeRO 1/2/3 checkpoint (DeepSpeed's zero_to_fp32),
-    loads them into ``fresh_model`` (same config and tokenizer, no DeepSpeed) and writes
-    ``save_pretrained(out_dir)``. Missing or unexpected keys are an error."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
-    own = fresh_model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    # buffers DeepSpeed does not store (non-persistent) are absent from both sides; anything else is a bug
-    if missing or unexpected:
-        raise CheckpointError(f"consolidated checkpoint {ckpt_root / tag} does not match the model: missing "
-                              f"{missing[:10]}, unexpected {unexpected[:10]}")
-    wrong = sorted(k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape))
-    if wrong:
-        raise CheckpointError(f"consolidated checkpoint {ckpt_root / tag} has wrong shapes for {wrong[:10]}")
-    fresh_model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh_model.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir

@@ -11,12 +11,15 @@ reads its own shards; exact resume with the same ranks and loader workers; same 
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
+import multiprocessing
 import os
 import random
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,7 +35,8 @@ from mlip_fast.data.shard_reader import ShardSplit
 from mlip_fast.data.sources import DataConfigError, build_pretrain_dataset
 
 __all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
-           "SeededSamples", "make_collator", "make_batch_plan", "report_corpus", "data_fingerprint", "make_train_loader", "sample_seed", "step_seed", "DataConfigError"]
+           "SeededSamples", "make_collator", "make_batch_plan", "report_corpus", "data_fingerprint", "make_train_loader", "close_loader", "sample_seed", "step_seed",
+           "DataConfigError"]
 
 
 def synthetic_cache_dir(cache_dir: Path, size: int, n: int, seed: int) -> Path:
@@ -152,12 +156,27 @@ def make_collator(tokenizer, max_length: int, max_sentences: int):
     return Collator(tokenizer, max_length, max_sentences)
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel SIGKILLs this worker when the training process ends, however it ends (an error exit
+    through ``os._exit``, kill -9): a worker that ignores SIGTERM and holds the rendezvous port's socket must not
+    outlive the run."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent ended before prctl took effect
+        os._exit(1)
+
+
 def _worker_init(_worker_id: int) -> None:
     # Stop signals are handled by the training process, which checkpoints and then shuts the workers down;
     # a worker dying on Ctrl-C / SIGTERM first would turn that into a DataLoader crash.
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
     torch.set_num_threads(1)
 
 
@@ -192,6 +211,20 @@ def data_fingerprint(dataset: Dataset) -> str:
             name = Path(rec["image_path"]).name if rec.get("image_path") is not None else ""
             h.update(f"{name}\t{rec['report']}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:16]
+
+
+def close_loader(batches) -> None:
+    """Shuts down the workers of a DataLoader iterator now, on every path out of training (an error's traceback
+    keeps the iterator alive, and the process ends with ``os._exit``, so its finaliser would never run). Workers
+    ignore SIGTERM (see ``_worker_init``), so one still alive after the orderly shutdown is killed."""
+    workers = list(getattr(batches, "_workers", ()))
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 def make_train_loader(dataset: Dataset, sampler, collate, num_workers: int) -> DataLoader:

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["DSConfigError", "validate_ds_config", "cpu_supports_bf16", "KNOWN_TOP_LEVEL_KEYS"]
+__all__ = ["DSConfigError", "validate_ds_config", "cpu_supports_bf16", "KNOWN_TOP_LEVEL_KEYS", "MAX_LR"]
 
 
 # Top-level keys read by DeepSpeed 0.19 (runtime/config.py and the feature configs it parses).
@@ -56,9 +56,15 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# The largest learning rate accepted anywhere (optimizer, schedule, --lr): above it no optimizer of this app
+# trains (AdamW's step is about lr per weight per step; a rate of 1e9 turned the loss NaN within 4 steps).
+MAX_LR = 10.0
+
 # What each optimizer / scheduler value must be, as (description, check): DeepSpeed and torch accept a negative
 # or NaN learning rate, a string, ... and fail, or train silently wrong, long after start-up.
 _POSITIVE = ("a finite number > 0", lambda v: _is_number(v) and v > 0)
+_LR = (f"a learning rate in (0, {MAX_LR:g}]", lambda v: _is_number(v) and 0 < v <= MAX_LR)
+_MIN_LR = (f"a learning rate in [0, {MAX_LR:g}]", lambda v: _is_number(v) and 0 <= v <= MAX_LR)
 _NON_NEGATIVE = ("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
 _UNIT = ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1)
 _BOOL = ("true or false", lambda v: isinstance(v, bool))
@@ -67,18 +73,18 @@ _INT_POSITIVE = ("an int > 0", lambda v: _is_int(v) and v > 0)
 _INT_NON_NEGATIVE = ("an int >= 0", lambda v: _is_int(v) and v >= 0)
 _FINITE = ("a finite number", _is_number)
 _VALUE_RULES = {
-    "lr": _POSITIVE, "eps": _POSITIVE, "weight_decay": _NON_NEGATIVE, "momentum": _NON_NEGATIVE,
+    "lr": _LR, "eps": _POSITIVE, "weight_decay": _NON_NEGATIVE, "momentum": _NON_NEGATIVE,
     "dampening": _NON_NEGATIVE, "lr_decay": _NON_NEGATIVE, "initial_accumulator_value": _NON_NEGATIVE,
     "betas": ("two numbers in [0, 1)",
               lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)),
     "amsgrad": _BOOL, "maximize": _BOOL, "nesterov": _BOOL, "capturable": _BOOL, "differentiable": _BOOL,
     "torch_adam": _BOOL, "adam_w_mode": _BOOL, "foreach": _BOOL_OR_NULL, "fused": _BOOL_OR_NULL,
-    "warmup_min_lr": _NON_NEGATIVE, "warmup_max_lr": _POSITIVE, "warmup_min_ratio": _UNIT, "cos_min_ratio": _UNIT,
+    "warmup_min_lr": _MIN_LR, "warmup_max_lr": _LR, "warmup_min_ratio": _UNIT, "cos_min_ratio": _UNIT,
     "warmup_type": ("'log' or 'linear'", lambda v: v in ("log", "linear")),
     "last_batch_iteration": ("an int >= -1", lambda v: _is_int(v) and v >= -1),
-    "lr_range_test_min_lr": _POSITIVE, "lr_range_test_step_size": _INT_POSITIVE,
+    "lr_range_test_min_lr": _LR, "lr_range_test_step_size": _INT_POSITIVE,
     "lr_range_test_step_rate": _NON_NEGATIVE, "lr_range_test_staircase": _BOOL,
-    "cycle_min_lr": _NON_NEGATIVE, "cycle_max_lr": _POSITIVE, "decay_lr_rate": _NON_NEGATIVE,
+    "cycle_min_lr": _MIN_LR, "cycle_max_lr": _LR, "decay_lr_rate": _NON_NEGATIVE,
     "cycle_first_step_size": _INT_POSITIVE, "cycle_second_step_size": ("an int > 0 or null", lambda v: v is None or _INT_POSITIVE[1](v)),
     "cycle_first_stair_count": _INT_NON_NEGATIVE,
     "cycle_second_stair_count": ("an int >= 0 or null", lambda v: v is None or _INT_NON_NEGATIVE[1](v)),

@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from mlip_fast.train.ds_checks import DSConfigError, validate_ds_config
+from mlip_fast.train.ds_checks import MAX_LR, DSConfigError, validate_ds_config
 
 __all__ = ["DSConfigError", "load_ds_config", "resolve_ds_config", "shipped_ds_configs", "apply_flag_overrides",
            "validate_ds_config", "apply_accum_freq", "resolve_batch_sizes", "resolve_schedule", "precision_dtype",
@@ -188,7 +188,21 @@ def resolve_schedule(config: dict, total_steps: int) -> dict:
     elif isinstance(warmup, int) and isinstance(total, int) and warmup >= total:
         raise DSConfigError(f"scheduler.params.warmup_num_steps ({warmup}) must be below the run's {total} steps "
                             f"(--warmup / the ds config)")
+    if section.get("type") == "LRRangeTest":
+        _check_range_test_reach(params, int(total_steps))
     return config
+
+
+def _check_range_test_reach(params: dict, total_steps: int) -> None:
+    """LRRangeTest raises the rate without bound: the rate it reaches by the run's last step must be a learning
+    rate too (DeepSpeed: ``min_lr * (1 + step_rate * x)``, x = steps / step_size, floored with staircase)."""
+    min_lr = params.get("lr_range_test_min_lr", 1e-3)
+    size, rate = params.get("lr_range_test_step_size", 2000), params.get("lr_range_test_step_rate", 1.0)
+    x = (total_steps - 1) / size
+    reached = min_lr * (1 + rate * (int(x) if params.get("lr_range_test_staircase", False) else x))
+    if reached > MAX_LR:
+        raise DSConfigError(f"scheduler LRRangeTest reaches a learning rate of {reached:g} by step {total_steps}; "
+                            f"learning rates must be in (0, {MAX_LR:g}]")
 
 
 def precision_dtype(config: dict):

@@ -1,7 +1,10 @@
 """The end of a training run (rank 0): the consolidated fp32 export that ``from_pretrained`` loads, the final
 test evaluation of that export (zero-shot, and localisation on the synthetic benchmark), the curves PNG,
-``summary.json`` (the one run record, with versions, backends and every skipped row) and the model card;
-then the summary is shared with every rank.
+``summary.json`` (the one run record, with versions, backends, skipped optimizer steps and every skipped row)
+and the model card; then the summary is shared with every rank.
+
+A resumed run that had nothing left to train (it resumed a finished run) keeps that run's records: its
+``summary.json``, export, model card, evaluation and curves are not rewritten.
 """
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ import json
 import os
 import time
 
-from mlip_fast._records import versions
+from mlip_fast._records import SUMMARY_FILE, versions
 from mlip_fast.models import create_model, from_pretrained, write_model_card
 from mlip_fast.train import checkpoint as ckpt
+from mlip_fast.train.checkpoint_save import export_consolidated
 from mlip_fast.train.evaluation import localisation, zero_shot
+from mlip_fast.train.fit import Fit
 from mlip_fast.train.process import on_rank0
 from mlip_fast.train.reporting import plot_metrics
-from mlip_fast.train.run import Engine, Fit, RunData, or_skip, report_skipped
+from mlip_fast.train.run import Engine, RunData, or_skip, report_skipped
 from mlip_fast.train.setup import RunState
 
 __all__ = ["finish", "format_summary"]
@@ -25,10 +30,29 @@ def finish(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
     """Exports, evaluates and writes the summary on rank 0; returns the summary on every rank."""
     summary = None
     if run.rank == 0:
-        summary = _summary(run, data, e, done)
-        path = run.reporter.write_summary(summary)
-        run.reporter.log("%s", format_summary(summary, path))
+        finished = _finished_record(run, done)
+        if finished is not None:
+            summary = finished
+            run.reporter.log("the run in %s had already finished (step %d): its records are kept as they are",
+                             run.run_dir, done.result.steps)
+        else:
+            summary = _summary(run, data, e, done)
+            path = run.reporter.write_summary(summary)
+            run.reporter.log("%s", format_summary(summary, path))
     return on_rank0(lambda: summary, run.rank)
+
+
+def _finished_record(run: RunState, done: Fit):
+    """The summary of the run this one resumed when it was already finished at the resumed step (nothing
+    trained, its summary.json written by the same folder); None otherwise."""
+    path = run.run_dir / SUMMARY_FILE
+    if run.resume is None or done.result.steps != run.resume.step or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == done.result.steps else None
 
 
 def _final_evaluation(run: RunState, data: RunData, exported, step: int) -> dict:
@@ -57,7 +81,7 @@ def _summary(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
     export_dir = run.run_dir / ckpt.EXPORT_DIR
     t_export = time.perf_counter()
     fresh = create_model(e.model_cfg, tokenizer=e.tokenizer)
-    ckpt.export_consolidated(run.run_dir / ckpt.CHECKPOINT_DIR, ckpt.tag_for(result.steps), fresh, export_dir)
+    export_consolidated(run.run_dir / ckpt.CHECKPOINT_DIR, ckpt.tag_for(result.steps), fresh, export_dir)
     exported = from_pretrained(export_dir)
     reporter.log("exported consolidated fp32 weights to %s (%.1f s)", export_dir, time.perf_counter() - t_export)
     t_eval = time.perf_counter()
@@ -78,6 +102,7 @@ def _summary(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
         "train_s": round(result.wall_s, 2),
         "final_eval_s": round(eval_s, 2),
         "samples_per_s": round(result.samples / max(result.wall_s, 1e-9), 2),
+        "skipped_steps": result.skipped_steps,
         "final_loss": result.last_terms,
         "final_loss_mean_last_steps": result.mean_terms,
         "zero_shot_test": final.get("zero_shot"),

@@ -12,14 +12,21 @@ One optimizer step = ``gradient_accumulation_steps`` (N) micro-steps:
    over all their outputs, so the negatives are the whole accumulated batch (N x micro x world), and each
    micro-batch is re-run with gradient (same batch, same seed) to back-propagate its share;
 3. the loss terms are all-reduced together with a stop flag, so every rank takes the same decision: a
-   non-finite loss on any rank stops the run before any ``backward`` (the engine still holds the last
-   good state, which is checkpointed), and a SIGTERM / SIGINT on any rank stops it after the current
-   optimizer step with a checkpoint;
+   non-finite loss on any rank stops the run before any ``backward`` and without saving anything (``latest``
+   keeps naming the last checkpoint saved, nothing is pruned), and a SIGTERM / SIGINT on any rank stops it
+   after the current optimizer step with a checkpoint;
 4. ``engine.backward`` and ``engine.step`` per micro-step (DeepSpeed applies clipping, accumulation and
    the schedule; the accumulated micro-step gradients already sum to the step's gradient, so they are not
-   divided by N again);
+   divided by N again). DeepSpeed skips an optimizer step whose gradients are not finite; the skipped steps
+   are counted (``skipped_steps`` in metrics.jsonl and summary.json), and more than ``max_skipped_in_a_row``
+   in a row (fp32 and bf16 have no loss scale to lower, so the next step would be skipped too) stop the run
+   as a non-finite loss does;
 5. after the optimizer step, the logit scales' parameters are clamped at their bound (open_clip), in the
    model and in the optimizer's fp32 copy (:func:`clamp_engine_logit_scales`).
+
+Bad data. A :class:`~mlip_fast.data.readers.DatasetError` from the batches (too many unreadable samples, a
+corrupt shard) on any rank is voted on before the forward (the losses gather across ranks, so no rank may
+skip it alone): every rank saves the steps trained so far and stops with :class:`DataStopped`.
 """
 from __future__ import annotations
 
@@ -27,42 +34,65 @@ import math
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from mlip_fast.data.readers import DatasetError
 from mlip_fast.losses import LogitScale, clamp_logit_scales_
 from mlip_fast.train.accum import CachedLoss, cache_outputs
 from mlip_fast.train.data import step_seed
 from mlip_fast.train.signals import StopRequest
 
-__all__ = ["LOSS_KEYS", "NonFiniteLossError", "TrainingStopped", "LoopContext", "LoopResult", "train_loop",
-           "model_inputs", "loss_inputs", "clamp_engine_logit_scales"]
+__all__ = ["LOSS_KEYS", "NonFiniteLossError", "TrainingStopped", "DataStopped", "LoopContext", "LoopResult",
+           "train_loop", "model_inputs", "loss_inputs", "clamp_engine_logit_scales", "state_is_finite",
+           "MAX_SKIPPED_IN_A_ROW"]
 
 LOSS_KEYS = ("loss", "loss_global", "loss_local", "loss_sie")
 _MODEL_KEYS = ("images", "input_ids", "attention_mask", "sentence_spans", "sentence_mask")
+# Optimizer steps DeepSpeed may skip in a row (non-finite gradients) before the run stops: fp32 and bf16 have
+# no loss scale to lower, so a step skipped for non-finite gradients is followed by more; an fp16 loss scale
+# of 2^32 takes 32 halvings to reach 1.
+MAX_SKIPPED_IN_A_ROW = 3
+MAX_SKIPPED_IN_A_ROW_FP16 = 32
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; ``step`` is the last completed (good) optimizer step."""
+    """The run produced NaN / Inf (the loss, the gradients or the weights; ``what`` says which) and stopped
+    without saving that state. ``step`` is the last completed optimizer step and ``checkpoint`` the newest
+    checkpoint, which still names the last good state saved."""
 
-    def __init__(self, step: int, terms: dict, checkpoint=None):
+    def __init__(self, step: int, terms: dict, checkpoint=None, what: Optional[str] = None):
         self.step, self.terms, self.checkpoint = step, terms, checkpoint
         shown = ", ".join(f"{k}={v}" for k, v in terms.items())
-        super().__init__(f"non-finite loss at step {step + 1} ({shown}); the last good state (after step {step}) "
-                         f"is checkpointed at {checkpoint}. Lower the learning rate, check the data, or use fp32")
+        what = what or f"non-finite loss at step {step + 1} ({shown})"
+        super().__init__(f"{what}; the run stopped without saving this state, and the newest checkpoint "
+                         f"({checkpoint or 'none yet'}) is the last good one. Lower the learning rate, check the "
+                         f"data, or use fp32, then continue with --resume latest")
 
 
 class TrainingStopped(Exception):
-    """A stop was requested (``reason``: a signal's name, or the launcher that ended); a checkpoint of
-    ``step`` was saved. The process exits with 128 + ``signum``."""
+    """A stop was requested (``reason``: a signal's name, or the launcher that ended) in ``phase``: during
+    "training" a checkpoint of ``step`` was saved; during "start-up" (``step``, ``checkpoint``: what the run was
+    resuming from, if anything) and "finish" (after the final checkpoint) the run ended at once. The process
+    exits with 128 + ``signum``."""
 
-    def __init__(self, signum: int, step: int, checkpoint, reason: Optional[str] = None):
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+    def __init__(self, signum: int, step: Optional[int], checkpoint, reason: Optional[str] = None,
+                 phase: str = "training"):
+        self.signum, self.step, self.checkpoint, self.phase = signum, step, checkpoint, phase
         self.reason = reason or signal.Signals(signum).name
-        super().__init__(f"stopped ({self.reason}) after step {step}; checkpoint at {checkpoint}")
+        super().__init__(f"stopped ({self.reason}) during {phase} after step {step}; checkpoint at {checkpoint}")
+
+
+class DataStopped(DatasetError):
+    """The batches failed (``cause``: this rank's :class:`DatasetError`, None when another rank's failed) after
+    ``step`` optimizer steps; ``checkpoint`` holds them (None when this run trained none)."""
+
+    def __init__(self, cause: Optional[DatasetError], step: int, checkpoint):
+        self.cause, self.step, self.checkpoint = cause, step, checkpoint
+        super().__init__(str(cause) if cause is not None else "the data of another rank failed")
 
 
 def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -85,6 +115,14 @@ def loss_inputs(outputs: dict) -> dict:
     coarse) except the local embeddings (:data:`LOCAL_EMBEDDINGS`), which keep the engine's dtype."""
     return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() and k not in LOCAL_EMBEDDINGS else v)
             for k, v in outputs.items()}
+
+
+def state_is_finite(engine) -> bool:
+    """Collective: whether every rank's parameters (its partitions under ZeRO-3) are finite, so that a state
+    the last update made non-finite is never saved."""
+    finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+    flag = torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)
+    return float(_reduce(flag)) == 0.0
 
 
 def _all_finite(outputs: dict) -> bool:
@@ -144,8 +182,12 @@ class LoopContext:
     save_every: int = 0
     evaluate: Optional[Callable[[int], Optional[dict]]] = None
     save: Optional[Callable[[int], object]] = None
+    latest: Optional[Callable[[], object]] = None
     on_first_step: Optional[Callable[[], None]] = None
     monitor: Optional[Callable[[list], None]] = None
+    max_skipped_in_a_row: int = MAX_SKIPPED_IN_A_ROW
+    skipped_steps: int = 0  # skipped before this run (a resumed engine's count)
+    last_terms: dict = field(default_factory=dict)  # the loss terms of the last step (saved with its state)
 
 
 @dataclass
@@ -155,6 +197,7 @@ class LoopResult:
     wall_s: float
     last_terms: dict
     mean_terms: dict
+    skipped_steps: int = 0
 
 
 def _reduce(values: torch.Tensor) -> torch.Tensor:
@@ -163,12 +206,34 @@ def _reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _fetch(ctx: LoopContext, step: int) -> list:
+    """The step's micro-batches, or :class:`DataStopped` on every rank when any rank's data failed (voted before
+    the forward: the losses gather across ranks, so no rank may leave it out alone)."""
+    failed = None
+    try:
+        batches = [next(ctx.batches) for _ in range(ctx.accumulation)]
+    except DatasetError as e:
+        batches, failed = [], e
+    if float(_reduce(torch.tensor([0.0 if failed is None else 1.0], dtype=torch.float64))) == 0.0:
+        return batches
+    ctx.reporter.close_progress()
+    checkpoint = ctx.save(step) if ctx.save is not None and step > ctx.start_step else None
+    ctx.reporter.record("event", event="data_stop", step=step, checkpoint=checkpoint,
+                        error=str(failed).splitlines()[-1] if failed is not None else "another rank's data failed")
+    raise DataStopped(failed, step, checkpoint)
+
+
+def _latest(ctx: LoopContext):
+    return ctx.latest() if ctx.latest is not None else None
+
+
 def train_loop(ctx: LoopContext) -> LoopResult:
     engine = ctx.engine
     device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
     window = deque(maxlen=max(1, min(50, ctx.total_steps // 10 or 1)))
     last_terms: dict = {}
     step = ctx.start_step
+    skipped, in_a_row = ctx.skipped_steps, 0
     timer_start = time.perf_counter()
     rate_window = deque(maxlen=20)
     ctx.reporter.start_progress(ctx.total_steps, ctx.start_step)
@@ -176,7 +241,7 @@ def train_loop(ctx: LoopContext) -> LoopResult:
     while step < ctx.total_steps:
         t0 = time.perf_counter()
         lr = float(engine.get_lr()[0]) if engine.get_lr() else math.nan  # the rate this step uses
-        batches = [next(ctx.batches) for _ in range(ctx.accumulation)]
+        batches = _fetch(ctx, step)
         seeds = [step_seed(ctx.seed, step, micro, ctx.rank) for micro in range(ctx.accumulation)]
 
         def forward(micro: int) -> dict:
@@ -203,9 +268,9 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         if not torch.isfinite(terms_now).all():
             values = {k: float(v) for k, v in zip(LOSS_KEYS, terms_now)}
             ctx.reporter.close_progress()
-            checkpoint = ctx.save(step) if ctx.save is not None else None
-            ctx.reporter.record("event", event="non_finite_loss", step=step, terms=values, checkpoint=checkpoint)
-            raise NonFiniteLossError(step, values, checkpoint)
+            # nothing is saved: the state after this step's update would be the one that produced the NaN
+            ctx.reporter.record("event", event="non_finite_loss", step=step, terms=values, checkpoint=_latest(ctx))
+            raise NonFiniteLossError(step, values, _latest(ctx))
         if loss is None:
             engine.backward(total)
             engine.step()
@@ -214,6 +279,8 @@ def train_loop(ctx: LoopContext) -> LoopResult:
             for micro in range(ctx.accumulation):
                 engine.backward(loss.surrogate(micro, forward(micro)), scale_wrt_gas=False)
                 engine.step()
+        applied = engine.was_step_applied()  # False: DeepSpeed skipped the update (non-finite gradients)
+        skipped, in_a_row = (skipped, 0) if applied else (skipped + 1, in_a_row + 1)
         clamp_engine_logit_scales(engine.module)  # the step above was the optimizer's
         step += 1
         if step == ctx.start_step + 1 and ctx.on_first_step is not None:
@@ -222,15 +289,26 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         rate_window.append((ctx.global_batch, dt))
         samples_per_s = sum(b for b, _ in rate_window) / max(1e-9, sum(t for _, t in rate_window))
         terms_mean = {k: float(v) for k, v in zip(LOSS_KEYS, terms_now)}
-        last_terms = terms_mean
+        last_terms = ctx.last_terms = terms_mean
         window.append(terms_mean)
         epoch = (step - 1) // ctx.steps_per_epoch
-        if step % ctx.log_every == 0 or step == ctx.total_steps:
+        if step % ctx.log_every == 0 or step == ctx.total_steps or not applied:
             ctx.reporter.record("train", step=step, epoch=epoch, lr=lr, samples_per_s=samples_per_s,
-                                step_s=dt, elapsed_s=time.perf_counter() - timer_start, **terms_mean)
+                                step_s=dt, elapsed_s=time.perf_counter() - timer_start, skipped_steps=skipped,
+                                **terms_mean)
             if ctx.monitor is not None:
                 ctx.monitor([(f"Train/{k}", v, step) for k, v in terms_mean.items()]
                             + [("Train/lr", lr, step), ("Train/samples_per_s", samples_per_s, step)])
+        if not applied:
+            ctx.reporter.warning("step %d: the optimizer skipped its update (non-finite gradients; %d in a row, %d in "
+                                 "all)", step, in_a_row, skipped)
+        if in_a_row > ctx.max_skipped_in_a_row:
+            ctx.reporter.close_progress()
+            ctx.reporter.record("event", event="non_finite_gradients", step=step, skipped_in_a_row=in_a_row,
+                                checkpoint=_latest(ctx))
+            raise NonFiniteLossError(step - in_a_row, {}, _latest(ctx), what=(
+                f"non-finite gradients under a finite loss: the optimizer skipped steps {step - in_a_row + 1} to "
+                f"{step} ({in_a_row} in a row, more than {ctx.max_skipped_in_a_row})"))
         ctx.reporter.update_progress(terms_mean["loss"], lr, samples_per_s)
         if stop_votes > 0:
             ctx.reporter.close_progress()
@@ -248,4 +326,4 @@ def train_loop(ctx: LoopContext) -> LoopResult:
     wall = time.perf_counter() - timer_start
     mean_terms = {k: sum(t[k] for t in window) / len(window) for k in LOSS_KEYS} if window else {}
     return LoopResult(steps=step, samples=(step - ctx.start_step) * ctx.global_batch, wall_s=wall,
-                      last_terms=last_terms, mean_terms=mean_terms)
+                      last_terms=last_terms, mean_terms=mean_terms, skipped_steps=skipped)

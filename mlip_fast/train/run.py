@@ -1,39 +1,36 @@
 """The phases of a training run once :mod:`mlip_fast.train.setup` has claimed its folder: the data
-(:func:`prepare_data`), the tokenizer, model, loss and DeepSpeed engine (:func:`build_engine`), and the training
-loop with its checkpoints and validation (:func:`fit`). :func:`mlip_fast.train.finish.finish` then exports,
-evaluates and writes the summary. Each phase reads the :class:`~mlip_fast.train.setup.RunState` and the results
-of the phases before it.
+(:func:`prepare_data`) and the tokenizer, model, loss and DeepSpeed engine (:func:`build_engine`, which loads the
+resumed checkpoint weights-only). :func:`mlip_fast.train.fit.fit` then trains, and
+:func:`mlip_fast.train.finish.finish` exports, evaluates and writes the summary. Each phase reads the
+:class:`~mlip_fast.train.setup.RunState` and the results of the phases before it.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from mlip_fast.data.readers import DatasetError, EvalDataError
+from mlip_fast.data.readers import EvalDataError
 from mlip_fast.losses import MLIPLoss
 from mlip_fast.models import create_model, get_tokenizer
-from mlip_fast.models.attention import backend_report, selected_backend
-from mlip_fast.models.config import MLIPConfig
+from mlip_fast.models.attention import backend_report
+from mlip_fast.models.config import ConfigError, MLIPConfig
 from mlip_fast.models.hub import default_preprocess
-from mlip_fast.ops.dispatch import describe_selected
 from mlip_fast.preprocess.tokenization import load_tokenizer
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train import data as tdata
 from mlip_fast.train import ds_config as dsc
-from mlip_fast.train.evaluation import EvalSets, precision_context, zero_shot
-from mlip_fast.train.loop import LoopContext, LoopResult, train_loop
+from mlip_fast.train.checkpoint_files import refusal_reason
+from mlip_fast.train.evaluation import EvalSets
 from mlip_fast.train.process import barrier, on_rank0
 from mlip_fast.train.setup import Resume, RunState, total_steps, with_tensorboard
-from mlip_fast.train.signals import StopRequest, watch_launcher
 
-__all__ = ["RunData", "Engine", "Fit", "prepare_data", "build_engine", "fit", "param_groups", "report_skipped",
-           "or_skip"]
+__all__ = ["RunData", "Engine", "prepare_data", "build_engine", "param_groups", "report_skipped", "or_skip"]
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -188,7 +185,13 @@ def build_engine(run: RunState, data: RunData) -> Engine:
     tokenizer = build_tokenizer(run.model_cfg, lambda: tdata.report_corpus(data.train_set), run.run_dir, run.rank,
                                 run.resume.run_dir if run.resume is not None else None)
     torch.manual_seed(args.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
-    model = create_model(run.model_cfg, tokenizer=tokenizer, image_pretrained=args.pretrained)
+    try:
+        model = create_model(run.model_cfg, tokenizer=tokenizer, image_pretrained=args.pretrained)
+    except pickle.UnpicklingError as err:  # read weights-only: nothing of the file was run
+        unsafe, reason = refusal_reason(err)
+        raise ConfigError(f"--pretrained {args.pretrained} was refused: "
+                          f"{'it asks to run ' + reason if unsafe else 'not a file of tensors (' + reason + ')'}; "
+                          f"weights are loaded as data only, never as code") from None
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     lock_towers(model, args, reporter)
@@ -228,111 +231,7 @@ def build_engine(run: RunState, data: RunData) -> Engine:
     return Engine(tokenizer, model_cfg, n_params, criterion, collate, engine, config, dtype, start_step)
 
 
-# ---------------------------------------------------------------------------------------------- training
-@dataclass
-class Fit:
-    """What the training phase leaves: the loop's result, the final checkpoint, the validation history, the
-    backends the first step selected and the set-up time."""
-
-    result: LoopResult
-    checkpoint: str
-    eval_history: list = field(default_factory=list)
-    backends: dict = field(default_factory=dict)
-    setup_s: float = 0.0
-
-
-def fit(run: RunState, data: RunData, e: Engine) -> Fit:
-    """The training loop with its checkpoints (every ``--save-every`` steps, on a stop signal and at the end)
-    and validation (every ``--eval-every`` steps); returns after the final checkpoint, on every rank."""
-    args, reporter, rank, engine = run.args, run.reporter, run.rank, e.engine
-    out = Fit(result=None, checkpoint="")
-
-    def on_first_step():
-        out.backends.update(vit_attention=selected_backend(), text_attention=e.model_cfg.text.attn_implementation,
-                            ops=describe_selected())
-        reporter.log("attention backend: ViT %s, text %s; fused op impls: %s", out.backends["vit_attention"],
-                     out.backends["text_attention"], out.backends["ops"])
-        reporter.record("event", event="backends", **out.backends)
-
-    checkpointer = ckpt.Checkpointer(run.run_dir / ckpt.CHECKPOINT_DIR, keep=args.keep_checkpoints,
-                                     resumed=(Path(run.resume.root), run.resume.tag) if run.resume is not None else None)
-    saved_steps = {}
-
-    def save(step: int) -> str:
-        if step in saved_steps:
-            return saved_steps[step]
-        epoch, in_epoch = data.sampler.position(step)
-        client = dict(step=step, epoch=epoch, step_in_epoch=in_epoch, samples_seen=step * run.global_batch,
-                      world_size=run.ranks.world, zero_stage=run.zero_stage, global_batch=run.global_batch,
-                      num_train=len(data.train_set), data_order=data.sampler.signature(),
-                      data_fingerprint=data.fingerprint, seed=args.seed, args=vars(args))
-        path = checkpointer.save(engine, step, client)
-        saved_steps[step] = str(path)
-        reporter.record("event", event="checkpoint", step=step, path=str(path))
-        return str(path)
-
-    def evaluate(step: int, split: str = "valid") -> Optional[dict]:
-        dataset = data.eval_sets.zero_shot_set(split)
-        if dataset is None:
-            return None
-        result = None
-        if run.zero_stage == 3 or rank == 0:  # ZeRO-3: every rank takes part in the gathers of the forward
-            with precision_context(e.dtype, run.device_type):
-                result = or_skip(reporter, f"step {step}: {split} zero-shot evaluation", zero_shot, engine.module,
-                                 dataset, data.eval_sets.prompts, max_samples=args.eval_max_samples)
-        barrier()
-        if result is not None and rank == 0:
-            out.eval_history.append({"step": step, "split": split, "auc_macro": result["auc_macro"]})
-            reporter.log("step %d: %s zero-shot macro AUC %.3f (chance 0.5); %s", step, split, result["auc_macro"],
-                         ", ".join(f"{k} {v:.3f}" for k, v in result["auc"].items() if v is not None))
-            reporter.record("eval", step=step, split=split, auc_macro=result["auc_macro"], auc=result["auc"],
-                            accuracy_macro=result["accuracy_macro"], f1_macro=result["f1_macro"],
-                            n_images=result["n_images"])
-            if engine.monitor.enabled:
-                engine.monitor.write_events([(f"Eval/{split}_auc_macro", result["auc_macro"], step)])
-        return result
-
-    loader = tdata.make_train_loader(data.train_set, data.sampler, e.collate, args.num_workers)
-    batches = iter(loader)
-    stop = StopRequest().install()
-    launcher_watch = watch_launcher(stop)
-    ctx = LoopContext(engine=engine, criterion=e.criterion, batches=batches, reporter=reporter, stop=stop,
-                      seed=args.seed, rank=rank, world_size=run.ranks.world, accumulation=run.accum,
-                      global_batch=run.global_batch, steps_per_epoch=data.sampler.steps_per_epoch,
-                      total_steps=data.total_steps, start_step=e.start_step, dtype=e.dtype, log_every=args.log_every,
-                      eval_every=args.eval_every, save_every=args.save_every, evaluate=evaluate, save=save,
-                      on_first_step=on_first_step,
-                      monitor=engine.monitor.write_events if engine.monitor.enabled else None)
-    out.setup_s = run.elapsed()
-    try:
-        out.result = train_loop(ctx)
-    except DatasetError:
-        # raised in a loader worker, which knows only its own bad items: name every one from here
-        if not hasattr(data.train_set, "bad_summary"):
-            raise
-        raise DatasetError(data.train_set.bad_summary(reprobe=True)) from None
-    finally:
-        launcher_watch.close()
-        stop.uninstall()
-        del batches  # shuts the loader's workers down before anything else can exit the process
-    reporter.log("training: %d steps in %.1f s (%.1f samples/s)", out.result.steps - e.start_step, out.result.wall_s,
-                 out.result.samples / max(out.result.wall_s, 1e-9))
-    merge_bad_items(data.train_set)
-    out.checkpoint = save(out.result.steps)
-    barrier()
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- helpers
-def merge_bad_items(dataset) -> None:
-    """Collective: every rank learns the items the other ranks (and their loader workers) found bad."""
-    if not hasattr(dataset, "bad_items") or not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    found = [None] * dist.get_world_size()
-    dist.all_gather_object(found, dataset.bad_items())
-    dataset.mark_bad(sorted({i for items in found for i in items}))
-
-
 def report_skipped(reporter, split: str, dataset, reprobe: bool, after: int = 0) -> list:
     """The rows and items of ``dataset`` left out so far (``[{"source", "reason"}]``), each beyond the first
     ``after`` logged to run.log and recorded in metrics.jsonl (rank 0). ``reprobe`` names the reason of items

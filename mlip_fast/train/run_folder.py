@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
@@ -90,7 +90,9 @@ class RunLock:
         self.stale: Optional[dict] = None
         self._fd: Optional[int] = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, cleanup: Optional[Callable[[], None]] = None) -> "RunLock":
+        """Takes the lock; ``cleanup`` runs once it is held and before its record is written (removing a killed
+        run's leftovers first: on a full disk they hold the space the record needs)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -113,6 +115,12 @@ class RunLock:
             holder = self._read(fd)
             if holder:
                 self._check_stale(fd, holder)
+            if cleanup is not None:
+                try:
+                    cleanup()
+                except BaseException:
+                    os.close(fd)
+                    raise
             record = {"pid": os.getpid(), "host": _host(), "start": _process_start(os.getpid()),
                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}
             os.ftruncate(fd, 0)

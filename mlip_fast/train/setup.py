@@ -4,7 +4,9 @@ from, the seed, and the :class:`RunState` that the later phases (:mod:`mlip_fast
 
 One run per folder: rank 0 holds the folder's run lock for the whole run, a folder that holds a run is refused
 without ``--resume``, and a resume must match the recorded seed and data (see
-:mod:`mlip_fast.train.run_folder`).
+:mod:`mlip_fast.train.run_folder`). The checkpoint a run resumes from is proven before anything slow
+(:func:`mlip_fast.train.checkpoint.choose_checkpoint`); ``--resume latest`` on a folder whose run stopped before
+its first checkpoint starts that run again from scratch.
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ from mlip_fast.train import ds_config as dsc
 from mlip_fast.train.process import Ranks, on_rank0
 from mlip_fast.train.reporting import RunReporter
 from mlip_fast.train.run_folder import RunLock, check_run_folder
+from mlip_fast.train.signals import StopRequest
 
-__all__ = ["RUNS_ROOT", "DEFAULT_SEED", "Resume", "RunState", "preflight", "model_config", "claim_run_folder",
-           "resolve_seed", "total_steps", "with_tensorboard"]
+__all__ = ["RUNS_ROOT", "DEFAULT_SEED", "Resume", "Claim", "RunState", "preflight", "model_config",
+           "claim_run_folder", "resolve_seed", "total_steps", "with_tensorboard"]
 
 RUNS_ROOT = Path("runs")
 DEFAULT_SEED = 0
@@ -69,6 +72,10 @@ class RunState:
     ranks: Ranks
     device_type: str
     started: float = field(default_factory=time.perf_counter)
+    stop: Optional[StopRequest] = None
+    phase: str = "start-up"  # then "training", then "finish" (after the final checkpoint)
+    step: Optional[int] = None  # the step of the final checkpoint, once saved
+    checkpoint: Optional[str] = None
 
     @property
     def micro(self) -> int:
@@ -189,26 +196,55 @@ def preflight(args, device_type: str) -> tuple:
     return raw_config, model_cfg, changes
 
 
-def claim_run_folder(args, ranks: Ranks, zero_stage: int) -> tuple:
-    """(run folder, :class:`Resume` or None, the run lock or None, the stale lock it took over or None), decided
-    on rank 0 and shared with every rank; rank 0 holds the folder's run lock from here on (the caller releases
-    it)."""
+@dataclass
+class Claim:
+    """What rank 0 decided about the run folder: the folder, the checkpoint to resume from (None: a fresh start),
+    rank 0's run lock, the stale lock it took over, whether ``--resume latest`` restarts a run that stopped
+    before its first checkpoint, and the checkpoints rejected on the way (each with why)."""
+
+    run_dir: Path
+    resume: Optional[Resume]
+    lock: Optional[RunLock]
+    stale_lock: Optional[dict]
+    restart: bool = False
+    rejected: list = field(default_factory=list)
+
+
+def _find_checkpoint(args, run_dir: Path, ranks: Ranks, zero_stage: int) -> tuple:
+    """(Resume or None, restart, rejected) for ``--resume``; see :func:`claim_run_folder`."""
+    try:
+        root, tag = ckpt.resolve_resume(args.resume, run_dir if args.resume == "latest" else None, RUNS_ROOT)
+    except ckpt.NoCheckpointYet:
+        return None, True, []
+    # a checkpoint named by its own folder must pass; one reached through ``latest`` may give way to an older one
+    named = args.resume != "latest" and Path(args.resume).resolve() == (Path(root) / tag).resolve()
+    tag, state, rejected = ckpt.choose_checkpoint(root, tag, ranks.world, zero_stage, fall_back=not named)
+    return Resume(str(root), tag, {k: state[k] for k in RESUME_KEYS if k in state}), False, rejected
+
+
+def claim_run_folder(args, ranks: Ranks, zero_stage: int) -> Claim:
+    """Decided on rank 0 and shared with every rank; rank 0 holds the folder's run lock from here on (the caller
+    releases it). The checkpoint ``--resume`` names is proven first (files against the manifest, pickles read
+    weights-only); with ``latest``, one that fails is passed over for the previous complete one, and a run folder
+    with no checkpoint at all is restarted from scratch. Under the lock, a killed run's leftovers are removed
+    before anything is written."""
     held = {}
 
     def claim():
         run_dir = output_dir(args)
-        found = None
-        if args.resume is not None:
-            root, tag = ckpt.resolve_resume(args.resume, run_dir if args.resume == "latest" else None, RUNS_ROOT)
-            state = ckpt.verify_checkpoint(root, tag, ranks.world, zero_stage)
-            found = Resume(str(root), tag, {k: state[k] for k in RESUME_KEYS if k in state})
-        check_run_folder(run_dir, resuming=found is not None,
+        found, restart, rejected = (None, False, []) if args.resume is None else \
+            _find_checkpoint(args, run_dir, ranks, zero_stage)
+        check_run_folder(run_dir, resuming=found is not None or restart,
                          checkpoint_run=found.run_dir if found is not None else None)
-        held["lock"] = RunLock(run_dir).acquire()
-        return str(run_dir), found, held["lock"].stale
+        root = run_dir / ckpt.CHECKPOINT_DIR
+        held["lock"] = RunLock(run_dir).acquire(cleanup=lambda: ckpt.remove_leftovers(root))
+        if restart:
+            ckpt.set_aside_newer(root, None)  # a first save killed before ``latest`` was written
+        return Claim(run_dir, found, None, held["lock"].stale, restart, rejected)
 
-    run_dir, resume, stale = on_rank0(claim, ranks.rank)
-    return Path(run_dir), resume, held.get("lock"), stale
+    claimed = on_rank0(claim, ranks.rank)
+    claimed.lock = held.get("lock")
+    return claimed
 
 
 def resolve_seed(seed: Optional[int], resume: Optional[Resume]) -> int:

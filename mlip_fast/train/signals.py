@@ -16,11 +16,20 @@ stop exactly as a SIGTERM would (finish the optimizer step, checkpoint, exit 143
 returns to the shell at once (DeepSpeed's code); the launcher and the ranks follow once the checkpoint is
 written.
 
-:class:`StopRequest` turns signals into a flag that the loop checks between micro-steps. One stop often
-arrives several times: a terminal's Ctrl-C reaches every process and the launcher forwards it again as
+:class:`StopRequest` is installed first thing in a run, before anything slow (the process group, the
+dataset build, a resume load), together with the launcher watch. While the run is not training
+(``immediate``: start-up, and the export and evaluation after the last checkpoint) a stop interrupts at once
+with :class:`StopSignal` (there is no step to finish; the watcher delivers its request to the main thread as a
+SIGTERM, so a blocking call returns); during training it is a flag that the loop checks between steps. One stop
+often arrives several times: a terminal's Ctrl-C reaches every process and the launcher forwards it again as
 SIGTERM a few milliseconds later, and the launcher's disappearance is seen by the watcher. Everything within
 ``ECHO_WINDOW_S`` of the first request is one request; a signal after that interrupts at once
-(``KeyboardInterrupt``: exit 130, no checkpoint).
+(``KeyboardInterrupt``: exit 130, no checkpoint). A process forked from the run (a DataLoader or pool worker)
+inherits the handler; there it falls back to the signal's default action.
+
+Runners recognised above the launcher: DeepSpeed's ``deepspeed`` / ``ds`` commands and
+``python -m deepspeed.launcher.runner``, and ``mlip-train`` (:mod:`mlip_fast.train.launch`, which runs
+DeepSpeed's runner in its own process).
 """
 from __future__ import annotations
 
@@ -32,28 +41,47 @@ from typing import Callable, Optional
 
 import psutil
 
-__all__ = ["ECHO_WINDOW_S", "LAUNCHER_POLL_S", "StopRequest", "LauncherWatch", "launcher_chain", "watch_launcher"]
+__all__ = ["ECHO_WINDOW_S", "LAUNCHER_POLL_S", "RUNNER_NAMES", "StopSignal", "StopRequest", "LauncherWatch",
+           "launcher_chain", "watch_launcher"]
 
 # A signal within this many seconds of the first stop request is a copy of it (terminal + launcher forwarding).
 ECHO_WINDOW_S = 1.0
 # How often the ranks look at the launcher processes.
 LAUNCHER_POLL_S = 0.5
+# Commands that run DeepSpeed's runner in their own process (console scripts, and their ``python -m`` modules).
+RUNNER_NAMES = ("deepspeed", "ds", "mlip-train")
+RUNNER_MODULES = ("deepspeed.launcher.runner", "mlip_fast.train.launch")
+
+
+class StopSignal(BaseException):
+    """A stop request while the run is not training (start-up, or the export and evaluation after the last
+    checkpoint): raised in the main thread at once. A ``BaseException``, like ``KeyboardInterrupt``, so that no
+    ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int, reason: str):
+        self.signum, self.reason = int(signum), reason
+        super().__init__(f"stop requested ({reason})")
 
 
 class StopRequest:
-    """SIGTERM / SIGINT (and :meth:`request`) -> a stop flag the training loop checks.
+    """SIGTERM / SIGINT (and :meth:`request`) -> a stop flag the training loop checks, or, while ``immediate``,
+    :class:`StopSignal` raised in the main thread at once.
 
     ``signum`` is the signal whose exit code the stop takes (128 + signum) and ``reason`` says what asked
     for it; both keep the first request. A signal more than ``ECHO_WINDOW_S`` after the first request
     raises ``KeyboardInterrupt`` in the main thread: the second stop interrupts at once.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, immediate: bool = False):
         self.signum: Optional[int] = None
         self.reason: Optional[str] = None
+        self.immediate = immediate
         self._since: Optional[float] = None
         self._clock = clock
         self._previous: dict = {}
+        self._pid = os.getpid()
+        self._delivering = False
+        self._raised = False
 
     def install(self) -> "StopRequest":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,20 +94,45 @@ class StopRequest:
         self._previous.clear()
 
     def request(self, signum: int, reason: str) -> None:
-        """Asks for a stop (no-op when one is already pending). Safe to call from any thread."""
-        if self.signum is None:
-            self.signum, self.reason, self._since = int(signum), reason, self._clock()
+        """Asks for a stop (no-op when one is already pending). Safe to call from any thread; from another
+        thread while ``immediate``, the request is delivered to the main thread as ``signum``."""
+        if self.signum is not None:
+            return
+        self.signum, self.reason, self._since = int(signum), reason, self._clock()
+        if self.immediate and threading.current_thread() is not threading.main_thread() and self._previous:
+            self._delivering = True
+            signal.pthread_kill(threading.main_thread().ident, signum)
+
+    def raise_if_requested(self) -> None:
+        """Raises :class:`StopSignal` for a request that arrived while the run was training (the loop had not
+        seen it yet) once the run is in an ``immediate`` phase again."""
+        if self.signum is not None and not self._raised:
+            self._raised = True
+            raise StopSignal(self.signum, self.reason)
 
     def _handle(self, signum, frame):
-        if self._since is not None and self._clock() - self._since > ECHO_WINDOW_S:
+        if os.getpid() != self._pid:  # a forked worker: the signal's default action
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self._delivering:  # the watcher's request, delivered by request()
+            self._delivering = False
+        elif self._since is None:
+            self.request(signum, signal.Signals(signum).name)
+        elif self._clock() - self._since > ECHO_WINDOW_S:
             raise KeyboardInterrupt(f"second stop request ({signal.Signals(signum).name}): stopping without a checkpoint")
-        self.request(signum, signal.Signals(signum).name)
+        else:
+            return  # a copy of the first request
+        if self.immediate:
+            self.raise_if_requested()
 
 
 def _is_runner(proc: psutil.Process) -> bool:
-    """DeepSpeed's runner: ``deepspeed`` / ``ds`` (console scripts) or ``python -m deepspeed.launcher.runner``."""
+    """A runner of DeepSpeed's launcher: ``deepspeed`` / ``ds`` / ``mlip-train`` (console scripts) or
+    ``python -m deepspeed.launcher.runner`` / ``python -m mlip_fast.train.launch``."""
     cmd = proc.cmdline()
-    return "deepspeed.launcher.runner" in cmd or any(os.path.basename(a) in ("deepspeed", "ds") for a in cmd[:2])
+    return (any(m in cmd for m in RUNNER_MODULES)
+            or any(os.path.basename(a) in RUNNER_NAMES for a in cmd[:2]))
 
 
 def launcher_chain() -> list:

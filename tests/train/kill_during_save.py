@@ -39,6 +39,7 @@ import torch
 
 from mlip_fast.models import create_model, get_model_config, get_tokenizer
 from mlip_fast.train import checkpoint as ckpt
+from mlip_fast.train.checkpoint_save import Checkpointer
 from mlip_fast.train.process import init_distributed
 from mlip_fast.train.run import param_groups
 
@@ -88,7 +89,7 @@ def _saver(run_dir: Path, scenario: str, rewind_tag, tokenizer, fd: int) -> None
         step = int(ckpt.load_checkpoint(engine, root, tag)["step"])
         resumed = (root, tag)
         ckpt.set_aside_newer(root, tag)  # as the app does on every resume into the checkpoint's own folder
-    checkpointer = ckpt.Checkpointer(root, keep=KEEP, resumed=resumed)
+    checkpointer = Checkpointer(root, keep=KEEP, resumed=resumed)
     if scenario == "finished":  # the final save of a run resumed after it had finished
         checkpointer.save(engine, step, _client(step))
     _say(fd, f"ready {step}")
@@ -107,7 +108,7 @@ def _verifier(run_dir: Path, tokenizer, fd: int) -> None:
         root, tag = ckpt.resolve_resume("latest", run_dir, run_dir.parent)
         ckpt.verify_checkpoint(root, tag, world_size=1, zero_stage=2)
         state = ckpt.load_checkpoint(engine, root, tag)
-        ckpt.Checkpointer(root, keep=KEEP)  # a resumed run clears the leftovers of the killed one
+        Checkpointer(root, keep=KEEP)  # a resumed run clears the leftovers of the killed one
         _say(fd, json.dumps({"ok": True, "step": int(state["step"]), "tag": tag}))
     except Exception as e:  # reported to the parent, which counts it as a failed resume
         _say(fd, json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"}))

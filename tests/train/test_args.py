@@ -33,3 +33,14 @@ def test_bad_numbers_are_refused_naming_the_flag(capsys):
         assert flag in capsys.readouterr().err
     assert parse_args(BASE + ["--lr", "2e-3"]).lr == 2e-3
     assert parse_args(BASE).seed is None  # 0 for a new run, the checkpoint's for a resumed one
+
+
+def test_values_that_used_to_fail_late_are_refused_in_one_line(capsys):
+    """Each of these passed the parser and ended in a traceback (or a NaN stop) after the data was built."""
+    for flag, value, says in (("--max-bad-fraction", "1.0", "must be in [0, 1)"), ("--epochs", "inf", "finite number > 0"),
+                              ("--epochs", "nan", "finite number > 0"), ("--lr", "1e9", "learning rate in (0, 10]")):
+        with pytest.raises(SystemExit) as info:
+            parse_args(BASE + [flag, value])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and flag in err and says in err and len(err.strip().splitlines()) == 1, err
+    assert parse_args(BASE + ["--max-bad-fraction", "0.5", "--lr", "10"]).lr == 10.0

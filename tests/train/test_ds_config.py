@@ -47,20 +47,27 @@ def test_shipped_configs_are_valid_on_cpu():
     ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, r"fp16 and bf16 are both enabled"),
     ({"gradient_clipping": -1}, r"gradient_clipping must be a finite number >= 0, got -1"),
     ({"gradient_clipping": float("nan")}, r"gradient_clipping must be a finite number >= 0, got nan"),
-    ({"optimizer": {"type": "AdamW", "params": {"lr": -0.001}}}, r"optimizer.params.lr must be a finite number > 0, got -0.001"),
-    ({"optimizer": {"type": "AdamW", "params": {"lr": 0}}}, r"optimizer.params.lr must be a finite number > 0, got 0"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": -0.001}}}, r"optimizer.params.lr must be a learning rate in \(0, 10\], got -0.001"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 0}}}, r"optimizer.params.lr must be a learning rate in \(0, 10\], got 0"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": "0.002"}}},
-     r"optimizer.params.lr must be a finite number > 0, got '0.002' \(a string\)"),
-    ({"optimizer": {"type": "AdamW", "params": {"lr": float("inf")}}}, r"optimizer.params.lr must be a finite number > 0"),
+     r"optimizer.params.lr must be a learning rate in \(0, 10\], got '0.002' \(a string\)"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": float("inf")}}}, r"optimizer.params.lr must be a learning rate in \(0, 10\]"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e9}}}, r"optimizer.params.lr must be a learning rate in \(0, 10\], got 1000000000.0"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 100.0}}},
+     r"scheduler.params.warmup_max_lr must be a learning rate in \(0, 10\], got 100.0"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 11.0}}},
+     r"scheduler.params.warmup_min_lr must be a learning rate in \[0, 10\], got 11.0"),
+    ({"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 0.0, "cycle_max_lr": 1e3, "cycle_first_step_size": 5}}},
+     r"scheduler.params.cycle_max_lr must be a learning rate in \(0, 10\], got 1000.0"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 1.5]}}}, r"optimizer.params.betas must be two numbers in \[0, 1\)"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "eps": -1e-8}}}, r"optimizer.params.eps must be a finite number > 0"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": float("nan")}}}, r"optimizer.params.weight_decay must be a finite number >= 0, got nan"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "amsgrad": "yes"}}}, r"optimizer.params.amsgrad must be true or false, got 'yes' \(a string\)"),
-    ({"optimizer": {"type": "Lamb", "params": {"lr": True}}}, r"optimizer.params.lr must be a finite number > 0, got true"),
+    ({"optimizer": {"type": "Lamb", "params": {"lr": True}}}, r"optimizer.params.lr must be a learning rate in \(0, 10\], got true"),
     ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "cos_min_ratio": 2.0}}},
      r"scheduler.params.cos_min_ratio must be a number in \[0, 1\], got 2.0"),
     ({"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_type": "cosine"}}}, r"scheduler.params.warmup_type must be 'log' or 'linear'"),
-    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": -1.0}}}, r"scheduler.params.warmup_max_lr must be a finite number > 0"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": -1.0}}}, r"scheduler.params.warmup_max_lr must be a learning rate in \(0, 10\]"),
     ({"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 0.0, "cycle_max_lr": 0.1, "cycle_first_step_size": 0}}},
      r"scheduler.params.cycle_first_step_size must be an int > 0, got 0"),
     ({"scheduler": {"type": "LRRangeTest", "params": {"lr_range_test_step_rate": float("nan")}}},
@@ -119,3 +126,16 @@ def test_schedule_auto_follows_the_run_length():
     fixed = config(scheduler={"type": "WarmupCosineLR", "params": {"total_num_steps": 50, "warmup_num_steps": 5}})
     assert dsc.resolve_schedule(fixed, total_steps=400)["scheduler"]["params"] == {"total_num_steps": 50,
                                                                                   "warmup_num_steps": 5}
+
+
+def test_a_range_test_schedule_may_not_climb_past_the_largest_learning_rate():
+    """LRRangeTest raises the rate without bound: the rate of the run's last step is checked once the run's length
+    is known (a jump to 1e6 at step 8 turned the loss NaN two steps later)."""
+    jump = config(scheduler={"type": "LRRangeTest", "params": {"lr_range_test_min_lr": 1e-3, "lr_range_test_step_size": 8,
+                                                              "lr_range_test_step_rate": 1e9,
+                                                              "lr_range_test_staircase": True}})
+    dsc.validate_ds_config(jump, device_type="cpu")  # every value is in range by itself
+    assert dsc.resolve_schedule(jump, total_steps=8)["scheduler"]["type"] == "LRRangeTest"  # steps 1-8 at 1e-3
+    with pytest.raises(dsc.DSConfigError, match=r"LRRangeTest reaches a learning rate of 1e\+06 by step 9; learning "
+                                                 r"rates must be in \(0, 10\]"):
+        dsc.resolve_schedule(jump, total_steps=9)

@@ -49,6 +49,9 @@ class _Engine:
         self.optimizer.zero_grad(set_to_none=True)
         self.after_step.append(self.module.scale.log_scale.item())
 
+    def was_step_applied(self):
+        return True
+
 
 class _Reporter:
     def start_progress(self, *args, **kwargs):

@@ -17,6 +17,7 @@ from PIL import Image
 
 from mlip_fast.data.readers import DatasetError
 from mlip_fast.train import checkpoint as ckpt
+from mlip_fast.train.checkpoint_save import Checkpointer
 from mlip_fast.train.main import train
 from mlip_fast.train.reporting import read_metrics
 from mlip_fast.train.run_folder import LOCK_NAME, RunFolderError, RunLock
@@ -215,7 +216,7 @@ def test_every_crash_point_of_a_save_leaves_latest_complete(finished, tmp_path, 
     assert (found_root, tag) == (root, "step00000004")
     assert ckpt.verify_checkpoint(root, tag, world_size=1, zero_stage=2)["step"] == 4
     moved = ckpt.set_aside_newer(root, tag)
-    ckpt.Checkpointer(root, keep=2, resumed=(root, tag))
+    Checkpointer(root, keep=2, resumed=(root, tag))
     names = sorted(p.name for p in root.iterdir())
     assert not [n for n in names if n.startswith(".")]
     assert [n for n in names if ckpt.step_of(n) is not None] == ["step00000002", "step00000004"]

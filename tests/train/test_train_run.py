@@ -9,7 +9,6 @@ import torch
 
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train.ds_config import DSConfigError
-from mlip_fast.train.loop import NonFiniteLossError
 from mlip_fast.train.args import SYNTHETIC_PRESET
 from mlip_fast.train.main import train
 from mlip_fast.train.run import param_groups
@@ -152,22 +151,21 @@ def _copy_checkpoints(finished_run, tmp_path):
 @pytest.mark.parametrize("damage, match", [
     ("absent", "does not exist"),
     ("no_latest", "no 'latest' file"),
-    ("latest_to_missing_tag", "step00000099 does not exist"),
-    ("truncated_model_states", "cannot be read .* corrupted"),
-    ("missing_optimizer_shard", "0 optimizer shard file"),
+    ("truncated_model_states", r"has \d+ bytes, .*manifest.json says \d+: it was truncated"),
+    ("missing_optimizer_shard", r"optim_states.pt is missing \(listed in"),
     ("empty_latest", "is empty"),
 ])
 def test_bad_checkpoint_gives_a_clear_error(finished_run, tmp_path, synthetic_cache, damage, match):
+    """A checkpoint named by its own folder must pass every check (no fallback to another one)."""
     root, ds = _copy_checkpoints(finished_run, tmp_path)
-    target = root
+    target = root / "step00000004"
     if damage == "absent":
         target = tmp_path / "nowhere"
     elif damage == "no_latest":
         (root / "latest").unlink()
         shutil.rmtree(root / "step00000002")
         shutil.rmtree(root / "step00000004")
-    elif damage == "latest_to_missing_tag":
-        (root / "latest").write_text("step00000099")
+        target = root
     elif damage == "truncated_model_states":
         f = root / "step00000004" / "mp_rank_00_model_states.pt"
         f.write_bytes(f.read_bytes()[:100])
@@ -176,31 +174,37 @@ def test_bad_checkpoint_gives_a_clear_error(finished_run, tmp_path, synthetic_ca
             f.unlink()
     elif damage == "empty_latest":
         (root / "latest").write_text("")
+        target = root
     with pytest.raises(ckpt.CheckpointError, match=match):
         train(base_args(ds, tmp_path / "resumed", synthetic_cache, "--steps", "6", "--resume", str(target)))
 
 
-def test_resume_latest_without_checkpoints(tmp_path, synthetic_cache):
-    ds = write_ds(tmp_path / "ds.json")
-    (tmp_path / "run").mkdir()
-    with pytest.raises(ckpt.CheckpointError, match="has no checkpoints/ folder"):
-        train(base_args(ds, tmp_path / "run", synthetic_cache, "--steps", "2", "--resume", "latest"))
+def _flip_bytes(path, at: float = 0.6, n: int = 4) -> None:
+    """Inverts ``n`` bytes at fraction ``at`` of the file (inside the tensor data of a torch zip file)."""
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start:start + n] = bytes(b ^ 0xFF for b in data[start:start + n])
+    path.write_bytes(bytes(data))
 
 
-def test_non_finite_loss_stops_with_the_last_good_state(tmp_path, synthetic_cache):
-    """An absurd learning rate blows the weights up after the first update: the run stops before the
-    second backward and checkpoints the state after step 1 (not the broken one)."""
-    ds = write_ds(tmp_path / "ds.json", gradient_clipping=0.0,
-                  scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 1e30, "warmup_max_lr": 1e30,
-                                                            "warmup_num_steps": 1}})
+def test_flipped_tensor_bytes_are_named_and_latest_falls_back_loudly(finished_run, tmp_path, synthetic_cache):
+    """Flipped bytes in the optimizer moments of the newest checkpoint used to load silently (weights up to 2e28
+    saved as the next ``latest``): the SHA-256 manifest names the file, ``--resume latest`` continues from the
+    previous checkpoint with a warning (the rejected one set aside), and the checkpoint named by its folder is
+    refused."""
+    _, src, ds = finished_run
     run_dir = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+") as info:
-        train(base_args(ds, run_dir, synthetic_cache, "--steps", "5", "--no-final-eval", "--lr", "1e30"))
-    good = info.value.step
-    assert 1 <= good < 5
-    assert info.value.checkpoint == str(run_dir / "checkpoints" / ckpt.tag_for(good))
-    state = ckpt.verify_checkpoint(run_dir / "checkpoints", ckpt.tag_for(good), world_size=1, zero_stage=2)
-    assert state["step"] == good
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any(e["kind"] == "event" and e["event"] == "non_finite_loss" for e in events)
-    assert max(train_records(run_dir)) == good
+    shutil.copytree(src, run_dir)
+    root = run_dir / "checkpoints"
+    optim = next((root / "step00000004").glob("*optim_states.pt"))
+    _flip_bytes(optim)
+    with pytest.raises(ckpt.CheckpointError, match=rf"{optim} does not match its SHA-256"):
+        train(base_args(ds, tmp_path / "other", synthetic_cache, "--steps", "5", "--resume", str(optim.parent)))
+    summary = train(base_args(ds, run_dir, synthetic_cache, "--steps", "5", "--no-final-eval", "--resume", "latest"))
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 5
+    log = (run_dir / "run.log").read_text()
+    assert f"checkpoint rejected: checkpoint file {optim} does not match its SHA-256" in log
+    assert "resuming from the newest checkpoint that verifies instead" in log
+    assert [p.name.split(".")[0] for p in root.iterdir() if ".superseded-" in p.name] == ["step00000004"]
+    assert (root / "latest").read_text() == "step00000005"
+    assert ckpt.verify_checkpoint(root, "step00000005", world_size=1, zero_stage=2)["step"] == 5

@@ -1,0 +1,172 @@
+"""The training phase of a run (:func:`fit`): the loop of :mod:`mlip_fast.train.loop` with its checkpoints
+(every ``--save-every`` steps, on a stop signal, on a data failure and at the end) and validation (every
+``--eval-every`` steps), between :mod:`mlip_fast.train.run` (data, engine) and :mod:`mlip_fast.train.finish`.
+
+What a save guarantees: the weights are finite on every rank (a state the last update made NaN / Inf is never
+saved; the run stops as on a non-finite loss), the files are complete and listed with their SHA-256 in the
+checkpoint's manifest before ``latest`` names it, and a full disk is a one-line error that leaves the previous
+checkpoint in place. Every way out of the loop shuts the DataLoader workers down before the process can exit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from mlip_fast.data.readers import DatasetError
+from mlip_fast.models.attention import selected_backend
+from mlip_fast.ops.dispatch import describe_selected
+from mlip_fast.train import checkpoint as ckpt
+from mlip_fast.train import data as tdata
+from mlip_fast.train.checkpoint_save import Checkpointer
+from mlip_fast.train.evaluation import precision_context, zero_shot
+from mlip_fast.train.loop import (MAX_SKIPPED_IN_A_ROW, MAX_SKIPPED_IN_A_ROW_FP16, DataStopped, LoopContext,
+                                  LoopResult, NonFiniteLossError, state_is_finite, train_loop)
+from mlip_fast.train.process import barrier
+from mlip_fast.train.run import Engine, RunData, or_skip
+from mlip_fast.train.setup import RunState
+
+__all__ = ["Fit", "fit", "merge_bad_items", "worker_message"]
+
+
+@dataclass
+class Fit:
+    """What the training phase leaves: the loop's result, the final checkpoint, the validation history, the
+    backends the first step selected and the set-up time."""
+
+    result: LoopResult
+    checkpoint: str
+    eval_history: list = field(default_factory=list)
+    backends: dict = field(default_factory=dict)
+    setup_s: float = 0.0
+
+
+def worker_message(error: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker (the loader re-raises it in the training process
+    with the worker's traceback prepended): its last line, without the exception's name."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(error).__name__
+    last = lines[-1]
+    name = f"{type(error).__name__}: "
+    return last[last.index(name) + len(name):] if name in last else last
+
+
+def _data_stop_message(stop: DataStopped, dataset) -> str:
+    """One line: what failed in the data, and what happened to the steps trained."""
+    if stop.cause is not None and hasattr(dataset, "bad_summary"):
+        # raised in a loader worker, which knows only its own bad items: name every one from here
+        detail = dataset.bad_summary(reprobe=True)
+    elif stop.cause is not None:
+        detail = worker_message(stop.cause)
+    else:
+        detail = str(stop)
+    if stop.checkpoint is None:
+        return f"{detail}; the run stopped before training a step (nothing to save)"
+    return (f"{detail}; the {stop.step} step(s) trained are saved in {stop.checkpoint}: fix the data (or raise "
+            f"--max-bad-fraction), then continue with --resume latest")
+
+
+def fit(run: RunState, data: RunData, e: Engine) -> Fit:
+    """The training loop with its checkpoints and validation; returns after the final checkpoint, on every rank."""
+    args, reporter, rank, engine = run.args, run.reporter, run.rank, e.engine
+    out = Fit(result=None, checkpoint="")
+
+    def on_first_step():
+        out.backends.update(vit_attention=selected_backend(), text_attention=e.model_cfg.text.attn_implementation,
+                            ops=describe_selected())
+        reporter.log("attention backend: ViT %s, text %s; fused op impls: %s", out.backends["vit_attention"],
+                     out.backends["text_attention"], out.backends["ops"])
+        reporter.record("event", event="backends", **out.backends)
+
+    checkpointer = Checkpointer(run.run_dir / ckpt.CHECKPOINT_DIR, keep=args.keep_checkpoints,
+                                resumed=(Path(run.resume.root), run.resume.tag) if run.resume is not None else None)
+    saved_steps = {}
+
+    def latest() -> Optional[str]:
+        path = checkpointer.latest()
+        return None if path is None else str(path)
+
+    def save(step: int) -> str:
+        if step in saved_steps:
+            return saved_steps[step]
+        if not state_is_finite(engine):  # collective: every rank checks its own parameters
+            reporter.record("event", event="non_finite_weights", step=step, checkpoint=latest())
+            raise NonFiniteLossError(step, {}, latest(), what=f"non-finite weights after step {step} (its update made "
+                                                              f"them NaN or infinite)")
+        epoch, in_epoch = data.sampler.position(step)
+        client = dict(step=step, epoch=epoch, step_in_epoch=in_epoch, samples_seen=step * run.global_batch,
+                      world_size=run.ranks.world, zero_stage=run.zero_stage, global_batch=run.global_batch,
+                      num_train=len(data.train_set), data_order=data.sampler.signature(),
+                      data_fingerprint=data.fingerprint, seed=args.seed, loss=ctx.last_terms, args=vars(args))
+        path = checkpointer.save(engine, step, client)
+        saved_steps[step] = str(path)
+        reporter.record("event", event="checkpoint", step=step, path=str(path))
+        return str(path)
+
+    def evaluate(step: int, split: str = "valid") -> Optional[dict]:
+        dataset = data.eval_sets.zero_shot_set(split)
+        if dataset is None:
+            return None
+        result = None
+        if run.zero_stage == 3 or rank == 0:  # ZeRO-3: every rank takes part in the gathers of the forward
+            with precision_context(e.dtype, run.device_type):
+                result = or_skip(reporter, f"step {step}: {split} zero-shot evaluation", zero_shot, engine.module,
+                                 dataset, data.eval_sets.prompts, max_samples=args.eval_max_samples)
+        barrier()
+        if result is not None and rank == 0:
+            out.eval_history.append({"step": step, "split": split, "auc_macro": result["auc_macro"]})
+            reporter.log("step %d: %s zero-shot macro AUC %.3f (chance 0.5); %s", step, split, result["auc_macro"],
+                         ", ".join(f"{k} {v:.3f}" for k, v in result["auc"].items() if v is not None))
+            reporter.record("eval", step=step, split=split, auc_macro=result["auc_macro"], auc=result["auc"],
+                            accuracy_macro=result["accuracy_macro"], f1_macro=result["f1_macro"],
+                            n_images=result["n_images"])
+            if engine.monitor.enabled:
+                engine.monitor.write_events([(f"Eval/{split}_auc_macro", result["auc_macro"], step)])
+        return result
+
+    loader = tdata.make_train_loader(data.train_set, data.sampler, e.collate, args.num_workers)
+    batches = iter(loader)
+    ctx = LoopContext(engine=engine, criterion=e.criterion, batches=batches, reporter=reporter, stop=run.stop,
+                      seed=args.seed, rank=rank, world_size=run.ranks.world, accumulation=run.accum,
+                      global_batch=run.global_batch, steps_per_epoch=data.sampler.steps_per_epoch,
+                      total_steps=data.total_steps, start_step=e.start_step, dtype=e.dtype, log_every=args.log_every,
+                      eval_every=args.eval_every, save_every=args.save_every, evaluate=evaluate, save=save,
+                      latest=latest, on_first_step=on_first_step,
+                      monitor=engine.monitor.write_events if engine.monitor.enabled else None,
+                      max_skipped_in_a_row=MAX_SKIPPED_IN_A_ROW_FP16 if e.config.get("fp16", {}).get("enabled")
+                      else MAX_SKIPPED_IN_A_ROW, skipped_steps=int(engine.skipped_steps))
+    out.setup_s = run.elapsed()
+    run.phase, run.stop.immediate = "training", False  # a stop now finishes the step and checkpoints it
+    try:
+        out.result = train_loop(ctx)
+    except DataStopped as stop:
+        raise DatasetError(_data_stop_message(stop, data.train_set)) from None
+    finally:
+        # an error's traceback keeps the iterator alive: its workers are shut down here, not by its finaliser
+        tdata.close_loader(batches)
+        del batches
+    reporter.log("training: %d steps in %.1f s (%.1f samples/s)", out.result.steps - e.start_step, out.result.wall_s,
+                 out.result.samples / max(out.result.wall_s, 1e-9))
+    if out.result.skipped_steps:
+        reporter.warning("the optimizer skipped %d step(s) of this run's %d (non-finite gradients)",
+                         out.result.skipped_steps, out.result.steps)
+    merge_bad_items(data.train_set)
+    out.checkpoint = save(out.result.steps)
+    barrier()
+    # the export and evaluation after the final checkpoint are redone by --resume latest: a stop ends them at once
+    run.phase, run.step, run.checkpoint = "finish", out.result.steps, out.checkpoint
+    run.stop.immediate = True
+    run.stop.raise_if_requested()
+    return out
+
+
+def merge_bad_items(dataset) -> None:
+    """Collective: every rank learns the items the other ranks (and their loader workers) found bad."""
+    if not hasattr(dataset, "bad_items") or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, dataset.bad_items())
+    dataset.mark_bad(sorted({i for items in found for i in items}))
