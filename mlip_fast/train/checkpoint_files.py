@@ -104,7 +104,7 @@ def refusal_reason(error: pickle.UnpicklingError) -> tuple:
     """(whether the file asked for code, what it asked for or why it is no weights-only pickle) of a
     ``torch.load(weights_only=True)`` failure."""
     text = str(error)
-    found = re.search(r"(GLOBAL [\w.]+|Unsupported global: [\w.]+|reduce for callable [\w.]+)", text)
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"reduce for callable ([\w.]+)", text)
     if found is not None:
         return True, found.group(1)
     detail = re.search(r"(Unsupported operand \d+|Unsupported class [\w.]+)", text)

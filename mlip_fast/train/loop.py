@@ -311,6 +311,8 @@ def train_loop(ctx: LoopContext) -> LoopResult:
                 f"{step} ({in_a_row} in a row, more than {ctx.max_skipped_in_a_row})"))
         ctx.reporter.update_progress(terms_mean["loss"], lr, samples_per_s)
         if stop_votes > 0:
+            if ctx.stop.signum is None:
+                ctx.stop.poll()  # another rank's request: this rank's own watcher may not have looked yet
             ctx.reporter.close_progress()
             path = ctx.save(step) if ctx.save is not None else None
             # another rank's request: this rank stops as if it had received SIGTERM

@@ -189,7 +189,9 @@ def build_engine(run: RunState, data: RunData) -> Engine:
         model = create_model(run.model_cfg, tokenizer=tokenizer, image_pretrained=args.pretrained)
     except pickle.UnpicklingError as err:  # read weights-only: nothing of the file was run
         unsafe, reason = refusal_reason(err)
-        raise ConfigError(f"--pretrained {args.pretrained} was refused: "
+        sources = ", ".join(f"{what} {where}" for what, where in (("--pretrained", args.pretrained),
+                                                                 ("text tower", run.model_cfg.text.name)) if where)
+        raise ConfigError(f"a weights file of the model ({sources}) was refused: "
                           f"{'it asks to run ' + reason if unsafe else 'not a file of tensors (' + reason + ')'}; "
                           f"weights are loaded as data only, never as code") from None
     if args.grad_checkpointing:

@@ -82,6 +82,7 @@ class StopRequest:
         self._pid = os.getpid()
         self._delivering = False
         self._raised = False
+        self.checks: list = []  # the watchers' look-now methods (:meth:`poll`)
 
     def install(self) -> "StopRequest":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,6 +103,13 @@ class StopRequest:
         if self.immediate and threading.current_thread() is not threading.main_thread() and self._previous:
             self._delivering = True
             signal.pthread_kill(threading.main_thread().ident, signum)
+
+    def poll(self) -> None:
+        """Lets every watcher look now (the training loop does, when another rank voted to stop and this one has
+        no request yet: its own watcher, polling on its own clock, may simply not have looked)."""
+        for check in list(self.checks):
+            if self.signum is not None or check():
+                return
 
     def raise_if_requested(self) -> None:
         """Raises :class:`StopSignal` for a request that arrived while the run was training (the loop had not
@@ -172,17 +180,26 @@ class LauncherWatch:
         self._closed = threading.Event()
         self._thread = None
         if self.procs:
+            stop.checks.append(self.check)
             self._thread = threading.Thread(target=self._run, name="mlip-launcher-watch", daemon=True)
             self._thread.start()
 
+    def check(self) -> bool:
+        """Looks at the watched processes now; requests the stop (and returns True) when one has ended."""
+        for name, proc in self.procs:
+            if _ended(proc):
+                self._stop.request(signal.SIGTERM, f"the {name} (pid {proc.pid}) exiting")
+                return True
+        return False
+
     def _run(self) -> None:
         while not self._closed.wait(self._poll_s):
-            for name, proc in self.procs:
-                if _ended(proc):
-                    self._stop.request(signal.SIGTERM, f"the {name} (pid {proc.pid}) exiting")
-                    return
+            if self.check():
+                return
 
     def close(self) -> None:
+        if self.check in self._stop.checks:
+            self._stop.checks.remove(self.check)
         self._closed.set()
         if self._thread is not None:
             self._thread.join(timeout=5 * self._poll_s)

@@ -306,3 +306,83 @@ def test_zero_shot_from_shards_equals_zero_shot_from_the_folder(png_shards, synt
     for mode in MODES:
         np.testing.assert_allclose(shards.scores[mode], folder.scores[mode], rtol=0, atol=1e-6)
     assert np.ptp(folder.scores["combined"]) > 0
+
+
+def _edit_index(out, edit) -> None:
+    index = json.loads((out / "index.json").read_text())
+    edit(index)
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+
+
+@pytest.fixture()
+def small_shards(tmp_path, synth):
+    out = tmp_path / "data" / "shards"
+    write_shards(str(synth), out, ShardConfig(size=32, shard_size=8), progress=False)
+    return out
+
+
+def test_an_index_cannot_point_outside_its_folder(small_shards, tmp_path, capsys):
+    """Shard and reports paths of index.json stay inside the shard folder: ``..``, an absolute path and a symlink
+    out are refused, by --verify (exit 2, one line) and by training. Before, --verify said "every shard matches its
+    index" and the outside file's strings ended up in the exported tokenizer."""
+    out = small_shards
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    first = out / json.loads((out / "index.json").read_text())["splits"]["train"]["shards"][0]["path"]
+    (outside / "evil.tar").write_bytes(first.read_bytes())
+    (outside / "secret.txt").write_text("SECRET TOKEN\n")
+    (out / "train" / "link.tar").symlink_to(outside / "evil.tar")
+    original = (out / "index.json").read_text()
+    cases = [
+        (lambda ix: ix["splits"]["train"]["shards"][0].update(path="../../outside/evil.tar"), "leaves the data folder"),
+        (lambda ix: ix["splits"]["train"]["shards"][0].update(path=str(outside / "evil.tar")), "leaves the data folder"),
+        (lambda ix: ix["splits"]["train"]["shards"][0].update(path="train/link.tar"), "outside the data folder"),
+        (lambda ix: ix["splits"]["train"].update(reports="../../outside/secret.txt"), "reports file .* leaves the data"),
+    ]
+    for edit, says in cases:
+        (out / "index.json").write_text(original)
+        _edit_index(out, edit)
+        with pytest.raises(ShardError, match=says):
+            build_pretrain_dataset(str(out), "train", None)
+        capsys.readouterr()
+        assert main(["--verify", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "index.json" in err[0], err
+
+
+def test_edited_counts_offsets_and_sample_bytes_are_named(small_shards, capsys):
+    """An edited sample count is refused when the index is read; edited offsets and a sample whose JSON bytes were
+    flipped are named by shard and sample, by --verify (exit 2, no traceback) and while reading. Before: a silent
+    run on other samples, a traceback from --verify, a UnicodeDecodeError naming no shard."""
+    out = small_shards
+    original = (out / "index.json").read_text()
+    _edit_index(out, lambda ix: ix["splits"]["train"]["shards"][0].update(samples=9))
+    with pytest.raises(ShardError, match=r"contradicts itself .*8 samples but 9 offsets|9 samples but 8 offsets"):
+        ShardSplit(out, "train")
+    (out / "index.json").write_text(original)
+    _edit_index(out, lambda ix: ix["splits"]["train"].update(samples=ix["splits"]["train"]["samples"] + 1))
+    with pytest.raises(ShardError, match=r"the split says \d+ samples, its shards hold \d+"):
+        ShardSplit(out, "train")
+
+    (out / "index.json").write_text(original)
+    _edit_index(out, lambda ix: ix["splits"]["train"]["shards"][0]["offsets"].__setitem__(1, 512))
+    name = json.loads(original)["splits"]["train"]["shards"][0]["path"]
+    capsys.readouterr()
+    assert main(["--verify", str(out), "--no-progress"]) == 2
+    text = capsys.readouterr().out
+    assert name in text and "Traceback" not in text
+
+    (out / "index.json").write_text(original)
+    shard = out / name
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".json"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + 2] = 0xFF  # inside the JSON text: no longer UTF-8
+    shard.write_bytes(bytes(data))
+    _edit_index(out, lambda ix: ix["splits"]["train"]["shards"][0].update(sha256=hashlib.sha256(data).hexdigest()))
+    key = member.name.split(".")[0]
+    with pytest.raises(ShardError, match=rf"{shard}: sample '{key}': its JSON member does not decode"):
+        list(ShardSplit(out, "train"))
+    assert main(["--verify", str(out), "--no-progress"]) == 2
+    text = capsys.readouterr().out
+    assert f"{name}: {shard}: sample '{key}': its JSON member does not decode" in text

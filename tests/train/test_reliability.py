@@ -99,6 +99,60 @@ def test_sigterm_to_the_deepspeed_command_stops_every_rank_with_a_checkpoint(tmp
     assert stopped[0]["step"] == state["step"]
 
 
+MLIP_TRAIN = REPO / ".venv" / "bin" / "mlip-train"
+# The three ways to start a run through DeepSpeed's launcher (the rank's command line, and whether DeepSpeed's
+# runner is the ``deepspeed`` command or runs inside ``mlip-train``, differ between them).
+LAUNCHER_FORMS = {
+    "deepspeed train.py": lambda port: [DEEPSPEED, "--master_port", port, str(TRAIN_PY)],
+    "deepspeed --module": lambda port: [DEEPSPEED, "--master_port", port, "--module", "mlip_fast.train"],
+    "mlip-train": lambda port: ([str(MLIP_TRAIN)] if MLIP_TRAIN.exists() else [sys.executable, "-m", "mlip_fast.train.launch"])
+    + ["--master_port", port],
+}
+
+
+def _wait_for_log(proc, run_log, text: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the command ended (exit {proc.returncode}) before it could be signalled"
+        if run_log.is_file() and text in run_log.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in {run_log} within the time limit")
+
+
+def test_a_stop_during_start_up_ends_every_process_of_each_launcher_form(tmp_path):
+    """SIGTERM to the command while the rank is still building its data (a fresh synthetic benchmark being
+    generated), for each launcher form at once: every process of the job (runner, launcher, rank, the generator's
+    workers) ends, the run records the stop, and nothing is recorded as completed. Before, the launcher and the
+    rank ran on under pid 1 to the end, and SIGTERM to mlip-train was never seen by the rank."""
+    ds = write_ds(tmp_path / "ds.json")
+    jobs = {}
+    try:
+        for k, (form, command) in enumerate(LAUNCHER_FORMS.items()):
+            run_dir, cache = tmp_path / f"run{k}", tmp_path / f"cache{k}"
+            cmd = [*command(str(_free_port())), *base_args(ds, run_dir, cache, "--synthetic-n", "3000", "--steps", "5",
+                                                            "--no-final-eval")]
+            jobs[form] = (_launch(cmd, tmp_path / f"out{k}.log"), run_dir, tmp_path / f"out{k}.log")
+        trees = {}
+        for form, (proc, run_dir, _) in jobs.items():
+            _wait_for_log(proc, run_dir / "run.log", "synthetic benchmark: generating")
+            trees[form] = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGTERM)
+        for form, (proc, run_dir, out) in jobs.items():
+            proc.wait(timeout=60)
+            alive = _end_all(trees[form], timeout=90)
+            assert not alive, (form, [p.pid for p in alive], out.read_text()[-2000:])
+            text = out.read_text()
+            assert "during start-up, before its first step" in text and "Traceback" not in text, (form, text[-3000:])
+            stopped = [r for r in _records(run_dir) if r.get("event") == "stopped"]
+            assert len(stopped) == 1 and stopped[0]["phase"] == "start-up", (form, stopped)
+            assert not any(r["kind"] == "train" for r in _records(run_dir)) and not (run_dir / "summary.json").exists()
+    finally:
+        for proc, _, _ in jobs.values():
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_a_second_stop_interrupts_at_once(tmp_path, synthetic_cache):
     """SIGTERM while the run is in a long optimizer step (3 micro-steps at 256 px), then SIGTERM again more
     than ECHO_WINDOW_S later: the second interrupts at once (KeyboardInterrupt: exit 130), no checkpoint of
@@ -275,16 +329,21 @@ def test_a_folder_holding_a_run_is_refused_without_resume(finished, tmp_path, sy
     assert a_file.read_text() == "notes"
 
 
-def test_resuming_a_finished_run_rewrites_no_checkpoint(finished, synthetic_cache):
+def test_resuming_a_finished_run_rewrites_no_checkpoint_and_no_record(finished, synthetic_cache):
     """The checkpoint of the last step is the state the resumed run holds: it is not written again (this is
-    where a kill used to leave a 0-byte file behind ``latest``)."""
+    where a kill used to leave a 0-byte file behind ``latest``), and the finished run's records (summary.json,
+    export, model card, curves) are kept as they are (they used to be rewritten with 0.0 s of training and an
+    empty final loss)."""
     run_dir, ds = finished
-    before = {k: v for k, v in _snapshot(run_dir).items() if k.startswith("checkpoints/")}
+    logs = ("metrics.jsonl", "run.log")  # the resume's own lines are appended there
+    before = {k: v for k, v in _snapshot(run_dir).items() if k not in logs}
+    recorded = json.loads((run_dir / "summary.json").read_text())
     summary = train(base_args(ds, run_dir, synthetic_cache, "--steps", "4", "--save-every", "2",
                               "--keep-checkpoints", "0", "--no-final-eval", "--resume", "latest"))
-    assert summary["steps"] == 4 and summary["resumed_from_step"] == 4 and summary["seed"] == 3
-    assert {k: v for k, v in _snapshot(run_dir).items() if k.startswith("checkpoints/")} == before
+    assert summary == recorded and summary["steps"] == 4 and summary["seed"] == 3
+    assert {k: v for k, v in _snapshot(run_dir).items() if k not in logs} == before
     assert [r["step"] for r in _records(run_dir) if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert "had already finished (step 4): its records are kept as they are" in (run_dir / "run.log").read_text()
 
 
 def test_resume_must_match_the_recorded_seed_and_data(finished, tmp_path, synthetic_cache):
