@@ -191,6 +191,7 @@ def section_patch_sentence_benchmark(ctx: Context) -> dict:
     from bench_patch_sentence import flops, make_inputs
 
     from mlip_fast.ops import patch_sentence_scores
+    from mlip_fast.ops.patch_sentence import ScoresOptions
     from mlip_fast.ops.patch_sentence.chunked import patch_sentence_scores_chunked
 
     dev = ctx.device
@@ -199,7 +200,7 @@ def section_patch_sentence_benchmark(ctx: Context) -> dict:
     chunked_tile = 2**24  # on a GPU, large tiles: fewer launches, still far below the grid
     providers = {
         "naive": lambda p, s, m: patch_sentence_scores(p, s, m, impl="reference"),
-        "chunked": lambda p, s, m: patch_sentence_scores_chunked(p, s, m, tile_elements=chunked_tile),
+        "chunked": lambda p, s, m: patch_sentence_scores_chunked(p, s, m, None, ScoresOptions(), tile_elements=chunked_tile),
         "triton": lambda p, s, m: patch_sentence_scores(p, s, m, impl="triton"),
         "triton_deterministic": lambda p, s, m: patch_sentence_scores(p, s, m, impl="triton", deterministic=True),
     }
@@ -375,7 +376,7 @@ def section_patch_sentence_bwd_config_sweep(ctx: Context) -> dict:
     for B, G, K, S, D in shapes:
         p, s, m, gi, gt = make_inputs(B, G, K, S, D, dtype, str(ctx.device), seed=2)
         p, s = p.detach(), s.detach()
-        _, _, a_i, a_t = patch_sentence_fwd(p, s, m, None)
+        _, _, a_i, a_t, _, _ = patch_sentence_fwd(p, s, m, None)
         args = (gi, gt, p, s, a_i, a_t, m, None)
         expected = patch_sentence_bwd(*args)
         for cand in BWD_SWEEP[:2] if ctx.dry_run else BWD_SWEEP:

@@ -439,6 +439,12 @@ def patch_sentence_cases(quick: bool = False) -> list:
     for directions in ("i2t", "t2i"):
         for mode in ("fwd", "bwd"):
             cases.append((mode, dict(B=128, G=1024, K=98, S=16, D=512, directions=directions)))
+    # what the losses run: normalisation fused into the op (and fp32 on the TF32 tensor cores when asked)
+    for extra in (dict(normalize=True), dict(normalize=True, precision="tf32")):
+        for G in (128, 1024):
+            for K in PS_K:
+                for mode in ("fwd", "bwd"):
+                    cases.append((mode, dict(B=128, G=G, K=K, S=16, D=512, directions="both", **extra)))
     return cases
 
 
@@ -461,6 +467,7 @@ def mask_cases(quick: bool = False) -> list:
 # longer than a tile, the largest K and D, S = 1, the mask kernel's patch limit; fp64 for the mask).
 GATE_PS_DEFAULT = [dict(B=128, G=G, K=K, S=16, D=D, directions="both") for G in (128, 1024) for K in (98, 196)
                    for D in (256, 512)]
+GATE_PS_TRAINING = [dict(B=128, G=G, K=98, S=16, D=512, directions="both", normalize=True) for G in (128, 1024)]
 GATE_PS_EXTREME = [dict(B=128, G=128, K=98, S=32767, D=512, directions="both"),
                    dict(B=128, G=128, K=1024, S=256, D=1024, directions="both"),
                    dict(B=128, G=128, K=49, S=1, D=64, directions="both")]
@@ -471,6 +478,7 @@ def gate_cases(op_name: str) -> list:
     """(mode, shape, dtypes) the CI gate compiles."""
     if op_name == "patch_sentence":
         return ([(m, sh, ("fp32", "bf16")) for sh in GATE_PS_DEFAULT for m in ("fwd", "bwd")]
+                + [(m, sh, ("fp32", "bf16")) for sh in GATE_PS_TRAINING for m in ("fwd", "bwd")]
                 + [(m, sh, ("fp32", "bf16")) for sh in GATE_PS_EXTREME for m in ("fwd", "bwd")])
     return [(m, sh, ("fp32", "bf16", "fp64")) for sh in GATE_MASK for m in ("fwd", "bwd")]
 
@@ -485,15 +493,17 @@ def run_patch_sentence(mode: str, shape: dict, dtype: torch.dtype) -> None:
     B, G, K, S, D = (shape[k] for k in "BGKSD")
     do_i2t = shape["directions"] in ("both", "i2t")
     do_t2i = shape["directions"] in ("both", "t2i")
+    normalize, tf32 = shape.get("normalize", False), shape.get("precision") == "tf32"
     p, s = _meta(B, K, D, dtype=dtype), _meta(G, S, D, dtype=dtype)
     smask, pmask = _meta(G, S, dtype=torch.bool), _meta(B, K, dtype=torch.bool)
     if mode == "fwd":
-        ps.patch_sentence_fwd(p, s, smask, pmask, do_i2t, do_t2i)
+        ps.patch_sentence_fwd(p, s, smask, pmask, do_i2t, do_t2i, normalize=normalize, tf32=tf32)
     else:
         g = _meta(B, G, dtype=torch.float32)
+        inv = dict(inv_p=_meta(B, K, dtype=torch.float32), inv_s=_meta(G, S, dtype=torch.float32)) if normalize else {}
         ps.patch_sentence_bwd(
             g if do_i2t else None, g if do_t2i else None, p, s,
-            _meta(B, G, K, dtype=torch.int16), _meta(B, G, S, dtype=torch.int16), smask, pmask,
+            _meta(B, G, K, dtype=torch.int16), _meta(B, G, S, dtype=torch.int16), smask, pmask, tf32=tf32, **inv,
         )
 
 
@@ -617,7 +627,7 @@ def violations(records: list) -> list:
     return bad
 
 
-_FLAG_PREFIXES = ("HAS_", "DO_", "UPCAST", "USE_", "SEED_")
+_FLAG_PREFIXES = ("HAS_", "DO_", "UPCAST", "USE_", "SEED_", "NORMALIZE", "PRECISION", "NAN_REDUCE")
 
 
 def summary_rows(records: list) -> list:
@@ -628,7 +638,8 @@ def summary_rows(records: list) -> list:
         if not r.get("compiled"):
             continue
         if r["op"] == "patch_sentence":
-            if r["shape"] == dict(B=128, G=1024, K=98, S=16, D=512, directions="both") and r["dtype"] in ("fp32", "bf16"):
+            main = dict(B=128, G=1024, K=98, S=16, D=512, directions="both")
+            if r["shape"] in (main, dict(main, normalize=True)) and r["dtype"] in ("fp32", "bf16"):
                 rows.append(r)
         elif r["shape"] == dict(B=128, P=196, C=768, keep=98) and r["dtype"] in ("fp32", "bf16", "fp64"):
             rows.append(r)

@@ -89,19 +89,34 @@ from mlip_fast.kernels._target import target_of
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 MAX_TOKENS = 2**15  # argmax indices are int16: K and S must stay below
+NORM_EPS = 1e-12  # F.normalize's floor on the norm
 
 
 @triton.jit
-def _max_and_first_index(x, axis: tl.constexpr, n: tl.constexpr):
-    """(max of x along axis, the lowest index reaching it). Two plain reductions (max, then min of the indices
-    where x equals it) cost fewer instructions and shuffles than one reduction carrying (value, index) pairs."""
-    m = tl.max(x, axis=axis)  # NaN-ignoring; NaN only when every entry is NaN
+def _max_propagating_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_and_first_index(x, axis: tl.constexpr, n: tl.constexpr, NAN_REDUCE: tl.constexpr):
+    """(max of x along axis, NaN if any entry is NaN; the lowest index reaching it, 0 for a NaN max). Two plain
+    reductions (max, then min of the indices not below it) cost fewer instructions and shuffles than one
+    reduction carrying (value, index) pairs.
+
+    On a GPU (``NAN_REDUCE``) the max is one NaN-propagating reduction (``max.NaN.f32``, the cost of a plain
+    max). The interpreter runs a reduction with a custom combine element by element in Python, so there the
+    same value comes from the built-in (NaN-ignoring) max and a NaN count."""
+    if NAN_REDUCE:
+        m = tl.reduce(x, axis, _max_propagating_nan)
+    else:
+        m = tl.max(x, axis=axis)
+        m = tl.where(tl.max(tl.where(x != x, 1, 0), axis=axis) > 0, float("nan"), m)
     if axis == 1:
         iota = tl.arange(0, n)[None, :, None] if len(x.shape) == 3 else tl.arange(0, n)[None, :]
     else:
         iota = tl.arange(0, n)[:, None]
-    hit = x == tl.expand_dims(m, axis)
-    idx = tl.min(tl.where(hit, iota, n), axis=axis)
+    # "not below the max": the max itself, and every entry when the max is NaN (x < NaN is false)
+    idx = tl.min(tl.where(x < tl.expand_dims(m, axis), n, iota), axis=axis)
     return m, idx
 
 
@@ -111,10 +126,12 @@ def _max_and_first_index(x, axis: tl.constexpr, n: tl.constexpr):
 def _patch_sentence_fwd_kernel(
     p_ptr,  # [B, K, D], last dim contiguous
     s_ptr,  # [G, S, D], last dim contiguous
-    pmask_ptr,  # [B, K] uint8 (read when HAS_PMASK)
-    smask_ptr,  # [G, S] uint8 (read when HAS_SMASK)
+    pmask_ptr,  # [B, K] uint8, contiguous (read when HAS_PMASK)
+    smask_ptr,  # [G, S] uint8, contiguous (read when HAS_SMASK)
     np_ptr,  # [B] int32: valid patches per image
     ns_ptr,  # [G] int32: valid sentences per report
+    inv_p_ptr,  # [B, K] fp32: 1 / max(||patch||, eps) (read when NORMALIZE)
+    inv_s_ptr,  # [G, S] fp32: 1 / max(||sentence||, eps) (read when NORMALIZE)
     i2t_ptr,  # [B, G] fp32 out
     t2i_ptr,  # [B, G] fp32 out
     arg_i2t_ptr,  # [B, G, K] int16 out: sentence index per patch, -1 = no gradient
@@ -137,6 +154,9 @@ def _patch_sentence_fwd_kernel(
     HAS_SMASK: tl.constexpr,
     DO_I2T: tl.constexpr,
     DO_T2I: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" or "tf32" (fp32 inputs; half inputs always use their tensor cores)
+    NAN_REDUCE: tl.constexpr,  # NaN-propagating max as one reduction (not under the interpreter)
     GB: tl.constexpr,  # reports per block (1 when LARGE_S)
     S_CH: tl.constexpr,  # sentence rows per report in the tile (S padded, or one sentence chunk)
     BN: tl.constexpr,  # patches per tile
@@ -160,6 +180,7 @@ def _patch_sentence_fwd_kernel(
     g_j = g0 + offs_j
     g_j_in = g_j < G
     n_valid_s = tl.load(ns_ptr + g_j, mask=g_j_in, other=0)  # [GB]
+    report_ok = n_valid_s > 0  # [GB]: the report has a valid sentence
 
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -185,6 +206,9 @@ def _patch_sentence_fwd_kernel(
                 row_ok = row_in
                 if HAS_SMASK:
                     row_ok = row_ok & (tl.load(smask_ptr + g_m * S + q_m, mask=row_in, other=0) != 0)
+                inv_row = tl.full([BM], 1.0, tl.float32)
+                if NORMALIZE:
+                    inv_row = tl.load(inv_s_ptr + g_m * S + q_m, mask=row_in, other=0.0)
                 s_rows = s_row_base + q_m * stride_ss
                 t2i_max = tl.full([BM], neg_inf, tl.float32)
                 t2i_arg = tl.zeros([BM], dtype=tl.int32)
@@ -196,9 +220,7 @@ def _patch_sentence_fwd_kernel(
                         col_ok = col_ok & (tl.load(pmask_ptr + b64 * K + p_n, mask=col_in, other=0) != 0)
                     p_cols = p_base + p_n * stride_pk
 
-                    # Invalid entries (padded or masked sentence row, or patch column) start at NaN, which
-                    # the dot keeps and every max ignores: no mask is applied to the tile after the dot.
-                    acc = tl.where(row_ok[:, None] & col_ok[None, :], 0.0, float("nan"))
+                    acc = tl.zeros([BM, BN], dtype=tl.float32)
                     for d0 in range(0, D, BD):
                         dd = d0 + offs_d
                         d_in = dd < D
@@ -207,35 +229,43 @@ def _patch_sentence_fwd_kernel(
                         if UPCAST:
                             a = a.to(tl.float32)
                             bt = bt.to(tl.float32)
-                        acc = tl.dot(a, bt, acc, input_precision="ieee")
+                        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+                    if NORMALIZE:
+                        inv_col = tl.load(inv_p_ptr + b64 * K + p_n, mask=col_in, other=0.0)
+                        acc = acc * inv_row[:, None] * inv_col[None, :]
+                    # Invalid entries (padded or masked sentence row, or patch column) are -inf whatever the
+                    # dot gave there (NaN included), so they never win a max; validity below comes from the
+                    # masks and counts, never from values, so NaN / Inf in valid entries propagate.
+                    acc = tl.where(row_ok[:, None] & col_ok[None, :], acc, neg_inf)
 
                     if DO_I2T:
-                        # Per patch, max over the valid sentence rows of each report of the block (NaN: none).
-                        v, arg = _max_and_first_index(tl.reshape(acc, [GB, S_CH, BN]), 1, S_CH)
+                        # Per patch, max over the sentence rows of each report of the block.
+                        v, arg = _max_and_first_index(tl.reshape(acc, [GB, S_CH, BN]), 1, S_CH, NAN_REDUCE)
                         if LARGE_S:
-                            # merge into the report's running max; strict > keeps the earlier sentence chunk
+                            # merge into the report's running max; strict > keeps the earlier sentence chunk,
+                            # a NaN replaces anything and stays
                             v1 = tl.reshape(v, [BN])
                             a1 = tl.reshape(arg, [BN]) + s0
                             old_v = tl.load(scratch_v_ptr + scr + k0 + offs_n)
                             old_a = tl.load(scratch_a_ptr + scr + k0 + offs_n)
-                            better = v1 > old_v
+                            better = (v1 > old_v) | (v1 != v1)
                             tl.store(scratch_v_ptr + scr + k0 + offs_n, tl.where(better, v1, old_v))
                             tl.store(scratch_a_ptr + scr + k0 + offs_n, tl.where(better, a1, old_a))
                             tl.debug_barrier()
                         else:
-                            pair_ok = v == v  # not NaN: a valid patch and a report with a valid sentence
+                            pair_ok = report_ok[:, None] & col_ok[None, :]  # [GB, BN]
                             i2t_sum += tl.sum(tl.where(pair_ok, v, 0.0), axis=1)
                             arg_ptrs = arg_i2t_ptr + (b64 * G + g_j[:, None]) * K + p_n[None, :]
                             tl.store(arg_ptrs, tl.where(pair_ok, arg, -1).to(tl.int16),
                                      mask=g_j_in[:, None] & col_in[None, :])
                     if DO_T2I:
-                        # Per sentence row, running max over the valid patches of the image (NaN: none yet).
-                        cmax, carg = _max_and_first_index(acc, 1, BN)
-                        better = cmax > t2i_max
+                        # Per sentence row, running max over the patches of the image (a NaN stays).
+                        cmax, carg = _max_and_first_index(acc, 1, BN, NAN_REDUCE)
+                        better = (cmax > t2i_max) | (cmax != cmax)
                         t2i_max = tl.where(better, cmax, t2i_max)
                         t2i_arg = tl.where(better, carg + k0, t2i_arg)
                 if DO_T2I:
-                    row_final = t2i_max > neg_inf  # a valid sentence of an image with a valid patch
+                    row_final = row_ok & (n_valid_p > 0)  # a valid sentence of an image with a valid patch
                     t2i_sum += tl.sum(tl.reshape(tl.where(row_final, t2i_max, 0.0), [GB, S_CH]), axis=1)
                     tl.store(arg_t2i_ptr + (b64 * G + g_m) * S + q_m, tl.where(row_final, t2i_arg, -1).to(tl.int16),
                              mask=row_in)
@@ -246,7 +276,9 @@ def _patch_sentence_fwd_kernel(
                         p_n = k0 + offs_n
                         run_v = tl.load(scratch_v_ptr + scr + p_n)
                         run_a = tl.load(scratch_a_ptr + scr + p_n)
-                        ok = (p_n < K) & (run_v > neg_inf)  # a valid patch with a valid sentence
+                        ok = (p_n < K) & (tl.sum(n_valid_s) > 0)  # a valid patch of a report with a sentence
+                        if HAS_PMASK:
+                            ok = ok & (tl.load(pmask_ptr + b64 * K + p_n, mask=p_n < K, other=0) != 0)
                         i2t_sum += tl.sum(tl.where(ok, run_v, 0.0))
                         tl.store(arg_i2t_ptr + (b64 * G + g0) * K + p_n, tl.where(ok, run_a, -1).to(tl.int16),
                                  mask=p_n < K)
@@ -267,6 +299,7 @@ def _patch_sentence_bwd_kernel(
     arg_oth_ptr,  # (x, y, c) -> own-side slot r in [0, R) or -1
     w_own_ptr,  # (x, y) fp32 weight of the own argmax term
     w_oth_ptr,  # (x, y) fp32 weight of the other argmax term (same strides as w_own)
+    inv_oth_ptr,  # [Y, C] fp32 inverse norms of the other rows (read when NORMALIZE)
     X,
     R,
     Y,
@@ -285,6 +318,8 @@ def _patch_sentence_bwd_kernel(
     HAS_OTH: tl.constexpr,
     USE_ATOMIC: tl.constexpr,
     UPCAST: tl.constexpr,
+    NORMALIZE: tl.constexpr,  # the other rows enter as x * inv (the gradient w.r.t. the normalised own rows)
+    PRECISION: tl.constexpr,
     XB: tl.constexpr,  # own entities per program (1 on the patch side)
     RB: tl.constexpr,  # own slots per entity in the tile
     YB: tl.constexpr,  # other entities per step (1 on the sentence side)
@@ -343,6 +378,10 @@ def _patch_sentence_bwd_kernel(
                             + cs[None, None, None, :] * sb_c, mask=oth_ok, other=-1)
             w_oth = tl.load(w_oth_ptr + w_offs, mask=xy_ok, other=0.0)
             grad += tl.where(a_oth.to(tl.int32) == rs[None, :, None, None], w_oth, 0.0)
+        if NORMALIZE:  # M's columns scaled by the other rows' inverse norms: M @ (rows * inv)
+            inv_oth = tl.load(inv_oth_ptr + y64[None, None, :, None] * C + cs[None, None, None, :],
+                              mask=y_ok[None, None, :, None] & c_ok[None, None, None, :], other=0.0)
+            grad = grad * inv_oth
         m_blk = tl.reshape(grad, [BM, BN])
 
         offs_n = tl.arange(0, BN)
@@ -355,14 +394,14 @@ def _patch_sentence_bwd_kernel(
             rows = rows.to(tl.float32)
         else:
             m_blk = m_blk.to(rows.dtype)
-        acc = tl.dot(m_blk, rows, acc, input_precision="ieee")
+        acc = tl.dot(m_blk, rows, acc, input_precision=PRECISION)
 
     out_rows = (x_m.to(tl.int64) * R + r_m)[:, None] * D + offs_d[None, :]
     out_mask = ((x_m < X) & (r_m < R))[:, None] & d_in[None, :]
     if USE_ATOMIC:  # every split adds into the one zero-filled buffer; no ordering is needed between them
         tl.atomic_add(out_ptr + out_rows, acc, mask=out_mask, sem="relaxed")
-    else:  # split s writes its own buffer, summed in a fixed order by the launcher
-        tl.store(out_ptr + pid_s.to(tl.int64) * X * R * D + out_rows, acc, mask=out_mask)
+    else:  # split s writes its own buffer (in the output's dtype), summed in a fixed order by the launcher
+        tl.store(out_ptr + pid_s.to(tl.int64) * X * R * D + out_rows, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -379,6 +418,12 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
+
+
+def _precision(dtype: torch.dtype, tf32: bool) -> str:
+    """``tl.dot``'s input precision: TF32 only when asked for fp32 inputs on a GPU (the interpreter's dot is
+    plain numpy fp32 whatever it is told); half inputs ignore it."""
+    return "tf32" if (tf32 and dtype == torch.float32 and not INTERPRET) else "ieee"
 
 
 def s_tile(dtype: torch.dtype, arch: int) -> int:
@@ -408,15 +453,16 @@ def valid_counts(
 MIN_SLOTS = 16  # sentence slots per report in a forward tile
 
 
-def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int, sm_count: int) -> dict:
+def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int, sm_count: int, *,
+               normalize: bool = False, directions: str = "both") -> dict:
     """Block sizes of the forward for these sizes on compute capability ``arch`` (checked spill-free on sm_80
     and sm_90 by ``benchmarks/kernel_static.py``).
 
     Half inputs: 128 sentence rows (GB reports x S_CH slots, S padded to at least 16 slots) per tile, D
     in chunks of 64, 8 warps; 128 patches per tile and 3 pipeline stages on sm_90 (96 KiB of shared memory),
-    64 patches and 2 stages on sm_80 (its mma.sync accumulators hold twice the registers). fp32 (FMA, no
-    tensor cores): 64 x 32 tiles, D chunks of 32 on sm_90; on sm_80 chunks of 16 (32 for 64-slot reports) and
-    8 warps for long reports.
+    64 patches and 2 stages on sm_80 (its mma.sync accumulators hold twice the registers), and 64 patches on sm_90
+    too when the tile is normalised. fp32 (FMA, no tensor cores): 64 x 32 tiles, D chunks of 32 on sm_90 with 4
+    warps; on sm_80 chunks of 16 (32 for 64-slot reports) with 2 warps (see the comment below).
     Reports longer than 128 (fp32: 64) rows take the
     chunked-sentence path with one report per program and several images per program (its scratch row is
     reused). The interpreter takes tiles of at most 64 rows (each op has a fixed Python cost, so few and
@@ -435,13 +481,19 @@ def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch:
         bd = min(128, _pow2(D, 16))
         warps, stages = 4, 1
     elif _half(dtype):
-        bn = 64 if (K <= 64 or arch < 90) else 128
+        # the normalised tile (two inverse-norm vectors live in the epilogue) spills at 128 patches on sm_90
+        bn = 64 if (K <= 64 or arch < 90 or normalize) else 128
         bd = 64
         warps = 8 if gb * s_ch >= 128 else 4
         stages = 3 if arch >= 90 else 2
     else:
         bn, bd = 32, (32 if (arch >= 90 or (s_ch >= 64 and not large_s)) else 16)
-        warps, stages = (8 if (large_s and arch < 90) else 4), 2
+        # sm_80's ptxas caps this FMA tile near 168 registers at 4 warps (128 at 8) and spills; 2 warps keep it at
+        # 255 without spilling; t2i alone fits in 4 warps, i2t alone in 2 warps with D chunks of 8
+        warps = 4 if (arch >= 90 or directions == "t2i") else 2
+        if arch < 90 and directions == "i2t":
+            bd = 8
+        stages = 2
     n_rb = triton.cdiv(G, gb)
     if INTERPRET:
         ib = B
@@ -452,6 +504,19 @@ def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch:
     return dict(GB=gb, S_CH=s_ch, BN=bn, BD=bd, LARGE_S=large_s, IB=ib, num_warps=warps, num_stages=stages)
 
 
+def _mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A validity mask as the contiguous uint8 the kernels index (any input strides, bool or uint8)."""
+    if mask is None:
+        return None
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+
+
+def inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """1 / max(||x||, 1e-12) over the last dim in fp32: [..., D] -> [...] (what ``normalize`` scales by)."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal().contiguous()
+
+
 def patch_sentence_fwd(
     patches: torch.Tensor,
     sentences: torch.Tensor,
@@ -460,18 +525,24 @@ def patch_sentence_fwd(
     do_i2t: bool = True,
     do_t2i: bool = True,
     config: Optional[dict] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    *,
+    normalize: bool = False,
+    tf32: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launches the forward.
 
     Args:
-        patches: [B, K, D] fp16/bf16/fp32; sentences: [G, S, D] same dtype and device.
-        sentence_mask: [G, S] bool or None (all valid); patch_mask: [B, K] bool or None.
+        patches: [B, K, D] fp16/bf16/fp32; sentences: [G, S, D] same dtype and device (any strides).
+        sentence_mask: [G, S] bool or None (all valid); patch_mask: [B, K] bool or None (any strides).
         do_i2t / do_t2i: which directions to compute (at least one).
         config: optional block-size override (keys of :func:`fwd_config`), for tuning sweeps and tests.
+        normalize: score x / max(||x||, eps): the tile is scaled by both inverse norms after the dot.
+        tf32: fp32 inputs on the TF32 tensor cores instead of IEEE fp32 FMAs.
 
     Returns:
-        (i2t [B, G] fp32, t2i [B, G] fp32, arg_i2t [B, G, K] int16, arg_t2i [B, G, S] int16). A direction
-        not computed comes back as empty tensors.
+        (i2t [B, G] fp32, t2i [B, G] fp32, arg_i2t [B, G, K] int16, arg_t2i [B, G, S] int16, inv_p [B, K],
+        inv_s [G, S]). A direction not computed comes back as empty tensors, and the inverse norms are empty
+        unless ``normalize``.
     """
     if not (do_i2t or do_t2i):
         raise ValueError("patch_sentence_fwd: nothing to compute (do_i2t and do_t2i are both False)")
@@ -490,9 +561,13 @@ def patch_sentence_fwd(
     t2i = torch.empty((B, G) if do_t2i else (0,), **f32)
     arg_i2t = torch.empty((B, G, K) if do_i2t else (0,), dtype=torch.int16, device=device)
     arg_t2i = torch.empty((B, G, S) if do_t2i else (0,), dtype=torch.int16, device=device)
-    cfg = dict(fwd_config(B, K, G, S, D, patches.dtype, target.arch, target.sm_count), **(config or {}))
-    pm = patch_mask.view(torch.uint8) if patch_mask is not None else n_p
-    sm = sentence_mask.view(torch.uint8) if sentence_mask is not None else n_s
+    directions = "both" if (do_i2t and do_t2i) else ("i2t" if do_i2t else "t2i")
+    cfg = dict(fwd_config(B, K, G, S, D, patches.dtype, target.arch, target.sm_count, normalize=normalize,
+                          directions=directions), **(config or {}))
+    pm = _mask_bytes(patch_mask) if patch_mask is not None else n_p
+    sm = _mask_bytes(sentence_mask) if sentence_mask is not None else n_s
+    inv_p = inverse_norms(patches) if normalize else torch.empty((0,), **f32)
+    inv_s = inverse_norms(sentences) if normalize else torch.empty((0,), **f32)
     n_rb = triton.cdiv(G, cfg["GB"])
     ib = cfg.pop("IB")
     grid = (n_rb * triton.cdiv(B, ib),)
@@ -500,7 +575,8 @@ def patch_sentence_fwd(
     scratch_v = torch.empty((grid[0] * k_scratch if k_scratch else 1,), **f32)
     scratch_a = torch.empty(scratch_v.shape, dtype=torch.int32, device=device)
     _patch_sentence_fwd_kernel[grid](
-        patches, sentences, pm, sm, n_p, n_s, i2t, t2i, arg_i2t, arg_t2i, scratch_v, scratch_a, k_scratch,
+        patches, sentences, pm, sm, n_p, n_s, inv_p if normalize else n_p, inv_s if normalize else n_s,
+        i2t, t2i, arg_i2t, arg_t2i, scratch_v, scratch_a, k_scratch,
         B, G, K, S, D,
         patches.stride(0), patches.stride(1), sentences.stride(0), sentences.stride(1),
         n_rb, ib,
@@ -508,10 +584,13 @@ def patch_sentence_fwd(
         HAS_SMASK=sentence_mask is not None,
         DO_I2T=do_i2t,
         DO_T2I=do_t2i,
+        NORMALIZE=normalize,
+        PRECISION=_precision(patches.dtype, tf32),
+        NAN_REDUCE=not INTERPRET,
         UPCAST=_upcast(patches.dtype),
         **cfg,
     )
-    return i2t, t2i, arg_i2t, arg_t2i
+    return i2t, t2i, arg_i2t, arg_t2i, inv_p, inv_s
 
 
 def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch: int, own_is_patch: bool,
@@ -558,6 +637,9 @@ def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch:
     return dict(XB=xb, RB=rb, YB=yb, CB=cb, DC=dc, num_warps=warps, num_stages=2)
 
 
+DETERMINISTIC_SPLIT = 4  # up to this many programs per output tile write their own buffers (no atomics)
+
+
 def _bwd_side(
     own: torch.Tensor,
     other: torch.Tensor,
@@ -568,8 +650,15 @@ def _bwd_side(
     deterministic: bool,
     split: Optional[int] = None,
     config: Optional[dict] = None,
+    inv_other: Optional[torch.Tensor] = None,
+    tf32: bool = False,
 ) -> torch.Tensor:
-    """grad for one side: own [X, R, D] rows, other [Y, C, D] rows; returns fp32 [X, R, D]."""
+    """grad for one side: own [X, R, D] rows, other [Y, C, D] rows. Returns [X, R, D]: fp32, or the own dtype
+    when one program per output tile wrote it directly (no split, no normalisation left to apply).
+
+    With ``inv_other`` ([Y, C] inverse norms) the other rows enter normalised: the result is the gradient
+    w.r.t. the normalised own rows (fp32), which the caller maps to the raw ones.
+    """
     X, R, D = own.shape
     Y, C, _ = other.shape
     target = target_of(own.device)
@@ -581,26 +670,34 @@ def _bwd_side(
     if split is None:
         split = 1 if INTERPRET else max(1, min(steps, triton.cdiv(2 * target.sm_count, tiles)))
         if deterministic:
-            split = min(split, 4)  # each split costs a [X*R, D] fp32 buffer
+            split = min(split, DETERMINISTIC_SPLIT)  # each split costs a [X*R, D] fp32 buffer
     split = max(1, min(int(split), steps))
     per_split = triton.cdiv(steps, split)
     split = triton.cdiv(steps, per_split)
-    use_atomic = split > 1 and not deterministic
+    # Small splits write separate buffers summed in a fixed order (bitwise reproducible) even when not asked:
+    # the buffers are cheap there; only wide splits, outside the deterministic mode, add with atomics.
+    use_atomic = split > DETERMINISTIC_SPLIT and not deterministic
     if use_atomic:
         cfg = dict(bwd_config(X, R, Y, C, D, own.dtype, target.arch, own_is_patch, atomic=True), **(config or {}))
         out = torch.zeros((1, X * R, D), dtype=torch.float32, device=own.device)
     else:
-        out = torch.empty((split, X * R, D), dtype=torch.float32, device=own.device)
+        # the one program per tile writes the final dtype itself (not under the interpreter, whose conversion to
+        # bf16 does not round to nearest)
+        direct = split == 1 and inv_other is None and not INTERPRET
+        out = torch.empty((split, X * R, D), dtype=own.dtype if direct else torch.float32, device=own.device)
     grid = (row_programs, triton.cdiv(D, cfg["DC"]), split)
     _patch_sentence_bwd_kernel[grid](
-        out, other, *launch_args[:4], X, R, Y, C, D, per_split, *launch_args[4:],
+        out, other, *launch_args[:4], inv_other if inv_other is not None else launch_args[2],
+        X, R, Y, C, D, per_split, *launch_args[4:],
         HAS_OWN=has_own,
         HAS_OTH=has_oth,
         USE_ATOMIC=use_atomic,
         UPCAST=_upcast(other.dtype),
+        NORMALIZE=inv_other is not None,
+        PRECISION=_precision(other.dtype, tf32),
         **cfg,
     )
-    # A fixed-order sum over the split buffers keeps the deterministic mode bitwise reproducible.
+    # A fixed-order sum over the split buffers keeps the result bitwise reproducible.
     return (out[0] if out.shape[0] == 1 else out.sum(0)).view(X, R, D)
 
 
@@ -616,19 +713,27 @@ def patch_sentence_bwd(
     deterministic: bool = False,
     split: Optional[int] = None,
     config: Optional[dict] = None,
+    *,
+    inv_p: Optional[torch.Tensor] = None,
+    inv_s: Optional[torch.Tensor] = None,
+    tf32: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launches the backward from the saved argmax indices.
 
     Args:
-        grad_i2t / grad_t2i: [B, G] upstream gradients (None for a direction not computed).
+        grad_i2t / grad_t2i: [B, G] upstream gradients (None for a direction not computed or without
+            upstream gradient: its terms are skipped).
         patches [B, K, D], sentences [G, S, D], masks as in :func:`patch_sentence_fwd`.
         arg_i2t [B, G, K], arg_t2i [B, G, S]: int16 indices from the forward.
         deterministic: no atomics; bitwise reproducible.
         split: programs sharing one output tile (default: enough to fill the GPU; 1 under the interpreter).
         config: optional overrides of :func:`bwd_config`'s block sizes for both sides (tuning sweeps).
+        inv_p [B, K], inv_s [G, S]: the forward's inverse norms when it normalised (both or neither).
+        tf32: fp32 inputs on the TF32 tensor cores.
 
     Returns:
-        (grad_patches [B, K, D], grad_sentences [G, S, D]) in the input dtype.
+        (grad_patches [B, K, D], grad_sentences [G, S, D]) in the input dtype; with inverse norms, the fp32
+        gradients w.r.t. the *normalised* inputs (the caller maps them to the raw inputs).
     """
     patches = patches.contiguous()
     sentences = sentences.contiguous()
@@ -636,8 +741,10 @@ def patch_sentence_bwd(
     G, S, _ = sentences.shape
     n_p, n_s = valid_counts(sentence_mask, patch_mask, B, K, G, S, patches.device)
     has_i2t, has_t2i = grad_i2t is not None, grad_t2i is not None
+    normalized = inv_p is not None
     if not (has_i2t or has_t2i):
-        return torch.zeros_like(patches), torch.zeros_like(sentences)
+        dtype = torch.float32 if normalized else None
+        return torch.zeros_like(patches, dtype=dtype), torch.zeros_like(sentences, dtype=dtype)
     zero = torch.zeros((B, G), dtype=torch.float32, device=patches.device)
     w_i2t = grad_i2t.float() / n_p.clamp(min=1)[:, None] if has_i2t else zero
     w_t2i = grad_t2i.float() / n_s.clamp(min=1)[None, :] if has_t2i else zero
@@ -648,12 +755,14 @@ def patch_sentence_bwd(
     grad_p = _bwd_side(
         patches, sentences,
         (a_i, a_t, w_i2t, w_t2i, G * K, K, 1, G * S, S, 1, G, 1),
-        has_i2t, has_t2i, True, deterministic, split, config,
+        has_i2t, has_t2i, True, deterministic, split, config, inv_s.contiguous() if normalized else None, tf32,
     )
     # Sentence side: x = g, y = b, r = q, c = p; own argmax c[b, g, q], other argmax a[b, g, p].
     grad_s = _bwd_side(
         sentences, patches,
         (a_t, a_i, w_t2i, w_i2t, S, G * S, 1, K, G * K, 1, 1, G),
-        has_t2i, has_i2t, False, deterministic, split, config,
+        has_t2i, has_i2t, False, deterministic, split, config, inv_p.contiguous() if normalized else None, tf32,
     )
+    if normalized:
+        return grad_p, grad_s
     return grad_p.to(patches.dtype), grad_s.to(sentences.dtype)

@@ -33,18 +33,19 @@ def check_tensor(
 
 
 def check_mask(name: str, mask, shape: Sequence[int], *, device: torch.device) -> Optional[torch.Tensor]:
-    """Validates a boolean validity mask (True = valid) of ``shape``; None passes through."""
+    """Validates a validity mask (True = valid) of ``shape``: bool, or uint8 read as != 0; returns it as bool
+    (any strides). None passes through."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of bool, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = valid), got {mask.dtype}")
+    if mask.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"{name} must be a bool (or uint8 0/1) tensor, True = valid; got {mask.dtype}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but the embeddings are on {device}")
-    return mask
+    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def check_rows_nonempty(name: str, mask: Optional[torch.Tensor], what: str) -> None:

@@ -11,6 +11,7 @@ one process on the concatenated batch. The patch-sentence scores go through
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from mlip_fast import _checks
 from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE, INIT_LOGIT_SCALE
 from mlip_fast.distributed import all_to_all_blocks, gather, max_size, rank_and_world
-from mlip_fast.ops.patch_sentence import scores_unchecked
+from mlip_fast.ops.patch_sentence import ScoresOptions, check_inputs, scores_unchecked
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -133,22 +134,17 @@ def global_contrastive_loss(
 
 
 def _check_local_inputs(patches, sentences, sentence_mask, patch_mask):
-    _checks.check_tensor("patches", patches, 3, dims=("B", "K", "D"))
-    _checks.check_tensor("sentences", sentences, 3, dims=("B", "S", "D"))
-    B, K, D = patches.shape
+    """The local losses' one validation boundary: the scores op's tensor checks (with the report batch named
+    B), one report per image, every row non-empty. Returns the masks as bool."""
+    # shapes first (check_inputs below reads the values, once)
+    _checks.check_tensor("patches", patches, 3, dims=("B", "K", "D"), finite=False)
     _check_batch("patches", patches)
-    if min(K, D, sentences.shape[1]) == 0:
-        raise ValueError(f"empty input: patches {tuple(patches.shape)}, sentences {tuple(sentences.shape)}")
-    if sentences.dtype != patches.dtype:
-        raise TypeError(f"sentences dtype {sentences.dtype} differs from patches dtype {patches.dtype}")
-    if sentences.device != patches.device:
-        raise ValueError(f"sentences are on {sentences.device} but patches are on {patches.device}")
-    if sentences.shape[0] != B:
-        raise ValueError(f"patches has batch {B} but sentences has batch {sentences.shape[0]} (one report per image)")
-    if sentences.shape[-1] != D:
-        raise ValueError(f"embedding widths differ: patches D={D}, sentences D={sentences.shape[-1]}")
-    sentence_mask = _checks.check_mask("sentence_mask", sentence_mask, sentences.shape[:2], device=sentences.device)
-    patch_mask = _checks.check_mask("patch_mask", patch_mask, patches.shape[:2], device=patches.device)
+    _checks.check_tensor("sentences", sentences, 3, dims=("B", "S", "D"), finite=False)
+    if sentences.shape[0] != patches.shape[0]:
+        raise ValueError(f"patches has batch {patches.shape[0]} but sentences has batch {sentences.shape[0]} "
+                         "(one report per image)")
+    sentence_mask, patch_mask = check_inputs(patches, sentences, sentence_mask, patch_mask,
+                                             sentence_dims=("B", "S", "D"))
     if _checks.VALUE_CHECKS:
         _checks.check_rows_nonempty("sentence_mask", sentence_mask, "sentence")
         _checks.check_rows_nonempty("patch_mask", patch_mask, "patch")
@@ -167,6 +163,7 @@ def patch_sentence_loss(
     gather_with_grad: bool = True,
     impl: str = "auto",
     deterministic: bool = False,
+    precision: str = "ieee",
     group=None,
 ) -> torch.Tensor:
     """MLIP's patch-sentence local loss with token-wise max aggregation in both directions.
@@ -178,6 +175,11 @@ def patch_sentence_loss(
         logit_scale: scalar multiplier (1 / tau_l). weights: optional [B] row weights as in
             :func:`global_contrastive_loss`.
         impl: implementation of the scores op ("auto", "reference", "chunked", "triton").
+        precision: "ieee" or "tf32" for fp32 embeddings on a GPU (see :func:`mlip_fast.ops.patch_sentence_scores`).
+
+    Precision: the embeddings go to the scores op in their own dtype, normalised inside the op (fp32 norms, no
+    normalised copies held): a bf16 / fp16 model hands it half-precision tensors, which it scores on the tensor
+    cores with fp32 accumulation; the scores, logits and cross-entropies are fp32.
 
     Returns:
         0-dim float32 loss = 1/2 [CE_rows(s * S_I2T) + CE_cols(s * S_T2I)] with
@@ -195,12 +197,19 @@ def patch_sentence_loss(
     """
     sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
     scale = _check_scale("logit_scale", logit_scale)
-    patches, sentences = _normalize(patches), _normalize(sentences)
+    options = ScoresOptions(normalize=True, precision=precision, deterministic=bool(deterministic)).checked()
+    return _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, weights, options,
+                                local_loss=local_loss, gather_with_grad=gather_with_grad, impl=impl, group=group)
+
+
+def _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, weights, options: ScoresOptions, *,
+                         local_loss, gather_with_grad, impl, group) -> torch.Tensor:
+    """:func:`patch_sentence_loss` on checked inputs (bool masks, a checked scale)."""
     rank, world = rank_and_world(group)
     B = patches.shape[0]
-    kw = dict(impl=impl, deterministic=deterministic)
+    both, i2t_only, t2i_only = (options, replace(options, directions="i2t"), replace(options, directions="t2i"))
     if world == 1:
-        i2t, t2i = scores_unchecked(patches, sentences, sentence_mask, patch_mask, "both", **kw)
+        i2t, t2i = scores_unchecked(patches, sentences, sentence_mask, patch_mask, both, impl=impl)
         logits_i, logits_t = i2t, t2i.T
         labels = _labels(B, 0, patches.device)
         w = _row_weights(weights, B, patches.device, group, gathered=False)
@@ -211,7 +220,7 @@ def patch_sentence_loss(
     sentences_all = gather(sentences, with_grad=gather_with_grad, group=group, pad_dim=1, pad_size=s_max)
     smask_all = gather(sentence_mask, with_grad=False, group=group, pad_dim=1, pad_size=s_max)
     if local_loss and gather_with_grad:
-        i2t, t2i = scores_unchecked(patches, sentences_all, smask_all, patch_mask, "both", **kw)
+        i2t, t2i = scores_unchecked(patches, sentences_all, smask_all, patch_mask, both, impl=impl)
         logits_i = i2t  # [B, G]: local images vs all reports
         logits_t = all_to_all_blocks(t2i, group).T  # [B, G]: local reports vs all images
         labels = _labels(B, rank * B, patches.device)
@@ -219,17 +228,17 @@ def patch_sentence_loss(
     elif local_loss:
         patches_all = gather(patches, with_grad=False, group=group)
         pmask_all = gather(patch_mask, with_grad=False, group=group)
-        logits_i, _ = scores_unchecked(patches, sentences_all, smask_all, patch_mask, "i2t", **kw)
+        logits_i, _ = scores_unchecked(patches, sentences_all, smask_all, patch_mask, i2t_only, impl=impl)
         local_s = sentences_all[rank * B : (rank + 1) * B]
         local_m = smask_all[rank * B : (rank + 1) * B]
-        _, t2i = scores_unchecked(patches_all, local_s, local_m, pmask_all, "t2i", **kw)
+        _, t2i = scores_unchecked(patches_all, local_s, local_m, pmask_all, t2i_only, impl=impl)
         logits_t = t2i.T
         labels = _labels(B, rank * B, patches.device)
         w = _row_weights(weights, B, patches.device, group, gathered=False)
     else:
         patches_all = gather(patches, with_grad=gather_with_grad, group=group)
         pmask_all = gather(patch_mask, with_grad=False, group=group)
-        i2t, t2i = scores_unchecked(patches_all, sentences_all, smask_all, pmask_all, "both", **kw)
+        i2t, t2i = scores_unchecked(patches_all, sentences_all, smask_all, pmask_all, both, impl=impl)
         logits_i, logits_t = i2t, t2i.T
         labels = _labels(patches_all.shape[0], 0, patches.device)
         w = _row_weights(weights, B, patches.device, group, gathered=True)
@@ -257,14 +266,23 @@ def semantic_integrity_loss(
         target_b = softmax_p(max_{valid q} cos(v_bp, u_bq) / tau_sie) over valid p, detached.
     """
     sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
+    _check_integrity_inputs(integrity_logits, patches, temperature)
+    return _semantic_integrity_loss(integrity_logits, patches, sentences, sentence_mask, patch_mask, temperature)
+
+
+def _check_integrity_inputs(integrity_logits, patches, temperature) -> None:
     _checks.check_tensor("integrity_logits", integrity_logits, 2, dims=("B", "K"))
     if integrity_logits.shape != patches.shape[:2]:
         raise ValueError(
             f"integrity_logits must be [B, K] = {tuple(patches.shape[:2])} (one logit per kept patch), "
             f"got {tuple(integrity_logits.shape)}"
         )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def _semantic_integrity_loss(integrity_logits, patches, sentences, sentence_mask, patch_mask, temperature):
+    """:func:`semantic_integrity_loss` on checked inputs."""
     dtype = torch.promote_types(integrity_logits.dtype, torch.float32)
     with torch.no_grad():
         sim = torch.einsum("bkd,bsd->bks", _normalize(patches.to(dtype)), _normalize(sentences.to(dtype)))
@@ -281,6 +299,15 @@ def semantic_integrity_loss(
     # xlogy keeps 0 * log 0 = 0 at padded patches; the target there is 0 so log_q's -inf never enters.
     kl = torch.xlogy(target, target) - torch.where(target > 0, target * log_q, torch.zeros_like(target))
     return kl.sum(dim=-1).mean()
+
+
+def check_loss_weights(**lambdas: float) -> None:
+    """Each loss weight must be a finite number >= 0 (a NaN or Inf weight would silently poison the total)."""
+    for name, value in lambdas.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
 
 def mlip_loss(
@@ -304,36 +331,39 @@ def mlip_loss(
     gather_with_grad: bool = True,
     impl: str = "auto",
     deterministic: bool = False,
+    precision: str = "ieee",
     group=None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """MLIP's total loss L = L_g + lambda_local * L_l + lambda_sie * L_sie.
 
     The inputs are the model's outputs (see docs/architecture.md). ``integrity_weights`` [B] weight the
     global rows (``weight_global``) and optionally the local rows (``weight_local``). A term whose lambda
-    is 0 is not computed.
+    is 0 is not computed. The local inputs are checked once for both local terms.
 
     Returns:
         (total, terms) where terms has detached "loss_global", "loss_local", "loss_sie" and "loss".
     """
+    check_loss_weights(lambda_local=lambda_local, lambda_sie=lambda_sie)
     weights = integrity_weights
     dist_kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, group=group)
     loss_g = global_contrastive_loss(
         image_global, text_global, logit_scale_global, weights if weight_global else None, **dist_kw
     )
     zero = loss_g.new_zeros(())
-    loss_l = zero
+    loss_l = loss_s = zero
+    if lambda_sie and integrity_logits is None:
+        raise ValueError("lambda_sie > 0 needs integrity_logits [B, K] (or set lambda_sie=0)")
+    if lambda_local or lambda_sie:
+        sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
     if lambda_local:
-        loss_l = patch_sentence_loss(
-            patches, sentences, sentence_mask, patch_mask, logit_scale_local, weights if weight_local else None,
-            impl=impl, deterministic=deterministic, **dist_kw,
-        )
-    loss_s = zero
+        scale = _check_scale("logit_scale_local", logit_scale_local)
+        options = ScoresOptions(normalize=True, precision=precision, deterministic=bool(deterministic)).checked()
+        loss_l = _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale,
+                                      weights if weight_local else None, options, impl=impl, **dist_kw)
     if lambda_sie:
-        if integrity_logits is None:
-            raise ValueError("lambda_sie > 0 needs integrity_logits [B, K] (or set lambda_sie=0)")
-        loss_s = semantic_integrity_loss(
-            integrity_logits, patches, sentences, sentence_mask, patch_mask, temperature=sie_temperature
-        )
+        _check_integrity_inputs(integrity_logits, patches, sie_temperature)
+        loss_s = _semantic_integrity_loss(integrity_logits, patches, sentences, sentence_mask, patch_mask,
+                                          sie_temperature)
     total = loss_g + lambda_local * loss_l + lambda_sie * loss_s
     terms = {
         "loss_global": loss_g.detach(),

@@ -123,12 +123,14 @@ class PatchSentenceLoss(nn.Module):
         deterministic: bool = False,
         init_temperature: float = INIT_TEMPERATURE,
         learn_temperature: bool = True,
+        precision: str = "ieee",
     ):
         super().__init__()
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.impl = impl
         self.deterministic = deterministic
+        self.precision = precision
         self.logit_scale = _loss_scale(init_temperature, learn_temperature)
 
     def forward(self, patches, sentences, sentence_mask=None, patch_mask=None, logit_scale=None, weights=None):
@@ -136,7 +138,7 @@ class PatchSentenceLoss(nn.Module):
         return MF.patch_sentence_loss(
             patches, sentences, sentence_mask, patch_mask, scale, weights,
             local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
-            impl=self.impl, deterministic=self.deterministic,
+            impl=self.impl, deterministic=self.deterministic, precision=self.precision,
         )
 
 
@@ -176,16 +178,16 @@ class MLIPLoss(nn.Module):
         impl: str = "auto",
         deterministic: bool = False,
         init_temperature: float = INIT_TEMPERATURE,
+        precision: str = "ieee",
     ):
         super().__init__()
-        if lambda_local < 0 or lambda_sie < 0:
-            raise ValueError(f"loss weights must be >= 0, got lambda_local={lambda_local}, lambda_sie={lambda_sie}")
-        if not sie_temperature > 0:
-            raise ValueError(f"sie_temperature must be > 0, got {sie_temperature}")
+        MF.check_loss_weights(lambda_local=lambda_local, lambda_sie=lambda_sie)
+        if not (math.isfinite(sie_temperature) and sie_temperature > 0):
+            raise ValueError(f"sie_temperature must be finite and > 0, got {sie_temperature}")
         self.options = dict(
             lambda_local=lambda_local, lambda_sie=lambda_sie, weight_global=weight_global,
             weight_local=weight_local, sie_temperature=sie_temperature, local_loss=local_loss,
-            gather_with_grad=gather_with_grad, impl=impl, deterministic=deterministic,
+            gather_with_grad=gather_with_grad, impl=impl, deterministic=deterministic, precision=precision,
         )
         self.logit_scale_global = _loss_scale(init_temperature)
         self.logit_scale_local = _loss_scale(init_temperature)

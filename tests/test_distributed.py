@@ -77,7 +77,7 @@ def _count_calls(impl):
     original = chosen.fn
 
     def counting(*args, **kwargs):
-        calls.append(args[4])  # directions
+        calls.append(args[4].directions)
         return original(*args, **kwargs)
 
     object.__setattr__(chosen, "fn", counting)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mlip_fast.ops import ImplUnavailableError, patch_sentence_scores
+from mlip_fast.ops.patch_sentence import ScoresOptions
 from mlip_fast.ops.patch_sentence.chunked import patch_sentence_scores_chunked
 
 IMPLS = ["triton", "chunked"]
@@ -174,7 +175,7 @@ def test_chunked_tiling_over_images_and_reports(tile_elements):
     ref_out, ref_dp, ref_ds = run(grid_scores, p, s, smask, pmask, "both", gi, gt)
 
     def chunked(p, s, sm, pm, d):
-        return patch_sentence_scores_chunked(p, s, sm, pm, d, tile_elements=tile_elements)
+        return patch_sentence_scores_chunked(p, s, sm, pm, ScoresOptions(d), tile_elements=tile_elements)
 
     out, dp, ds = run(chunked, p, s, smask, pmask, "both", gi, gt)
     for o, r in zip(out, ref_out):
@@ -221,7 +222,7 @@ def test_triton_argmax_indices_point_at_the_maxima():
 
     B, G, K, S, D = 2, 3, 5, 4, 16
     p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=2)
-    _, _, arg_i2t, arg_t2i = patch_sentence_fwd(p, s, smask, pmask)
+    _, _, arg_i2t, arg_t2i, _, _ = patch_sentence_fwd(p, s, smask, pmask)
     assert arg_i2t.dtype == arg_t2i.dtype == torch.int16
     _check_argmax(p, s, smask, pmask, arg_i2t, arg_t2i)
 
@@ -239,7 +240,7 @@ def test_triton_forward_tilings_match_fp64(B, G, K, S, D, config):
     from mlip_fast.kernels.patch_sentence import patch_sentence_fwd
 
     p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=K + S)
-    i2t, t2i, arg_i2t, arg_t2i = patch_sentence_fwd(p, s, smask, pmask, config=config)
+    i2t, t2i, arg_i2t, arg_t2i, _, _ = patch_sentence_fwd(p, s, smask, pmask, config=config)
     (ref_i2t, ref_t2i), _, _ = run(grid_scores, p.double(), s.double(), smask, pmask, "both",
                                    torch.zeros(B, G, dtype=torch.float64), torch.zeros(B, G, dtype=torch.float64))
     assert rel_err(i2t, ref_i2t) < 1e-5 and rel_err(t2i, ref_t2i) < 1e-5
@@ -260,7 +261,7 @@ def test_triton_backward_split_over_programs(deterministic):
     B, G, K, S, D = 3, 5, 40, 3, 20
     p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=6)
     gi, gt = torch.randn(B, G), torch.randn(B, G)
-    _, _, arg_i2t, arg_t2i = patch_sentence_fwd(p, s, smask, pmask)
+    _, _, arg_i2t, arg_t2i, _, _ = patch_sentence_fwd(p, s, smask, pmask)
     args = (gi, gt, p, s, arg_i2t, arg_t2i, smask, pmask, deterministic)
     one = patch_sentence_bwd(*args, split=1)
     three = patch_sentence_bwd(*args, split=3)
@@ -291,12 +292,12 @@ def test_custom_op_under_torch_compile():
     p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=4)
     torch.library.opcheck(
         torch.ops.mlip_fast.patch_sentence_scores_fwd.default,
-        (p, s, smask, pmask, True, True, False),
+        (p, s, smask, pmask, True, True, False, False, False),
         test_utils=("test_schema", "test_faketensor"),
     )
 
     def loss_fn(p, s):
-        i2t, t2i, _, _ = patch_sentence_scores_fwd(p, s, smask, pmask, True, True, False)
+        i2t, t2i, _, _, _, _ = patch_sentence_scores_fwd(p, s, smask, pmask, True, True, False, False, False)
         return (i2t * 2 + t2i).sum()
 
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)

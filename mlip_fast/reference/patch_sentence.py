@@ -2,6 +2,10 @@
 
 This is the specification of the op (and its CPU fallback, test and benchmark baseline). It needs
 B*G*K*S elements of memory; the fused impls in ``mlip_fast.ops`` compute the same numbers without it.
+
+Masking is exact: a padded sentence or patch never wins a max and never enters a mean, whatever it holds
+(NaN and Inf included), while NaN / Inf in a valid entry propagate as the plain max / mean would propagate
+them (a NaN similarity makes its max NaN). Every impl of the op follows these semantics.
 """
 from __future__ import annotations
 
@@ -9,10 +13,36 @@ from typing import Optional, Tuple
 
 import torch
 
+# F.normalize's default: a vector shorter than this is divided by it instead of by its norm.
+NORM_EPS = 1e-12
+
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
     """Scores come out in float32 for half inputs and in the input dtype otherwise."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, NORM_EPS) along the last dim, the norm taken in float32 (float64 stays), the result in x's
+    dtype: what a half-precision run hands the scores GEMM."""
+    wide = x.to(score_dtype(x.dtype))
+    return (wide / torch.linalg.vector_norm(wide, dim=-1, keepdim=True).clamp_min(NORM_EPS)).to(x.dtype)
+
+
+def inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """1 / max(||x||, NORM_EPS) over the last dim, in the score dtype: [..., D] -> [...]."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=score_dtype(x.dtype)).clamp_min(NORM_EPS).reciprocal()
+
+
+def unnormalize_grad_(grad: torch.Tensor, x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """In place: ``grad`` ([N, D], the score dtype), the gradient w.r.t. x^ = x * inv, becomes the gradient
+    w.r.t. x ([N, D]; inv [N] from :func:`inverse_norms`):
+    dx = inv (g - x^ <x^, g>) where ||x|| >= NORM_EPS (the projection of x / ||x||), inv * g below (x / eps)."""
+    xw = x if x.dtype == grad.dtype else x.to(grad.dtype)
+    inv = inv.to(grad.dtype)
+    above = inv < 1 / NORM_EPS
+    coef = torch.where(above, inv.pow(3) * torch.linalg.vecdot(xw, grad), torch.zeros_like(inv))
+    return grad.mul_(inv[:, None]).addcmul_(xw, coef[:, None], value=-1)
 
 
 def _masked_max_mean(sim: torch.Tensor, valid_inner: torch.Tensor, valid_outer: torch.Tensor) -> torch.Tensor:
@@ -21,8 +51,8 @@ def _masked_max_mean(sim: torch.Tensor, valid_inner: torch.Tensor, valid_outer: 
     sim [B, G, O, I]; valid_inner / valid_outer broadcastable to [B, G, 1, I] / [B, G, O].
     Rows with no valid inner (or outer) position give 0 and no gradient.
     """
-    neg_inf = torch.finfo(sim.dtype).min
-    best = sim.masked_fill(~valid_inner, neg_inf).max(dim=-1).values  # [B, G, O]
+    # max (not amax): a tie passes its gradient to one entry, as in the fused impls, not split among the tied
+    best = sim.masked_fill(~valid_inner, float("-inf")).max(dim=-1).values  # [B, G, O]
     keep = valid_outer & valid_inner.any(dim=-1)  # an empty inner set contributes nothing
     best = torch.where(keep, best, torch.zeros((), dtype=best.dtype, device=best.device))
     count = keep.sum(dim=-1).clamp(min=1).to(best.dtype)
@@ -35,7 +65,8 @@ def patch_sentence_scores(
     sentence_mask: Optional[torch.Tensor] = None,
     patch_mask: Optional[torch.Tensor] = None,
     directions: str = "both",
-    deterministic: bool = False,
+    *,
+    normalize: bool = False,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Token-wise max aggregation in both directions over the full similarity grid.
 
@@ -45,7 +76,7 @@ def patch_sentence_scores(
         sentence_mask: [G, S] bool, True = valid sentence (None: all valid).
         patch_mask: [B, K] bool, True = valid patch (None: all valid).
         directions: "both", "i2t" or "t2i".
-        deterministic: accepted for interface parity (autograd here is deterministic on CPU).
+        normalize: score the L2-normalised embeddings (:func:`l2_normalize`) instead of the raw ones.
 
     Returns:
         (i2t [B, G], t2i [B, G]); a direction not asked for is None.
@@ -54,19 +85,18 @@ def patch_sentence_scores(
     """
     B, K, _ = patches.shape
     G, S, _ = sentences.shape
-    out_dtype = score_dtype(patches.dtype)
     device = patches.device
     if sentence_mask is None:
         sentence_mask = torch.ones(G, S, dtype=torch.bool, device=device)
     if patch_mask is None:
         patch_mask = torch.ones(B, K, dtype=torch.bool, device=device)
+    if normalize:
+        patches, sentences = l2_normalize(patches), l2_normalize(sentences)
     # The grid is computed in the input dtype (as a plain matmul would), then widened for the reductions.
-    sim = torch.einsum("bkd,gsd->bgks", patches, sentences).to(out_dtype)  # [B, G, K, S]
-    smask = sentence_mask[None, :, None, :]  # [1, G, 1, S]
-    pmask = patch_mask[:, None, :]  # [B, 1, K]
+    sim = torch.einsum("bkd,gsd->bgks", patches, sentences).to(score_dtype(patches.dtype))  # [B, G, K, S]
     i2t = t2i = None
     if directions in ("both", "i2t"):
-        i2t = _masked_max_mean(sim, smask, pmask.expand(B, G, K))
+        i2t = _masked_max_mean(sim, sentence_mask[None, :, None, :], patch_mask[:, None, :].expand(B, G, K))
     if directions in ("both", "t2i"):
         t2i = _masked_max_mean(
             sim.transpose(-1, -2), patch_mask[:, None, None, :], sentence_mask[None, :, :].expand(B, G, S)

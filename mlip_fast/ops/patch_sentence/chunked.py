@@ -1,9 +1,28 @@
 """``impl="chunked"`` for patch-sentence scores: pure PyTorch, tiled, with a backward from argmax indices.
 
-The [B, G, K, S] similarity grid is produced one tile of (image block, report block) at a time, so peak
-extra memory is O(B*G*(K + S)) (int16 indices, t2i maxima) plus one tile instead of O(B*G*K*S). Both
-maxima of a pair are local to its tile (i2t maxes over the sentences of one report, t2i over the patches of one image), so tiles
-are independent. The backward rebuilds, per tile, the sparse gradient of the similarity
+The [B, G, K, S] similarity grid is produced one tile of (report block, image block) at a time, so peak extra
+memory is O(B*G*(K + S)) (int16 indices, t2i maxima) plus one tile instead of O(B*G*K*S). Both maxima of a
+pair are local to its tile (i2t maxes over the sentences of one report, t2i over the patches of one image),
+so tiles are independent.
+
+Tile layout. As in the Triton kernel, sentences are the rows and patches the columns: the tile is
+``sentences[g-block] @ patches[b-block]^T`` viewed as [gc, S, bc, K]. Both maxima are then reductions over a
+non-innermost axis or over a contiguous innermost one, which PyTorch's CPU ``amax`` vectorises (about 15x
+faster here than ``max(dim)`` with indices). The argmax comes from the max without a second comparison
+kernel: ``code = amax((sign(sim - max) + 1) * (n - index))`` is n - (lowest index reaching the max), using
+only vectorised float ops (ties go to the lowest index, as in every impl).
+
+Masking is exact (see ``mlip_fast.reference.patch_sentence``): the rows of padded sentences are filled with -inf
+after the GEMM (``index_fill_``: only those rows are touched), masked patches' columns after the i2t reduction,
+and the backward zeroes the operands' padded rows, so nothing stored there reaches a valid score or a
+gradient.
+
+``normalize=True`` scores x / max(||x||, eps) without holding a normalised copy of the patches: each patch
+tile is normalised on the fly (the sentences, G*S rows, are prepared once), and the backward turns the
+gradient with respect to the normalised vectors, g, into the one for the raw x:
+dx = r (g - x^ <x^, g>) with x^ = r x, r = 1 / ||x|| (and dx = g / eps below the norm floor).
+
+The backward rebuilds, per tile, the sparse gradient of the similarity
 M[b, p, g, q] = wI[b, g] [a[b, p, g] == q] + wT[b, g] [c[b, g, q] == p] from the saved indices (see
 ``kernels/patch_sentence.py`` for the derivation) and applies it with two matmuls: no grid recompute.
 Runs on any device and dtype; deterministic wherever the device's matmul is.
@@ -16,21 +35,23 @@ import torch
 
 from mlip_fast import _checks
 from mlip_fast.ops.dispatch import Impl
-from mlip_fast.reference.patch_sentence import score_dtype
+from mlip_fast.ops.patch_sentence.options import ScoresOptions
+from mlip_fast.reference.patch_sentence import inverse_norms, score_dtype, unnormalize_grad_
 
-# Elements of one similarity tile: 2**19 fp32 values (2 MiB) stay in cache, keep the op count per call low
-# (each op costs a scheduling round trip on a busy 2-core machine) and the matmul at full rate.
-TILE_ELEMENTS = 2**19
+# Elements of one similarity tile: 2**18 fp32 values (1 MiB; the op keeps two) stay in cache and keep the op
+# count per call low (each op costs a scheduling round trip on a busy 2-core machine).
+TILE_ELEMENTS = 2**18
 
 
 def _tiles(B: int, K: int, G: int, S: int, tile_elements: int):
     """Yields (image slice, report slice) covering [B] x [G] with at most ``tile_elements`` K*S cells each
-    (a single pair may exceed it when K*S alone does)."""
+    (a single pair may exceed it when K*S alone does). Reports are blocked first: wide row blocks keep the
+    GEMM efficient and the per-tile op count low."""
     per_pair = K * S
     g_block = max(1, min(G, tile_elements // per_pair))
     b_block = max(1, min(B, tile_elements // (per_pair * g_block)))
-    for b0 in range(0, B, b_block):
-        for g0 in range(0, G, g_block):
+    for g0 in range(0, G, g_block):
+        for b0 in range(0, B, b_block):
             yield slice(b0, min(b0 + b_block, B)), slice(g0, min(g0 + g_block, G))
 
 
@@ -38,152 +59,211 @@ def _index_dtype(K: int, S: int) -> torch.dtype:
     return torch.int16 if max(K, S) < 2**15 else torch.int32
 
 
+def _prepare(x: torch.Tensor, inv: Optional[torch.Tensor], valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """x normalised (``inv`` given) and with invalid rows zeroed (``valid`` given), in x's dtype; x itself when
+    neither applies (no copy)."""
+    if inv is not None:
+        x = (x.to(inv.dtype) * inv[..., None]).to(x.dtype)
+    if valid is not None:
+        x = x.masked_fill(~valid[..., None], 0)
+    return x
+
+
+def _first_argmax_(work: torch.Tensor, values: torch.Tensor, best: torch.Tensor, dim: int,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """Lowest index along ``dim`` where ``values`` reaches ``best`` (``best`` = its max, keepdim), computed in
+    the scratch tensor ``work`` (same shape as ``values``, overwritten). ``weights`` holds n - index along
+    ``dim``. NaN / infinite maxima give an arbitrary in-range index (their gradients are non-finite anyway)."""
+    n = values.shape[dim]
+    torch.sub(values, best, out=work)
+    code = work.sign_().add_(1).mul_(weights).amax(dim=dim)  # n - first index; NaN where best is not finite
+    return (n - code).nan_to_num_(0).clamp_(0, n - 1)
+
+
+def _reverse_weights(n: int, dim: int, ndim: int, dtype, device) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim] = n
+    return torch.arange(n, 0, -1, dtype=dtype, device=device).view(shape)
+
+
+def _pad_none(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The mask, or None when it has no invalid entry (masking work can then be skipped)."""
+    return None if mask is None or bool(mask.all()) else mask
+
+
 class PatchSentenceChunkedFunction(torch.autograd.Function):
     """Tiled forward saving argmax indices; backward from the indices.
 
-    forward(patches [B, K, D], sentences [G, S, D], sentence_mask [G, S] bool, patch_mask [B, K] bool,
-    do_i2t, do_t2i, tile_elements) -> (i2t [B, G], t2i [B, G]) in ``score_dtype``; a direction not
-    computed is an empty tensor.
+    forward(patches [B, K, D], sentences [G, S, D], sentence_mask [G, S] bool or None, patch_mask [B, K] bool
+    or None, do_i2t, do_t2i, normalize, tile_elements) -> (i2t [B, G], t2i [B, G]) in ``score_dtype``; a
+    direction not computed is an empty tensor.
     """
 
     @staticmethod
-    def forward(ctx, patches, sentences, sentence_mask, patch_mask, do_i2t, do_t2i, tile_elements):
+    def forward(ctx, patches, sentences, sentence_mask, patch_mask, do_i2t, do_t2i, normalize, tile_elements):
         B, K, D = patches.shape
         G, S, _ = sentences.shape
-        device, out_dtype = patches.device, score_dtype(patches.dtype)
-        n_p = patch_mask.sum(1)  # [B]
-        n_s = sentence_mask.sum(1)  # [G]
+        device, work = patches.device, score_dtype(patches.dtype)
+        sentence_mask, patch_mask = _pad_none(sentence_mask), _pad_none(patch_mask)
+        n_p = patch_mask.sum(1) if patch_mask is not None else torch.full((B,), K, device=device)
+        n_s = sentence_mask.sum(1) if sentence_mask is not None else torch.full((G,), S, device=device)
         pair = (n_p > 0)[:, None] & (n_s > 0)[None, :]  # [B, G]: both sides non-empty
-        # Means as weighted sums (weight 0 on padding). Padding is filled with the most negative finite
-        # value rather than -inf so that padding x weight 0 is 0, not NaN; pairs with an empty side are
-        # zeroed at the end. Per-tile work is kept to a few large ops: on a busy 2-core machine every
-        # extra parallel op costs a scheduling round trip.
-        fill = torch.finfo(out_dtype).min
-        sent_flat = sentences.reshape(G * S, D)
+        inv_p = inverse_norms(patches) if normalize else None  # [B, K]
+        inv_s = inverse_norms(sentences) if normalize else None  # [G, S]
+        s_rows = _prepare(sentences, inv_s, None).reshape(G * S, D)
+        exact = work == patches.dtype  # fp32 / fp64: the GEMM writes the score dtype directly
+        pad_rows = None if sentence_mask is None else (~sentence_mask).reshape(-1).nonzero().squeeze(1)
+        block_pads = {}  # report block start -> its padded rows, numbered within the block
         idx_dtype = _index_dtype(K, S)
-        empty = torch.empty(0, dtype=out_dtype, device=device)
-        i2t = torch.empty(B, G, dtype=out_dtype, device=device) if do_i2t else empty
-        # arg_i2t is [B, K, G] (not [B, G, K]) so a tile's slice lines up with the [b, p, g, q] tile layout.
-        arg_i2t = torch.empty(B, K, G, dtype=idx_dtype, device=device) if do_i2t else empty
-        arg_t2i = torch.empty(B, G, S, dtype=idx_dtype, device=device) if do_t2i else empty
-        t2i_best = torch.empty(B, G, S, dtype=out_dtype, device=device) if do_t2i else empty
-        patch_w = (patch_mask.to(out_dtype) / n_p.clamp(min=1)[:, None].to(out_dtype))[:, None, :]  # [B, 1, K]
-        patch_pad = None if bool(patch_mask.all()) else ~patch_mask[:, :, None, None]  # [B, K, 1, 1]
-        sent_pad = None if bool(sentence_mask.all()) else ~sentence_mask  # [G, S]
+        empty = torch.empty(0, dtype=work, device=device)
+        i2t = torch.empty(B, G, dtype=work, device=device) if do_i2t else empty
+        arg_i2t = torch.empty(G, B, K, dtype=idx_dtype, device=device) if do_i2t else empty
+        arg_t2i = torch.empty(G * S, B, dtype=idx_dtype, device=device) if do_t2i else empty
+        t2i_best = torch.empty(G * S, B, dtype=work, device=device) if do_t2i else empty
+        w_mean = (1 / n_p.clamp(min=1).to(work))[:, None]  # [B, 1]
+        w_s = _reverse_weights(S, 1, 3, work, device)
+        w_k = _reverse_weights(K, 2, 3, work, device)
+        cells = max(min(tile_elements, G * S * B * K), K * S)  # the largest tile _tiles yields
+        sim_buf = torch.empty(cells, dtype=work, device=device)
+        scratch = torch.empty_like(sim_buf)
 
         for bs, gs in _tiles(B, K, G, S, tile_elements):
             bc, gc = bs.stop - bs.start, gs.stop - gs.start
-            # The tile is computed in the input dtype (as the reference grid is), then widened.
-            sim = (patches[bs].reshape(bc * K, D) @ sent_flat[gs.start * S : gs.stop * S].T).to(out_dtype)
-            sim = sim.view(bc, K, gc, S)
-            # Masks are applied in place, one after the other: t2i (max over p) only needs padded patches
-            # filled, i2t (max over q) only padded sentences, and the rows / columns that the second fill
-            # spoils are exactly the ones the first direction already read or weighs by 0.
-            if do_t2i:
-                if patch_pad is not None:
-                    sim.masked_fill_(patch_pad[bs], fill)
-                best, idx = sim.max(dim=1)  # [bc, gc, S]
-                t2i_best[bs, gs] = best
-                arg_t2i[bs, gs] = idx
-            if do_i2t:
-                if sent_pad is not None:
-                    sim.masked_fill_(sent_pad[gs], fill)
-                best, idx = sim.max(dim=3)  # [bc, K, gc]
-                i2t[bs, gs] = torch.bmm(patch_w[bs], best).view(bc, gc)
-                arg_i2t[bs, :, gs] = idx
+            rows, cols = gc * S, bc * K
+            p_blk = _prepare(patches[bs], None if inv_p is None else inv_p[bs], None).reshape(cols, D)
+            s_blk = s_rows[gs.start * S : gs.stop * S]
+            sim = sim_buf[: rows * cols].view(rows, cols)
+            if exact:
+                torch.mm(s_blk, p_blk.T, out=sim)
+            else:  # half inputs: the GEMM in the input dtype (as the reference's grid), then widened
+                sim.copy_(s_blk @ p_blk.T)
+            if pad_rows is not None:  # padded sentences: -inf whatever the GEMM gave (only their rows touched)
+                if gs.start not in block_pads:
+                    lo, hi = gs.start * S, gs.stop * S
+                    block_pads[gs.start] = pad_rows[(pad_rows >= lo) & (pad_rows < hi)] - lo
+                sim.index_fill_(0, block_pads[gs.start], float("-inf"))
+            if do_i2t:  # per patch column: max over each report's sentence rows
+                sim3 = sim.view(gc, S, cols)
+                best = sim3.amax(dim=1, keepdim=True)  # [gc, 1, bc*K]
+                idx = _first_argmax_(scratch[: rows * cols].view(gc, S, cols), sim3, best, 1, w_s)
+                arg_i2t[gs, bs] = idx.view(gc, bc, K).to(idx_dtype)
+                best = best.view(gc, bc, K)
+                if patch_mask is not None:
+                    best = torch.where(patch_mask[bs][None], best, torch.zeros((), dtype=work, device=device))
+                i2t[bs, gs] = (best * w_mean[bs][None]).sum(-1).T  # fully padded reports: -inf, zeroed below
+            if do_t2i:  # per sentence row: max over each image's patch columns
+                sim3 = sim.view(rows, bc, K)
+                if patch_mask is not None:
+                    sim3.masked_fill_(~patch_mask[bs][None], float("-inf"))
+                best = sim3.amax(dim=2, keepdim=True)  # [gc*S, bc, 1]
+                idx = _first_argmax_(scratch[: rows * cols].view(rows, bc, K), sim3, best, 2, w_k)
+                arg_t2i[gs.start * S : gs.stop * S, bs] = idx.to(idx_dtype)
+                t2i_best[gs.start * S : gs.stop * S, bs] = best.view(rows, bc)
 
-        zero = torch.zeros((), dtype=out_dtype, device=device)
+        zero = torch.zeros((), dtype=work, device=device)
         if do_i2t:
             i2t = torch.where(pair, i2t, zero)
         t2i = empty
         if do_t2i:
-            sent_w = sentence_mask.to(out_dtype) / n_s.clamp(min=1)[:, None].to(out_dtype)  # [G, S]
-            t2i = torch.where(pair, (t2i_best * sent_w).sum(-1), zero)
-        ctx.save_for_backward(patches, sentences, patch_mask, sentence_mask, arg_i2t, arg_t2i)
+            best = t2i_best.view(G, S, B)
+            if sentence_mask is not None:
+                best = torch.where(sentence_mask[:, :, None], best, zero)
+            t2i = torch.where(pair, (best.sum(1) / n_s.clamp(min=1)[:, None].to(work)).T, zero)
+        ctx.save_for_backward(patches, sentences, patch_mask, sentence_mask, arg_i2t, arg_t2i, inv_p, inv_s)
         ctx.flags = (do_i2t, do_t2i, tile_elements)
         ctx.mark_non_differentiable(*(t for t, done in ((i2t, do_i2t), (t2i, do_t2i)) if not done))
         return i2t, t2i
 
     @staticmethod
     def backward(ctx, grad_i2t, grad_t2i):
-        patches, sentences, patch_mask, sentence_mask, arg_i2t, arg_t2i = ctx.saved_tensors
+        patches, sentences, patch_mask, sentence_mask, arg_i2t, arg_t2i, inv_p, inv_s = ctx.saved_tensors
         do_i2t, do_t2i, tile_elements = ctx.flags
         need_p, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         B, K, D = patches.shape
         G, S, _ = sentences.shape
         device, work = patches.device, score_dtype(patches.dtype)
-        n_p, n_s = patch_mask.sum(1), sentence_mask.sum(1)
+        n_p = patch_mask.sum(1) if patch_mask is not None else torch.full((B,), K, device=device)
+        n_s = sentence_mask.sum(1) if sentence_mask is not None else torch.full((G,), S, device=device)
         pair = (n_p > 0)[:, None] & (n_s > 0)[None, :]
         zero = torch.zeros((), dtype=work, device=device)
         # dL/dsim is wI[b, g] at (p, a[b, p, g]) for valid p plus wT[b, g] at (c[b, g, q], q) for valid q;
         # padding and empty pairs get weight 0 (their saved indices are arbitrary but in range).
-        if do_i2t:
-            w_i2t = torch.where(pair, grad_i2t.to(work) / n_p.clamp(min=1)[:, None].to(work), zero)
-        if do_t2i:
-            w_t2i = torch.where(pair, grad_t2i.to(work) / n_s.clamp(min=1)[None, :].to(work), zero)
-        patch_f, sent_f = patch_mask.to(work)[:, :, None], sentence_mask.to(work)[None]
-        # Gradients are accumulated in the score dtype (fp32 for half inputs) and cast back once.
-        grad_p = torch.zeros(B, K, D, dtype=work, device=device) if need_p else None
+        use_i2t = do_i2t and grad_i2t is not None
+        use_t2i = do_t2i and grad_t2i is not None
+        if use_i2t:
+            w_i2t = torch.where(pair, grad_i2t.to(work) / n_p.clamp(min=1)[:, None].to(work), zero).T  # [G, B]
+        if use_t2i:
+            w_t2i = torch.where(pair, grad_t2i.to(work) / n_s.clamp(min=1)[None, :].to(work), zero).T  # [G, B]
+        p_valid = None if patch_mask is None else patch_mask.to(work)  # [B, K]
+        s_valid = None if sentence_mask is None else sentence_mask.to(work)  # [G, S]
+        # Gradients w.r.t. the (normalised) vectors, accumulated in the score dtype and cast back once.
+        grad_p = torch.zeros(B * K, D, dtype=work, device=device) if need_p else None
         grad_s = torch.zeros(G * S, D, dtype=work, device=device) if need_s else None
-        sent_flat = sentences.reshape(G * S, D).to(work)
+        s_rows = _prepare(sentences, inv_s, sentence_mask).reshape(G * S, D).to(work)
+        buf = torch.empty(max(min(tile_elements, G * S * B * K), K * S), dtype=work, device=device)
 
-        for bs, gs in _tiles(B, K, G, S, tile_elements):
-            bc, gc = bs.stop - bs.start, gs.stop - gs.start
-            grad_sim = torch.zeros(bc, K, gc, S, dtype=work, device=device)
-            if do_i2t:
-                idx = arg_i2t[bs, :, gs].long().unsqueeze(3)  # [bc, K, gc, 1]
-                src = w_i2t[bs, gs][:, None, :] * patch_f[bs]  # [bc, K, gc]
-                grad_sim.scatter_add_(3, idx, src.unsqueeze(3))
-            if do_t2i:
-                idx = arg_t2i[bs, gs].long().unsqueeze(1)  # [bc, 1, gc, S]
-                src = w_t2i[bs, gs][:, :, None] * sent_f[:, gs]  # [bc, gc, S]
-                grad_sim.scatter_add_(1, idx, src.unsqueeze(1))
-            grad_sim = grad_sim.view(bc * K, gc * S)
-            rows = slice(gs.start * S, gs.stop * S)
-            if need_p:
-                grad_p[bs].view(bc * K, D).addmm_(grad_sim, sent_flat[rows])
-            if need_s:
-                grad_s[rows].addmm_(grad_sim.T, patches[bs].reshape(bc * K, D).to(work))
+        if use_i2t or use_t2i:
+            for bs, gs in _tiles(B, K, G, S, tile_elements):
+                bc, gc = bs.stop - bs.start, gs.stop - gs.start
+                rows, cols = gc * S, bc * K
+                grad_sim = buf[: rows * cols].view(rows, cols).zero_()
+                if use_i2t:
+                    idx = arg_i2t[gs, bs].reshape(gc, 1, cols).long()
+                    src = w_i2t[gs, bs][:, :, None].expand(gc, bc, K)
+                    if p_valid is not None:
+                        src = src * p_valid[bs][None]
+                    grad_sim.view(gc, S, cols).scatter_add_(1, idx, src.reshape(gc, 1, cols))
+                if use_t2i:
+                    idx = arg_t2i[gs.start * S : gs.stop * S, bs].long()[:, :, None]  # [gc*S, bc, 1]
+                    src = w_t2i[gs, bs][:, None, :].expand(gc, S, bc)
+                    if s_valid is not None:
+                        src = src * s_valid[gs][:, :, None]
+                    grad_sim.view(rows, bc, K).scatter_add_(2, idx, src.reshape(rows, bc, 1))
+                s_blk = s_rows[gs.start * S : gs.stop * S]
+                if need_p:
+                    grad_p[bs.start * K : bs.stop * K].addmm_(grad_sim.T, s_blk)
+                if need_s:
+                    p_blk = _prepare(patches[bs], None if inv_p is None else inv_p[bs], patch_mask[bs]
+                                     if patch_mask is not None else None).reshape(cols, D).to(work)
+                    grad_s[gs.start * S : gs.stop * S].addmm_(grad_sim, p_blk)
 
-        grad_p = grad_p.to(patches.dtype) if need_p else None
-        grad_s = grad_s.view(G, S, D).to(sentences.dtype) if need_s else None
-        return grad_p, grad_s, None, None, None, None, None
+        if need_p:
+            if inv_p is not None:
+                unnormalize_grad_(grad_p, patches.reshape(B * K, D), inv_p.reshape(B * K))
+            grad_p = grad_p.view(B, K, D).to(patches.dtype)
+        if need_s:
+            if inv_s is not None:
+                unnormalize_grad_(grad_s, sentences.reshape(G * S, D), inv_s.reshape(G * S))
+            grad_s = grad_s.view(G, S, D).to(sentences.dtype)
+        return grad_p, grad_s, None, None, None, None, None, None
 
 
 def patch_sentence_scores_chunked(
     patches: torch.Tensor,
     sentences: torch.Tensor,
-    sentence_mask: Optional[torch.Tensor] = None,
-    patch_mask: Optional[torch.Tensor] = None,
-    directions: str = "both",
-    deterministic: bool = False,
+    sentence_mask: Optional[torch.Tensor],
+    patch_mask: Optional[torch.Tensor],
+    options: ScoresOptions,
     tile_elements: int = TILE_ELEMENTS,
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Tiled patch-sentence scores (same contract as ``mlip_fast.ops.patch_sentence_scores``).
 
     Args:
-        patches: [B, K, D]; sentences: [G, S, D] (any float dtype, same device).
+        patches: [B, K, D]; sentences: [G, S, D] (any float dtype, same device, any strides).
         sentence_mask: [G, S] bool (True = valid) or None; patch_mask: [B, K] bool or None.
-        directions: "both", "i2t" or "t2i".
-        deterministic: accepted for the registry interface; this path has no atomics, so it is as
-            reproducible as the device's matmul.
+        options: directions and normalisation (``precision`` and ``deterministic`` change nothing here: fp32
+            matmuls are exact fp32 and this path has no atomics).
         tile_elements: K*S similarity cells per tile (memory per tile vs per-tile overhead).
 
     Returns:
         (i2t [B, G], t2i [B, G]), None for a direction not asked for; float32 for half inputs, else the
         input dtype.
     """
-    B, K, _ = patches.shape
-    G, S, _ = sentences.shape
-    if sentence_mask is None:
-        sentence_mask = torch.ones(G, S, dtype=torch.bool, device=patches.device)
-    if patch_mask is None:
-        patch_mask = torch.ones(B, K, dtype=torch.bool, device=patches.device)
-    do_i2t, do_t2i = directions in ("both", "i2t"), directions in ("both", "t2i")
     i2t, t2i = PatchSentenceChunkedFunction.apply(
-        patches, sentences, sentence_mask, patch_mask, do_i2t, do_t2i, int(tile_elements)
+        patches, sentences, sentence_mask, patch_mask, options.do_i2t, options.do_t2i, options.normalize,
+        int(tile_elements),
     )
-    return (i2t if do_i2t else None), (t2i if do_t2i else None)
+    return (i2t if options.do_i2t else None), (t2i if options.do_t2i else None)
 
 
 IMPL = Impl(
