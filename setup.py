@@ -48,6 +48,8 @@ setup(
     entry_points={"console_scripts": ["mlip-train = mlip_fast.train.launch:main"]},
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=5"],
+        # the peers the benchmarks compare with (the GPU ones need CUDA; each is skipped with a reason when absent)
+        "bench": ["maxsim-cpu>=0.1", "late-interaction-kernels>=0.4", "flash-maxsim>=0.3"],
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "dicom": ["pydicom>=3.0"],
         "fast-jpeg": ["simplejpeg>=1.7"],
