@@ -122,7 +122,7 @@ def state_is_finite(engine) -> bool:
     the last update made non-finite is never saved."""
     finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
     flag = torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)
-    return float(_reduce(flag)) == 0.0
+    return float(_reduce(flag, _engine_device(engine))) == 0.0
 
 
 def _all_finite(outputs: dict) -> bool:
@@ -200,10 +200,17 @@ class LoopResult:
     skipped_steps: int = 0
 
 
-def _reduce(values: torch.Tensor) -> torch.Tensor:
+def _engine_device(engine) -> torch.device:
+    return engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+
+
+def _reduce(values: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The sum of ``values`` over ranks, on the CPU. The collective runs on ``device`` (the engine's: NCCL reduces
+    CUDA tensors only; gloo, CPU ones)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.to(device) if device is not None else values
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    return values.cpu()
 
 
 def _fetch(ctx: LoopContext, step: int) -> list:
@@ -214,7 +221,8 @@ def _fetch(ctx: LoopContext, step: int) -> list:
         batches = [next(ctx.batches) for _ in range(ctx.accumulation)]
     except DatasetError as e:
         batches, failed = [], e
-    if float(_reduce(torch.tensor([0.0 if failed is None else 1.0], dtype=torch.float64))) == 0.0:
+    flag = torch.tensor([0.0 if failed is None else 1.0], dtype=torch.float64)
+    if float(_reduce(flag, _engine_device(ctx.engine))) == 0.0:
         return batches
     ctx.reporter.close_progress()
     checkpoint = ctx.save(step) if ctx.save is not None and step > ctx.start_step else None
@@ -229,7 +237,7 @@ def _latest(ctx: LoopContext):
 
 def train_loop(ctx: LoopContext) -> LoopResult:
     engine = ctx.engine
-    device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+    device = _engine_device(engine)
     window = deque(maxlen=max(1, min(50, ctx.total_steps // 10 or 1)))
     last_terms: dict = {}
     step = ctx.start_step
@@ -262,7 +270,7 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         else:
             values = [math.nan] * len(LOSS_KEYS)
         stats = torch.tensor(values + [1.0 if ctx.stop.signum is not None else 0.0], dtype=torch.float64)
-        stats = _reduce(stats)
+        stats = _reduce(stats, device)
         terms_now = stats[:-1] / ctx.world_size
         stop_votes = float(stats[-1])
         if not torch.isfinite(terms_now).all():

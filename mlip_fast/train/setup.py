@@ -215,6 +215,10 @@ def _find_checkpoint(args, run_dir: Path, ranks: Ranks, zero_stage: int) -> tupl
     try:
         root, tag = ckpt.resolve_resume(args.resume, run_dir if args.resume == "latest" else None, RUNS_ROOT)
     except ckpt.NoCheckpointYet:
+        finished = [n for n in ("summary.json", ckpt.EXPORT_DIR) if (run_dir / n).exists()]
+        if finished:  # a finished run whose checkpoints are gone: restarting would overwrite its records
+            raise ckpt.CheckpointError(f"--resume latest: {run_dir} holds a finished run ({', '.join(finished)}) but "
+                                       f"no checkpoint to continue it from; choose another --output-dir") from None
         return None, True, []
     # a checkpoint named by its own folder must pass; one reached through ``latest`` may give way to an older one
     named = args.resume != "latest" and Path(args.resume).resolve() == (Path(root) / tag).resolve()
