@@ -37,14 +37,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mlip_fast.train.checkpoint_files import (LATEST, MANIFEST, CheckpointError, DiskFullError, fsync,
+from mlip_fast.train.checkpoint_files import (LATEST, CheckpointError, DiskFullError, fsync,
                                               install_weights_only_loader, load_weights_only, step_of, tag_for,
                                               verify_manifest)
 
 __all__ = ["CheckpointError", "DiskFullError", "IncompatibleCheckpoint", "NoCheckpointYet", "CHECKPOINT_DIR",
            "EXPORT_DIR", "LATEST", "tag_for", "step_of", "write_latest", "remove_leftovers", "resolve_resume",
            "verify_checkpoint", "choose_checkpoint", "load_checkpoint", "set_aside_newer", "rng_state",
-           "restore_rng_state", "has_manifest", "PARTIAL", "DISCARD"]
+           "restore_rng_state", "PARTIAL", "DISCARD"]
 
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
@@ -231,10 +231,6 @@ def choose_checkpoint(ckpt_root: Path, tag: str, world_size: int, zero_stage: in
                 raise
             rejected.append(str(e))
     raise CheckpointError(f"no checkpoint of {ckpt_root} can be resumed from: {' | '.join(rejected)}")
-
-
-def has_manifest(ckpt_root: Path, tag: str) -> bool:
-    return (ckpt_root / tag / MANIFEST).is_file()
 
 
 def load_checkpoint(engine, ckpt_root: Path, tag: str) -> dict:
