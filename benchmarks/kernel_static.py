@@ -17,7 +17,8 @@ compiled (or the error), registers, spill bytes (stores + loads), stack bytes, s
 from registers / shared memory / warps and which one limits, tensor-core instructions in the SASS
 (``HGMMA`` on sm_90, ``HMMA`` on sm_80) and the PTX (``wgmma`` / ``mma.sync``), layout conversions in the
 TTGIR, and every loop of the SASS (backward branches) with its instruction count, tensor-core count and
-shuffle / shared-memory traffic. Identical compiles (same kernel, arch and specialisation) are compiled once.
+shuffle / shared-memory traffic, instructions per execution pipe and L1 / shared-memory data bytes. Identical
+compiles (same kernel, arch and specialisation) are compiled once.
 
 ``--dump DIR`` writes each distinct kernel's PTX, cubin and SASS so anyone can re-check with
 ``ptxas -v --gpu-name=sm_90a``.
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -65,6 +67,48 @@ SMEM_RESERVED_PER_BLOCK = 1_024
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 TENSOR_CORE_SASS = {80: ("HMMA",), 90: ("HGMMA", "HMMA")}
+# The execution pipe each SASS opcode issues to on sm_80 / sm_90 (CUDA programming guide, arithmetic instruction
+# throughput table; NVIDIA's Ampere and Hopper whitepapers for the pipe split), for the performance model's
+# per-pipe issue limits. Opcodes not named are "other" (moves, special registers, constants): they cost an issue
+# slot and no pipe. Uniform-datapath opcodes (U*) run beside the vector pipes.
+SASS_PIPES = {
+    "tensor": ("HGMMA", "HMMA", "IMMA", "DMMA", "BMMA"),
+    "fp32": ("FFMA", "FADD", "FMUL", "FFMA2", "HFMA2", "HADD2", "HMUL2", "FSWZADD"),
+    "imad": ("IMAD", "IMUL", "IDP"),
+    "alu": ("FMNMX", "FSEL", "FSETP", "SEL", "ISETP", "LOP3", "LOP", "PLOP3", "IADD3", "IADD", "VIADD", "VIADDMNMX",
+            "IMNMX", "VIMNMX", "VIMNMX3", "IABS", "SHF", "SHL", "SHR", "LEA", "PRMT", "P2R", "R2P", "SGXT", "BMSK",
+            "F2FP", "FCHK", "FLO", "POPC", "BREV", "CSET", "CSETP", "PSETP"),
+    "xu": ("MUFU", "I2F", "F2I", "F2F", "FRND", "I2FP", "F2IP", "I2I"),
+    "shuffle": ("SHFL",),
+    "shared": ("LDS", "STS", "LDSM", "STSM", "ATOMS"),
+    "global": ("LDG", "STG", "LDGSTS", "REDG", "RED", "ATOMG", "ATOM", "LD", "ST", "LDL", "STL", "UTMALDG", "UTMASTG"),
+    "control": ("BRA", "BAR", "BSSY", "BSYNC", "CALL", "RET", "EXIT", "DEPBAR", "LDGDEPBAR", "MEMBAR", "FENCE", "NOP",
+                "WARPSYNC", "WARPGROUP", "YIELD", "ERRBAR", "SYNCS", "ELECT", "ARRIVES", "CCTL"),
+}
+_PIPE_OF = {op: pipe for pipe, ops in SASS_PIPES.items() for op in ops}
+
+
+def sass_pipe(opcode: str) -> str:
+    """The pipe of one SASS opcode (with or without its suffixes): a key of ``SASS_PIPES``, "uniform" or "other"."""
+    base = opcode.split(".")[0]
+    if base in _PIPE_OF:
+        return _PIPE_OF[base]
+    return "uniform" if base.startswith("U") or base in ("R2UR", "S2UR") else "other"
+
+
+def sass_data_bytes(opcode: str) -> int:
+    """Bytes one warp moves through the SM's L1 / shared-memory data path with this opcode (0 for other pipes):
+    32 lanes x the access width (.64, .128; 4 bytes otherwise) for shared and global accesses, 128 per 8x8
+    matrix of LDSM / STSM (.2, .4), 128 per shuffle."""
+    pipe = sass_pipe(opcode)
+    parts = opcode.split(".")
+    if pipe == "shuffle":
+        return 128
+    if pipe not in ("shared", "global") or parts[0].startswith("UTMA"):
+        return 0
+    if parts[0] in ("LDSM", "STSM"):
+        return 128 * (4 if "4" in parts[1:] else 2 if "2" in parts[1:] else 1)
+    return 32 * (16 if "128" in parts[1:] else 8 if "64" in parts[1:] else 4)
 
 
 def tools_available() -> Optional[str]:
@@ -332,7 +376,9 @@ def sass_loops(instrs: list, arch: int) -> list:
     """Every loop of the SASS (a backward branch closes it): size, nesting, and what its body issues.
 
     ``innermost`` loops contain no other loop: they are the hot loops whose instruction counts the
-    performance model turns into issue cycles.
+    performance model turns into issue cycles. ``pipes`` counts the body's instructions per execution pipe
+    (:data:`SASS_PIPES`) and ``data_bytes`` what one warp moves through the L1 / shared-memory data path per
+    iteration (:func:`sass_data_bytes`), for the model's per-pipe limits.
     """
     addr_index = {a: i for i, (a, _, _) in enumerate(instrs)}
     loops = []
@@ -355,6 +401,8 @@ def sass_loops(instrs: list, arch: int) -> list:
             shared_stores=sum(o.startswith("STS") for o in ops),
             global_loads=sum(o.startswith(("LDG", "LDGSTS")) for o in ops) + sum(o.startswith("UTMALDG") for o in ops),
             barriers=sum(o.startswith(("BAR", "WARPSYNC")) for o in ops),
+            pipes={pipe: n for pipe, n in Counter(map(sass_pipe, ops)).items()},
+            data_bytes=sum(map(sass_data_bytes, ops)),
         ))
     for lp in loops:
         lp["innermost"] = not any(
