@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # a global a kernel reads must be constexpr
 
 
 @triton.jit(do_not_specialize=["X", "R", "Y", "C", "so_x", "so_y", "st_x", "st_y", "sw_x", "sw_y"])
@@ -59,6 +59,7 @@ def _patch_sentence_ot_bwd_kernel(
     sw_x,
     sw_y,
     z_scale,  # log2(e) / eps
+    OWN_IS_PATCH: tl.constexpr,  # patch side (XB = 1) or sentence side (YB = 1)
     UPCAST: tl.constexpr,
     XB: tl.constexpr,  # own entities per program (1 on the patch side)
     RB: tl.constexpr,  # own slots per entity
@@ -104,12 +105,20 @@ def _patch_sentence_ot_bwd_kernel(
                 bt = bt.to(tl.float32)
             sim = tl.dot(a, bt, sim, input_precision="ieee")
 
+        # The patch potentials f[b, g, p] vary along both axes of the block; the sentence potentials g[b, g, q]
+        # and the weights w[b, g] along one only (the program's image is fixed on the patch side, each step's
+        # image on the sentence side), so they are loaded as vectors and broadcast.
         ok = m_ok[:, None] & n_ok[None, :]
-        pot = tl.load(pot_own_ptr + x_m[:, None] * so_x + y_n[None, :] * so_y + r_m[:, None], mask=ok,
-                      other=float("-inf"))
-        pot += tl.load(pot_oth_ptr + x_m[:, None] * st_x + y_n[None, :] * st_y + c_n[None, :], mask=ok,
-                       other=float("-inf"))
-        w = tl.load(w_ptr + x_m[:, None] * sw_x + y_n[None, :] * sw_y, mask=ok, other=0.0)
+        if OWN_IS_PATCH:
+            x0_64 = x0.to(tl.int64)
+            pot = tl.load(pot_own_ptr + x0_64 * so_x + y_n[None, :] * so_y + r_m[:, None], mask=ok, other=float("-inf"))
+            pot += tl.load(pot_oth_ptr + x0_64 * st_x + y_n * st_y + c_n, mask=n_ok, other=float("-inf"))[None, :]
+            w = tl.load(w_ptr + x0_64 * sw_x + y_n * sw_y, mask=n_ok, other=0.0)[None, :]
+        else:
+            y0 = (step // n_cc).to(tl.int64)
+            pot = tl.load(pot_own_ptr + x_m * so_x + y0 * so_y + r_m, mask=m_ok, other=float("-inf"))[:, None]
+            pot += tl.load(pot_oth_ptr + x_m[:, None] * st_x + y0 * st_y + c_n[None, :], mask=ok, other=float("-inf"))
+            w = tl.load(w_ptr + x_m * sw_x + y0 * sw_y, mask=m_ok, other=0.0)[:, None]
         m_blk = w * tl.exp2(pot * LOG2E + sim * z_scale)
 
         rows = tl.load(oth_rows[:, None] + offs_c[None, :], mask=n_ok[:, None] & c_in[None, :], other=0.0)

@@ -39,8 +39,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-DEAD = -1e30  # the log-domain stand-in for -inf of the reference (mlip_fast.reference.patch_sentence_ot.DEAD)
-LN2 = 0.6931471805599453
+# Globals a kernel reads must be constexpr. DEAD: the log-domain stand-in for -inf, as in the reference
+# (mlip_fast.reference.patch_sentence_ot.DEAD).
+DEAD = tl.constexpr(-1e30)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # Shape ints are not specialised on (== 1, divisible by 16): one compile serves every B, G, K, S; D and the
@@ -92,17 +94,8 @@ def _patch_sentence_ot_fwd_kernel(
     row_in = (g_m < G) & (q_m < S)
     g_j = g0 + tl.arange(0, GB)
     g_j_in = g_j < G
-    q_2 = tl.arange(0, S_CH)[None, :]
-    g_2 = g_j[:, None]
-    row_in2 = (g_2 < G) & (q_2 < S)
-    row_ok2 = row_in2
-    if HAS_SMASK:
-        row_ok2 = row_ok2 & (tl.load(smask_ptr + g_2 * S + q_2, mask=row_in2, other=0) != 0)
     offs_n = tl.arange(0, BN)
     col_in = offs_n < K
-    col_ok = col_in
-    if HAS_PMASK:
-        col_ok = col_ok & (tl.load(pmask_ptr + b64 * K + offs_n, mask=col_in, other=0) != 0)
 
     # Similarity tile, transposed: sentence rows x patch columns, fp32 accumulation over D.
     s_rows = s_ptr + g_m.to(tl.int64) * stride_sg + q_m * stride_ss
@@ -119,7 +112,17 @@ def _patch_sentence_ot_fwd_kernel(
             bt = bt.to(tl.float32)
         acc = tl.dot(a, bt, acc, input_precision="ieee")
 
-    # Live entries: valid on both sides of a pair whose both sides are non-empty.
+    # Live entries: valid on both sides of a pair whose both sides are non-empty. (The masks are read after the
+    # dot, so that their predicates are not held through its loop.)
+    q_2 = tl.arange(0, S_CH)[None, :]
+    g_2 = g_j[:, None]
+    row_in2 = (g_2 < G) & (q_2 < S)
+    row_ok2 = row_in2
+    if HAS_SMASK:
+        row_ok2 = row_ok2 & (tl.load(smask_ptr + g_2 * S + q_2, mask=row_in2, other=0) != 0)
+    col_ok = col_in
+    if HAS_PMASK:
+        col_ok = col_ok & (tl.load(pmask_ptr + b64 * K + offs_n, mask=col_in, other=0) != 0)
     n_p = tl.load(np_ptr + b)
     n_s = tl.load(ns_ptr + g_j, mask=g_j_in, other=0)  # [GB]
     row_live = row_ok2 & (n_p > 0)  # [GB, S_CH]

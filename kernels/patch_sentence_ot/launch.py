@@ -20,8 +20,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # at most (fp32 tile, its exp2 temporary and the potentials stay spill-free on sm_80 and sm_90 at 8 warps,
 # checked by benchmarks/kernel_static.py). Larger pairs are refused up front.
 MAX_PAIR_CELLS = 4096
+# Sentence slots per report in a forward tile at least: the patch potentials f are [GB, BN] per program, as
+# large as the tile itself when each report has one slot (16 reports for the 16 rows of a dot), which spills.
+MIN_SLOTS = 4
 # Cells of one forward tile (GB reports x S_CH x BN): reports are added to a program up to this.
-TILE_CELLS = 4096
+TILE_CELLS = 2048
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -39,10 +42,10 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 def limits(K: int, S: int, dtype: torch.dtype, arch: int) -> List[str]:
     """Why the kernels cannot take these sizes (empty: they can). ``auto`` falls back on any reason."""
-    s_pad, k_pad = _pow2(S), _pow2(K, 16)
-    if s_pad * k_pad > MAX_PAIR_CELLS:
-        return [f"a pair's padded S x K block ({s_pad} x {k_pad} = {s_pad * k_pad} cells) exceeds the forward's "
-                f"register tile of {MAX_PAIR_CELLS} cells"]
+    rows, k_pad = max(_pow2(S), 16), _pow2(K, 16)  # a forward tile has at least 16 rows
+    if rows * k_pad > MAX_PAIR_CELLS:
+        return [f"a pair's padded block ({rows} sentence rows x {k_pad} patches = {rows * k_pad} cells) exceeds the "
+                f"forward's register tile of {MAX_PAIR_CELLS} cells"]
     return []
 
 
@@ -56,11 +59,13 @@ def valid_counts(
 
 
 def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int) -> dict:
-    """Block sizes of the forward: the whole K (BN, at least 16) by S_CH sentence slots per report, GB reports
+    """Block sizes of the forward: the whole K (BN, at least 16) by S_CH sentence slots per report (S padded to a
+    power of two, at least MIN_SLOTS), GB reports
     per program so that the tile has at least 16 rows (a ``tl.dot`` minimum) and about TILE_CELLS cells; D in
-    chunks of 64 (half) or 32 (fp32); 4 warps up to 2048 cells, else 8."""
+    chunks of 64 (half) or 32 (fp32); 4 warps up to 2048 cells (16 per thread), 8 above (a single pair of up
+    to MAX_PAIR_CELLS cells). The tolerance check's extra registers fit in both (spill-free on sm_80 and sm_90)."""
     bn = _pow2(K, 16)
-    s_ch = _pow2(S)
+    s_ch = max(_pow2(S), MIN_SLOTS)
     gb = max(1, 16 // s_ch)
     while gb * s_ch * bn * 2 <= TILE_CELLS and gb < _pow2(G):
         gb *= 2
@@ -126,11 +131,15 @@ def patch_sentence_ot_fwd(
 
 
 def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch: int, own_is_patch: bool) -> dict:
-    """Block sizes of one backward side: 64 own rows (patch side: one image's patch chunk; sentence side:
-    reports x sentence slots) and about 64 other columns per step (reports x sentence slots, or a patch chunk);
-    the similarity dot over D in chunks of 64 (half) or 32 (fp32); 128 (half) or 64 (fp32) output columns of D
-    per program."""
-    rows, cols = 64, 64
+    """Block sizes of one backward side (checked spill-free on sm_80 and sm_90 by the static tool).
+
+    Half inputs: 64 own rows (patch side: a patch chunk of one image; sentence side: reports x sentence slots) by
+    64 other columns per step (reports x sentence slots, or a patch chunk), the similarity dot over D in chunks of
+    64, 128 output columns of D per program, 8 warps. fp32 (FMA dots, whose operands live in registers): 32 x 32
+    blocks, 32 output columns, 4 warps.
+    """
+    half = _half(dtype) and not INTERPRET
+    rows = cols = 64 if (half or INTERPRET) else 32
     if own_is_patch:  # rows: patch chunk of one image; columns: YB reports of CB sentence slots
         xb, rb = 1, min(rows, _pow2(R, 16))
         cb = min(cols, _pow2(C))
@@ -142,9 +151,9 @@ def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch:
     if INTERPRET:
         return dict(XB=xb, RB=rb, YB=yb, CB=cb, BD=min(128, _pow2(D, 16)), DC=min(128, _pow2(D, 16)),
                     num_warps=4, num_stages=1)
-    half = _half(dtype)
-    return dict(XB=xb, RB=rb, YB=yb, CB=cb, BD=64 if half else 32, DC=min(128 if half else 64, _pow2(D, 16)),
-                num_warps=4, num_stages=2)
+    if half:
+        return dict(XB=xb, RB=rb, YB=yb, CB=cb, BD=64, DC=min(128, _pow2(D, 16)), num_warps=8, num_stages=2)
+    return dict(XB=xb, RB=rb, YB=yb, CB=cb, BD=32, DC=min(32, _pow2(D, 16)), num_warps=4, num_stages=2)
 
 
 def _bwd_side(own, other, pot_own, pot_oth, w, strides: tuple, own_is_patch: bool, z_scale: float,
@@ -154,10 +163,13 @@ def _bwd_side(own, other, pot_own, pot_oth, w, strides: tuple, own_is_patch: boo
     Y, C, _ = other.shape
     target = target_of(own.device)
     cfg = dict(bwd_config(X, R, Y, C, D, own.dtype, target.arch, own_is_patch), **(config or {}))
+    if cfg["XB" if own_is_patch else "YB"] != 1:  # the kernel loads the sentence potentials as vectors
+        raise ValueError(f"patch_sentence_ot_bwd: {'XB' if own_is_patch else 'YB'} must be 1 on this side, got {cfg}")
     out = torch.empty_like(own)
     grid = (triton.cdiv(X, cfg["XB"]) * triton.cdiv(R, cfg["RB"]), triton.cdiv(D, cfg["DC"]))
     _patch_sentence_ot_bwd_kernel[grid](
         out, own, other, pot_own, pot_oth, w, X, R, Y, C, D, *strides, z_scale,
+        OWN_IS_PATCH=own_is_patch,
         UPCAST=_upcast(own.dtype),
         **cfg,
     )
