@@ -20,9 +20,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # at most (fp32 tile, its exp2 temporary and the potentials stay spill-free on sm_80 and sm_90 at 8 warps,
 # checked by benchmarks/kernel_static.py). Larger pairs are refused up front.
 MAX_PAIR_CELLS = 4096
-# Sentence slots per report in a forward tile at least: the patch potentials f are [GB, BN] per program, as
-# large as the tile itself when each report has one slot (16 reports for the 16 rows of a dot), which spills.
-MIN_SLOTS = 4
+# Sentence slots per report in a forward tile at least: a report then fills the 16 rows of a dot on its own, and
+# the patch potentials f [GB, BN] of a program stay a small part of its registers (with one slot per report they
+# are as large as the tile itself, and with 4 or 8 slots the tolerance check spills at K = 256).
+MIN_SLOTS = 16
 # Cells of one forward tile (GB reports x S_CH x BN): reports are added to a program up to this.
 TILE_CELLS = 2048
 
@@ -60,10 +61,10 @@ def valid_counts(
 
 def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int) -> dict:
     """Block sizes of the forward: the whole K (BN, at least 16) by S_CH sentence slots per report (S padded to a
-    power of two, at least MIN_SLOTS), GB reports
-    per program so that the tile has at least 16 rows (a ``tl.dot`` minimum) and about TILE_CELLS cells; D in
-    chunks of 64 (half) or 32 (fp32); 4 warps up to 2048 cells (16 per thread), 8 above (a single pair of up
-    to MAX_PAIR_CELLS cells). The tolerance check's extra registers fit in both (spill-free on sm_80 and sm_90)."""
+    power of two, at least MIN_SLOTS), GB reports per program so that the tile has at least 16 rows (a ``tl.dot``
+    minimum) and about TILE_CELLS cells; D in chunks of 64 (half) or 32 (fp32); 4 warps up to 2048 cells (16 per
+    thread), 8 above (one pair of up to MAX_PAIR_CELLS cells). Spill-free on sm_80 and sm_90 with and without the
+    tolerance check (``benchmarks/kernel_static.py``)."""
     bn = _pow2(K, 16)
     s_ch = max(_pow2(S), MIN_SLOTS)
     gb = max(1, 16 // s_ch)
@@ -140,12 +141,13 @@ def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch:
     """
     half = _half(dtype) and not INTERPRET
     rows = cols = 64 if (half or INTERPRET) else 32
+    # sentence slots padded to at least 4: tiny S would otherwise put 32 or 64 reports in one block
     if own_is_patch:  # rows: patch chunk of one image; columns: YB reports of CB sentence slots
         xb, rb = 1, min(rows, _pow2(R, 16))
-        cb = min(cols, _pow2(C))
+        cb = min(cols, _pow2(C, 4))
         yb = max(1, cols // cb)
     else:  # rows: XB reports of RB sentence slots; columns: a patch chunk of one image
-        rb = min(rows, _pow2(R))
+        rb = min(rows, _pow2(R, 4))
         xb = max(1, rows // rb)
         yb, cb = 1, min(cols, _pow2(C, 16))
     if INTERPRET:
