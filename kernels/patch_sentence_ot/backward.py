@@ -2,17 +2,17 @@
 
 Derivation
 ----------
-The forward gives score[b, g] = sum_pq P_bg[p, q] sim_bg[p, q] with sim_bg = P_b S_g^T (P_b [K, D] the patches
-of image b, S_g [S, D] the sentences of report g) and the plan P_bg[p, q] = exp(f[b, g, p] + g[b, g, q] +
+The forward gives score[b, g] = sum_pq P_bg[p, q] sim_bg[p, q] with sim_bg = V_b U_g^T (V_b [K, D] the patches
+of image b, U_g [S, D] the sentences of report g) and the plan P_bg[p, q] = exp(f[b, g, p] + g[b, g, q] +
 sim_bg[p, q] / eps). The gradient is the envelope one (see ``mlip_fast.reference.patch_sentence_ot``): the plan is
 held constant, so with upstream gradient w = dL/dscore [B, G]
 
     dL/dsim_bg[p, q] = M_bg[p, q] = w[b, g] * P_bg[p, q]
 
-and by the chain rule through sim_bg = P_b S_g^T
+and by the chain rule through sim_bg = V_b U_g^T
 
-    dP_b = sum_g M_bg S_g            [K, D]
-    dS_g = sum_b M_bg^T P_b          [S, D]
+    dV_b = sum_g M_bg U_g            [K, D]
+    dU_g = sum_b M_bg^T V_b          [S, D]
 
 Two GEMM-shaped products. M is never stored: each block of it is rebuilt from the similarity block (recomputed
 from the inputs over the whole of D) and the saved potentials, which are -inf wherever the plan has no mass
@@ -25,7 +25,9 @@ reports of CB sentence slots; the sentence side XB reports of RB slots and YB = 
 
     M[(x, r), (y, c)] = w[x, y] * exp2(log2(e) * (pot_own[x, y, r] + pot_oth[x, y, c]) + sim[(x, r), (y, c)] * log2(e) / eps)
 
-with the potentials and weights addressed through strides that name (b, g) in either order. The block is
+with the potentials and weights addressed through strides that name (b, g) in either order. The patch potentials
+f vary along both axes of a block; the sentence potentials g and the weights w along one only (the image is fixed
+per program on the patch side and per step on the sentence side), so those are loaded as vectors. The block is
 multiplied with the other rows' DC columns of D (``tl.dot``: tensor cores for half inputs, the block rounded to
 the input dtype as a same-dtype PyTorch backward rounds its gradient; IEEE fp32 for fp32). D above DC is split
 over programs, each recomputing the similarity: 2*B*G*K*S*D*(1 + D / DC) FLOPs per side, no atomics, and the

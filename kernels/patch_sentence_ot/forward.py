@@ -2,8 +2,8 @@
 
 Math
 ----
-For image b (patches P_b [K, D], validity m_b [K]) and report g (sentences S_g [S, D], validity n_g [S]), with
-sim[p, q] = <P_b[p], S_g[q]> over the live entries (valid p and q of a pair whose both sides are non-empty),
+For image b (patches V_b [K, D], validity m_b [K]) and report g (sentences U_g [S, D], validity n_g [S]), with
+sim[p, q] = <V_b[p], U_g[q]> over the live entries (valid p and q of a pair whose both sides are non-empty),
 uniform marginals a_p = 1 / |m_b|, b_q = 1 / |n_g| and the entropic OT plan of cost 1 - sim with
 regularisation eps (see ``mlip_fast.reference.patch_sentence_ot`` for the choices):
 
@@ -15,10 +15,14 @@ regularisation eps (see ``mlip_fast.reference.patch_sentence_ot`` for the choice
 The kernel works in base 2 (exp2 / log2 are the hardware's instructions): z = sim * log2(e) / eps and
 potentials in log2 units, P = exp2(f2 + g2 + z); f, g leave the kernel in natural-log units (times ln 2).
 
+Backward (derived in ``backward.py``): the plan is held constant (envelope gradient), so dL/dsim = w * P with
+w = dL/dscore, and the input gradients are the two products dV_b = sum_g (w P)_bg U_g, dU_g = sum_b (w P)_bg^T V_b.
+All the backward needs from here is P, i.e. the potentials f and g.
+
 Tile
 ----
 One program owns one image and a block of GB reports. Its tile is [GB * S_CH, BN]: rows are the sentence slots
-of the GB reports (S padded to a power of two S_CH), columns are all K patches of the image (K padded to BN),
+of the GB reports (S padded to a power of two S_CH, at least 16), columns are all K patches of the image (K padded to BN),
 accumulated over D in chunks of BD with fp32 accumulation (``tl.dot``: wgmma on sm_90, mma.sync on sm_80 for
 half inputs; IEEE fp32 for fp32 inputs). The tile is then seen as [GB, S_CH, BN] and stays in registers for all
 n_iter iterations: the sentence update reduces it over its patch axis, the patch update over its sentence axis

@@ -71,7 +71,8 @@ def patch_sentence_ot_scores(
 
     Returns:
         [B, G] scores, float32 (float64 for float64 inputs). A pair with no valid patch or no valid sentence
-        scores 0 and gets no gradient.
+        scores 0 and gets no gradient. Padded entries carry no mass, but their values must be finite too (a NaN
+        there reaches the gradient through the products).
     """
     _checks.check_tensor("patches", patches, 3, dims=("B", "K", "D"))
     _checks.check_tensor("sentences", sentences, 3, dims=("G", "S", "D"))
