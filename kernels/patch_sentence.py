@@ -628,9 +628,12 @@ def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch:
     # sm_90, reports of 9 to 16 sentences (16 slots), plain stores: 4 warps (one warpgroup) keep two blocks
     # resident per SM, so one block builds its block of M while the other's wgmma runs. Other slot counts (more
     # entities or wider compact loads per step), the atomic epilogue and sm_80's mma.sync accumulators need 8
-    # warps to stay spill-free.
+    # warps to stay spill-free, except on sm_80 for reports of fewer than 16 slots: with 8 warps ptxas caps that
+    # tile at 128 registers and spills, with 4 it fits.
     slots = cb if own_is_patch else rb
-    if half and (arch < 90 or slots != 16 or atomic):
+    if half and arch < 90:
+        warps = 4 if slots < 16 else 8
+    elif half and (slots != 16 or atomic):
         warps = 8
     else:
         warps = 4

@@ -87,6 +87,7 @@ class OpRegistry:
     priority: dict  # device type -> ordered impl names for "auto"
     impls: dict = field(default_factory=dict)
     last_used: Optional[str] = None
+    last_call: Optional[dict] = None  # impl, device and dtype of the last selection (for run records)
 
     def register(self, impl: Impl) -> Impl:
         self.impls[impl.name] = impl
@@ -106,7 +107,7 @@ class OpRegistry:
                 why = candidate.not_supported_reasons(desc)
                 if not why:
                     self._log_fallbacks(reasons, name)
-                    self.last_used = name
+                    self._remember(name, desc)
                     return candidate
                 reasons.append(f"{name}: {'; '.join(why)}")
             raise ImplUnavailableError(
@@ -125,8 +126,13 @@ class OpRegistry:
             raise ImplUnavailableError(
                 f"{self.op_name}: impl {impl!r} cannot run: {'; '.join(why)}. Others: " + "; ".join(others)
             )
-        self.last_used = impl
+        self._remember(impl, desc)
         return self.impls[impl]
+
+    def _remember(self, name: str, desc: Mapping) -> None:
+        self.last_used = name
+        self.last_call = {"impl": name, "device": desc["device"].type,
+                          "dtype": str(desc["dtype"]).replace("torch.", "")}
 
     def _log_fallbacks(self, reasons: List[str], chosen: str) -> None:
         for reason in reasons:
@@ -146,6 +152,9 @@ def registry(op_name: str, priority: dict) -> OpRegistry:
     return _REGISTRIES[op_name]
 
 
-def describe_selected() -> dict:
-    """{op name: impl used last} for run logs."""
+def describe_selected(detail: bool = False) -> dict:
+    """{op name: impl used last} for run logs; with ``detail``, {op name: {"impl", "device", "dtype"}} of the last
+    call (what a training step ran: e.g. the scores op in bfloat16 under a bf16 engine)."""
+    if detail:
+        return {name: reg.last_call for name, reg in _REGISTRIES.items()}
     return {name: reg.last_used for name, reg in _REGISTRIES.items()}

@@ -15,6 +15,7 @@ import torch
 
 # F.normalize's default: a vector shorter than this is divided by it instead of by its norm.
 NORM_EPS = 1e-12
+UNNORMALIZE_ROWS = 1024  # row block of unnormalize_grad_ (bounds its temporaries)
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,11 +39,19 @@ def unnormalize_grad_(grad: torch.Tensor, x: torch.Tensor, inv: torch.Tensor) ->
     """In place: ``grad`` ([N, D], the score dtype), the gradient w.r.t. x^ = x * inv, becomes the gradient
     w.r.t. x ([N, D]; inv [N] from :func:`inverse_norms`):
     dx = inv (g - x^ <x^, g>) where ||x|| >= NORM_EPS (the projection of x / ||x||), inv * g below (x / eps)."""
-    xw = x if x.dtype == grad.dtype else x.to(grad.dtype)
     inv = inv.to(grad.dtype)
-    above = inv < 1 / NORM_EPS
-    coef = torch.where(above, inv.pow(3) * torch.linalg.vecdot(xw, grad), torch.zeros_like(inv))
-    return grad.mul_(inv[:, None]).addcmul_(xw, coef[:, None], value=-1)
+    # <x, g> per row, in row blocks: a whole [N, D] product (or a widened copy of a half x) would be a temporary as
+    # large as the gradient itself
+    dots = torch.empty_like(inv)
+    for r0 in range(0, x.shape[0], UNNORMALIZE_ROWS):
+        rows = slice(r0, r0 + UNNORMALIZE_ROWS)
+        dots[rows] = torch.linalg.vecdot(x[rows].to(grad.dtype), grad[rows])
+    coef = torch.where(inv < 1 / NORM_EPS, inv.pow(3) * dots, torch.zeros_like(inv))
+    grad.mul_(inv[:, None])
+    for r0 in range(0, x.shape[0], UNNORMALIZE_ROWS):
+        rows = slice(r0, r0 + UNNORMALIZE_ROWS)
+        grad[rows].addcmul_(x[rows].to(grad.dtype), coef[rows, None], value=-1)
+    return grad
 
 
 def _masked_max_mean(sim: torch.Tensor, valid_inner: torch.Tensor, valid_outer: torch.Tensor) -> torch.Tensor:

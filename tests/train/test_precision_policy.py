@@ -8,6 +8,7 @@ import torch
 
 from mlip_fast.losses import MLIPLoss
 from mlip_fast.models import create_model
+from mlip_fast.ops.dispatch import describe_selected
 from mlip_fast.ops.patch_sentence import REGISTRY
 from mlip_fast.preprocess.tokenization import tokenize_reports
 from mlip_fast.train.loop import LOSS_KEYS, LoopContext, loss_inputs, train_loop
@@ -114,6 +115,8 @@ def test_bf16_engine_step_hands_the_op_bf16(monkeypatch):
                           steps_per_epoch=1, total_steps=1, start_step=0, dtype=torch.bfloat16)
         result = train_loop(ctx)
         assert seen == [torch.bfloat16]
+        assert describe_selected(detail=True)["patch_sentence_scores"] == {"impl": "chunked", "device": "cpu",
+                                                                           "dtype": "bfloat16"}
         assert result.steps == 1 and all(torch.isfinite(torch.tensor(result.last_terms[k])) for k in LOSS_KEYS)
     finally:
         if owns_group and dist.is_initialized():

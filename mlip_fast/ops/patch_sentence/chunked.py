@@ -17,9 +17,10 @@ after the GEMM (``index_fill_``: only those rows are touched), masked patches' c
 and the backward zeroes the operands' padded rows, so nothing stored there reaches a valid score or a
 gradient.
 
-``normalize=True`` scores x / max(||x||, eps) without holding a normalised copy of the patches: each patch
-tile is normalised on the fly (the sentences, G*S rows, are prepared once), and the backward turns the
-gradient with respect to the normalised vectors, g, into the one for the raw x:
+``normalize=True`` scores x / max(||x||, eps) without holding normalised copies: each patch tile is normalised
+on the fly (a tile-sized temporary) and the sentences' inverse norms scale the tile's rows; the backward
+scales the rows of the gradient tile the same way, and turns the gradient with respect to the normalised
+vectors, g, into the one for the raw x:
 dx = r (g - x^ <x^, g>) with x^ = r x, r = 1 / ||x|| (and dx = g / eps below the norm floor).
 
 The backward rebuilds, per tile, the sparse gradient of the similarity
@@ -38,9 +39,9 @@ from mlip_fast.ops.dispatch import Impl
 from mlip_fast.ops.patch_sentence.options import ScoresOptions
 from mlip_fast.reference.patch_sentence import inverse_norms, score_dtype, unnormalize_grad_
 
-# Elements of one similarity tile: 2**18 fp32 values (1 MiB; the op keeps two) stay in cache and keep the op
+# Elements of one similarity tile: 2**17 fp32 values (512 KiB; the op keeps two) stay in cache and keep the op
 # count per call low (each op costs a scheduling round trip on a busy 2-core machine).
-TILE_ELEMENTS = 2**18
+TILE_ELEMENTS = 2**17
 
 
 def _tiles(B: int, K: int, G: int, S: int, tile_elements: int):
@@ -110,22 +111,26 @@ class PatchSentenceChunkedFunction(torch.autograd.Function):
         pair = (n_p > 0)[:, None] & (n_s > 0)[None, :]  # [B, G]: both sides non-empty
         inv_p = inverse_norms(patches) if normalize else None  # [B, K]
         inv_s = inverse_norms(sentences) if normalize else None  # [G, S]
-        s_rows = _prepare(sentences, inv_s, None).reshape(G * S, D)
+        s_rows = sentences.reshape(G * S, D)
+        inv_rows = None if inv_s is None else inv_s.reshape(G * S, 1)
         exact = work == patches.dtype  # fp32 / fp64: the GEMM writes the score dtype directly
         pad_rows = None if sentence_mask is None else (~sentence_mask).reshape(-1).nonzero().squeeze(1)
         block_pads = {}  # report block start -> its padded rows, numbered within the block
         idx_dtype = _index_dtype(K, S)
+        # without a gradient to compute (inference, evaluation) the argmax indices are neither needed nor kept
+        keep_idx = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         empty = torch.empty(0, dtype=work, device=device)
         i2t = torch.empty(B, G, dtype=work, device=device) if do_i2t else empty
-        arg_i2t = torch.empty(G, B, K, dtype=idx_dtype, device=device) if do_i2t else empty
-        arg_t2i = torch.empty(G * S, B, dtype=idx_dtype, device=device) if do_t2i else empty
-        t2i_best = torch.empty(G * S, B, dtype=work, device=device) if do_t2i else empty
+        arg_i2t = torch.empty(G, B, K, dtype=idx_dtype, device=device) if do_i2t and keep_idx else empty
+        arg_t2i = torch.empty(G * S, B, dtype=idx_dtype, device=device) if do_t2i and keep_idx else empty
+        t2i_sum = torch.empty(G, B, dtype=work, device=device) if do_t2i else empty  # sum over valid q of the max
+        s_valid = None if sentence_mask is None else sentence_mask[:, :, None]  # [G, S, 1]
         w_mean = (1 / n_p.clamp(min=1).to(work))[:, None]  # [B, 1]
         w_s = _reverse_weights(S, 1, 3, work, device)
         w_k = _reverse_weights(K, 2, 3, work, device)
         cells = max(min(tile_elements, G * S * B * K), K * S)  # the largest tile _tiles yields
         sim_buf = torch.empty(cells, dtype=work, device=device)
-        scratch = torch.empty_like(sim_buf)
+        scratch = torch.empty_like(sim_buf) if keep_idx else None
 
         for bs, gs in _tiles(B, K, G, S, tile_elements):
             bc, gc = bs.stop - bs.start, gs.stop - gs.start
@@ -137,6 +142,8 @@ class PatchSentenceChunkedFunction(torch.autograd.Function):
                 torch.mm(s_blk, p_blk.T, out=sim)
             else:  # half inputs: the GEMM in the input dtype (as the reference's grid), then widened
                 sim.copy_(s_blk @ p_blk.T)
+            if inv_rows is not None:  # the sentences' norms scale the tile's rows: no normalised copy of them
+                sim.mul_(inv_rows[gs.start * S : gs.stop * S])
             if pad_rows is not None:  # padded sentences: -inf whatever the GEMM gave (only their rows touched)
                 if gs.start not in block_pads:
                     lo, hi = gs.start * S, gs.stop * S
@@ -145,8 +152,9 @@ class PatchSentenceChunkedFunction(torch.autograd.Function):
             if do_i2t:  # per patch column: max over each report's sentence rows
                 sim3 = sim.view(gc, S, cols)
                 best = sim3.amax(dim=1, keepdim=True)  # [gc, 1, bc*K]
-                idx = _first_argmax_(scratch[: rows * cols].view(gc, S, cols), sim3, best, 1, w_s)
-                arg_i2t[gs, bs] = idx.view(gc, bc, K).to(idx_dtype)
+                if keep_idx:
+                    idx = _first_argmax_(scratch[: rows * cols].view(gc, S, cols), sim3, best, 1, w_s)
+                    arg_i2t[gs, bs] = idx.view(gc, bc, K).to(idx_dtype)
                 best = best.view(gc, bc, K)
                 if patch_mask is not None:
                     best = torch.where(patch_mask[bs][None], best, torch.zeros((), dtype=work, device=device))
@@ -156,19 +164,20 @@ class PatchSentenceChunkedFunction(torch.autograd.Function):
                 if patch_mask is not None:
                     sim3.masked_fill_(~patch_mask[bs][None], float("-inf"))
                 best = sim3.amax(dim=2, keepdim=True)  # [gc*S, bc, 1]
-                idx = _first_argmax_(scratch[: rows * cols].view(rows, bc, K), sim3, best, 2, w_k)
-                arg_t2i[gs.start * S : gs.stop * S, bs] = idx.to(idx_dtype)
-                t2i_best[gs.start * S : gs.stop * S, bs] = best.view(rows, bc)
+                if keep_idx:  # the tile's last use: its own buffer serves as scratch
+                    idx = _first_argmax_(sim3, sim3, best, 2, w_k)
+                    arg_t2i[gs.start * S : gs.stop * S, bs] = idx.to(idx_dtype)
+                best = best.view(gc, S, bc)
+                if s_valid is not None:
+                    best = torch.where(s_valid[gs], best, torch.zeros((), dtype=work, device=device))
+                t2i_sum[gs, bs] = best.sum(1)
 
         zero = torch.zeros((), dtype=work, device=device)
         if do_i2t:
             i2t = torch.where(pair, i2t, zero)
         t2i = empty
         if do_t2i:
-            best = t2i_best.view(G, S, B)
-            if sentence_mask is not None:
-                best = torch.where(sentence_mask[:, :, None], best, zero)
-            t2i = torch.where(pair, (best.sum(1) / n_s.clamp(min=1)[:, None].to(work)).T, zero)
+            t2i = torch.where(pair, (t2i_sum / n_s.clamp(min=1)[:, None].to(work)).T, zero)
         ctx.save_for_backward(patches, sentences, patch_mask, sentence_mask, arg_i2t, arg_t2i, inv_p, inv_s)
         ctx.flags = (do_i2t, do_t2i, tile_elements)
         ctx.mark_non_differentiable(*(t for t, done in ((i2t, do_i2t), (t2i, do_t2i)) if not done))
@@ -199,7 +208,11 @@ class PatchSentenceChunkedFunction(torch.autograd.Function):
         # Gradients w.r.t. the (normalised) vectors, accumulated in the score dtype and cast back once.
         grad_p = torch.zeros(B * K, D, dtype=work, device=device) if need_p else None
         grad_s = torch.zeros(G * S, D, dtype=work, device=device) if need_s else None
-        s_rows = _prepare(sentences, inv_s, sentence_mask).reshape(G * S, D).to(work)
+        s_rows = sentences.reshape(G * S, D)
+        if sentence_mask is not None and not bool(torch.isfinite(s_rows[(~sentence_mask).reshape(-1)]).all()):
+            s_rows = _prepare(s_rows, None, sentence_mask.reshape(-1))  # padding holding NaN / Inf: zero it
+        s_rows = s_rows.to(work)
+        inv_rows = None if inv_s is None else inv_s.reshape(G * S, 1)
         buf = torch.empty(max(min(tile_elements, G * S * B * K), K * S), dtype=work, device=device)
 
         if use_i2t or use_t2i:
@@ -219,13 +232,15 @@ class PatchSentenceChunkedFunction(torch.autograd.Function):
                     if s_valid is not None:
                         src = src * s_valid[gs][:, :, None]
                     grad_sim.view(rows, bc, K).scatter_add_(2, idx, src.reshape(rows, bc, 1))
-                s_blk = s_rows[gs.start * S : gs.stop * S]
-                if need_p:
-                    grad_p[bs.start * K : bs.stop * K].addmm_(grad_sim.T, s_blk)
-                if need_s:
+                rows_slice = slice(gs.start * S, gs.stop * S)
+                if need_s:  # w.r.t. the (normalised) sentences: grad_sim @ (normalised) patches
                     p_blk = _prepare(patches[bs], None if inv_p is None else inv_p[bs], patch_mask[bs]
                                      if patch_mask is not None else None).reshape(cols, D).to(work)
-                    grad_s[gs.start * S : gs.stop * S].addmm_(grad_sim, p_blk)
+                    grad_s[rows_slice].addmm_(grad_sim, p_blk)
+                if need_p:  # w.r.t. the (normalised) patches: grad_sim^T @ (sentences * their inverse norms)
+                    if inv_rows is not None:
+                        grad_sim.mul_(inv_rows[rows_slice])
+                    grad_p[bs.start * K : bs.stop * K].addmm_(grad_sim.T, s_rows[rows_slice])
 
         if need_p:
             if inv_p is not None:
