@@ -54,8 +54,8 @@ def test_run_writes_its_outputs(finished_run):
     assert (run_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     log = (run_dir / "run.log").read_text()
-    assert "attention backend: ViT sdpa" in log and "'patch_sentence_scores': 'chunked'" in log
-    assert summary["backends"]["ops"]["patch_sentence_scores"] == "chunked"
+    assert "attention backend: ViT sdpa" in log and "patch_sentence_scores chunked (cpu, float32)" in log
+    assert summary["backends"]["ops"]["patch_sentence_scores"] == {"impl": "chunked", "device": "cpu", "dtype": "float32"}
     zs = summary["zero_shot_test"]
     if zs is not None:  # the 5-image test split may lack positives of every class
         assert 0.0 <= zs["auc_macro"] <= 1.0
