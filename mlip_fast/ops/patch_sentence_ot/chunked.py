@@ -19,7 +19,8 @@ which is two multiply-add passes over the tile instead of two exp passes and thr
 When a new scaling leaves [exp(-ABSORB_AT), exp(ABSORB_AT)] (or a row or column of kern underflowed), that
 half-step is redone in the log domain and the scalings are absorbed into the potentials (kern recomputed), so
 the numbers stay those of the log-domain iteration for any eps: entries of kern that underflow carry at most
-exp(-87 + 2 * ABSORB_AT) of mass in fp32. Runs on any device and dtype (iterations in fp32, or fp64 for fp64).
+exp(-87 + 2 * ABSORB_AT) of mass in fp32. Runs on any device and dtype (iterations in fp32, or fp64 for fp64);
+on an accelerator (the fallback for pairs above the Triton tile) each absorption check is a host synchronisation.
 """
 from __future__ import annotations
 
