@@ -1,9 +1,12 @@
 """Building, saving and loading MLIP models (the shape of open_clip's factory).
 
-- :func:`list_models` / :func:`get_model_config`: the configs shipped in ``model_configs/*.json``.
+- :func:`list_models` / :func:`get_model_config` / :func:`add_model_config` / :func:`list_pretrained`: the names
+  a model can be built from (:mod:`mlip_fast.models.registry`).
 - :func:`create_model_and_transforms`: a model (random init, optionally with ImageNet ViT weights, a
-  pretrained text encoder, or an MLIP checkpoint: a folder or ``hf-hub:org/name``) plus its train / eval
-  image transforms, built from the preprocessing the model carries.
+  pretrained text encoder, or an MLIP checkpoint: a folder, ``local-dir:<folder>`` or ``hf-hub:org/name``) plus
+  its train / eval image transforms, built from the preprocessing the model carries; ``precision=`` and
+  ``force_image_size=`` as open_clip's.
+- :func:`create_model_from_pretrained`: a checkpoint for inference and its eval transform (open_clip's).
 - :func:`get_tokenizer`: the callable tokenizer of a model name, config, checkpoint or Hub id:
   ``get_tokenizer(name)(texts)`` is the batch ``model.encode_text`` takes.
 - :func:`save_pretrained` / :func:`from_pretrained`: ``model.save_pretrained(folder)`` /
@@ -16,16 +19,11 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from mlip_fast.models.config import ConfigError, MLIPConfig, TextConfig
-from mlip_fast.models.hub import (
-    HUB_PREFIX,
-    TOKENIZER_DIR,
-    CheckpointError,
-    is_checkpoint,
-    read_config,
-    resolve_checkpoint,
-)
+from mlip_fast.models.config import MLIPConfig, TextConfig
+from mlip_fast.models.hub import TOKENIZER_DIR, CheckpointError, read_config, resolve_checkpoint
 from mlip_fast.models.mlip import MLIP
+from mlip_fast.models.registry import (add_model_config, get_model_config, is_checkpoint_name, list_models,
+                                       list_pretrained)
 from mlip_fast.models.text import build_text_encoder, minilm_path, resolve_text_source
 from mlip_fast.models.vit_weights import load_pretrained_vit
 from mlip_fast.preprocess.tokenization import (
@@ -39,47 +37,34 @@ from mlip_fast.preprocess.tokenization import (
 __all__ = [
     "list_models",
     "get_model_config",
+    "add_model_config",
+    "list_pretrained",
     "create_model",
     "create_model_and_transforms",
+    "create_model_from_pretrained",
     "get_tokenizer",
     "save_pretrained",
     "from_pretrained",
     "CheckpointError",
+    "PRECISIONS",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+# open_clip's precision names -> the dtype of the weights (the "amp" ones keep fp32 weights: autocast is the
+# caller's). The logit scales stay fp32, as open_clip keeps its logit_scale.
+PRECISIONS = {"fp32": torch.float32, "amp": torch.float32, "amp_bf16": torch.float32,
+              "amp_bfloat16": torch.float32, "bf16": torch.bfloat16, "pure_bf16": torch.bfloat16,
+              "fp16": torch.float16, "pure_fp16": torch.float16}
 
 
-def list_models() -> list[str]:
-    """Names of the shipped model configs (``create_model_and_transforms(name)``)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-
-
-def get_model_config(name: Union[str, Path, MLIPConfig]) -> MLIPConfig:
-    """A shipped config by name, a config JSON file by path, or an :class:`MLIPConfig` (copied).
-
-    Raises:
-        ConfigError: an unknown name (the message lists the shipped ones) or an invalid config file.
-    """
-    if isinstance(name, MLIPConfig):
-        return MLIPConfig.from_dict(name.to_dict())
-    path = CONFIG_DIR / f"{name}.json"
-    if path.exists():
-        return MLIPConfig.from_json(path)
-    if str(name).endswith(".json"):
-        if not Path(name).is_file():
-            raise ConfigError(f"model config file {str(name)!r} does not exist")
-        return MLIPConfig.from_json(name)
-    raise ConfigError(f"unknown model {str(name)!r}; shipped models: {', '.join(list_models())} (or a config .json path, "
-                      f"an MLIP checkpoint folder, or hf-hub:<org>/<name>)")
-
-
-def _is_checkpoint_name(name) -> bool:
-    """``name`` names an MLIP checkpoint: a Hub id with the ``hf-hub:`` prefix, or a checkpoint folder (a
-    shipped model name wins over a folder of the same name in the working directory)."""
-    if isinstance(name, MLIPConfig):
-        return False
-    return str(name).startswith(HUB_PREFIX) or (str(name) not in list_models() and is_checkpoint(name))
+def _apply_precision(model: MLIP, precision: str) -> MLIP:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype != torch.float32:
+        model.to(dtype)
+        for scale in (model.logit_scale_global, model.logit_scale_local):
+            scale.float()
+    return model
 
 
 def _tokenizer_for(text: TextConfig, corpus: Optional[Iterable[str]]):
@@ -111,7 +96,7 @@ def get_tokenizer(
     (at ``revision``; the tokenizer and limits saved with it), ``"minilm"``, or a transformers tokenizer
     directory / cached hub name (default limits of :class:`TextConfig`).
     """
-    if _is_checkpoint_name(name):
+    if is_checkpoint_name(name):
         directory = resolve_checkpoint(name, revision=revision, cache_dir=cache_dir)
         text, tokenizer = read_config(directory).text, load_tokenizer(directory / TOKENIZER_DIR)
     elif isinstance(name, MLIPConfig) or str(name) in list_models() or str(name).endswith(".json"):
@@ -135,6 +120,8 @@ def create_model(
     text_pretrained: Optional[str] = None,
     revision: Optional[str] = None,
     cache_dir: Union[str, Path, None] = None,
+    precision: str = "fp32",
+    force_image_size: Optional[int] = None,
     **overrides,
 ) -> MLIP:
     """Builds a model; :func:`create_model_and_transforms` adds its image transforms.
@@ -156,9 +143,14 @@ def create_model(
             directory / cached hub name for the report tower.
         revision: the Hub revision (branch, tag or commit) of an ``hf-hub:`` checkpoint.
         cache_dir: the Hugging Face cache folder to read Hub checkpoints from (default: the usual one).
+        precision: open_clip's names: ``"fp32"`` (also ``"amp"``, ``"amp_bf16"``: fp32 weights for autocast),
+            ``"bf16"`` / ``"pure_bf16"``, ``"fp16"`` / ``"pure_fp16"`` (the weights in that dtype; the logit
+            scales stay fp32). The model casts its images to its weights' dtype.
+        force_image_size: another input side in pixels (a multiple of the patch size): the preprocessing
+            follows, and a checkpoint's position embeddings are resampled to the new patch grid.
         **overrides: config fields to change, e.g. ``mask_ratio=0.75`` or ``vision={"attn_backend": "math"}``.
     """
-    checkpoint_name = _is_checkpoint_name(name)
+    checkpoint_name = is_checkpoint_name(name)
     if (checkpoint_name or pretrained is not None) and (image_pretrained is not None or text_pretrained is not None):
         raise ValueError("an MLIP checkpoint already holds both towers; do not also pass image_pretrained or "
                          "text_pretrained")
@@ -179,14 +171,17 @@ def create_model(
         cfg = cfg.replace(**overrides)
     if directory is not None:
         cfg.text = read_config(directory).text  # the text tower is whatever the checkpoint holds
-        model = MLIP.from_checkpoint_folder(directory, cfg, tokenizer)
+        model = MLIP.from_checkpoint_folder(directory, cfg, tokenizer, image_size=force_image_size)
     else:
+        if force_image_size is not None:
+            cfg = cfg.replace(vision={"image_size": force_image_size})
         cfg.text = resolve_text_source(cfg.text)
         tokenizer = fast_tokenizer(tokenizer) if tokenizer is not None else _tokenizer_for(cfg.text, corpus)
         encoder, cfg.text = build_text_encoder(cfg.text, tokenizer)
         model = MLIP(cfg, encoder, tokenizer)
         if image_pretrained is not None:
             load_pretrained_vit(model.visual, image_pretrained)
+    _apply_precision(model, precision)
     if device is not None:
         model.to(device)
     return model
@@ -203,6 +198,26 @@ def create_model_and_transforms(name: Union[str, Path, MLIPConfig], pretrained: 
     """
     model = create_model(name, pretrained, **kwargs)
     return (model, *model.image_transforms())
+
+
+def create_model_from_pretrained(name: Union[str, Path, MLIPConfig], pretrained: Union[str, Path, None] = None, *,
+                                 return_transform: bool = True, **kwargs):
+    """open_clip's ``create_model_from_pretrained``: a checkpoint in eval mode and its eval transform.
+
+    ``name`` is a checkpoint (a folder, ``local-dir:<folder>``, ``hf-hub:org/name``), or a config name with the
+    checkpoint as ``pretrained``; the other arguments are :func:`create_model`'s (``precision=``, ``device=``,
+    ``force_image_size=``, ``revision=``, ...). Returns ``(model, eval_transform)``, or the model alone with
+    ``return_transform=False``.
+
+    Raises:
+        CheckpointError: there are no pretrained weights to load (a bare config name), or the checkpoint fails.
+    """
+    if pretrained is None and not is_checkpoint_name(name):
+        raise CheckpointError(f"create_model_from_pretrained({str(name)!r}) needs pretrained weights: pass a checkpoint "
+                              f"(a folder, local-dir:<folder> or hf-hub:<org>/<name>) as the name or as pretrained=; "
+                              f"registered: {list_pretrained(as_str=True) or 'none'}; create_model builds a random one")
+    model = create_model(name, pretrained, **kwargs).eval()
+    return (model, model.image_transforms()[1]) if return_transform else model
 
 
 def save_pretrained(model: MLIP, directory: Union[str, Path], **kwargs) -> Path:

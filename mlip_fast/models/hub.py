@@ -2,15 +2,17 @@
 
 A checkpoint is one folder (a local directory, or the snapshot of a Hub repo at a revision)::
 
-  config.json              the resolved :class:`MLIPConfig` plus ``"format": "mlip_fast"`` and the version
+  config.json              the resolved :class:`MLIPConfig` plus ``"format": "mlip_fast"``, the version and
+                           ``"model_type": "mlip"`` (what transformers' ``AutoConfig`` / ``AutoModel`` read:
+                           :mod:`mlip_fast.models.hf`; folders written before it still load here)
   model.safetensors        every parameter and buffer
   preprocess_config.json   the image preprocessing (:class:`~mlip_fast.preprocess.transforms.PreprocessConfig`)
   text/config.json         the transformers config of the report encoder (rebuilt without any download)
   tokenizer/               the tokenizer files
   README.md                the model card (:mod:`mlip_fast.models.model_card`)
 
-:func:`resolve_checkpoint` turns what a user wrote (a folder, ``hf-hub:org/name``, ``org/name``) into a
-local folder, through ``huggingface_hub.snapshot_download`` for Hub ids (the local cache first; nothing is
+:func:`resolve_checkpoint` turns what a user wrote (a folder, ``local-dir:<folder>``, ``hf-hub:org/name``,
+``org/name``) into a local folder, through ``huggingface_hub.snapshot_download`` for Hub ids (the local cache first; nothing is
 downloaded with ``local_files_only=True`` or ``HF_HUB_OFFLINE=1``). Reading checks the state dict strictly:
 missing, unexpected and wrong-shape keys are all named. Checkpoints written before the preprocessing was
 stored get the default preprocessing of their image size (what they were trained with).
@@ -34,13 +36,16 @@ from mlip_fast import __version__
 from mlip_fast.models._state import state_mismatch
 from mlip_fast.models.config import MLIPConfig
 from mlip_fast.models.text import encoder_from_config
+from mlip_fast.models.vit_weights import resize_pos_embed
 from mlip_fast.preprocess.tokenization import load_tokenizer
 from mlip_fast.preprocess.transforms import PreprocessConfig
 
 __all__ = [
     "CheckpointError",
     "HUB_PREFIX",
+    "LOCAL_PREFIX",
     "CHECKPOINT_FORMAT",
+    "MODEL_TYPE",
     "resolve_checkpoint",
     "is_checkpoint",
     "checkpoint_dir",
@@ -55,7 +60,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf-hub:"
+LOCAL_PREFIX = "local-dir:"  # open_clip's name for a local checkpoint folder
 CHECKPOINT_FORMAT = "mlip_fast"
+MODEL_TYPE = "mlip"  # transformers' model_type of the checkpoint's config.json
+# keys of config.json that describe the file, not the model: the format marker, the versions that wrote it, and
+# what transformers adds when the config goes through its PretrainedConfig
+_FILE_KEYS = ("format", "mlip_fast_version", "model_type", "architectures", "transformers_version")
 CONFIG_FILE, WEIGHTS_FILE, PREPROCESS_FILE = "config.json", "model.safetensors", "preprocess_config.json"
 TEXT_DIR, TOKENIZER_DIR, CARD_FILE = "text", "tokenizer", "README.md"
 # what a checkpoint download fetches from a Hub repo (a repo may hold other files: logs, plots)
@@ -90,6 +100,10 @@ def resolve_checkpoint(
     or ``org/name`` (a Hub repo, at ``revision``: a branch, tag or commit; the local cache is used when it
     holds the revision). Raises :class:`CheckpointError` naming what was looked for and why it failed."""
     text = str(name)
+    if text.startswith(LOCAL_PREFIX):
+        if revision is not None:
+            raise CheckpointError(f"revision={revision!r} applies to Hub repos; {text!r} is a local folder")
+        return checkpoint_dir(text[len(LOCAL_PREFIX):])
     hub = text.startswith(HUB_PREFIX)
     repo_id = text[len(HUB_PREFIX):] if hub else text
     if not hub and _looks_local(text):
@@ -145,8 +159,8 @@ def read_config(directory: Path) -> MLIPConfig:
         data = json.loads((directory / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE} cannot be read ({e})") from None
-    data.pop("format", None)
-    data.pop("mlip_fast_version", None)
+    for key in _FILE_KEYS:
+        data.pop(key, None)
     return MLIPConfig.from_dict(data)
 
 
@@ -176,14 +190,26 @@ def read_text_tower(directory: Path, config: MLIPConfig) -> tuple:
     return encoder_from_config(hf_config, config.text.attn_implementation), tokenizer
 
 
-def load_weights(model: torch.nn.Module, file: Path) -> None:
+POS_EMBED_KEY = "visual.embeddings.pos_embed"
+
+
+def load_weights(model: torch.nn.Module, file: Path, resize_positions: bool = False) -> None:
     """Loads ``file`` into ``model`` strictly; :class:`CheckpointError` names every key that does not fit, or the
-    file when it is not a readable safetensors file (truncated, overwritten, another format)."""
+    file when it is not a readable safetensors file (truncated, overwritten, another format). With
+    ``resize_positions`` (``force_image_size=``), the ViT's position embeddings are resampled bicubically to the
+    model's patch grid first (timm's and open_clip's rule for another input size)."""
     try:
         state = load_file(str(file), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); the checkpoint "
                               f"is corrupted: export or download it again") from None
+    if resize_positions and POS_EMBED_KEY in state:
+        expected = model.state_dict()[POS_EMBED_KEY]
+        if state[POS_EMBED_KEY].shape != expected.shape:
+            grid = int(round((expected.shape[1] - 1) ** 0.5))
+            logger.info("resampling %s from %s to %s for the forced image size", POS_EMBED_KEY,
+                        tuple(state[POS_EMBED_KEY].shape), tuple(expected.shape))
+            state[POS_EMBED_KEY] = resize_pos_embed(state[POS_EMBED_KEY], grid)
     problem = state_mismatch(f"{file} does not fit the model:", state, model.state_dict())
     if problem:
         raise CheckpointError(problem)
@@ -195,7 +221,8 @@ def write_checkpoint(model, directory: Path) -> None:
     ``MLIP``) into ``directory`` (which exists). The model card is written by the caller."""
     if model.tokenizer is None:
         raise ValueError("save_pretrained needs model.tokenizer (the ids in the weights depend on it)")
-    data = {"format": CHECKPOINT_FORMAT, "mlip_fast_version": __version__, **model.config.to_dict()}
+    data = {"format": CHECKPOINT_FORMAT, "mlip_fast_version": __version__, "model_type": MODEL_TYPE,
+            **model.config.to_dict()}
     (directory / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
     # contiguous CPU copies: safetensors refuses views and shared storage
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}

@@ -3,9 +3,11 @@ width D, the semantic integrity estimator (inside the image tower) and two learn
 
 open_clip-shaped API: ``encode_image(images, normalize=False)`` and ``encode_text(texts_or_batch,
 normalize=False)`` return the global embeddings ``[B, D]``; ``encode_image_local`` / ``encode_text_local``
-return the local outputs too (patches, sentences, masks, integrity). ``MLIP.forward(batch)`` returns
-exactly the keys ``MLIPLoss`` takes (see docs/architecture.md), so a training step is
-``loss, terms = criterion(**model(batch))``.
+return the local outputs too (patches, sentences, masks, integrity); ``model(image, text)`` returns
+``(image_features, text_features, logit_scale)`` as open_clip's ``CLIP.forward`` (normalised features, the
+global scale exp'd) and ``model.logit_scale`` is the global scale's parameter (its ``exp()`` is the scale).
+``model(batch)`` with a batch dict returns exactly the keys ``MLIPLoss`` takes (see docs/architecture.md), so a
+training step is ``loss, terms = criterion(**model(batch))``.
 
 Checkpoints go through ``huggingface_hub``'s ``PyTorchModelHubMixin``: ``model.save_pretrained(folder)``,
 ``model.push_to_hub(repo_id)`` and ``MLIP.from_pretrained(folder_or_repo_id, revision=...)`` (layout in
@@ -13,6 +15,8 @@ Checkpoints go through ``huggingface_hub``'s ``PyTorchModelHubMixin``: ``model.s
 """
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -57,7 +61,7 @@ class Projection(nn.Module):
 
 
 class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_name"],
-           pipeline_tag=CARD_METADATA["pipeline_tag"], tags=list(CARD_METADATA["tags"])):
+           tags=list(CARD_METADATA["tags"])):
     """MLIP image-report model.
 
     Args:
@@ -70,7 +74,7 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
 
     Submodules: ``visual`` (ViT with ``visual.estimator``), ``text`` (report tower), ``image_projection``,
     ``text_projection``, ``patch_projection``, ``sentence_projection``, ``logit_scale_global``,
-    ``logit_scale_local``.
+    ``logit_scale_local``; ``logit_scale`` (open_clip's name) is ``logit_scale_global``'s parameter.
     """
 
     def __init__(self, config: MLIPConfig, text_encoder: nn.Module, tokenizer=None,
@@ -94,6 +98,13 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
         self.logit_scale_local = LogitScale(config.init_logit_scale, config.max_logit_scale)
         self._locked_image = False
         self._locked_text = False
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """open_clip's ``model.logit_scale``: the log of the global logit scale, a [1] parameter (``exp()`` is the
+        scale that ``model(image, text)`` returns). The same parameter as ``logit_scale_global.log_scale``, so
+        checkpoints, its clamp after each optimizer step and ZeRO-3 partitioning are those of the module."""
+        return self.logit_scale_global.log_scale
 
     # encoders ------------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -138,9 +149,11 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
         config's ``text.max_length`` tokens and ``text.max_sentences`` sentences."""
         return self.get_tokenizer()(texts)
 
-    def _text_batch(self, texts_or_batch: Union[dict, str, Sequence[str]]) -> dict:
-        if isinstance(texts_or_batch, dict):
+    def _text_batch(self, texts_or_batch: Union[dict, str, Sequence[str], torch.Tensor]) -> dict:
+        if isinstance(texts_or_batch, Mapping):
             batch = texts_or_batch
+        elif isinstance(texts_or_batch, torch.Tensor):
+            batch = self._ids_batch(texts_or_batch)
         else:
             # a parameter's device attribute is valid even when ZeRO-3 has partitioned its data
             device = next(self.parameters()).device
@@ -150,9 +163,23 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
             raise KeyError(f"text batch is missing {missing} (produce it with mlip_fast.get_tokenizer(...)(texts))")
         return batch
 
-    def encode_text(self, texts_or_batch: Union[dict, str, Sequence[str]], normalize: bool = False) -> torch.Tensor:
-        """Report texts (a list, or one string) or a tokenized batch dict (what ``get_tokenizer(name)(texts)``
-        returns) -> global report embeddings [B, D] ([CLS] state), L2-normalised along D when ``normalize``."""
+    def _ids_batch(self, input_ids: torch.Tensor) -> dict:
+        """Token ids [B, T] (open_clip's text input) -> a text batch: padding = the tokenizer's pad id (0 without
+        one), the whole report as one sentence (between [CLS] and the last [SEP])."""
+        if input_ids.ndim != 2 or input_ids.is_floating_point():
+            raise ValueError(f"token ids must be an integer tensor [B, T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
+        attention_mask = (input_ids != pad).long()
+        length = attention_mask.sum(dim=1)
+        spans = torch.stack([torch.ones_like(length), (length - 1).clamp(min=1)], dim=-1)[:, None]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "sentence_spans": spans,
+                "sentence_mask": (length > 2)[:, None]}
+
+    def encode_text(self, texts_or_batch: Union[dict, str, Sequence[str], torch.Tensor],
+                    normalize: bool = False) -> torch.Tensor:
+        """Report texts (a list, or one string), a tokenized batch dict (what ``get_tokenizer(name)(texts)``
+        returns) or token ids [B, T] -> global report embeddings [B, D] ([CLS] state), L2-normalised along D when
+        ``normalize``."""
         batch = self._text_batch(texts_or_batch)
         cls, _ = self.text(*(batch[k] for k in _TEXT_KEYS))
         features = self.text_projection(cls)
@@ -177,16 +204,27 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
         """``(train_transform, eval_transform)`` of the model's stored preprocessing."""
         return self.preprocess_cfg.transforms()
 
-    def forward(self, batch: dict, mask_ratio: Optional[float] = None, seed: Optional[int] = None) -> dict:
-        """One image-report batch -> the model outputs consumed by ``MLIPLoss(**outputs)``:
+    def forward(self, image: Union[dict, torch.Tensor, None] = None, text=None, mask_ratio: Optional[float] = None,
+                seed: Optional[int] = None):
+        """Two call forms, told apart by the first argument.
 
-        image_global [B, D], text_global [B, D], patches [B, K, D], patch_index [B, K],
-        sentences [B, S, D], sentence_mask [B, S], integrity_logits [B, K], integrity_weights [B],
-        logit_scale_global, logit_scale_local (0-dim, exp'd; bounded by the clamp after each optimizer step).
+        ``model(batch)``, a batch dict (images, input_ids, attention_mask, sentence_spans, sentence_mask) -> the
+        outputs ``MLIPLoss(**outputs)`` takes: image_global [B, D], text_global [B, D], patches [B, K, D],
+        patch_index [B, K], sentences [B, S, D], sentence_mask [B, S], integrity_logits [B, K],
+        integrity_weights [B], logit_scale_global, logit_scale_local (0-dim, exp'd; bounded by the clamp after
+        each optimizer step). ``mask_ratio=None`` means ``config.mask_ratio`` in training mode and 0 (the whole
+        image) in eval mode; pass a number to override either.
 
-        ``mask_ratio=None`` means ``config.mask_ratio`` in training mode and 0 (the whole image) in eval
-        mode; pass a number to override either.
+        ``model(image, text)``, open_clip's: images [B, C_in, H, W] (or None) and texts (a token batch dict, a
+        list of reports, or token ids [N, T]; or None) -> ``(image_features [B, D], text_features [N, D],
+        logit_scale)``: features L2-normalised along D (None for an input not given), the global logit scale
+        0-dim, so ``logit_scale * image_features @ text_features.T`` are the logits per image.
         """
+        if not isinstance(image, Mapping):
+            image_features = None if image is None else self.encode_image(image, normalize=True)
+            text_features = None if text is None else self.encode_text(text, normalize=True)
+            return image_features, text_features, self.logit_scale_global()
+        batch = image
         if mask_ratio is None:
             mask_ratio = self.config.mask_ratio if self.training else 0.0
         if "images" not in batch:
@@ -253,9 +291,11 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
         if is_generated_card(card):
             card.unlink()
 
-    def generate_model_card(self, summary: Optional[dict] = None, **_) -> ModelCard:
-        """The model card (see :func:`mlip_fast.models.model_card.render_model_card`)."""
-        return ModelCard(render_model_card(self, summary))
+    def generate_model_card(self, summary: Optional[dict] = None, license: Optional[str] = None,
+                            datasets: Optional[Sequence[str]] = None, **_) -> ModelCard:
+        """The model card (see :func:`mlip_fast.models.model_card.render_model_card`); ``save_pretrained(folder,
+        model_card_kwargs={"summary": ..., "license": ..., "datasets": [...]})`` passes these."""
+        return ModelCard(render_model_card(self, summary, license=license, datasets=datasets))
 
     @classmethod
     def from_pretrained(
@@ -292,14 +332,20 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
         return model.eval()
 
     @classmethod
-    def from_checkpoint_folder(cls, directory: Path, config: Optional[MLIPConfig] = None, tokenizer=None) -> "MLIP":
+    def from_checkpoint_folder(cls, directory: Path, config: Optional[MLIPConfig] = None, tokenizer=None,
+                               image_size: Optional[int] = None) -> "MLIP":
         """The model of a local checkpoint folder (layout in :mod:`mlip_fast.models.hub`): its weights, checked
         strictly, in ``config``'s architecture (default: the stored config), with the stored text tower,
-        preprocessing and tokenizer (unless ``tokenizer`` is given). The one loader behind ``from_pretrained``
-        and the factory's checkpoint names and ``pretrained=``."""
+        preprocessing and tokenizer (unless ``tokenizer`` is given). ``image_size`` (``force_image_size=``)
+        changes the input side: the preprocessing follows and the position embeddings are resampled to the new
+        patch grid. The one loader behind ``from_pretrained`` and the factory's checkpoint names and
+        ``pretrained=``."""
         config = hub.read_config(directory) if config is None else config
+        preprocess = hub.read_preprocess(directory, config)
+        if image_size is not None:
+            config = config.replace(vision={"image_size": image_size})
+            preprocess = dataclasses.replace(preprocess, image_size=image_size)
         encoder, stored_tokenizer = hub.read_text_tower(directory, config)
-        model = cls(config, encoder, tokenizer if tokenizer is not None else stored_tokenizer,
-                    hub.read_preprocess(directory, config))
-        hub.load_weights(model, directory / hub.WEIGHTS_FILE)
+        model = cls(config, encoder, tokenizer if tokenizer is not None else stored_tokenizer, preprocess)
+        hub.load_weights(model, directory / hub.WEIGHTS_FILE, resize_positions=image_size is not None)
         return model

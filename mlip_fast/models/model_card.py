@@ -5,6 +5,12 @@ count) and, when a training run's ``summary.json`` dict is given, from what the 
 counts, splits), training (steps, batch, precision, wall time, hardware) and the evaluation numbers next to
 their chance rates. It ends with the intended use and limitations (research use; not a medical device).
 
+The YAML header (``huggingface_hub.ModelCardData``) says only what holds: ``library_name``, ``license`` (the
+code's licence for a model trained on the synthetic benchmark or saved outside a run; ``other`` once real data
+was used, whose terms then apply, unless ``license=`` names one), ``datasets`` (known for the synthetic
+benchmark, else as given), ``tags`` and a ``model-index`` with the run's test numbers. It sets no
+``pipeline_tag``: no transformers pipeline serves MLIP (``AutoModel`` loads it after ``import mlip_fast``).
+
 A card carries :data:`CARD_MARKER`: ``save_pretrained`` replaces a card with the marker (one it wrote) and
 keeps a README.md without it (one a user wrote).
 """
@@ -13,16 +19,21 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
-__all__ = ["render_model_card", "write_model_card", "is_generated_card", "CARD_MARKER", "CARD_METADATA"]
+from huggingface_hub import EvalResult, ModelCardData
+
+from mlip_fast import __license__
+
+__all__ = ["render_model_card", "write_model_card", "is_generated_card", "CARD_MARKER", "CARD_METADATA",
+           "SYNTHETIC_DATASET"]
 
 CARD_MARKER = "<!-- model card written by mlip_fast; delete this line to keep your edits when the folder is saved again -->"
 CARD_METADATA = {
     "library_name": "mlip_fast",
-    "pipeline_tag": "zero-shot-image-classification",
     "tags": ["mlip", "medical-imaging", "chest-x-ray", "radiology", "vision-language", "contrastive-learning"],
 }
+SYNTHETIC_DATASET = "mlip_fast-synthetic-cxr"  # the built-in benchmark (generated, not on the Hub)
 
 
 def is_generated_card(path: Union[str, Path]) -> bool:
@@ -35,15 +46,48 @@ def _num(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _yaml_header() -> list[str]:
-    lines = ["---"]
-    for key, value in CARD_METADATA.items():
-        if isinstance(value, list):
-            lines.append(f"{key}:")
-            lines += [f"- {v}" for v in value]
-        else:
-            lines.append(f"{key}: {value}")
-    return lines + ["---"]
+def _real_data(summary: Optional[dict]) -> bool:
+    source = ((summary or {}).get("data") or {}).get("source")
+    return source is not None and source != "synthetic"
+
+
+def _card_license(summary: Optional[dict], license: Optional[str]) -> str:
+    return license or ("other" if _real_data(summary) else __license__.lower())
+
+
+def _card_datasets(summary: Optional[dict], datasets: Optional[Sequence[str]]) -> list:
+    if datasets is not None:
+        return list(datasets)
+    source = ((summary or {}).get("data") or {}).get("source")
+    return [SYNTHETIC_DATASET] if source == "synthetic" else []
+
+
+def _eval_results(summary: Optional[dict], datasets: list) -> list:
+    """The run's test numbers as model-index results: zero-shot AUC (macro and per class), pointing accuracy."""
+    zs, loc = (summary or {}).get("zero_shot_test"), (summary or {}).get("localisation_test")
+    dataset = datasets[0] if datasets else "custom"
+    where = dict(dataset_type=dataset, dataset_name=dataset, dataset_split="test")
+    results = []
+    if zs and zs.get("auc_macro") is not None:
+        task = dict(task_type="zero-shot-image-classification", task_name="Zero-shot classification", **where)
+        results.append(EvalResult(**task, metric_type="roc_auc", metric_value=zs["auc_macro"],
+                                  metric_name="zero-shot macro AUC"))
+        results += [EvalResult(**task, metric_type="roc_auc", metric_value=auc, metric_name=f"zero-shot AUC, {name}")
+                    for name, auc in zs.get("auc", {}).items() if auc is not None]
+    if loc and loc.get("pointing_accuracy") is not None:
+        results.append(EvalResult(task_type="phrase-grounding", task_name="Finding localisation", **where,
+                                  metric_type="pointing_accuracy", metric_value=loc["pointing_accuracy"],
+                                  metric_name="pointing accuracy"))
+    return results
+
+
+def _yaml_header(model, summary: Optional[dict], license: Optional[str], datasets: Optional[Sequence[str]]) -> list:
+    datasets = _card_datasets(summary, datasets)
+    results = _eval_results(summary, datasets)
+    data = ModelCardData(library_name=CARD_METADATA["library_name"], license=_card_license(summary, license),
+                         datasets=datasets or None, tags=list(CARD_METADATA["tags"]),
+                         model_name=model.config.name if results else None, eval_results=results or None)
+    return ["---", *data.to_yaml().splitlines(), "---"]
 
 
 def _model_section(model) -> list[str]:
@@ -175,10 +219,13 @@ def _usage_section(model) -> list[str]:
         'model, _, preprocess = mlip_fast.create_model_and_transforms("hf-hub:<org>/<name>")  # or this folder',
         'tokenizer = mlip_fast.get_tokenizer("hf-hub:<org>/<name>")',
         "with torch.no_grad():",
-        '    image = model.encode_image(preprocess("chest_xray.png")[None], normalize=True)        # [1, D]',
-        '    text = model.encode_text(tokenizer(["Pleural effusion.", "No pleural effusion."]), normalize=True)',
-        "    probs = (model.logit_scale_global() * image @ text.T).softmax(dim=-1)",
+        '    image, text, scale = model(preprocess("chest_xray.png")[None],',
+        '                               tokenizer(["Pleural effusion.", "No pleural effusion."]))  # normalised',
+        "    probs = (scale * image @ text.T).softmax(dim=-1)",
         "```", "",
+        "transformers' `AutoModel.from_pretrained` loads it too once `mlip_fast` is imported (outputs are "
+        "`ModelOutput`s with `logits_per_image`); no transformers `pipeline` serves it, so the card names no "
+        "`pipeline_tag`.", "",
     ]
 
 
@@ -196,11 +243,25 @@ _LIMITATIONS = [
 ]
 
 
-def render_model_card(model, summary: Optional[dict] = None) -> str:
+def _licence_section(summary: Optional[dict], license: Optional[str]) -> list[str]:
+    chosen = _card_license(summary, license)
+    if license is None and chosen == "other":
+        what = ("`other`: the weights were trained on real data, whose terms (for example a data use agreement) "
+                "apply to them; name the licence with `save_pretrained(..., model_card_kwargs={\"license\": ...})`")
+    else:
+        what = f"`{chosen}`" + ("" if license else f" (the licence of the mlip_fast code; the training data were the "
+                                                       f"built-in synthetic benchmark or are not recorded)")
+    return ["## Licence", "", f"Licence of these weights: {what}.", ""]
+
+
+def render_model_card(model, summary: Optional[dict] = None, license: Optional[str] = None,
+                      datasets: Optional[Sequence[str]] = None) -> str:
     """The card of ``model`` (an ``MLIP``) as Markdown with a YAML header; ``summary`` is a training run's
-    ``summary.json`` dict (data, training and evaluation sections), or None for a model saved outside a run."""
+    ``summary.json`` dict (data, training and evaluation sections), or None for a model saved outside a run.
+    ``license`` (an SPDX id such as ``apache-2.0``) and ``datasets`` (Hub dataset ids) replace what the card
+    would otherwise say (see the module docstring)."""
     name = model.config.name
-    lines = _yaml_header() + [
+    lines = _yaml_header(model, summary, license, datasets) + [
         CARD_MARKER, "",
         f"# MLIP `{name}`", "",
         "MLIP (medical language-image pre-training with masked local representation learning) image-report model: "
@@ -209,12 +270,13 @@ def render_model_card(model, summary: Optional[dict] = None) -> str:
         "`mlip_fast`.", "",
     ]
     for section in (_model_section(model), _preprocess_section(model), _data_section(summary),
-                    _training_section(summary), _evaluation_section(summary), _usage_section(model), _LIMITATIONS):
+                    _training_section(summary), _evaluation_section(summary), _usage_section(model), _LIMITATIONS,
+                    _licence_section(summary, license)):
         lines += section
     return "\n".join(lines)
 
 
-def write_model_card(directory: Union[str, Path], model, summary: Optional[dict] = None) -> Path:
+def write_model_card(directory: Union[str, Path], model, summary: Optional[dict] = None, **card) -> Path:
     """(Re)writes ``directory/README.md`` with :func:`render_model_card` through a temporary file and a rename
     (a reader never sees half a card). A README.md without :data:`CARD_MARKER` (a user's) is not replaced:
     ``FileExistsError``. Returns the path."""
@@ -222,6 +284,6 @@ def write_model_card(directory: Union[str, Path], model, summary: Optional[dict]
     if path.exists() and not is_generated_card(path):
         raise FileExistsError(f"{path} was not written by mlip_fast; not replacing it (move it away to get a new card)")
     tmp = path.with_name(f".README.md.tmp-{os.getpid()}")
-    tmp.write_text(render_model_card(model, summary))
+    tmp.write_text(render_model_card(model, summary, **card))
     os.replace(tmp, path)
     return path

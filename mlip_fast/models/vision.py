@@ -14,6 +14,7 @@ the tower works under DeepSpeed ZeRO-3, which gathers a module's parameters only
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -26,14 +27,32 @@ from mlip_fast.models.attention import attention
 from mlip_fast.models.config import VisionConfig, check_mask_ratio
 from mlip_fast.models.estimator import SemanticIntegrityEstimator
 from mlip_fast.ops.integrity_mask import integrity_mask
+from mlip_fast.preprocess.transforms import _LUMA as LUMA  # the weights the preprocessing reduces colour with
 
 __all__ = ["VisionTransformer", "VisionOutput", "Block", "Attention", "Mlp", "Embeddings", "num_kept"]
+
+logger = logging.getLogger(__name__)
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
     """K = round((1 - r) P), half rounded up, at least 1."""
     mask_ratio = check_mask_ratio(mask_ratio)
     return max(1, int(math.floor((1.0 - mask_ratio) * num_patches + 0.5)))
+
+
+_noticed_rgb = False
+
+
+def _rgb_to_grey(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W] with the BT.601 weights of the preprocessing; says so once per process."""
+    global _noticed_rgb
+    if not _noticed_rgb:
+        _noticed_rgb = True
+        logger.warning("the image tower takes grey images [B, 1, H, W]; 3-channel input is reduced to BT.601 "
+                       "luminance (0.299 R + 0.587 G + 0.114 B); the model's transforms read any image file as grey "
+                       "(this notice is shown once)")
+    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
+    return torch.einsum("bchw,c->bhw", images, weights).unsqueeze(1)
 
 
 @dataclass
@@ -68,13 +87,20 @@ class Embeddings(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.width))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, C_in, H, W] -> (cls [B, 1, C], patches [B, P, C]), both with position added."""
+        """images [B, C_in, H, W] -> (cls [B, 1, C], patches [B, P, C]), both with position added.
+
+        A grey tower (C_in = 1) also takes [B, 3, H, W] (an RGB rendering, normalised as its preprocessing
+        does): the channels are reduced to BT.601 luminance, as the preprocessing reduces colour files, with a
+        notice the first time. Images are cast to the patch embedding's dtype (a bf16 / fp16 model takes the
+        transforms' fp32 output)."""
+        if images.ndim == 4 and images.shape[1] == 3 and self.in_chans == 1:
+            images = _rgb_to_grey(images)
         if images.ndim != 4 or images.shape[1] != self.in_chans or images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"images must have shape [B, {self.in_chans}, {self.image_size}, {self.image_size}], "
                 f"got {tuple(images.shape)}"
             )
-        patches = self.proj(images).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+        patches = self.proj(images.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(images.shape[0], -1, -1)
         return cls.to(patches.dtype), patches
 

@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 
 from mlip_fast.models._state import state_mismatch
 
-__all__ = ["load_pretrained_vit", "convert_vit_state_dict", "read_state_dict", "PretrainedWeightsError", "LoadReport"]
+__all__ = ["load_pretrained_vit", "convert_vit_state_dict", "read_state_dict", "resize_pos_embed", "PretrainedWeightsError",
+           "LoadReport"]
 
 HUB_PREFIX = "hf-hub:"
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
@@ -204,7 +205,7 @@ def _convert_timm(state: dict) -> tuple[dict, list, list]:
     return out, ignored, unknown
 
 
-def _resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """[1, 1 + g'^2, C] -> [1, 1 + grid^2, C]: bicubic resampling of the patch part, CLS kept."""
     cls, patches = pos[:, :1], pos[:, 1:]
     old = int(round(patches.shape[1] ** 0.5))
@@ -233,7 +234,7 @@ def convert_vit_state_dict(state: dict, model) -> tuple[dict, LoadReport]:
     pos = converted.get("embeddings.pos_embed")
     want = target["embeddings.pos_embed"]
     if pos is not None and pos.ndim == 3 and pos.shape[1] != want.shape[1] and pos.shape[2] == want.shape[2]:
-        converted["embeddings.pos_embed"] = _resize_pos_embed(pos, model.grid_size)
+        converted["embeddings.pos_embed"] = resize_pos_embed(pos, model.grid_size)
         report.adapted.append(f"embeddings.pos_embed: grid {int(round((pos.shape[1] - 1) ** 0.5))} -> {model.grid_size}")
     proj = converted.get("embeddings.proj.weight")
     want = target["embeddings.proj.weight"]

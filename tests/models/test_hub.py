@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from mlip_fast.eval.common import eval_transform
 from mlip_fast.models import (
@@ -139,6 +140,20 @@ def test_model_card_holds_the_run_numbers_and_keeps_a_users_readme(tmp_path):
     model.save_pretrained(tmp_path / "plain", model_card_kwargs={"summary": SUMMARY})  # replaces its own card
     card = (tmp_path / "plain" / "README.md").read_text()
     assert card == render_model_card(model, SUMMARY)
+    # the metadata says only what holds: no pipeline serves MLIP, the synthetic data, the test numbers as results
+    meta = ModelCard(card).data.to_dict()
+    assert "pipeline_tag" not in meta and meta["license"] == "mit" and meta["datasets"] == ["mlip_fast-synthetic-cxr"]
+    [results] = [r for r in meta["model-index"] if r["name"] == "mlip-tiny"]
+    zero_shot, pointing = results["results"]
+    assert zero_shot["task"]["type"] == "zero-shot-image-classification" and zero_shot["dataset"]["split"] == "test"
+    assert [(m["name"], m["value"]) for m in zero_shot["metrics"]] == [("zero-shot macro AUC", 0.8125),
+                                                                       ("zero-shot AUC, Edema", 0.8125)]
+    assert pointing["metrics"][0]["value"] == 0.25
+    real = {**SUMMARY, "data": {**SUMMARY["data"], "source": "/data/mimic/master.csv"}}
+    meta = ModelCard(render_model_card(model, real)).data.to_dict()
+    assert meta["license"] == "other" and "datasets" not in meta  # real data: its terms apply, no known Hub id
+    meta = ModelCard(render_model_card(model, real, license="cc-by-nc-4.0", datasets=["org/cxr"])).data.to_dict()
+    assert meta["license"] == "cc-by-nc-4.0" and meta["datasets"] == ["org/cxr"]
     for line in ("| zero-shot AUC, Edema | 0.812 | 0.500 |", "| zero-shot AUC, Atelectasis | n/a | 0.500 |",
                  "| zero-shot AUC, macro (15 images) | 0.812 | 0.500 |",
                  "| localisation pointing accuracy (9 finding sentences) | 0.250 | 0.051 |",
