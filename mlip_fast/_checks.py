@@ -27,7 +27,7 @@ def check_tensor(
         raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
     if floating and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
-    if finite and floating and VALUE_CHECKS and not torch.isfinite(x).all():
+    if finite and floating and value_checks() and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf")
     return x
 
@@ -50,7 +50,7 @@ def check_mask(name: str, mask, shape: Sequence[int], *, device: torch.device) -
 
 def check_rows_nonempty(name: str, mask: Optional[torch.Tensor], what: str) -> None:
     """Every row of ``mask`` must keep at least one valid entry."""
-    if mask is not None and mask.numel() and not mask.any(dim=-1).all():
+    if mask is not None and mask.numel() and value_checks() and not mask.any(dim=-1).all():
         bad = (~mask.any(dim=-1)).nonzero().flatten()[:8].tolist()
         raise ValueError(f"{name}: rows {bad} have no valid {what} (every row needs at least one)")
 
@@ -58,6 +58,13 @@ def check_rows_nonempty(name: str, mask: Optional[torch.Tensor], what: str) -> N
 # Value-dependent checks (NaN/Inf, empty rows, negative weights) read tensor contents, which costs a
 # host synchronisation on accelerators. MLIP_FAST_VALUE_CHECKS=0 turns them off for production runs.
 VALUE_CHECKS = os.environ.get("MLIP_FAST_VALUE_CHECKS", "1") != "0"
+
+
+def value_checks() -> bool:
+    """Whether value-dependent checks run now: ``VALUE_CHECKS``, and not while torch.compile traces (a check on
+    tensor contents would break the graph; a compiled loss checks shapes, dtypes and devices only, so validate
+    the inputs of a new data pipeline eagerly once)."""
+    return VALUE_CHECKS and not torch.compiler.is_compiling()
 
 
 def dataclass_from_dict(cls, data, where: str, error: type = ValueError):

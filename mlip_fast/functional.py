@@ -36,7 +36,7 @@ def _check_scale(name: str, scale) -> torch.Tensor:
     if scale.numel() != 1 or not scale.is_floating_point():
         raise ValueError(f"{name} must be a floating scalar (float or 1-element tensor), got {scale!r}")
     scale = scale.reshape(())
-    if _checks.VALUE_CHECKS and not torch.compiler.is_compiling():
+    if _checks.value_checks():
         value = float(scale.detach())
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be finite and > 0, got {value}")
@@ -55,14 +55,14 @@ def _row_weights(weights: Optional[torch.Tensor], rows: int, device, group, *, g
     _checks.check_tensor("weights", weights, 1, dims=("B",))
     if weights.shape[0] != rows:
         raise ValueError(f"weights must have shape [B={rows}], got {tuple(weights.shape)}")
-    if _checks.VALUE_CHECKS and bool((weights < 0).any()):
+    if _checks.value_checks() and bool((weights < 0).any()):
         raise ValueError("weights must be non-negative")
-    if _checks.VALUE_CHECKS and not bool(torch.isfinite(weights).all()):
+    if _checks.value_checks() and not bool(torch.isfinite(weights).all()):
         raise ValueError("weights contains NaN or Inf")
     w = weights.detach().to(device=device, dtype=torch.float32)
     w_all = gather(w, with_grad=False, group=group)
     mean = w_all.mean()
-    if _checks.VALUE_CHECKS and not bool(mean > 0):
+    if _checks.value_checks() and not bool(mean > 0):
         raise ValueError("weights are all zero over the batch: no row would contribute to the loss")
     return (w_all if gathered else w) / mean.clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -145,7 +145,7 @@ def _check_local_inputs(patches, sentences, sentence_mask, patch_mask):
                          "(one report per image)")
     sentence_mask, patch_mask = check_inputs(patches, sentences, sentence_mask, patch_mask,
                                              sentence_dims=("B", "S", "D"))
-    if _checks.VALUE_CHECKS:
+    if _checks.value_checks():
         _checks.check_rows_nonempty("sentence_mask", sentence_mask, "sentence")
         _checks.check_rows_nonempty("patch_mask", patch_mask, "patch")
     return sentence_mask, patch_mask
