@@ -1,20 +1,35 @@
-"""One-command GPU check: correctness on real CUDA and the GPU benchmark, written to one JSON file.
+"""One-command GPU check: correctness on real CUDA, the op against its peers, the calibration runs of the
+performance model and the op inside a training step, written to one JSON file.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py --out DIR          # on a CUDA machine, ~3-5 min on an H100
+    PYTHONPATH=. python benchmarks/gpu_check.py --out DIR          # on a CUDA machine: inside 12 min on an H100
     PYTHONPATH=. python benchmarks/gpu_check.py --out DIR --dry-run  # CPU, Triton interpreter, tiny shapes
 
-Needs only torch and triton (no network, no deepspeed). Writes ``DIR/gpu_<card>.json`` (``cpu_dry_run.json``
-for a dry run) after every section, so a crash or a timeout keeps what was measured. Each section is a
-function in ``SECTIONS``; a failing section records its traceback and the others still run. To add a
-section (for another op), write ``def section_<name>(ctx) -> dict`` and append it to ``SECTIONS``.
+Needs only torch and triton (no network, no deepspeed); late-interaction-kernels and flash-maxsim are timed when
+installed and skipped with the reason otherwise. Writes ``DIR/gpu_<card>.json`` (``cpu_dry_run.json`` for a dry
+run) after every section, so a crash or a timeout keeps what was measured. Each section is a function in
+``SECTIONS``, run in order, cheapest and most informative first: the card (exact variant, clocks and power
+sampled for the whole run), the bf16 matmul rate, L2 / HBM read bandwidth, correctness, the op against its peers
+(``gpu_peers.py``), the op's share of a training step (``gpu_train.py``), the calibration sweeps
+(``gpu_calibration.py``), the wider benchmark, then the largest batch. Each section records its wall time and
+the clocks and power over it; a failing section records its traceback and the others still run.
+
+Time budget (``--budget-s``, default 630 s, so the whole run with start-up and the last measurement's overrun
+ends inside 12 minutes on one H100): a section does not start with less than its ``MIN_START`` left (recorded as
+skipped with the reason), and the sweeps inside sections stop at the budget; the free sections (environment,
+model vs measurement, compiled kernels) always run. The clocks and power of each section are attached at the
+end of the run, from nvidia-smi's timestamped samples. To add a section, write ``def section_<name>(ctx) -> dict``
+and add it to ``SECTIONS``.
 
 Timing follows PERF.md: ``triton.testing.do_bench`` (warm-up first, median), fresh random inputs rotated over
-several sets so L2 is not what is measured; memory is the ``torch.cuda.max_memory_allocated`` delta over one
-step (inputs allocated before). Every number is recorded with the card, driver, torch and triton versions.
+several sets so L2 is not what is measured, value checks off in timed regions; kernel-only times are the sum of
+the GPU kernels' durations under ``torch.profiler`` per call. Memory is the ``torch.cuda.max_memory_allocated``
+delta over one step (inputs allocated before). Every number is recorded with the card, driver, torch and
+triton versions.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -27,17 +42,38 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+
+import gpu_calibration  # noqa: E402
+import gpu_env  # noqa: E402
+import gpu_peers  # noqa: E402
+import gpu_train  # noqa: E402
+import harness  # noqa: E402
+
+DEFAULT_BUDGET_S = 630.0
+MIN_START_S = 20.0  # seconds a section needs left to start; longer for the sections that cannot stop midway
+MIN_START = {"patch_sentence_correctness": 60.0, "peers": 60.0, "train_step": 45.0, "integrity_mask": 40.0}
+
 
 class Context:
-    """What every section gets: device, dry-run flag, timing and memory helpers, shared measurements."""
+    """What every section gets: device, dry-run flag, time budget, timing and memory helpers, shared results."""
 
-    def __init__(self, dry_run: bool):
-        import torch
-
+    def __init__(self, dry_run: bool, budget_s: float = DEFAULT_BUDGET_S, sampler=None):
         self.torch = torch
         self.dry_run = dry_run
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.shared: dict = {}
+        self.sampler = sampler
+        self.budget_s = budget_s
+        self.started = time.perf_counter()
+
+    def left_s(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.started)
+
+    def out_of_time(self, need_s: float = 0.0) -> bool:
+        """Whether the run's budget leaves less than ``need_s`` seconds."""
+        return self.left_s() < need_s
 
     def time_ms(self, fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
         """Median milliseconds of ``fn()``."""
@@ -45,7 +81,8 @@ class Context:
             import triton.testing
 
             return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-        fn()
+        if not self.dry_run:
+            fn()
         times = []
         for _ in range(1 if self.dry_run else 3):
             start = time.perf_counter()
@@ -53,27 +90,61 @@ class Context:
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
 
+    def kernel_profile(self, fn, match: str = None) -> dict:
+        """Per call of ``fn()`` under ``torch.profiler`` (three calls after a warm-up; one in a dry run): the
+        summed durations of its GPU kernels (memsets and copies included) and of those whose name contains
+        ``match``; on CPU (dry run) the ops' self CPU time."""
+        iters = 1 if self.dry_run else 3
+        if not self.dry_run:
+            fn()
+        cuda = self.device.type == "cuda"
+        activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[activity]) as prof:
+            for _ in range(iters):
+                fn()
+            if cuda:
+                torch.cuda.synchronize(self.device)
+        if cuda:
+            spans = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+            if not spans:  # kernels attached to the ops that launched them
+                spans = [(k.name, k.duration) for e in prof.events() for k in getattr(e, "kernels", [])]
+        else:
+            spans = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+        total = sum(us for _, us in spans) / 1e3 / iters
+        matched = None if match is None else sum(us for name, us in spans if match in name) / 1e3 / iters
+        return {"total_ms": total, "matched_ms": matched}
+
+    def kernel_ms(self, fn) -> float:
+        """Kernel-only milliseconds of one ``fn()`` (see :meth:`kernel_profile`)."""
+        return self.kernel_profile(fn)["total_ms"]
+
     def peak_bytes(self, fn):
         """Peak bytes allocated over ``fn()`` beyond what was allocated before (None off CUDA)."""
         if self.device.type != "cuda":
             return None
-        import harness
-
         return harness.cuda_peak_memory(fn, self.device)
+
+    def sm_clock_hz(self):
+        """The SM clock sampled over the last 30 s (None without samples)."""
+        if self.sampler is None:
+            return None
+        now = time.time()
+        clocks = self.sampler.window(now - 30, now).get("sm_mhz")
+        return clocks["median"] * 1e6 if clocks else None
 
 
 # ------------------------------------------------------------------------------------------------ sections
 
 
 def section_environment(ctx: Context) -> dict:
-    import harness
-
-    return harness.environment(ctx.device)
+    """Versions, and the exact card: name, variant, SMs, memory, power limit, clocks."""
+    env = harness.environment(ctx.device)
+    env["card"] = gpu_env.card_identity(torch, ctx.device) if ctx.device.type == "cuda" else {"unavailable": "no CUDA device"}
+    return env
 
 
 def section_matmul_rate(ctx: Context) -> dict:
     """Measured dense bf16 matmul rate: the denominator of every %-of-peak below."""
-    torch = ctx.torch
     n = 256 if ctx.dry_run else 8192
     dtype = torch.float32 if ctx.device.type == "cpu" else torch.bfloat16
     a = torch.randn(n, n, device=ctx.device, dtype=dtype)
@@ -81,11 +152,7 @@ def section_matmul_rate(ctx: Context) -> dict:
     ms = ctx.time_ms(lambda: a @ b, rep_ms=300)
     tflops = 2 * n**3 / (ms * 1e-3) / 1e12
     ctx.shared["matmul_tflops"] = tflops
-    return {"n": n, "dtype": str(dtype), "ms": ms, "tflops": tflops}
-
-
-def _to(x, device):
-    return None if x is None else x.to(device)
+    return {"n": n, "dtype": str(dtype), "ms": ms, "tflops": tflops, "kernel_ms": ctx.kernel_ms(lambda: a @ b)}
 
 
 def section_patch_sentence_correctness(ctx: Context) -> dict:
@@ -169,288 +236,9 @@ def section_patch_sentence_correctness(ctx: Context) -> dict:
     return {"ok": not failures, "checks": len(results), "failures": failures, "determinism": determinism, "results": results}
 
 
-BENCH_SHAPES = [  # (B, G, K, S, D): PERF.md's named shapes and the performance model's
-    (32, 32, 196, 16, 256),
-    (128, 128, 98, 16, 256),
-    (128, 128, 196, 16, 256),
-    (128, 128, 98, 16, 512),
-    (128, 128, 196, 16, 512),
-    (256, 256, 196, 16, 256),
-    (512, 512, 196, 16, 256),
-    (128, 1024, 98, 16, 512),
-    (128, 1024, 196, 16, 512),
-]
-DRY_SHAPES = [(4, 6, 5, 3, 33)]
-N_INPUT_SETS = 3
-
-
-def section_patch_sentence_benchmark(ctx: Context) -> dict:
-    """naive (reference grid) vs chunked vs triton, fwd / bwd / full, bf16 inputs; TFLOP/s, % of the
-    measured bf16 matmul rate, the plain grid matmul, peak memory, and PERF.md's targets."""
-    torch = ctx.torch
-    from bench_patch_sentence import flops, make_inputs
-
-    from mlip_fast.ops import patch_sentence_scores
-    from mlip_fast.ops.patch_sentence import ScoresOptions
-    from mlip_fast.ops.patch_sentence.chunked import patch_sentence_scores_chunked
-
-    dev = ctx.device
-    dtype = "float32" if ctx.dry_run else "bfloat16"
-    rate = ctx.shared.get("matmul_tflops")
-    chunked_tile = 2**24  # on a GPU, large tiles: fewer launches, still far below the grid
-    providers = {
-        "naive": lambda p, s, m: patch_sentence_scores(p, s, m, impl="reference"),
-        "chunked": lambda p, s, m: patch_sentence_scores_chunked(p, s, m, None, ScoresOptions(), tile_elements=chunked_tile),
-        "triton": lambda p, s, m: patch_sentence_scores(p, s, m, impl="triton"),
-        "triton_deterministic": lambda p, s, m: patch_sentence_scores(p, s, m, impl="triton", deterministic=True),
-    }
-    rows = []
-    for B, G, K, S, D in DRY_SHAPES if ctx.dry_run else BENCH_SHAPES:
-        sets = [make_inputs(B, G, K, S, D, dtype, str(dev), seed=i) for i in range(N_INPUT_SETS)]
-        shape = dict(B=B, G=G, K=K, S=S, D=D, dtype=dtype)
-        # The plain matmul producing the [B*K, G*S] grid: the floor the fused forward should match.
-        pk = [x[0].detach().reshape(B * K, D) for x in sets]
-        sg = [x[1].detach().reshape(G * S, D) for x in sets]
-        counter = [0]
-
-        def grid_matmul():
-            i = counter[0] = (counter[0] + 1) % N_INPUT_SETS
-            return pk[i] @ sg[i].T
-
-        grid_ms = ctx.time_ms(grid_matmul)
-        rows.append(dict(shape, provider="grid_matmul", mode="fwd", ms=grid_ms, tflops=flops(B, G, K, S, D, "fwd") / grid_ms / 1e9))
-        ref_out = None
-        for name, fn in providers.items():
-            try:
-                out = fn(*[t.detach() for t in sets[0][:2]], sets[0][2])
-                if name == "naive":
-                    ref_out = out
-                diff = None if ref_out is None else max(float((o - r).abs().max()) for o, r in zip(out, ref_out))
-
-                def fwd(fn=fn):
-                    i = counter[0] = (counter[0] + 1) % N_INPUT_SETS
-                    p, s, m, _, _ = sets[i]
-                    return fn(p, s, m)
-
-                def full(fn=fn):
-                    i = counter[0] = (counter[0] + 1) % N_INPUT_SETS
-                    p, s, m, gi, gt = sets[i]
-                    i2t, t2i = fn(p, s, m)
-                    return torch.autograd.grad((i2t * gi).sum() + (t2i * gt).sum(), (p, s))
-
-                # Backward alone: one forward graph per input set, kept, differentiated repeatedly.
-                graphs = []
-                for p, s, m, gi, gt in sets:
-                    i2t, t2i = fn(p, s, m)
-                    graphs.append(((i2t * gi).sum() + (t2i * gt).sum(), p, s))
-
-                def bwd():
-                    i = counter[0] = (counter[0] + 1) % N_INPUT_SETS
-                    loss, p, s = graphs[i]
-                    return torch.autograd.grad(loss, (p, s), retain_graph=True)
-
-                times = {"fwd": ctx.time_ms(fwd), "bwd": ctx.time_ms(bwd), "full": ctx.time_ms(full)}
-                del graphs
-                peak = ctx.peak_bytes(full)
-                grads = (B * K + G * S) * D * getattr(torch, dtype).itemsize
-                for mode, ms in times.items():
-                    rows.append(
-                        dict(
-                            shape,
-                            provider=name,
-                            mode=mode,
-                            ms=ms,
-                            tflops=flops(B, G, K, S, D, mode) / ms / 1e9,
-                            pct_of_matmul_rate=(100 * flops(B, G, K, S, D, mode) / ms / 1e9 / rate) if rate else None,
-                            peak_bytes_full=peak,
-                            op_bytes_full=None if peak is None else max(peak - grads, 0),
-                            max_abs_diff_vs_naive=diff,
-                        )
-                    )
-            except Exception as err:  # e.g. the naive grid running out of memory at the largest shapes
-                rows.append(dict(shape, provider=name, error=f"{type(err).__name__}: {err}"[:500]))
-            finally:
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-        del sets, pk, sg
-    ctx.shared["bench_rows"] = rows
-    return {"rows": rows, "targets": _targets(rows), "chunked_tile_elements": chunked_tile}
-
-
-def _targets(rows) -> dict:
-    """PERF.md targets evaluated on the rows (None where a number is missing)."""
-
-    def get(provider, mode, **shape):
-        for r in rows:
-            if r.get("provider") == provider and r.get("mode") == mode and all(r.get(k) == v for k, v in shape.items()):
-                return r
-        return None
-
-    def ratio(a, b, key="ms"):
-        return None if a is None or b is None or key not in a or key not in b or not b[key] else a[key] / b[key]
-
-    out = {}
-    wide = dict(B=128, G=1024, K=196, D=512)
-    t = get("triton", "fwd", **wide)
-    out["fwd_pct_of_bf16_matmul_128x1024_d512 (>= 40)"] = t and t.get("pct_of_matmul_rate")
-    out["fwd_time_over_grid_matmul_128x1024_d512 (<= 1)"] = ratio(t, get("grid_matmul", "fwd", **wide))
-    for B, K in ((128, 196), (128, 98)):
-        s = dict(B=B, G=B, K=K, D=256)
-        out[f"naive_over_fused_fwd_B{B}_K{K}_d256 (>= 3)"] = ratio(get("naive", "fwd", **s), get("triton", "fwd", **s))
-        out[f"naive_over_fused_full_B{B}_K{K}_d256 (>= 3)"] = ratio(get("naive", "full", **s), get("triton", "full", **s))
-        out[f"bwd_over_fwd_B{B}_K{K}_d256 (<= 2.2)"] = ratio(get("triton", "bwd", **s), get("triton", "fwd", **s))
-        out[f"naive_over_fused_op_memory_B{B}_K{K}_d256 (>= 150)"] = ratio(
-            get("naive", "full", **s), get("triton", "full", **s), key="op_bytes_full"
-        )
-    s = dict(B=512, G=512, K=196, D=256)
-    out["naive_over_fused_fwd_B512_d256 (>= 4)"] = ratio(get("naive", "fwd", **s), get("triton", "fwd", **s))
-    s = dict(B=32, G=32, K=196, D=256)
-    out["naive_over_fused_fwd_B32_d256 (>= 1)"] = ratio(get("naive", "fwd", **s), get("triton", "fwd", **s))
-    return out
-
-
-FWD_SWEEP = [  # candidate forward configs; ROWS = sentence rows per tile (GB = ROWS // S_CH)
-    dict(ROWS=128, BN=128, BD=64, num_warps=8, num_stages=3),
-    dict(ROWS=128, BN=128, BD=64, num_warps=8, num_stages=4),
-    dict(ROWS=128, BN=128, BD=32, num_warps=8, num_stages=4),
-    dict(ROWS=128, BN=64, BD=64, num_warps=8, num_stages=3),
-    dict(ROWS=64, BN=128, BD=64, num_warps=4, num_stages=3),
-    dict(ROWS=64, BN=256, BD=64, num_warps=8, num_stages=3),
-    dict(ROWS=256, BN=64, BD=64, num_warps=8, num_stages=3),
-    dict(ROWS=128, BN=128, BD=128, num_warps=8, num_stages=2),
-]
-
-
-def section_patch_sentence_fwd_config_sweep(ctx: Context) -> dict:
-    """Forward time per block configuration at the 128 x 1024, D=512 bf16 shape (input for tuning the
-    launcher's default); a config that fails to compile is recorded with its error."""
-    from bench_patch_sentence import make_inputs
-
-    from mlip_fast.kernels._target import target_of
-    from mlip_fast.kernels.patch_sentence import fwd_config, patch_sentence_fwd
-
-    B, G, K, S, D = (4, 6, 8, 4, 32) if ctx.dry_run else (128, 1024, 196, 16, 512)
-    dtype = "float32" if ctx.dry_run else "bfloat16"
-    p, s, m, _, _ = make_inputs(B, G, K, S, D, dtype, str(ctx.device), seed=0)
-    p, s = p.detach(), s.detach()
-    target = target_of(p.device)
-    default = fwd_config(B, K, G, S, D, p.dtype, target.arch, target.sm_count)
-    expected = patch_sentence_fwd(p, s, m, None)[:2]
-    rows = [dict(config="default", **default, ms=ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None)))]
-    for cand in FWD_SWEEP[:2] if ctx.dry_run else FWD_SWEEP:
-        cfg = {k: v for k, v in cand.items() if k != "ROWS"}
-        cfg["GB"] = max(1, cand["ROWS"] // default["S_CH"]) if not default["LARGE_S"] else 1
-        if ctx.dry_run:
-            cfg.update(BN=16, BD=16, num_stages=1)
-        try:
-            got = patch_sentence_fwd(p, s, m, None, config=cfg)[:2]
-            diff = max(float((a - b).abs().max()) for a, b in zip(got, expected))
-            rows.append(dict(config="candidate", **cfg, ms=ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None, config=cfg)), max_abs_diff=diff))
-        except Exception as err:
-            rows.append(dict(config="candidate", **cfg, error=f"{type(err).__name__}: {err}"[:300]))
-    best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"])
-    return {"shape": [B, G, K, S, D], "dtype": dtype, "rows": rows, "best": best}
-
-
-BWD_SWEEP = [  # candidate backward overrides (both sides); None = the launcher's default
-    None,
-    dict(num_warps=4),
-    dict(num_warps=8),
-    dict(DC=128, num_warps=4),
-    dict(DC=128, num_warps=8),
-    dict(num_warps=4, num_stages=3),
-]
-
-
-def section_patch_sentence_bwd_config_sweep(ctx: Context) -> dict:
-    """Backward time per block configuration at B=G=128 and 128 x 1024, K=98, S=16, D=512, bf16 (input for
-    tuning the launcher); a config that fails to compile is recorded with its error."""
-    torch = ctx.torch
-    from bench_patch_sentence import make_inputs
-
-    from mlip_fast.kernels.patch_sentence import patch_sentence_bwd, patch_sentence_fwd
-
-    shapes = [(4, 6, 8, 4, 32)] if ctx.dry_run else [(128, 128, 98, 16, 512), (128, 1024, 98, 16, 512)]
-    dtype = "float32" if ctx.dry_run else "bfloat16"
-    rows = []
-    for B, G, K, S, D in shapes:
-        p, s, m, gi, gt = make_inputs(B, G, K, S, D, dtype, str(ctx.device), seed=2)
-        p, s = p.detach(), s.detach()
-        _, _, a_i, a_t, _, _ = patch_sentence_fwd(p, s, m, None)
-        args = (gi, gt, p, s, a_i, a_t, m, None)
-        expected = patch_sentence_bwd(*args)
-        for cand in BWD_SWEEP[:2] if ctx.dry_run else BWD_SWEEP:
-            row = dict(shape=[B, G, K, S, D], config=cand or "default")
-            try:
-                got = patch_sentence_bwd(*args, config=cand)
-                row["max_abs_diff"] = max(float((a.float() - b.float()).abs().max()) for a, b in zip(got, expected))
-                row["ms"] = ctx.time_ms(lambda cand=cand: patch_sentence_bwd(*args, config=cand))
-            except Exception as err:  # noqa: BLE001 - e.g. out of shared memory on this card
-                row["error"] = f"{type(err).__name__}: {err}"[:300]
-            rows.append(row)
-        del p, s, a_i, a_t
-    return {"dtype": dtype, "rows": rows}
-
-
-def section_loss_local(ctx: Context) -> dict:
-    """The patch-sentence loss (local mode, one process) forward + backward at B=128, K=98 / 196, S=16, D=512,
-    bf16: one both-directions call per loss, against the same loss built from two one-direction calls (what
-    training did before) and against the reference impl."""
-    torch = ctx.torch
-    from bench_patch_sentence import make_inputs
-
-    from mlip_fast import functional as MF
-    from mlip_fast.constants import INIT_LOGIT_SCALE
-    from mlip_fast.ops import patch_sentence_scores
-
-    dtype = "float32" if ctx.dry_run else "bfloat16"
-    shapes = [(4, 3, 5, 16)] if ctx.dry_run else [(128, 98, 16, 512), (128, 196, 16, 512)]
-    rows = []
-    for B, K, S, D in shapes:
-        p, s, m, _, _ = make_inputs(B, B, K, S, D, dtype, str(ctx.device), seed=1)
-
-        def one_call(impl):
-            def step():
-                loss = MF.patch_sentence_loss(p, s, m, impl=impl)
-                return torch.autograd.grad(loss, (p, s))
-            return step
-
-        def two_calls():
-            pn, sn = torch.nn.functional.normalize(p, dim=-1), torch.nn.functional.normalize(s, dim=-1)
-            i2t, _ = patch_sentence_scores(pn, sn, m, directions="i2t", impl="triton" if ctx.device.type == "cuda" else "chunked")
-            _, t2i = patch_sentence_scores(pn, sn, m, directions="t2i", impl="triton" if ctx.device.type == "cuda" else "chunked")
-            labels = torch.arange(B, device=p.device)
-            scale = INIT_LOGIT_SCALE
-            loss = 0.5 * (torch.nn.functional.cross_entropy(scale * i2t, labels)
-                          + torch.nn.functional.cross_entropy(scale * t2i.T, labels))
-            return torch.autograd.grad(loss, (p, s))
-
-        fused = "triton" if ctx.device.type == "cuda" else "chunked"
-        for name, fn in (("one_call_" + fused, one_call(fused)), ("two_calls_" + fused, two_calls),
-                         ("reference", one_call("reference"))):
-            try:
-                rows.append(dict(B=B, K=K, S=S, D=D, dtype=dtype, provider=name, ms=ctx.time_ms(fn),
-                                 peak_bytes=ctx.peak_bytes(fn)))
-            except Exception as err:  # noqa: BLE001
-                rows.append(dict(B=B, K=K, S=S, D=D, dtype=dtype, provider=name, error=f"{type(err).__name__}: {err}"[:300]))
-    return {"rows": rows}
-
-
-def section_train_step(ctx: Context) -> dict:
-    """One MLIP training step (ViT-B/16 + BERT-base, bf16, batch 64) for the reference and fused impls: step
-    time, peak memory and the largest per-GPU batch before out-of-memory (doubling search)."""
-    if ctx.device.type != "cuda":
-        return {"skipped": "CUDA only (the CPU step is measured by bench_train_step.py)"}
-    import bench_train_step
-
-    return {"rows": [bench_train_step._measure(impl, bench_train_step.GPU_CASE) for impl in ("reference", "triton")]}
-
-
 def section_compiled_kernels(ctx: Context) -> dict:
     """What the GPU actually compiled for the kernels run so far (registers, spills, shared memory, warps),
     next to the static compile's committed record of the same kernels, so the two can be related."""
-    import importlib
-
     found = []
     for module_name, kernels in (("mlip_fast.kernels.patch_sentence", ("_patch_sentence_fwd_kernel", "_patch_sentence_bwd_kernel")),
                                  ("mlip_fast.kernels.integrity_mask", ("_integrity_mask_fwd_kernel", "_integrity_mask_bwd_kernel"))):
@@ -474,7 +262,7 @@ def section_compiled_kernels(ctx: Context) -> dict:
         if ctx.device.type == "cuda":
             major, minor = ctx.torch.cuda.get_device_capability(ctx.device)
             arch = f"sm_{major}{minor}"
-        import kernel_static
+        import kernel_static  # triton compiler internals: a triton without them costs this section only
 
         data = json.loads(static_path.read_text())
         for r in kernel_static.unpack(data):
@@ -486,33 +274,62 @@ def section_compiled_kernels(ctx: Context) -> dict:
     return {"compiled_here": found, "static_records": static}
 
 
+# Which model record a measured provider is: (impl, normalize).
+MODELLED = {"triton_train": ("fused", True), "triton": ("fused", False), "naive": ("naive", False),
+            "naive_bf16": ("naive_bf16", False), "compiled": ("compiled", False), "lik": ("lik", False),
+            "flash_maxsim": ("flash_maxsim", False)}
+DTYPE_KEYS = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+
+
+def compare(model: list, measured: list, card: str) -> list:
+    """Measured rows beside the model's record of the same impl, mode, card, shape and dtype: call time against
+    the prediction at each L2 assumption, kernel-only time against the CUDA-graph prediction."""
+    index = {(m["impl"], m["mode"], m["card"], m["B"], m["G"], m["K"], m["S"], m["D"], m["dtype"], m["normalize"]): m
+             for m in model}
+    rows = []
+    for r in measured:
+        if "ms" not in r or r.get("provider") not in MODELLED:
+            continue
+        impl, normalize = MODELLED[r["provider"]]
+        mode = "fwd+bwd" if r["mode"] == "full" else r["mode"]
+        pred = index.get((impl, mode, card, r["B"], r["G"], r["K"], r["S"], r["D"], DTYPE_KEYS.get(r["dtype"]), normalize))
+        if pred is None:
+            continue
+        by_l2 = {x["assumption"]: x["predicted_s"] * 1e6 for x in pred["by_l2"]}
+        measured_us = r["ms"] * 1e3
+        rows.append(dict(provider=r["provider"], impl=impl, normalize=normalize, mode=mode,
+                         **{k: r[k] for k in "BGKSD"}, measured_us=measured_us,
+                         measured_kernel_us=None if r.get("kernel_ms") is None else r["kernel_ms"] * 1e3,
+                         predicted_us=by_l2, predicted_kernel_us=pred["kernel_s"] * 1e6,
+                         measured_over_middle=measured_us / by_l2["middle"],
+                         closest_l2_assumption=min(by_l2, key=lambda k: abs(by_l2[k] - measured_us)),
+                         model_kind=pred["model"]))
+    return rows
+
+
 def section_model_vs_measurement(ctx: Context) -> dict:
     """The performance model's predictions (``results/perf_model.json``) beside this run's measurements of the
-    same shapes: the first GPU run calibrates the model."""
+    same shapes (peers and wider benchmark), and the measured L2 / HBM read rates beside the model's band: the
+    first GPU run calibrates the model."""
     path = HERE / "results" / "perf_model.json"
     if not path.exists():
         return {"skipped": f"{path.name} not found"}
-    model = json.loads(path.read_text())["records"]
-    bench = ctx.shared.get("bench_rows", [])
-    name = ctx.torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    card = "A100" if "A100" in name else "H100"  # H200: same SMs and clocks as H100, more HBM bandwidth
-    rows = []
-    for r in bench:
-        if "ms" not in r or r.get("provider") not in ("triton", "naive"):
-            continue
-        mode = "fwd+bwd" if r["mode"] == "full" else r["mode"]
-        impl = "fused" if r["provider"] == "triton" else "naive"
-        pred = next((m for m in model if m["impl"] == impl and m["mode"] == mode and m["card"] == card
-                     and all(m[k] == r[k] for k in ("B", "G", "K", "S", "D"))), None)
-        if pred is None:
-            continue
-        rows.append(dict(impl=impl, mode=mode, B=r["B"], G=r["G"], K=r["K"], S=r["S"], D=r["D"],
-                         measured_us=r["ms"] * 1e3, predicted_us=pred["predicted_s"] * 1e6,
-                         measured_over_predicted=r["ms"] * 1e-3 / pred["predicted_s"], model_card=card))
+    data = json.loads(path.read_text())
+    name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    # H200: the H100's SMs and clocks with more HBM bandwidth; PCIe and NVL parts have fewer SMs or lower clocks
+    card = "A100" if "A100" in name else "H100"
+    measured = ctx.shared.get("peer_rows", []) + ctx.shared.get("bench_rows", [])
+    rows = compare(data["records"], measured, card)
     for row in rows:
-        print(f"  model vs measured: {row['impl']:5s} {row['mode']:7s} {row['B']}x{row['G']} K{row['K']} D{row['D']}: "
-              f"predicted {row['predicted_us']:.1f} us, measured {row['measured_us']:.1f} us", flush=True)
-    return {"device": name, "model_card": card, "rows": rows}
+        print(f"  model vs measured: {row['provider']:12s} {row['mode']:7s} {row['B']}x{row['G']} K{row['K']} D{row['D']}: "
+              f"predicted {row['predicted_us']['middle']:.1f} us, measured {row['measured_us']:.1f} us", flush=True)
+    assumed = next((c for c in data["cards"] if c["name"] == card), {})
+    measured_l2 = ctx.shared.get("l2_bandwidth", {})
+    return {"device": name, "model_card": card, "rows": rows,
+            "l2_band_tbs": {"model": assumed.get("l2_band"), "measured": measured_l2.get("l2_read_tbs")},
+            "hbm_tbs": {"model": assumed.get("hbm_tbs"), "measured": measured_l2.get("hbm_read_tbs")},
+            "l2_port_bytes_per_clock": {"model": assumed.get("l2_port_bytes_per_clk"),
+                                        "measured": measured_l2.get("per_sm_l2_bytes_per_clock")}}
 
 
 def section_integrity_mask(ctx: Context) -> dict:
@@ -529,16 +346,23 @@ def section_integrity_mask(ctx: Context) -> dict:
 SECTIONS = [
     section_environment,
     section_matmul_rate,
+    gpu_calibration.section_l2_bandwidth,
     section_patch_sentence_correctness,
-    section_patch_sentence_benchmark,
-    section_model_vs_measurement,
-    section_loss_local,
-    section_compiled_kernels,
-    section_patch_sentence_fwd_config_sweep,
-    section_patch_sentence_bwd_config_sweep,
+    gpu_peers.section_peers,
+    gpu_train.section_train_step,
+    gpu_calibration.section_d_sweep,
+    gpu_calibration.section_direction_sweep,
+    gpu_calibration.section_bwd_split_sweep,
+    gpu_train.section_loss_local,
+    gpu_calibration.section_patch_sentence_fwd_config_sweep,
+    gpu_calibration.section_patch_sentence_bwd_config_sweep,
+    gpu_peers.section_patch_sentence_benchmark,
     section_integrity_mask,
-    section_train_step,
+    section_model_vs_measurement,
+    section_compiled_kernels,
+    gpu_train.section_train_step_max_batch,
 ]
+FREE = {"environment", "model_vs_measurement", "compiled_kernels"}  # cheap: run whatever the budget says
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -549,22 +373,26 @@ def _slug(name: str) -> str:
 
 
 def _table(result: dict) -> list:
-    """Rows for the README table: triton vs naive at each benchmark shape."""
-    bench = result.get("sections", {}).get("patch_sentence_benchmark", {}).get("result", {})
+    """Rows for the README table: every provider of the peers section and triton vs naive at the wider shapes."""
     rows = []
-    for r in bench.get("rows", []):
-        if "ms" in r and r["provider"] in ("naive", "chunked", "triton"):
-            rows.append(
-                {
-                    "shape": f"{r['B']}x{r['G']} K{r['K']} S{r['S']} D{r['D']} {r['dtype']}",
-                    "provider": r["provider"],
-                    "mode": r["mode"],
-                    "ms": r["ms"],
-                    "TFLOP/s": r["tflops"],
-                    "op_MiB_full": None if r.get("op_bytes_full") is None else r["op_bytes_full"] / 2**20,
-                }
-            )
+    for section in ("peers", "patch_sentence_benchmark"):
+        for r in result.get("sections", {}).get(section, {}).get("result", {}).get("rows", []):
+            if "ms" in r and (section == "peers" or r["provider"] in ("naive", "chunked", "triton")):
+                rows.append({"shape": f"{r['B']}x{r['G']} K{r['K']} S{r['S']} D{r['D']} {r['dtype']}",
+                             "provider": r["provider"], "mode": r["mode"], "ms": r["ms"], "kernel_ms": r.get("kernel_ms"),
+                             "TFLOP/s": r["tflops"],
+                             "op_MiB_full": None if r.get("op_bytes_full") is None else r["op_bytes_full"] / 2**20})
     return rows
+
+
+def _write(path: Path, result: dict, ctx: Context) -> None:
+    result["table"] = _table(result)
+    result["wall_seconds"] = round(time.perf_counter() - ctx.started, 2)
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+def _key(section) -> str:
+    return section.__name__.removeprefix("section_")
 
 
 def main(argv=None) -> int:
@@ -572,43 +400,58 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_<card>.json")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes; on CPU through the Triton interpreter")
     parser.add_argument("--sections", nargs="*", help="run only these sections (names without 'section_')")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="seconds for the sections; later ones are skipped once spent (default: %(default)s)")
     args = parser.parse_args(argv)
-
-    import torch
 
     if not torch.cuda.is_available():
         if not args.dry_run:
             parser.error("no CUDA device: run on a GPU machine, or pass --dry-run")
         # Must be set before the first kernel module import (read when @triton.jit decorates).
         os.environ["TRITON_INTERPRET"] = "1"
-    ctx = Context(args.dry_run)
+    sampler = None
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        sampler = gpu_env.ClockSampler(index)
+    ctx = Context(args.dry_run, args.budget_s, sampler)
     name = "cpu_dry_run" if ctx.device.type == "cpu" else "gpu_" + _slug(torch.cuda.get_device_name(ctx.device))
     if args.dry_run and ctx.device.type == "cuda":
         name += "_dry_run"
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{name}.json"
-    result = {"script": "benchmarks/gpu_check.py", "dry_run": args.dry_run, "sections": {}}
+    result = {"script": "benchmarks/gpu_check.py", "dry_run": args.dry_run, "budget_s": args.budget_s, "sections": {}}
     wanted = set(args.sections or [])
-    started = time.perf_counter()
-    for section in SECTIONS:
-        key = section.__name__.removeprefix("section_")
-        if wanted and key not in wanted:
-            continue
-        t0 = time.perf_counter()
-        try:
-            entry = {"ok": True, "result": section(ctx)}
-            if isinstance(entry["result"], dict) and entry["result"].get("ok") is False:
-                entry["ok"] = False
-        except Exception:
-            entry = {"ok": False, "error": traceback.format_exc()[-4000:]}
-        entry["seconds"] = round(time.perf_counter() - t0, 2)
-        result["sections"][key] = entry
-        if key == "environment" and entry["ok"]:
-            result["environment"] = entry["result"]
-        result["table"] = _table(result)
-        result["wall_seconds"] = round(time.perf_counter() - started, 2)
-        path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-        print(f"[{entry['seconds']:7.1f}s] {key}: {'ok' if entry['ok'] else 'FAILED'}", flush=True)
+    windows = {}
+    try:
+        for section in SECTIONS:
+            key = _key(section)
+            if wanted and key not in wanted:
+                continue
+            t0, wall0 = time.perf_counter(), time.time()
+            if key not in FREE and ctx.out_of_time(MIN_START.get(key, MIN_START_S)):
+                entry = {"ok": True, "skipped": f"time budget spent ({ctx.budget_s - ctx.left_s():.0f} of {ctx.budget_s:.0f} s)"}
+            else:
+                try:
+                    entry = {"ok": True, "result": section(ctx)}
+                    if isinstance(entry["result"], dict) and entry["result"].get("ok") is False:
+                        entry["ok"] = False
+                except Exception:
+                    entry = {"ok": False, "error": traceback.format_exc()[-4000:]}
+            entry["seconds"] = round(time.perf_counter() - t0, 2)
+            windows[key] = (wall0, time.time())
+            result["sections"][key] = entry
+            if key == "environment" and entry["ok"]:
+                result["environment"] = entry["result"]
+            _write(path, result, ctx)
+            status = "skipped" if "skipped" in entry else ("ok" if entry["ok"] else "FAILED")
+            print(f"[{entry['seconds']:7.1f}s] {key}: {status}", flush=True)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+            for key, (w0, w1) in windows.items():
+                result["sections"][key]["clocks"] = sampler.window(w0, w1)
+            result["clocks_whole_run"] = sampler.window(0, time.time())
+            _write(path, result, ctx)
     print(f"wrote {path}")
     return 0 if all(e["ok"] for e in result["sections"].values()) else 1
 

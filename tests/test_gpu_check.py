@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
@@ -27,16 +29,23 @@ def test_dry_run_writes_all_sections(tmp_path):
     assert set(sections) == {
         "environment",
         "matmul_rate",
+        "l2_bandwidth",
         "patch_sentence_correctness",
-        "patch_sentence_benchmark",
+        "peers",
+        "train_step",
+        "d_sweep",
+        "direction_sweep",
+        "bwd_split_sweep",
+        "loss_local",
         "patch_sentence_fwd_config_sweep",
         "patch_sentence_bwd_config_sweep",
+        "patch_sentence_benchmark",
         "integrity_mask",
         "model_vs_measurement",
-        "loss_local",
         "compiled_kernels",
-        "train_step",
+        "train_step_max_batch",
     }
+    assert all("seconds" in s and "skipped" not in s for s in sections.values())
     assert all(s["ok"] for s in sections.values()), {k: s.get("error") for k, s in sections.items()}
     correctness = sections["patch_sentence_correctness"]["result"]
     assert correctness["checks"] > 20 and not correctness["failures"]
@@ -45,6 +54,17 @@ def test_dry_run_writes_all_sections(tmp_path):
     assert {r["provider"] for r in rows} >= {"naive", "chunked", "triton", "grid_matmul"}
     assert all("error" not in r for r in rows)
     assert data["environment"]["torch"] and data["table"]
+    peer_rows = sections["peers"]["result"]["rows"]
+    timed = {r["provider"] for r in peer_rows if "ms" in r}
+    assert {"triton_train", "triton", "chunked", "dense_dsim", "compiled"} <= timed, peer_rows
+    assert all(r["kernel_ms"] is not None for r in peer_rows if "ms" in r)
+    assert all("error" not in r for r in peer_rows), peer_rows
+    assert {"naive_bf16", "lik", "flash_maxsim"} <= set(sections["peers"]["result"]["skipped"])  # CUDA only
+    (share,) = [r for r in sections["train_step"]["result"]["rows"] if r["impl"] == "chunked"]
+    assert share["op_calls"] and 0 < share["op_share_at_G"] < 1
+    for name in ("d_sweep", "direction_sweep", "bwd_split_sweep"):
+        assert sections[name]["result"]["rows"] and all("error" not in r for r in sections[name]["result"]["rows"])
+    assert sections["l2_bandwidth"]["result"]["l2"][0]["sum_rel_err"] < 1e-4
 
 
 def test_a_failing_section_keeps_the_others(tmp_path, monkeypatch):
@@ -82,3 +102,62 @@ def test_runs_without_the_packages_gpu_machines_lack():
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _gpu_modules():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+        import gpu_env
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return gpu_check, gpu_env
+
+
+def test_a_spent_budget_skips_sections_but_not_the_free_ones(tmp_path, monkeypatch):
+    gpu_check, _ = _gpu_modules()
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    rc = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "0",
+                         "--sections", "environment", "matmul_rate", "model_vs_measurement"])
+    (path,) = tmp_path.glob("*.json")
+    sections = json.loads(path.read_text())["sections"]
+    assert rc == 0
+    assert "time budget" in sections["matmul_rate"]["skipped"]
+    assert "result" in sections["environment"] and "result" in sections["model_vs_measurement"]
+
+
+@pytest.mark.parametrize("name,sms,power,expected", [
+    ("NVIDIA H100 80GB HBM3", 132, 700.0, "H100 SXM"),
+    ("NVIDIA H100 PCIe", 114, 350.0, "H100 PCIe"),
+    ("NVIDIA H100 NVL", 132, 400.0, "H100 NVL"),
+    ("NVIDIA H200", 132, 700.0, "H200 SXM"),
+    ("NVIDIA H200 NVL", 132, 600.0, "H200 NVL"),
+    ("NVIDIA A100-SXM4-80GB", 108, 400.0, "A100 SXM"),
+])
+def test_card_variant(name, sms, power, expected):
+    _, gpu_env = _gpu_modules()
+    assert gpu_env.variant(name, sms, power) == expected
+
+
+def test_clock_samples_are_parsed_and_summarised():
+    _, gpu_env = _gpu_modules()
+    lines = ["2026/12/05 10:53:08.123, 1755, 2619, 412.50, 61", "2026/12/05 10:53:08.373, 1980, 2619, 690.10, 70",
+             "2026/12/05 10:53:08.623, [N/A], [N/A], [N/A], [N/A]", "garbage"]
+    samples = [s for s in map(gpu_env.parse_sample, lines) if s is not None]
+    assert len(samples) == 2 and abs(samples[1][0] - samples[0][0] - 0.25) < 1e-6
+    summary = gpu_env.summarise(samples)
+    assert summary["sm_mhz"] == {"min": 1755.0, "median": 1867.5, "max": 1980.0}
+    assert summary["power_w"]["max"] == 690.1 and summary["max_temperature_c"] == 70.0
+
+
+def test_model_vs_measurement_pairs_rows_with_the_committed_model():
+    """Every provider the GPU check times at PERF.md's shapes finds its record in results/perf_model.json."""
+    gpu_check, _ = _gpu_modules()
+    model = json.loads((ROOT / "benchmarks" / "results" / "perf_model.json").read_text())["records"]
+    measured = [dict(B=128, G=G, K=98, S=16, D=512, dtype="bfloat16", provider=p, mode=m, ms=0.2, kernel_ms=0.15)
+                for G in (128, 1024) for p in gpu_check.MODELLED for m in ("fwd", "bwd", "full")]
+    rows = gpu_check.compare(model, measured, "H100")
+    paired = {(r["provider"], r["mode"], r["G"]) for r in rows}
+    assert len(paired) == len(rows) == len(measured)
+    assert all(set(r["predicted_us"]) == {"pessimistic", "middle", "optimistic"} for r in rows)
+    assert all(r["model_kind"].startswith("perf_model.py: a prediction") for r in rows)
