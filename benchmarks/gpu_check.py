@@ -98,8 +98,8 @@ class Context:
         if not self.dry_run:
             fn()
         cuda = self.device.type == "cuda"
-        activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
-        with torch.profiler.profile(activities=[activity]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
             for _ in range(iters):
                 fn()
             if cuda:

@@ -64,7 +64,9 @@ class Rotation:
 
 
 def measure(ctx, fn, rot: Rotation, backward: bool = True) -> dict:
-    """{mode: {ms, kernel_ms}} for fwd, bwd (on kept graphs) and full, and the peak bytes of one full step."""
+    """{mode: {ms, kernel_ms} or {error}} for fwd, full and bwd (alone, on kept graphs), and the peak bytes of one
+    full step. Each mode is measured on its own: a provider whose backward cannot run again on a kept graph
+    (CUDA-graph trees of a compiled function may refuse) still gets its fwd and full times."""
     def fwd():
         p, s, m, _, _ = rot.next()
         return fn(p, s, m)
@@ -74,11 +76,7 @@ def measure(ctx, fn, rot: Rotation, backward: bool = True) -> dict:
         i2t, t2i = fn(p, s, m)
         return torch.autograd.grad((i2t * gi).sum() + (t2i * gt).sum(), (p, s))
 
-    fwd()  # compiles, autotuning and lazy initialisation stay outside every timing
-    if backward:
-        full()
-    out = {"fwd": {"ms": ctx.time_ms(fwd), "kernel_ms": ctx.kernel_ms(fwd)}}
-    if backward:
+    def bwd_alone():
         graphs = []
         for p, s, m, gi, gt in rot.sets:
             i2t, t2i = fn(p, s, m)
@@ -89,10 +87,19 @@ def measure(ctx, fn, rot: Rotation, backward: bool = True) -> dict:
             loss, p, s = kept.next()
             return torch.autograd.grad(loss, (p, s), retain_graph=True)
 
-        out["bwd"] = {"ms": ctx.time_ms(bwd), "kernel_ms": ctx.kernel_ms(bwd)}
-        del graphs, kept
+        return ctx.time_ms(bwd), ctx.kernel_ms(bwd)
+
+    fwd()  # compiles, autotuning and lazy initialisation stay outside every timing
+    out = {"fwd": {"ms": ctx.time_ms(fwd), "kernel_ms": ctx.kernel_ms(fwd)}}
+    if backward:
+        full()
         out["full"] = {"ms": ctx.time_ms(full), "kernel_ms": ctx.kernel_ms(full)}
         out["peak_bytes_full"] = ctx.peak_bytes(full)
+        try:
+            ms, kernel_ms = bwd_alone()
+            out["bwd"] = {"ms": ms, "kernel_ms": kernel_ms}
+        except Exception as err:  # noqa: BLE001
+            out["bwd"] = {"error": f"{type(err).__name__}: {err}"[:300]}
     return out
 
 
@@ -104,6 +111,9 @@ def _rows(ctx, shape: dict, provider: str, res: dict, dtype_bytes: int) -> list:
     rows = []
     for mode in ("fwd", "bwd", "full"):
         if mode not in res:
+            continue
+        if "error" in res[mode]:
+            rows.append(dict(shape, provider=provider, mode=mode, error=res[mode]["error"]))
             continue
         ms = res[mode]["ms"]
         rows.append(dict(shape, provider=provider, mode=mode, ms=ms, kernel_ms=res[mode]["kernel_ms"],
