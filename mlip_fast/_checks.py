@@ -1,6 +1,7 @@
 """Input validation shared by ops and losses: clear errors naming the argument."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Optional, Sequence
@@ -58,6 +59,18 @@ def check_rows_nonempty(name: str, mask: Optional[torch.Tensor], what: str) -> N
 # Value-dependent checks (NaN/Inf, empty rows, negative weights) read tensor contents, which costs a
 # host synchronisation on accelerators. MLIP_FAST_VALUE_CHECKS=0 turns them off for production runs.
 VALUE_CHECKS = os.environ.get("MLIP_FAST_VALUE_CHECKS", "1") != "0"
+
+
+@contextlib.contextmanager
+def value_checks_disabled():
+    """Value checks off inside the block (for a caller that checks the result instead, like the training loop,
+    whose one reduction of the loss terms sees any non-finite input)."""
+    global VALUE_CHECKS
+    saved, VALUE_CHECKS = VALUE_CHECKS, False
+    try:
+        yield
+    finally:
+        VALUE_CHECKS = saved
 
 
 def value_checks() -> bool:

@@ -40,6 +40,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from mlip_fast import _checks
 from mlip_fast.data.readers import DatasetError
 from mlip_fast.losses import LogitScale, clamp_logit_scales_
 from mlip_fast.train.accum import CachedLoss, cache_outputs
@@ -123,11 +124,6 @@ def state_is_finite(engine) -> bool:
     finite = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
     flag = torch.tensor([0.0 if finite else 1.0], dtype=torch.float64)
     return float(_reduce(flag, _engine_device(engine))) == 0.0
-
-
-def _all_finite(outputs: dict) -> bool:
-    return all(bool(torch.isfinite(v).all()) for v in outputs.values()
-               if torch.is_tensor(v) and v.is_floating_point())
 
 
 def clamp_engine_logit_scales(model: torch.nn.Module) -> None:
@@ -260,17 +256,18 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         # N = 1 needs no cache: the one forward keeps its graph
         outputs = [forward(0)] if ctx.accumulation == 1 else cache_outputs(forward, ctx.accumulation)
         loss = total = None
-        if all(_all_finite(o) for o in outputs):  # the losses refuse non-finite inputs
+        # The losses' value checks (a host synchronisation per checked tensor) are off here: a non-finite model
+        # output makes the loss non-finite, which the one reduction below sees on every rank.
+        with _checks.value_checks_disabled():
             if ctx.accumulation == 1:
                 total, terms = ctx.criterion(**outputs[0])
             else:
                 loss = CachedLoss(outputs, ctx.criterion)
                 terms = loss.terms
-            values = [float(terms[k].detach()) for k in LOSS_KEYS]
-        else:
-            values = [math.nan] * len(LOSS_KEYS)
-        stats = torch.tensor(values + [1.0 if ctx.stop.signum is not None else 0.0], dtype=torch.float64)
-        stats = _reduce(stats, device)
+        stop_flag = torch.ones(()) if ctx.stop.signum is not None else torch.zeros(())
+        stats = torch.stack([terms[k].detach().reshape(()).to(torch.float64) for k in LOSS_KEYS]
+                            + [stop_flag.to(device=terms["loss"].device, dtype=torch.float64)])
+        stats = _reduce(stats, device)  # the step's one host synchronisation (the reduced values come to the CPU)
         terms_now = stats[:-1] / ctx.world_size
         stop_votes = float(stats[-1])
         if not torch.isfinite(terms_now).all():
