@@ -11,7 +11,7 @@ one process on the concatenated batch. The patch-sentence scores go through
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -310,6 +310,42 @@ def check_loss_weights(**lambdas: float) -> None:
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
 
 
+@dataclass(frozen=True)
+class LossConfig:
+    """The options of :func:`mlip_loss` / :class:`mlip_fast.losses.MLIPLoss`, in one value.
+
+    lambda_local, lambda_sie: weights of the local and the integrity terms (finite, >= 0; a 0 skips the term).
+    weight_global, weight_local: weight the rows of the global / local contrastive terms by the kept integrity
+        mass (``integrity_weights``, normalised to mean 1).
+    sie_temperature: tau_sie of the integrity estimator's target distribution.
+    local_loss, gather_with_grad: the distributed mode (open_clip's ``ClipLoss`` arguments).
+    impl, deterministic, precision: the patch-sentence scores op's (see :func:`patch_sentence_loss`).
+    """
+
+    lambda_local: float = 1.0
+    lambda_sie: float = 0.1
+    weight_global: bool = True
+    weight_local: bool = False
+    sie_temperature: float = DEFAULT_SIE_TEMPERATURE
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    impl: str = "auto"
+    deterministic: bool = False
+    precision: str = "ieee"
+
+    def checked(self) -> "LossConfig":
+        check_loss_weights(lambda_local=self.lambda_local, lambda_sie=self.lambda_sie)
+        if not (isinstance(self.sie_temperature, (int, float)) and math.isfinite(self.sie_temperature)
+                and self.sie_temperature > 0):
+            raise ValueError(f"sie_temperature must be finite and > 0, got {self.sie_temperature}")
+        self.scores_options()  # the op's options, checked
+        return self
+
+    def scores_options(self) -> ScoresOptions:
+        """What the local term hands the scores op: normalised inside it, in the embeddings' own dtype."""
+        return ScoresOptions(normalize=True, precision=self.precision, deterministic=bool(self.deterministic)).checked()
+
+
 def mlip_loss(
     image_global: torch.Tensor,
     text_global: torch.Tensor,
@@ -322,30 +358,26 @@ def mlip_loss(
     logit_scale_local=INIT_LOGIT_SCALE,
     patch_mask: Optional[torch.Tensor] = None,
     *,
-    lambda_local: float = 1.0,
-    lambda_sie: float = 0.1,
-    weight_global: bool = True,
-    weight_local: bool = False,
-    sie_temperature: float = DEFAULT_SIE_TEMPERATURE,
-    local_loss: bool = True,
-    gather_with_grad: bool = True,
-    impl: str = "auto",
-    deterministic: bool = False,
-    precision: str = "ieee",
+    config: Optional[LossConfig] = None,
     group=None,
+    **options,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """MLIP's total loss L = L_g + lambda_local * L_l + lambda_sie * L_sie.
 
-    The inputs are the model's outputs (see docs/architecture.md). ``integrity_weights`` [B] weight the
-    global rows (``weight_global``) and optionally the local rows (``weight_local``). A term whose lambda
-    is 0 is not computed. The local inputs are checked once for both local terms.
+    The inputs are the model's outputs (see docs/architecture.md). ``config`` holds the options
+    (:class:`LossConfig`); keyword ``options`` override its fields (``mlip_loss(..., lambda_sie=0.0)``).
+    ``integrity_weights`` [B] weight the global rows (``weight_global``) and optionally the local rows
+    (``weight_local``). A term whose lambda is 0 is not computed. The local inputs are checked once for both
+    local terms.
 
     Returns:
         (total, terms) where terms has detached "loss_global", "loss_local", "loss_sie" and "loss".
     """
-    check_loss_weights(lambda_local=lambda_local, lambda_sie=lambda_sie)
+    cfg = replace(config or LossConfig(), **options).checked()
+    lambda_local, lambda_sie = cfg.lambda_local, cfg.lambda_sie
+    weight_global, weight_local = cfg.weight_global, cfg.weight_local
     weights = integrity_weights
-    dist_kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, group=group)
+    dist_kw = dict(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, group=group)
     loss_g = global_contrastive_loss(
         image_global, text_global, logit_scale_global, weights if weight_global else None, **dist_kw
     )
@@ -357,13 +389,13 @@ def mlip_loss(
         sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
     if lambda_local:
         scale = _check_scale("logit_scale_local", logit_scale_local)
-        options = ScoresOptions(normalize=True, precision=precision, deterministic=bool(deterministic)).checked()
         loss_l = _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale,
-                                      weights if weight_local else None, options, impl=impl, **dist_kw)
+                                      weights if weight_local else None, cfg.scores_options(), impl=cfg.impl,
+                                      **dist_kw)
     if lambda_sie:
-        _check_integrity_inputs(integrity_logits, patches, sie_temperature)
+        _check_integrity_inputs(integrity_logits, patches, cfg.sie_temperature)
         loss_s = _semantic_integrity_loss(integrity_logits, patches, sentences, sentence_mask, patch_mask,
-                                          sie_temperature)
+                                          cfg.sie_temperature)
     total = loss_g + lambda_local * loss_l + lambda_sie * loss_s
     terms = {
         "loss_global": loss_g.detach(),

@@ -160,37 +160,27 @@ class SemanticIntegrityLoss(nn.Module):
 class MLIPLoss(nn.Module):
     """L = L_g + lambda_local * L_l + lambda_sie * L_sie, returning ``(total, terms)``.
 
+    Composed of the three loss modules (``global_loss``, ``patch_sentence_loss``, ``integrity_loss``), with the
+    options in one :class:`~mlip_fast.functional.LossConfig` (``config``): the constructor takes its fields
+    (lambda_local, lambda_sie, weight_global, weight_local, sie_temperature, local_loss, gather_with_grad,
+    impl, deterministic, precision) and ``init_temperature`` / ``learn_temperature`` of the two contrastive
+    terms' own logit scales, which ``forward`` uses when it gets none (a model passes its own).
+
     ``forward`` takes the model's output dict as keyword arguments (``criterion(**outputs)``): image_global
     [B, D], text_global [B, D], patches [B, K, D], sentences [B, S, D], sentence_mask [B, S],
     integrity_logits [B, K], integrity_weights [B], logit_scale_global, logit_scale_local, and optionally
-    patch_mask [B, K] and patch_index [B, K] (ignored). Missing logit scales use this module's own.
+    patch_mask [B, K] and patch_index [B, K] (ignored). The local inputs are checked once for both local terms.
     """
 
-    def __init__(
-        self,
-        lambda_local: float = 1.0,
-        lambda_sie: float = 0.1,
-        weight_global: bool = True,
-        weight_local: bool = False,
-        sie_temperature: float = DEFAULT_SIE_TEMPERATURE,
-        local_loss: bool = True,
-        gather_with_grad: bool = True,
-        impl: str = "auto",
-        deterministic: bool = False,
-        init_temperature: float = INIT_TEMPERATURE,
-        precision: str = "ieee",
-    ):
+    def __init__(self, init_temperature: float = INIT_TEMPERATURE, learn_temperature: bool = True, **options):
         super().__init__()
-        MF.check_loss_weights(lambda_local=lambda_local, lambda_sie=lambda_sie)
-        if not (math.isfinite(sie_temperature) and sie_temperature > 0):
-            raise ValueError(f"sie_temperature must be finite and > 0, got {sie_temperature}")
-        self.options = dict(
-            lambda_local=lambda_local, lambda_sie=lambda_sie, weight_global=weight_global,
-            weight_local=weight_local, sie_temperature=sie_temperature, local_loss=local_loss,
-            gather_with_grad=gather_with_grad, impl=impl, deterministic=deterministic, precision=precision,
-        )
-        self.logit_scale_global = _loss_scale(init_temperature)
-        self.logit_scale_local = _loss_scale(init_temperature)
+        self.config = MF.LossConfig(**options).checked()
+        cfg = self.config
+        self.global_loss = GlobalContrastiveLoss(cfg.local_loss, cfg.gather_with_grad, init_temperature,
+                                                 learn_temperature)
+        self.patch_sentence_loss = PatchSentenceLoss(cfg.local_loss, cfg.gather_with_grad, cfg.impl, cfg.deterministic,
+                                                     init_temperature, learn_temperature, cfg.precision)
+        self.integrity_loss = SemanticIntegrityLoss(cfg.sie_temperature)
 
     def forward(
         self,
@@ -209,7 +199,7 @@ class MLIPLoss(nn.Module):
         del patch_index  # part of the model outputs; positions do not enter the loss
         return MF.mlip_loss(
             image_global, text_global, patches, sentences, sentence_mask, integrity_logits, integrity_weights,
-            self.logit_scale_global() if logit_scale_global is None else logit_scale_global,
-            self.logit_scale_local() if logit_scale_local is None else logit_scale_local,
-            patch_mask, **self.options,
+            self.global_loss.logit_scale() if logit_scale_global is None else logit_scale_global,
+            self.patch_sentence_loss.logit_scale() if logit_scale_local is None else logit_scale_local,
+            patch_mask, config=self.config,
         )

@@ -140,7 +140,7 @@ def test_mlip_loss_is_weighted_sum_of_terms_and_weights_are_detached():
     torch.testing.assert_close(total.detach(), expected)
     total.backward()
     assert x["integrity_weights"].grad is None
-    assert crit.logit_scale_global.log_scale.grad is not None
+    assert crit.global_loss.logit_scale.log_scale.grad is not None
 
 
 def test_modules_use_own_scale_and_match_functional():
@@ -199,10 +199,10 @@ def test_clamp_logit_scales_reaches_every_scale_of_a_module():
     crit = MLIPLoss()
     fixed = GlobalContrastiveLoss(learn_temperature=False)
     with torch.no_grad():
-        for s in (crit.logit_scale_global, crit.logit_scale_local, fixed.logit_scale):
+        for s in (crit.global_loss.logit_scale, crit.patch_sentence_loss.logit_scale, fixed.logit_scale):
             s.log_scale.fill_(7.0)
     clamp_logit_scales_(torch.nn.ModuleList([crit, fixed]))
-    for s in (crit.logit_scale_global, crit.logit_scale_local, fixed.logit_scale):
+    for s in (crit.global_loss.logit_scale, crit.patch_sentence_loss.logit_scale, fixed.logit_scale):
         assert s.log_scale.item() == pytest.approx(math.log(100.0), rel=1e-7)
     assert "logit_scale.log_scale" in dict(fixed.named_buffers())  # not learnable: a buffer, clamped all the same
 
