@@ -3,14 +3,15 @@
 values to plain JSON."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
 import platform
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Optional
 
-import numpy
 import torch
 
 from mlip_fast import __version__
@@ -34,16 +35,30 @@ def write_run_record(out_dir, record: Mapping, filename: str = SUMMARY_FILE) -> 
     return path
 
 
+# the distributions whose versions a run records (their import names differ for scikit-learn)
+RECORDED_PACKAGES = ("torch", "numpy", "deepspeed", "transformers", "triton", "scikit-learn")
+
+
+def package_version(distribution: str) -> Optional[str]:
+    """The installed version of ``distribution`` from its metadata (None when it is not installed). Nothing is
+    imported: importing DeepSpeed only to read its version prints its accelerator guess."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_line() -> str:
+    """``mlip_fast X (python ..., torch ..., ...)``: what ``--version`` prints."""
+    found = ", ".join(f"{name} {package_version(name) or 'not installed'}" for name in RECORDED_PACKAGES)
+    return f"mlip_fast {__version__} (python {platform.python_version()}, {found})"
+
+
 def versions() -> dict:
-    """Python, platform, torch, numpy, deepspeed, transformers, triton and mlip_fast versions (None when
-    a package is not importable), plus CUDA and the GPU name when one is visible."""
-    out = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "numpy": numpy.__version__, "mlip_fast": __version__}
-    for name in ("deepspeed", "transformers", "triton"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:  # optional at run time (triton on CPU-only installs, deepspeed at evaluation)
-            out[name] = None
+    """Python, platform, mlip_fast and the :data:`RECORDED_PACKAGES` versions (None when a package is not
+    installed; read from package metadata), plus CUDA and the GPU name when one is visible."""
+    out = {"python": platform.python_version(), "platform": platform.platform(), "mlip_fast": __version__}
+    out.update({name: package_version(name) for name in RECORDED_PACKAGES})
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
         out["gpu"] = torch.cuda.get_device_name()

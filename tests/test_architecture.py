@@ -18,7 +18,7 @@ PACKAGE = "mlip_fast"
 # part -> the parts it may import (its own modules aside). Read top to bottom as the layers of the library:
 # kernels -> ops -> core; preprocess (tokenization, image transforms) below models and data; the apps on top.
 ALLOWED = {
-    "base": set(),  # mlip_fast/__init__ (lazy exports), _checks, _records, constants
+    "base": set(),  # mlip_fast/__init__ (lazy exports), _checks, _cli, _records, constants
     "kernels": {"base"},  # Triton kernels and launchers (kernels/, shipped as mlip_fast.kernels)
     "reference": {"base"},  # readable PyTorch versions of every op
     "ops": {"base", "kernels", "reference"},  # custom ops and dispatch
@@ -28,8 +28,9 @@ ALLOWED = {
     "data": {"base", "preprocess"},  # readers, synthetic benchmark, shards, collate
     "eval": {"base", "core", "ops", "preprocess", "models", "data"},
     "train": {"base", "core", "ops", "preprocess", "models", "data", "eval"},
+    "__main__": {"base", "ops", "models"},  # python -m mlip_fast env: the environment report
 }
-BASE_MODULES = {"mlip_fast", "mlip_fast._checks", "mlip_fast._records", "mlip_fast.constants"}
+BASE_MODULES = {"mlip_fast", "mlip_fast._checks", "mlip_fast._cli", "mlip_fast._records", "mlip_fast.constants"}
 CORE_MODULES = {"mlip_fast.functional", "mlip_fast.losses", "mlip_fast.distributed"}
 
 # What may be imported inside a function: optional extras, heavy imports that only some paths need (DeepSpeed

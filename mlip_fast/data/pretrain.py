@@ -1,9 +1,10 @@
-"""Pre-training readers: image-report pairs from a prepared MIMIC-CXR ``master.csv`` (also what
-``mlip_fast.data.synth`` writes), CSV / JSONL manifests and Open-I (XML reports + PNG images). Items and the
-handling of bad rows and images: :mod:`mlip_fast.data.readers`.
+"""Pre-training readers: image-report pairs from a prepared MIMIC-CXR ``master.csv`` (ours, what
+``mlip_fast.data.synth`` writes, or MGCA's), CSV / JSONL manifests and Open-I (XML reports + PNG images). Items and
+the handling of bad rows and images: :mod:`mlip_fast.data.readers`.
 """
 from __future__ import annotations
 
+import logging
 import tarfile
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -16,7 +17,16 @@ from mlip_fast.data.readers import (DatasetError, RobustDataset, label_value, re
                                     resolve_path)
 from mlip_fast.preprocess.reports import extract_sections, report_text
 
-__all__ = ["PretrainDataset", "ManifestDataset", "OpenIDataset", "read_openi_reports", "OPENI_MESH"]
+__all__ = ["PretrainDataset", "ManifestDataset", "OpenIDataset", "read_openi_reports", "OPENI_MESH", "MGCA_VIEWS"]
+
+# MGCA's master.csv (mgca/preprocess/mimic_cxr.py): ``Path`` = "<MIMIC-CXR-JPG folder name>/files/pXX/pXXXXXXXX/
+# sXXXXXXXX/<dicom_id>.jpg", read by MGCA as the master.csv folder joined with the path after its first part;
+# ``split`` "train" / "valid" (MIMIC's validate and test merged); frontal views only (ViewPosition PA or AP), which
+# MGCA's readers filter again.
+MGCA_VIEWS = ("PA", "AP")
+_SPLIT_ALIASES = {"validate": "valid", "val": "valid", "validation": "valid"}
+
+logger = logging.getLogger(__name__)
 
 
 class _PairDataset(RobustDataset):
@@ -56,11 +66,14 @@ class _PairDataset(RobustDataset):
 
 class PretrainDataset(_PairDataset):
     """Image-report pairs from a prepared MIMIC-CXR ``master.csv`` (also what ``mlip_fast.data.synth``
-    writes).
+    writes, and MGCA's).
 
     Args:
         master_csv: CSV with columns ``image_path`` (relative to ``root``), ``findings``, ``impression``,
-            and ``split`` when ``split`` is given.
+            and ``split`` when ``split`` is given. MGCA's master.csv (``Path``, ``ViewPosition``, ``impression``,
+            ``findings``, ``split``, ...) is read as MGCA reads it: the image is ``root`` / ``Path`` without its
+            first part (the MIMIC-CXR-JPG folder's name), only PA / AP views are kept (the others are counted
+            in ``excluded_views``), and a ``validate`` split is ``valid``.
         root: folder the image paths are relative to (default: the CSV's folder).
         split: keep only rows of this split ("train", "valid", "test"); None keeps all.
         transform: ``ImageTransform`` (or any callable on a [H, W] float array); None gives
@@ -77,27 +90,35 @@ class PretrainDataset(_PairDataset):
                  extra_columns: Sequence[str] = ()):
         master_csv = Path(master_csv)
         rows = read_table(master_csv, keep_undecodable=True)
-        require_columns(master_csv, rows, ["image_path", "findings", "impression", *extra_columns]
-                         + (["split"] if split else []))
+        mgca = bool(rows) and "image_path" not in rows[0] and "Path" in rows[0]
+        image_column = "Path" if mgca else "image_path"
+        require_columns(master_csv, rows, [image_column, "findings", "impression", *extra_columns]
+                        + (["split"] if split else []))
         root = Path(root) if root is not None else master_csv.parent
+        self.excluded_views = 0
+        if mgca:
+            rows, self.excluded_views = _mgca_rows(rows)
+            if self.excluded_views:
+                logger.info("%s (MGCA's layout): left out %d row(s) whose ViewPosition is not %s, as MGCA does",
+                            master_csv, self.excluded_views, " or ".join(MGCA_VIEWS))
         if label_names == "auto":
             present = set(rows[0]) if rows else set()
             label_names = [c for c in CHEXPERT_LABELS if c in present]
         else:
             require_columns(master_csv, rows, list(label_names))
         if split:
-            splits = {r["split"] for r in rows}
-            rows = [r for r in rows if r["split"] == split]
+            splits = {_SPLIT_ALIASES.get(r["split"], r["split"]) for r in rows}
+            rows = [r for r in rows if _SPLIT_ALIASES.get(r["split"], r["split"]) == split]
             if not rows:
                 raise DatasetError(f"{master_csv}: no rows with split == {split!r}; splits present: {sorted(splits)}")
         undecodable = [(f"{master_csv} line {r.line}", r.problem) for r in rows if r.problem is not None]
         rows = [r for r in rows if r.problem is None]
         records = [
             {
-                "image_path": resolve_path(root, r["image_path"]),
+                "image_path": resolve_path(root, r[image_column]),
                 "report": report_text(r["findings"], r["impression"]),
                 "labels": [label_value(r.get(c)) for c in label_names],
-                "source": str(resolve_path(root, r["image_path"])),
+                "source": str(resolve_path(root, r[image_column])),
                 "where": f"{master_csv} line {r.line}",
                 "extra": {c: r[c] for c in extra_columns},
             }
@@ -106,6 +127,18 @@ class PretrainDataset(_PairDataset):
         self.rows = rows
         super().__init__(records, transform, label_names, max_bad_fraction, f"PretrainDataset({master_csv.name})",
                          dropped=undecodable)
+
+
+def _mgca_rows(rows: list) -> tuple[list, int]:
+    """MGCA's master.csv rows read as MGCA reads them: frontal views only, ``Path`` without its first part (the
+    MIMIC-CXR-JPG folder's name; the image is then found under the master.csv's folder). Returns (rows, the number
+    of other views left out)."""
+    kept = [r for r in rows if "ViewPosition" not in r or str(r["ViewPosition"]).strip() in MGCA_VIEWS]
+    for r in kept:
+        parts = Path(str(r["Path"])).parts
+        if len(parts) > 1 and not Path(str(r["Path"])).is_absolute():
+            r["Path"] = str(Path(*parts[1:]))
+    return kept, len(rows) - len(kept)
 
 
 class ManifestDataset(_PairDataset):

@@ -3,8 +3,9 @@
 ``build_eval_sets(kind, data, task, transform, options) -> EvalSets(train, valid, test, described)``
 
 Every kind yields train / valid / test views; the task scores ``options.split`` (default test; "all"
-scores every item) and, for few-shot classification and segmentation, trains on train and makes every
-choice (epoch, linear-probe step) on valid. The splits (``mlip_fast.eval.protocols``):
+scores every item; a class-folder ``image-folder`` is scored whole by the tasks that do not train) and, for
+few-shot classification and segmentation, trains on train and makes every choice (epoch, linear-probe step) on
+valid. The splits (``mlip_fast.eval.protocols``):
 
 | kind | split | source of the lists |
 |---|---|---|
@@ -14,7 +15,8 @@ choice (epoch, linear-probe step) on valid. The splits (``mlip_fast.eval.protoco
 | ``siim`` | 70/15/15 by image; balanced negatives in train for segmentation | ``splits/siim_pneumothorax.json`` |
 | ``chexpert`` | train / valid 85/15 by patient from ``train.csv`` without the CheXpert 5x200 images; test = CheXpert's ``valid.csv`` beside it (as GLoRIA / MGCA) | computed |
 | ``chexpert5x200`` | the 1,000 images are the test set (GLoRIA's criterion, MGCA's draw); few-shot tasks split them 70/15/15 by patient | ``splits/chexpert5x200.json`` |
-| ``masks`` / ``image-folder`` | 70/15/15 by file, seeded | computed |
+| ``masks`` / ``image-folder`` (class folders) | 70/15/15 by file, seeded | computed |
+| ``image-folder`` (train/ valid/ test/ folders, or ``--train-data`` / ``--test-data``) | the folders | the folders (:mod:`mlip_fast.eval.image_folders`) |
 | ``shards`` | the splits the shard writer stored (zeroshot and retrieval only) | the shard index |
 
 ``options.fractions`` / ``method`` / ``split_seed`` override a definition's procedure (the lists are then
@@ -25,6 +27,7 @@ written by ``python -m mlip_fast.eval.protocols``). The lists actually used are 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import tempfile
@@ -43,6 +46,7 @@ from mlip_fast.data.evaluation.siim import SIIMPneumothoraxDataset
 from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
 from mlip_fast.data.readers import EvalDataError
 from mlip_fast.data.shard_reader import ShardSplit
+from mlip_fast.eval.image_folders import TRAINING_TASKS, FolderRequest, image_folder_sets
 from mlip_fast.eval.protocols import (
     DEFAULT_FRACTIONS,
     SPLIT_FORMAT,
@@ -61,14 +65,15 @@ __all__ = ["KINDS", "SHIPPED_SPLITS", "SplitOptions", "EvalSets", "build_eval_se
 KINDS = ("synthetic", "covid", "masks", "image-folder", "chexpert", "chexpert5x200", "rsna", "siim", "shards")
 SHIPPED_SPLITS = {"covid": "covid_chestxray", "rsna": "rsna_pneumonia", "siim": "siim_pneumothorax",
                   "chexpert5x200": "chexpert5x200"}
-TRAINING_TASKS = ("fewshot", "segmentation")
 
 
 @dataclass
 class SplitOptions:
     """How a dataset kind is split and read (the command line's data options).
 
-    split: the evaluated split ("train", "valid", "test" or "all"). train_split / valid_split: the
+    split: the evaluated split ("train", "valid", "test" or "all"; None: test, or "all" for a class-folder
+    image-folder scored by a task that does not train). train_data / test_data: the image-folder class folders
+    to train on / to score (``--train-data`` / ``--test-data``). train_split / valid_split: the
     synthetic benchmark's training and validation splits (valid default: "valid" unless it is the
     evaluated or the training split). fractions / method / split_seed: override the definition's
     procedure. split_file: a definition or list file replacing the shipped one. uncertain: mapping of
@@ -77,7 +82,9 @@ class SplitOptions:
     source or mask folder. images: image folder of rsna / siim. out_dir: where the lists used go.
     """
 
-    split: str = "test"
+    split: Optional[str] = None
+    train_data: Optional[str] = None
+    test_data: Optional[str] = None
     train_split: str = "train"
     valid_split: Optional[str] = None
     fractions: Optional[Sequence[float]] = None
@@ -201,6 +208,15 @@ def build_eval_sets(kind: str, data: str, task: str, transform, options: SplitOp
     """Train / valid / test views of the dataset at ``data`` for ``task`` (see the module doc)."""
     if kind not in KINDS:
         raise EvalDataError(f"unknown dataset kind {kind!r}; kinds: {KINDS}")
+    if kind == "image-folder":
+        folders = image_folder_sets(FolderRequest(data, options.train_data, options.test_data, task, options.split),
+                                    transform)
+        if folders is not None:
+            return EvalSets(*folders)
+        if options.split is None and task not in TRAINING_TASKS:  # a class folder is one set: score all of it
+            options = dataclasses.replace(options, split="all")
+    if options.split is None:
+        options = dataclasses.replace(options, split="test")
     if kind == "shards":
         return _shards(data, task, transform, options)
     if kind == "synthetic":

@@ -31,6 +31,7 @@ from mlip_fast.preprocess.images import ImageLoadError
 from mlip_fast.preprocess.transforms import ImageTransform
 
 __all__ = [
+    "no_bar",
     "CheckpointError",
     "load_checkpoint",
     "model_device",
@@ -45,6 +46,12 @@ __all__ = [
     "evaluating",
     "screen_samples",
 ]
+
+
+def no_bar(progress: bool) -> Optional[bool]:
+    """tqdm's ``disable`` for a task's bars: off without ``progress``, else None (tqdm's "a bar only when the
+    output is a terminal"), so a redirected log gets no carriage returns."""
+    return None if progress else True
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None):
@@ -204,7 +211,7 @@ def iter_batches(
     if max_samples is not None and total is not None:
         total = min(total, max_samples)
     seen = 0
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=total, desc=desc, unit="img", disable=no_bar(progress), leave=False, dynamic_ncols=True) as bar:
         for batch in loader:
             if "images" not in batch and "image" in batch:
                 batch = {**batch, "images": batch["image"]}
@@ -246,7 +253,7 @@ def screen_samples(data, max_bad_fraction: float, name: str = "evaluation data",
         return data, []
     n = len(data)
     good, skipped = [], []
-    for i in tqdm(range(n), desc=f"reading {name}", unit="img", disable=not progress, leave=False):
+    for i in tqdm(range(n), desc=f"reading {name}", unit="img", disable=no_bar(progress), leave=False):
         base, j = _base_item(data, i)
         if hasattr(base, "probe"):
             reason, source = base.probe(j), base.source_of(j)

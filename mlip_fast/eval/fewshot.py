@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
 from mlip_fast.eval.common import (
+    no_bar,
     collate_samples,
     eval_transform,
     evaluating,
@@ -256,7 +257,7 @@ def _finetune(model, train_data, indices, columns, *, epochs, lr, head_lr, batch
     seen = []
     best = {"by": "last", "epoch": epochs, "valid_loss": None}
     best_state = None
-    with tqdm(total=epochs * len(loader), desc="fine-tune", disable=not progress, leave=False) as bar:
+    with tqdm(total=epochs * len(loader), desc="fine-tune", disable=no_bar(progress), leave=False) as bar:
         for epoch in range(epochs):
             clf.train()
             with torch.enable_grad():

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
 from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
-from mlip_fast.eval.common import evaluating, eval_transform, l2_normalise, model_device
+from mlip_fast.eval.common import evaluating, eval_transform, l2_normalise, model_device, no_bar
 from mlip_fast.preprocess.images import load_image
 from mlip_fast.preprocess.transforms import resize_pad
 
@@ -123,7 +123,7 @@ def evaluate_localisation(
     hits, ious, chances, names = [], [], [], []
     kept: list[dict] = []
     n_images = 0
-    with evaluating(model), tqdm(total=n, desc="localisation", unit="img", disable=not progress, leave=False) as bar:
+    with evaluating(model), tqdm(total=n, desc="localisation", unit="img", disable=no_bar(progress), leave=False) as bar:
         for start in range(0, n, batch_size):
             records = [data[i] for i in range(start, min(n, start + batch_size))]
             images, sentences, owner, masks, fnames = [], [], [], [], []

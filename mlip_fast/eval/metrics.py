@@ -1,14 +1,14 @@
-"""Evaluation metrics, written out in NumPy (no scikit-learn dependency).
+"""Evaluation metrics: ROC and AUC from scikit-learn, the rest written out in NumPy.
 
 Conventions: inputs are array-likes or tensors (moved to CPU NumPy here); binary labels are 0/1 (or
 bool); scores are any real numbers, higher = more positive. Every function checks shapes and raises
-``ValueError`` with the reason when a metric is undefined.
+``ValueError`` with the reason when a metric is undefined (before scikit-learn would, in words of this package).
 
 Classification
-- ``roc_auc(y, s)``: area under the ROC curve = the Mann-Whitney statistic
-  ``U / (n_pos n_neg)`` with ``U = sum_{i pos, j neg} [s_i > s_j] + 1/2 [s_i = s_j]``, computed from
-  average ranks in O(N log N).
-- ``roc_curve(y, s) -> (fpr, tpr, thresholds)``: one point per distinct score, from (0, 0) to (1, 1).
+- ``roc_auc(y, s)``: area under the ROC curve (``sklearn.metrics.roc_auc_score``) = the Mann-Whitney
+  statistic ``U / (n_pos n_neg)`` with ``U = sum_{i pos, j neg} [s_i > s_j] + 1/2 [s_i = s_j]``.
+- ``roc_curve(y, s) -> (fpr, tpr, thresholds)``: one point per distinct score, from (0, 0) to (1, 1)
+  (``sklearn.metrics.roc_curve`` keeping every point).
 - ``accuracy``, ``precision``, ``recall``, ``f1_score`` on hard 0/1 predictions;
   ``binary_report(y, s, threshold)`` bundles them with the chance rates.
 
@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn import metrics as skm
 
 __all__ = [
     "roc_auc",
@@ -88,24 +89,8 @@ def _paired(y_true, other, other_name: str) -> tuple[np.ndarray, np.ndarray]:
     return y, o
 
 
-def _rankdata(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (as scipy.stats.rankdata(method="average"))."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    boundaries = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
-    # A run of equal values occupying sorted positions [a, b) gets the mean rank (a + 1 + b) / 2.
-    avg = (boundaries[:-1] + 1 + boundaries[1:]) / 2.0
-    run_of = np.repeat(np.arange(len(avg)), np.diff(boundaries))
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = avg[run_of]
-    return ranks
-
-
-def roc_auc(y_true, scores) -> float:
-    """Area under the ROC curve (probability a random positive outscores a random negative, ties 1/2).
-
-    Raises ValueError when ``y_true`` has no positive or no negative sample, or a score is not finite.
-    """
+def _scored(y_true, scores, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and float64 scores checked for a ROC metric: finite scores, both classes present."""
     y, s = _paired(y_true, scores, "scores")
     s = s.astype(np.float64)
     if not np.isfinite(s).all():
@@ -113,10 +98,17 @@ def roc_auc(y_true, scores) -> float:
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"AUC is undefined with {n_pos} positive and {n_neg} negative samples")
-    ranks = _rankdata(s)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+        raise ValueError(f"{what} is undefined with {n_pos} positive and {n_neg} negative samples")
+    return y, s
+
+
+def roc_auc(y_true, scores) -> float:
+    """Area under the ROC curve (probability a random positive outscores a random negative, ties 1/2).
+
+    Raises ValueError when ``y_true`` has no positive or no negative sample, or a score is not finite.
+    """
+    y, s = _scored(y_true, scores, "AUC")
+    return float(skm.roc_auc_score(y, s))
 
 
 def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -125,20 +117,8 @@ def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     The first point is (0, 0) with threshold +inf; thresholds are the distinct scores, descending.
     The trapezoid area under the returned curve equals ``roc_auc``.
     """
-    y, s = _paired(y_true, scores, "scores")
-    s = s.astype(np.float64)
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"ROC curve is undefined with {n_pos} positive and {n_neg} negative samples")
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted, y_sorted = s[order], y[order]
-    last_of_run = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), y.size - 1]
-    tps = np.cumsum(y_sorted)[last_of_run]
-    fps = (last_of_run + 1) - tps
-    tpr = np.r_[0.0, tps / n_pos]
-    fpr = np.r_[0.0, fps / n_neg]
-    thresholds = np.r_[np.inf, s_sorted[last_of_run]]
+    y, s = _scored(y_true, scores, "ROC curve")
+    fpr, tpr, thresholds = skm.roc_curve(y, s, drop_intermediate=False)
     return fpr, tpr, thresholds
 
 

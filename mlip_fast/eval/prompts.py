@@ -6,20 +6,33 @@ Prompt file format (JSON; shipped files live in ``mlip_fast/eval/prompts/``)::
      "classes": {"<class name>": {"positive": ["sentence", ...], "negative": ["sentence", ...]}, ...}}
 
 ``load_prompts(name_or_path) -> dict[str, ClassPrompts]`` accepts a shipped name (``chexpert5``,
-``rsna_pneumonia``, ``siim_pneumothorax``, ``synthetic``), a path to such a file, or an already
-loaded mapping ``{class: {"positive": [...], "negative": [...]}}``. Class names are matched to a
+``chexpert5_gloria``, ``rsna_pneumonia``, ``siim_pneumothorax``, ``synthetic``), a path to such a file, or an
+already loaded mapping ``{class: {"positive": [...], "negative": [...]}}``. Class names are matched to a
 dataset's label names by ``normalise_name`` (case, spaces, underscores and hyphens ignored).
+
+Generated prompts (GLoRIA's way, ``chexpert5_gloria``): a class gives ``"words"``, lists of phrases (GLoRIA's
+severity, subtype and location words) instead of ``"positive"``; its positive prompts are every combination, one
+phrase of each list in order, joined by single spaces (empty phrases dropped, duplicates dropped), of which
+``per_class`` are sampled (``random.Random(seed)``, one stream over the classes in file order; the file's
+``"generate": {"per_class": N}`` is the default, 0 keeps all). ``"negative"`` may name a shipped prompt file
+whose negative set of the same class is taken::
+
+    {"generate": {"per_class": 5},
+     "classes": {"Edema": {"words": [["", "mild"], ["pulmonary edema"], [""]], "negative": "chexpert5"}}}
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
-__all__ = ["ClassPrompts", "PromptError", "load_prompts", "list_prompt_files", "normalise_name", "PROMPT_DIR"]
+__all__ = ["ClassPrompts", "PromptError", "load_prompts", "list_prompt_files", "normalise_name", "generate_prompts",
+           "PROMPT_DIR"]
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 
@@ -82,10 +95,51 @@ def parse_prompts(classes: Mapping) -> dict[str, ClassPrompts]:
     return out
 
 
-def load_prompts(source: Union[str, os.PathLike, Mapping]) -> dict[str, ClassPrompts]:
-    """Load and validate class prompts from a shipped name, a JSON path, or a mapping (see module doc)."""
+def generate_prompts(words, where: str = "words") -> list[str]:
+    """Every combination of one phrase from each list of ``words``, in order, joined by single spaces (empty
+    phrases dropped), without duplicates, in the order of ``itertools.product``."""
+    if isinstance(words, str) or not isinstance(words, (list, tuple)) or not words:
+        raise PromptError(f"{where} must be a non-empty list of phrase lists")
+    for i, phrases in enumerate(words):
+        if isinstance(phrases, str) or not isinstance(phrases, (list, tuple)) or not phrases \
+                or not all(isinstance(x, str) for x in phrases):
+            raise PromptError(f"{where}[{i}] must be a non-empty list of strings (\"\" for an optional part)")
+    combos = (" ".join(" ".join(combo).split()) for combo in itertools.product(*words))
+    return list(dict.fromkeys(c for c in combos if c))
+
+
+def _expand(classes: Mapping, per_class, seed: int, where: str) -> dict:
+    """``classes`` with every ``"words"`` class turned into sampled positive prompts and every named
+    ``"negative"`` file resolved (see the module docstring)."""
+    rng = random.Random(seed)
+    out = {}
+    for cls, sets in classes.items():
+        if not isinstance(sets, Mapping) or "words" not in sets:
+            out[cls] = sets
+            continue
+        sets = dict(sets)
+        combos = generate_prompts(sets.pop("words"), f"{where}: class {cls!r}: 'words'")
+        n = len(combos) if not per_class else min(int(per_class), len(combos))
+        sets["positive"] = rng.sample(combos, n) if n < len(combos) else combos
+        if isinstance(sets.get("negative"), str):
+            named = {normalise_name(k): v for k, v in load_prompts(sets["negative"]).items()}
+            if normalise_name(cls) not in named:
+                raise PromptError(f"{where}: class {cls!r} takes its negatives from {sets['negative']!r}, which has no "
+                                  f"such class")
+            sets["negative"] = list(named[normalise_name(cls)].negative)
+        out[cls] = sets
+    return out
+
+
+def load_prompts(source: Union[str, os.PathLike, Mapping], per_class: Optional[int] = None,
+                 seed: int = 0) -> dict[str, ClassPrompts]:
+    """Load and validate class prompts from a shipped name, a JSON path, or a mapping (see module doc).
+    ``per_class`` / ``seed``: the sample of a generated prompt file (None: the file's ``per_class``; 0: all)."""
     if isinstance(source, Mapping):
-        return parse_prompts(source.get("classes", source) if "classes" in source else source)
+        classes = source.get("classes", source) if "classes" in source else source
+        if per_class is not None:
+            raise PromptError("per_class applies to generated prompt files (a 'generate' section and 'words' classes)")
+        return parse_prompts(classes)
     path = Path(source)
     if not path.suffix and not path.exists():
         path = PROMPT_DIR / f"{source}.json"
@@ -99,7 +153,17 @@ def load_prompts(source: Union[str, os.PathLike, Mapping]) -> dict[str, ClassPro
         raise PromptError(f"prompt file {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict) or "classes" not in data:
         raise PromptError(f"prompt file {path} must be an object with a 'classes' key")
+    generate = data.get("generate")
+    if per_class is not None and not isinstance(generate, dict):
+        raise PromptError(f"--prompts-per-class applies to generated prompt files (such as chexpert5_gloria); "
+                          f"{path.name} lists its prompts")
     try:
-        return parse_prompts(data["classes"])
+        classes = data["classes"]
+        if isinstance(generate, dict) and isinstance(classes, Mapping):
+            chosen = generate.get("per_class", 0) if per_class is None else per_class
+            if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 0:
+                raise PromptError(f"per_class must be an int >= 0 (0: every combination), got {chosen!r}")
+            classes = _expand(classes, chosen, seed, str(path))
+        return parse_prompts(classes)
     except PromptError as err:
         raise PromptError(f"{path}: {err}") from None

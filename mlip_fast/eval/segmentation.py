@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
-from mlip_fast.eval.common import collate_samples, eval_transform, model_device
+from mlip_fast.eval.common import collate_samples, eval_transform, model_device, no_bar
 from mlip_fast.eval.fewshot import _pct, split_indices
 from mlip_fast.eval.localisation import mask_to_input_frame
 
@@ -134,7 +134,7 @@ def _encode(encoder: nn.Module, data, indices, collate, batch_size: int, device,
     """Frozen patch tokens ``[N, P, C]`` (CPU float32), targets ``[N, S, S]`` and input images of ``data[indices]``."""
     loader = DataLoader(Subset(data, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate)
     tokens, targets, images = [], [], []
-    with torch.no_grad(), tqdm(total=len(indices), desc=desc, disable=not progress, leave=False) as bar:
+    with torch.no_grad(), tqdm(total=len(indices), desc=desc, disable=no_bar(progress), leave=False) as bar:
         for batch in loader:
             tokens.append(encoder.forward_features(batch["images"].to(device))[:, 1:].float().cpu())
             targets.append(batch["targets"])
@@ -238,7 +238,7 @@ def few_shot_segment(
         loss = torch.tensor(float("nan"))
         selection = {"by": "last", "epoch": epochs, "valid_loss": None}
         best_state = None
-        with tqdm(total=epochs * n_batches, desc=f"segmentation {key}", disable=not progress, leave=False) as bar:
+        with tqdm(total=epochs * n_batches, desc=f"segmentation {key}", disable=no_bar(progress), leave=False) as bar:
             for epoch in range(epochs):
                 seg.train()
                 with torch.enable_grad():

@@ -145,13 +145,3 @@ def test_pointing_and_heatmap_iou():
     assert M.heatmap_iou(np.ones((2, 2)), mask) == pytest.approx(mask.mean())  # constant map = everything
     assert 0.0 <= M.heatmap_iou(np.random.default_rng(0).random((3, 3)), mask) <= 1.0
     assert math.isclose(M.iou(np.ones_like(mask), mask), 16 / 64)
-
-
-def test_rankdata_matches_average_rank_definition():
-    rng = np.random.default_rng(5)
-    x = rng.integers(0, 5, 40).astype(float)
-    ranks = M._rankdata(x)
-    for i, xi in enumerate(x):
-        below = sum(v < xi for v in x)
-        equal = sum(v == xi for v in x)
-        assert ranks[i] == pytest.approx(below + (equal + 1) / 2)

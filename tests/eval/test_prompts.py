@@ -6,7 +6,7 @@ import pytest
 
 from mlip_fast.data import synth
 from mlip_fast.data.labels import SYNTHETIC_LABELS
-from mlip_fast.eval.prompts import PromptError, list_prompt_files, load_prompts, normalise_name
+from mlip_fast.eval.prompts import PROMPT_DIR, PromptError, list_prompt_files, load_prompts, normalise_name
 
 
 def test_shipped_prompt_files():
@@ -63,3 +63,35 @@ def test_bad_prompts(tmp_path):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"classes": {"x": {"positive": ["x."], "negative": ["no x."]}}}))
     assert load_prompts(ok)["x"].positive == ("x.",)
+
+
+def test_gloria_style_prompts_are_generated_from_the_word_lists(tiny_checkpoint, synth_dir, tmp_path, capsys):
+    """chexpert5_gloria: severity x subtype x location combinations (GLoRIA's word lists), 5 sampled per class by
+    default with the run's seed, every combination with per_class=0, negatives from chexpert5; the CLI option."""
+    from mlip_fast.eval.__main__ import main
+
+    data = json.loads((PROMPT_DIR / "chexpert5_gloria.json").read_text())
+    words = data["classes"]["Atelectasis"]["words"]
+    every = load_prompts("chexpert5_gloria", per_class=0)
+    assert len(every["Atelectasis"].positive) == len(words[0]) * len(words[1]) * len(words[2]) == 210
+    assert "mild linear atelectasis at the left lung base" in every["Atelectasis"].positive
+    assert "linear atelectasis at the left lung base" in every["Atelectasis"].positive  # the empty severity
+    # GLoRIA's effusion words combine severity x location x subtype; its repeated subtype gives no duplicates
+    assert "small left subpulmonic pleural effusion" in every["Pleural Effusion"].positive
+    assert len(every["Pleural Effusion"].positive) == len(set(every["Pleural Effusion"].positive)) == 6 * 3 * 2
+    sampled = load_prompts("chexpert5_gloria", seed=3)
+    assert [len(p.positive) for p in sampled.values()] == [5] * 5
+    assert sampled == load_prompts("chexpert5_gloria", seed=3) != load_prompts("chexpert5_gloria", seed=4)
+    assert set(sampled["Edema"].positive) <= set(every["Edema"].positive)
+    assert sampled["Edema"].negative == load_prompts("chexpert5")["edema"].negative
+    with pytest.raises(PromptError, match="applies to generated prompt files"):
+        load_prompts("chexpert5", per_class=3)
+
+    out = tmp_path / "zs"
+    code = main(["zeroshot", "--checkpoint", str(tiny_checkpoint), "--data", str(synth_dir), "--out", str(out),
+                 "--prompts", "chexpert5_gloria", "--prompts-per-class", "3", "--classes", "Cardiomegaly", "Edema",
+                 "--skip-empty", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["prompts"] == "chexpert5_gloria" and settings["prompts_per_class"] == 3
+    assert settings["positive_prompts"]["Edema"] == list(load_prompts("chexpert5_gloria", 3, seed=0)["Edema"].positive)
