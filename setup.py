@@ -10,7 +10,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "mlip_fast" / "__init__.py").read_text()).group(1)
+INIT = (HERE / "mlip_fast" / "__init__.py").read_text()
+VERSION = re.search(r'__version__ = "([^"]+)"', INIT).group(1)
+LICENSE = re.search(r'__license__ = "([^"]+)"', INIT).group(1)  # an SPDX expression; LICENSE holds the text
 
 # kernels/<op>/ folders are subpackages of mlip_fast.kernels (found under kernels/, mapped by package_dir)
 KERNEL_PACKAGES = {f"mlip_fast.kernels.{name}" for name in find_packages(where="kernels")}
@@ -24,9 +26,12 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    license=LICENSE,
+    license_files=["LICENSE"],
     packages=PACKAGES,
     package_dir={"mlip_fast.kernels": "kernels"},
     package_data={
+        "mlip_fast": ["py.typed"],  # PEP 561: the package ships its type hints
         "mlip_fast.models": ["model_configs/*.json"],
         "mlip_fast.preprocess": ["vocab/*.txt"],
         "mlip_fast.eval": ["prompts/*.json", "splits/*.json"],
@@ -44,6 +49,9 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.4",
         "webdataset>=1.0,<2",
+        # ROC curves and AUC of every evaluation (the training app's validation included); 1.3 gives the +inf
+        # first threshold the curves rely on
+        "scikit-learn>=1.3",
     ],
     entry_points={"console_scripts": ["mlip-train = mlip_fast.train.launch:main"]},
     extras_require={
@@ -53,5 +61,8 @@ setup(
         "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "dicom": ["pydicom>=3.0"],
         "fast-jpeg": ["simplejpeg>=1.7"],
+        # --report-to tensorboard / wandb (DeepSpeed's monitors; checked before a run starts)
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.16"],
     },
 )

@@ -3,10 +3,12 @@
 
 ``--deepspeed_config`` takes a JSON file or the name of a config shipped in the package (``zero2``, ...;
 see :func:`mlip_fast.train.ds_config.shipped_ds_configs`); the launcher adds ``--local_rank``. The
-open_clip-style flags ``--batch-size``, ``--precision``, ``--wd``, ``--warmup`` override the matching
-ds config keys (:func:`mlip_fast.train.ds_config.apply_flag_overrides`). With ``--data synthetic`` (the
-default) the flags left unset take the values of ``SYNTHETIC_PRESET``: the default run
-(``deepspeed train.py --deepspeed_config ds.json``). A usage error is one line on stderr and exit 2.
+open_clip-style flags ``--batch-size``, ``--precision``, ``--wd``, ``--warmup`` (and ``--lr``) override the
+matching ds config keys (:func:`mlip_fast.train.ds_config.apply_flag_overrides`); ``--help`` shows what each
+shipped config sets for them (:func:`ds_config_table`), and the values of the config named before ``--help``.
+With ``--data synthetic`` (the default) the flags left unset take the values of ``SYNTHETIC_PRESET``: the default
+run (``deepspeed train.py --deepspeed_config ds.json``). A usage error is one line on stderr and exit 2; the model
+(``--model``) is checked before the DeepSpeed config is asked for.
 """
 from __future__ import annotations
 
@@ -17,12 +19,17 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from mlip_fast._cli import HelpFormatter, Parser, add_version
 from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
+from mlip_fast.models.config import ConfigError
+from mlip_fast.models.registry import get_model_config
 from mlip_fast.train.ds_checks import MAX_LR
-from mlip_fast.train.ds_config import shipped_ds_configs
+from mlip_fast.train.ds_config import (WARMUP_FRACTION, DSConfigError, load_ds_config, precision_dtype,
+                                       resolve_ds_config, shipped_ds_configs)
+from mlip_fast.train.reporting import REPORT_TO
 
-__all__ = ["build_parser", "parse_args", "SYNTHETIC_PRESET", "PRECISIONS"]
+__all__ = ["build_parser", "parse_args", "ds_config_table", "SYNTHETIC_PRESET", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -98,23 +105,38 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Adds "(default: X)" to an option's help only when there is a default to show (not None, not False)
-    and the help does not already say what the default is."""
+def _ds_values(config: dict) -> dict:
+    """What a DeepSpeed config sets for the flags that override it (as the run would resolve them)."""
+    params = config.get("optimizer", {}).get("params", {})
+    micro, total = config.get("train_micro_batch_size_per_gpu"), config.get("train_batch_size")
+    batch = f"{micro} per process" if micro is not None else f"{total} global" if total is not None else "unset"
+    warmup = config.get("scheduler", {}).get("params", {}).get("warmup_num_steps", "none")
+    if warmup == "auto":
+        warmup = f"auto ({WARMUP_FRACTION:.0%} of the run)"
+    return {"batch": batch, "lr": params.get("lr", "unset"), "wd": params.get("weight_decay", 0.0), "warmup": warmup,
+            "precision": {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(precision_dtype(config)), "fp32"),
+            "zero": config.get("zero_optimization", {}).get("stage", 0)}
 
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (not action.option_strings or action.default is None or action.default is False
-                or action.default is argparse.SUPPRESS or "default" in text):
-            return text
-        return f"{text} (default: %(default)s)"
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (then exit 2) rather than the whole usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+def ds_config_table(chosen: Optional[str] = None) -> str:
+    """The epilog of ``--help``: what each shipped DeepSpeed config (and ``chosen``, a config named on the
+    command line) sets for --batch-size, --lr, --wd, --warmup and --precision."""
+    names = list(shipped_ds_configs())
+    rows = []
+    for name in ([chosen] if chosen else []) + names:
+        try:
+            values = _ds_values(load_ds_config(name))
+        except (DSConfigError, OSError):
+            continue
+        rows.append((f"{name} (--deepspeed_config)" if name == chosen else name, values))
+    header = ("config", "batch", "lr", "wd", "warmup", "precision", "ZeRO")
+    table = [header] + [(n, v["batch"], str(v["lr"]), str(v["wd"]), str(v["warmup"]), v["precision"], str(v["zero"]))
+                        for n, v in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    return ("values of --batch-size, --lr, --wd, --warmup and --precision when the flag is not given: the "
+            "DeepSpeed config's\n(shipped configs below; ds.json of a source checkout is zero2_fp32; a batch "
+            "given as global is split\nover the processes and accumulation steps):\n" + "\n".join(lines))
 
 
 def _prog() -> str:
@@ -122,14 +144,28 @@ def _prog() -> str:
     return "python -m mlip_fast.train" if name == "__main__.py" else name
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
-    p = _Parser(
+def _named_ds_config(argv: Sequence[str]) -> Optional[str]:
+    """The --deepspeed_config of a command line when it names an existing config (for --help's values)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--deepspeed_config", "--deepspeed-config", default=None)
+    name = probe.parse_known_args(list(argv))[0].deepspeed_config
+    try:
+        return name if name and resolve_ds_config(name) else None
+    except DSConfigError:
+        return None
+
+
+def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; ``argv`` only tells ``--help`` which DeepSpeed config's values to show first."""
+    p = Parser(
         prog=prog or _prog(),
         description="MLIP pre-training with DeepSpeed. With no argument but --deepspeed_config it trains on the "
                     "built-in synthetic chest X-ray benchmark and evaluates zero-shot classification and "
                     "localisation at the end.",
-        formatter_class=_HelpFormatter,
+        epilog=ds_config_table(_named_ds_config(argv)),
+        formatter_class=HelpFormatter,
     )
+    add_version(p)
     data = p.add_argument_group("data")
     data.add_argument("--data", default="synthetic",
                       help="'synthetic' (built-in benchmark, generated into --cache-dir on first use), a shard folder "
@@ -183,25 +219,33 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     loss.add_argument("--impl", default="auto", choices=("auto", "reference", "chunked", "triton"),
                       help="patch-sentence scores implementation")
 
-    run = p.add_argument_group("optimisation (each flag overrides the matching key of the ds config)")
+    run = p.add_argument_group("optimisation (each flag overrides the matching key of the ds config; the table at "
+                               "the end shows the configs' values)")
     run.add_argument("--batch-size", type=_positive_int, default=None,
-                     help="images per process per micro-batch (the ds config's train_micro_batch_size_per_gpu; the global "
-                          "batch becomes batch size x accumulation x processes)")
+                     help="images per process per micro-batch (default: the ds config's train_micro_batch_size_per_gpu, "
+                          "or its train_batch_size split over processes; the global batch becomes batch size x "
+                          "accumulation x processes)")
     run.add_argument("--precision", choices=PRECISIONS, default=None,
-                     help="training precision (the ds config's bf16 / fp16 sections; fp16 needs a GPU)")
-    run.add_argument("--wd", type=_non_negative, default=None, help="weight decay (the ds config's optimizer.params.weight_decay)")
+                     help="training precision (default: the ds config's bf16 / fp16 sections, fp32 without; fp16 needs "
+                          "a GPU)")
+    run.add_argument("--wd", type=_non_negative, default=None,
+                     help="weight decay (default: the ds config's optimizer.params.weight_decay)")
     run.add_argument("--warmup", type=_non_negative_int, default=None,
-                     help="learning-rate warm-up steps (the ds config's scheduler.params.warmup_num_steps)")
+                     help=f"learning-rate warm-up steps (default: the ds config's scheduler.params.warmup_num_steps; "
+                          f"'auto' = {WARMUP_FRACTION * 100:g}%% of the run)")
     length = run.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, default=None,
                         help=f"optimizer steps (default: {SYNTHETIC_PRESET['steps']} on the synthetic benchmark, "
                              f"{REAL_DATA_EPOCHS:g} epoch on real data)")
-    length.add_argument("--epochs", type=_positive, default=None, help="passes over the training split")
+    length.add_argument("--epochs", type=_positive, default=None,
+                        help=f"passes over the training split (default: {REAL_DATA_EPOCHS:g} on real data; --steps on "
+                             f"the synthetic benchmark)")
     run.add_argument("--lr", type=_learning_rate, default=None,
-                     help=f"peak learning rate (the ds config's optimizer.params.lr), in (0, {MAX_LR:g}]")
+                     help=f"peak learning rate, in (0, {MAX_LR:g}] (default: the ds config's optimizer.params.lr)")
     run.add_argument("--accum-freq", type=_positive_int, default=None,
-                     help="micro-batches per optimizer step (sets the ds config's gradient_accumulation_steps, keeping "
-                          "its train_batch_size); the contrastive losses see the whole accumulated batch as negatives")
+                     help="micro-batches per optimizer step (default: the ds config's gradient_accumulation_steps; sets "
+                          "it, keeping its train_batch_size); the contrastive losses see the whole accumulated batch "
+                          "as negatives")
     run.add_argument("--deterministic", action="store_true",
                      help="bitwise-reproducible runs on GPU too (slower): torch deterministic algorithms, "
                           "CUBLAS_WORKSPACE_CONFIG=:4096:8, the patch-sentence backward without atomics and, on CUDA, "
@@ -228,9 +272,12 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     out.add_argument("--resume", default=None,
                      help="'latest' (the newest checkpoint of --output-dir, or of the newest run under runs/) or a "
                           "checkpoint folder")
-    out.add_argument("--tensorboard", action="store_true",
-                     help="also log to TensorBoard through DeepSpeed's monitor (needs the tensorboard package)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--report-to", choices=REPORT_TO, default="none",
+                     help="also log the metrics through DeepSpeed's monitor: TensorBoard events in the run folder, or "
+                          "W&B (project mlip_fast, group = the run name); the package is checked before anything starts")
+    out.add_argument("--tensorboard", action="store_true", help=argparse.SUPPRESS)  # older spelling of --report-to
+    out.add_argument("--no-progress", action="store_true",
+                     help="no progress display (a bar on a terminal, else a plain line every twentieth of the run)")
 
     ds = p.add_argument_group("DeepSpeed")
     ds.add_argument("--deepspeed_config", "--deepspeed-config", default=None, metavar="FILE_OR_NAME",
@@ -243,9 +290,18 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
-    parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog, argv)
     args = parser.parse_args(argv)
+    if args.tensorboard:
+        if args.report_to not in ("none", "tensorboard"):
+            parser.error(f"--tensorboard and --report-to {args.report_to} disagree; use --report-to only")
+        args.report_to = "tensorboard"
     if args.deepspeed_config is None:
+        try:  # a wrong model is the first thing to hear of, not the missing DeepSpeed config
+            get_model_config(args.model)
+        except ConfigError as e:
+            parser.error(str(e))
         parser.error("--deepspeed_config is required: a DeepSpeed JSON file or a shipped name such as zero2_fp32")
     if args.warmup is not None and args.steps is not None and args.warmup >= args.steps:
         parser.error(f"--warmup {args.warmup} must be below --steps {args.steps}")

@@ -6,12 +6,16 @@ What a save guarantees: the weights are finite on every rank (a state the last u
 saved; the run stops as on a non-finite loss), the files are complete and listed with their SHA-256 in the
 checkpoint's manifest before ``latest`` names it, and a full disk is a one-line error that leaves the previous
 checkpoint in place. Every way out of the loop shuts the DataLoader workers down before the process can exit.
+
+What the loop records per step is completed here (:class:`StepProbe`): the seconds each step waited for its
+batches (``data_s``) and the logit scales its forward used, in metrics.jsonl, on the console and in the monitors.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch.distributed as dist
 
@@ -28,7 +32,7 @@ from mlip_fast.train.process import barrier
 from mlip_fast.train.run import Engine, RunData, or_skip
 from mlip_fast.train.setup import RunState
 
-__all__ = ["Fit", "fit", "merge_bad_items", "worker_message"]
+__all__ = ["Fit", "fit", "merge_bad_items", "worker_message", "StepProbe"]
 
 
 @dataclass
@@ -41,6 +45,40 @@ class Fit:
     eval_history: list = field(default_factory=list)
     backends: dict = field(default_factory=dict)
     setup_s: float = 0.0
+
+
+class StepProbe:
+    """Watches a training step from outside the loop: wraps the batch iterator (the time ``next`` waits, summed
+    over a step's ``per_step`` micro-batches) and the criterion (the logit scales among its inputs, kept as
+    tensors so that reading them costs a device sync only when a record is written)."""
+
+    def __init__(self, batches: Iterator[dict], criterion: Callable, per_step: int):
+        self._batches, self._criterion, self.per_step = batches, criterion, per_step
+        self._waited, self._calls, self.data_s = 0.0, 0, None
+        self._scales: dict = {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        start = time.perf_counter()
+        try:
+            return next(self._batches)
+        finally:
+            self._waited += time.perf_counter() - start
+            self._calls += 1
+            if self._calls % self.per_step == 0:  # the step's last micro-batch
+                self.data_s, self._waited = self._waited, 0.0
+
+    def criterion(self, **outputs):
+        self._scales = {k: outputs[k].detach() for k in ("logit_scale_global", "logit_scale_local") if k in outputs}
+        return self._criterion(**outputs)
+
+    def extras(self) -> dict:
+        """The fields a "train" record and the progress display add: data_s, logit_scale_global / _local."""
+        out = {} if self.data_s is None else {"data_s": self.data_s}
+        out.update({k: float(v) for k, v in self._scales.items()})
+        return out
 
 
 def worker_message(error: BaseException) -> str:
@@ -130,13 +168,20 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
 
     loader = tdata.make_train_loader(data.train_set, data.sampler, e.collate, args.num_workers)
     batches = iter(loader)
-    ctx = LoopContext(engine=engine, criterion=e.criterion, batches=batches, reporter=reporter, stop=run.stop,
+    probe = StepProbe(batches, e.criterion, run.accum)
+    reporter.step_extras = probe.extras
+    monitor = None
+    if engine.monitor.enabled:
+        def monitor(events: list) -> None:  # the loop's events plus the probe's, at the same step
+            step = events[0][2] if events else None
+            extra = [(f"Train/{k}", v, step) for k, v in probe.extras().items()] if step is not None else []
+            engine.monitor.write_events(events + extra)
+    ctx = LoopContext(engine=engine, criterion=probe.criterion, batches=probe, reporter=reporter, stop=run.stop,
                       seed=args.seed, rank=rank, world_size=run.ranks.world, accumulation=run.accum,
                       global_batch=run.global_batch, steps_per_epoch=data.sampler.steps_per_epoch,
                       total_steps=data.total_steps, start_step=e.start_step, dtype=e.dtype, log_every=args.log_every,
                       eval_every=args.eval_every, save_every=args.save_every, evaluate=evaluate, save=save,
-                      latest=latest, on_first_step=on_first_step,
-                      monitor=engine.monitor.write_events if engine.monitor.enabled else None,
+                      latest=latest, on_first_step=on_first_step, monitor=monitor,
                       max_skipped_in_a_row=MAX_SKIPPED_IN_A_ROW_FP16 if e.config.get("fp16", {}).get("enabled")
                       else MAX_SKIPPED_IN_A_ROW, skipped_steps=int(engine.skipped_steps))
     out.setup_s = run.elapsed()
@@ -147,8 +192,9 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
         raise DatasetError(_data_stop_message(stop, data.train_set)) from None
     finally:
         # an error's traceback keeps the iterator alive: its workers are shut down here, not by its finaliser
+        reporter.step_extras = None
         tdata.close_loader(batches)
-        del batches
+        del batches, probe
     reporter.log("training: %d steps in %.1f s (%.1f samples/s)", out.result.steps - e.start_step, out.result.wall_s,
                  out.result.samples / max(out.result.wall_s, 1e-9))
     if out.result.skipped_steps:

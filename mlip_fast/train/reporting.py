@@ -1,15 +1,27 @@
-"""What a training run writes besides checkpoints: the run log, metrics.jsonl, the progress bar, the
-loss / eval PNG and summary.json. Only rank 0 writes; every function is a no-op elsewhere.
+"""What a training run writes besides checkpoints: the run log, metrics.jsonl, the progress display, the
+loss / eval PNG and summary.json, and the monitors a run reports to (``--report-to``). Only rank 0 writes; every
+function is a no-op elsewhere.
 
 ``metrics.jsonl`` has one JSON object per line, flushed as it is written (nothing is lost on a crash):
 ``{"kind": "train", "step", "epoch", "loss", "loss_global", "loss_local", "loss_sie", "lr",
-"samples_per_s", "elapsed_s"}`` every ``--log-every`` steps, ``{"kind": "eval", "step", "split",
-"auc_macro", "auc": {class: value}, ...}`` after each evaluation and ``{"kind": "event", ...}`` for
-checkpoints, resumes, stops and skipped data rows. A resumed run continues the same file after dropping
-the records of the steps after its checkpoint (:meth:`RunReporter.rewind`), so every step appears once.
+"samples_per_s", "step_s", "data_s", "logit_scale_global", "logit_scale_local", "elapsed_s"}`` every
+``--log-every`` steps (``data_s``: the seconds the step waited for its batches; the logit scales its forward
+used), ``{"kind": "eval", "step", "split", "auc_macro", "auc": {class: value}, ...}`` after each evaluation and
+``{"kind": "event", ...}`` for checkpoints, resumes, stops and skipped data rows. A resumed run continues the
+same file after dropping the records of the steps after its checkpoint (:meth:`RunReporter.rewind`), so every
+step appears once.
+
+Progress: a bar on a terminal (stderr is a TTY); otherwise (a redirected log) one plain line every twentieth of
+the run, so no carriage return lands in a log file. Both show the loss, lr, throughput, data time and logit scale.
+
+Monitors (:func:`check_monitors` before anything starts, :func:`with_monitors` into the DeepSpeed config):
+``--report-to tensorboard`` / ``wandb`` enable DeepSpeed's monitor of that name, writing into the run folder
+(TensorBoard) or the ``mlip_fast`` project grouped by run name (W&B); a monitor whose package is missing, asked
+for by the flag or by the ds config's own section, is a one-line usage error (exit 2) before any process starts.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -17,15 +29,61 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from tqdm.auto import tqdm
 
 from mlip_fast._records import jsonable, write_run_record
+from mlip_fast.train.ds_config import DSConfigError
 
-__all__ = ["RunReporter", "read_metrics", "plot_metrics"]
+__all__ = ["RunReporter", "read_metrics", "plot_metrics", "REPORT_TO", "check_monitors", "with_monitors"]
 
 LOGGER_NAME = "mlip_fast.train"
+REPORT_TO = ("none", "tensorboard", "wandb")
+# monitor -> (the module it needs, what to install)
+_MONITOR_PACKAGES = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
+WANDB_PROJECT = "mlip_fast"
+# plain progress lines a run prints when stderr is not a terminal
+PLAIN_PROGRESS_LINES = 20
+
+
+def _monitors(config: dict, report_to: str) -> list:
+    """The monitors a run writes to: the ``--report-to`` one and every one the ds config enables itself."""
+    enabled = [name for name in _MONITOR_PACKAGES if isinstance(config.get(name), dict) and config[name].get("enabled")]
+    return sorted(set(enabled) | ({report_to} - {"none"}))
+
+
+def check_monitors(config: dict, report_to: str = "none", where: str = "ds config") -> list:
+    """The monitors of :func:`_monitors`, each checked to be importable (without importing it): DeepSpeed would
+    otherwise fail on every rank once training starts. Raises :class:`DSConfigError` (a usage error) naming the
+    package and both ways to drop the monitor."""
+    if report_to not in REPORT_TO:
+        raise DSConfigError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
+    monitors = _monitors(config, report_to)
+    for name in monitors:
+        module, install = _MONITOR_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            asked = f"--report-to {name}" if name == report_to else f"the {where}'s '{name}' section"
+            raise DSConfigError(f"{asked} logs to {name}, but {module} is not installed; {install}, or drop "
+                                f"--report-to {name} / the '{name}' section of the ds config")
+    return monitors
+
+
+def with_monitors(config: dict, report_to: str, run_dir: Path) -> dict:
+    """``config`` with the monitor sections of the run enabled: TensorBoard events under ``run_dir/tensorboard``,
+    W&B runs in the ``mlip_fast`` project (unless the section names one) grouped by the run folder's name."""
+    out = dict(config)
+    for name in _monitors(config, report_to):
+        section = dict(config.get(name, {}))
+        section["enabled"] = True
+        if name == "tensorboard":
+            section.setdefault("output_path", str(run_dir / "tensorboard"))
+            section.setdefault("job_name", run_dir.name)
+        else:
+            section.setdefault("project", WANDB_PROJECT)
+            section.setdefault("group", run_dir.name)
+        out[name] = section
+    return out
 
 
 class RunReporter:
@@ -36,6 +94,9 @@ class RunReporter:
         self.active = rank == 0
         self.show_progress = progress and self.active
         self.bar = None
+        #: fields added to every "train" record and to the progress display (set by the training phase)
+        self.step_extras: Optional[Callable[[], dict]] = None
+        self._plain: Optional[dict] = None  # the plain progress lines' state (stderr not a terminal)
         self.logger = logging.getLogger(LOGGER_NAME)
         self._metrics = None
         self._handlers: list = []
@@ -69,9 +130,14 @@ class RunReporter:
             self.logger.warning(message, *args)
 
     # metrics -------------------------------------------------------------------------------------
+    def _extras(self) -> dict:
+        return self.step_extras() if self.step_extras is not None else {}
+
     def record(self, kind: str, **fields) -> None:
         if self._metrics is None:
             return
+        if kind == "train":
+            fields = {**fields, **self._extras()}
         self._metrics.write(json.dumps(jsonable({"kind": kind, "time": time.time(), **fields})) + "\n")
         self._metrics.flush()
 
@@ -109,17 +175,32 @@ class RunReporter:
     def start_progress(self, total: int, initial: int) -> None:
         if not self.show_progress:
             return
-
+        if not sys.stderr.isatty():  # a redirected log: plain lines, no carriage returns
+            self._plain = {"step": initial, "total": total, "every": max(1, (total - initial) // PLAIN_PROGRESS_LINES)}
+            return
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stderr, smoothing=0.1)
 
     def update_progress(self, loss: float, lr: float, samples_per_s: float) -> None:
-        if self.bar is None:
+        if self.bar is None and self._plain is None:
             return
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}", refresh=False)
-        self.bar.update(1)
+        extras = self._extras()
+        shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "sps": f"{samples_per_s:.1f}"}
+        if extras.get("data_s") is not None:
+            shown["data"] = f"{extras['data_s']:.3f}s"
+        if extras.get("logit_scale_global") is not None:
+            shown["scale"] = f"{extras['logit_scale_global']:.2f}"
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+            return
+        plain = self._plain
+        plain["step"] += 1
+        if plain["step"] % plain["every"] == 0 or plain["step"] == plain["total"]:
+            self.logger.info("step %d/%d %s", plain["step"], plain["total"], " ".join(f"{k} {v}" for k, v in shown.items()))
 
     def close_progress(self) -> None:
+        self._plain = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -28,7 +28,8 @@ from mlip_fast.train import ds_config as dsc
 from mlip_fast.train.checkpoint_files import refusal_reason
 from mlip_fast.train.evaluation import EvalSets
 from mlip_fast.train.process import barrier, on_rank0
-from mlip_fast.train.setup import Resume, RunState, total_steps, with_tensorboard
+from mlip_fast.train.reporting import with_monitors
+from mlip_fast.train.setup import Resume, RunState, total_steps
 
 __all__ = ["RunData", "Engine", "prepare_data", "build_engine", "param_groups", "report_skipped", "or_skip"]
 
@@ -210,7 +211,7 @@ def build_engine(run: RunState, data: RunData) -> Engine:
     config = dsc.resolve_schedule(run.config, data.total_steps)
     if args.lr is not None:
         config["optimizer"]["params"]["lr"] = args.lr
-    config = with_tensorboard(config, args, run.run_dir)
+    config = with_monitors(config, args.report_to, run.run_dir)
     weight_decay = config["optimizer"]["params"].get("weight_decay", 0.0)
     import deepspeed  # the training app's engine: imported when a run builds it, not for --help or usage errors
 

@@ -22,12 +22,12 @@ from mlip_fast.models.config import ConfigError, MLIPConfig
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train import ds_config as dsc
 from mlip_fast.train.process import Ranks, on_rank0
-from mlip_fast.train.reporting import RunReporter
+from mlip_fast.train.reporting import RunReporter, check_monitors
 from mlip_fast.train.run_folder import RunLock, check_run_folder
 from mlip_fast.train.signals import StopRequest
 
 __all__ = ["RUNS_ROOT", "DEFAULT_SEED", "Resume", "Claim", "RunState", "preflight", "model_config",
-           "claim_run_folder", "resolve_seed", "total_steps", "with_tensorboard"]
+           "claim_run_folder", "resolve_seed", "total_steps"]
 
 RUNS_ROOT = Path("runs")
 DEFAULT_SEED = 0
@@ -134,30 +134,6 @@ def model_config(args, device_type: str = "cpu") -> MLIPConfig:
     return cfg.replace(**overrides)
 
 
-def _wants_tensorboard(config: dict, args) -> bool:
-    return bool(args.tensorboard or config.get("tensorboard", {}).get("enabled", False))
-
-
-def _require_tensorboard() -> None:
-    try:
-        import tensorboard  # noqa: F401  (optional; DeepSpeed's monitor writes through torch.utils.tensorboard)
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError as e:
-        raise dsc.DSConfigError(f"TensorBoard logging was requested but tensorboard is not installed ({e}); "
-                                f"pip install tensorboard, or drop --tensorboard / the 'tensorboard' section") from None
-
-
-def with_tensorboard(config: dict, args, run_dir: Path) -> dict:
-    """``config`` with its ``tensorboard`` section enabled and pointed into the run folder when asked for."""
-    if not _wants_tensorboard(config, args):
-        return config
-    section = dict(config.get("tensorboard", {}))
-    section.update(enabled=True)
-    section.setdefault("output_path", str(run_dir / "tensorboard"))
-    section.setdefault("job_name", run_dir.name)
-    return {**config, "tensorboard": section}
-
-
 def total_steps(args, steps_per_epoch: int) -> int:
     if args.steps is not None:
         return int(args.steps)
@@ -167,7 +143,8 @@ def total_steps(args, steps_per_epoch: int) -> int:
 def preflight(args, device_type: str) -> tuple:
     """Every check that needs no process group, data or model, so that a mistake costs seconds and not a data
     generation: the DeepSpeed config (a file or a shipped name, with ``--batch-size`` / ``--precision`` /
-    ``--wd`` / ``--warmup`` mapped onto it, then validated as a whole against the device), the model config
+    ``--wd`` / ``--warmup`` mapped onto it, then validated as a whole against the device), the monitors it and
+    ``--report-to`` ask for (their packages installed), the model config
     (``--model``, ``--model-overrides``, ``--image-size``, ...), that ``--data`` exists and the ``--pretrained``
     weights' path.
 
@@ -184,8 +161,7 @@ def preflight(args, device_type: str) -> tuple:
     if zero_stage not in (1, 2, 3):
         raise dsc.DSConfigError(f"{where}: zero_optimization.stage must be 1, 2 or 3 for this training app "
                                 f"(got {zero_stage}); stage 1 is plain data parallelism with sharded optimizer states")
-    if _wants_tensorboard(raw_config, args):
-        _require_tensorboard()
+    check_monitors(raw_config, args.report_to, where)
     model_cfg = model_config(args, device_type)
     if args.data != "synthetic":
         check_data_exists(args.data)

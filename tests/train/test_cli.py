@@ -1,6 +1,7 @@
 """The training app's command line: shipped DeepSpeed configs by name, the open_clip-style flags mapped onto
 the ds config and checked with it, usage errors found before any slow work (one line, exit 2), clean help
-texts, the mlip-train argument split, and a run logger that propagates to the user's logging set-up."""
+texts that show every effective default (the ds config's values included), --version, the mlip-train argument
+split with DeepSpeed's own launcher options, and a run logger that propagates to the user's logging set-up."""
 import argparse
 import logging
 import subprocess
@@ -12,7 +13,7 @@ from mlip_fast.data.sources import DataConfigError
 from mlip_fast.models.config import ConfigError
 from mlip_fast.train import ds_config as dsc
 from mlip_fast.train.args import build_parser, parse_args
-from mlip_fast.train.launch import split_argv
+from mlip_fast.train.launch import launcher_options, split_argv
 from mlip_fast.train.setup import preflight
 from mlip_fast.train.reporting import LOGGER_NAME, RunReporter
 from tests.train.conftest import REPO, clean_env, write_ds
@@ -111,22 +112,49 @@ def test_mlip_train_splits_launcher_and_training_arguments():
                                      "--batch-size", "8", "--no_ssh_check", "-H", "hosts", "--steps", "5"])
     assert launcher == ["--num_gpus", "2", "--master_port=29511", "--no_ssh_check", "-H", "hosts"]
     assert training == ["--deepspeed_config", "zero3", "--batch-size", "8", "--steps", "5"]
+    with_value, switches = launcher_options()  # read from DeepSpeed's own parser, not a copied list
+    assert {"--num_gpus", "--num_nodes", "--hostfile", "-H", "--master_addr", "--include"} <= set(with_value)
+    assert {"--no_ssh_check", "--force_multi", "--save_pid"} <= set(switches)
+    assert "--module" not in with_value and "--no_python" not in switches  # mlip-train sets those itself
 
 
-def test_run_logger_propagates_to_the_users_logging(tmp_path, caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
-    reporter = RunReporter(tmp_path / "run", rank=0, progress=False)
-    try:
-        reporter.log("step %d done", 3)
-        assert ("mlip_fast.train", logging.INFO, "step 3 done") in caplog.record_tuples
-        assert not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-                       for h in logging.getLogger(LOGGER_NAME).handlers)  # the user's handlers print it
-    finally:
-        reporter.close()
-    assert "step 3 done" in (tmp_path / "run" / "run.log").read_text()
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # no logging set-up: the app prints itself
-    reporter = RunReporter(tmp_path / "run2", rank=0, progress=False)
-    try:
-        assert any(type(h) is logging.StreamHandler for h in logging.getLogger(LOGGER_NAME).handlers)
-    finally:
-        reporter.close()
+def test_help_shows_the_ds_config_values_and_the_model_error_comes_first(capsys):
+    text = build_parser(prog="mlip-train", argv=["--deepspeed_config", "zero3"]).format_help()
+    rows = [" ".join(line.split()) for line in text.splitlines()]
+    assert "zero3 (--deepspeed_config) 64 global 0.002 0.05 auto (5% of the run) bf16 3" in rows
+    assert "zero2_fp32 64 global 0.002 0.05 auto (5% of the run) fp32 2" in rows
+    flat = " ".join(text.split())
+    for flag, default in (("--batch-size", "default: the ds config's train_micro_batch_size_per_gpu"),
+                          ("--precision", "default: the ds config's bf16 / fp16 sections"),
+                          ("--wd", "default: the ds config's optimizer.params.weight_decay"),
+                          ("--warmup", "default: the ds config's scheduler.params.warmup_num_steps"),
+                          ("--lr", "default: the ds config's optimizer.params.lr"),
+                          ("--report-to", "(default: none)"), ("--num-workers", "(default: 2)")):
+        described = flat[flat.index(f" {flag} ", flat.index("options:")):]  # past the usage line
+        assert default in described[:400], flag
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--model", "nope"])  # no DeepSpeed config either: the model is named first
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "error: unknown model 'nope'; shipped models:" in err
+
+
+def test_help_and_version_print_no_deepspeed_warning(capsys):
+    """--help of mlip-train (which lists DeepSpeed's launcher options) and of the evaluation CLI import nothing that
+    prints DeepSpeed's accelerator guess; versions come from package metadata."""
+    outputs = []
+    for cmd in ([sys.executable, "-m", "mlip_fast.train.launch", "--help"],
+                [sys.executable, "-m", "mlip_fast.eval", "zeroshot", "--help"]):
+        proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "Setting accelerator" not in proc.stdout + proc.stderr and "[WARNING]" not in proc.stdout + proc.stderr
+        outputs.append(" ".join(proc.stdout.split()))
+    launch, evaluate = outputs
+    assert "launcher options (DeepSpeed's, passed to `deepspeed`): " in launch and "--num_gpus" in launch
+    for shown in ("images per forward pass (default: 32)", "sampling, few-shot subsets and training (default: 0)",
+                  "in 'combined' (default: 0.5)", "or all three (default: all)"):
+        assert shown in evaluate, shown
+    with pytest.raises(SystemExit) as info:
+        build_parser(prog="mlip-train").parse_args(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("mlip_fast 0.1.0 (python ")

@@ -1,0 +1,94 @@
+"""Monitoring as a user sees it: --report-to checked before anything starts (a missing package is one line and
+exit 2, not a crashed rank), data-loading time and logit scales in metrics.jsonl and on the console, progress as
+plain lines when the output is not a terminal (no carriage return in a redirected log), and the monitor sections
+the ds config gets."""
+import importlib.util
+import json
+import math
+
+import pytest
+
+from mlip_fast.train.ds_config import DSConfigError
+from mlip_fast.train.fit import StepProbe
+from mlip_fast.train.main import train
+from mlip_fast.train.reporting import RunReporter, check_monitors, with_monitors
+from tests.train.conftest import REPO, base_args, clean_env, run_subprocess, train_records, write_ds
+
+WANDB_MISSING = importlib.util.find_spec("wandb") is None
+
+
+@pytest.mark.skipif(not WANDB_MISSING, reason="wandb is installed here")
+def test_missing_wandb_is_one_line_and_exit_2_before_anything_starts(tmp_path):
+    cmd = ["mlip-train", "--deepspeed_config", "zero2_fp32", "--report-to", "wandb", "--output-dir", str(tmp_path / "r")]
+    proc = run_subprocess(cmd, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == ("mlip-train: error: --report-to wandb logs to wandb, but wandb is not installed; pip install "
+                        "wandb, or drop --report-to wandb / the 'wandb' section of the ds config")
+    assert not (tmp_path / "r").exists() and "Traceback" not in proc.stderr
+    with pytest.raises(DSConfigError, match="the ds.json's 'wandb' section logs to wandb, but wandb is not installed"):
+        check_monitors({"wandb": {"enabled": True}}, "none", "ds.json")  # asked for by the config itself
+
+
+def test_monitor_sections_point_into_the_run_folder(tmp_path):
+    config = with_monitors({"wandb": {"enabled": True, "project": "mine"}}, "tensorboard", tmp_path / "run7")
+    assert config["tensorboard"] == {"enabled": True, "output_path": str(tmp_path / "run7" / "tensorboard"),
+                                     "job_name": "run7"}
+    assert config["wandb"] == {"enabled": True, "project": "mine", "group": "run7"}
+    assert with_monitors({"bf16": {"enabled": False}}, "none", tmp_path) == {"bf16": {"enabled": False}}
+
+
+def test_step_probe_times_the_batches_and_reads_the_scales():
+    import torch
+
+    probe = StepProbe(iter([{"i": k} for k in range(4)]), lambda **outputs: ("loss", outputs), per_step=2)
+    assert probe.extras() == {}
+    next(probe)
+    assert probe.data_s is None  # the step's second micro-batch closes it
+    next(probe)
+    assert probe.data_s is not None and probe.data_s >= 0
+    probe.criterion(logit_scale_global=torch.tensor(14.25, requires_grad=True), logit_scale_local=torch.tensor(3.0))
+    assert probe.extras() == {"data_s": probe.data_s, "logit_scale_global": 14.25, "logit_scale_local": 3.0}
+
+
+def test_a_run_logs_data_time_and_logit_scales_without_carriage_returns(tmp_path, synthetic_cache, capsys):
+    ds = write_ds(tmp_path / "ds.json")
+    argv = [a for a in base_args(ds, tmp_path / "run", synthetic_cache, "--steps", "2", "--no-final-eval")
+            if a != "--no-progress"]  # progress on, with the test's captured (not a terminal) output
+    train(argv)
+    out = capsys.readouterr()
+    records = train_records(tmp_path / "run")
+    for record in records.values():
+        assert record["data_s"] >= 0 and record["data_s"] <= record["step_s"]
+        # the scales the step's forward used: initialised at 1 / 0.07 and moved by at most two small steps
+        assert math.isclose(record["logit_scale_global"], 1 / 0.07, rel_tol=0.01)
+        assert math.isclose(record["logit_scale_local"], 1 / 0.07, rel_tol=0.01)
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "step 2/2 loss " in log and " data " in log and " scale 14." in log
+    assert "\r" not in out.out and "\r" not in log
+    # the one bar left is DeepSpeed's own, in the fp32 export (zero_to_fp32's "Loading checkpoint shards")
+    assert all("Loading checkpoint shards" in line for line in out.err.splitlines() if "\r" in line)
+
+
+def test_progress_is_a_bar_only_on_a_terminal(tmp_path, monkeypatch, capsys):
+    reporter = RunReporter(tmp_path / "tty", rank=0)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    try:
+        reporter.start_progress(10, 0)
+        assert reporter.bar is not None
+    finally:
+        reporter.close()
+    monkeypatch.undo()
+    capsys.readouterr()  # the bar drawn above
+    reporter = RunReporter(tmp_path / "log", rank=0)
+    reporter.step_extras = lambda: {"data_s": 0.012, "logit_scale_global": 14.3}
+    try:
+        reporter.start_progress(40, 0)
+        assert reporter.bar is None
+        for _ in range(40):
+            reporter.update_progress(1.5, 1e-3, 8.0)
+    finally:
+        reporter.close()
+    lines = [line for line in (tmp_path / "log" / "run.log").read_text().splitlines() if " step " in line]
+    assert len(lines) == 20 and lines[-1].endswith("step 40/40 loss 1.5000 lr 1.00e-03 sps 8.0 data 0.012s scale 14.30")
+    assert "\r" not in capsys.readouterr().err
