@@ -57,6 +57,15 @@ def _devices() -> dict:
                             "nccl": dist.is_available() and dist.is_nccl_available()}}
 
 
+def _why_not(impl, device: torch.device, dtype: torch.dtype) -> str:
+    """"available" or the impl's reasons for ``device`` / ``dtype``; an impl whose limits need a call's shapes
+    (block sizes, index widths) is available up to them."""
+    try:
+        return impl.refusal(device, dtype) or "available"
+    except (KeyError, TypeError):
+        return "available (its shape limits are checked on each call)"
+
+
 def _backends(device: str, dtype: torch.dtype) -> dict:
     """{op: {impl: "available" or why not}} on ``device`` / ``dtype``, in each op's priority order."""
     where = torch.device(device)
@@ -64,7 +73,7 @@ def _backends(device: str, dtype: torch.dtype) -> dict:
     for registry in (PATCH_SENTENCE, PATCH_SENTENCE_OT, INTEGRITY_MASK):
         order = registry.priority.get(device, registry.priority.get("default", []))
         names = list(order) + sorted(set(registry.impls) - set(order))
-        out[registry.op_name] = {n: registry.impls[n].refusal(where, dtype) or "available" for n in names}
+        out[registry.op_name] = {n: _why_not(registry.impls[n], where, dtype) for n in names}
     return out
 
 

@@ -44,3 +44,16 @@ def test_values_that_used_to_fail_late_are_refused_in_one_line(capsys):
         err = capsys.readouterr().err
         assert info.value.code == 2 and flag in err and says in err and len(err.strip().splitlines()) == 1, err
     assert parse_args(BASE + ["--max-bad-fraction", "0.5", "--lr", "10"]).lr == 10.0
+
+
+def test_report_to_and_its_older_spelling(capsys):
+    base = ["--deepspeed_config", "zero2_fp32"]
+    assert parse_args(base).report_to == "none"
+    assert parse_args([*base, "--report-to", "wandb"]).report_to == "wandb"
+    assert parse_args([*base, "--tensorboard"]).report_to == "tensorboard"  # scripts written for --tensorboard
+    with pytest.raises(SystemExit) as info:
+        parse_args([*base, "--tensorboard", "--report-to", "wandb"])
+    assert info.value.code == 2 and "--tensorboard and --report-to wandb disagree" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([*base, "--report-to", "mlflow"])
+    assert "argument --report-to: invalid choice: 'mlflow'" in capsys.readouterr().err
