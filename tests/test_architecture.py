@@ -31,7 +31,7 @@ ALLOWED = {
     "__main__": {"base", "ops", "models"},  # python -m mlip_fast env: the environment report
 }
 BASE_MODULES = {"mlip_fast", "mlip_fast._checks", "mlip_fast._cli", "mlip_fast._records", "mlip_fast.constants"}
-CORE_MODULES = {"mlip_fast.functional", "mlip_fast.losses", "mlip_fast.distributed"}
+CORE_MODULES = {"mlip_fast.functional", "mlip_fast.losses", "mlip_fast.distributed"}  # and functional's modules
 
 # What may be imported inside a function: optional extras, heavy imports that only some paths need (DeepSpeed
 # outside the engine, plotting, the text tower's transformers), and the kernels (they import triton, which a
@@ -60,7 +60,7 @@ MODULES = _source_files()
 def part_of(module: str) -> str:
     if module in BASE_MODULES:
         return "base"
-    if module in CORE_MODULES:
+    if module in CORE_MODULES or module.startswith("mlip_fast.functional."):
         return "core"
     top = module.split(".")[1]
     if top not in ALLOWED:

@@ -1,0 +1,125 @@
+"""MLIP's patch-sentence local loss (token-wise max aggregation, both directions, one scores call per loss)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from mlip_fast import _checks
+from mlip_fast.constants import INIT_LOGIT_SCALE
+from mlip_fast.distributed import all_to_all_blocks, gather, max_size, rank_and_world
+from mlip_fast.functional._common import _check_batch, _check_scale, _labels, _row_weights, _symmetric_ce
+from mlip_fast.ops.patch_sentence import ScoresOptions, check_inputs, scores_unchecked
+
+
+def _check_local_inputs(patches, sentences, sentence_mask, patch_mask):
+    """The local losses' one validation boundary: the scores op's tensor checks (with the report batch named
+    B), one report per image, every row non-empty. Returns the masks as bool."""
+    # shapes first (check_inputs below reads the values, once)
+    _checks.check_tensor("patches", patches, 3, dims=("B", "K", "D"), finite=False)
+    _check_batch("patches", patches)
+    _checks.check_tensor("sentences", sentences, 3, dims=("B", "S", "D"), finite=False)
+    if sentences.shape[0] != patches.shape[0]:
+        raise ValueError(f"patches has batch {patches.shape[0]} but sentences has batch {sentences.shape[0]} "
+                         "(one report per image)")
+    sentence_mask, patch_mask = check_inputs(patches, sentences, sentence_mask, patch_mask,
+                                             sentence_dims=("B", "S", "D"))
+    if _checks.value_checks():
+        _checks.check_rows_nonempty("sentence_mask", sentence_mask, "sentence")
+        _checks.check_rows_nonempty("patch_mask", patch_mask, "patch")
+    return sentence_mask, patch_mask
+
+
+def patch_sentence_loss(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    logit_scale=INIT_LOGIT_SCALE,
+    weights: Optional[torch.Tensor] = None,
+    *,
+    local_loss: bool = True,
+    gather_with_grad: bool = True,
+    impl: str = "auto",
+    deterministic: bool = False,
+    precision: str = "ieee",
+    group=None,
+) -> torch.Tensor:
+    """MLIP's patch-sentence local loss with token-wise max aggregation in both directions.
+
+    Args:
+        patches: [B, K, D] kept patch vectors of each image; sentences: [B, S, D] sentence vectors of each
+            image's report (padded; S may differ between ranks); sentence_mask: [B, S] bool (True = valid,
+            every report needs one); patch_mask: [B, K] bool or None.
+        logit_scale: scalar multiplier (1 / tau_l). weights: optional [B] row weights as in
+            :func:`global_contrastive_loss`.
+        impl: implementation of the scores op ("auto", "reference", "chunked", "triton").
+        precision: "ieee" or "tf32" for fp32 embeddings on a GPU (see :func:`mlip_fast.ops.patch_sentence_scores`).
+
+    Precision: the embeddings go to the scores op in their own dtype, normalised inside the op (fp32 norms, no
+    normalised copies held): a bf16 / fp16 model hands it half-precision tensors, which it scores on the tensor
+    cores with fp32 accumulation; the scores, logits and cross-entropies are fp32.
+
+    Returns:
+        0-dim float32 loss = 1/2 [CE_rows(s * S_I2T) + CE_cols(s * S_T2I)] with
+        S_I2T[i, j] = mean_p max_q <v_ip, u_jq> and S_T2I[i, j] = mean_q max_p <v_ip, u_jq>; the
+        diagonal pairs are positives. The column CE of S_T2I is the row CE of its transpose: for
+        report j, a softmax over images.
+
+    Work: one scores call computes both directions from one pass over the similarities. In the default
+    distributed mode (``local_loss`` and ``gather_with_grad``) each rank scores its B images against all G
+    gathered reports in both directions; the T2I scores of its own reports against the other ranks' images
+    are the [B, B] blocks those ranks computed, exchanged with one all-to-all (and the gradients with the
+    reverse one), so no rank gathers patches and no similarity is computed twice. Without
+    ``gather_with_grad`` the gradient may only reach local tensors, so the T2I rows are computed locally
+    against the gathered images (a second call).
+    """
+    sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
+    scale = _check_scale("logit_scale", logit_scale)
+    options = ScoresOptions(normalize=True, precision=precision, deterministic=bool(deterministic)).checked()
+    return _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, weights, options,
+                                local_loss=local_loss, gather_with_grad=gather_with_grad, impl=impl, group=group)
+
+
+def _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, weights, options: ScoresOptions, *,
+                         local_loss, gather_with_grad, impl, group) -> torch.Tensor:
+    """:func:`patch_sentence_loss` on checked inputs (bool masks, a checked scale)."""
+    rank, world = rank_and_world(group)
+    B = patches.shape[0]
+    both, i2t_only, t2i_only = (options, replace(options, directions="i2t"), replace(options, directions="t2i"))
+    if world == 1:
+        i2t, t2i = scores_unchecked(patches, sentences, sentence_mask, patch_mask, both, impl=impl)
+        logits_i, logits_t = i2t, t2i.T
+        labels = _labels(B, 0, patches.device)
+        w = _row_weights(weights, B, patches.device, group, gathered=False)
+        return _symmetric_ce(logits_i, logits_t, scale, labels, w)
+    if sentence_mask is None:
+        sentence_mask = torch.ones(sentences.shape[:2], dtype=torch.bool, device=sentences.device)
+    s_max = max_size(sentences.shape[1], group, sentences.device)
+    sentences_all = gather(sentences, with_grad=gather_with_grad, group=group, pad_dim=1, pad_size=s_max)
+    smask_all = gather(sentence_mask, with_grad=False, group=group, pad_dim=1, pad_size=s_max)
+    if local_loss and gather_with_grad:
+        i2t, t2i = scores_unchecked(patches, sentences_all, smask_all, patch_mask, both, impl=impl)
+        logits_i = i2t  # [B, G]: local images vs all reports
+        logits_t = all_to_all_blocks(t2i, group).T  # [B, G]: local reports vs all images
+        labels = _labels(B, rank * B, patches.device)
+        w = _row_weights(weights, B, patches.device, group, gathered=False)
+    elif local_loss:
+        patches_all = gather(patches, with_grad=False, group=group)
+        pmask_all = gather(patch_mask, with_grad=False, group=group)
+        logits_i, _ = scores_unchecked(patches, sentences_all, smask_all, patch_mask, i2t_only, impl=impl)
+        local_s = sentences_all[rank * B : (rank + 1) * B]
+        local_m = smask_all[rank * B : (rank + 1) * B]
+        _, t2i = scores_unchecked(patches_all, local_s, local_m, pmask_all, t2i_only, impl=impl)
+        logits_t = t2i.T
+        labels = _labels(B, rank * B, patches.device)
+        w = _row_weights(weights, B, patches.device, group, gathered=False)
+    else:
+        patches_all = gather(patches, with_grad=gather_with_grad, group=group)
+        pmask_all = gather(patch_mask, with_grad=False, group=group)
+        i2t, t2i = scores_unchecked(patches_all, sentences_all, smask_all, pmask_all, both, impl=impl)
+        logits_i, logits_t = i2t, t2i.T
+        labels = _labels(patches_all.shape[0], 0, patches.device)
+        w = _row_weights(weights, B, patches.device, group, gathered=True)
+    return _symmetric_ce(logits_i, logits_t, scale, labels, w)

@@ -1,0 +1,120 @@
+"""MLIP's total loss L = L_g + lambda_local * L_l + lambda_sie * L_sie and its options (:class:`LossConfig`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE, INIT_LOGIT_SCALE
+from mlip_fast.functional._common import _check_scale
+from mlip_fast.functional.contrastive import global_contrastive_loss
+from mlip_fast.functional.integrity import _check_integrity_inputs, _semantic_integrity_loss
+from mlip_fast.functional.local import _check_local_inputs, _patch_sentence_loss
+from mlip_fast.ops.patch_sentence import ScoresOptions
+
+
+def check_loss_weights(**lambdas: float) -> None:
+    """Each loss weight must be a finite number >= 0 (a NaN or Inf weight would silently poison the total)."""
+    for name, value in lambdas.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The options of :func:`mlip_loss` / :class:`mlip_fast.losses.MLIPLoss`, in one value.
+
+    lambda_local, lambda_sie: weights of the local and the integrity terms (finite, >= 0; a 0 skips the term).
+    weight_global, weight_local: weight the rows of the global / local contrastive terms by the kept integrity
+        mass (``integrity_weights``, normalised to mean 1).
+    sie_temperature: tau_sie of the integrity estimator's target distribution.
+    local_loss, gather_with_grad: the distributed mode (open_clip's ``ClipLoss`` arguments).
+    impl, deterministic, precision: the patch-sentence scores op's (see :func:`patch_sentence_loss`).
+    """
+
+    lambda_local: float = 1.0
+    lambda_sie: float = 0.1
+    weight_global: bool = True
+    weight_local: bool = False
+    sie_temperature: float = DEFAULT_SIE_TEMPERATURE
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    impl: str = "auto"
+    deterministic: bool = False
+    precision: str = "ieee"
+
+    def checked(self) -> "LossConfig":
+        check_loss_weights(lambda_local=self.lambda_local, lambda_sie=self.lambda_sie)
+        if not (isinstance(self.sie_temperature, (int, float)) and math.isfinite(self.sie_temperature)
+                and self.sie_temperature > 0):
+            raise ValueError(f"sie_temperature must be finite and > 0, got {self.sie_temperature}")
+        self.scores_options()  # the op's options, checked
+        return self
+
+    def scores_options(self) -> ScoresOptions:
+        """What the local term hands the scores op: normalised inside it, in the embeddings' own dtype."""
+        return ScoresOptions(normalize=True, precision=self.precision, deterministic=bool(self.deterministic)).checked()
+
+
+def mlip_loss(
+    image_global: torch.Tensor,
+    text_global: torch.Tensor,
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: Optional[torch.Tensor] = None,
+    integrity_logits: Optional[torch.Tensor] = None,
+    integrity_weights: Optional[torch.Tensor] = None,
+    logit_scale_global=INIT_LOGIT_SCALE,
+    logit_scale_local=INIT_LOGIT_SCALE,
+    patch_mask: Optional[torch.Tensor] = None,
+    *,
+    config: Optional[LossConfig] = None,
+    group=None,
+    **options,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """MLIP's total loss L = L_g + lambda_local * L_l + lambda_sie * L_sie.
+
+    The inputs are the model's outputs (see docs/architecture.md). ``config`` holds the options
+    (:class:`LossConfig`); keyword ``options`` override its fields (``mlip_loss(..., lambda_sie=0.0)``).
+    ``integrity_weights`` [B] weight the global rows (``weight_global``) and optionally the local rows
+    (``weight_local``). A term whose lambda is 0 is not computed. The local inputs are checked once for both
+    local terms.
+
+    Returns:
+        (total, terms) where terms has detached "loss_global", "loss_local", "loss_sie" and "loss".
+    """
+    cfg = replace(config or LossConfig(), **options).checked()
+    lambda_local, lambda_sie = cfg.lambda_local, cfg.lambda_sie
+    weight_global, weight_local = cfg.weight_global, cfg.weight_local
+    weights = integrity_weights
+    dist_kw = dict(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, group=group)
+    loss_g = global_contrastive_loss(
+        image_global, text_global, logit_scale_global, weights if weight_global else None, **dist_kw
+    )
+    zero = loss_g.new_zeros(())
+    loss_l = loss_s = zero
+    if lambda_sie and integrity_logits is None:
+        raise ValueError("lambda_sie > 0 needs integrity_logits [B, K] (or set lambda_sie=0)")
+    if lambda_local or lambda_sie:
+        sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
+    if lambda_local:
+        scale = _check_scale("logit_scale_local", logit_scale_local)
+        loss_l = _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale,
+                                      weights if weight_local else None, cfg.scores_options(), impl=cfg.impl,
+                                      **dist_kw)
+    if lambda_sie:
+        _check_integrity_inputs(integrity_logits, patches, cfg.sie_temperature)
+        loss_s = _semantic_integrity_loss(integrity_logits, patches, sentences, sentence_mask, patch_mask,
+                                          cfg.sie_temperature)
+    total = loss_g + lambda_local * loss_l + lambda_sie * loss_s
+    terms = {
+        "loss_global": loss_g.detach(),
+        "loss_local": loss_l.detach(),
+        "loss_sie": loss_s.detach(),
+        "loss": total.detach(),
+    }
+    return total, terms
