@@ -26,6 +26,7 @@ from torch import nn
 
 from mlip_fast import functional as MF
 from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE, INIT_LOGIT_SCALE, INIT_TEMPERATURE, MAX_LOGIT_SCALE
+from mlip_fast.functional.integrity import DEFAULT_OTHER_TEMPERATURE
 
 __all__ = ["LogitScale", "clamp_logit_scales_", "GlobalContrastiveLoss", "PatchSentenceLoss",
            "SemanticIntegrityLoss", "MLIPLoss"]
@@ -143,17 +144,19 @@ class PatchSentenceLoss(nn.Module):
 
 
 class SemanticIntegrityLoss(nn.Module):
-    """KL loss of the semantic integrity estimator; see :func:`mlip_fast.functional.semantic_integrity_loss`."""
+    """KL loss of the semantic integrity estimator; see :func:`mlip_fast.functional.semantic_integrity_loss`
+    (``target``: "guided" or "discriminative")."""
 
-    def __init__(self, temperature: float = DEFAULT_SIE_TEMPERATURE):
+    def __init__(self, temperature: float = DEFAULT_SIE_TEMPERATURE, target: str = "guided",
+                 other_temperature: float = DEFAULT_OTHER_TEMPERATURE):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        MF.LossConfig(sie_temperature=temperature, sie_target=target, sie_other_temperature=other_temperature).checked()
+        self.temperature, self.target, self.other_temperature = temperature, target, other_temperature
 
     def forward(self, integrity_logits, patches, sentences, sentence_mask=None, patch_mask=None):
         return MF.semantic_integrity_loss(
-            integrity_logits, patches, sentences, sentence_mask, patch_mask, temperature=self.temperature
+            integrity_logits, patches, sentences, sentence_mask, patch_mask, temperature=self.temperature,
+            target=self.target, other_temperature=self.other_temperature,
         )
 
 
@@ -162,8 +165,8 @@ class MLIPLoss(nn.Module):
 
     Composed of the three loss modules (``global_loss``, ``patch_sentence_loss``, ``integrity_loss``), with the
     options in one :class:`~mlip_fast.functional.LossConfig` (``config``): the constructor takes its fields
-    (lambda_local, lambda_sie, weight_global, weight_local, sie_temperature, local_loss, gather_with_grad,
-    impl, deterministic, precision) and ``init_temperature`` / ``learn_temperature`` of the two contrastive
+    (lambda_local, lambda_sie, weight_global, weight_local, sie_temperature, sie_target, sie_other_temperature,
+    local_loss, gather_with_grad, impl, deterministic, precision) and ``init_temperature`` / ``learn_temperature`` of the two contrastive
     terms' own logit scales, which ``forward`` uses when it gets none (a model passes its own).
 
     ``forward`` takes the model's output dict as keyword arguments (``criterion(**outputs)``): image_global
@@ -180,7 +183,7 @@ class MLIPLoss(nn.Module):
                                                  learn_temperature)
         self.patch_sentence_loss = PatchSentenceLoss(cfg.local_loss, cfg.gather_with_grad, cfg.impl, cfg.deterministic,
                                                      init_temperature, learn_temperature, cfg.precision)
-        self.integrity_loss = SemanticIntegrityLoss(cfg.sie_temperature)
+        self.integrity_loss = SemanticIntegrityLoss(cfg.sie_temperature, cfg.sie_target, cfg.sie_other_temperature)
 
     def forward(
         self,

@@ -10,7 +10,8 @@ import torch
 from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE, INIT_LOGIT_SCALE
 from mlip_fast.functional._common import _check_scale
 from mlip_fast.functional.contrastive import global_contrastive_loss
-from mlip_fast.functional.integrity import _check_integrity_inputs, _semantic_integrity_loss
+from mlip_fast.functional.integrity import (DEFAULT_OTHER_TEMPERATURE, SIE_TARGETS, _check_integrity_inputs,
+                                           _semantic_integrity_loss)
 from mlip_fast.functional.local import _check_local_inputs, _patch_sentence_loss
 from mlip_fast.ops.patch_sentence import ScoresOptions
 
@@ -32,6 +33,8 @@ class LossConfig:
     weight_global, weight_local: weight the rows of the global / local contrastive terms by the kept integrity
         mass (``integrity_weights``, normalised to mean 1).
     sie_temperature: tau_sie of the integrity estimator's target distribution.
+    sie_target, sie_other_temperature: the estimator's target ("guided" or "discriminative") and the soft
+        maximum's temperature of the latter (see :func:`~mlip_fast.functional.semantic_integrity_loss`).
     local_loss, gather_with_grad: the distributed mode (open_clip's ``ClipLoss`` arguments).
     impl, deterministic, precision: the patch-sentence scores op's (see :func:`patch_sentence_loss`).
     """
@@ -41,6 +44,8 @@ class LossConfig:
     weight_global: bool = True
     weight_local: bool = False
     sie_temperature: float = DEFAULT_SIE_TEMPERATURE
+    sie_target: str = "guided"
+    sie_other_temperature: float = DEFAULT_OTHER_TEMPERATURE
     local_loss: bool = True
     gather_with_grad: bool = True
     impl: str = "auto"
@@ -52,6 +57,11 @@ class LossConfig:
         if not (isinstance(self.sie_temperature, (int, float)) and math.isfinite(self.sie_temperature)
                 and self.sie_temperature > 0):
             raise ValueError(f"sie_temperature must be finite and > 0, got {self.sie_temperature}")
+        if self.sie_target not in SIE_TARGETS:
+            raise ValueError(f"sie_target must be one of {SIE_TARGETS}, got {self.sie_target!r}")
+        if not (isinstance(self.sie_other_temperature, (int, float)) and math.isfinite(self.sie_other_temperature)
+                and self.sie_other_temperature > 0):
+            raise ValueError(f"sie_other_temperature must be finite and > 0, got {self.sie_other_temperature}")
         self.scores_options()  # the op's options, checked
         return self
 
@@ -107,9 +117,10 @@ def mlip_loss(
                                       weights if weight_local else None, cfg.scores_options(), impl=cfg.impl,
                                       **dist_kw)
     if lambda_sie:
-        _check_integrity_inputs(integrity_logits, patches, cfg.sie_temperature)
+        _check_integrity_inputs(integrity_logits, patches, cfg.sie_temperature, cfg.sie_target,
+                                cfg.sie_other_temperature)
         loss_s = _semantic_integrity_loss(integrity_logits, patches, sentences, sentence_mask, patch_mask,
-                                          cfg.sie_temperature)
+                                          cfg.sie_temperature, cfg.sie_target, cfg.sie_other_temperature)
     total = loss_g + lambda_local * loss_l + lambda_sie * loss_s
     terms = {
         "loss_global": loss_g.detach(),
