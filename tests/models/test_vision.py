@@ -131,6 +131,6 @@ def test_num_kept():
 def test_wrong_image_shape_is_a_clear_error():
     vit = make_vit()
     with pytest.raises(ValueError, match=r"\[B, 1, 40, 40\]"):
-        vit(torch.randn(2, 3, 40, 40))
+        vit(torch.randn(2, 2, 40, 40))  # 3 channels are reduced to grey (tests/test_quickstart.py)
     with pytest.raises(ValueError, match="got"):
         vit.forward_features(torch.randn(2, 1, 32, 32))
