@@ -1,5 +1,5 @@
 """GPU check, calibration runs: the measurements that pin down the performance model's assumptions and the
-launchers' choices (``perf_model.py``, ``kernels/patch_sentence.py``).
+launchers' choices (``perf_model.py``, ``kernels/patch_sentence/launch.py``).
 
 - L2 read bandwidth: a Triton kernel summing a buffer that fits in L2, re-read many times, on every SM (the
   model's L2 band) and with one 16-warp block on each of 8 SMs (what one SM pulls from L2 per clock: the

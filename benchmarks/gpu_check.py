@@ -240,7 +240,7 @@ def section_compiled_kernels(ctx: Context) -> dict:
     """What the GPU actually compiled for the kernels run so far (registers, spills, shared memory, warps),
     next to the static compile's committed record of the same kernels, so the two can be related."""
     found = []
-    for module_name, kernels in (("mlip_fast.kernels.patch_sentence", ("_patch_sentence_fwd_kernel", "_patch_sentence_bwd_kernel")),
+    for module_name, kernels in (("mlip_fast.kernels.patch_sentence.launch", ("_patch_sentence_fwd_kernel", "_patch_sentence_bwd_kernel")),
                                  ("mlip_fast.kernels.integrity_mask", ("_integrity_mask_fwd_kernel", "_integrity_mask_bwd_kernel"))):
         module = importlib.import_module(module_name)
         for name in kernels:

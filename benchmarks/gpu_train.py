@@ -24,6 +24,7 @@ import bench_train_step
 from bench_patch_sentence import make_inputs
 from mlip_fast import _checks
 from mlip_fast import functional as MF
+from mlip_fast.functional import local as local_loss
 from mlip_fast.constants import INIT_LOGIT_SCALE
 from mlip_fast.ops import patch_sentence_scores
 
@@ -72,7 +73,7 @@ def op_calls(step) -> list:
     """Runs ``step()`` once with the op's entry point observed: one dict per scores call (shapes, dtype, options,
     impl)."""
     seen = []
-    original = MF.scores_unchecked
+    original = local_loss.scores_unchecked  # where the local loss looks the op up
 
     def observed(patches, sentences, sentence_mask, patch_mask, options, *, impl="auto"):
         (B, K, D), (G, S, _) = patches.shape, sentences.shape
@@ -80,11 +81,11 @@ def op_calls(step) -> list:
                          normalize=options.normalize, directions=options.directions, impl=impl))
         return original(patches, sentences, sentence_mask, patch_mask, options, impl=impl)
 
-    MF.scores_unchecked = observed
+    local_loss.scores_unchecked = observed
     try:
         step()
     finally:
-        MF.scores_unchecked = original
+        local_loss.scores_unchecked = original
     return seen
 
 

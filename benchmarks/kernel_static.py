@@ -577,7 +577,8 @@ class Op:
 
 
 OPS = (
-    Op("patch_sentence", "mlip_fast.kernels.patch_sentence",
+    # the launch module: the launchers look their kernels up there, so that is where recording() replaces them
+    Op("patch_sentence", "mlip_fast.kernels.patch_sentence.launch",
        ("_patch_sentence_fwd_kernel", "_patch_sentence_bwd_kernel"),
        patch_sentence_cases, run_patch_sentence, ("fp32", "bf16", "fp16"), True),
     Op("integrity_mask", "mlip_fast.kernels.integrity_mask",

@@ -4,7 +4,7 @@
 ``mlip_fast::patch_sentence_scores_bwd`` turns upstream gradients and those indices into the input
 gradients. Both have fake (meta) impls, and the forward's autograd formula is registered with
 ``torch.library.register_autograd``, so torch.compile traces through the op instead of breaking on the raw
-Triton launch. The kernels (``kernels/patch_sentence.py``) are imported on first use, so this module loads
+Triton launch. The kernels (``kernels/patch_sentence/``) are imported on first use, so this module loads
 without triton and the registry can say why the impl is unavailable.
 """
 from __future__ import annotations
