@@ -39,16 +39,13 @@ class _Captured(Exception):
 
 def _launcher_parser() -> argparse.ArgumentParser:
     """DeepSpeed's launcher parser (``deepspeed.launcher.runner.parse_args`` builds it and parses at once: the
-    parse is intercepted). DeepSpeed logs its accelerator guess while it builds the parser: kept off the console
-    here (the launch itself prints it)."""
+    parse is intercepted)."""
+    from deepspeed.launcher import runner  # imported when a launch (or --help) needs it: it guesses the accelerator
+
     def capture(parser, *_, **__):
         raise _Captured(parser)
 
-    quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), \
-            mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
-        from deepspeed.launcher import runner
-
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
         try:
             runner.parse_args([])
         except _Captured as found:
@@ -93,7 +90,11 @@ def split_argv(argv: Sequence[str]) -> tuple[list, list]:
 
 def _print_help() -> None:
     build_parser(prog=PROG, argv=sys.argv[1:]).print_help()
-    with_value, switches = launcher_options()
+    # DeepSpeed logs its accelerator guess on import, through a handler bound to the stdout of that moment: the
+    # help discards it (the process ends here; a launch imports DeepSpeed with the real streams)
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        with_value, switches = launcher_options()
     shown = sorted(o for o in with_value if o.startswith("--")) + sorted(o for o in switches if o.startswith("--"))
     print(f"\nlauncher options (DeepSpeed's, passed to `deepspeed`): {' '.join(shown)}; e.g. mlip-train --num_gpus 8 "
           f"--deepspeed_config zero3 --data /data/master.csv")
@@ -114,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except usage_errors() as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    from deepspeed.launcher import runner  # imported by _launcher_parser already
+    from deepspeed.launcher import runner  # imported by split_argv already
 
     runner.main([*launcher, "--module", MODULE, *training])
     sys.exit(0)
