@@ -5,7 +5,8 @@
   (``chexpert_value``, ``map_uncertain``)
 - ``rsna``: ``RSNAPneumoniaDataset``; ``siim``: ``SIIMPneumothoraxDataset``
 - ``covid``: ``CovidChestXray``
-- ``folders``: ``ImageFolderDataset`` (class subfolders), ``MaskedImageFolder`` (images with masks)
+- ``folders``: ``ImageFolderDataset`` (class subfolders), ``inspect_image_folder`` (split or class folders, or
+  a one-line refusal of an ambiguous layout), ``MaskedImageFolder`` (images with masks)
 
 Import the submodules directly; this package imports nothing on its own.
 """
