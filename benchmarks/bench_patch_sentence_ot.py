@@ -172,7 +172,8 @@ def skip_reason(provider, mode, shape, disabled):
         if mode != "fwd":
             return "POT's per-pair solver (numpy) has no backward; pot-batch times POT's gradient"
         if ON_CUDA or B * G > POT_PAIRS_MAX:
-            return f"{B * G} pairs one at a time; pot-pairs runs on CPU up to {POT_PAIRS_MAX} pairs (pot-batch is the peer)"
+            return (f"{B * G} pairs one at a time; pot-pairs runs on CPU up to {POT_PAIRS_MAX} pairs "
+                    "(pot-batch is the peer)")
     if provider in ("reference", "pot-batch") and B * G * K * S > GRID_CELLS_MAX:
         return f"the materialised grid has {B * G * K * S} cells (> {GRID_CELLS_MAX})"
     graph = B * G * K * S * N_ITER * POT_GRAPH_BYTES_PER_CELL_ITER
@@ -238,7 +239,8 @@ def cpu_ratio(rounds: int) -> dict:
         "time_ratio_min": t_min["chunked"] / t_min["reference"],
         "time_ratio_median": t_med["chunked"] / t_med["reference"],
         "op_memory_ratio": memory["chunked"]["op_bytes"] / max(memory["reference"]["op_bytes"], 1),
-        "peak_memory_ratio_with_input_grads": memory["chunked"]["peak_bytes"] / max(memory["reference"]["peak_bytes"], 1),
+        "peak_memory_ratio_with_input_grads":
+            memory["chunked"]["peak_bytes"] / max(memory["reference"]["peak_bytes"], 1),
     }
     shape = f"B=G={B} K={K} S={S} D={D} fp32 eps={EPS} n_iter={N_ITER}"
     table = [{"op": "patch_sentence_ot scores fwd+bwd", "shape": shape, "provider": p, "time_min_s": t_min[p],

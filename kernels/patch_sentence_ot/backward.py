@@ -23,7 +23,7 @@ or the sentences of g) whose gradient a program writes, and "other" rows it walk
 entities x RB slots, each step's columns YB other entities x CB slots (the patch side takes XB = 1 image and YB
 reports of CB sentence slots; the sentence side XB reports of RB slots and YB = 1 image), so the block is
 
-    M[(x, r), (y, c)] = w[x, y] * exp2(log2(e) * (pot_own[x, y, r] + pot_oth[x, y, c]) + sim[(x, r), (y, c)] * log2(e) / eps)
+    M[(x, r), (y, c)] = w[x, y] * exp2(log2(e) * (pot_own[x, y, r] + pot_oth[x, y, c] + sim[(x, r), (y, c)] / eps))
 
 with the potentials and weights addressed through strides that name (b, g) in either order. The patch potentials
 f vary along both axes of a block; the sentence potentials g and the weights w along one only (the image is fixed

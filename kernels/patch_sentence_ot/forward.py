@@ -22,8 +22,8 @@ All the backward needs from here is P, i.e. the potentials f and g.
 Tile
 ----
 One program owns one image and a block of GB reports. Its tile is [GB * S_CH, BN]: rows are the sentence slots
-of the GB reports (S padded to a power of two S_CH, at least 16), columns are all K patches of the image (K padded to BN),
-accumulated over D in chunks of BD with fp32 accumulation (``tl.dot``: wgmma on sm_90, mma.sync on sm_80 for
+of the GB reports (S padded to a power of two S_CH, at least 16), columns are all K patches of the image (K padded
+to BN), accumulated over D in chunks of BD with fp32 accumulation (``tl.dot``: wgmma on sm_90, mma.sync on sm_80 for
 half inputs; IEEE fp32 for fp32 inputs). The tile is then seen as [GB, S_CH, BN] and stays in registers for all
 n_iter iterations: the sentence update reduces it over its patch axis, the patch update over its sentence axis
 within each report. Entries that are not live hold DEAD = -1e30 (finite, so no reduction meets inf - inf, and

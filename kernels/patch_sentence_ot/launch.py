@@ -54,17 +54,18 @@ def valid_counts(
     sentence_mask: Optional[torch.Tensor], patch_mask: Optional[torch.Tensor], B: int, K: int, G: int, S: int, device
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Valid patches per image [B] and valid sentences per report [G], int32."""
-    n_p = patch_mask.sum(1, dtype=torch.int32) if patch_mask is not None else torch.full((B,), K, dtype=torch.int32, device=device)
-    n_s = sentence_mask.sum(1, dtype=torch.int32) if sentence_mask is not None else torch.full((G,), S, dtype=torch.int32, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    n_p = patch_mask.sum(1, dtype=torch.int32) if patch_mask is not None else torch.full((B,), K, **i32)
+    n_s = sentence_mask.sum(1, dtype=torch.int32) if sentence_mask is not None else torch.full((G,), S, **i32)
     return n_p, n_s
 
 
 def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int) -> dict:
     """Block sizes of the forward: the whole K (BN, at least 16) by S_CH sentence slots per report (S padded to a
     power of two, at least MIN_SLOTS), GB reports per program so that the tile has at least 16 rows (a ``tl.dot``
-    minimum) and about TILE_CELLS cells; D in chunks of 64 (half) or 32 (fp32); 4 warps up to 2048 cells (16 per
-    thread), 8 above (one pair of up to MAX_PAIR_CELLS cells). Spill-free on sm_80 and sm_90 with and without the
-    tolerance check (``benchmarks/kernel_static.py``)."""
+    minimum) and about TILE_CELLS cells; D in chunks of 64 (half), 32 (fp32, sm_80) or 16 (fp32, sm_90); 4 warps
+    up to 2048 cells (16 per thread), 8 above (one pair of up to MAX_PAIR_CELLS cells). Spill-free on sm_80 and
+    sm_90 with and without the tolerance check (``benchmarks/kernel_static.py``)."""
     bn = _pow2(K, 16)
     s_ch = max(_pow2(S), MIN_SLOTS)
     gb = max(1, 16 // s_ch)
@@ -73,8 +74,14 @@ def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch:
     cells = gb * s_ch * bn
     if INTERPRET:
         return dict(GB=gb, S_CH=s_ch, BN=bn, BD=min(128, _pow2(D, 16)), num_warps=4, num_stages=1)
-    bd = 64 if _half(dtype) else 32
-    return dict(GB=gb, S_CH=s_ch, BN=bn, BD=bd, num_warps=4 if cells <= 2048 else 8, num_stages=2)
+    warps = 4 if cells <= 2048 else 8
+    if _half(dtype):
+        return dict(GB=gb, S_CH=s_ch, BN=bn, BD=64, num_warps=warps, num_stages=2)
+    # fp32 (FMA dot; the D loop's time is small beside the iterations): each arch's choice is spill-free over the
+    # whole static sweep, the other arch's choice spills a few bytes there at some K and S (ptxas's allocation).
+    if arch >= 90:
+        return dict(GB=gb, S_CH=s_ch, BN=bn, BD=16, num_warps=warps, num_stages=1)
+    return dict(GB=gb, S_CH=s_ch, BN=bn, BD=32, num_warps=warps, num_stages=2)
 
 
 def patch_sentence_ot_fwd(

@@ -101,7 +101,8 @@ def check_solver(eps, n_iter, tol) -> None:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if isinstance(n_iter, bool) or not isinstance(n_iter, Integral) or n_iter < 1:
         raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, Real) or not (math.isfinite(tol) and tol >= 0)):
+    bad_tol = isinstance(tol, bool) or not isinstance(tol, Real) or not (math.isfinite(tol) and tol >= 0)
+    if tol is not None and bad_tol:
         raise ValueError(f"tol must be None or a finite number >= 0, got {tol!r}")
 
 
