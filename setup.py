@@ -10,7 +10,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-INIT = (HERE / "mlip_fast" / "__init__.py").read_text()
+INIT = (HERE / "mlip_fast" / "_version.py").read_text()
 VERSION = re.search(r'__version__ = "([^"]+)"', INIT).group(1)
 LICENSE = re.search(r'__license__ = "([^"]+)"', INIT).group(1)  # an SPDX expression; LICENSE holds the text
 

@@ -27,8 +27,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-__license__ = "MIT"  # SPDX id; setup.py reads it from here, model cards name it
+from mlip_fast._version import __license__, __version__
 
 # name -> the submodule that defines it
 _LAZY = {

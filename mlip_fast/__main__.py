@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-import mlip_fast
+from mlip_fast import _version
 from mlip_fast._cli import HelpFormatter, Parser, add_version
 from mlip_fast._records import package_version
 from mlip_fast.models.attention import backend_report
@@ -83,8 +83,8 @@ def collect_env() -> dict:
     devices = _devices()
     checked = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if devices["cuda"]["available"] else [])
     return {
-        "mlip_fast": {"version": mlip_fast.__version__, "location": str(Path(mlip_fast.__file__).parent),
-                      "license": mlip_fast.__license__},
+        "mlip_fast": {"version": _version.__version__, "location": str(Path(_version.__file__).parent),
+                      "license": _version.__license__},
         "python": {"version": platform.python_version(), "platform": platform.platform(),
                    "executable": sys.executable},
         "packages": {name: package_version(name) for name in REQUIRED},

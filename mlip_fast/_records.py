@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from mlip_fast import __version__
+from mlip_fast._version import __version__
 
 SUMMARY_FILE = "summary.json"
 

@@ -18,69 +18,18 @@ Example::
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from mlip_fast import functional as MF
-from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE, INIT_LOGIT_SCALE, INIT_TEMPERATURE, MAX_LOGIT_SCALE
+from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE, INIT_TEMPERATURE
 from mlip_fast.functional.integrity import DEFAULT_OTHER_TEMPERATURE
+from mlip_fast.logit_scale import LogitScale, clamp_logit_scales_
 
 __all__ = ["LogitScale", "clamp_logit_scales_", "GlobalContrastiveLoss", "PatchSentenceLoss",
            "SemanticIntegrityLoss", "MLIPLoss"]
-
-
-class LogitScale(nn.Module):
-    """A learnable logit scale: the parameter ``log_scale`` = log(1 / temperature); ``forward()`` gives
-    exp(log_scale) as a 0-dim tensor.
-
-    The scale is bounded at ``max_scale`` by clamping the parameter after each optimizer step
-    (:meth:`clamp_`, :func:`clamp_logit_scales_`), as open_clip does, and not inside ``forward``: a clamp
-    in ``forward`` has zero gradient once the parameter passes log(max_scale), so it could never come back.
-    An initial value above ``max_scale`` starts at ``max_scale``.
-
-    A module of its own so that DeepSpeed ZeRO-3 gathers the parameter around the call that reads it. The
-    parameter has shape [1], not [], because DeepSpeed's start-up broadcast views every parameter as bytes,
-    which fails for 0-dim tensors. ``learnable=False`` keeps the value in a buffer instead.
-    """
-
-    def __init__(self, init: float = INIT_LOGIT_SCALE, max_scale: float = MAX_LOGIT_SCALE, learnable: bool = True):
-        super().__init__()
-        if not (math.isfinite(init) and init > 0):
-            raise ValueError(f"the initial logit scale must be finite and > 0, got {init}")
-        if not (math.isfinite(max_scale) and max_scale > 0):
-            raise ValueError(f"max_scale must be finite and > 0, got {max_scale}")
-        self.max_scale = float(max_scale)
-        value = torch.full((1,), math.log(min(init, max_scale)))
-        if learnable:
-            self.log_scale = nn.Parameter(value)
-        else:
-            self.register_buffer("log_scale", value)
-
-    @property
-    def max_log_scale(self) -> float:
-        """The bound of the parameter: log(``max_scale``)."""
-        return math.log(self.max_scale)
-
-    def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().squeeze(0)
-
-    @torch.no_grad()
-    def clamp_(self) -> "LogitScale":
-        """Clamps the parameter at log(``max_scale``) in place (after an optimizer step)."""
-        self.log_scale.clamp_(max=self.max_log_scale)
-        return self
-
-
-def clamp_logit_scales_(module: nn.Module) -> None:
-    """Clamps every :class:`LogitScale` inside ``module`` (the model, a loss module) at its bound; call it
-    after each ``optimizer.step()``. (The DeepSpeed training app clamps the optimizer's fp32 copy as well:
-    ``mlip_fast.train.loop.clamp_engine_logit_scales``.)"""
-    for m in module.modules():
-        if isinstance(m, LogitScale):
-            m.clamp_()
 
 
 def _loss_scale(init_temperature: float, learnable: bool = True) -> LogitScale:
@@ -91,7 +40,14 @@ def _loss_scale(init_temperature: float, learnable: bool = True) -> LogitScale:
 
 class GlobalContrastiveLoss(nn.Module):
     """Symmetric InfoNCE between global image and report vectors [B, D]; see
-    :func:`mlip_fast.functional.global_contrastive_loss`."""
+    :func:`mlip_fast.functional.global_contrastive_loss`.
+
+    Args:
+        local_loss: score the local rows against all-gathered columns (open_clip's ``local_loss``).
+        gather_with_grad: the gathered columns carry gradient back to their ranks.
+        init_temperature: initial temperature of this module's own logit scale (0.07).
+        learn_temperature: the scale is a parameter (else a buffer).
+    """
 
     def __init__(
         self,
@@ -106,6 +62,16 @@ class GlobalContrastiveLoss(nn.Module):
         self.logit_scale = _loss_scale(init_temperature, learn_temperature)
 
     def forward(self, image, text, logit_scale=None, weights=None) -> torch.Tensor:
+        """Symmetric InfoNCE of the global vectors.
+
+        Args:
+            image: [B, D] image vectors (of the masked view); text: [B, D] report vectors; row b of each is a pair.
+            logit_scale: 0-dim multiplier of the cosines (1 / temperature); None uses this module's own.
+            weights: optional [B] per-row weights (detached, normalised to mean 1 over the global batch).
+
+        Returns:
+            0-dim float32 loss = 1/2 [CE(s * I T^T, diag) + CE(s * T I^T, diag)], a (weighted) mean over rows.
+        """
         scale = self.logit_scale() if logit_scale is None else logit_scale
         return MF.global_contrastive_loss(
             image, text, scale, weights, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad
@@ -113,8 +79,16 @@ class GlobalContrastiveLoss(nn.Module):
 
 
 class PatchSentenceLoss(nn.Module):
-    """MLIP's patch-sentence local loss (token-wise max, both directions); see
-    :func:`mlip_fast.functional.patch_sentence_loss`."""
+    """MLIP's patch-sentence local loss (token-wise max, both directions, one fused scores call); see
+    :func:`mlip_fast.functional.patch_sentence_loss`.
+
+    Args:
+        local_loss, gather_with_grad: the distributed mode, as :class:`GlobalContrastiveLoss`.
+        impl: scores op implementation: "auto" (Triton on CUDA, chunked elsewhere), "reference", "chunked", "triton".
+        deterministic: the fused backward without atomics (bitwise reproducible gradients).
+        init_temperature, learn_temperature: this module's own logit scale.
+        precision: "ieee" (default) or "tf32" (fp32 embeddings on the TF32 tensor cores, Triton on a GPU).
+    """
 
     def __init__(
         self,
@@ -135,6 +109,18 @@ class PatchSentenceLoss(nn.Module):
         self.logit_scale = _loss_scale(init_temperature, learn_temperature)
 
     def forward(self, patches, sentences, sentence_mask=None, patch_mask=None, logit_scale=None, weights=None):
+        """The local loss of B images against their B reports (and the other ranks' under torch.distributed).
+
+        Args:
+            patches: [B, K, D] kept patch vectors; sentences: [B, S, D] sentence vectors of each image's report,
+                any float dtype (normalised inside the scores op, which runs in that dtype).
+            sentence_mask: [B, S] bool or uint8, True = valid (every report needs one); patch_mask: [B, K] or None.
+            logit_scale: 0-dim multiplier (1 / tau_l); None uses this module's own. weights: optional [B].
+
+        Returns:
+            0-dim float32 loss = 1/2 [CE_rows(s * S_I2T) + CE_cols(s * S_T2I)], S_I2T[i, j] = mean_p max_q
+            cos(v_ip, u_jq), S_T2I[i, j] = mean_q max_p cos(v_ip, u_jq), positives on the diagonal.
+        """
         scale = self.logit_scale() if logit_scale is None else logit_scale
         return MF.patch_sentence_loss(
             patches, sentences, sentence_mask, patch_mask, scale, weights,
@@ -144,8 +130,14 @@ class PatchSentenceLoss(nn.Module):
 
 
 class SemanticIntegrityLoss(nn.Module):
-    """KL loss of the semantic integrity estimator; see :func:`mlip_fast.functional.semantic_integrity_loss`
-    (``target``: "guided" or "discriminative")."""
+    """KL loss of the semantic integrity estimator; see :func:`mlip_fast.functional.semantic_integrity_loss`.
+
+    Args:
+        temperature: tau_sie of the target distribution (0.1).
+        target: "guided" (a patch's best cosine to its own report, MLIP as specified) or "discriminative" (that
+            minus a soft maximum over the other reports of the batch).
+        other_temperature: tau_o of the discriminative target's soft maximum (0.05).
+    """
 
     def __init__(self, temperature: float = DEFAULT_SIE_TEMPERATURE, target: str = "guided",
                  other_temperature: float = DEFAULT_OTHER_TEMPERATURE):
@@ -154,6 +146,15 @@ class SemanticIntegrityLoss(nn.Module):
         self.temperature, self.target, self.other_temperature = temperature, target, other_temperature
 
     def forward(self, integrity_logits, patches, sentences, sentence_mask=None, patch_mask=None):
+        """KL(target_b || softmax_p(a_b)) averaged over images.
+
+        Args:
+            integrity_logits: [B, K] estimator logits at the kept patches; patches: [B, K, D]; sentences: [B, S, D];
+                masks as in :class:`PatchSentenceLoss`.
+
+        Returns:
+            0-dim float32 loss; the target (from ``target``) is detached, so only the estimator learns from it.
+        """
         return MF.semantic_integrity_loss(
             integrity_logits, patches, sentences, sentence_mask, patch_mask, temperature=self.temperature,
             target=self.target, other_temperature=self.other_temperature,

@@ -24,13 +24,14 @@ ALLOWED = {
     "ops": {"base", "kernels", "reference"},  # custom ops and dispatch
     "core": {"base", "ops"},  # functional, losses, distributed
     "preprocess": {"base"},  # tokenization, image decoding and transforms
-    "models": {"base", "core", "ops", "preprocess"},
+    "models": {"base", "ops", "preprocess"},  # not core: the model owns its logit scales (mlip_fast.logit_scale)
     "data": {"base", "preprocess"},  # readers, synthetic benchmark, shards, collate
     "eval": {"base", "core", "ops", "preprocess", "models", "data"},
     "train": {"base", "core", "ops", "preprocess", "models", "data", "eval"},
     "__main__": {"base", "ops", "models"},  # python -m mlip_fast env: the environment report
 }
-BASE_MODULES = {"mlip_fast", "mlip_fast._checks", "mlip_fast._cli", "mlip_fast._records", "mlip_fast.constants"}
+BASE_MODULES = {"mlip_fast", "mlip_fast._checks", "mlip_fast._cli", "mlip_fast._records", "mlip_fast._version",
+                "mlip_fast.constants", "mlip_fast.logit_scale"}
 CORE_MODULES = {"mlip_fast.functional", "mlip_fast.losses", "mlip_fast.distributed"}  # and functional's modules
 
 # What may be imported inside a function: optional extras, heavy imports that only some paths need (DeepSpeed
@@ -183,6 +184,14 @@ def test_no_part_imports_a_part_above_it():
     wrong = [f"{_where(m, t, graph)} ({part_of(m)} -> {part_of(t)})" for m in sorted(graph) for t in sorted(graph[m])
              if part_of(t) != part_of(m) and part_of(t) not in ALLOWED[part_of(m)]]
     assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def test_nothing_imports_the_package_root():
+    """The package root names the models and the losses (lazily): a module importing a name from it (its version,
+    say) would be an arrow back up. Such names live in base modules (``mlip_fast._version``)."""
+    graph = _graph()
+    wrong = [_where(m, PACKAGE, graph) for m in sorted(graph) if PACKAGE in graph[m]]
+    assert not wrong, "imports of the package root:\n" + "\n".join(wrong)
 
 
 def test_no_import_cycles():

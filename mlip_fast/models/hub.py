@@ -32,7 +32,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidat
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mlip_fast import __version__
+from mlip_fast._version import __version__
 from mlip_fast.models._state import state_mismatch
 from mlip_fast.models.config import MLIPConfig
 from mlip_fast.models.text import encoder_from_config

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 
-from mlip_fast.losses import LogitScale
+from mlip_fast.logit_scale import LogitScale
 from mlip_fast.models import hub
 from mlip_fast.models.config import MLIPConfig
 from mlip_fast.models.model_card import CARD_METADATA, is_generated_card, render_model_card

@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from mlip_fast import __license__
+from mlip_fast._version import __license__
 
 __all__ = ["render_model_card", "write_model_card", "is_generated_card", "CARD_MARKER", "CARD_METADATA",
            "SYNTHETIC_DATASET"]
