@@ -37,32 +37,35 @@ setup(
         "mlip_fast.eval": ["prompts/*.json", "splits/*.json"],
         "mlip_fast.train": ["ds_configs/*.json"],
     },
+    # The library and inference: a model, its preprocessing, the losses and ops (chunked on CPU), evaluation.
     install_requires=[
         "torch>=2.11,<2.14",
-        "triton>=3.6,<3.10",
         "transformers>=5.17,<6",
         "huggingface_hub>=1.0,<3",  # already required by transformers; MLIP is a PyTorchModelHubMixin
-        "deepspeed>=0.18,<0.20",
         "numpy>=1.26",
         "pillow>=10",
-        "matplotlib>=3.8",
         "tqdm>=4.66",
         "safetensors>=0.4",
-        "webdataset>=1.0,<2",
         # ROC curves and AUC of every evaluation (the training app's validation included); 1.3 gives the +inf
         # first threshold the curves rely on
         "scikit-learn>=1.3",
     ],
     entry_points={"console_scripts": ["mlip-train = mlip_fast.train.launch:main"]},
     extras_require={
+        "train": ["deepspeed>=0.18,<0.20"],  # the training app (deepspeed train.py / mlip-train)
+        "shards": ["webdataset>=1.0,<2"],  # WebDataset tar shards (python -m mlip_fast.data.shards)
+        "plots": ["matplotlib>=3.8"],  # the PNG plots of runs and evaluations (skipped, with a notice, without it)
+        # the fused Triton kernels (CUDA builds of torch bring triton already); flash-attn / xformers attention
+        "gpu": ["triton>=3.6,<3.10", "flash-attn>=2.6", "xformers>=0.0.28"],
         "dev": ["pytest>=8", "pytest-benchmark>=5"],
         # the peers the benchmarks compare with (the GPU ones need CUDA; each is skipped with a reason when absent)
         "bench": ["maxsim-cpu>=0.1", "late-interaction-kernels>=0.4", "flash-maxsim>=0.3"],
-        "gpu": ["flash-attn>=2.6", "xformers>=0.0.28"],
         "dicom": ["pydicom>=3.0"],
         "fast-jpeg": ["simplejpeg>=1.7"],
         # --report-to tensorboard / wandb (DeepSpeed's monitors; checked before a run starts)
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.16"],
+        "all": ["deepspeed>=0.18,<0.20", "webdataset>=1.0,<2", "matplotlib>=3.8", "triton>=3.6,<3.10", "pydicom>=3.0",
+                "simplejpeg>=1.7"],
     },
 )

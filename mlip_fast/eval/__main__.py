@@ -302,7 +302,7 @@ def run(args) -> Path:
                  **({"n_valid": len(valid)} if valid is not None else {})}
     path = write_summary(out, args.task, metrics, checkpoint=Path(args.checkpoint).resolve(), data=data_desc,
                          seed=args.seed, wall_time_s=round(time.perf_counter() - start, 3), settings=settings,
-                         plots=plots)
+                         plots=[p for p in plots if p is not None])  # None: no matplotlib, no PNG
     return path
 
 

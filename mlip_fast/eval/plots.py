@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mlip_fast._plotting import optional_plot
 from mlip_fast.eval import metrics as M
 
 __all__ = ["plot_roc_curves", "plot_retrieval", "plot_fewshot", "plot_heatmap_overlays", "plot_segmentation_overlays"]
@@ -38,6 +39,7 @@ def _save(fig, path) -> Path:
     return path
 
 
+@optional_plot
 def plot_roc_curves(scores: Mapping[str, np.ndarray], labels: np.ndarray, class_names: Sequence[str],
                     path: str | os.PathLike, title: str = "zero-shot ROC") -> Path:
     """ROC curves of ``scores[mode] [N, C]`` against ``labels [N, C]`` (NaN rows skipped per class)."""
@@ -61,6 +63,7 @@ def plot_roc_curves(scores: Mapping[str, np.ndarray], labels: np.ndarray, class_
     return _save(fig, path)
 
 
+@optional_plot
 def plot_retrieval(result: Mapping, path: str | os.PathLike, similarity: np.ndarray | None = None,
                    max_items: int = 64) -> Path:
     """Recall@K bars (image->report, report->image, chance) and, when given, the similarity matrix."""
@@ -85,6 +88,7 @@ def plot_retrieval(result: Mapping, path: str | os.PathLike, similarity: np.ndar
     return _save(fig, path)
 
 
+@optional_plot
 def plot_fewshot(result: Mapping, path: str | os.PathLike, metric: str = "macro_auc", title: str = "few-shot") -> Path:
     """``metric`` against the label fraction for each method key of ``result`` ({method: {pct: {...}}})."""
     plt = _pyplot()
@@ -109,6 +113,7 @@ def _example_grid(n: int, cols: int, row_height: float):
     return fig, list(axes.flat)
 
 
+@optional_plot
 def plot_heatmap_overlays(examples: Sequence[Mapping], path: str | os.PathLike, cols: int = 4) -> Path:
     """Per example: the image, the finding mask outline (green), the sentence heat map and the top patch
     (red cross when it misses the mask, green when it hits)."""
@@ -128,6 +133,7 @@ def plot_heatmap_overlays(examples: Sequence[Mapping], path: str | os.PathLike, 
     return _save(fig, path)
 
 
+@optional_plot
 def plot_segmentation_overlays(examples: Sequence[Mapping], path: str | os.PathLike, cols: int = 4) -> Path:
     """Per example: the image with ground truth (green) and prediction (red) outlines, and its Dice."""
     fig, axes = _example_grid(len(examples), cols, row_height=3.4)

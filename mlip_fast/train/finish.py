@@ -110,7 +110,7 @@ def _summary(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
         "validation_history": done.eval_history,
         "checkpoint": done.checkpoint,
         "export": str(export_dir),
-        "curves_png": str(png),
+        "curves_png": str(png) if png is not None else None,  # None: matplotlib not installed
         "metrics_jsonl": str(run.run_dir / "metrics.jsonl"),
         "backends": done.backends,
         "world_size": run.ranks.world,

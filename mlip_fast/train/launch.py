@@ -20,7 +20,7 @@ from unittest import mock
 
 from mlip_fast.train.args import build_parser, parse_args
 from mlip_fast.train.main import EXIT_USAGE, usage_errors
-from mlip_fast.train.process import device_type_name
+from mlip_fast.train.process import LaunchError, device_type_name, require_deepspeed
 from mlip_fast.train.setup import preflight
 
 __all__ = ["main", "split_argv", "launcher_options"]
@@ -108,6 +108,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(0)
     if "--version" in argv:
         build_parser(prog=PROG).parse_args(["--version"])
+    try:
+        require_deepspeed()
+    except LaunchError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     launcher, training = split_argv(argv)
     args = parse_args(training, prog=PROG)  # argparse: one line and exit 2 on a usage error
     try:

@@ -9,6 +9,7 @@ DeepSpeed's inference all-reduce), and :func:`exit_process` ends with ``barrier`
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
 import sys
@@ -22,7 +23,14 @@ __all__ = ["LaunchError", "Ranks", "init_distributed", "on_rank0", "barrier", "d
 
 
 class LaunchError(RuntimeError):
-    """The processes could not form their group (e.g. the rendezvous port is taken)."""
+    """The processes could not form their group (e.g. the rendezvous port is taken), or cannot start at all."""
+
+
+def require_deepspeed() -> None:
+    """The training app runs on DeepSpeed, an extra of the package: a clear error before anything else when it is
+    not installed."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise LaunchError("the training app needs DeepSpeed, which is not installed: pip install 'mlip_fast[train]'")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 from tqdm.auto import tqdm
 
+from mlip_fast._plotting import optional_plot
 from mlip_fast._records import jsonable, write_run_record
 from mlip_fast.train.ds_config import DSConfigError
 
@@ -237,8 +238,10 @@ def read_metrics(path: Path) -> list:
     return records
 
 
-def plot_metrics(metrics_path: Path, out_png: Path, chance_auc: float = 0.5) -> Path:
-    """Loss terms per step (left) and validation zero-shot macro AUC per evaluation (right) as a PNG."""
+@optional_plot
+def plot_metrics(metrics_path: Path, out_png: Path, chance_auc: float = 0.5) -> Optional[Path]:
+    """Loss terms per step (left) and validation zero-shot macro AUC per evaluation (right) as a PNG (None
+    without matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -21,7 +21,7 @@ from mlip_fast.models import get_model_config
 from mlip_fast.models.config import ConfigError, MLIPConfig
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train import ds_config as dsc
-from mlip_fast.train.process import Ranks, on_rank0
+from mlip_fast.train.process import Ranks, on_rank0, require_deepspeed
 from mlip_fast.train.reporting import RunReporter, check_monitors
 from mlip_fast.train.run_folder import RunLock, check_run_folder
 from mlip_fast.train.signals import StopRequest
@@ -151,6 +151,7 @@ def preflight(args, device_type: str) -> tuple:
     Returns (ds config, model config, the flag overrides as ``"key: old -> new"``); raises the usage errors
     that ``mlip_fast.train.main.main`` turns into one line on stderr and exit code 2.
     """
+    require_deepspeed()
     where = str(dsc.resolve_ds_config(args.deepspeed_config))
     raw_config = dsc.load_ds_config(where)
     raw_config, changes = dsc.apply_flag_overrides(raw_config, batch_size=args.batch_size, precision=args.precision,

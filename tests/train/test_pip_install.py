@@ -37,8 +37,9 @@ def build_wheel(tmp: Path) -> Path:
     return next((tmp / "dist").glob("mlip_fast-*.whl"))
 
 
-def fresh_venv(tmp: Path) -> Path:
-    """A virtual environment (no pip of its own) that sees this environment's packages except mlip_fast."""
+def fresh_venv(tmp: Path, without: tuple = ()) -> Path:
+    """A virtual environment (no pip of its own) that sees this environment's packages except mlip_fast and the
+    distributions named in ``without`` (their import packages and their metadata)."""
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
@@ -47,7 +48,8 @@ def fresh_venv(tmp: Path) -> Path:
     shared = tmp / "shared-site-packages"
     shared.mkdir()
     for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
-        if not entry.name.startswith(("mlip_fast", "__editable__", "_mlip_fast")) and entry.suffix != ".pth":
+        left_out = ("mlip_fast", "__editable__", "_mlip_fast", *without)
+        if not entry.name.lower().startswith(left_out) and entry.suffix != ".pth":
             (shared / entry.name).symlink_to(entry)
     (purelib / "test-environment-packages.pth").write_text(f"{shared}\n")
     return python
