@@ -30,8 +30,8 @@ ALLOWED = {
     "train": {"base", "core", "ops", "preprocess", "models", "data", "eval"},
     "__main__": {"base", "ops", "models"},  # python -m mlip_fast env: the environment report
 }
-BASE_MODULES = {"mlip_fast", "mlip_fast._checks", "mlip_fast._cli", "mlip_fast._records", "mlip_fast._version",
-                "mlip_fast.constants", "mlip_fast.logit_scale"}
+BASE_MODULES = {"mlip_fast", "mlip_fast._checks", "mlip_fast._cli", "mlip_fast._plotting", "mlip_fast._records",
+                "mlip_fast._version", "mlip_fast.constants", "mlip_fast.logit_scale"}
 CORE_MODULES = {"mlip_fast.functional", "mlip_fast.losses", "mlip_fast.distributed"}  # and functional's modules
 
 # What may be imported inside a function: optional extras, heavy imports that only some paths need (DeepSpeed
