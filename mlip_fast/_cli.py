@@ -7,7 +7,13 @@ import argparse
 
 from mlip_fast._records import version_line
 
-__all__ = ["HelpFormatter", "Parser", "add_version"]
+__all__ = ["HelpFormatter", "Parser", "add_version", "no_bar"]
+
+
+def no_bar(progress: bool):
+    """tqdm's ``disable`` for a command's progress bars: off without ``progress``, else None (tqdm's "a bar only
+    when the output is a terminal"), so a redirected log gets no carriage returns."""
+    return None if progress else True
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from mlip_fast._cli import no_bar
 from mlip_fast._records import write_run_record
 from mlip_fast.preprocess.reports import extract_sections
 
@@ -112,7 +113,7 @@ def prepare_mimic(mimic_jpg, reports, out, split_csv=None, metadata_csv=None, ch
     with open(out, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        for r in tqdm(rows, desc="mimic_prepare", disable=not progress):
+        for r in tqdm(rows, desc="mimic_prepare", disable=no_bar(progress)):
             subject, study, dicom = r["subject_id"], r["study_id"], r["dicom_id"]
             view = view_of.get(dicom, "")
             if views and view not in views:

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mlip_fast._cli import no_bar
 from mlip_fast.preprocess.images import ImageLoadError, load_image
 
 __all__ = ["BadSampleWarning", "DatasetError", "EvalDataError", "SampleError", "RobustDataset", "IMAGE_EXTENSIONS", "TABLE_ENCODING", "report_problem", "read_table", "require_columns", "label_value", "resolve_path", "resolve_inside", "index_images", "apply_transform", "load_mask_file", "resize_mask"]
@@ -378,7 +379,7 @@ class RobustDataset(torch.utils.data.Dataset):
             ``{"n": items, "bad": count, "bad_files": [...]}``.
         """
         probe = check or self._load
-        for i in tqdm(range(self._n), desc=f"validating {self.name}", disable=not progress, leave=False):
+        for i in tqdm(range(self._n), desc=f"validating {self.name}", disable=no_bar(progress), leave=False):
             if self._bad[i]:
                 continue
             try:

@@ -40,6 +40,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from mlip_fast._cli import no_bar
 from mlip_fast.data.readers import DatasetError, resolve_inside
 
 try:  # libjpeg-turbo through simplejpeg: faster JPEG decoding; Pillow when it is not installed
@@ -231,7 +232,7 @@ def verify_shards(path, progress: bool = True) -> list[str]:
     index = load_index(path, check_files=False)
     problems = []
     shards = [s for entry in index["splits"].values() for s in entry["shards"]]
-    for shard in tqdm(shards, desc="verifying", unit="shard", disable=not progress):
+    for shard in tqdm(shards, desc="verifying", unit="shard", disable=no_bar(progress)):
         problems += _verify_shard(shard)
     return problems
 

@@ -44,6 +44,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from webdataset import TarWriter
 
+from mlip_fast._cli import no_bar
 from mlip_fast._records import jsonable, versions
 from mlip_fast.data.pretrain import OpenIDataset, PretrainDataset
 from mlip_fast.data.readers import BadSampleWarning, DatasetError
@@ -281,7 +282,7 @@ def write_shards(data: str, out, config: ShardConfig = ShardConfig(), *, image_r
                   for k in range(plan["splits"][split]["shards"])]
     entries = []
     total = sum(len(t[3]) for t in tasks)
-    with tqdm(total=total, unit="img", desc=f"shards -> {out}", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit="img", desc=f"shards -> {out}", disable=no_bar(progress), dynamic_ncols=True) as bar:
         pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
         try:
             results = pool.imap_unordered(_write_shard, tasks) if pool else map(_write_shard, tasks)

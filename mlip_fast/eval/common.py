@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from tqdm.auto import tqdm
 
+from mlip_fast._cli import no_bar
 from mlip_fast._records import SUMMARY_FILE, versions, write_run_record
 from mlip_fast.data.readers import EvalDataError, SampleError
 from mlip_fast.models.factory import CheckpointError, from_pretrained
@@ -46,12 +47,6 @@ __all__ = [
     "evaluating",
     "screen_samples",
 ]
-
-
-def no_bar(progress: bool) -> Optional[bool]:
-    """tqdm's ``disable`` for a task's bars: off without ``progress``, else None (tqdm's "a bar only when the
-    output is a terminal"), so a redirected log gets no carriage returns."""
-    return None if progress else True
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device | None = None):
