@@ -66,7 +66,7 @@ def integrity_mask(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     impl: str = "auto",
-    check_finite: bool = True,
+    check_finite: Optional[bool] = None,
 ) -> MaskResult:
     """Integrity-scored masking: keep ``keep`` = K of P patch tokens per image by Gumbel-top-k sampling.
 
@@ -84,8 +84,9 @@ def integrity_mask(
         generator: a ``torch.Generator`` on the tokens' device type to draw the noise (reference) or the
             seed (triton) from; mutually exclusive with ``seed``. Both None: the device's default generator.
         impl: "auto" (triton on CUDA, reference elsewhere), "reference" or "triton".
-        check_finite: raise on NaN/Inf scores. On CUDA this check is the op's one host synchronisation;
-            pass False in a training step that must not sync. Skipped while ``torch.compile`` traces.
+        check_finite: raise on NaN/Inf scores; None (default) follows the package's value-check switch
+            (``MLIP_FAST_VALUE_CHECKS``, off while ``torch.compile`` traces), as every op does. On CUDA this
+            check is the op's one host synchronisation: pass False in a training step that must not sync.
 
     Returns:
         MaskResult(kept [B, K, C] tokens' dtype, index [B, K] int64 strictly ascending positions,
@@ -120,6 +121,8 @@ def integrity_mask(
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator.device.type != tokens.device.type:
             raise ValueError(f"generator is on {generator.device} but tokens are on {tokens.device}")
+    if check_finite is None:
+        check_finite = _checks.value_checks()
     if check_finite and not torch.compiler.is_compiling() and not torch.isfinite(scores).all():
         raise ValueError("scores contains NaN or Inf")
     chosen = REGISTRY.select(impl, tokens.device, tokens.dtype, dict(B=B, P=P, C=C, keep=keep))

@@ -1,10 +1,11 @@
 """``impl="triton"`` for integrity-scored masking: the fused kernels as ``torch.library`` custom ops.
 
-``mlip_fast::integrity_mask_triton`` runs the forward (kept tokens, indices, integrity mass and the slot map
-its backward needs) and has a fake (meta) impl and a registered backward
-(``mlip_fast::integrity_mask_triton_backward``), so it runs under ``torch.compile`` and autograd alike. The
-kernels (``kernels/integrity_mask.py``) are imported on first use, so this module loads without triton and
-the registry can say why the impl is unavailable.
+``mlip_fast::integrity_mask_fwd`` runs the forward (kept tokens, indices, integrity mass and the slot map its
+backward needs) and has a fake (meta) impl and a registered backward (``mlip_fast::integrity_mask_bwd``), so it
+runs under ``torch.compile`` and autograd alike.
+
+The kernel module is imported here, at module top, so the path from the op to its kernels is visible; without
+triton it is None and the impl's ``unavailable`` says why (the rest of the op still loads).
 """
 from __future__ import annotations
 
@@ -17,10 +18,18 @@ from mlip_fast.ops.dispatch import Impl, triton_unavailable_reason
 from mlip_fast.reference import integrity_mask as _reference
 from mlip_fast.reference.integrity_mask import MaskResult
 
+try:
+    from mlip_fast.kernels import integrity_mask as _kernels
+except ImportError as err:  # triton absent (a CPU-only install): the impl reports it, nothing else changes
+    _kernels = None
+    _IMPORT_ERROR: Optional[str] = f"the Triton kernels cannot be imported ({err}); pip install triton"
+else:
+    _IMPORT_ERROR = None
+
 SEED_LIMIT = 2**63
 
 
-@torch.library.custom_op("mlip_fast::integrity_mask_triton", mutates_args=())
+@torch.library.custom_op("mlip_fast::integrity_mask_fwd", mutates_args=())
 def _triton_forward(
     tokens: torch.Tensor,
     scores: torch.Tensor,
@@ -29,8 +38,6 @@ def _triton_forward(
     seed: int,
     seed_tensor: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from mlip_fast.kernels import integrity_mask as _kernels
-
     return _kernels.integrity_mask_fwd(tokens, scores, keep, temperature, seed, seed_tensor)
 
 
@@ -45,10 +52,8 @@ def _(tokens, scores, keep, temperature, seed, seed_tensor):
     )
 
 
-@torch.library.custom_op("mlip_fast::integrity_mask_triton_backward", mutates_args=())
+@torch.library.custom_op("mlip_fast::integrity_mask_bwd", mutates_args=())
 def _triton_backward(grad_kept: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    from mlip_fast.kernels import integrity_mask as _kernels
-
     return _kernels.integrity_mask_bwd(grad_kept, slot)
 
 
@@ -82,9 +87,11 @@ def _triton_impl(tokens, scores, keep, temperature, seed, generator) -> MaskResu
 
 
 def triton_limits(inputs) -> list:
-    from mlip_fast.kernels import integrity_mask as _kernels  # triton is optional: imported on use
-
     return _kernels.limits(inputs["B"], inputs["P"])
+
+
+def _unavailable(device: torch.device) -> Optional[str]:
+    return _IMPORT_ERROR or triton_unavailable_reason(device)
 
 
 IMPL = Impl(
@@ -92,6 +99,6 @@ IMPL = Impl(
     fn=_triton_impl,
     devices=("cuda", "cpu"),
     dtypes=_checks.FLOAT_DTYPES,
-    unavailable=triton_unavailable_reason,
+    unavailable=_unavailable,
     limits=triton_limits,
 )
