@@ -275,11 +275,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="CPU ratio of the OT scores op: chunked vs reference, fwd+bwd")
     parser.add_argument("--cpu-ratio", action="store_true", help="measure and write --out")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per provider")
+    parser.add_argument("--threads", type=int, help="torch threads here and in the memory probes (default: torch's)")
+    parser.add_argument("--note", default="", help="what the numbers cannot say by themselves (machine state)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS / "ot_cpu.json")
     args = parser.parse_args(argv)
     if not args.cpu_ratio:
         parser.error("nothing to do: pass --cpu-ratio (the benchmarks run under pytest)")
+    if args.threads:
+        # one thread per process keeps the ratio stable on a machine shared with other work (a busy core stalls
+        # every multi-threaded op at its barrier, and the chunked impl runs many small ops)
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     result = cpu_ratio(args.rounds)
+    if args.note:
+        result["note"] = args.note
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"ratios": result["ratios"], "targets": result["targets"]}, indent=2))
