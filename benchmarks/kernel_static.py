@@ -496,6 +496,27 @@ def patch_sentence_cases(quick: bool = False) -> list:
     return cases
 
 
+OT_K = (49, 98, 196, 257)  # 257 with S = 16: refused up front (a pair above the forward's register tile)
+OT_S = (1, 16, 32)
+OT_D = (64, 512)
+OT_BG = ((1, 1), (128, 128), (128, 1024))
+
+
+def ot_cases(quick: bool = False) -> list:
+    """(mode, shape) cases of the optimal-transport kernels; the forward with and without the tolerance check."""
+    cases = []
+    for K in OT_K:
+        for S in OT_S:
+            for D in OT_D:
+                for B, G in OT_BG:
+                    if quick and (B, G) not in ((128, 128), (128, 1024)):
+                        continue
+                    for tol in (None, 1e-3):
+                        cases.append(("fwd", dict(B=B, G=G, K=K, S=S, D=D, tol=tol)))
+                    cases.append(("bwd", dict(B=B, G=G, K=K, S=S, D=D, tol=None)))
+    return cases
+
+
 def mask_cases(quick: bool = False) -> list:
     from mlip_fast.kernels.integrity_mask import MAX_PATCHES
 
@@ -520,6 +541,7 @@ GATE_PS_EXTREME = [dict(B=128, G=128, K=98, S=32767, D=512, directions="both"),
                    dict(B=128, G=128, K=1024, S=256, D=1024, directions="both"),
                    dict(B=128, G=128, K=49, S=1, D=64, directions="both")]
 GATE_MASK = [dict(B=128, P=196, C=768, keep=98), dict(B=128, P=8192, C=768, keep=4096)]
+GATE_OT = [dict(B=128, G=128, K=98, S=16, D=256, tol=None), dict(B=128, G=1024, K=196, S=16, D=512, tol=1e-3)]
 
 
 def gate_cases(op_name: str) -> list:
@@ -528,6 +550,8 @@ def gate_cases(op_name: str) -> list:
         return ([(m, sh, ("fp32", "bf16")) for sh in GATE_PS_DEFAULT for m in ("fwd", "bwd")]
                 + [(m, sh, ("fp32", "bf16")) for sh in GATE_PS_TRAINING for m in ("fwd", "bwd")]
                 + [(m, sh, ("fp32", "bf16")) for sh in GATE_PS_EXTREME for m in ("fwd", "bwd")])
+    if op_name == "patch_sentence_ot":
+        return [(m, sh, ("fp32", "bf16")) for sh in GATE_OT for m in ("fwd", "bwd")]
     return [(m, sh, ("fp32", "bf16", "fp64")) for sh in GATE_MASK for m in ("fwd", "bwd")]
 
 
@@ -565,6 +589,20 @@ def run_mask(mode: str, shape: dict, dtype: torch.dtype) -> None:
         im.integrity_mask_bwd(_meta(B, keep, C, dtype=dtype), _meta(B, P, dtype=torch.int32))
 
 
+def run_patch_sentence_ot(mode: str, shape: dict, dtype: torch.dtype) -> None:
+    from mlip_fast.kernels.patch_sentence_ot import launch
+
+    B, G, K, S, D = (shape[k] for k in "BGKSD")
+    p, s = _meta(B, K, D, dtype=dtype), _meta(G, S, D, dtype=dtype)
+    if mode == "fwd":
+        launch.patch_sentence_ot_fwd(p, s, _meta(G, S, dtype=torch.bool), _meta(B, K, dtype=torch.bool), 0.05, 50,
+                                     shape["tol"])
+    else:
+        f32 = torch.float32
+        launch.patch_sentence_ot_bwd(_meta(B, G, dtype=f32), p, s, _meta(B, G, K, dtype=f32), _meta(B, G, S, dtype=f32),
+                                     0.05)
+
+
 @dataclass
 class Op:
     name: str
@@ -584,6 +622,14 @@ OPS = (
     Op("integrity_mask", "mlip_fast.kernels.integrity_mask",
        ("_integrity_mask_fwd_kernel", "_integrity_mask_bwd_kernel"),
        mask_cases, run_mask, ("fp32", "bf16", "fp16", "fp64"), False),
+)
+
+
+# The optimal-transport kernels (kernels/patch_sentence_ot/); both contain the matmuls that must use tensor cores.
+OT_KERNELS = ("_patch_sentence_ot_fwd_kernel", "_patch_sentence_ot_bwd_kernel")
+OPS = OPS + (
+    Op("patch_sentence_ot", "mlip_fast.kernels.patch_sentence_ot.launch", OT_KERNELS, ot_cases, run_patch_sentence_ot,
+       ("fp32", "bf16", "fp16"), OT_KERNELS),
 )
 
 
@@ -849,6 +895,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                         help="compiler processes (default: up to 4, one per core)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--op", choices=[op.name for op in OPS],
+                        help="sweep only this op and replace its records in --json, keeping every other op's records")
     parser.add_argument("--gate", action="store_true",
                         help="CI: compile the gate cases, check them, and check that --json (the committed records) "
                              "covers every launch of the full sweep with the same results")
@@ -869,8 +917,14 @@ def main(argv=None) -> int:
     if args.dump:
         args.dump.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    records = sweep(tuple(args.arch or sorted(ARCHS)), quick=args.quick, dump=args.dump, workers=args.workers)
-    data = pack(records, environment(), quick=args.quick, wall_s=round(time.time() - start, 1))
+    ops = tuple(op for op in OPS if op.name == args.op) if args.op else OPS
+    records = sweep(tuple(args.arch or sorted(ARCHS)), quick=args.quick, dump=args.dump, workers=args.workers, ops=ops)
+    if args.op and args.json and args.json.exists():
+        old = json.loads(args.json.read_text())
+        kept = [r for r in unpack(old) if r["op"] != args.op]
+        data = pack(kept + records, old["environment"], quick=old.get("quick"), wall_s=old.get("wall_s"))
+    else:
+        data = pack(records, environment(), quick=args.quick, wall_s=round(time.time() - start, 1))
     compiles = data["distinct_compiles"]
     bad = violations(records)
     for r, why in bad[:50]:
