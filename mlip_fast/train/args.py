@@ -47,6 +47,7 @@ SYNTHETIC_PRESET = dict(
     eval_every=250,
     save_every=250,
     lambda_local=4.0,
+    in_memory=True,
 )
 SPEC_LAMBDA_LOCAL = 1.0
 # Real data: one pass over the training split unless --steps / --epochs say otherwise.
@@ -88,6 +89,13 @@ def _fraction_below_one(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be in [0, 1) (1 would accept a dataset with no readable item), got {value}")
+    return value
+
+
+def _dropout(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a dropout probability in [0, 1), got {value}")
     return value
 
 
@@ -184,6 +192,10 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
     data.add_argument("--num-workers", type=_non_negative_int, default=2,
                       help="DataLoader workers per process (with a shard folder also the number of read lanes, which "
                            "the data order depends on)")
+    data.add_argument("--in-memory", action=argparse.BooleanOptionalAction, default=None,
+                      help="hold the training split in memory (images decoded and reports tokenized once) and build "
+                           "each batch in the training process, without DataLoader workers (default: on with --data "
+                           "synthetic, off otherwise; not for shard folders)")
     data.add_argument("--shuffle-buffer", type=_positive_int, default=DEFAULT_SHUFFLE_BUFFER,
                       help="shard folders: samples in each lane's shuffle buffer")
     data.add_argument("--max-bad-fraction", type=_fraction_below_one, default=0.01,
@@ -203,6 +215,9 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
     model.add_argument("--mask-ratio", type=float, default=None,
                        help="share of patches dropped before the ViT, in [0, 1); sets the model config's mask_ratio "
                             "(default: the synthetic preset's with --data synthetic, else the model config's)")
+    model.add_argument("--text-dropout", type=_dropout, default=None,
+                       help="dropout of the report encoder (hidden states and attention probabilities; default: the "
+                            "model config's, 0 on the synthetic benchmark); --model-overrides text.dropout wins")
     model.add_argument("--attn", default="auto", choices=("auto", "flash", "xformers", "sdpa", "math"),
                        help="ViT attention backend")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
@@ -313,6 +328,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
             setattr(args, key, value)
     if args.lambda_local is None:
         args.lambda_local = SPEC_LAMBDA_LOCAL
+    if args.in_memory is None:
+        args.in_memory = False
     if args.steps is None and args.epochs is None:
         args.epochs = REAL_DATA_EPOCHS
     return args

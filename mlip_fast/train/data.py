@@ -26,17 +26,21 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mlip_fast.data import synth
 from mlip_fast.data.collate import Collator
+from mlip_fast.data.readers import DatasetError
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER, ShardBatchStream, ShardOrder
 from mlip_fast.data.shard_reader import ShardSplit
 from mlip_fast.data.sources import DataConfigError, build_pretrain_dataset
+from mlip_fast.preprocess.images import ImageLoadError, load_image
+from mlip_fast.preprocess.tokenization import fast_tokenizer, tokenize_reports
 
 __all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
-           "SeededSamples", "make_collator", "make_batch_plan", "report_corpus", "data_fingerprint", "make_train_loader", "close_loader", "sample_seed", "step_seed",
-           "DataConfigError"]
+           "SeededSamples", "make_collator", "make_batch_plan", "report_corpus", "data_fingerprint", "make_train_loader",
+           "close_loader", "sample_seed", "step_seed", "MemoryPairs", "memory_batches", "DataConfigError"]
 
 
 def synthetic_cache_dir(cache_dir: Path, size: int, n: int, seed: int) -> Path:
@@ -225,6 +229,71 @@ def close_loader(batches) -> None:
         if worker.is_alive():
             worker.kill()
             worker.join(timeout=5)
+
+
+class MemoryPairs:
+    """A map-style training split held in memory, ready to batch in the training process: every image decoded
+    once (``load_image`` at the transform's size hint, as the dataset reads it) and every report tokenized once
+    (``tokenize_reports`` over the whole split, as the collator tokenizes a batch). :meth:`batch` then gives,
+    for a sampler's ``[(index, seed), ...]``, exactly the model inputs that ``SeededSamples`` + the collator
+    give through a DataLoader (tested bitwise): each image through the same transform with its augmentation
+    drawn from a generator seeded with the sample's seed, the token rows cut to the batch's longest report and
+    sentence count. What it saves per step: the image decoding, the tokenization, seeding three global RNGs
+    per sample and, with no loader workers, processes that compete with the step for the cores.
+
+    An image that cannot be read is handled as the dataset handles it (the next readable item takes its place;
+    more than the dataset's ``max_bad_fraction`` bad items is a :class:`DatasetError` naming them)."""
+
+    def __init__(self, dataset, tokenizer, max_length: int, max_sentences: int, chunk: int = 512):
+        self.dataset = dataset
+        self.transform = dataset.transform
+        size = getattr(self.transform, "image_size", None)
+        self.images: list = [None] * len(dataset)
+        for i, rec in enumerate(dataset.records):
+            try:
+                self.images[i] = load_image(rec["image_path"], max_side=size)
+            except ImageLoadError:
+                dataset.mark_bad([i])
+        total = len(dataset) + len(dataset.dropped)
+        if dataset.bad_count > dataset.max_bad_fraction * total:
+            raise DatasetError(dataset.bad_summary(reprobe=True))
+        reports = [rec["report"] for rec in dataset.records]
+        parts = [tokenize_reports(tokenizer, reports[k:k + chunk], max_length, max_sentences)
+                 for k in range(0, len(reports), chunk)]
+        self.lengths = torch.cat([p["attention_mask"].sum(1) for p in parts])
+        self.sentences = torch.cat([p["sentence_mask"].sum(1) for p in parts])
+        t, s = max(p["input_ids"].shape[1] for p in parts), max(p["sentence_spans"].shape[1] for p in parts)
+        pad = fast_tokenizer(tokenizer).pad_token_id
+        self.input_ids = torch.cat([F.pad(p["input_ids"], (0, t - p["input_ids"].shape[1]), value=pad) for p in parts])
+        self.attention_mask = torch.cat([F.pad(p["attention_mask"], (0, t - p["attention_mask"].shape[1])) for p in parts])
+        self.sentence_spans = torch.cat([F.pad(p["sentence_spans"], (0, 0, 0, s - p["sentence_spans"].shape[1]))
+                                         for p in parts])
+        self.sentence_mask = torch.cat([F.pad(p["sentence_mask"], (0, s - p["sentence_mask"].shape[1])) for p in parts])
+
+    def _readable(self, index: int) -> int:
+        """``index`` or, when its image is bad, the next readable item (as ``RobustDataset.__getitem__``)."""
+        n = len(self.images)
+        for step in range(n):
+            j = (index + step) % n
+            if self.images[j] is not None:
+                return j
+        raise DatasetError(f"{self.dataset.name}: no readable item left")
+
+    def batch(self, keys: list) -> dict:
+        rows = [self._readable(int(index)) for index, _ in keys]
+        images = torch.stack([self.transform(self.images[j], generator=torch.Generator().manual_seed(int(seed)))
+                              for j, (_, seed) in zip(rows, keys)])
+        index = torch.as_tensor(rows, dtype=torch.int64)
+        t, s = int(self.lengths[index].max()), int(self.sentences[index].max())
+        return {"images": images, "input_ids": self.input_ids[index, :t], "attention_mask": self.attention_mask[index, :t],
+                "sentence_spans": self.sentence_spans[index, :s], "sentence_mask": self.sentence_mask[index, :s],
+                "index": index}
+
+
+def memory_batches(pairs: MemoryPairs, sampler) -> Iterator[dict]:
+    """The batches of ``sampler`` (a :class:`GlobalBatchSampler`) from ``pairs``, in the training process."""
+    for keys in sampler:
+        yield pairs.batch(keys)
 
 
 def make_train_loader(dataset: Dataset, sampler, collate, num_workers: int) -> DataLoader:

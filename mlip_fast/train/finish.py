@@ -23,7 +23,7 @@ from mlip_fast.train.reporting import plot_metrics
 from mlip_fast.train.run import Engine, RunData, or_skip, report_skipped
 from mlip_fast.train.setup import RunState
 
-__all__ = ["finish", "format_summary"]
+__all__ = ["finish", "format_summary", "time_breakdown"]
 
 
 def finish(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
@@ -83,10 +83,13 @@ def _summary(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
     fresh = create_model(e.model_cfg, tokenizer=e.tokenizer)
     export_consolidated(run.run_dir / ckpt.CHECKPOINT_DIR, ckpt.tag_for(result.steps), fresh, export_dir)
     exported = from_pretrained(export_dir)
+    run.times.add("export", time.perf_counter() - t_export)
     reporter.log("exported consolidated fp32 weights to %s (%.1f s)", export_dir, time.perf_counter() - t_export)
     t_eval = time.perf_counter()
     final = {} if args.no_final_eval else _final_evaluation(run, data, exported, result.steps)
     eval_s = time.perf_counter() - t_eval
+    run.times.add("final_evaluation", eval_s)
+    t_records = time.perf_counter()
     png = plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "training_curves.png")
     valid, test = data.eval_sets.valid, data.eval_sets.test
     at_start = data.skipped
@@ -133,7 +136,26 @@ def _summary(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
     }
     # the export's model card gets the run's data, training and evaluation numbers
     summary["model_card"] = str(write_model_card(export_dir, exported, summary))
+    run.times.add("records", time.perf_counter() - t_records)
+    summary["time_breakdown"] = time_breakdown(run, result)
     return summary
+
+
+def time_breakdown(run: RunState, result) -> dict:
+    """Where the run's wall time went (:mod:`mlip_fast.train.timing`): the run's phases in seconds (``other``:
+    what they leave of the wall time, mostly writing summary.json), and the training loop's phases in seconds and
+    milliseconds per step, with the steps' own throughput (samples per second of the steps alone, without the
+    periodic evaluations and checkpoints)."""
+    wall = run.elapsed()
+    steps = result.samples // max(1, run.global_batch)
+    loop = run.times.seconds.get("training", 0.0)
+    return {
+        "wall_s": round(wall, 2),
+        "run_s": run.times.run_split(wall),
+        "steps": steps,
+        "training_step": run.times.training_split(steps),
+        "step_samples_per_s": round(steps * run.global_batch / loop, 2) if loop > 0 else None,
+    }
 
 
 def format_summary(summary: dict, path) -> str:
@@ -155,6 +177,12 @@ def format_summary(summary: dict, path) -> str:
     if loc:
         lines.append(f"localisation (pointing accuracy of {loc['n_sentences']} finding sentences): "
                      f"{loc['pointing_accuracy']:.3f}   (chance {loc['chance']:.3f})")
+    times = summary.get("time_breakdown")
+    if times:
+        shown = {k: v for k, v in times["run_s"].items() if v >= 0.05}
+        lines.append("wall time by phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in shown.items()))
+        lines.append("training step by phase (ms per step): " + ", ".join(
+            f"{k} {v['ms_per_step']:.1f}" for k, v in times["training_step"].items()))
     lines += [f"checkpoint: {summary['checkpoint']}", f"export (from_pretrained): {summary['export']}",
               f"curves: {summary['curves_png']}", f"metrics: {summary['metrics_jsonl']}", f"summary: {path}",
               "=" * 72]

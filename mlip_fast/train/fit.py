@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import torch
 import torch.distributed as dist
 
 from mlip_fast.data.readers import DatasetError
@@ -31,8 +32,9 @@ from mlip_fast.train.loop import (MAX_SKIPPED_IN_A_ROW, MAX_SKIPPED_IN_A_ROW_FP1
 from mlip_fast.train.process import barrier
 from mlip_fast.train.run import Engine, RunData, or_skip
 from mlip_fast.train.setup import RunState
+from mlip_fast.train.timing import PhaseTimes
 
-__all__ = ["Fit", "fit", "merge_bad_items", "worker_message", "StepProbe"]
+__all__ = ["Fit", "fit", "merge_bad_items", "worker_message", "StepProbe", "watch_step"]
 
 
 @dataclass
@@ -131,6 +133,10 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
     def save(step: int) -> str:
         if step in saved_steps:
             return saved_steps[step]
+        with run.times.phase("checkpoints"):
+            return _save(step)
+
+    def _save(step: int) -> str:
         if not state_is_finite(engine):  # collective: every rank checks its own parameters
             reporter.record("event", event="non_finite_weights", step=step, checkpoint=latest())
             raise NonFiniteLossError(step, {}, latest(), what=f"non-finite weights after step {step} (its update made "
@@ -146,6 +152,10 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
         return str(path)
 
     def evaluate(step: int, split: str = "valid") -> Optional[dict]:
+        with run.times.phase("evaluations"):
+            return _evaluate(step, split)
+
+    def _evaluate(step: int, split: str) -> Optional[dict]:
         dataset = data.eval_sets.zero_shot_set(split)
         if dataset is None:
             return None
@@ -166,8 +176,16 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
                 engine.monitor.write_events([(f"Eval/{split}_auc_macro", result["auc_macro"], step)])
         return result
 
-    loader = tdata.make_train_loader(data.train_set, data.sampler, e.collate, args.num_workers)
-    batches = iter(loader)
+    with run.times.phase("batch_source"):
+        if args.in_memory:
+            pairs = tdata.MemoryPairs(data.train_set, e.collate.tokenizer, e.collate.max_length,
+                                      e.collate.max_sentences)
+            batches = tdata.memory_batches(pairs, data.sampler)
+            reporter.log("training data in memory: %d images decoded and reports tokenized once; batches built in "
+                         "the training process", len(data.train_set))
+        else:
+            batches = iter(tdata.make_train_loader(data.train_set, data.sampler, e.collate, args.num_workers))
+    hooks = watch_step(run.times, engine)
     probe = StepProbe(batches, e.criterion, run.accum)
     reporter.step_extras = probe.extras
     monitor = None
@@ -183,9 +201,10 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
                       eval_every=args.eval_every, save_every=args.save_every, evaluate=evaluate, save=save,
                       latest=latest, on_first_step=on_first_step, monitor=monitor,
                       max_skipped_in_a_row=MAX_SKIPPED_IN_A_ROW_FP16 if e.config.get("fp16", {}).get("enabled")
-                      else MAX_SKIPPED_IN_A_ROW, skipped_steps=int(engine.skipped_steps))
+                      else MAX_SKIPPED_IN_A_ROW, skipped_steps=int(engine.skipped_steps), times=run.times)
     out.setup_s = run.elapsed()
     run.phase, run.stop.immediate = "training", False  # a stop now finishes the step and checkpoints it
+    in_loop = {k: run.times.seconds.get(k, 0.0) for k in ("evaluations", "checkpoints")}
     try:
         out.result = train_loop(ctx)
     except DataStopped as stop:
@@ -195,6 +214,10 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
         reporter.step_extras = None
         tdata.close_loader(batches)
         del batches, probe
+        for hook in hooks:
+            hook.remove()
+    # the loop's own time: its wall less the evaluations and checkpoints it called
+    run.times.add("training", out.result.wall_s - sum(run.times.seconds.get(k, 0.0) - v for k, v in in_loop.items()))
     reporter.log("training: %d steps in %.1f s (%.1f samples/s)", out.result.steps - e.start_step, out.result.wall_s,
                  out.result.samples / max(out.result.wall_s, 1e-9))
     if out.result.skipped_steps:
@@ -208,6 +231,22 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
     run.stop.immediate = True
     run.stop.raise_if_requested()
     return out
+
+
+def watch_step(times: PhaseTimes, engine) -> list:
+    """Times the phases of a step that happen inside the engine: each tower's forward (hooks on the model's
+    ``visual`` and ``text`` modules, removed with the returned handles) and the optimizer's own update inside
+    DeepSpeed's step (its wrapped torch optimizer, ZeRO's flat partitions), so that the rest of ``engine.step``
+    is DeepSpeed's bookkeeping (gradient norm and clipping, copying the partitions back, the schedule)."""
+    model = engine.module
+    hooks = []
+    for attr, name in (("visual", "train/forward_image"), ("text", "train/forward_text")):
+        if isinstance(getattr(model, attr, None), torch.nn.Module):
+            hooks += times.watch(getattr(model, attr), name)
+    inner = getattr(engine.optimizer, "optimizer", None)
+    if inner is not None and callable(getattr(inner, "step", None)):
+        times.wrap(inner, "step", "train/optimizer")
+    return hooks
 
 
 def merge_bad_items(dataset) -> None:

@@ -46,6 +46,7 @@ from mlip_fast.losses import LogitScale, clamp_logit_scales_
 from mlip_fast.train.accum import CachedLoss, cache_outputs
 from mlip_fast.train.data import step_seed
 from mlip_fast.train.signals import StopRequest
+from mlip_fast.train.timing import PhaseTimes
 
 __all__ = ["LOSS_KEYS", "NonFiniteLossError", "TrainingStopped", "DataStopped", "LoopContext", "LoopResult",
            "train_loop", "model_inputs", "loss_inputs", "clamp_engine_logit_scales", "state_is_finite",
@@ -184,6 +185,7 @@ class LoopContext:
     max_skipped_in_a_row: int = MAX_SKIPPED_IN_A_ROW
     skipped_steps: int = 0  # skipped before this run (a resumed engine's count)
     last_terms: dict = field(default_factory=dict)  # the loss terms of the last step (saved with its state)
+    times: PhaseTimes = field(default_factory=PhaseTimes)  # where the steps' time goes (mlip_fast.train.timing)
 
 
 @dataclass
@@ -242,55 +244,74 @@ def train_loop(ctx: LoopContext) -> LoopResult:
     rate_window = deque(maxlen=20)
     ctx.reporter.start_progress(ctx.total_steps, ctx.start_step)
     engine.train()
+    times = ctx.times
     while step < ctx.total_steps:
         t0 = time.perf_counter()
-        lr = float(engine.get_lr()[0]) if engine.get_lr() else math.nan  # the rate this step uses
-        batches = _fetch(ctx, step)
+        with times.phase("train/bookkeeping"):
+            lr = float(engine.get_lr()[0]) if engine.get_lr() else math.nan  # the rate this step uses
+        with times.phase("train/data"):
+            batches = _fetch(ctx, step)
         seeds = [step_seed(ctx.seed, step, micro, ctx.rank) for micro in range(ctx.accumulation)]
 
         def forward(micro: int) -> dict:
             torch.manual_seed(seeds[micro])
             inputs = model_inputs(batches[micro], device, ctx.dtype)
-            return loss_inputs(engine(inputs, seed=seeds[micro]))  # the model config's mask ratio (training mode)
+            times.watching = True  # the towers' forward hooks count this forward (not an evaluation's)
+            try:
+                with times.phase("train/forward"):
+                    return loss_inputs(engine(inputs, seed=seeds[micro]))  # the config's mask ratio (training mode)
+            finally:
+                times.watching = False
 
         # N = 1 needs no cache: the one forward keeps its graph
         outputs = [forward(0)] if ctx.accumulation == 1 else cache_outputs(forward, ctx.accumulation)
         loss = total = None
         # The losses' value checks (a host synchronisation per checked tensor) are off here: a non-finite model
         # output makes the loss non-finite, which the one reduction below sees on every rank.
-        with _checks.value_checks_disabled():
+        with _checks.value_checks_disabled(), times.phase("train/loss"):
             if ctx.accumulation == 1:
                 total, terms = ctx.criterion(**outputs[0])
             else:
                 loss = CachedLoss(outputs, ctx.criterion)
                 terms = loss.terms
-        stop_flag = torch.ones(()) if ctx.stop.signum is not None else torch.zeros(())
-        stats = torch.stack([terms[k].detach().reshape(()).to(torch.float64) for k in LOSS_KEYS]
-                            + [stop_flag.to(device=terms["loss"].device, dtype=torch.float64)])
-        stats = _reduce(stats, device)  # the step's one host synchronisation (the reduced values come to the CPU)
-        terms_now = stats[:-1] / ctx.world_size
-        stop_votes = float(stats[-1])
-        if not torch.isfinite(terms_now).all():
+        with times.phase("train/sync"):
+            stop_flag = torch.ones(()) if ctx.stop.signum is not None else torch.zeros(())
+            stats = torch.stack([terms[k].detach().reshape(()).to(torch.float64) for k in LOSS_KEYS]
+                                + [stop_flag.to(device=terms["loss"].device, dtype=torch.float64)])
+            stats = _reduce(stats, device)  # the step's one host synchronisation (the reduced values come to the CPU)
+            terms_now = stats[:-1] / ctx.world_size
+            stop_votes = float(stats[-1])
+            finite = bool(torch.isfinite(terms_now).all())
+        if not finite:
             values = {k: float(v) for k, v in zip(LOSS_KEYS, terms_now)}
             ctx.reporter.close_progress()
             # nothing is saved: the state after this step's update would be the one that produced the NaN
             ctx.reporter.record("event", event="non_finite_loss", step=step, terms=values, checkpoint=_latest(ctx))
             raise NonFiniteLossError(step, values, _latest(ctx))
         if loss is None:
-            engine.backward(total)
-            engine.step()
-        else:
-            loss.backward()
-            for micro in range(ctx.accumulation):
-                engine.backward(loss.surrogate(micro, forward(micro)), scale_wrt_gas=False)
+            with times.phase("train/backward"):
+                engine.backward(total)
+            with times.phase("train/engine_step"):
                 engine.step()
-        applied = engine.was_step_applied()  # False: DeepSpeed skipped the update (non-finite gradients)
-        skipped, in_a_row = (skipped, 0) if applied else (skipped + 1, in_a_row + 1)
-        clamp_engine_logit_scales(engine.module)  # the step above was the optimizer's
+        else:
+            with times.phase("train/backward"):
+                loss.backward()
+            for micro in range(ctx.accumulation):
+                surrogate = loss.surrogate(micro, forward(micro))
+                with times.phase("train/backward"):
+                    engine.backward(surrogate, scale_wrt_gas=False)
+                with times.phase("train/engine_step"):
+                    engine.step()
+        with times.phase("train/bookkeeping"):
+            applied = engine.was_step_applied()  # False: DeepSpeed skipped the update (non-finite gradients)
+            skipped, in_a_row = (skipped, 0) if applied else (skipped + 1, in_a_row + 1)
+            clamp_engine_logit_scales(engine.module)  # the step above was the optimizer's
         step += 1
         if step == ctx.start_step + 1 and ctx.on_first_step is not None:
-            ctx.on_first_step()
+            with times.phase("train/logging"):
+                ctx.on_first_step()
         dt = time.perf_counter() - t0
+        t_log = time.perf_counter()
         rate_window.append((ctx.global_batch, dt))
         samples_per_s = sum(b for b, _ in rate_window) / max(1e-9, sum(t for _, t in rate_window))
         terms_mean = {k: float(v) for k, v in zip(LOSS_KEYS, terms_now)}
@@ -315,6 +336,7 @@ def train_loop(ctx: LoopContext) -> LoopResult:
                 f"non-finite gradients under a finite loss: the optimizer skipped steps {step - in_a_row + 1} to "
                 f"{step} ({in_a_row} in a row, more than {ctx.max_skipped_in_a_row})"))
         ctx.reporter.update_progress(terms_mean["loss"], lr, samples_per_s)
+        times.add("train/logging", time.perf_counter() - t_log)
         if stop_votes > 0:
             if ctx.stop.signum is None:
                 ctx.stop.poll()  # another rank's request: this rank's own watcher may not have looked yet

@@ -140,6 +140,7 @@ def _run(run: RunState) -> dict:
     if run.resume is not None:
         run.reporter.log("resuming from %s (step %d)", run.resume, run.resume.step)
         run.reporter.record("event", event="resume", checkpoint=str(run.resume), step=run.resume.step)
+    run.times.add("start_up", run.elapsed())
     data = prepare_data(run)
     engine = build_engine(run, data)
     done = fit(run, data, engine)

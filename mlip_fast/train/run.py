@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -58,16 +59,21 @@ def prepare_data(run: RunState) -> RunData:
     data = args.data
     if data == "synthetic":
         size = run.model_cfg.vision.image_size
-        if run.ranks.local_rank == 0:
-            tdata.prepare_synthetic(Path(args.cache_dir), size, args.synthetic_n, args.synthetic_seed,
-                                    workers=max(1, min(2, os.cpu_count() or 1)), log=reporter.log)
-        barrier()
+        with run.times.phase("generation"):
+            if run.ranks.local_rank == 0:
+                tdata.prepare_synthetic(Path(args.cache_dir), size, args.synthetic_n, args.synthetic_seed,
+                                        workers=max(1, min(2, os.cpu_count() or 1)), log=reporter.log)
+            barrier()
         master = tdata.synthetic_cache_dir(Path(args.cache_dir), size, args.synthetic_n, args.synthetic_seed) / "master.csv"
         data, synthetic_root = str(master), master.parent
     # the preprocessing the export stores (preprocess_config.json) is the one the run trains with
+    t_read = time.perf_counter()
     train_tf, eval_tf = default_preprocess(run.model_cfg).transforms()
     kw = dict(image_root=args.image_root, max_bad_fraction=args.max_bad_fraction)
     train_set = tdata.build_pretrain_dataset(data, "train", train_tf, **kw)
+    if args.in_memory and not hasattr(train_set, "records"):
+        raise tdata.DataConfigError(f"--in-memory needs image-report pairs read from an index file; {data} is a shard "
+                                    f"folder, which is streamed (drop --in-memory)")
     eval_sets = EvalSets(tdata.build_pretrain_dataset(data, "valid", eval_tf, **kw),
                          tdata.build_pretrain_dataset(data, "test", eval_tf, **kw),
                          "synthetic" if synthetic_root is not None else "chexpert5", synthetic_root)
@@ -80,6 +86,7 @@ def prepare_data(run: RunState) -> RunData:
                                     args.num_workers, args.shuffle_buffer)
     out = RunData(data, train_set, eval_sets, skipped, tdata.data_fingerprint(train_set), sampler,
                   total_steps(args, sampler.steps_per_epoch))
+    run.times.add("datasets", time.perf_counter() - t_read)
     if run.resume is not None:
         _continue_from(run, out)
     return out
@@ -183,8 +190,10 @@ def build_engine(run: RunState, data: RunData) -> Engine:
     """Tokenizer, model (identical initial weights on every rank), loss, collate and the DeepSpeed engine with
     the schedule of the run's length; loads the resumed checkpoint."""
     args, reporter = run.args, run.reporter
-    tokenizer = build_tokenizer(run.model_cfg, lambda: tdata.report_corpus(data.train_set), run.run_dir, run.rank,
-                                run.resume.run_dir if run.resume is not None else None)
+    with run.times.phase("vocabulary"):
+        tokenizer = build_tokenizer(run.model_cfg, lambda: tdata.report_corpus(data.train_set), run.run_dir,
+                                    run.rank, run.resume.run_dir if run.resume is not None else None)
+    t_model = time.perf_counter()
     torch.manual_seed(args.seed)  # identical initial weights on every rank (ZeRO-3 partitions each rank's copy)
     try:
         model = create_model(run.model_cfg, tokenizer=tokenizer, image_pretrained=args.pretrained)
@@ -222,6 +231,7 @@ def build_engine(run: RunState, data: RunData) -> Engine:
     if run.resume is not None:
         start_step = int(ckpt.load_checkpoint(engine, Path(run.resume.root), run.resume.tag)["step"])
     data.sampler.start_step = start_step
+    run.times.add("model_and_engine", time.perf_counter() - t_model)
     v = model_cfg.vision
     reporter.log("model %s: %.2fM parameters; image %d px, %d patches, mask ratio %.2f; text %s", model_cfg.name,
                  n_params / 1e6, v.image_size, v.num_patches, model_cfg.mask_ratio, model_cfg.text.source)

@@ -25,6 +25,7 @@ from mlip_fast.train.process import Ranks, on_rank0, require_deepspeed
 from mlip_fast.train.reporting import RunReporter, check_monitors
 from mlip_fast.train.run_folder import RunLock, check_run_folder
 from mlip_fast.train.signals import StopRequest
+from mlip_fast.train.timing import PhaseTimes
 
 __all__ = ["RUNS_ROOT", "DEFAULT_SEED", "Resume", "Claim", "RunState", "preflight", "model_config",
            "claim_run_folder", "resolve_seed", "total_steps"]
@@ -76,6 +77,7 @@ class RunState:
     phase: str = "start-up"  # then "training", then "finish" (after the final checkpoint)
     step: Optional[int] = None  # the step of the final checkpoint, once saved
     checkpoint: Optional[str] = None
+    times: PhaseTimes = field(default_factory=PhaseTimes)  # where the run's wall time goes (summary.json)
 
     @property
     def micro(self) -> int:
@@ -112,8 +114,8 @@ def output_dir(args) -> Path:
 
 
 def model_config(args, device_type: str = "cpu") -> MLIPConfig:
-    """The model config of ``--model`` with ``--model-overrides``, ``--image-size``, ``--attn``, ``--mask-ratio``
-    and the attention choices ``--deterministic`` needs on CUDA."""
+    """The model config of ``--model`` with ``--model-overrides``, ``--image-size``, ``--attn``, ``--mask-ratio``,
+    ``--text-dropout`` and the attention choices ``--deterministic`` needs on CUDA."""
     cfg = get_model_config(args.model)
     overrides = dict(args.model_overrides or {})
     vision = dict(overrides.pop("vision", {}))
@@ -131,6 +133,8 @@ def model_config(args, device_type: str = "cpu") -> MLIPConfig:
     overrides["vision"] = vision
     if args.mask_ratio is not None:
         overrides["mask_ratio"] = args.mask_ratio
+    if getattr(args, "text_dropout", None) is not None:
+        overrides["text"] = {"dropout": args.text_dropout, **overrides.get("text", {})}
     return cfg.replace(**overrides)
 
 

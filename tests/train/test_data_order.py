@@ -7,8 +7,9 @@ import torch
 
 from mlip_fast.models import get_tokenizer
 from mlip_fast.preprocess.tokenization import tokenize_reports
-from mlip_fast.train.data import (DataConfigError, GlobalBatchSampler, SeededSamples, make_collator, prepare_synthetic,
-                                  sample_seed, step_seed, synthetic_cache_dir)
+from mlip_fast.train.data import (DataConfigError, GlobalBatchSampler, MemoryPairs, SeededSamples, make_collator,
+                                  make_train_loader, memory_batches, prepare_synthetic, sample_seed, step_seed,
+                                  synthetic_cache_dir)
 
 
 def take(sampler, n):
@@ -99,3 +100,56 @@ def test_training_batches_keep_their_own_sentence_count():
     expected = tokenize_reports(tok, reports, 64, 7)
     for key in ("input_ids", "attention_mask", "sentence_spans", "sentence_mask"):
         assert torch.equal(batch[key], expected[key]), key
+
+
+def _pairs_setup(synthetic_cache, tmp_path=None, break_image=None):
+    import shutil
+
+    from mlip_fast.data.pretrain import PretrainDataset
+    from mlip_fast.preprocess.transforms import ImageTransform
+
+    root = synthetic_cache_dir(synthetic_cache, 32, 48, 0)
+    if break_image is not None:
+        shutil.copytree(root, tmp_path / "data")
+        root = tmp_path / "data"
+    dataset = PretrainDataset(root / "master.csv", split="train", transform=ImageTransform(32, train=True))
+    if break_image is not None:
+        (root / dataset.records[break_image]["image_path"]).write_bytes(b"not an image")
+    tok = get_tokenizer("mlip-tiny", corpus=[r["report"] for r in dataset.records])
+    return dataset, tok, make_collator(tok, 48, 5)  # small limits: truncated reports and dropped sentences too
+
+
+@pytest.mark.parametrize("micro, accumulation, rank, world", [(4, 1, 0, 1), (3, 2, 1, 2)])
+def test_in_memory_batches_equal_the_loaders_bitwise(synthetic_cache, micro, accumulation, rank, world):
+    """``--in-memory`` changes where a batch is built, not what it holds: every model input of every batch (the
+    augmented images, token ids, masks and sentence spans) is the DataLoader's, bitwise, over two epochs."""
+    dataset, tok, collate = _pairs_setup(synthetic_cache)
+    pairs = MemoryPairs(dataset, tok, collate.max_length, collate.max_sentences, chunk=7)  # ragged chunks
+    sampler = GlobalBatchSampler(len(dataset), micro, accumulation, rank, world, seed=5)
+    loaded = iter(make_train_loader(dataset, sampler, collate, 0))
+    built = memory_batches(pairs, sampler)
+    for _ in range(2 * sampler.steps_per_epoch * accumulation):
+        a, b = next(loaded), next(built)
+        for key in ("images", "input_ids", "attention_mask", "sentence_spans", "sentence_mask", "index"):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_in_memory_batches_replace_an_unreadable_image_as_the_dataset_does(synthetic_cache, tmp_path):
+    dataset, tok, collate = _pairs_setup(synthetic_cache, tmp_path, break_image=2)
+    dataset.max_bad_fraction = 0.1
+    pairs = MemoryPairs(dataset, tok, collate.max_length, collate.max_sentences)
+    assert dataset.bad_items() == [2]
+    keys = [(2, 11), (5, 12)]
+    batch = pairs.batch(keys)
+    expected = collate([SeededSamples(dataset)[k] for k in keys])
+    assert batch["index"].tolist() == [3, 5] == expected["index"].tolist()
+    assert torch.equal(batch["images"], expected["images"]) and torch.equal(batch["input_ids"], expected["input_ids"])
+
+
+def test_in_memory_refuses_too_many_unreadable_images(synthetic_cache, tmp_path):
+    from mlip_fast.data.readers import DatasetError
+
+    dataset, tok, collate = _pairs_setup(synthetic_cache, tmp_path, break_image=0)
+    dataset.max_bad_fraction = 0.0
+    with pytest.raises(DatasetError, match="items are bad"):
+        MemoryPairs(dataset, tok, collate.max_length, collate.max_sentences)

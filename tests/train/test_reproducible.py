@@ -1,7 +1,8 @@
 """Same seed, same run: two fresh training runs (separate processes, output folders and synthetic caches,
 different PYTHONHASHSEED) with the same flags log identical losses at every step and end with identical
-metrics. CPU, one process, fp32, the app's default thread count, a DataLoader worker, masking, dropout
-and augmentation all active; each run trains its own WordPiece vocabulary on the training reports.
+metrics. CPU, one process, fp32, the app's default thread count, the synthetic benchmark's in-memory batches,
+masking, text dropout and augmentation all active; each run trains its own WordPiece vocabulary on the training
+reports. (The in-memory batches equal the DataLoader's bitwise: tests/train/test_data_order.py.)
 Also the --deterministic switches (GPU attention choices, no effect on CPU numbers) and --sie-temperature."""
 import json
 import subprocess
@@ -15,7 +16,7 @@ from mlip_fast.train.setup import model_config
 from tests.train.conftest import REPO, SYNTH_N, SYNTH_SIZE, TRAIN_PY, base_args, clean_env, train_records, write_ds
 
 STEPS = 20
-TIMING_KEYS = {"time", "samples_per_s", "step_s", "elapsed_s"}
+TIMING_KEYS = {"time", "samples_per_s", "step_s", "elapsed_s", "data_s"}
 
 
 def _run(tmp_path, name: str, hash_seed: str) -> tuple:
@@ -24,7 +25,7 @@ def _run(tmp_path, name: str, hash_seed: str) -> tuple:
     env.pop("OMP_NUM_THREADS")  # the app's own choice (all cores), as a user runs it
     cmd = [sys.executable, str(TRAIN_PY), "--deepspeed_config", str(write_ds(tmp_path / "ds.json")),
            "--output-dir", str(out), "--cache-dir", str(cache), "--synthetic-n", str(SYNTH_N),
-           "--image-size", str(SYNTH_SIZE), "--num-workers", "1", "--no-progress", "--steps", str(STEPS),
+           "--image-size", str(SYNTH_SIZE), "--text-dropout", "0.1", "--no-progress", "--steps", str(STEPS),
            "--eval-every", "10", "--save-every", "0", "--seed", "3"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
