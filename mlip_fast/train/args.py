@@ -280,6 +280,9 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
     run.add_argument("--keep-checkpoints", type=_non_negative_int, default=2,
                      help="checkpoints kept on disk (0: keep all)")
     run.add_argument("--log-every", type=_positive_int, default=1, help="metrics.jsonl line every N steps")
+    run.add_argument("--profile-steps", type=_non_negative_int, default=0,
+                     help="torch.profiler trace of N steps after 5 warm-up steps, into <run>/profile/ (trace.json for "
+                          "chrome://tracing or Perfetto, ops.txt by op time; rank 0)")
 
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", default=None, help="run folder (default runs/<run-name>)")

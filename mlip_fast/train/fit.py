@@ -32,7 +32,7 @@ from mlip_fast.train.loop import (MAX_SKIPPED_IN_A_ROW, MAX_SKIPPED_IN_A_ROW_FP1
 from mlip_fast.train.process import barrier
 from mlip_fast.train.run import Engine, RunData, or_skip
 from mlip_fast.train.setup import RunState
-from mlip_fast.train.timing import PhaseTimes
+from mlip_fast.train.timing import PhaseTimes, StepProfiler
 
 __all__ = ["Fit", "fit", "merge_bad_items", "worker_message", "StepProbe", "watch_step"]
 
@@ -205,6 +205,8 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
     out.setup_s = run.elapsed()
     run.phase, run.stop.immediate = "training", False  # a stop now finishes the step and checkpoints it
     in_loop = {k: run.times.seconds.get(k, 0.0) for k in ("evaluations", "checkpoints")}
+    if args.profile_steps and rank == 0:
+        ctx.profiler = StepProfiler(run.run_dir / "profile", args.profile_steps, run.device_type, reporter.log)
     try:
         out.result = train_loop(ctx)
     except DataStopped as stop:
@@ -216,6 +218,8 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
         del batches, probe
         for hook in hooks:
             hook.remove()
+        if ctx.profiler is not None:
+            ctx.profiler.close()
     # the loop's own time: its wall less the evaluations and checkpoints it called
     run.times.add("training", out.result.wall_s - sum(run.times.seconds.get(k, 0.0) - v for k, v in in_loop.items()))
     reporter.log("training: %d steps in %.1f s (%.1f samples/s)", out.result.steps - e.start_step, out.result.wall_s,

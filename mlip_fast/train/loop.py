@@ -186,6 +186,7 @@ class LoopContext:
     skipped_steps: int = 0  # skipped before this run (a resumed engine's count)
     last_terms: dict = field(default_factory=dict)  # the loss terms of the last step (saved with its state)
     times: PhaseTimes = field(default_factory=PhaseTimes)  # where the steps' time goes (mlip_fast.train.timing)
+    profiler: Optional[object] = None  # --profile-steps: told after every step (mlip_fast.train.timing.StepProfiler)
 
 
 @dataclass
@@ -337,6 +338,8 @@ def train_loop(ctx: LoopContext) -> LoopResult:
                 f"{step} ({in_a_row} in a row, more than {ctx.max_skipped_in_a_row})"))
         ctx.reporter.update_progress(terms_mean["loss"], lr, samples_per_s)
         times.add("train/logging", time.perf_counter() - t_log)
+        if ctx.profiler is not None:
+            ctx.profiler.step()
         if stop_votes > 0:
             if ctx.stop.signum is None:
                 ctx.stop.poll()  # another rank's request: this rank's own watcher may not have looked yet

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["PhaseTimes", "TRAIN_PHASES", "RUN_PHASES"]
+__all__ = ["PhaseTimes", "TRAIN_PHASES", "RUN_PHASES", "StepProfiler", "PROFILE_WARMUP"]
 
 # The phases of a training step, in the order a step runs them (keys of PhaseTimes.seconds under "train/").
 TRAIN_PHASES = ("data", "forward_image", "forward_text", "forward_rest", "loss", "sync", "backward", "optimizer",
@@ -94,3 +95,41 @@ class PhaseTimes:
         values = {name: round(self.seconds.get(name, 0.0), 3) for name in RUN_PHASES}
         values["other"] = round(max(0.0, wall_s - sum(values.values())), 3)
         return values
+
+
+# Steps the profiler lets pass before it records (allocator, first-call dispatch, the first step's selections).
+PROFILE_WARMUP = 5
+
+
+class StepProfiler:
+    """``--profile-steps N``: a ``torch.profiler`` trace of N training steps after :data:`PROFILE_WARMUP` steps,
+    written when they are done into ``folder``: ``trace.json`` (Chrome trace format: chrome://tracing or
+    https://ui.perfetto.dev) and ``ops.txt`` (the ops by their own time, from ``key_averages``). CPU activity, and
+    CUDA's on a GPU. The loop calls :meth:`step` after every step; :meth:`close` stops a trace left unfinished."""
+
+    def __init__(self, folder: Path, steps: int, device_type: str = "cpu", log: Callable[..., None] = print):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.folder, self.log = Path(folder), log
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+        self._profile = profile(activities=activities, record_shapes=True,
+                                schedule=schedule(wait=PROFILE_WARMUP, warmup=1, active=int(steps), repeat=1),
+                                on_trace_ready=self._write)
+        self._profile.start()
+        self._open = True
+
+    def _write(self, prof) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.folder / "trace.json"))
+        (self.folder / "ops.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=60)
+                                             + "\n")
+        self.log("profiler: trace of the profiled steps in %s (trace.json, ops.txt)", self.folder)
+
+    def step(self) -> None:
+        if self._open:
+            self._profile.step()
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._profile.stop()
