@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import multiprocessing
 import os
 import random
@@ -47,29 +48,50 @@ def synthetic_cache_dir(cache_dir: Path, size: int, n: int, seed: int) -> Path:
     return Path(cache_dir) / f"synthetic-{size}-{n}-{seed}"
 
 
+def _cached_fingerprint(folder: Path):
+    try:
+        return json.loads((folder / "summary.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def prepare_synthetic(cache_dir: Path, size: int, n: int, seed: int, workers: int = 2,
                       log: Callable[[str], None] = print) -> Path:
-    """The synthetic benchmark's ``master.csv``, generated on first use.
+    """The synthetic benchmark's ``master.csv``, generated on first use (``workers`` processes).
 
-    Generation writes into a temporary sibling folder and renames it into place, so an interrupted
-    generation never leaves a half-written cache that a later run would trust; concurrent generators
-    (one per node) race harmlessly: the first rename wins, the others discard their copy.
+    The cache is kept by content: it is used when the fingerprint its ``summary.json`` records is the one this
+    generator gives for these parameters (:func:`mlip_fast.data.synth.generator_fingerprint`), and generated
+    again otherwise (a cache written by an older generator, or one without a fingerprint), so a change of the
+    generator never trains on stale data. Generation writes into a temporary sibling folder and renames it into
+    place (a stale cache is moved aside first), so an interrupted generation never leaves a half-written cache
+    that a later run would trust; concurrent generators (one per node) race harmlessly: the first rename wins,
+    the others discard their copy.
     """
     target = synthetic_cache_dir(cache_dir, size, n, seed)
     master = target / "master.csv"
-    if master.is_file():
+    wanted = synth.generator_fingerprint(n, seed, size)
+    if master.is_file() and _cached_fingerprint(target) == wanted:
         log(f"synthetic benchmark: using the cache {target}")
         return master
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     start = time.perf_counter()
-    log(f"synthetic benchmark: generating {n} images at {size} px (seed {seed}) into {target}")
+    stale = target.exists()
+    log(f"synthetic benchmark: generating {n} images at {size} px (seed {seed}) into {target}"
+        + (" (the cache there was written by another generator)" if stale else ""))
     synth.generate(tmp, n=n, seed=seed, size=size, workers=workers)
+    if stale:
+        aside = target.parent / f".{target.name}.stale-{os.getpid()}"
+        try:
+            os.rename(target, aside)
+        except OSError:
+            pass  # another generator moved it first
+        shutil.rmtree(aside, ignore_errors=True)
     try:
         os.rename(tmp, target)
     except OSError:
-        if not master.is_file():
+        if _cached_fingerprint(target) != wanted:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"synthetic benchmark: generated in {time.perf_counter() - start:.1f} s")

@@ -153,3 +153,25 @@ def test_in_memory_refuses_too_many_unreadable_images(synthetic_cache, tmp_path)
     dataset.max_bad_fraction = 0.0
     with pytest.raises(DatasetError, match="items are bad"):
         MemoryPairs(dataset, tok, collate.max_length, collate.max_sentences)
+
+
+def test_synthetic_cache_from_another_generator_is_generated_again(tmp_path):
+    """The cache is kept by content: a folder whose recorded generator fingerprint differs (an older generator, or
+    none recorded) is replaced, never trained on."""
+    import json
+
+    from mlip_fast.data.synth import generator_fingerprint
+
+    master = prepare_synthetic(tmp_path, 16, 12, seed=1, workers=1, log=lambda _: None)
+    summary = master.parent / "summary.json"
+    record = json.loads(summary.read_text())
+    assert record["fingerprint"] == generator_fingerprint(12, 1, 16) != generator_fingerprint(12, 2, 16)
+    rows = master.read_bytes()
+    summary.write_text(json.dumps({**record, "fingerprint": "from-an-older-generator"}))
+    (master.parent / "images" / "s0000000.png").write_bytes(b"stale")
+    logs = []
+    assert prepare_synthetic(tmp_path, 16, 12, seed=1, workers=1, log=logs.append) == master
+    assert "written by another generator" in logs[0]
+    assert json.loads(summary.read_text())["fingerprint"] == record["fingerprint"]
+    assert master.read_bytes() == rows and (master.parent / "images" / "s0000000.png").read_bytes() != b"stale"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -6,7 +6,7 @@ the prepared-MIMIC-CXR layout that ``mlip_fast.data.pretrain.PretrainDataset`` r
 DIR/master.csv                      one row per image (columns below)
 DIR/images/<id>.png                 8-bit grayscale radiograph, S x S
 DIR/masks/<id>_<finding>.png        0/255 pixel mask of one finding (present findings only)
-DIR/summary.json                    parameters, counts, prevalence, wall time
+DIR/summary.json                    parameters, counts, prevalence, wall time, the generator's fingerprint
 ```
 master.csv columns: ``image_path`` (relative to DIR), ``study_id``, ``findings``, ``impression``,
 ``split`` (train / valid / test), one 1/0 column per label in ``SYNTHETIC_LABELS`` (CheXpert names), and
@@ -32,13 +32,15 @@ Reports have a findings section (one sentence per present finding, some negation
 normal statements, shuffled) and an impression (the positives, sometimes enumerated, or a normal line).
 
 Generation is deterministic for a seed: image ``i`` uses ``numpy.random.default_rng([seed, i])``, so
-the output does not depend on the number of workers.
+the output does not depend on the number of workers. ``generator_fingerprint`` hashes what the files are a
+function of (parameters, this package's source, numpy and Pillow versions); ``summary.json`` records it, so a
+cache written by another generator is recognised (the training app regenerates it).
 
 Modules: ``findings`` (what a case holds and the draw of its findings), ``anatomy`` (drawing the image and
 the masks), ``reports`` (writing the report), ``dataset`` (``make_sample``, ``generate``), ``cli``.
 """
 from mlip_fast.data.synth.cli import main
-from mlip_fast.data.synth.dataset import generate, make_sample
+from mlip_fast.data.synth.dataset import generate, generator_fingerprint, make_sample
 from mlip_fast.data.synth.findings import FINDINGS, PREVALENCE
 
-__all__ = ["FINDINGS", "PREVALENCE", "make_sample", "generate", "main"]
+__all__ = ["FINDINGS", "PREVALENCE", "make_sample", "generate", "generator_fingerprint", "main"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image
 
 from mlip_fast._records import write_run_record
@@ -19,7 +21,21 @@ from mlip_fast.data.synth.anatomy import draw
 from mlip_fast.data.synth.findings import LABEL_OF, sample_findings
 from mlip_fast.data.synth.reports import write_report
 
-__all__ = ["make_sample", "generate"]
+__all__ = ["make_sample", "generate", "generator_fingerprint"]
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def generator_fingerprint(n: int, seed: int, size: int, splits=(0.8, 0.1, 0.1)) -> str:
+    """What the files of ``generate(out, n, seed, size, splits=splits)`` are a function of: the parameters, the
+    generator's own source (every module of this package) and the numpy and Pillow versions (random streams and
+    PNG encoding), hashed. A cache whose recorded fingerprint differs was written by another generator."""
+    h = hashlib.sha256(json.dumps({"n": int(n), "seed": int(seed), "size": int(size),
+                                   "splits": [float(v) for v in splits], "numpy": np.__version__,
+                                   "pillow": PIL.__version__}, sort_keys=True).encode())
+    for path in sorted(_PACKAGE.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def make_sample(seed: int, index: int = 0, size: int = 224) -> dict:
@@ -153,6 +169,7 @@ def generate(out_dir, n: int, seed: int = 0, size: int = 224, workers: int = 2,
         "split_counts": {s: split_of.count(s) for s in ("train", "valid", "test")},
         "prevalence": prevalence,
         "normal_fraction": sum(1 for r in rows if r["findings_json"] == "[]") / n,
+        "fingerprint": generator_fingerprint(n, seed, size, splits),
         "wall_time_s": round(wall, 3),
         "images_per_s": round(n / wall, 1),
         "versions": {"python": platform.python_version(), "numpy": np.__version__},
