@@ -1,0 +1,127 @@
+"""Choosing the default run's settings on the VALIDATION split (the test split is never read here).
+
+Each candidate is a set of flags of the training app on top of the synthetic preset. A candidate trains through
+the app (``train.py``, one process, its own thread count) without periodic evaluations or checkpoints and without
+the final test evaluation; its exported model is then scored on the validation split: zero-shot macro AUC over the
+CheXpert-5 classes and the pointing accuracy of the finding sentences with its chance rate (the same metrics the
+default run reports on the test split). One record per (candidate, seed) in
+``benchmarks/results/tune_default_run_cpu.json``, with the steps, batch, training time, samples/s, the thread
+count and the machine's load average before and after (the machine is shared: compare times only within a run of
+this script, qualities across it). Resumable: a (candidate, seed) with a record is not run again.
+
+    python benchmarks/bench_tune_default_run.py --list
+    python benchmarks/bench_tune_default_run.py --candidates preset_1500 dropout0_1500 [--seeds 0 1] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [p for p in (str(ROOT), str(HERE)) if p not in sys.path]
+
+import harness  # noqa: E402
+
+RESULTS = harness.RESULTS / "tune_default_run_cpu.json"
+# name -> flags of train.py (on top of the synthetic preset and ds.json)
+CANDIDATES = {
+    "preset_1000": ["--steps", "1000", "--text-dropout", "0.1"],
+    "preset_1500": ["--steps", "1500", "--text-dropout", "0.1"],
+    "dropout0_1500": ["--steps", "1500", "--text-dropout", "0"],
+    "dropout0_lr3e-3_1500": ["--steps", "1500", "--text-dropout", "0", "--lr", "3e-3"],
+    "dropout0_b128_750": ["--steps", "750", "--text-dropout", "0", "--batch-size", "128", "--lr", "3e-3"],
+    "dropout0_mask50_1500": ["--steps", "1500", "--text-dropout", "0", "--mask-ratio", "0.5"],
+    "dropout0_local8_1500": ["--steps", "1500", "--text-dropout", "0", "--lambda-local", "8"],
+}
+
+
+def evaluate_valid(export: Path, root: Path) -> dict:
+    """Zero-shot macro AUC and pointing accuracy (with chance) of ``export`` on the validation split."""
+    from mlip_fast.eval.localisation import evaluate_localisation
+    from mlip_fast.models import from_pretrained
+    from mlip_fast.models.hub import default_preprocess
+    from mlip_fast.train import data as tdata
+    from mlip_fast.train.evaluation import zero_shot
+
+    model = from_pretrained(export)
+    _, eval_tf = default_preprocess(model.config).transforms()
+    valid = tdata.build_pretrain_dataset(str(root / "master.csv"), "valid", eval_tf)
+    zs = zero_shot(model, valid, "synthetic")
+    loc = evaluate_localisation(model, root, split="valid", progress=False, batch_size=64)
+    return {"valid_auc_macro": zs["auc_macro"], "valid_auc": zs["auc"],
+            "valid_pointing": loc["pointing_accuracy"], "valid_pointing_chance": loc["chance"],
+            "valid_pointing_over_chance": loc["pointing_accuracy"] / loc["chance"],
+            "valid_pointing_per_finding": {k: round(v["pointing_accuracy"], 3) for k, v in loc["per_finding"].items()}}
+
+
+def run(name: str, seed: int, threads: int, work: Path, cache: Path) -> dict:
+    from mlip_fast.train.data import synthetic_cache_dir
+
+    out = work / f"{name}-s{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--deepspeed_config", str(ROOT / "ds.json"), "--seed", str(seed),
+           "--output-dir", str(out), "--cache-dir", str(cache), "--eval-every", "0", "--save-every", "0",
+           "--keep-checkpoints", "1", "--no-final-eval", "--no-progress", *CANDIDATES[name]]
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    with open(work / f"{name}-s{seed}.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} seed {seed} failed (exit {proc.returncode}); see {work / f'{name}-s{seed}.log'}")
+    summary = json.loads((out / "summary.json").read_text())
+    record = {"candidate": name, "flags": CANDIDATES[name], "seed": seed, "steps": summary["steps"],
+              "global_batch": summary["global_batch"], "samples": summary["steps"] * summary["global_batch"],
+              **evaluate_valid(Path(summary["export"]), synthetic_cache_dir(cache, 64, summary["args"]["synthetic_n"], 0)),
+              "train_s": summary["train_s"], "samples_per_s": summary["samples_per_s"],
+              "step_samples_per_s": (summary.get("time_breakdown") or {}).get("step_samples_per_s"),
+              "wall_s": round(time.perf_counter() - start, 1), "threads": threads,
+              "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+              "final_loss": summary["final_loss_mean_last_steps"],
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return record
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", nargs="+", default=[], choices=sorted(CANDIDATES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "tune")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, flags in CANDIDATES.items():
+            print(f"{name:<24} {' '.join(flags)}")
+        return 0
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    records = json.loads(args.out.read_text()) if args.out.exists() else []
+    done = {(r["candidate"], r["seed"]) for r in records}
+    for name in args.candidates:
+        for seed in args.seeds:
+            if (name, seed) in done:
+                continue
+            record = run(name, seed, args.threads, args.work_dir, args.cache_dir)
+            records.append(record)
+            args.out.write_text(json.dumps(records, indent=1) + "\n")
+            print(json.dumps({k: record[k] for k in ("candidate", "seed", "valid_auc_macro", "valid_pointing",
+                                                     "valid_pointing_over_chance", "train_s")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
