@@ -5,7 +5,8 @@ see :mod:`mlip_fast.constants`) that is used when ``forward`` gets no ``logit_sc
 scale to use that instead. As in open_clip, the bound is kept by clamping the parameter after each
 optimizer step, not inside ``forward``: call :func:`clamp_logit_scales_` on the model (and on the loss
 modules whose own scale you train) after ``optimizer.step()``. ``impl`` picks the patch-sentence scores
-implementation: "auto", "reference", "chunked" or "triton" (see :func:`mlip_fast.ops.patch_sentence_scores`).
+implementation: "auto", "reference", "chunked" or "triton" (see :func:`mlip_fast.ops.patch_sentence_scores`, and
+:func:`mlip_fast.ops.patch_sentence_ot_scores` with ``local_matching="ot"``).
 
 Example::
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from mlip_fast import functional as MF
-from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE, INIT_TEMPERATURE
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS, DEFAULT_SIE_TEMPERATURE, INIT_TEMPERATURE
 from mlip_fast.functional.integrity import DEFAULT_OTHER_TEMPERATURE
 from mlip_fast.logit_scale import LogitScale, clamp_logit_scales_
 
@@ -79,8 +80,8 @@ class GlobalContrastiveLoss(nn.Module):
 
 
 class PatchSentenceLoss(nn.Module):
-    """MLIP's patch-sentence local loss (token-wise max, both directions, one fused scores call); see
-    :func:`mlip_fast.functional.patch_sentence_loss`.
+    """MLIP's patch-sentence local loss (token-wise max in both directions, or optimal transport; one fused scores
+    call); see :func:`mlip_fast.functional.patch_sentence_loss`.
 
     Args:
         local_loss, gather_with_grad: the distributed mode, as :class:`GlobalContrastiveLoss`.
@@ -88,6 +89,10 @@ class PatchSentenceLoss(nn.Module):
         deterministic: the fused backward without atomics (bitwise reproducible gradients).
         init_temperature, learn_temperature: this module's own logit scale.
         precision: "ieee" (default) or "tf32" (fp32 embeddings on the TF32 tensor cores, Triton on a GPU).
+        local_matching: "max" (the method's token-wise max, the default) or "ot" (entropic optimal transport:
+            one [B, G] score matrix s = sum_pq P*_pq cos(v_p, u_q) for both directions, see
+            :func:`mlip_fast.ops.patch_sentence_ot_scores`); ot_eps, ot_iters: its regularisation and Sinkhorn
+            iterations.
     """
 
     def __init__(
@@ -99,8 +104,13 @@ class PatchSentenceLoss(nn.Module):
         init_temperature: float = INIT_TEMPERATURE,
         learn_temperature: bool = True,
         precision: str = "ieee",
+        local_matching: str = "max",
+        ot_eps: float = DEFAULT_OT_EPS,
+        ot_iters: int = DEFAULT_OT_ITERS,
     ):
         super().__init__()
+        MF.LossConfig(local_matching=local_matching, ot_eps=ot_eps, ot_iters=ot_iters).matching()
+        self.local_matching, self.ot_eps, self.ot_iters = local_matching, ot_eps, ot_iters
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.impl = impl
@@ -119,13 +129,15 @@ class PatchSentenceLoss(nn.Module):
 
         Returns:
             0-dim float32 loss = 1/2 [CE_rows(s * S_I2T) + CE_cols(s * S_T2I)], S_I2T[i, j] = mean_p max_q
-            cos(v_ip, u_jq), S_T2I[i, j] = mean_q max_p cos(v_ip, u_jq), positives on the diagonal.
+            cos(v_ip, u_jq), S_T2I[i, j] = mean_q max_p cos(v_ip, u_jq) ("max"; with "ot" both are the OT
+            score), positives on the diagonal.
         """
         scale = self.logit_scale() if logit_scale is None else logit_scale
         return MF.patch_sentence_loss(
             patches, sentences, sentence_mask, patch_mask, scale, weights,
             local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
             impl=self.impl, deterministic=self.deterministic, precision=self.precision,
+            local_matching=self.local_matching, ot_eps=self.ot_eps, ot_iters=self.ot_iters,
         )
 
 
@@ -167,8 +179,9 @@ class MLIPLoss(nn.Module):
     Composed of the three loss modules (``global_loss``, ``patch_sentence_loss``, ``integrity_loss``), with the
     options in one :class:`~mlip_fast.functional.LossConfig` (``config``): the constructor takes its fields
     (lambda_local, lambda_sie, weight_global, weight_local, sie_temperature, sie_target, sie_other_temperature,
-    local_loss, gather_with_grad, impl, deterministic, precision) and ``init_temperature`` / ``learn_temperature`` of the two contrastive
-    terms' own logit scales, which ``forward`` uses when it gets none (a model passes its own).
+    local_loss, gather_with_grad, impl, deterministic, precision, local_matching, ot_eps, ot_iters) and
+    ``init_temperature`` / ``learn_temperature`` of the two contrastive terms' own logit scales, which ``forward``
+    uses when it gets none (a model passes its own).
 
     ``forward`` takes the model's output dict as keyword arguments (``criterion(**outputs)``): image_global
     [B, D], text_global [B, D], patches [B, K, D], sentences [B, S, D], sentence_mask [B, S],
@@ -183,7 +196,8 @@ class MLIPLoss(nn.Module):
         self.global_loss = GlobalContrastiveLoss(cfg.local_loss, cfg.gather_with_grad, init_temperature,
                                                  learn_temperature)
         self.patch_sentence_loss = PatchSentenceLoss(cfg.local_loss, cfg.gather_with_grad, cfg.impl, cfg.deterministic,
-                                                     init_temperature, learn_temperature, cfg.precision)
+                                                     init_temperature, learn_temperature, cfg.precision,
+                                                     cfg.local_matching, cfg.ot_eps, cfg.ot_iters)
         self.integrity_loss = SemanticIntegrityLoss(cfg.sie_temperature, cfg.sie_target, cfg.sie_other_temperature)
 
     def forward(

@@ -4,7 +4,8 @@ Per-rank losses are means over local rows, so the single-process loss equals the
 gradient each rank gets on its own inputs (summed over ranks by the all-gather's backward) equals
 world_size times the single-process gradient on that slice. Ranks hold different numbers of sentences per
 report (ragged S): the library pads them itself. In the default mode (local loss, gather with gradient)
-each rank calls the fused scores op once per loss and exchanges [B, B] score blocks with an all-to-all.
+each rank calls the fused scores op once per loss and exchanges [B, B] score blocks with an all-to-all; with
+optimal-transport matching the same holds for the OT op's one score matrix.
 """
 import os
 
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 from mlip_fast import distributed as MD
 from mlip_fast import functional as MF
 from mlip_fast.ops import patch_sentence as ps_op
+from mlip_fast.ops import patch_sentence_ot as ot_op
 
 B, K, S, D = 3, 4, 5, 5
 IMPLS = ("reference", "chunked")
@@ -134,6 +136,74 @@ def test_processes_match_one(tmp_path, world):
                         if key == "sentences":
                             want = want[:, : _s_of(r)]
                         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=f"{msg}, grad of {key}, rank {r}")
+
+
+def _ot_losses(x, local_loss, gather_with_grad):
+    """The local and total losses with optimal-transport matching (chunked impl) and their input gradients."""
+    out = {}
+    kw = dict(local_loss=local_loss, gather_with_grad=gather_with_grad, impl="chunked", local_matching="ot",
+              ot_eps=0.1, ot_iters=8)
+    for name in ("local", "total"):
+        t = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in x.items()}
+        if name == "local":
+            loss = MF.patch_sentence_loss(t["patches"], t["sentences"], t["smask"], t["pmask"], 6.0, t["weights"], **kw)
+            keys = ("patches", "sentences")
+        else:
+            loss, _ = MF.mlip_loss(t["image"], t["text"], t["patches"], t["sentences"], t["smask"], t["logits"],
+                                   t["weights"], 8.0, 6.0, t["pmask"], weight_local=True, **kw)
+            keys = ("image", "text", "patches", "sentences", "logits")
+        loss.backward()
+        out[name] = (loss.detach(), {k: t[k].grad for k in keys})
+    return out
+
+
+def _ot_worker(rank, world, init_file, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        full = _batch(world)
+        mine = {k: v[rank * B : (rank + 1) * B] for k, v in full.items()}
+        mine["sentences"] = mine["sentences"][:, : _s_of(rank)]
+        mine["smask"] = mine["smask"][:, : _s_of(rank)]
+        results = {mode: _ot_losses(mine, *mode) for mode in MODES}
+        calls = []
+        chosen = ot_op.REGISTRY.impls["chunked"]
+        original = chosen.fn
+        object.__setattr__(chosen, "fn", lambda *a, **k: calls.append(1) or original(*a, **k))
+        try:
+            t = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in mine.items()}
+            MF.patch_sentence_loss(t["patches"], t["sentences"], t["smask"], t["pmask"], 6.0, impl="chunked",
+                                   local_matching="ot").backward()
+        finally:
+            object.__setattr__(chosen, "fn", original)
+        results["calls"] = len(calls)
+        torch.save(results, os.path.join(result_dir, f"ot{rank}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ot_matching_processes_match_one(tmp_path):
+    world = 2
+    mp.spawn(_ot_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"ot{r}.pt") for r in range(world)]
+    full = _batch(world)
+    assert [r["calls"] for r in ranks] == [1] * world, "one OT scores call per loss in the default distributed mode"
+    for mode in MODES:
+        local_loss, gather_with_grad = mode
+        for name, (loss, grads) in _ot_losses(full, *mode).items():
+            msg = f"OT {name} loss, local_loss={local_loss}, gather_with_grad={gather_with_grad}"
+            rank_out = [ranks[r][mode][name] for r in range(world)]
+            torch.testing.assert_close(sum(o[0] for o in rank_out) / world, loss, rtol=1e-10, atol=1e-12, msg=msg)
+            if not gather_with_grad:
+                continue
+            for key, g in grads.items():
+                for r in range(world):
+                    want = world * g[r * B : (r + 1) * B]
+                    if key == "sentences":
+                        want = want[:, : _s_of(r)]
+                    torch.testing.assert_close(rank_out[r][1][key], want, rtol=1e-9, atol=1e-12,
+                                               msg=f"{msg}, grad of {key}, rank {r}")
 
 
 def _a2a_worker(rank, world, init_file, result_dir):

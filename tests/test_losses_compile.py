@@ -1,7 +1,7 @@
 """The drop-in losses compile whole: ``torch.compile(loss, fullgraph=True)`` traces the global, patch-sentence
-and MLIP losses with the reference and the chunked scores impls without a graph break (value checks, which read
-tensor contents, are skipped while tracing; the chunked impl is one custom op), and the compiled losses give
-the eager values and gradients. ``aot_eager`` traces forward and backward as inductor would, without its C++
+and MLIP losses with the reference and the chunked scores impls, max and optimal-transport matching, without a
+graph break (value checks, which read tensor contents, are skipped while tracing; each chunked impl is one custom
+op), and the compiled losses give the eager values and gradients. ``aot_eager`` traces forward and backward as inductor would, without its C++
 compile time."""
 import pytest
 import torch
@@ -9,6 +9,7 @@ import torch
 from mlip_fast.losses import GlobalContrastiveLoss, MLIPLoss, PatchSentenceLoss
 
 B, K, S, D = 4, 6, 3, 8
+OT_ITERS = 10
 
 
 def _inputs(seed=0):
@@ -40,6 +41,11 @@ CASES = {
                      ("image_global", "text_global", "patches", "sentences", "integrity_logits")),
     "mlip_reference": (lambda: MLIPLoss(impl="reference"), lambda m, x: m(**x),
                        ("image_global", "text_global", "patches", "sentences", "integrity_logits")),
+    "patch_sentence_ot_chunked": (lambda: PatchSentenceLoss(local_matching="ot", impl="chunked", ot_iters=OT_ITERS),
+                                  lambda m, x: m(x["patches"], x["sentences"], x["sentence_mask"]),
+                                  ("patches", "sentences")),
+    "mlip_ot_chunked": (lambda: MLIPLoss(local_matching="ot", impl="chunked", ot_iters=OT_ITERS), lambda m, x: m(**x),
+                        ("image_global", "text_global", "patches", "sentences", "integrity_logits")),
 }
 
 
@@ -57,9 +63,21 @@ def test_loss_compiles_whole_and_matches_eager(case):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
-def test_no_graph_break_in_the_mlip_loss():
-    explanation = torch._dynamo.explain(MLIPLoss(impl="chunked"))(**_inputs())
+@pytest.mark.parametrize("matching", ["max", "ot"])
+def test_no_graph_break_in_the_mlip_loss(matching):
+    explanation = torch._dynamo.explain(MLIPLoss(impl="chunked", local_matching=matching))(**_inputs())
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+
+
+def test_no_graph_break_in_the_ot_patch_sentence_loss():
+    x = _inputs()
+    module = PatchSentenceLoss(local_matching="ot", impl="chunked")
+    explanation = torch._dynamo.explain(module)(x["patches"], x["sentences"], x["sentence_mask"])
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x["patches"], x["sentences"], x["sentence_mask"]),
+                               module(x["patches"], x["sentences"], x["sentence_mask"]), rtol=1e-6, atol=1e-6)
 
 
 def test_chunked_custom_ops_pass_opcheck():
@@ -68,4 +86,15 @@ def test_chunked_custom_ops_pass_opcheck():
     x = _inputs()
     p, s = x["patches"].requires_grad_(), x["sentences"].requires_grad_()
     torch.library.opcheck(chunked_fwd, (p, s, x["sentence_mask"], None, True, True, True, True, 2**17),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_ot_chunked_custom_ops_pass_opcheck():
+    from mlip_fast.ops.patch_sentence_ot.chunked import chunked_fwd
+
+    x = _inputs()
+    p, s = x["patches"].requires_grad_(), x["sentences"].requires_grad_()
+    pmask = torch.ones(B, K, dtype=torch.bool)
+    pmask[1, 2] = False
+    torch.library.opcheck(chunked_fwd, (p, s, x["sentence_mask"], pmask, 0.05, 5, None, 2**18, 16.0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

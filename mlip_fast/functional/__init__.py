@@ -6,15 +6,16 @@ means over the local rows. Under torch.distributed every loss scores the B local
 G = B x world_size gathered columns (open_clip's ``local_loss``) and, with ``gather_with_grad``, the
 gathered columns carry gradient to their owners, so the sum of the per-rank losses has the gradient of
 one process on the concatenated batch. The patch-sentence scores go through
-:func:`mlip_fast.ops.patch_sentence_scores`, whose ``impl`` picks reference / chunked / triton.
+:func:`mlip_fast.ops.patch_sentence_scores` (or :func:`mlip_fast.ops.patch_sentence_ot_scores` with
+``local_matching="ot"``), whose ``impl`` picks reference / chunked / triton.
 
 One module per loss: ``contrastive`` (global), ``local`` (patch-sentence), ``integrity`` (the estimator's), ``total``
 (MLIP's sum and :class:`LossConfig`); ``_common`` holds what they share.
 """
 from mlip_fast.functional.contrastive import global_contrastive_loss
 from mlip_fast.functional.integrity import semantic_integrity_loss
-from mlip_fast.functional.local import patch_sentence_loss
+from mlip_fast.functional.local import LocalMatching, patch_sentence_loss
 from mlip_fast.functional.total import LossConfig, check_loss_weights, mlip_loss
 
 __all__ = ["global_contrastive_loss", "patch_sentence_loss", "semantic_integrity_loss", "mlip_loss", "LossConfig",
-           "check_loss_weights"]
+           "LocalMatching", "check_loss_weights"]

@@ -1,16 +1,65 @@
-"""MLIP's patch-sentence local loss (token-wise max aggregation, both directions, one scores call per loss)."""
+"""MLIP's patch-sentence local loss: token-wise max aggregation in both directions (the method as specified) or
+entropic optimal transport (``local_matching="ot"``), one scores call per loss either way."""
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+from dataclasses import dataclass, replace
+from numbers import Integral, Real
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from mlip_fast import _checks
-from mlip_fast.constants import INIT_LOGIT_SCALE
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS, INIT_LOGIT_SCALE, LOCAL_MATCHINGS
 from mlip_fast.distributed import all_to_all_blocks, gather, max_size, rank_and_world
 from mlip_fast.functional._common import _check_batch, _check_scale, _labels, _row_weights, _symmetric_ce
+from mlip_fast.ops import patch_sentence_ot as _ot
 from mlip_fast.ops.patch_sentence import ScoresOptions, check_inputs, scores_unchecked
+
+
+@dataclass(frozen=True)
+class LocalMatching:
+    """How the local loss turns a pair's patch-sentence similarities into its scores.
+
+    mode: ``"max"``: S_I2T = mean_p max_q sim and S_T2I = mean_q max_p sim (FILIP style, the method as specified;
+        the default); ``"ot"``: one score s = sum_pq P*_pq sim_pq from the entropic optimal-transport plan P*
+        (:func:`mlip_fast.ops.patch_sentence_ot_scores`), used for both directions.
+    ot_eps, ot_iters: the OT regularisation (> 0) and Sinkhorn iterations (>= 1); read in mode "ot" only.
+    """
+
+    mode: str = "max"
+    ot_eps: float = DEFAULT_OT_EPS
+    ot_iters: int = DEFAULT_OT_ITERS
+
+    def checked(self) -> "LocalMatching":
+        if self.mode not in LOCAL_MATCHINGS:
+            raise ValueError(f"local_matching must be one of {LOCAL_MATCHINGS}, got {self.mode!r}")
+        eps = self.ot_eps
+        if isinstance(eps, bool) or not isinstance(eps, Real) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"ot_eps must be a finite number > 0, got {eps!r}")
+        if isinstance(self.ot_iters, bool) or not isinstance(self.ot_iters, Integral) or self.ot_iters < 1:
+            raise ValueError(f"ot_iters must be an integer >= 1, got {self.ot_iters!r}")
+        return self
+
+
+def _unit_rows(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """x / max(||x||, 1e-12) with invalid rows zeroed first (their gradient is then exactly 0, whatever they hold);
+    norms in fp32 (fp64 stays), the result in x's dtype."""
+    if valid is not None:
+        x = x.masked_fill(~valid[..., None], 0)
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=1e-12).to(x.dtype)
+
+
+def _pair_scores(patches, sentences, sentence_mask, patch_mask, options: ScoresOptions, matching: LocalMatching,
+                 impl: str):
+    """(i2t, t2i) [B, G] of one scores call: the max op's directions asked for in ``options``, or the OT op's one
+    matrix serving both (its inputs already unit vectors)."""
+    if matching.mode == "ot":
+        s = _ot.scores_unchecked(patches, sentences, sentence_mask, patch_mask, eps=matching.ot_eps,
+                                 n_iter=matching.ot_iters, impl=impl)
+        return s, s
+    return scores_unchecked(patches, sentences, sentence_mask, patch_mask, options, impl=impl)
 
 
 def _check_local_inputs(patches, sentences, sentence_mask, patch_mask):
@@ -45,8 +94,11 @@ def patch_sentence_loss(
     deterministic: bool = False,
     precision: str = "ieee",
     group=None,
+    local_matching: str = "max",
+    ot_eps: float = DEFAULT_OT_EPS,
+    ot_iters: int = DEFAULT_OT_ITERS,
 ) -> torch.Tensor:
-    """MLIP's patch-sentence local loss with token-wise max aggregation in both directions.
+    """MLIP's patch-sentence local loss: token-wise max aggregation in both directions, or optimal transport.
 
     Args:
         patches: [B, K, D] kept patch vectors of each image; sentences: [B, S, D] sentence vectors of each
@@ -56,10 +108,17 @@ def patch_sentence_loss(
             :func:`global_contrastive_loss`.
         impl: implementation of the scores op ("auto", "reference", "chunked", "triton").
         precision: "ieee" or "tf32" for fp32 embeddings on a GPU (see :func:`mlip_fast.ops.patch_sentence_scores`).
+        local_matching, ot_eps, ot_iters: ``"max"`` (the default, the formula below) or ``"ot"``: the scores op is
+            :func:`mlip_fast.ops.patch_sentence_ot_scores` (regularisation ``ot_eps``, ``ot_iters`` Sinkhorn
+            iterations, plan constant in the gradient) and its one [B, G] matrix s serves both cross-entropies,
+            S_I2T = S_T2I = s (``deterministic`` and ``precision`` do not apply: its backward has no atomics and
+            its fp32 products are IEEE).
 
     Precision: the embeddings go to the scores op in their own dtype, normalised inside the op (fp32 norms, no
     normalised copies held): a bf16 / fp16 model hands it half-precision tensors, which it scores on the tensor
-    cores with fp32 accumulation; the scores, logits and cross-entropies are fp32.
+    cores with fp32 accumulation; the scores, logits and cross-entropies are fp32. The OT op takes unit vectors:
+    with ``"ot"`` the embeddings are normalised once on the way in (norms in fp32, a copy of [B, K, D] and
+    [B, S, D], small beside the op's B*G*K*S*ot_iters work), padded rows zeroed first so that they never matter.
 
     Returns:
         0-dim float32 loss = 1/2 [CE_rows(s * S_I2T) + CE_cols(s * S_T2I)] with
@@ -73,23 +132,31 @@ def patch_sentence_loss(
     are the [B, B] blocks those ranks computed, exchanged with one all-to-all (and the gradients with the
     reverse one), so no rank gathers patches and no similarity is computed twice. Without
     ``gather_with_grad`` the gradient may only reach local tensors, so the T2I rows are computed locally
-    against the gathered images (a second call).
+    against the gathered images (a second call). With ``"ot"`` the same calls and exchange carry the OT matrix
+    s in place of both directions.
     """
+    matching = LocalMatching(local_matching, ot_eps, ot_iters).checked()
     sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
     scale = _check_scale("logit_scale", logit_scale)
     options = ScoresOptions(normalize=True, precision=precision, deterministic=bool(deterministic)).checked()
-    return _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, weights, options,
+    return _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, weights, options, matching,
                                 local_loss=local_loss, gather_with_grad=gather_with_grad, impl=impl, group=group)
 
 
-def _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, weights, options: ScoresOptions, *,
-                         local_loss, gather_with_grad, impl, group) -> torch.Tensor:
-    """:func:`patch_sentence_loss` on checked inputs (bool masks, a checked scale)."""
+def _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, weights, options: ScoresOptions,
+                         matching: LocalMatching, *, local_loss, gather_with_grad, impl, group) -> torch.Tensor:
+    """:func:`patch_sentence_loss` on checked inputs (bool masks, a checked scale, checked matching)."""
     rank, world = rank_and_world(group)
     B = patches.shape[0]
+    if matching.mode == "ot":  # before any gather: each rank normalises its own rows once
+        patches, sentences = _unit_rows(patches, patch_mask), _unit_rows(sentences, sentence_mask)
     both, i2t_only, t2i_only = (options, replace(options, directions="i2t"), replace(options, directions="t2i"))
+
+    def scores(p, s, smask, pmask, opts):
+        return _pair_scores(p, s, smask, pmask, opts, matching, impl)
+
     if world == 1:
-        i2t, t2i = scores_unchecked(patches, sentences, sentence_mask, patch_mask, both, impl=impl)
+        i2t, t2i = scores(patches, sentences, sentence_mask, patch_mask, both)
         logits_i, logits_t = i2t, t2i.T
         labels = _labels(B, 0, patches.device)
         w = _row_weights(weights, B, patches.device, group, gathered=False)
@@ -100,7 +167,7 @@ def _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, w
     sentences_all = gather(sentences, with_grad=gather_with_grad, group=group, pad_dim=1, pad_size=s_max)
     smask_all = gather(sentence_mask, with_grad=False, group=group, pad_dim=1, pad_size=s_max)
     if local_loss and gather_with_grad:
-        i2t, t2i = scores_unchecked(patches, sentences_all, smask_all, patch_mask, both, impl=impl)
+        i2t, t2i = scores(patches, sentences_all, smask_all, patch_mask, both)
         logits_i = i2t  # [B, G]: local images vs all reports
         logits_t = all_to_all_blocks(t2i, group).T  # [B, G]: local reports vs all images
         labels = _labels(B, rank * B, patches.device)
@@ -108,17 +175,17 @@ def _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, w
     elif local_loss:
         patches_all = gather(patches, with_grad=False, group=group)
         pmask_all = gather(patch_mask, with_grad=False, group=group)
-        logits_i, _ = scores_unchecked(patches, sentences_all, smask_all, patch_mask, i2t_only, impl=impl)
+        logits_i, _ = scores(patches, sentences_all, smask_all, patch_mask, i2t_only)
         local_s = sentences_all[rank * B : (rank + 1) * B]
         local_m = smask_all[rank * B : (rank + 1) * B]
-        _, t2i = scores_unchecked(patches_all, local_s, local_m, pmask_all, t2i_only, impl=impl)
+        _, t2i = scores(patches_all, local_s, local_m, pmask_all, t2i_only)
         logits_t = t2i.T
         labels = _labels(B, rank * B, patches.device)
         w = _row_weights(weights, B, patches.device, group, gathered=False)
     else:
         patches_all = gather(patches, with_grad=gather_with_grad, group=group)
         pmask_all = gather(patch_mask, with_grad=False, group=group)
-        i2t, t2i = scores_unchecked(patches_all, sentences_all, smask_all, pmask_all, both, impl=impl)
+        i2t, t2i = scores(patches_all, sentences_all, smask_all, pmask_all, both)
         logits_i, logits_t = i2t, t2i.T
         labels = _labels(patches_all.shape[0], 0, patches.device)
         w = _row_weights(weights, B, patches.device, group, gathered=True)

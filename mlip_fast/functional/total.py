@@ -7,12 +7,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE, INIT_LOGIT_SCALE
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS, DEFAULT_SIE_TEMPERATURE, INIT_LOGIT_SCALE
 from mlip_fast.functional._common import _check_scale
 from mlip_fast.functional.contrastive import global_contrastive_loss
 from mlip_fast.functional.integrity import (DEFAULT_OTHER_TEMPERATURE, SIE_TARGETS, _check_integrity_inputs,
                                            _semantic_integrity_loss)
-from mlip_fast.functional.local import _check_local_inputs, _patch_sentence_loss
+from mlip_fast.functional.local import LocalMatching, _check_local_inputs, _patch_sentence_loss
 from mlip_fast.ops.patch_sentence import ScoresOptions
 
 
@@ -37,6 +37,9 @@ class LossConfig:
         maximum's temperature of the latter (see :func:`~mlip_fast.functional.semantic_integrity_loss`).
     local_loss, gather_with_grad: the distributed mode (open_clip's ``ClipLoss`` arguments).
     impl, deterministic, precision: the patch-sentence scores op's (see :func:`patch_sentence_loss`).
+    local_matching, ot_eps, ot_iters: how the local term scores a pair, ``"max"`` (the method as specified) or
+        ``"ot"`` (optimal transport; see :class:`~mlip_fast.functional.local.LocalMatching`). The integrity
+        estimator's target stays each patch's best similarity to its report (the method's) either way.
     """
 
     lambda_local: float = 1.0
@@ -51,6 +54,9 @@ class LossConfig:
     impl: str = "auto"
     deterministic: bool = False
     precision: str = "ieee"
+    local_matching: str = "max"
+    ot_eps: float = DEFAULT_OT_EPS
+    ot_iters: int = DEFAULT_OT_ITERS
 
     def checked(self) -> "LossConfig":
         check_loss_weights(lambda_local=self.lambda_local, lambda_sie=self.lambda_sie)
@@ -63,11 +69,16 @@ class LossConfig:
                 and self.sie_other_temperature > 0):
             raise ValueError(f"sie_other_temperature must be finite and > 0, got {self.sie_other_temperature}")
         self.scores_options()  # the op's options, checked
+        self.matching()
         return self
 
     def scores_options(self) -> ScoresOptions:
         """What the local term hands the scores op: normalised inside it, in the embeddings' own dtype."""
         return ScoresOptions(normalize=True, precision=self.precision, deterministic=bool(self.deterministic)).checked()
+
+    def matching(self) -> LocalMatching:
+        """The local term's matching, checked."""
+        return LocalMatching(self.local_matching, self.ot_eps, self.ot_iters).checked()
 
 
 def mlip_loss(
@@ -114,8 +125,8 @@ def mlip_loss(
     if lambda_local:
         scale = _check_scale("logit_scale_local", logit_scale_local)
         loss_l = _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale,
-                                      weights if weight_local else None, cfg.scores_options(), impl=cfg.impl,
-                                      **dist_kw)
+                                      weights if weight_local else None, cfg.scores_options(), cfg.matching(),
+                                      impl=cfg.impl, **dist_kw)
     if lambda_sie:
         _check_integrity_inputs(integrity_logits, patches, cfg.sie_temperature, cfg.sie_target,
                                 cfg.sie_other_temperature)

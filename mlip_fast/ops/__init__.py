@@ -1,6 +1,8 @@
 """mlip_fast ops: fused kernels behind one dispatching API, each with a reference impl.
 
 - ``patch_sentence_scores``: token-wise max patch-sentence scores, both directions.
+- ``patch_sentence_ot_scores``: optimal-transport patch-sentence scores (entropic, log-domain Sinkhorn), one
+  matrix for both directions.
 - ``integrity_mask``: integrity-scored masking (score -> Gumbel-top-k -> gather).
 """
 from mlip_fast.ops.dispatch import ImplUnavailableError, describe_selected

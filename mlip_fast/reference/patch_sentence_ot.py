@@ -38,8 +38,11 @@ term eps H(P*), which vanishes as eps -> 0, and by the distance of ``n_iter`` it
 ``gradient="unrolled"`` differentiates through the iterations instead (autograd through every logsumexp:
 exact for the computed s, n_iter times the memory); it exists in this reference path only.
 
-Defaults eps = 0.05, n_iter = 50 come from the issue that introduced the op; the evidence for them (a sweep on
-the synthetic benchmark's validation split) belongs to the loss integration and is not here yet.
+Defaults eps = 0.05, n_iter = 50 (``mlip_fast.constants``) were chosen by a sweep on the synthetic benchmark's
+validation split (docs/training.md, benchmarks/results/ot_sweep_cpu.json).
+
+Padding never matters: padded patch and sentence rows are zeroed before the grid is computed, so whatever they
+hold (NaN / Inf included) the plan there is exactly 0 and their gradient exactly 0.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
 from mlip_fast.reference.patch_sentence import score_dtype
 
 GRADIENTS = ("envelope", "unrolled")
@@ -121,8 +125,8 @@ def transport_plan(
     sentences: torch.Tensor,
     sentence_mask: Optional[torch.Tensor] = None,
     patch_mask: Optional[torch.Tensor] = None,
-    eps: float = 0.05,
-    n_iter: int = 50,
+    eps: float = DEFAULT_OT_EPS,
+    n_iter: int = DEFAULT_OT_ITERS,
     tol: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The plans and potentials behind :func:`patch_sentence_ot_scores` (for tests, maps and inspection).
@@ -141,7 +145,31 @@ def transport_plan(
     return plan, sim, torch.where(live_p, f, neg_inf), torch.where(live_q, g, neg_inf)
 
 
-def _grid(patches, sentences, sentence_mask, patch_mask):
+def paired_transport_plan(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    eps: float = DEFAULT_OT_EPS,
+    n_iter: int = DEFAULT_OT_ITERS,
+    tol: Optional[float] = None,
+) -> torch.Tensor:
+    """The plan of each image with its own report only: row n of ``patches`` against row n of ``sentences``
+    (the diagonal pairs of :func:`transport_plan`, without the other B x G pairs). What a localisation map reads.
+
+    Args:
+        patches [N, K, D], sentences [N, S, D], masks [N, S] / [N, K] bool (True = valid, None = all valid).
+
+    Returns:
+        plan [N, K, S] in ``score_dtype``: each live plan sums to 1 with column q summing to 1 / (valid sentences of
+        report n); padding and empty pairs hold 0.
+    """
+    sim, live_p, live_q = _grid(patches, sentences, sentence_mask, patch_mask, paired=True)
+    f, g = sinkhorn_potentials(sim, live_p, live_q, eps, n_iter, tol)
+    return torch.exp(f[..., :, None] + g[..., None, :] + sim / eps)
+
+
+def _grid(patches, sentences, sentence_mask, patch_mask, paired: bool = False):
     B, K, _ = patches.shape
     G, S, _ = sentences.shape
     device = patches.device
@@ -149,7 +177,14 @@ def _grid(patches, sentences, sentence_mask, patch_mask):
         sentence_mask = torch.ones(G, S, dtype=torch.bool, device=device)
     if patch_mask is None:
         patch_mask = torch.ones(B, K, dtype=torch.bool, device=device)
-    # The grid is computed in the input dtype (as a plain matmul would), then widened for the iterations.
+    # Padded rows are zeroed first, so whatever they hold (NaN, Inf) the grid is finite there, the plan's exp(-inf)
+    # entries are exactly 0 and their gradient is exactly 0. The grid is computed in the input dtype (as a plain
+    # matmul would), then widened for the iterations.
+    patches = patches.masked_fill(~patch_mask[..., None], 0)
+    sentences = sentences.masked_fill(~sentence_mask[..., None], 0)
+    if paired:
+        sim = torch.einsum("nkd,nsd->nks", patches, sentences).to(score_dtype(patches.dtype))
+        return sim, patch_mask & sentence_mask.any(1)[:, None], sentence_mask & patch_mask.any(1)[:, None]
     sim = torch.einsum("bkd,gsd->bgks", patches, sentences).to(score_dtype(patches.dtype))
     live_p, live_q = live_masks(patch_mask, sentence_mask)
     return sim, live_p, live_q
@@ -160,8 +195,8 @@ def patch_sentence_ot_scores(
     sentences: torch.Tensor,
     sentence_mask: Optional[torch.Tensor] = None,
     patch_mask: Optional[torch.Tensor] = None,
-    eps: float = 0.05,
-    n_iter: int = 50,
+    eps: float = DEFAULT_OT_EPS,
+    n_iter: int = DEFAULT_OT_ITERS,
     tol: Optional[float] = None,
     gradient: str = "envelope",
 ) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from mlip_fast import _checks
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
 from mlip_fast.ops.dispatch import Impl, registry
 from mlip_fast.ops.patch_sentence_ot import chunked, triton_impl
 from mlip_fast.reference import patch_sentence_ot as _reference
@@ -43,8 +44,8 @@ def patch_sentence_ot_scores(
     sentence_mask: Optional[torch.Tensor] = None,
     patch_mask: Optional[torch.Tensor] = None,
     *,
-    eps: float = 0.05,
-    n_iter: int = 50,
+    eps: float = DEFAULT_OT_EPS,
+    n_iter: int = DEFAULT_OT_ITERS,
     tol: Optional[float] = None,
     impl: str = "auto",
 ) -> torch.Tensor:
@@ -61,9 +62,9 @@ def patch_sentence_ot_scores(
         sentences: [G, S, D] sentence embeddings, same dtype and device as ``patches``.
         sentence_mask: [G, S] bool, True = valid sentence; None = all valid.
         patch_mask: [B, K] bool, True = valid patch; None = all valid.
-        eps: entropic regularisation (> 0) in units of the cost 1 - sim. Default 0.05, with n_iter = 50: the
-            values of the issue that introduced the op; the evidence for them (a sweep on the synthetic
-            benchmark) comes with the loss integration.
+        eps: entropic regularisation (> 0) in units of the cost 1 - sim. Default 0.05, with n_iter = 50
+            (``mlip_fast.constants``; the sweep on the synthetic benchmark's validation split that backs them is in
+            docs/training.md).
         n_iter: Sinkhorn iterations (>= 1), each a sentence then a patch update.
         tol: optional per-pair stopping tolerance (>= 0) on the L1 violation of the sentence marginal; None
             runs exactly ``n_iter`` iterations.
@@ -71,8 +72,8 @@ def patch_sentence_ot_scores(
 
     Returns:
         [B, G] scores, float32 (float64 for float64 inputs). A pair with no valid patch or no valid sentence
-        scores 0 and gets no gradient. Padded entries carry no mass, but their values must be finite too (a NaN
-        there reaches the gradient through the products).
+        scores 0 and gets no gradient. Padded entries never matter: whatever they hold (NaN / Inf included, with
+        value checks off) they carry no mass, change no score and get gradient 0.
     """
     _checks.check_tensor("patches", patches, 3, dims=("B", "K", "D"))
     _checks.check_tensor("sentences", sentences, 3, dims=("G", "S", "D"))
@@ -93,6 +94,43 @@ def patch_sentence_ot_scores(
     check_solver(eps, n_iter, tol)
     return scores_unchecked(patches, sentences, sentence_mask, patch_mask, eps=eps, n_iter=n_iter, tol=tol,
                             impl=impl)
+
+
+def paired_transport_plan(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    *,
+    eps: float = DEFAULT_OT_EPS,
+    n_iter: int = DEFAULT_OT_ITERS,
+    tol: Optional[float] = None,
+) -> torch.Tensor:
+    """The transport plan of each image with its own report (localisation maps, inspection).
+
+    Args:
+        patches: [N, K, D] and sentences: [N, S, D], L2-normalised, row n of each a pair; masks [N, S] / [N, K]
+            bool (True = valid) or None; eps, n_iter, tol: as :func:`patch_sentence_ot_scores`.
+
+    Returns:
+        plan [N, K, S] (float32 for half inputs, else the input dtype): P*_pq of pair n, the plan whose
+        ``sum_pq P*_pq sim_pq`` is that pair's score. Column q sums to 1 / (valid sentences of report n): the
+        share of the sentence's mass each patch takes is ``plan[n, :, q] * count``. Padding and empty pairs hold 0.
+        Computed by the reference (a plan is N*K*S numbers, as small as its inputs' product).
+    """
+    _checks.check_tensor("patches", patches, 3, dims=("N", "K", "D"))
+    _checks.check_tensor("sentences", sentences, 3, dims=("N", "S", "D"))
+    if sentences.shape[0] != patches.shape[0] or sentences.shape[-1] != patches.shape[-1]:
+        raise ValueError(f"patches {tuple(patches.shape)} and sentences {tuple(sentences.shape)} must be [N, K, D] "
+                         "and [N, S, D] with the same N and D")
+    if sentences.dtype != patches.dtype or sentences.device != patches.device:
+        raise TypeError(f"sentences ({sentences.dtype}, {sentences.device}) and patches ({patches.dtype}, "
+                        f"{patches.device}) must share dtype and device")
+    N, K, _ = patches.shape
+    sentence_mask = _checks.check_mask("sentence_mask", sentence_mask, (N, sentences.shape[1]), device=patches.device)
+    patch_mask = _checks.check_mask("patch_mask", patch_mask, (N, K), device=patches.device)
+    check_solver(eps, n_iter, tol)
+    return _reference.paired_transport_plan(patches, sentences, sentence_mask, patch_mask, eps, n_iter, tol)
 
 
 def check_solver(eps, n_iter, tol) -> None:
@@ -119,8 +157,8 @@ def scores_unchecked(
     sentence_mask: Optional[torch.Tensor],
     patch_mask: Optional[torch.Tensor],
     *,
-    eps: float = 0.05,
-    n_iter: int = 50,
+    eps: float = DEFAULT_OT_EPS,
+    n_iter: int = DEFAULT_OT_ITERS,
     tol: Optional[float] = None,
     impl: str = "auto",
 ) -> torch.Tensor:

@@ -21,15 +21,21 @@ half-step is redone in the log domain and the scalings are absorbed into the pot
 the numbers stay those of the log-domain iteration for any eps: entries of kern that underflow carry at most
 exp(-87 + 2 * ABSORB_AT) of mass in fp32. Runs on any device and dtype (iterations in fp32, or fp64 for fp64);
 on an accelerator (the fallback for pairs above the Triton tile) each absorption check is a host synchronisation.
+
+Padding never matters: the forward sets every entry that is not live to DEAD after the GEMM, and the backward
+zeroes the operands' padded rows before recomputing the tiles, so NaN / Inf stored there reach neither a score
+nor a gradient (padded rows get gradient 0). Forward and backward are ``torch.library`` custom ops
+(``mlip_fast::patch_sentence_ot_chunked_fwd`` / ``_bwd``) with fake impls: torch.compile traces the op whole.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from mlip_fast import _checks
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
 from mlip_fast.ops.dispatch import Impl
 from mlip_fast.reference.patch_sentence import score_dtype
 from mlip_fast.reference.patch_sentence_ot import DEAD, log_marginals
@@ -131,68 +137,129 @@ def _sim_tile(patches, sent_flat, bs, gs, S, work):
     return (patches[bs].flatten(0, 1) @ sent_flat[gs.start * S: gs.stop * S].T).to(work)
 
 
-class PatchSentenceOTChunkedFunction(torch.autograd.Function):
-    """Tiled forward saving the potentials; envelope backward from them.
+def _zero_padded(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``x`` [N, L, D] with the rows of invalid entries zeroed (a copy only when there is padding)."""
+    return x if bool(valid.all()) else x.masked_fill(~valid[..., None], 0)
 
-    forward(patches [B, K, D], sentences [G, S, D], sentence_mask [G, S] bool, patch_mask [B, K] bool, eps,
-    n_iter, tol, tile_elements, absorb_at) -> scores [B, G] in ``score_dtype``.
-    """
 
-    @staticmethod
-    def forward(ctx, patches, sentences, sentence_mask, patch_mask, eps, n_iter, tol, tile_elements, absorb_at):
-        B, K, D = patches.shape
-        G, S, _ = sentences.shape
-        device, work = patches.device, score_dtype(patches.dtype)
-        has_p, has_s = patch_mask.any(1), sentence_mask.any(1)
-        sent_flat = sentences.reshape(G * S, D)
-        scores = torch.empty(B, G, dtype=work, device=device)
-        f_all = torch.empty(B, G, K, dtype=work, device=device)
-        g_all = torch.empty(B, G, S, dtype=work, device=device)
-        neg_inf = float("-inf")
-        for bs, gs in _tiles(B, K, G, S, tile_elements):
-            bc, gc = bs.stop - bs.start, gs.stop - gs.start
-            # [b, p, g, q] -> [b, g, p, q]: one copy, then every pair's K x S block is contiguous
-            z = _sim_tile(patches, sent_flat, bs, gs, S, work).view(bc, K, gc, S).transpose(1, 2)
-            z = z.reshape(bc * gc, K, S).div_(eps)
-            live_p = (patch_mask[bs, None, :] & has_s[None, gs, None]).reshape(bc * gc, K)
-            live_q = (sentence_mask[None, gs, :] & has_p[bs, None, None]).reshape(bc * gc, S)
-            z.masked_fill_(~(live_p[:, :, None] & live_q[:, None, :]), DEAD)
-            f, g, score = _TileSinkhorn(z, live_p, live_q, tol, absorb_at).run(n_iter)
-            scores[bs, gs] = score.view(bc, gc).mul_(eps)
-            f_all[bs, gs] = f.masked_fill_(~live_p, neg_inf).view(bc, gc, K)
-            g_all[bs, gs] = g.masked_fill_(~live_q, neg_inf).view(bc, gc, S)
-        ctx.save_for_backward(patches, sentences, f_all, g_all)
-        ctx.eps, ctx.tile_elements = eps, tile_elements
-        return scores
+# The forward and backward are torch.library custom ops (with fake impls), so torch.compile traces the op as one
+# node instead of breaking its graph on the tile loop and the data-dependent absorption checks inside.
+@torch.library.custom_op("mlip_fast::patch_sentence_ot_chunked_fwd", mutates_args=())
+def chunked_fwd(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: torch.Tensor,
+    patch_mask: torch.Tensor,
+    eps: float,
+    n_iter: int,
+    tol: Optional[float],
+    tile_elements: int,
+    absorb_at: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiled forward: (scores [B, G], f [B, G, K], g [B, G, S]) in ``score_dtype``, potentials -inf where not
+    live. Masks are bool and given (the wrapper fills in all-valid ones). Padded entries are DEAD in every tile
+    whatever the GEMM gave there, so NaN / Inf stored in them never reach a score or a potential."""
+    B, K, D = patches.shape
+    G, S, _ = sentences.shape
+    device, work = patches.device, score_dtype(patches.dtype)
+    has_p, has_s = patch_mask.any(1), sentence_mask.any(1)
+    sent_flat = sentences.reshape(G * S, D)
+    scores = torch.empty(B, G, dtype=work, device=device)
+    f_all = torch.empty(B, G, K, dtype=work, device=device)
+    g_all = torch.empty(B, G, S, dtype=work, device=device)
+    neg_inf = float("-inf")
+    for bs, gs in _tiles(B, K, G, S, tile_elements):
+        bc, gc = bs.stop - bs.start, gs.stop - gs.start
+        # [b, p, g, q] -> [b, g, p, q]: one copy, then every pair's K x S block is contiguous
+        z = _sim_tile(patches, sent_flat, bs, gs, S, work).view(bc, K, gc, S).transpose(1, 2)
+        z = z.reshape(bc * gc, K, S).div_(eps)
+        live_p = (patch_mask[bs, None, :] & has_s[None, gs, None]).reshape(bc * gc, K)
+        live_q = (sentence_mask[None, gs, :] & has_p[bs, None, None]).reshape(bc * gc, S)
+        z.masked_fill_(~(live_p[:, :, None] & live_q[:, None, :]), DEAD)
+        f, g, score = _TileSinkhorn(z, live_p, live_q, tol, absorb_at).run(n_iter)
+        scores[bs, gs] = score.view(bc, gc).mul_(eps)
+        f_all[bs, gs] = f.masked_fill_(~live_p, neg_inf).view(bc, gc, K)
+        g_all[bs, gs] = g.masked_fill_(~live_q, neg_inf).view(bc, gc, S)
+    return scores, f_all, g_all
 
-    @staticmethod
-    def backward(ctx, grad_scores):
-        patches, sentences, f_all, g_all = ctx.saved_tensors
-        eps, tile_elements = ctx.eps, ctx.tile_elements
-        need_p, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        B, K, D = patches.shape
-        G, S, _ = sentences.shape
-        device, work = patches.device, score_dtype(patches.dtype)
-        w = grad_scores.to(work)
-        sent_flat = sentences.reshape(G * S, D)
-        # Gradients are accumulated in the score dtype (fp32 for half inputs) and cast back once.
-        grad_p = torch.zeros(B, K, D, dtype=work, device=device) if need_p else None
-        grad_s = torch.zeros(G * S, D, dtype=work, device=device) if need_s else None
-        for bs, gs in _tiles(B, K, G, S, tile_elements):
-            bc, gc = bs.stop - bs.start, gs.stop - gs.start
-            rows = slice(gs.start * S, gs.stop * S)
-            # M[b, p, g, q] = w[b, g] exp(f[b, g, p] + g[b, g, q] + sim / eps), built in place in the
-            # [b, p, g, q] layout of the similarity tile (-inf potentials give exactly 0)
-            m = _sim_tile(patches, sent_flat, bs, gs, S, work).view(bc, K, gc, S).div_(eps)
-            m.add_(f_all[bs, gs].transpose(1, 2)[..., None]).add_(g_all[bs, gs][:, None])
-            m = m.exp_().mul_(w[bs, gs][:, None, :, None]).view(bc * K, gc * S)
-            if need_p:
-                grad_p[bs].view(bc * K, D).addmm_(m, sent_flat[rows].to(work))
-            if need_s:
-                grad_s[rows].addmm_(m.T, patches[bs].flatten(0, 1).to(work))
-        grad_p = grad_p.to(patches.dtype) if need_p else None
-        grad_s = grad_s.view(G, S, D).to(sentences.dtype) if need_s else None
-        return grad_p, grad_s, None, None, None, None, None, None, None
+
+@chunked_fwd.register_fake
+def _(patches, sentences, sentence_mask, patch_mask, eps, n_iter, tol, tile_elements, absorb_at):
+    B, K, _ = patches.shape
+    G, S, _ = sentences.shape
+    work = dict(dtype=score_dtype(patches.dtype))
+    return patches.new_empty((B, G), **work), patches.new_empty((B, G, K), **work), patches.new_empty((B, G, S), **work)
+
+
+@torch.library.custom_op("mlip_fast::patch_sentence_ot_chunked_bwd", mutates_args=())
+def chunked_bwd(
+    grad_scores: torch.Tensor,
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: torch.Tensor,
+    patch_mask: torch.Tensor,
+    f: torch.Tensor,
+    g: torch.Tensor,
+    eps: float,
+    need_p: bool,
+    need_s: bool,
+    tile_elements: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Envelope backward from the potentials: (grad_patches [B, K, D], grad_sentences [G, S, D]) in the input
+    dtype (empty for a side not needed).
+
+    The operands' padded rows are zeroed first: their similarities are then finite, so the plan there is exactly
+    exp(-inf) = 0, and the products never multiply a NaN / Inf they held by that 0. Padded rows get gradient 0."""
+    B, K, D = patches.shape
+    G, S, _ = sentences.shape
+    device, work = patches.device, score_dtype(patches.dtype)
+    w = grad_scores.to(work)
+    patches = _zero_padded(patches, patch_mask)
+    sent_flat = _zero_padded(sentences, sentence_mask).reshape(G * S, D)
+    # Gradients are accumulated in the score dtype (fp32 for half inputs) and cast back once.
+    grad_p = torch.zeros(B, K, D, dtype=work, device=device) if need_p else None
+    grad_s = torch.zeros(G * S, D, dtype=work, device=device) if need_s else None
+    for bs, gs in _tiles(B, K, G, S, tile_elements):
+        bc, gc = bs.stop - bs.start, gs.stop - gs.start
+        rows = slice(gs.start * S, gs.stop * S)
+        # M[b, p, g, q] = w[b, g] exp(f[b, g, p] + g[b, g, q] + sim / eps), built in place in the
+        # [b, p, g, q] layout of the similarity tile (-inf potentials give exactly 0)
+        m = _sim_tile(patches, sent_flat, bs, gs, S, work).view(bc, K, gc, S).div_(eps)
+        m.add_(f[bs, gs].transpose(1, 2)[..., None]).add_(g[bs, gs][:, None])
+        m = m.exp_().mul_(w[bs, gs][:, None, :, None]).view(bc * K, gc * S)
+        if need_p:
+            grad_p[bs].view(bc * K, D).addmm_(m, sent_flat[rows].to(work))
+        if need_s:
+            grad_s[rows].addmm_(m.T, patches[bs].flatten(0, 1).to(work))
+    empty = patches.new_empty((0,))
+    return (grad_p.to(patches.dtype) if need_p else empty,
+            grad_s.view(G, S, D).to(sentences.dtype) if need_s else empty.clone())
+
+
+@chunked_bwd.register_fake
+def _(grad_scores, patches, sentences, sentence_mask, patch_mask, f, g, eps, need_p, need_s, tile_elements):
+    return (torch.empty_like(patches) if need_p else patches.new_empty((0,)),
+            torch.empty_like(sentences) if need_s else patches.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    patches, sentences, sentence_mask, patch_mask, eps, _, _, tile_elements, _ = inputs
+    _, f, g = output
+    ctx.save_for_backward(patches, sentences, sentence_mask, patch_mask, f, g)
+    ctx.eps, ctx.tile_elements = eps, tile_elements
+
+
+def _backward(ctx, grad_scores, _grad_f, _grad_g):
+    patches, sentences, sentence_mask, patch_mask, f, g = ctx.saved_tensors
+    need_p, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_scores is None:  # only the potentials were used downstream: they carry no gradient
+        grad_scores = torch.zeros_like(f[..., 0])
+    grad_p, grad_s = chunked_bwd(grad_scores, patches, sentences, sentence_mask, patch_mask, f, g, ctx.eps, need_p,
+                                 need_s, ctx.tile_elements)
+    return grad_p if need_p else None, grad_s if need_s else None, None, None, None, None, None, None, None
+
+
+chunked_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def patch_sentence_ot_scores_chunked(
@@ -200,8 +267,8 @@ def patch_sentence_ot_scores_chunked(
     sentences: torch.Tensor,
     sentence_mask: Optional[torch.Tensor] = None,
     patch_mask: Optional[torch.Tensor] = None,
-    eps: float = 0.05,
-    n_iter: int = 50,
+    eps: float = DEFAULT_OT_EPS,
+    n_iter: int = DEFAULT_OT_ITERS,
     tol: Optional[float] = None,
     tile_elements: int = TILE_ELEMENTS,
     absorb_at: float = ABSORB_AT,
@@ -224,10 +291,9 @@ def patch_sentence_ot_scores_chunked(
         sentence_mask = torch.ones(G, S, dtype=torch.bool, device=patches.device)
     if patch_mask is None:
         patch_mask = torch.ones(B, K, dtype=torch.bool, device=patches.device)
-    return PatchSentenceOTChunkedFunction.apply(
-        patches, sentences, sentence_mask, patch_mask, float(eps), int(n_iter), tol, int(tile_elements),
-        float(absorb_at),
-    )
+    scores, _, _ = chunked_fwd(patches, sentences, sentence_mask, patch_mask, float(eps), int(n_iter),
+                               None if tol is None else float(tol), int(tile_elements), float(absorb_at))
+    return scores
 
 
 IMPL = Impl(

@@ -2,9 +2,10 @@
 
 ``mlip_fast::patch_sentence_ot_scores_fwd`` returns the scores and the potentials f [B, G, K], g [B, G, S];
 ``mlip_fast::patch_sentence_ot_scores_bwd`` turns the upstream gradient and those potentials into the input
-gradients (plan constant, see ``kernels/patch_sentence_ot/backward.py``). Both have fake (meta) impls, and the
-forward's autograd formula is registered with ``torch.library.register_autograd``, so torch.compile traces
-through the op instead of breaking on the raw Triton launch.
+gradients (plan constant, see ``kernels/patch_sentence_ot/backward.py``) from the inputs with their padded rows
+zeroed (the forward kernel sets every entry that is not live to DEAD itself), so padding never matters. Both have
+fake (meta) impls, and the forward's autograd formula is registered with ``torch.library.register_autograd``, so
+torch.compile traces through the op instead of breaking on the raw Triton launch.
 
 The kernel modules are imported here, at module top, so the path from the op to its kernels is visible; without
 triton they are None and the impl's ``unavailable`` says why (the rest of the op still loads).
@@ -15,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
 from mlip_fast.ops.dispatch import Impl, triton_unavailable_reason
 
 try:
@@ -69,16 +71,23 @@ def _(grad_scores, patches, sentences, f, g, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    patches, sentences, _, _, eps, _, _ = inputs
+    patches, sentences, sentence_mask, patch_mask, eps, _, _ = inputs
     _, f, g = output
-    ctx.save_for_backward(patches, sentences, f, g)
+    ctx.save_for_backward(patches, sentences, sentence_mask, patch_mask, f, g)
     ctx.eps = eps
 
 
+def _zero_padded(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if valid is None else x.masked_fill(~valid[..., None], 0)
+
+
 def _backward(ctx, grad_scores, _grad_f, _grad_g):
-    patches, sentences, f, g = ctx.saved_tensors
+    patches, sentences, sentence_mask, patch_mask, f, g = ctx.saved_tensors
     if grad_scores is None:  # only the potentials were used downstream: they carry no gradient
         grad_scores = patches.new_zeros(f.shape[:2], dtype=torch.float32)
+    # The kernel rebuilds the plan from the similarities of the operands' rows: padded rows are zeroed first, so
+    # whatever they hold the plan there is exp2(-inf) = 0 exactly and no NaN / Inf enters the products.
+    patches, sentences = _zero_padded(patches, patch_mask), _zero_padded(sentences, sentence_mask)
     grad_p, grad_s = patch_sentence_ot_scores_bwd(grad_scores, patches, sentences, f, g, ctx.eps)
     return grad_p, grad_s, None, None, None, None, None
 
@@ -91,8 +100,8 @@ def patch_sentence_ot_scores_triton(
     sentences: torch.Tensor,
     sentence_mask: Optional[torch.Tensor] = None,
     patch_mask: Optional[torch.Tensor] = None,
-    eps: float = 0.05,
-    n_iter: int = 50,
+    eps: float = DEFAULT_OT_EPS,
+    n_iter: int = DEFAULT_OT_ITERS,
     tol: Optional[float] = None,
 ) -> torch.Tensor:
     """Fused Triton OT patch-sentence scores (same contract as ``mlip_fast.ops.patch_sentence_ot_scores``).
