@@ -4,6 +4,15 @@ mean of the token states inside each sentence's token span.
 The encoder is a transformers model (BERT family, no pooler) built by :func:`build_text_encoder` from a
 :class:`~mlip_fast.models.config.TextConfig`; attention inside it is chosen with transformers'
 ``attn_implementation`` (``sdpa`` by default), not with the ViT's backend switch.
+
+Padding-free path (:func:`unpadded_bert`): a batch of reports is padded to its longest, and on the synthetic
+benchmark about 45% of the [B, T] positions are padding, which transformers' BERT runs through every linear layer
+and layer norm. For a ``BertModel`` with SDPA attention (the default) the tower runs those per-token layers on the
+valid tokens only ([N, C], N = the number of tokens) and scatters them to [B, T] only for the attention, with
+transformers' own mask and the same SDPA call. The valid positions' outputs are the same values (bitwise in fp32 on
+CPU without dropout; weight gradients sum the same terms in another order), padded positions are zeros; with
+dropout the hidden-state dropout draws its masks over N instead of B x T positions. Other encoders, gradient
+checkpointing and ``torch.compile`` (a data-dependent token count) take transformers' forward.
 """
 from __future__ import annotations
 
@@ -13,12 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from huggingface_hub import try_to_load_from_cache
 
 from mlip_fast.models.config import TextConfig
 
 __all__ = ["TextTower", "pool_sentences", "build_text_encoder", "encoder_from_config", "resolve_text_source",
-           "minilm_path"]
+           "minilm_path", "padding_free", "unpadded_bert"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +92,62 @@ class TextTower(nn.Module):
         if sentence_mask.shape != sentence_spans.shape[:2] or sentence_mask.dtype != torch.bool:
             raise ValueError(f"sentence_mask must be bool [B, S] = {tuple(sentence_spans.shape[:2])}, "
                              f"got {sentence_mask.dtype} {tuple(sentence_mask.shape)}")
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if padding_free(self.encoder):
+            hidden = unpadded_bert(self.encoder, input_ids, attention_mask)
+        else:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return hidden[:, 0], pool_sentences(hidden, sentence_spans, sentence_mask)
+
+
+def padding_free(encoder: nn.Module) -> bool:
+    """Whether :func:`unpadded_bert` computes ``encoder``'s forward: a transformers ``BertModel`` encoder (no
+    decoder, no cross-attention, absolute positions, no feed-forward chunking) with SDPA attention, outside
+    gradient checkpointing and ``torch.compile``."""
+    from transformers import BertModel
+
+    if not isinstance(encoder, BertModel) or torch.compiler.is_compiling():
+        return False
+    cfg = encoder.config
+    # transformers >= 5.x names it activation checkpointing; older 5.x releases keep only the other name
+    name = "is_activation_checkpointing" if hasattr(type(encoder), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return (cfg._attn_implementation == "sdpa" and not cfg.is_decoder and not cfg.add_cross_attention
+            and getattr(cfg, "position_embedding_type", "absolute") == "absolute" and not cfg.chunk_size_feed_forward
+            and not getattr(encoder, name))
+
+
+def unpadded_bert(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """transformers' ``BertModel`` forward with its per-token layers on the valid tokens only (module docstring).
+
+    Args:
+        encoder: a ``BertModel`` for which :func:`padding_free` holds.
+        input_ids, attention_mask: [B, T] int64 (1 = token).
+    Returns:
+        last hidden states [B, T, C]: the encoder's at the valid positions, zeros at the padding.
+    """
+    from transformers.masking_utils import create_bidirectional_mask
+
+    b, t = input_ids.shape
+    x = encoder.embeddings(input_ids=input_ids)  # [B, T, C]
+    c = x.shape[-1]
+    mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=x, attention_mask=attention_mask)
+    keep = attention_mask.reshape(-1).nonzero().squeeze(1)  # [N] flat positions of the valid tokens
+    x = x.reshape(b * t, c).index_select(0, keep)  # [N, C]
+
+    def padded_heads(y: torch.Tensor, heads: int) -> torch.Tensor:  # [N, C] -> [B, H, T, C / H], zeros at padding
+        return y.new_zeros(b * t, c).index_copy(0, keep, y).view(b, t, heads, c // heads).transpose(1, 2)
+
+    for layer in encoder.encoder.layer:
+        attn, out = layer.attention.self, layer.attention.output
+        heads = attn.num_attention_heads
+        q, k, v = (padded_heads(proj(x), heads) for proj in (attn.query, attn.key, attn.value))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout.p if attn.training else 0.0,
+                                           scale=attn.scaling)
+        o = o.transpose(1, 2).reshape(b * t, c).index_select(0, keep)
+        x = out.LayerNorm(out.dropout(out.dense(o)) + x)
+        inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+        x = layer.output.LayerNorm(layer.output.dropout(layer.output.dense(inner)) + x)
+    return x.new_zeros(b * t, c).index_copy(0, keep, x).view(b, t, c)
 
 
 def minilm_path() -> str:

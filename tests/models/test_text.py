@@ -125,6 +125,52 @@ def test_text_tower_cls_and_sentences_from_the_encoder(tokenizer, iu_reports):
         tower(batch["input_ids"], batch["attention_mask"], batch["sentence_spans"], batch["sentence_mask"].long())
 
 
+def _bert(tokenizer, **kw):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                     intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     attn_implementation=kw.pop("attn_implementation", "sdpa"), **kw)
+    torch.manual_seed(0)
+    return BertModel(cfg, add_pooling_layer=False)
+
+
+def test_padding_free_bert_equals_transformers_forward_and_backward(tokenizer, iu_reports):
+    """The tower's padding-free path computes transformers' BERT on the valid tokens: the same values there (bitwise
+    in fp32), zeros at the padding, the same weight gradients up to summation order; a batch without padding too."""
+    from mlip_fast.models.text import padding_free, unpadded_bert
+
+    encoder = _bert(tokenizer).train()
+    assert padding_free(encoder)
+    texts = [iu_reports["CXR249"], "Lungs clear.", iu_reports["CXR1"], "No acute disease. Heart size normal."]
+    for batch_texts in (texts, texts[1:2]):  # ragged, then one report (no padding: no mask)
+        batch = tokenize_reports(tokenizer, batch_texts, max_length=128, max_sentences=16)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        valid = mask.bool()
+        grad = torch.randn(*ids.shape, 48) * valid[..., None]
+        ref = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        encoder.zero_grad()
+        (ref * grad).sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in encoder.named_parameters()}
+        out = unpadded_bert(encoder, ids, mask)
+        encoder.zero_grad()
+        (out * grad).sum().backward()
+        assert torch.equal(out[valid], ref[valid]) and (out[~valid] == 0).all()
+        scale = max(g.abs().max() for g in ref_grads.values())  # the key biases' true gradient is 0: rounding noise
+        for name, p in encoder.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-5, atol=1e-6 * scale), name
+
+
+def test_padding_free_path_only_where_it_computes_the_same(tokenizer):
+    from mlip_fast.models.text import padding_free
+
+    assert not padding_free(_bert(tokenizer, attn_implementation="eager"))
+    assert not padding_free(_bert(tokenizer, position_embedding_type="relative_key"))
+    checkpointed = _bert(tokenizer)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not padding_free(checkpointed)
+
+
 def test_corpus_trained_tokenizer(iu_reports):
     corpus = list(iu_reports.values()) * 3
     tok = get_tokenizer("mlip-tiny", corpus=corpus).tokenizer
