@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import IterableDataset, Subset
 
 from mlip_fast._cli import HelpFormatter, Parser, add_version
+from mlip_fast.constants import LOCAL_MATCHINGS
 from mlip_fast.data.evaluation.chexpert import UNCERTAIN_POLICIES
 from mlip_fast.data.readers import DatasetError, EvalDataError
 from mlip_fast.data.shard_reader import find_index
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score with the global embeddings, the patch-sentence scores, their mix, or all three")
     p.add_argument("--classes", nargs="+", default=None, help="evaluate only these prompt classes")
     p.add_argument("--local-weight", type=float, default=0.5, help="weight of the local score in 'combined'")
+    p.add_argument("--local-matching", choices=LOCAL_MATCHINGS, default=None,
+                   help="local scores by token-wise max or optimal transport (default: the model config's, the "
+                        "matching it was trained with)")
     p.add_argument("--skip-empty", action="store_true", help="report classes without positives/negatives as skipped")
 
     p = task("fewshot", "linear probe and fine-tune with 1/10/100%% of labels")
@@ -152,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = task("localisation", "finding-sentence heat maps vs ground-truth masks")
     p.add_argument("--threshold", type=float, default=0.5, help="heat-map threshold for the mask IoU")
     p.add_argument("--examples", type=int, default=8, help="findings in the overlay PNG")
+    p.add_argument("--local-matching", choices=LOCAL_MATCHINGS, default=None,
+                   help="heat maps of patch cosines (max) or of the transport plan against the report's sentences "
+                        "(ot) (default: the model config's, the matching it was trained with)")
     return parser
 
 
@@ -254,13 +261,14 @@ def run(args) -> Path:
     if args.task == "zeroshot":
         class_prompts = load_prompts(prompts, per_class=args.prompts_per_class, seed=args.seed)
         zs = zero_shot_scores(model, test, class_prompts, local_weight=args.local_weight, batch_size=args.batch_size,
-                              device=device, max_samples=args.max_samples, progress=progress, classes=args.classes)
+                              device=device, max_samples=args.max_samples, progress=progress, classes=args.classes,
+                              local_matching=args.local_matching)
         modes = MODES if args.mode == "all" else (args.mode,)
         metrics = {m: scores_to_metrics(zs.scores[m], zs.labels, zs.class_names, skip_empty=args.skip_empty, mode=m)
                    for m in modes}
         plots.append(P.plot_roc_curves({m: zs.scores[m] for m in modes}, zs.labels, zs.class_names, out / "roc_curves.png"))
         settings.update(prompts=str(prompts), prompts_per_class=args.prompts_per_class, mode=args.mode,
-                        local_weight=args.local_weight, classes=zs.class_names,
+                        local_weight=args.local_weight, classes=zs.class_names, local_matching=zs.local_matching,
                         positive_prompts={c: list(cp.positive) for c, cp in class_prompts.items()})
     elif args.task == "fewshot":
         splits_dir = Path(args.splits_dir) if args.splits_dir else out / "splits"
@@ -294,7 +302,7 @@ def run(args) -> Path:
     else:
         metrics = evaluate_localisation(model, test, threshold=args.threshold, batch_size=args.batch_size,
                                         device=device, max_samples=args.max_samples, progress=progress,
-                                        examples=args.examples)
+                                        examples=args.examples, local_matching=args.local_matching)
         examples = metrics.pop("examples", [])
         plots.append(P.plot_heatmap_overlays(examples, out / "localisation_overlays.png"))
         settings.update(threshold=args.threshold)

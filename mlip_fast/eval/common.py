@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from mlip_fast._cli import no_bar
 from mlip_fast._records import SUMMARY_FILE, versions, write_run_record
 from mlip_fast.data.readers import EvalDataError, SampleError
+from mlip_fast.functional import LocalMatching
 from mlip_fast.models.factory import CheckpointError, from_pretrained
 from mlip_fast.preprocess.images import ImageLoadError
 from mlip_fast.preprocess.transforms import ImageTransform
@@ -271,6 +272,15 @@ def screen_samples(data, max_bad_fraction: float, name: str = "evaluation data",
     if not good:
         raise EvalDataError(f"{name}: no sample can be read")
     return (Subset(data, good) if skipped else data), skipped
+
+
+def local_matching_of(model, local_matching: Optional[str] = None) -> LocalMatching:
+    """How evaluation matches patches and sentences: ``local_matching`` ("max" / "ot"), or with None the model
+    config's (the matching it was trained with); the OT settings are always the model config's (the defaults for
+    a stand-in model whose config has none)."""
+    cfg, default = model.config, LocalMatching()
+    mode = getattr(cfg, "local_matching", default.mode) if local_matching is None else local_matching
+    return LocalMatching(mode, getattr(cfg, "ot_eps", default.ot_eps), getattr(cfg, "ot_iters", default.ot_iters)).checked()
 
 
 def l2_normalise(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

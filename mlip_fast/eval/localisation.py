@@ -3,8 +3,10 @@
 API (what the training loop and the CLI call)::
 
     evaluate_localisation(model, data, *, split="test", threshold=0.5, batch_size=16, device=None,
-                          max_samples=None, progress=True, transform=None, examples=0) -> dict
+                          max_samples=None, progress=True, transform=None, examples=0,
+                          local_matching=None) -> dict
     sentence_heatmaps(model, images [B, C, S, S], sentences: list[str], owner: list[int]) -> [N, h, w]
+    plan_heatmaps(model, images, sentences, owner, context: list[list[str]], matching) -> [N, h, w]
 
 ``data``: a synthetic benchmark folder (``master.csv`` from ``mlip_fast.data.synth``; ``split`` picks
 the rows), or a dataset / list of records, each a dict with ``image`` (a transformed tensor
@@ -12,8 +14,14 @@ the rows), or a dataset / list of records, each a dict with ``image`` (a transfo
 with the finding's mask ``[H, W]`` in the raw image's frame (an array, or a path to a mask image).
 
 For every (image, finding sentence) pair: the sentence is encoded on its own (``encode_text_local``), its
-heat map is ``cos(patch_p, sentence)`` over the patch grid of the unmasked image, and the mask is put in
-the model's input frame with the same aspect-preserving resize + pad as ``ImageTransform``. Then:
+heat map is ``cos(patch_p, sentence)`` over the patch grid of the unmasked image (token-wise max matching), or,
+with optimal-transport matching (the model config's ``local_matching="ot"``, or ``local_matching="ot"`` here),
+the sentence's column of the transport plan between the image's patches and the sentences of its report: the
+image's finding sentences and the other sentences of the record's ``report`` when it has one, each encoded on its
+own (``plan[:, q] * m``, the share of the sentence's mass each patch takes, m sentences). OT needs the sentences
+to compete for the patches: a sentence alone with an image is spread over every patch (uniform marginals), so
+records without a report and with one finding give flat maps. The mask is put in the model's input frame with
+the same aspect-preserving resize + pad as ``ImageTransform``. Then:
 - pointing hit: the centre of the top-scoring patch lies inside the mask; chance = the mask's area
   fraction of the input image (where a uniformly random point lands inside), reported beside it;
 - mask IoU: the heat map, upsampled bilinearly and min-max scaled, thresholded at ``threshold``,
@@ -22,7 +30,8 @@ the model's input frame with the same aspect-preserving resize + pad as ``ImageT
 Returned metrics::
 
     {"pointing_accuracy", "chance", "mask_iou", "iou_chance", "threshold", "n_sentences", "n_images",
-     "per_finding": {name: {"pointing_accuracy", "chance", "mask_iou", "iou_chance", "n"}}}
+     "per_finding": {name: {"pointing_accuracy", "chance", "mask_iou", "iou_chance", "n"}},
+     "local_matching", and with "ot" "plan_sentences_per_image" (mean sentences in an image's plan)}
 
 With ``examples=k`` the result also holds ``"examples"``: k dicts (image [S, S], mask, heatmap,
 sentence, name, hit) for overlay plots; drop that key before writing JSON.
@@ -40,28 +49,98 @@ from tqdm.auto import tqdm
 from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
 from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
-from mlip_fast.eval.common import evaluating, eval_transform, l2_normalise, model_device, no_bar
+from mlip_fast.eval.common import evaluating, eval_transform, l2_normalise, local_matching_of, model_device, no_bar
+from mlip_fast.functional import LocalMatching
+from mlip_fast.ops.patch_sentence_ot import paired_transport_plan
 from mlip_fast.preprocess.images import load_image
+from mlip_fast.preprocess.reports import split_sentences
 from mlip_fast.preprocess.transforms import resize_pad
 
-__all__ = ["evaluate_localisation", "sentence_heatmaps", "mask_to_input_frame"]
+__all__ = ["evaluate_localisation", "sentence_heatmaps", "plan_heatmaps", "report_sentences", "mask_to_input_frame"]
+
+
+def _unit_patches(model, images: torch.Tensor) -> torch.Tensor:
+    """[B, P, D] unit patch vectors of the unmasked images, P in row-major grid order."""
+    return l2_normalise(model.encode_image_local(images, mask_ratio=0.0)["patches"])
+
+
+def _sentence_vectors(model, sentences: Sequence[str]) -> torch.Tensor:
+    """[N, D] unit vectors, each sentence encoded as a one-sentence report: its first sentence vector (the global
+    vector when the text tower found no sentence in it)."""
+    text = model.encode_text_local(list(sentences))
+    return l2_normalise(torch.where(text["sentence_mask"][:, :1], text["sentences"][:, 0], text["text_global"]))
 
 
 def sentence_heatmaps(model, images: torch.Tensor, sentences: Sequence[str], owner: Sequence[int]) -> torch.Tensor:
-    """Cosine heat maps ``[N, h, w]`` of ``sentences[n]`` over the patches of ``images[owner[n]]``.
+    """Cosine heat maps ``[N, h, w]`` of ``sentences[n]`` over the patches of ``images[owner[n]]``."""
+    vision = model.config.vision
+    grid = vision.image_size // vision.patch_size
+    patches = _unit_patches(model, images)
+    sent = _sentence_vectors(model, sentences)
+    idx = torch.as_tensor(list(owner), device=patches.device)
+    heat = torch.einsum("npd,nd->np", patches[idx], sent.to(patches.device))
+    return heat.view(len(sentences), grid, grid)
 
-    Each sentence is encoded as a one-sentence report; its first sentence vector is used (the global
-    vector when the text tower found no sentence in it).
+
+def _sentence_key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def report_sentences(report: Optional[str]) -> list[str]:
+    """The sentences of a report text, split as the text tower splits them ([] for None)."""
+    return [report[s:e] for s, e in split_sentences(report)] if report else []
+
+
+def _sentence_sets(sentences: Sequence[str], owner: Sequence[int], context: Sequence[Sequence[str]],
+                   n_images: int) -> tuple[list[list[str]], list[int]]:
+    """Each image's sentence set (its ``sentences``, then those of its ``context`` not among them, compared
+    ignoring case and spacing) and the column of each of ``sentences`` in its image's set."""
+    sets: list[list[str]] = [[] for _ in range(n_images)]
+    keys: list[list[str]] = [[] for _ in range(n_images)]
+
+    def add(b: int, text: str) -> int:
+        key = _sentence_key(text)
+        if key not in keys[b]:
+            keys[b].append(key)
+            sets[b].append(text)
+        return keys[b].index(key)
+
+    column = [add(b, text) for text, b in zip(sentences, owner)]
+    for b, extra in enumerate(context):
+        for text in extra:
+            add(b, text)
+    return sets, column
+
+
+def plan_heatmaps(model, images: torch.Tensor, sentences: Sequence[str], owner: Sequence[int],
+                  context: Sequence[Sequence[str]], matching: LocalMatching) -> torch.Tensor:
+    """Transport-plan heat maps ``[N, h, w]``: for ``sentences[n]``, its column of the optimal-transport plan
+    between the patches of ``images[owner[n]]`` and that image's sentence set, times the set's size (the share of
+    the sentence's mass each patch takes; each map sums to 1).
+
+    An image's set is its sentences in ``sentences`` and then those of ``context[b]`` (e.g. its report's) that are
+    not among them (compared ignoring case and spacing), each encoded on its own; ``matching`` gives eps and the
+    iterations.
     """
     vision = model.config.vision
     grid = vision.image_size // vision.patch_size
-    out = model.encode_image_local(images, mask_ratio=0.0)
-    patches = l2_normalise(out["patches"])  # [B, P, D], P in row-major grid order at mask ratio 0
-    text = model.encode_text_local(list(sentences))
-    sent = torch.where(text["sentence_mask"][:, :1], text["sentences"][:, 0], text["text_global"])
-    sent = l2_normalise(sent)
+    patches = _unit_patches(model, images)
+    sets, column = _sentence_sets(sentences, owner, context, images.shape[0])
+    flat = [s for group in sets for s in group]
+    width = max(1, max(len(group) for group in sets))
+    vectors = _sentence_vectors(model, flat).to(patches.device) if flat else patches.new_zeros(0, patches.shape[-1])
+    packed = patches.new_zeros(len(sets), width, patches.shape[-1])
+    mask = torch.zeros(len(sets), width, dtype=torch.bool, device=patches.device)
+    start = 0
+    for b, group in enumerate(sets):
+        packed[b, : len(group)] = vectors[start : start + len(group)].to(packed.dtype)
+        mask[b, : len(group)] = True
+        start += len(group)
+    plan = paired_transport_plan(patches, packed, mask, eps=matching.ot_eps, n_iter=matching.ot_iters)
     idx = torch.as_tensor(list(owner), device=patches.device)
-    heat = torch.einsum("npd,nd->np", patches[idx], sent.to(patches.device))
+    cols = torch.as_tensor(column, device=patches.device)
+    counts = mask.sum(1).to(plan.dtype)
+    heat = plan[idx, :, cols] * counts[idx, None]
     return heat.view(len(sentences), grid, grid)
 
 
@@ -104,8 +183,10 @@ def evaluate_localisation(
     progress: bool = True,
     transform=None,
     examples: int = 0,
+    local_matching: Optional[str] = None,
 ) -> dict:
     """Pointing accuracy and mask IoU of finding-sentence heat maps, with chance rates (module doc)."""
+    matching = local_matching_of(model, local_matching)
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     root = None
@@ -120,13 +201,13 @@ def evaluate_localisation(
     dev = model_device(model, device)
     transform = transform if transform is not None else eval_transform(model)
     size = model.config.vision.image_size
-    hits, ious, chances, names = [], [], [], []
+    hits, ious, chances, names, plan_sizes = [], [], [], [], []
     kept: list[dict] = []
     n_images = 0
     with evaluating(model), tqdm(total=n, desc="localisation", unit="img", disable=no_bar(progress), leave=False) as bar:
         for start in range(0, n, batch_size):
             records = [data[i] for i in range(start, min(n, start + batch_size))]
-            images, sentences, owner, masks, fnames = [], [], [], [], []
+            images, sentences, owner, masks, fnames, context = [], [], [], [], [], []
             for rec in records:
                 if "findings" not in rec:
                     raise EvalDataError("localisation needs records with 'findings' (sentence + mask per finding); "
@@ -142,12 +223,19 @@ def evaluate_localisation(
                     masks.append(mask_to_input_frame(_load_mask(f["mask"], root), size))
                     fnames.append(str(f.get("name", "finding")))
                 images.append(image)
+                context.append(report_sentences(rec.get("report")))
             n_images += len(records)
             bar.update(len(records))
             if not sentences:
                 continue
             batch = torch.stack(images).to(dev)
-            heat = sentence_heatmaps(model, batch, sentences, owner).float().cpu().numpy()
+            if matching.mode == "ot":
+                heat = plan_heatmaps(model, batch, sentences, owner, context, matching)
+                sets, _ = _sentence_sets(sentences, owner, context, len(images))
+                plan_sizes += [len(sets[b]) for b in sorted(set(owner))]
+            else:
+                heat = sentence_heatmaps(model, batch, sentences, owner)
+            heat = heat.float().cpu().numpy()
             for k, (h, m) in enumerate(zip(heat, masks)):
                 hit = M.pointing_hit(h, m)
                 hits.append(hit)
@@ -173,7 +261,10 @@ def evaluate_localisation(
         "n_sentences": int(len(hits_a)),
         "n_images": int(n_images),
         "per_finding": {name: summary(names_a == name) for name in sorted(set(names))},
+        "local_matching": matching.mode,
     }
+    if plan_sizes:
+        result["plan_sentences_per_image"] = float(np.mean(plan_sizes))
     if examples:
         result["examples"] = kept
     return result

@@ -4,10 +4,11 @@ API (what the training loop and the CLI call)::
 
     zero_shot_classify(model, data, class_prompts, *, mode="combined", label_names=None,
                        local_weight=0.5, batch_size=32, device=None, max_samples=None,
-                       skip_empty=False, progress=True, transform=None, classes=None) -> dict
+                       skip_empty=False, progress=True, transform=None, classes=None,
+                       local_matching=None) -> dict
     zero_shot_scores(model, data, class_prompts, *, label_names=None, local_weight=0.5,
                      batch_size=32, device=None, max_samples=None, progress=True,
-                     transform=None, classes=None) -> ZeroShotScores
+                     transform=None, classes=None, local_matching=None) -> ZeroShotScores
     scores_to_metrics(scores [N, C], labels [N, C], class_names, *, skip_empty=False) -> dict
 
 ``data``: a dataset / list of sample dicts / DataLoader (see ``mlip_fast.eval.common``) with labels;
@@ -23,6 +24,10 @@ prompt sets of c):
 - local: ``L(P+) - L(P-)`` with ``L(P) = mean over the sentences q of P of max over patches p of
   cos(patch_p, q)`` (the text-to-image patch-sentence score of MLIP's local loss,
   ``mlip_fast.ops.patch_sentence_scores(..., directions="t2i")``): does some region match the finding?
+  With optimal-transport matching (the model config's ``local_matching="ot"``, or ``local_matching="ot"``
+  here) ``L(P)`` is the OT score of the image's patches against the sentences of P
+  (``mlip_fast.ops.patch_sentence_ot_scores``, the model config's eps and iterations): the score the model
+  was trained with. ``local_matching`` None reads the model config's.
 - combined: ``(1 - local_weight) * global + local_weight * local``.
 A score > 0 means the positive prompts win: accuracy and F1 use threshold 0; AUC is threshold-free.
 
@@ -32,7 +37,7 @@ Returned metrics (one mode; ``mode="all"`` returns ``{"global": ..., "local": ..
                                 "prevalence", "chance": {"auc", "accuracy", "f1"}}},
      "macro": {"auc", "accuracy", "f1"}, "chance": {"auc", "accuracy", "f1"} (macro of the chance rates),
      "n_images", "multiclass" (only for one-label-per-image data such as CheXpert 5x200:
-     {"accuracy" of the arg-max class, "chance"})}
+     {"accuracy" of the arg-max class, "chance"}), "local_matching" ("max" / "ot")}
 """
 from __future__ import annotations
 
@@ -44,9 +49,10 @@ import torch
 
 from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
-from mlip_fast.eval.common import evaluating, eval_transform, iter_batches, l2_normalise, label_names_of, model_device
+from mlip_fast.eval.common import (evaluating, eval_transform, iter_batches, l2_normalise, label_names_of,
+                                   local_matching_of, model_device)
 from mlip_fast.eval.prompts import ClassPrompts, load_prompts, normalise_name
-from mlip_fast.ops import patch_sentence_scores
+from mlip_fast.ops import patch_sentence_ot_scores, patch_sentence_scores
 
 __all__ = ["zero_shot_classify", "zero_shot_scores", "scores_to_metrics", "encode_prompts", "ZeroShotScores",
            "PromptEmbeddings", "MODES"]
@@ -68,12 +74,14 @@ class PromptEmbeddings:
 
 @dataclass
 class ZeroShotScores:
-    """Per-image class scores ``[N, C]`` per mode, the labels ``[N, C]`` (NaN = unknown) and class names."""
+    """Per-image class scores ``[N, C]`` per mode, the labels ``[N, C]`` (NaN = unknown), class names and the
+    patch-sentence matching of the local scores ("max" / "ot")."""
 
     class_names: list[str]
     scores: dict[str, np.ndarray]
     labels: Optional[np.ndarray]
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    local_matching: str = "max"
 
 
 def encode_prompts(model, prompts: Mapping[str, ClassPrompts], device: torch.device) -> PromptEmbeddings:
@@ -137,8 +145,10 @@ def zero_shot_scores(
     transform=None,
     require_labels: bool = True,
     classes: Optional[Sequence[str]] = None,
+    local_matching: Optional[str] = None,
 ) -> ZeroShotScores:
     """Score every image of ``data`` against every prompt class in the three modes (see module doc)."""
+    matching = local_matching_of(model, local_matching)
     prompts = load_prompts(class_prompts)
     if classes is not None:
         by_key = {normalise_name(c): c for c in prompts}
@@ -174,9 +184,14 @@ def zero_shot_scores(
             sims = torch.einsum("bd,cpd->bcp", image, emb.global_)  # [B, C, 2]
             g = sims[..., 0] - sims[..., 1]
             patches = l2_normalise(out["patches"])
-            _, t2i = patch_sentence_scores(patches, emb.sentences.to(patches.dtype), emb.sentence_mask, directions="t2i")
-            t2i = t2i.view(-1, c, 2)
-            loc = t2i[..., 0] - t2i[..., 1]
+            sentences = emb.sentences.to(patches.dtype)
+            if matching.mode == "ot":
+                local = patch_sentence_ot_scores(patches, sentences, emb.sentence_mask, eps=matching.ot_eps,
+                                                 n_iter=matching.ot_iters)
+            else:
+                _, local = patch_sentence_scores(patches, sentences, emb.sentence_mask, directions="t2i")
+            local = local.view(-1, c, 2)
+            loc = local[..., 0] - local[..., 1]
             scores["global"].append(g.float().cpu().numpy())
             scores["local"].append(loc.float().cpu().numpy())
             scores["combined"].append(((1 - local_weight) * g + local_weight * loc).float().cpu().numpy())
@@ -186,6 +201,7 @@ def zero_shot_scores(
         scores={m: np.concatenate(v) for m, v in scores.items()},
         labels=np.concatenate(labels) if labels else None,
         index=np.concatenate(index),
+        local_matching=matching.mode,
     )
 
 
@@ -247,13 +263,16 @@ def zero_shot_classify(
     progress: bool = True,
     transform=None,
     classes: Optional[Sequence[str]] = None,
+    local_matching: Optional[str] = None,
 ) -> dict:
     """Zero-shot metrics for ``mode`` in ``"global" | "local" | "combined" | "all"`` (see module doc)."""
     if mode not in MODES + ("all",):
         raise ValueError(f"mode must be one of {MODES + ('all',)}, got {mode!r}")
     zs = zero_shot_scores(model, data, class_prompts, label_names=label_names, local_weight=local_weight,
                           batch_size=batch_size, device=device, max_samples=max_samples, progress=progress,
-                          transform=transform, classes=classes)
-    if mode == "all":
-        return {m: scores_to_metrics(zs.scores[m], zs.labels, zs.class_names, skip_empty=skip_empty, mode=m) for m in MODES}
-    return scores_to_metrics(zs.scores[mode], zs.labels, zs.class_names, skip_empty=skip_empty, mode=mode)
+                          transform=transform, classes=classes, local_matching=local_matching)
+    def metrics(m):
+        return {**scores_to_metrics(zs.scores[m], zs.labels, zs.class_names, skip_empty=skip_empty, mode=m),
+                "local_matching": zs.local_matching}
+
+    return {m: metrics(m) for m in MODES} if mode == "all" else metrics(mode)

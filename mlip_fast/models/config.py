@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from mlip_fast._checks import dataclass_from_dict
-from mlip_fast.constants import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE
+from mlip_fast.constants import (DEFAULT_OT_EPS, DEFAULT_OT_ITERS, INIT_LOGIT_SCALE, LOCAL_MATCHINGS,
+                                 MAX_LOGIT_SCALE)
 
 __all__ = ["VisionConfig", "TextConfig", "MLIPConfig", "ConfigError", "check_mask_ratio"]
 
@@ -164,7 +165,10 @@ class MLIPConfig:
     (K = round((1 - r) P) kept); ``mask_temperature`` is the Gumbel-top-k temperature over the integrity
     logits; ``sie_hidden`` the hidden width of the semantic integrity estimator. Logit scales start at
     ``init_logit_scale`` (1 / 0.07) and are bounded at ``max_logit_scale`` (100) by clamping their parameter
-    after each optimizer step (:class:`mlip_fast.losses.LogitScale`).
+    after each optimizer step (:class:`mlip_fast.losses.LogitScale`). ``local_matching`` is how patches and
+    sentences are matched, in the local loss the training app builds and in evaluation's local scores and maps:
+    ``"max"`` (token-wise max, the method as specified) or ``"ot"`` (entropic optimal transport with
+    regularisation ``ot_eps`` and ``ot_iters`` Sinkhorn iterations; ``ot_*`` are read with ``"ot"`` only).
     """
 
     name: str = "custom"
@@ -177,6 +181,9 @@ class MLIPConfig:
     sie_hidden: int = 256
     init_logit_scale: float = INIT_LOGIT_SCALE
     max_logit_scale: float = MAX_LOGIT_SCALE
+    local_matching: str = "max"
+    ot_eps: float = DEFAULT_OT_EPS
+    ot_iters: int = DEFAULT_OT_ITERS
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -192,6 +199,11 @@ class MLIPConfig:
         _check_number(self.max_logit_scale, "max_logit_scale", 0.0)
         _check(self.max_logit_scale >= self.init_logit_scale,
                f"max_logit_scale ({self.max_logit_scale}) must be >= init_logit_scale ({self.init_logit_scale})")
+        _check(self.local_matching in LOCAL_MATCHINGS,
+               f"local_matching must be one of {LOCAL_MATCHINGS}, got {self.local_matching!r}")
+        _check_number(self.ot_eps, "ot_eps", 0.0)
+        _check(isinstance(self.ot_iters, int) and not isinstance(self.ot_iters, bool) and self.ot_iters > 0,
+               f"ot_iters must be a positive int, got {self.ot_iters!r}")
 
     # serialisation -------------------------------------------------------------------------------
     @classmethod

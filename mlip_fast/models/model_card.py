@@ -108,8 +108,15 @@ def _model_section(model) -> list[str]:
         f"| joint space | D = {cfg.embed_dim}, {cfg.projection} projections |",
         f"| masking | integrity-scored, ratio {cfg.mask_ratio:g} in training ({kept} of {v.num_patches} patches kept), "
         f"Gumbel temperature {cfg.mask_temperature:g}, estimator hidden {cfg.sie_hidden}; none at inference |",
+        f"| patch-sentence matching | {_matching(cfg)} (local loss, local zero-shot scores, localisation maps) |",
         f"| parameters | {n_params / 1e6:.2f} M |", "",
     ]
+
+
+def _matching(cfg) -> str:
+    if cfg.local_matching == "ot":
+        return f"entropic optimal transport, eps {cfg.ot_eps:g}, {cfg.ot_iters} Sinkhorn iterations"
+    return "token-wise max"
 
 
 def _preprocess_section(model) -> list[str]:

@@ -20,7 +20,7 @@ import sys
 from typing import Optional, Sequence
 
 from mlip_fast._cli import HelpFormatter, Parser, add_version
-from mlip_fast.constants import DEFAULT_SIE_TEMPERATURE
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS, DEFAULT_SIE_TEMPERATURE, LOCAL_MATCHINGS
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
 from mlip_fast.models.config import ConfigError
 from mlip_fast.models.registry import get_model_config
@@ -233,6 +233,16 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
                            "similarity to its own report's sentences / T")
     loss.add_argument("--impl", default="auto", choices=("auto", "reference", "chunked", "triton"),
                       help="patch-sentence scores implementation")
+    loss.add_argument("--local-matching", choices=LOCAL_MATCHINGS, default=None,
+                      help="patch-sentence matching of the local loss and of evaluation's local scores and maps: max "
+                           "(token-wise, the method's) or ot (entropic optimal transport); sets the model config's "
+                           "local_matching (default: the model config's, max)")
+    loss.add_argument("--ot-eps", type=_positive, default=None,
+                      help=f"regularisation of the OT matching (default: the model config's, {DEFAULT_OT_EPS}); needs "
+                           "--local-matching ot")
+    loss.add_argument("--ot-iters", type=_positive_int, default=None,
+                      help=f"Sinkhorn iterations of the OT matching (default: the model config's, {DEFAULT_OT_ITERS}); "
+                           "needs --local-matching ot")
 
     run = p.add_argument_group("optimisation (each flag overrides the matching key of the ds config; the table at "
                                "the end shows the configs' values)")

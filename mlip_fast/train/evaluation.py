@@ -68,7 +68,8 @@ def zero_shot(model, dataset, prompts: str, *, max_samples: int = 0, progress: b
 
 def localisation(model, synthetic_root: Path, split: str = "test", *, max_samples: int = 0,
                  progress: bool = False) -> dict:
-    """Pointing accuracy of finding sentences on the synthetic benchmark with its chance rate."""
+    """Pointing accuracy of finding sentences on the synthetic benchmark with its chance rate (maps by the model
+    config's matching, ``local_matching``)."""
     result = evaluate_localisation(model, synthetic_root, split=split, max_samples=max_samples or None,
                                    progress=progress, batch_size=64)
     return {
@@ -78,4 +79,5 @@ def localisation(model, synthetic_root: Path, split: str = "test", *, max_sample
         "iou_chance": result["iou_chance"],
         "n_sentences": result["n_sentences"],
         "per_finding": result["per_finding"],
+        "local_matching": result["local_matching"],
     }

@@ -8,6 +8,7 @@ A resumed run that had nothing left to train (it resumed a finished run) keeps t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -127,6 +128,7 @@ def _summary(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
         "data": {"source": args.data, "path": data.path, "n_train": len(data.train_set),
                  "n_valid": len(valid) if valid is not None else 0, "n_test": len(test) if test is not None else 0},
         "model": e.model_cfg.to_dict(),
+        "loss": dataclasses.asdict(e.criterion.config),
         "parameters": e.n_params,
         "ds_config": e.config,
         "args": vars(args),

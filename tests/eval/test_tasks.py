@@ -10,9 +10,12 @@ from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
 from mlip_fast.data.readers import EvalDataError
 from mlip_fast.eval import metrics as M
 from mlip_fast.eval.fewshot import few_shot_classify, subset_indices
-from mlip_fast.eval.localisation import evaluate_localisation, mask_to_input_frame, sentence_heatmaps
+from mlip_fast.eval.localisation import (evaluate_localisation, mask_to_input_frame, plan_heatmaps, report_sentences,
+                                         sentence_heatmaps)
 from mlip_fast.eval.retrieval import evaluate_retrieval
 from mlip_fast.eval.segmentation import SegmentationDecoder, few_shot_segment
+from mlip_fast.functional import LocalMatching
+from mlip_fast.reference.patch_sentence_ot import transport_plan
 
 
 def test_localisation_end_to_end(tiny_model, synth_dir):
@@ -198,3 +201,70 @@ def test_localisation_orientation_with_an_oracle():
 def test_unknown_segmentation_target(synth_dir):
     with pytest.raises(EvalDataError, match="unknown segmentation target 'effusion'"):
         SyntheticBenchmark(synth_dir, "train", segmentation_target="effusion")
+
+
+class _SideOracle(_BrightnessOracle):
+    """Patch vectors that say which half of the image a patch is in; sentences naming "left" or "right" point at
+    that half, other sentences at neither: only a correct sentence-to-column bookkeeping of the transport plan
+    puts each finding on its own half."""
+
+    def encode_image_local(self, images, mask_ratio=0.0):
+        b, g = images.shape[0], self.config.vision.image_size // self.patch_size
+        left = (torch.arange(g * g) % g < g // 2).float()
+        patches = torch.stack([left, 1 - left, torch.full_like(left, 0.3)], dim=-1).expand(b, -1, -1)
+        return {"image_global": patches.mean(1), "patches": patches}
+
+    def encode_text_local(self, texts):
+        vec = torch.tensor([[1.0 * ("left" in t), 1.0 * ("right" in t), 0.2] for t in texts])[:, None]
+        return {"text_global": vec[:, 0], "sentences": vec, "sentence_mask": torch.ones(len(texts), 1, dtype=torch.bool)}
+
+
+def test_localisation_by_transport_plan_with_an_oracle():
+    half = np.zeros((64, 64), bool)
+    half[:, :32] = True
+    findings = [{"name": "left", "sentence": "Opacity on the left.", "mask": half},
+                {"name": "right", "sentence": "Opacity on the right.", "mask": ~half}]
+    image = np.full((64, 64), 0.5, np.float32)
+    two = [{"image": image, "findings": findings}]  # two findings compete for the patches
+    r = evaluate_localisation(_SideOracle(), two, progress=False, local_matching="ot")
+    assert r["pointing_accuracy"] == 1.0 and r["mask_iou"] > 0.9 and r["local_matching"] == "ot"
+    assert r["plan_sentences_per_image"] == 2.0
+    # one finding with its report's other sentences as competitors (the finding's own sentence counted once)
+    with_report = [{"image": image, "findings": findings[1:],
+                    "report": "Opacity on the right. The left lung is clear. Heart size is normal."}]
+    r = evaluate_localisation(_SideOracle(), with_report, progress=False, local_matching="ot")
+    assert r["pointing_accuracy"] == 1.0 and r["plan_sentences_per_image"] == 3.0
+    alone = [{"image": image, "findings": findings[1:]}]  # a sentence alone is spread over every patch
+    heat = plan_heatmaps(_SideOracle(), torch.zeros(1, 1, 64, 64), [findings[1]["sentence"]], [0], [[]],
+                         LocalMatching("ot"))
+    torch.testing.assert_close(heat, torch.full_like(heat, 1 / 64))
+    assert evaluate_localisation(_SideOracle(), alone, progress=False)["local_matching"] == "max"
+
+
+def test_localisation_plan_maps_are_the_reference_plan(tiny_model, synth_dir, eval_tf):
+    data = SyntheticBenchmark(synth_dir, split="test", with_findings=True)
+    record = next(data[i] for i in range(len(data)) if data[i]["findings"])
+    image = eval_tf(record["image"])[None]
+    sentences = [f["sentence"] for f in record["findings"]]
+    context = report_sentences(record["report"])
+    matching = LocalMatching("ot", 0.1, 30)
+    with torch.no_grad():
+        heat = plan_heatmaps(tiny_model.eval(), image, sentences, [0] * len(sentences), [context], matching)
+        patches = tiny_model.encode_image_local(image)["patches"]
+        keys, texts = [], []
+        for t in sentences + context:
+            if " ".join(t.lower().split()) not in keys:
+                keys.append(" ".join(t.lower().split()))
+                texts.append(t)
+        vectors = torch.stack([tiny_model.encode_text_local([t])["sentences"][0, 0] for t in texts])
+        norm = torch.nn.functional.normalize
+        plan, _, _, _ = transport_plan(norm(patches.double(), dim=-1), norm(vectors.double(), dim=-1)[None],
+                                       eps=0.1, n_iter=30)
+    grid = tiny_model.config.vision.image_size // tiny_model.config.vision.patch_size
+    for n in range(len(sentences)):
+        want = plan[0, 0, :, n] * len(texts)
+        torch.testing.assert_close(heat[n].double().flatten(), want, rtol=1e-4, atol=1e-6)
+        assert heat[n].shape == (grid, grid)
+    r = evaluate_localisation(tiny_model, synth_dir, split=None, progress=False, local_matching="ot")
+    assert r["local_matching"] == "ot" and r["plan_sentences_per_image"] > 2
+    assert 0.0 <= r["pointing_accuracy"] <= 1.0

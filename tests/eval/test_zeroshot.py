@@ -13,6 +13,7 @@ from mlip_fast.eval import metrics as M
 from mlip_fast.eval.common import collate_samples
 from mlip_fast.eval.prompts import load_prompts
 from mlip_fast.eval.zeroshot import MODES, scores_to_metrics, zero_shot_classify, zero_shot_scores
+from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores as reference_ot_scores
 
 
 def test_zero_shot_all_modes(tiny_model, synth_dir, eval_tf):
@@ -116,3 +117,28 @@ def test_bad_input(tiny_model, synth_dir, eval_tf):
         zero_shot_classify(tiny_model, data, "synthetic", mode="best", progress=False)
     with pytest.raises(EvalDataError, match="empty"):
         zero_shot_classify(tiny_model, [], "synthetic", progress=False)
+
+
+def test_ot_local_scores_are_the_ot_op_against_each_prompt_set(tiny_model, synth_dir, eval_tf):
+    data = SyntheticBenchmark(synth_dir, split="test", transform=eval_tf)
+    prompts = {k: v for k, v in load_prompts("synthetic").items() if k in ("Edema", "Pneumothorax")}
+    zs = zero_shot_scores(tiny_model, data, prompts, batch_size=4, progress=False, local_matching="ot")
+    assert zs.local_matching == "ot"
+    norm = lambda x: torch.nn.functional.normalize(x.double(), dim=-1)  # noqa: E731
+    images = torch.stack([data[i]["image"] for i in range(len(data))])
+    with torch.no_grad():
+        patches = norm(tiny_model.eval().encode_image_local(images)["patches"])
+        cfg = tiny_model.config
+        for c, p in enumerate(prompts.values()):
+            score = []
+            for texts in (p.positive, p.negative):
+                enc = tiny_model.encode_text_local(list(texts))
+                sentences = norm(enc["sentences"][enc["sentence_mask"]])[None]
+                score.append(reference_ot_scores(patches, sentences, eps=cfg.ot_eps, n_iter=cfg.ot_iters)[:, 0])
+            np.testing.assert_allclose(zs.scores["local"][:, c], (score[0] - score[1]).numpy(), atol=2e-5)
+    base = zero_shot_scores(tiny_model, data, prompts, batch_size=4, progress=False)
+    assert base.local_matching == "max"  # the model config's matching (the tiny model trained with max)
+    np.testing.assert_allclose(zs.scores["global"], base.scores["global"])
+    result = zero_shot_classify(tiny_model, data, prompts, mode="local", progress=False, skip_empty=True,
+                                local_matching="ot")
+    assert result["local_matching"] == "ot"

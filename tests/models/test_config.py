@@ -15,12 +15,15 @@ def test_shipped_configs_listed_and_valid():
 
 
 def test_json_file_round_trip(tmp_path):
-    cfg = get_model_config("mlip-tiny").replace(mask_ratio=0.75, vision={"attn_backend": "math"})
+    cfg = get_model_config("mlip-tiny").replace(mask_ratio=0.75, vision={"attn_backend": "math"},
+                                                local_matching="ot", ot_eps=0.1, ot_iters=20)
     path = tmp_path / "c.json"
     cfg.to_json(path)
     loaded = MLIPConfig.from_json(path)
     assert loaded == cfg
     assert loaded.vision.attn_backend == "math" and loaded.vision.width == 128 and loaded.mask_ratio == 0.75
+    assert (loaded.local_matching, loaded.ot_eps, loaded.ot_iters) == ("ot", 0.1, 20)
+    assert get_model_config("mlip-tiny").local_matching == "max"  # the method's matching is the default
     assert get_model_config(str(path)) == cfg
 
 
@@ -37,6 +40,9 @@ def test_json_file_round_trip(tmp_path):
         ({"vision": {"attn_backend": "cudnn"}}, ["attn_backend"]),
         ({"text": {"source": "web"}}, ["text.source"]),
         ({"text": {"max_length": 600}}, ["max_length"]),
+        ({"local_matching": "sinkhorn"}, ["local_matching", "'max', 'ot'"]),
+        ({"local_matching": "ot", "ot_eps": 0}, ["ot_eps"]),
+        ({"local_matching": "ot", "ot_iters": 0}, ["ot_iters"]),
     ],
 )
 def test_invalid_configs_rejected(data, words):

@@ -14,6 +14,7 @@ from mlip_fast.models import (
     CheckpointError,
     create_model,
     create_model_and_transforms,
+    get_model_config,
     get_tokenizer,
     render_model_card,
     write_model_card,
@@ -137,6 +138,10 @@ def test_model_card_holds_the_run_numbers_and_keeps_a_users_readme(tmp_path):
     plain = (tmp_path / "plain" / "README.md").read_text()
     assert plain.startswith("---\nlibrary_name: mlip_fast\n") and CARD_MARKER in plain
     assert "not a medical device" in plain and "Not recorded" in plain and "mean [0.5], std [0.25]" in plain
+    assert "| patch-sentence matching | token-wise max " in plain
+    ot = create_model(get_model_config("mlip-tiny").replace(local_matching="ot", ot_eps=0.1, ot_iters=20))
+    assert "| patch-sentence matching | entropic optimal transport, eps 0.1, 20 Sinkhorn iterations " in \
+        render_model_card(ot)
     model.save_pretrained(tmp_path / "plain", model_card_kwargs={"summary": SUMMARY})  # replaces its own card
     card = (tmp_path / "plain" / "README.md").read_text()
     assert card == render_model_card(model, SUMMARY)

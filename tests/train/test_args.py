@@ -57,3 +57,18 @@ def test_report_to_and_its_older_spelling(capsys):
     with pytest.raises(SystemExit):
         parse_args([*base, "--report-to", "mlflow"])
     assert "argument --report-to: invalid choice: 'mlflow'" in capsys.readouterr().err
+
+
+def test_local_matching_flags_set_the_model_config(capsys):
+    from mlip_fast.models.config import ConfigError
+    from mlip_fast.train.setup import model_config
+
+    cfg = model_config(parse_args(BASE + ["--local-matching", "ot", "--ot-eps", "0.1", "--ot-iters", "20"]))
+    assert (cfg.local_matching, cfg.ot_eps, cfg.ot_iters) == ("ot", 0.1, 20)
+    assert model_config(parse_args(BASE)).local_matching == "max"  # the method's matching by default
+    with pytest.raises(ConfigError, match="add --local-matching ot"):
+        model_config(parse_args(BASE + ["--ot-iters", "20"]))  # an OT setting that would change nothing
+    for flag, value in (("--local-matching", "sinkhorn"), ("--ot-eps", "0"), ("--ot-iters", "0")):
+        with pytest.raises(SystemExit) as info:
+            parse_args(BASE + [flag, value])
+        assert info.value.code == 2 and flag in capsys.readouterr().err

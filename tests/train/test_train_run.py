@@ -208,3 +208,18 @@ def test_flipped_tensor_bytes_are_named_and_latest_falls_back_loudly(finished_ru
     assert [p.name.split(".")[0] for p in root.iterdir() if ".superseded-" in p.name] == ["step00000004"]
     assert (root / "latest").read_text() == "step00000005"
     assert ckpt.verify_checkpoint(root, "step00000005", world_size=1, zero_stage=2)["step"] == 5
+
+
+def test_ot_matching_run_records_it_and_evaluates_with_it(tmp_path, synthetic_cache):
+    from mlip_fast.models import from_pretrained
+
+    summary = train(base_args(write_ds(tmp_path / "ds.json"), tmp_path / "run", synthetic_cache, "--steps", "2",
+                              "--local-matching", "ot", "--ot-eps", "0.1", "--ot-iters", "10"))
+    assert summary["loss"]["local_matching"] == "ot" and (summary["loss"]["ot_eps"], summary["loss"]["ot_iters"]) == (0.1, 10)
+    assert summary["model"]["local_matching"] == "ot"
+    assert summary["backends"]["ops"]["patch_sentence_ot_scores"]["impl"] == "chunked"
+    records = train_records(tmp_path / "run")
+    assert all(math.isfinite(r["loss_local"]) and r["loss_local"] > 0 for r in records.values())
+    assert summary["localisation_test"]["local_matching"] == "ot"
+    assert from_pretrained(summary["export"]).config.local_matching == "ot"
+    assert "entropic optimal transport, eps 0.1, 10 Sinkhorn iterations" in (tmp_path / "run" / "export" / "README.md").read_text()
