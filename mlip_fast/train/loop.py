@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from mlip_fast import _checks
 from mlip_fast.data.readers import DatasetError
-from mlip_fast.losses import LogitScale, clamp_logit_scales_
+from mlip_fast.losses import LogitScale
 from mlip_fast.train.accum import CachedLoss, cache_outputs
 from mlip_fast.train.data import step_seed
 from mlip_fast.train.signals import StopRequest
@@ -131,11 +131,13 @@ def clamp_engine_logit_scales(model: torch.nn.Module) -> None:
     """Clamps every :class:`~mlip_fast.losses.LogitScale` of ``model`` (the engine's module) at its bound after
     an optimizer step. A DeepSpeed optimizer updates its own fp32 copy of each parameter (ZeRO 1/2/3, bf16)
     and writes it back into the model at the next step, so that copy is clamped as well as the model's parameter.
-    Under ZeRO-3 each rank clamps its own partitions (the fp32 one and the model's ``ds_tensor``): the clamp is
-    elementwise, so no gather is needed (and a 1-element parameter's padded partition on the other ranks
-    stays harmless). Every rank calls it after every step."""
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
-                                 safe_set_local_fp32_param)
+    The clamp is elementwise, so each rank clamps the pieces it holds, in place, without a collective: under ZeRO-3
+    its partitions (the fp32 one and the model's ``ds_tensor``; a 1-element parameter's padded partition on the
+    other ranks stays harmless); under ZeRO-1/2 the fragment of the fp32 partition that holds the parameter, on the
+    rank that owns it, and the model's full parameter on every rank, which after the step holds that copy (in the
+    model's precision). DeepSpeed's full-parameter accessors would cost two all-reduces per scale and step.
+    Every rank calls it after every step."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
     for scale in (m for m in model.modules() if isinstance(m, LogitScale)):
         param = scale.log_scale
@@ -148,14 +150,11 @@ def clamp_engine_logit_scales(model: torch.nn.Module) -> None:
             with torch.no_grad():
                 param.ds_tensor.data.clamp_(max=bound)
             continue
-        master = safe_get_full_fp32_param(param) if param.requires_grad else None
-        if master is None:  # no DeepSpeed optimizer holds a copy: the parameter is the master
-            clamp_logit_scales_(scale)
-            continue
-        master = master.clamp(max=bound)
-        safe_set_full_fp32_param(param, master)
-        with torch.no_grad():
-            param.data.copy_(master.reshape(param.data.shape).to(param.dtype))
+        mapping = getattr(param, "_hp_mapping", None) if param.requires_grad else None
+        if mapping is not None:  # ZeRO-1/2: this rank's fp32 partition holds (a fragment of) the parameter
+            with torch.no_grad():
+                mapping.get_hp_fragment().clamp_(max=bound)
+        scale.clamp_()  # the model's parameter (the master itself without a DeepSpeed optimizer)
 
 
 @dataclass

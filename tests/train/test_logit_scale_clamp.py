@@ -136,27 +136,32 @@ def test_engine_clamp_reaches_the_optimizer_copy(stage, precision, monkeypatch):
             deepspeed.comm.destroy_process_group()
 
 
-def _zero3_two_ranks(rank: int, port: int, failures) -> None:
-    """One rank of a 2-process gloo group: ZeRO-3 partitions the 1-element logit-scale parameter into one value
+def _two_ranks(rank: int, port: int, stage: int, failures) -> None:
+    """One rank of a 2-process gloo group. ZeRO-3 partitions the 1-element logit-scale parameter into one value
     on rank 0 and one padding value on rank 1 (DeepSpeed's full-parameter setter cannot write such a
-    parameter from rank 1, which is why the clamp works on each rank's own partitions)."""
+    parameter from rank 1, which is why the clamp works on each rank's own partitions); ZeRO-2 puts it in one
+    rank's fp32 partition while both ranks hold the model's full parameter."""
     import os
 
     import deepspeed
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_local_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     try:
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         torch.manual_seed(0)
-        engine = _engine(deepspeed, 3, bf16=True)
+        engine = _engine(deepspeed, stage, bf16=True)
         param = engine.module.scale.log_scale
         # as if the last step went far above the bound, in both copies and on both ranks
-        safe_set_local_fp32_param(param, torch.full((param.ds_tensor.numel(),), 7.0))
         with torch.no_grad():
-            param.ds_tensor.data.fill_(7.0)
+            if stage == 3:
+                safe_set_local_fp32_param(param, torch.full((param.ds_tensor.numel(),), 7.0))
+                param.ds_tensor.data.fill_(7.0)
+            else:
+                safe_set_full_fp32_param(param, torch.full((1,), 7.0))  # the owning rank's fragment
+                param.data.fill_(7.0)
         clamp_engine_logit_scales(engine.module)
         assert safe_get_full_fp32_param(param).item() == BOUND_FP32
         _zero_gradient_step(engine, torch.bfloat16)
@@ -172,16 +177,17 @@ def _zero3_two_ranks(rank: int, port: int, failures) -> None:
             dist.destroy_process_group()
 
 
-def test_engine_clamp_zero3_two_processes():
-    """ZeRO-3 over 2 gloo processes (the layout ``deepspeed --num_gpus 2`` trains with): the clamp reaches the
-    fp32 partition and the model's, and the next step keeps the bound."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_engine_clamp_two_processes(stage):
+    """ZeRO-2 and ZeRO-3 over 2 gloo processes (the layout ``deepspeed --num_gpus 2`` trains with): the clamp
+    reaches the fp32 partition and the model's, and the next step keeps the bound."""
     pytest.importorskip("deepspeed")
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     failures = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_zero3_two_ranks, args=(rank, port, failures)) for rank in range(2)]
+    procs = [ctx.Process(target=_two_ranks, args=(rank, port, stage, failures)) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
