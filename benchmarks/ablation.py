@@ -10,7 +10,17 @@ flip       global InfoNCE on a uniformly random r-masked view               --ma
 flip+local flip + the patch-sentence loss                                   --mask-ratio r --lambda-local L --lambda-sie 0
 mlip       flip+local + integrity estimator, integrity-scored masking and   --mask-ratio r --lambda-local L --lambda-sie 0.1
            integrity weights
+flip+local flip+local with optimal-transport patch-sentence matching        ... --local-matching ot --ot-eps E
+-ot                                                                         --ot-iters N
+mlip-ot    mlip with optimal-transport patch-sentence matching              ... --local-matching ot --ot-eps E
+                                                                            --ot-iters N
 ========== ================================================================ ======================================
+
+An ``-ot`` arm trains, and is evaluated (local zero-shot scores, localisation maps), with the OT matching; its
+record also holds the other reading (``*_max``: the same model scored with token-wise max; a max arm's record
+holds ``*_ot``), which tells a difference the training makes from one the reading makes. ``--ot-eps`` and
+``--ot-iters`` take several values: the OT arms then run on their grid (the sweep that chose the defaults, on the
+validation split: ``benchmarks/results/ot_sweep_cpu.json``).
 
 With ``--lambda-sie 0`` the estimator gets no gradient and keeps its zero-initialised output layer, so every
 patch has logit 0: Gumbel-top-k over equal logits keeps a uniformly random K-subset (FLIP's masking) and every
@@ -61,10 +71,12 @@ ROOT = HERE.parent
 sys.path[:0] = [p for p in (str(ROOT), str(HERE)) if p not in sys.path]
 
 import harness  # noqa: E402
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS  # noqa: E402
 from mlip_fast.data.labels import CHEXPERT5  # noqa: E402
 from mlip_fast.train.args import SPEC_LAMBDA_LOCAL, SYNTHETIC_PRESET  # noqa: E402
 
-ARMS = ("clip", "flip", "flip+local", "mlip")
+ARMS = ("clip", "flip", "flip+local", "mlip", "flip+local-ot", "mlip-ot")
+LOCAL_ARMS = ("flip+local", "mlip", "flip+local-ot", "mlip-ot")  # arms with the patch-sentence loss
 # About 60 minutes for the whole default benchmark on a 2-core CPU with nothing else running (two runs at a
 # time, one thread each; measured in the records' train_s / wall_s).
 DEFAULT_STEPS = 400
@@ -88,7 +100,8 @@ DIFFERENCE_METRICS = ("zs_auc_combined", "zs_auc_global", "zs_auc_local", "point
                       "probe_auc_10pct", "valid_zs_auc_combined", "valid_pointing_accuracy")
 # (A, B, label): paired differences A - B by seed at the same mask ratio
 COMPARISONS = (("mlip", "flip+local", "MLIP - FLIP+local"), ("flip+local", "flip", "FLIP+local - FLIP"),
-               ("flip", "clip", "FLIP - CLIP"))
+               ("flip", "clip", "FLIP - CLIP"), ("mlip-ot", "mlip", "MLIP-OT - MLIP"),
+               ("flip+local-ot", "flip+local", "FLIP+local-OT - FLIP+local"))
 # two-sided 95% Student t quantiles by degrees of freedom (a paired CI over n seeds has n - 1)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
@@ -103,35 +116,49 @@ class RunSpec:
     mask_ratio: float
     lambda_local: float
     seed: int
+    ot_eps: Optional[float] = None  # the OT arms' matching settings (None for the max arms)
+    ot_iters: Optional[int] = None
 
     @property
     def lambda_sie(self) -> float:
-        return LAMBDA_SIE if self.arm == "mlip" else 0.0
+        return LAMBDA_SIE if self.arm in ("mlip", "mlip-ot") else 0.0
+
+    @property
+    def matching(self) -> str:
+        return "ot" if self.arm.endswith("-ot") else "max"
 
     @property
     def key(self) -> str:
-        return f"{self.arm}_r{self.mask_ratio:g}_ll{self.lambda_local:g}_s{self.seed}"
+        ot = f"_eps{self.ot_eps:g}_it{self.ot_iters}" if self.matching == "ot" else ""
+        return f"{self.arm}_r{self.mask_ratio:g}_ll{self.lambda_local:g}{ot}_s{self.seed}"
 
     def train_flags(self) -> list:
-        return ["--mask-ratio", f"{self.mask_ratio:g}", "--lambda-local", f"{self.lambda_local:g}",
-                "--lambda-sie", f"{self.lambda_sie:g}", "--seed", str(self.seed)]
+        flags = ["--mask-ratio", f"{self.mask_ratio:g}", "--lambda-local", f"{self.lambda_local:g}",
+                 "--lambda-sie", f"{self.lambda_sie:g}", "--seed", str(self.seed)]
+        if self.matching == "ot":
+            flags += ["--local-matching", "ot", "--ot-eps", f"{self.ot_eps:g}", "--ot-iters", str(self.ot_iters)]
+        return flags
 
 
 def plan(seeds: Sequence[int], ratios: Sequence[float], arms: Sequence[str] = ARMS,
-         preset_row: bool = True) -> list:
-    """Every run of the benchmark, seed-major (the first seeds of every arm finish first)."""
+         preset_row: bool = True, ot_eps: Sequence[float] = (DEFAULT_OT_EPS,),
+         ot_iters: Sequence[int] = (DEFAULT_OT_ITERS,)) -> list:
+    """Every run of the benchmark, seed-major (the first seeds of every arm finish first); the OT arms once per
+    (eps, iterations) of the grid."""
     configs = []
     for arm in arms:
         if arm == "clip":
-            configs.append(("clip", 0.0, 0.0))
+            configs.append(("clip", 0.0, 0.0, None, None))
         elif arm == "flip":
-            configs += [("flip", r, 0.0) for r in ratios]
+            configs += [("flip", r, 0.0, None, None) for r in ratios]
+        elif arm.endswith("-ot"):
+            configs += [(arm, r, SPEC_LAMBDA_LOCAL, e, n) for r in ratios for e in ot_eps for n in ot_iters]
         else:
-            configs += [(arm, r, SPEC_LAMBDA_LOCAL) for r in ratios]
+            configs += [(arm, r, SPEC_LAMBDA_LOCAL, None, None) for r in ratios]
     departed = (DEPARTURES["mask_ratio"], DEPARTURES["lambda_local"])
     if preset_row and "mlip" in arms and departed[1] != SPEC_LAMBDA_LOCAL:
-        configs.append(("mlip", *departed))
-    return [RunSpec(arm, r, lam, s) for s in seeds for arm, r, lam in configs]
+        configs.append(("mlip", *departed, None, None))
+    return [RunSpec(arm, r, lam, s, e, n) for s in seeds for arm, r, lam, e, n in configs]
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -297,16 +324,21 @@ def evaluate(export: Path, root: Path) -> dict:
     model = from_pretrained(export)
     split = {s: SyntheticBenchmark(root, split=s) for s in ("train", "valid", "test")}
     out = {}
-    for name in ("test", "valid"):
+    other = "max" if model.config.local_matching == "ot" else "ot"
+    # the model's own matching on both splits, then the other reading on the test split (suffix _max / _ot)
+    for name, matching in (("test", None), ("valid", None), ("test", other)):
         zs = _or_none(zero_shot_classify, model, split[name], "synthetic", mode="all", classes=list(CHEXPERT5),
-                      skip_empty=True, progress=False, batch_size=64)
-        loc = _or_none(evaluate_localisation, model, root, split=name, progress=False, batch_size=64)
-        prefix = "" if name == "test" else "valid_"
-        modes = ("global", "local", "combined") if name == "test" else ("combined",)
+                      skip_empty=True, progress=False, batch_size=64, local_matching=matching)
+        loc = _or_none(evaluate_localisation, model, root, split=name, progress=False, batch_size=64,
+                       local_matching=matching)
+        prefix = "valid_" if name == "valid" else ""
+        suffix = "" if matching is None else f"_{matching}"
+        modes = ("global", "local", "combined") if name == "test" and matching is None else ("combined", "local")
         for mode in modes:
-            out[f"{prefix}zs_auc_{mode}"] = zs[mode]["macro"]["auc"] if zs else None
-        out[f"{prefix}pointing_accuracy"] = loc["pointing_accuracy"] if loc else None
-        out[f"{prefix}pointing_chance"] = loc["chance"] if loc else None
+            out[f"{prefix}zs_auc_{mode}{suffix}"] = zs[mode]["macro"]["auc"] if zs else None
+        out[f"{prefix}pointing_accuracy{suffix}"] = loc["pointing_accuracy"] if loc else None
+        if matching is None:
+            out[f"{prefix}pointing_chance"] = loc["chance"] if loc else None
     probe = _or_none(few_shot_classify, model, split["train"], split["test"], valid_data=split["valid"],
                      fractions=PROBE_FRACTIONS, methods=("linear",), seed=0, classes=list(CHEXPERT5), progress=False,
                      batch_size=64)
@@ -346,7 +378,8 @@ def run_one(spec: RunSpec, schedule: dict, work_dir: Path, cache_dir: Path, synt
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export holds the weights
     record = {
         "arm": spec.arm, "mask_ratio": spec.mask_ratio, "lambda_local": spec.lambda_local,
-        "lambda_sie": spec.lambda_sie, "seed": spec.seed, "key": spec.key,
+        "lambda_sie": spec.lambda_sie, "seed": spec.seed, "key": spec.key, "local_matching": spec.matching,
+        "ot_eps": spec.ot_eps, "ot_iters": spec.ot_iters,
         **{k: schedule[k] for k in SCHEDULE_KEYS}, "ds_config": Path(schedule["ds_config"]).name,
         **metrics,
         "samples_per_s": summary["samples_per_s"], "train_s": summary["train_s"],
@@ -435,7 +468,9 @@ def measure_step_times(synthetic_root: Path, model: str, rounds: int, batch: int
     for spec in configs:
         torch.manual_seed(0)
         net = create_model(cfg, tokenizer=tokenizer).train()
-        criterion = MLIPLoss(lambda_local=spec.lambda_local, lambda_sie=spec.lambda_sie)
+        ot = dict(ot_eps=spec.ot_eps, ot_iters=spec.ot_iters) if spec.matching == "ot" else {}
+        criterion = MLIPLoss(lambda_local=spec.lambda_local, lambda_sie=spec.lambda_sie, local_matching=spec.matching,
+                             **ot)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
         def step(net=net, criterion=criterion, opt=opt, r=spec.mask_ratio):
@@ -467,6 +502,15 @@ def measure_step_times(synthetic_root: Path, model: str, rounds: int, batch: int
             "ratio_median": statistics.median(times[cand]) / statistics.median(times[base]), "table": table}
 
 
+def step_time_configs(arms: Sequence[str], ot_eps: float, ot_iters: int) -> tuple:
+    """What the step time compares: MLIP with OT matching against MLIP with max matching when an OT arm runs,
+    else MLIP r=0.5 against CLIP r=0."""
+    mlip = RunSpec("mlip", SPEC_MASK_RATIO, SPEC_LAMBDA_LOCAL, 0)
+    if any(a.endswith("-ot") for a in arms):
+        return mlip, RunSpec("mlip-ot", SPEC_MASK_RATIO, SPEC_LAMBDA_LOCAL, 0, ot_eps, ot_iters)
+    return RunSpec("clip", 0.0, 0.0, 0), mlip
+
+
 def diagnose(records: list, work_dir: Path, synthetic_root: Path, temperatures: Sequence[float] = (1.0, 0.25, 0.1),
              draws: int = 32) -> dict:
     """:func:`masking_diagnostics` and :func:`integrity_alignment` of every masked run's exported model (its
@@ -485,7 +529,7 @@ def diagnose(records: list, work_dir: Path, synthetic_root: Path, temperatures: 
                         "lambda_local": r["lambda_local"], "seed": r["seed"], **diag,
                         **integrity_alignment(model, synthetic_root)})
     table = []
-    for (arm, ratio, lam), runs in _groups(per_run).items():
+    for runs in _groups(per_run).values():
         row = {"configuration": _config_label(runs[0]), "seeds": len(runs),
                "kept share, uniform (K/P)": f"{runs[0]['kept_share_uniform']:.3f}",
                "estimator logit std": _mean_std([x["logit_std"] for x in runs])}
@@ -506,7 +550,8 @@ def _config_label(r: dict) -> str:
     if r["arm"] == "clip":
         return "clip (r=0)"
     lam = "" if r["arm"] == "flip" else f", λl={r['lambda_local']:g}"
-    return f"{r['arm']} (r={r['mask_ratio']:g}{lam})"
+    ot = f", ε={r['ot_eps']:g}, {r['ot_iters']} it" if r.get("ot_eps") is not None else ""
+    return f"{r['arm']} (r={r['mask_ratio']:g}{lam}{ot})"
 
 
 def _mean_std(values: list, digits: int = 3) -> str:
@@ -534,11 +579,14 @@ def paired_difference(a: dict, b: dict) -> Optional[dict]:
 
 
 def _groups(records: list) -> dict:
+    """{(arm, mask ratio, lambda_local, ot_eps, ot_iters): its runs} in table order (OT settings None for max)."""
     groups: dict = {}
     for r in records:
-        groups.setdefault((r["arm"], r["mask_ratio"], r["lambda_local"]), []).append(r)
+        key = (r["arm"], r["mask_ratio"], r["lambda_local"], r.get("ot_eps"), r.get("ot_iters"))
+        groups.setdefault(key, []).append(r)
     order = {a: i for i, a in enumerate(ARMS)}
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][1] != 0, -kv[0][1], order[kv[0][0]], kv[0][2])))
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][1] != 0, -kv[0][1], order[kv[0][0]], kv[0][2],
+                                                       kv[0][3] or 0, kv[0][4] or 0)))
 
 
 def readme_tables(records: list) -> list:
@@ -550,7 +598,7 @@ def readme_tables(records: list) -> list:
              f"{first['steps']} steps of batch {first['global_batch']}, {first['synthetic_n']} synthetic pairs; "
              f"test split, mean ± std over seeds")
     rows = []
-    for (arm, r, lam), runs in _groups(records).items():
+    for runs in _groups(records).values():
         row = {"configuration": _config_label(runs[0]), "seeds": len(runs)}
         for m in METRICS:
             row[m] = _mean_std([x.get(m) for x in runs], 1 if m == "samples_per_s" else 3)
@@ -559,13 +607,17 @@ def readme_tables(records: list) -> list:
         row["target_mask_auc"] = _mean_std([x.get("target_mask_auc") for x in runs])
         rows.append(row)
     diffs = []
-    by = {key: {x["seed"]: x for x in runs} for key, runs in _groups(records).items()}
+    # keyed without the OT settings when each arm has one (the ablation); a sweep's grid has no pairs
+    groups = _groups(records)
+    short = {k[:3] for k in groups}
+    by = ({key[:3]: {x["seed"]: x for x in runs} for key, runs in groups.items()} if len(short) == len(groups)
+          else {})
     ratios = sorted({r["mask_ratio"] for r in records if r["mask_ratio"] > 0}, reverse=True)
     pairs = []
     for r in ratios:
         for a, b, label in COMPARISONS:
-            ka = (a, r, SPEC_LAMBDA_LOCAL if a in ("flip+local", "mlip") else 0.0)
-            kb = (b, 0.0 if b == "clip" else r, SPEC_LAMBDA_LOCAL if b in ("flip+local", "mlip") else 0.0)
+            ka = (a, r, SPEC_LAMBDA_LOCAL if a in LOCAL_ARMS else 0.0)
+            kb = (b, 0.0 if b == "clip" else r, SPEC_LAMBDA_LOCAL if b in LOCAL_ARMS else 0.0)
             pairs.append((f"{label}, r={r:g}" + (" vs r=0" if b == "clip" else ""), ka, kb))
     preset = ("mlip", DEPARTURES["mask_ratio"], DEPARTURES["lambda_local"])
     spec = ("mlip", SPEC_MASK_RATIO, SPEC_LAMBDA_LOCAL)
@@ -605,7 +657,8 @@ def plot(records: list, path: Path) -> Path:
               ("zs_auc_local", "zero-shot AUC, local"), ("pointing_accuracy", "pointing accuracy"),
               ("probe_auc_1pct", "linear probe AUC, 1% labels"), ("probe_auc_10pct", "linear probe AUC, 10% labels"))
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    colours = {"clip": "tab:gray", "flip": "tab:blue", "flip+local": "tab:orange", "mlip": "tab:green"}
+    colours = {"clip": "tab:gray", "flip": "tab:blue", "flip+local": "tab:orange", "mlip": "tab:green",
+               "flip+local-ot": "tab:red", "mlip-ot": "tab:purple"}
     for ax, (metric, title) in zip(axes.flat, panels):
         for i, runs in enumerate(groups.values()):
             values = [x[metric] for x in runs if x.get(metric) is not None]
@@ -648,7 +701,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+",
                         default=sorted({SPEC_MASK_RATIO, DEPARTURES["mask_ratio"]}, reverse=True),
                         help="mask ratios of the masked arms (default: the method's and the synthetic preset's)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:4]),
+                        help="the arms to run (default: the four max arms; the -ot arms are the OT matching's)")
+    parser.add_argument("--ot-eps", type=float, nargs="+", default=[DEFAULT_OT_EPS],
+                        help="OT regularisation of the -ot arms (several: a grid with --ot-iters)")
+    parser.add_argument("--ot-iters", type=int, nargs="+", default=[DEFAULT_OT_ITERS],
+                        help="Sinkhorn iterations of the -ot arms (several: a grid with --ot-eps)")
     parser.add_argument("--no-preset-row", action="store_true",
                         help="skip the run of MLIP with the preset's patch-sentence weight")
     parser.add_argument("--model", default="mlip-tiny")
@@ -714,7 +772,7 @@ def main(argv=None) -> int:
                   flush=True)
 
         todo = []
-        for spec in plan(args.seeds, args.ratios, args.arms, not args.no_preset_row):
+        for spec in plan(args.seeds, args.ratios, args.arms, not args.no_preset_row, args.ot_eps, args.ot_iters):
             if spec.key in done:
                 continue
             left = finished_record(spec, schedule, args.work_dir)
@@ -727,9 +785,10 @@ def main(argv=None) -> int:
         if args.step_time_rounds > 0:
             # the threads of one training run, measured after every run has finished
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
-            result = measure_step_times(master.parent, args.model, args.step_time_rounds)
+            configs = step_time_configs(args.arms, args.ot_eps[0], args.ot_iters[0])
+            result = measure_step_times(master.parent, args.model, args.step_time_rounds, configs=configs)
             write_json_atomic(args.step_time_out, result)
-            print(f"step time MLIP r={SPEC_MASK_RATIO:g} / CLIP r=0: {result['ratio_min']:.3f} (min), "
+            print(f"step time {configs[-1].key} / {configs[0].key}: {result['ratio_min']:.3f} (min), "
                   f"{result['ratio_median']:.3f} (median) -> {args.step_time_out}")
     if records:
         print(f"wrote {plot(records, args.png)}")

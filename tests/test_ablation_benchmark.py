@@ -137,3 +137,25 @@ def test_readme_tables_from_records():
     assert rows[2]["zs_auc_combined"] == f"{statistics.mean([0.75, 0.74, 0.78]):.3f} ± {statistics.stdev([0.75, 0.74, 0.78]):.3f}"
     assert diffs[0]["difference (paired by seed)"] == "MLIP - FLIP+local, r=0.5"
     assert diffs[0]["zs_auc_combined"].startswith(f"{statistics.mean([0.03, 0.0, 0.05]):+.3f} [")
+
+
+def test_ot_arms_plan_record_and_compare(tmp_path, one_thread):
+    runs = ablation.plan([0], [0.5], ["mlip", "mlip-ot"], False, ot_eps=[0.02, 0.1], ot_iters=[20])
+    assert [r.key for r in runs] == ["mlip_r0.5_ll1_s0", "mlip-ot_r0.5_ll1_eps0.02_it20_s0",
+                                     "mlip-ot_r0.5_ll1_eps0.1_it20_s0"]
+    assert runs[2].train_flags()[-6:] == ["--local-matching", "ot", "--ot-eps", "0.1", "--ot-iters", "20"]
+    assert runs[2].lambda_sie == ablation.LAMBDA_SIE and "--local-matching" not in runs[0].train_flags()
+    assert [c.key for c in ablation.step_time_configs(["mlip", "mlip-ot"], 0.05, 50)] == [
+        "mlip_r0.5_ll1_s0", "mlip-ot_r0.5_ll1_eps0.05_it50_s0"]
+    out = tmp_path / "ablation.json"
+    args = _toy_args(tmp_path, "--ratios", "0.5", "--no-preset-row", "--seeds", "0", "--arms", "flip+local-ot",
+                     "--ot-iters", "5", "--step-time-rounds", "0")
+    assert ablation.main(args) == 0
+    [ot] = json.loads(out.read_text())
+    assert (ot["local_matching"], ot["ot_eps"], ot["ot_iters"]) == ("ot", 0.05, 5) and ot["final_loss"]["loss_local"] > 0
+    for key in ("zs_auc_local_max", "pointing_accuracy_max", "valid_zs_auc_local"):  # the other reading too
+        assert key in ot and (ot[key] is None or 0.0 <= ot[key] <= 1.0), key
+    base = {**ot, "arm": "flip+local", "local_matching": "max", "ot_eps": None, "ot_iters": None}
+    (_, rows), (_, diffs) = ablation.readme_tables([base, ot])
+    assert [r["configuration"] for r in rows] == ["flip+local (r=0.5, λl=1)", "flip+local-ot (r=0.5, λl=1, ε=0.05, 5 it)"]
+    assert diffs[0]["difference (paired by seed)"] == "FLIP+local-OT - FLIP+local, r=0.5"
