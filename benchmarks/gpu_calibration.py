@@ -194,9 +194,10 @@ FWD_SWEEP = [  # candidate forward configs; ROWS = sentence rows per tile (GB = 
 
 def section_patch_sentence_fwd_config_sweep(ctx) -> dict:
     """Forward time per block configuration at the 128 x 1024, K=196, D=512 bf16 shape, raw and on the training
-    path (input for tuning the launcher's default); a config that fails to compile is recorded with its error."""
+    path (input for tuning the launcher's default): the v2 kernel's tiles (forced) and, where it runs, the v3
+    kernel's; a config that fails to compile is recorded with its error."""
     from mlip_fast.kernels._target import target_of
-    from mlip_fast.kernels.patch_sentence import fwd_config, patch_sentence_fwd
+    from mlip_fast.kernels.patch_sentence import fwd_config, fwd_v3_reasons, patch_sentence_fwd
 
     B, G, K, S, D = (4, 6, 8, 4, 32) if ctx.dry_run else (128, 1024, 196, 16, 512)
     dtype = "float32" if ctx.dry_run else "bfloat16"
@@ -204,30 +205,48 @@ def section_patch_sentence_fwd_config_sweep(ctx) -> dict:
     p, s = p.detach(), s.detach()
     target = target_of(p.device)
     rows = []
+    v3_ok = not fwd_v3_reasons(K, S, D, p.dtype, target.arch)
     for normalize in (False, True):
         default = fwd_config(B, K, G, S, D, p.dtype, target.arch, target.sm_count, normalize=normalize)
-        expected = patch_sentence_fwd(p, s, m, None, normalize=normalize)[:2]
-        rows.append(dict(config="default", normalize=normalize, **default,
-                         ms=ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None, normalize=normalize))))
+        expected = patch_sentence_fwd(p, s, m, None, normalize=normalize, kernel="v2")[:2]
+        rows.append(dict(config="default", kernel="v2", normalize=normalize, **default,
+                         ms=ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None, normalize=normalize, kernel="v2"))))
+        for cand in V3_SWEEP if v3_ok else []:  # the persistent sm_90 forward's tiles (None: its default)
+            row = dict(config="v3 default" if cand is None else "v3 candidate", kernel="v3", normalize=normalize,
+                       **(cand or {}))
+            if ctx.out_of_time():
+                rows.append(dict(row, skipped="time budget spent"))
+                continue
+            try:
+                got = patch_sentence_fwd(p, s, m, None, config=cand, normalize=normalize, kernel="v3")[:2]
+                row["max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+                row["ms"] = ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None, config=cand, normalize=normalize,
+                                                                   kernel="v3"))
+            except Exception as err:  # noqa: BLE001
+                row["error"] = f"{type(err).__name__}: {err}"[:300]
+            rows.append(row)
         for cand in FWD_SWEEP[:2] if ctx.dry_run else FWD_SWEEP:
             cfg = {k: v for k, v in cand.items() if k != "ROWS"}
             cfg["GB"] = max(1, cand["ROWS"] // default["S_CH"]) if not default["LARGE_S"] else 1
             if ctx.dry_run:
                 cfg.update(BN=16, BD=16, num_stages=1)
-            row = dict(config="candidate", normalize=normalize, **cfg)
+            row = dict(config="candidate", kernel="v2", normalize=normalize, **cfg)
             if ctx.out_of_time():
                 rows.append(dict(row, skipped="time budget spent"))
                 continue
             try:
-                got = patch_sentence_fwd(p, s, m, None, config=cfg, normalize=normalize)[:2]
+                got = patch_sentence_fwd(p, s, m, None, config=cfg, normalize=normalize, kernel="v2")[:2]
                 row["max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(got, expected))
-                row["ms"] = ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None, config=cfg, normalize=normalize))
+                row["ms"] = ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None, config=cfg, normalize=normalize,
+                                                                   kernel="v2"))
             except Exception as err:  # noqa: BLE001 - e.g. out of shared memory or registers on this card
                 row["error"] = f"{type(err).__name__}: {err}"[:300]
             rows.append(row)
     best = {n: min((r for r in rows if "ms" in r and r["normalize"] == n), key=lambda r: r["ms"]) for n in (False, True)}
     return {"shape": [B, G, K, S, D], "dtype": dtype, "rows": rows, "best": best}
 
+
+V3_SWEEP = [None, dict(BN=32), dict(STAGES=3), dict(BN=32, STAGES=3)]  # v3 overrides (None: its default)
 
 BWD_SWEEP = [  # candidate backward overrides (both sides); None = the launcher's default
     None,

@@ -8,9 +8,10 @@ Needs only torch and triton (no network, no deepspeed); late-interaction-kernels
 installed and skipped with the reason otherwise. Writes ``DIR/gpu_<card>.json`` (``cpu_dry_run.json`` for a dry
 run) after every section, so a crash or a timeout keeps what was measured. Each section is a function in
 ``SECTIONS``, run in order, cheapest and most informative first: the card (exact variant, clocks and power
-sampled for the whole run), the bf16 matmul rate, L2 / HBM read bandwidth, correctness, the op against its peers
-(``gpu_peers.py``), the op's share of a training step (``gpu_train.py``), the calibration sweeps
-(``gpu_calibration.py``), the wider benchmark, then the largest batch. Each section records its wall time and
+sampled for the whole run), the bf16 matmul rate, L2 / HBM read bandwidth, correctness, the persistent sm_90
+forward against the kernel it replaced (``gpu_v3.py``), the op against its peers (``gpu_peers.py``), the op's share
+of a training step (``gpu_train.py``), the calibration sweeps (``gpu_calibration.py``), the wider benchmark, then
+the largest batch. Each section records its wall time and
 the clocks and power over it; a failing section records its traceback and the others still run.
 
 Time budget (``--budget-s``, default 630 s, so the whole run with start-up and the last measurement's overrun
@@ -49,11 +50,12 @@ import gpu_calibration  # noqa: E402
 import gpu_env  # noqa: E402
 import gpu_peers  # noqa: E402
 import gpu_train  # noqa: E402
+import gpu_v3  # noqa: E402
 import harness  # noqa: E402
 
 DEFAULT_BUDGET_S = 630.0
 MIN_START_S = 20.0  # seconds a section needs left to start; longer for the sections that cannot stop midway
-MIN_START = {"patch_sentence_correctness": 60.0, "peers": 60.0, "train_step": 45.0, "integrity_mask": 40.0}
+MIN_START = {"patch_sentence_correctness": 60.0, "forward_v3": 30.0, "peers": 60.0, "train_step": 45.0, "integrity_mask": 40.0}
 
 
 class Context:
@@ -240,7 +242,9 @@ def section_compiled_kernels(ctx: Context) -> dict:
     """What the GPU actually compiled for the kernels run so far (registers, spills, shared memory, warps),
     next to the static compile's committed record of the same kernels, so the two can be related."""
     found = []
-    for module_name, kernels in (("mlip_fast.kernels.patch_sentence.launch", ("_patch_sentence_fwd_kernel", "_patch_sentence_bwd_kernel")),
+    ps_kernels = ("_patch_sentence_fwd_kernel", "_patch_sentence_fwd_v3_kernel", "_patch_sentence_bwd_kernel",
+                  "_patch_sentence_prep_kernel", "_patch_sentence_weights_kernel", "_patch_sentence_grad_epilogue_kernel")
+    for module_name, kernels in (("mlip_fast.kernels.patch_sentence.launch", ps_kernels),
                                  ("mlip_fast.kernels.integrity_mask", ("_integrity_mask_fwd_kernel", "_integrity_mask_bwd_kernel"))):
         module = importlib.import_module(module_name)
         for name in kernels:
@@ -275,7 +279,8 @@ def section_compiled_kernels(ctx: Context) -> dict:
 
 
 # Which model record a measured provider is: (impl, normalize).
-MODELLED = {"triton_train": ("fused", True), "triton": ("fused", False), "naive": ("naive", False),
+MODELLED = {"triton_train": ("fused", True), "triton": ("fused", False), "triton_train_v2": ("fused_v2", True),
+            "triton_v2": ("fused_v2", False), "naive": ("naive", False),
             "naive_bf16": ("naive_bf16", False), "compiled": ("compiled", False), "lik": ("lik", False),
             "flash_maxsim": ("flash_maxsim", False)}
 DTYPE_KEYS = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
@@ -348,6 +353,7 @@ SECTIONS = [
     section_matmul_rate,
     gpu_calibration.section_l2_bandwidth,
     section_patch_sentence_correctness,
+    gpu_v3.section_forward_v3,
     gpu_peers.section_peers,
     gpu_train.section_train_step,
     gpu_calibration.section_d_sweep,

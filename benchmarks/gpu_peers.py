@@ -2,7 +2,8 @@
 instead, side by side in one process on one card.
 
 - :func:`section_peers` (PERF.md's shapes: B=128, G=128 and 1024, K=98 and 196, S=16, D=512, bf16): our Triton
-  op on the training path (``normalize=True``) and on raw inputs, chunked, the "dense dSim + two cuBLAS GEMMs"
+  op on the training path (``normalize=True``) and on raw inputs, each with the dispatch's forward (v3 on sm_90)
+  and with the forward it replaced forced (``*_v2``), chunked, the "dense dSim + two cuBLAS GEMMs"
   backward (chunked with one tile holding the whole grid: the grid, its dense gradient and two GEMMs), and every
   peer of ``benchmarks/peers.py`` (torch.compile of the reference with max-autotune, the eager bf16 grid,
   late-interaction-kernels and flash-maxsim with one call per direction). Each provider's output is checked
@@ -29,6 +30,7 @@ import torch
 import peers
 from bench_patch_sentence import flops, make_inputs
 from mlip_fast import _checks
+from mlip_fast.kernels.patch_sentence import launch as ps_launch
 from mlip_fast.ops import patch_sentence_scores
 from mlip_fast.ops.patch_sentence import ScoresOptions
 from mlip_fast.ops.patch_sentence.chunked import patch_sentence_scores_chunked
@@ -39,9 +41,25 @@ DRY_PEER_SHAPES = [(4, 6, 5, 3, 32)]
 DENSE_TILE = 2**62  # one chunked tile holds the whole grid
 SECTION_CAP_S = 300.0  # the peers section starts no measurement after this, so later sections keep their time
 COMPILE_S = 150.0  # time left needed to start the compiled peer at a new shape (max-autotune: 3 graphs)
-OWN = {  # name -> fn(patches, sentences, sentence_mask) -> (i2t, t2i)
+
+
+def _forward(kernel: str, fn):
+    """``fn`` with the op's forward kernel forced (the backward is the same): v3 against the kernel it replaced."""
+    def run(p, s, m):
+        ps_launch.FORWARD_OVERRIDE = kernel
+        try:
+            return fn(p, s, m)
+        finally:
+            ps_launch.FORWARD_OVERRIDE = None
+
+    return run
+
+
+OWN = {  # name -> fn(patches, sentences, sentence_mask) -> (i2t, t2i); the triton ones run the dispatch's forward
     "triton_train": lambda p, s, m: patch_sentence_scores(p, s, m, normalize=True, impl="triton"),
     "triton": lambda p, s, m: patch_sentence_scores(p, s, m, impl="triton"),
+    "triton_train_v2": _forward("v2", lambda p, s, m: patch_sentence_scores(p, s, m, normalize=True, impl="triton")),
+    "triton_v2": _forward("v2", lambda p, s, m: patch_sentence_scores(p, s, m, impl="triton")),
     "chunked": lambda p, s, m: patch_sentence_scores(p, s, m, impl="chunked"),
     "dense_dsim": lambda p, s, m: patch_sentence_scores_chunked(p, s, m, None, ScoresOptions(), tile_elements=DENSE_TILE),
 }

@@ -493,6 +493,11 @@ def patch_sentence_cases(quick: bool = False) -> list:
             for K in PS_K:
                 for mode in ("fwd", "bwd"):
                     cases.append((mode, dict(B=128, G=G, K=K, S=16, D=512, directions="both", **extra)))
+    # the forward kernel v3 replaced on sm_90 (half inputs), forced at the PERF.md shapes: the model's before / after
+    for extra in ({}, dict(normalize=True)):
+        for G in (128, 1024):
+            for K in (98, 196):
+                cases.append(("fwd", dict(B=128, G=G, K=K, S=16, D=512, directions="both", **extra, kernel="v2")))
     return cases
 
 
@@ -537,6 +542,7 @@ def mask_cases(quick: bool = False) -> list:
 GATE_PS_DEFAULT = [dict(B=128, G=G, K=K, S=16, D=D, directions="both") for G in (128, 1024) for K in (98, 196)
                    for D in (256, 512)]
 GATE_PS_TRAINING = [dict(B=128, G=G, K=98, S=16, D=512, directions="both", normalize=True) for G in (128, 1024)]
+GATE_PS_V2 = [dict(B=128, G=128, K=98, S=16, D=512, directions="both", normalize=True, kernel="v2")]  # fwd only
 GATE_PS_EXTREME = [dict(B=128, G=128, K=98, S=32767, D=512, directions="both"),
                    dict(B=128, G=128, K=1024, S=256, D=1024, directions="both"),
                    dict(B=128, G=128, K=49, S=1, D=64, directions="both")]
@@ -549,6 +555,7 @@ def gate_cases(op_name: str) -> list:
     if op_name == "patch_sentence":
         return ([(m, sh, ("fp32", "bf16")) for sh in GATE_PS_DEFAULT for m in ("fwd", "bwd")]
                 + [(m, sh, ("fp32", "bf16")) for sh in GATE_PS_TRAINING for m in ("fwd", "bwd")]
+                + [("fwd", sh, ("bf16",)) for sh in GATE_PS_V2]
                 + [(m, sh, ("fp32", "bf16")) for sh in GATE_PS_EXTREME for m in ("fwd", "bwd")])
     if op_name == "patch_sentence_ot":
         return [(m, sh, ("fp32", "bf16")) for sh in GATE_OT for m in ("fwd", "bwd")]
@@ -569,7 +576,8 @@ def run_patch_sentence(mode: str, shape: dict, dtype: torch.dtype) -> None:
     p, s = _meta(B, K, D, dtype=dtype), _meta(G, S, D, dtype=dtype)
     smask, pmask = _meta(G, S, dtype=torch.bool), _meta(B, K, dtype=torch.bool)
     if mode == "fwd":
-        ps.patch_sentence_fwd(p, s, smask, pmask, do_i2t, do_t2i, normalize=normalize, tf32=tf32)
+        ps.patch_sentence_fwd(p, s, smask, pmask, do_i2t, do_t2i, normalize=normalize, tf32=tf32,
+                              kernel=shape.get("kernel"))
     else:
         g = _meta(B, G, dtype=torch.float32)
         inv = dict(inv_p=_meta(B, K, dtype=torch.float32), inv_s=_meta(G, S, dtype=torch.float32)) if normalize else {}
@@ -611,17 +619,18 @@ class Op:
     cases: Callable
     run: Callable
     dtypes: tuple
-    matmul: bool  # kernels whose half-precision versions must use tensor cores
+    matmul: tuple  # the kernels whose half-precision versions must use tensor cores
 
 
+PS_KERNELS = ("_patch_sentence_fwd_kernel", "_patch_sentence_fwd_v3_kernel", "_patch_sentence_bwd_kernel")
+PS_SIDE_KERNELS = ("_patch_sentence_prep_kernel", "_patch_sentence_weights_kernel", "_patch_sentence_grad_epilogue_kernel")
 OPS = (
     # the launch module: the launchers look their kernels up there, so that is where recording() replaces them
-    Op("patch_sentence", "mlip_fast.kernels.patch_sentence.launch",
-       ("_patch_sentence_fwd_kernel", "_patch_sentence_bwd_kernel"),
-       patch_sentence_cases, run_patch_sentence, ("fp32", "bf16", "fp16"), True),
+    Op("patch_sentence", "mlip_fast.kernels.patch_sentence.launch", PS_KERNELS + PS_SIDE_KERNELS,
+       patch_sentence_cases, run_patch_sentence, ("fp32", "bf16", "fp16"), PS_KERNELS),
     Op("integrity_mask", "mlip_fast.kernels.integrity_mask",
        ("_integrity_mask_fwd_kernel", "_integrity_mask_bwd_kernel"),
-       mask_cases, run_mask, ("fp32", "bf16", "fp16", "fp64"), False),
+       mask_cases, run_mask, ("fp32", "bf16", "fp16", "fp64"), ()),
 )
 
 
@@ -680,7 +689,7 @@ def sweep(archs=(80, 90), quick: bool = False, dump: Optional[Path] = None, ops=
             continue
         for ln in launches:
             rec = dict(op=op.name, mode=mode, kernel=ln.kernel, arch=ARCHS[arch]["name"], dtype=dname, shape=shape,
-                       grid=list(ln.grid), programs=int(_prod(ln.grid)), matmul=op.matmul,
+                       grid=list(ln.grid), programs=int(_prod(ln.grid)), matmul=ln.kernel in op.matmul,
                        config={k: v for k, v in ln.kwargs.items()},
                        compile_id=hashlib.sha1(ln.key.encode()).hexdigest()[:12])
             rec.update(analysed[ln.key])
@@ -726,15 +735,17 @@ _FLAG_PREFIXES = ("HAS_", "DO_", "UPCAST", "USE_", "SEED_", "NORMALIZE", "PRECIS
 
 
 def summary_rows(records: list) -> list:
-    """The README table: the PERF.md shape (B=128 x G=1024, K=98, S=16, D=512) for each patch-sentence kernel
-    and the mask kernels at P=196, C=768 (fp32 and bf16; fp64 for the mask), on both archs."""
+    """The README table: the PERF.md shape (B=128 x G=1024, K=98, S=16, D=512) for each patch-sentence kernel (the
+    forward v2 forced on sm_90 too; side kernels left out) and the mask kernels at P=196, C=768 (fp32 and bf16; fp64
+    for the mask), on both archs."""
     rows = []
     for r in records:
         if not r.get("compiled"):
             continue
         if r["op"] == "patch_sentence":
             main = dict(B=128, G=1024, K=98, S=16, D=512, directions="both")
-            if r["shape"] in (main, dict(main, normalize=True)) and r["dtype"] in ("fp32", "bf16"):
+            shapes = (main, dict(main, normalize=True), dict(main, normalize=True, kernel="v2"))
+            if r["shape"] in shapes and r["dtype"] in ("fp32", "bf16") and r["kernel"] in PS_KERNELS:
                 rows.append(r)
         elif r["shape"] == dict(B=128, P=196, C=768, keep=98) and r["dtype"] in ("fp32", "bf16", "fp64"):
             rows.append(r)

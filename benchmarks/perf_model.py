@@ -53,6 +53,10 @@ STATIC_JSON = RESULTS / "kernel_static.json"
 MODEL_JSON = RESULTS / "perf_model.json"
 LABEL = "perf_model.py: a prediction, not a measurement"
 FWD_KERNEL, BWD_KERNEL = "_patch_sentence_fwd_kernel", "_patch_sentence_bwd_kernel"
+V3_KERNEL = "_patch_sentence_fwd_v3_kernel"
+PREP_KERNEL, WEIGHTS_KERNEL = "_patch_sentence_prep_kernel", "_patch_sentence_weights_kernel"
+EPILOGUE_KERNEL = "_patch_sentence_grad_epilogue_kernel"
+PS_KERNELS = (FWD_KERNEL, V3_KERNEL, BWD_KERNEL, PREP_KERNEL, WEIGHTS_KERNEL, EPILOGUE_KERNEL)
 
 # The shapes PERF.md and the kernel issues judge: B x G, K, S, D. PERF_SHAPES also get the normalised
 # (training) path and its peers; the rest the raw op.
@@ -81,6 +85,8 @@ def fused_kernel_time(rec: dict, card: Card, shape: dict, side: str, l2_tbs: flo
     half = rec["dtype"] in ("bf16", "fp16")
     eb = 2 if half else 4
     warps, blocks = cfg.get("num_warps", 4), rec["programs"]
+    if side == "fwd_v3":
+        return _v3_kernel_time(rec, card, shape, l2_tbs)
     if side == "fwd":
         bm, bn, bd = cfg["GB"] * cfg["S_CH"], cfg["BN"], cfg["BD"]
         tiles = math.ceil(G / cfg["GB"]) * B * math.ceil(S / cfg["S_CH"]) * math.ceil(K / bn)
@@ -141,68 +147,116 @@ def fused_kernel_time(rec: dict, card: Card, shape: dict, side: str, l2_tbs: flo
                 l2_bytes=l2_bytes, hbm_bytes=hbm, tiles=tiles, blocks=blocks, blocks_per_sm=rec["blocks_per_sm"],
                 co_resident=resident, registers=rec["registers"], warps=warps, t_mma_tile_us=t_mma * 1e6,
                 t_epilogue_tile_us=epi_c / hz * 1e6, epilogue_limit=epi_limit, t_dloop_tile_us=dl_c / hz * 1e6,
-                dloop_limit=dl_limit, t_stream_tile_us=t_stream * 1e6, bound=bound)
+                dloop_limit=dl_limit, t_stream_tile_us=t_stream * 1e6, bound=bound, kernel_name=rec["kernel"],
+                l2_bytes_per_tile=stream, issue_cycles_per_tile=epi_c + dl_c)
 
 
-def static_shape(shape: dict, dtype: str, normalize: bool) -> dict:
-    """The static sweep's shape key of a model case."""
+def _v3_kernel_time(rec: dict, card: Card, shape: dict, l2_tbs: float) -> dict:
+    """The persistent forward (``forward_v3.py``): each program loads its sentence block once (latency and bytes
+    paid once), then per patch tile the MMA and the reduction run in turn (the same warps issue both) while the
+    next tiles stream in through the shared-memory ring: per tile max(MMA + issue of the tile loop, stream). The
+    tile loop is the SASS loop that holds the dot (no inner D loop: D is one or two wgmma chains)."""
+    cfg, hz = rec["config"], clock_hz(card)
+    B, G, K, S, D = (shape[k] for k in "BGKSD")
+    eb = 2 if rec["dtype"] in ("bf16", "fp16") else 4
+    warps, programs = cfg.get("num_warps", 4), rec["programs"]
+    bm, bn, k_dot = cfg["GB"] * cfg["S_CH"], cfg["BN"], cfg["NUM_DC"] * cfg["DC"]
+    n_rb, n_ct = math.ceil(G / cfg["GB"]), math.ceil(K / bn)
+    imgs = math.ceil(B / (programs // n_rb))  # images of the busiest program
+    tiles = n_rb * B * n_ct
+    flops_tile = 2 * bm * bn * k_dot
+    t_mma = flops_tile / (card.bf16_tflops * 1e12 / card.sm_count)
+    loop, _ = tile_loop(rec)
+    epi_c, epi_limit = issue_cycles(mix(loop), warps, card.arch)
+    port = card.l2_port_bytes_per_clk * hz
+    t_stream = bn * D * eb / port
+    per_tile = max(t_mma + epi_c / hz, t_stream)
+    name = "serial chain (one block: MMA then reduction, next tiles prefetched)" if per_tile > t_stream else "L2 port"
+    resident = max(1, min(rec["blocks_per_sm"], math.ceil(programs / card.sm_count)))
+    rounds = math.ceil(programs / (card.sm_count * resident))
+    start = card.l2_latency_cycles / hz + bm * D * eb / port  # the sentence block and the first tile's latency
+    t_compute = rounds * (start + imgs * n_ct * per_tile)
+    l2_bytes = tiles * bn * D * eb + programs * bm * D * eb
+    hbm = (B * K + G * S) * D * eb + B * G * (K + S) * 2 + 2 * B * G * 4
+    t_l2, t_hbm = l2_bytes / (l2_tbs * 1e12), hbm / (card.hbm_tbs * 1e12)
+    t = max(t_compute, t_l2, t_hbm)
+    bound = max((("compute: " + name, t_compute), ("l2", t_l2), ("hbm", t_hbm)), key=lambda kv: kv[1])[0]
+    return dict(seconds=t, t_compute=t_compute, t_l2=t_l2, t_hbm=t_hbm, flops_issued=tiles * flops_tile,
+                l2_bytes=l2_bytes, hbm_bytes=hbm, tiles=tiles, blocks=programs, blocks_per_sm=rec["blocks_per_sm"],
+                co_resident=resident, registers=rec["registers"], warps=warps, t_mma_tile_us=t_mma * 1e6,
+                t_epilogue_tile_us=epi_c / hz * 1e6, epilogue_limit=epi_limit, t_dloop_tile_us=0.0, dloop_limit="",
+                t_stream_tile_us=t_stream * 1e6, bound=bound, kernel_name=V3_KERNEL,
+                l2_bytes_per_tile=l2_bytes / tiles, issue_cycles_per_tile=epi_c)
+
+
+def static_shape(shape: dict, dtype: str, normalize: bool, kernel: str = None) -> dict:
+    """The static sweep's shape key of a model case (``kernel``: a forced forward kernel)."""
     out = dict(shape, directions="both")
     if normalize:
         out["normalize"] = True
     if dtype == "tf32":
         out["precision"] = "tf32"
+    if kernel:
+        out["kernel"] = kernel
     return out
 
 
-def find_static(index: dict, kernel: str, card: Card, dtype: str, shape: dict, normalize: bool, mode: str) -> list:
-    key = (kernel, card.arch, "fp32" if dtype == "tf32" else dtype, mode,
-           json.dumps(static_shape(shape, dtype, normalize), sort_keys=True))
+def find_static(index: dict, card: Card, dtype: str, shape: dict, normalize: bool, mode: str,
+                kernel: str = None) -> list:
+    """The launches of one case in launch order (prep, forward / weights, backward sides, epilogues)."""
+    key = (card.arch, "fp32" if dtype == "tf32" else dtype, mode,
+           json.dumps(static_shape(shape, dtype, normalize, kernel), sort_keys=True))
     return index.get(key, [])
 
 
 def index_static(static: list) -> dict:
     index: dict = {}
     for r in static:
-        if r.get("kernel") in (FWD_KERNEL, BWD_KERNEL) and r.get("compiled"):
-            key = (r["kernel"], r["arch"], r["dtype"], r["mode"], json.dumps(r["shape"], sort_keys=True))
+        if r.get("kernel") in PS_KERNELS and r.get("compiled"):
+            key = (r["arch"], r["dtype"], r["mode"], json.dumps(r["shape"], sort_keys=True))
             index.setdefault(key, []).append(r)
     return index
 
 
-def fused_op(index: dict, card: Card, shape: dict, dtype: str, normalize: bool, l2_tbs: float) -> dict:
-    """{mode: prediction} of the fused op (kernels and side kernels, as the launchers run them); {} when the
-    static sweep has no record of this case."""
+def fused_op(index: dict, card: Card, shape: dict, dtype: str, normalize: bool, l2_tbs: float,
+             forward: str = None) -> dict:
+    """{mode: prediction} of the fused op, launch by launch as the launchers ran them in the static sweep
+    (``forward="v2"``: the forward with the kernel v3 replaced on sm_90); {} when the sweep has no record."""
     B, G, K, S, D = (shape[k] for k in "BGKSD")
     eb = peers_model.DTYPE_BYTES[dtype]
-    fwd = find_static(index, FWD_KERNEL, card, dtype, shape, normalize, "fwd")
-    bwd = find_static(index, BWD_KERNEL, card, dtype, shape, normalize, "bwd")
-    if not fwd or len(bwd) != 2:
+    fwd = find_static(index, card, dtype, shape, normalize, "fwd", forward)
+    bwd = find_static(index, card, dtype, shape, normalize, "bwd")
+    mains = [r for r in fwd if r["kernel"] in (FWD_KERNEL, V3_KERNEL)]
+    if len(mains) != 1 or len([r for r in bwd if r["kernel"] == BWD_KERNEL]) != 2:
         return {}
-    inputs = (B * K + G * S) * D
     tl = peers_model.Timeline(card)
-    tl.passes("valid counts", G * S, 2)
-    if normalize:
-        tl.passes("inverse norms", inputs * eb + (B * K + G * S) * 8, 6)
-    main = fused_kernel_time(fwd[0], card, shape, "fwd", l2_tbs)
-    tl.add("forward kernel", main["seconds"])
+    for rec in fwd:
+        if rec["kernel"] == PREP_KERNEL:  # counts from the masks, inverse norms (reads the inputs), key limits
+            norms = (B * K + G * S) * (D * eb + 4) if normalize else 0
+            limits = B * K * 4 if rec["config"]["LIMITS"] else 0
+            tl.passes("prep (counts, inverse norms, limits)", (B * K + G * S) * 1 + norms + limits, 1)
+        else:
+            main = fused_kernel_time(rec, card, shape, "fwd_v3" if rec["kernel"] == V3_KERNEL else "fwd", l2_tbs)
+            tl.add("forward kernel" + (" v3" if rec["kernel"] == V3_KERNEL else ""), main["seconds"])
     out = {"fwd": dict(tl.result(), kernel=main)}
     tl = peers_model.Timeline(card)
-    tl.passes("valid counts, weights", G * S + 4 * B * G * 4, 7)
     sides = []
-    for rec, side, own in zip(bwd, ("patches", "sentences"), (B * K * D, G * S * D)):  # launch order
-        split, atomic = rec["grid"][2], rec["config"]["USE_ATOMIC"]
-        if atomic:
-            tl.passes("zero fill (atomic split)", own * 4, 1)
-        pred = fused_kernel_time(rec, card, shape, side, l2_tbs)
-        sides.append(dict(pred, side=side, split=split, atomic=atomic))
-        tl.add(f"backward kernel, {side}", pred["seconds"])
-        if split > 1 and not atomic:
-            tl.passes("split sum", own * 4 * (split + 1), 1)
-        cast = eb != 4 and (normalize or split > 1 or atomic)
-        if normalize:  # unnormalize_grad_: widen x, <x^, g>, mask, coefficient, scale, subtract
-            tl.passes("normalisation epilogue", own * ((eb + 4 if eb != 4 else 0) + 8 + 8 + 12), 9 if eb != 4 else 8)
-        if cast:
-            tl.passes("cast to the input dtype", own * (4 + eb), 1)
+    own_elems = iter((B * K * D, G * S * D))
+    side_names = iter(("patches", "sentences"))
+    for rec in bwd:
+        if rec["kernel"] == WEIGHTS_KERNEL:  # both directions' weights from the upstream gradients and the masks
+            tl.passes("weights (counts, division)", 4 * B * G * 4 + B * K + G * S, 1)
+        elif rec["kernel"] == BWD_KERNEL:
+            side, own = next(side_names), next(own_elems)
+            split, atomic = rec["grid"][2], rec["config"]["USE_ATOMIC"]
+            if atomic:
+                tl.passes("zero fill (atomic split)", own * 4, 1)
+            pred = fused_kernel_time(rec, card, shape, side, l2_tbs)
+            sides.append(dict(pred, side=side, split=split, atomic=atomic))
+            tl.add(f"backward kernel, {side}", pred["seconds"])
+        elif rec["kernel"] == EPILOGUE_KERNEL:  # split sum, normalisation map, cast: one read, one write
+            parts = rec["config"]["SPLIT"]
+            tl.passes("gradient epilogue", own * (4 * parts + eb + (eb if rec["config"]["NORMALIZE"] else 0)), 1)
     out["bwd"] = dict(tl.result(), sides=sides)
     return out
 
@@ -216,6 +270,7 @@ def _record(impl: str, mode: str, card: Card, shape: dict, dtype: str, normalize
     middle = by_l2[1]["pred"]
     rec = dict(impl=impl, mode=mode, card=card.name, **shape, dtype=dtype, normalize=normalize,
                training_path=impl == "fused" and dtype == "bf16" and normalize,
+               forward_kernel=middle["kernel"]["kernel_name"] if "kernel" in middle else None,
                predicted_s=middle["seconds"], kernel_s=middle["kernel_seconds"], launches=middle["launches"],
                fraction_of_peak=useful / middle["seconds"] / peak, useful_flops=useful,
                model=LABEL + "; " + middle.get("model_kind", "kernels from the static compile, side kernels counted"),
@@ -250,13 +305,15 @@ def build(static: list) -> list:
             variants += [(impl, d, False) for impl, ds in PEER_VARIANTS.items() for d in ds]
             if shape in PERF_SHAPES:
                 variants += [(impl, d, True) for impl, ds in PEER_VARIANTS.items() for d in ds]
+                # the forward v3 replaced (forced in the static sweep): before / after in one model run
+                variants += [("fused_v2", "bf16", n) for n in (False, True)]
             for impl, dtype, normalize in variants:
                 if impl == "fused" and normalize and shape not in PERF_SHAPES:
                     continue
                 per_l2 = []
                 for l2, label in zip(card.l2_band, L2_LABELS):
-                    if impl == "fused":
-                        modes = fused_op(index, card, shape, dtype, normalize, l2)
+                    if impl in ("fused", "fused_v2"):
+                        modes = fused_op(index, card, shape, dtype, normalize, l2, "v2" if impl == "fused_v2" else None)
                     elif impl in ("lik", "flash_maxsim"):
                         modes = {m: peers_model.maxsim_model(impl, m, card, l2, shape, dtype, normalize) for m in ("fwd", "bwd")}
                     else:
@@ -337,6 +394,30 @@ def table_markdown(data: dict) -> str:
                 pf, pfull = key(peer, "fwd"), key(peer, "fwd+bwd")
                 row.append(f"{pf['predicted_s'] / f['predicted_s']:.2f}, {pfull['predicted_s'] / full['predicted_s']:.2f}")
             lines.append("| " + " | ".join(map(str, row)) + " |")
+    lines += ["", "Forward kernel v2 (``forward.py``, forced) against v3 (``forward_v3.py``, the launcher's choice on "
+              "sm_90 for half inputs), bf16, B=128, S=16, D=512, middle L2 assumption: registers, resident warps per "
+              "SM, L2 bytes and issue cycles per tile (tiles differ: v2 128 x 64 x D streaming both operands, v3 "
+              "128 x 64 x D streaming the patch tile), forward time, share of the dense bf16 peak, peer / fused forward.",
+              "", "| card | path | G | K | kernel | regs | warps/SM | L2 KB/tile | issue clk/tile | MMA us/tile | fwd us "
+              "| % peak | compiled / fwd | lik / fwd | flash_maxsim / fwd |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in data["cards"]:
+        for normalize in (True, False):
+            for s in PERF_SHAPES:
+                key = lambda impl: idx.get((impl, "fwd", c["name"], s["B"], s["G"], s["K"], s["D"], "bf16", normalize))  # noqa: E731
+                for impl in ("fused_v2", "fused"):
+                    r = key(impl)
+                    if r is None or "kernel" not in r or (impl == "fused" and r["kernel"] == key("fused_v2")["kernel"]):
+                        continue  # (where the dispatch runs v2 itself, its row is the one above)
+                    k = r["kernel"]
+                    name = "v3" if k["kernel_name"].endswith("_v3_kernel") else "v2"
+                    lines.append(
+                        f"| {c['name']} | {'training' if normalize else 'raw'} | {s['G']} | {s['K']} | {name} | "
+                        f"{k['registers']} | {k['warps'] * k['co_resident']} | {k['l2_bytes_per_tile'] / 1024:.0f} | "
+                        f"{k['issue_cycles_per_tile']:,.0f} | {k['t_mma_tile_us']:.2f} | {_us(r['predicted_s'])} | "
+                        f"{100 * r['fraction_of_peak']:.0f} | "
+                        + " | ".join(f"{key(peer)['predicted_s'] / r['predicted_s']:.2f}"
+                                     for peer in ("compiled", "lik", "flash_maxsim")) + " |")
     lines += ["", "Every impl and dtype at B=G=128, K=98, S=16, D=512, raw inputs (normalize=False; fused tf32: "
               "normalised, the only TF32 case compiled), middle L2 assumption: us (kernel-only us under CUDA-graph "
               "replay)", "", "| card | impl | dtype | fwd | bwd | fwd+bwd | fwd % of the dtype's peak |",

@@ -31,6 +31,7 @@ def test_dry_run_writes_all_sections(tmp_path):
         "matmul_rate",
         "l2_bandwidth",
         "patch_sentence_correctness",
+        "forward_v3",
         "peers",
         "train_step",
         "d_sweep",
@@ -60,6 +61,10 @@ def test_dry_run_writes_all_sections(tmp_path):
     assert all(r["kernel_ms"] is not None for r in peer_rows if "ms" in r)
     assert all("error" not in r for r in peer_rows), peer_rows
     assert {"naive_bf16", "lik", "flash_maxsim"} <= set(sections["peers"]["result"]["skipped"])  # CUDA only
+    assert {"triton_train_v2", "triton_v2"} <= timed  # the forward v3 replaced, forced, beside the dispatch's
+    v3 = sections["forward_v3"]["result"]
+    assert all(r["same_pattern_as_grid"] for r in v3["non_finite"]) and v3["v3_vs_v2"]
+    assert all(r["i2t_first_index"] and r["t2i_first_index"] for r in v3["ties"])
     (share,) = [r for r in sections["train_step"]["result"]["rows"] if r["impl"] == "chunked"]
     assert share["op_calls"] and 0 < share["op_share_at_G"] < 1
     for name in ("d_sweep", "direction_sweep", "bwd_split_sweep"):

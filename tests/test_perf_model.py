@@ -66,7 +66,7 @@ def test_baselines_keep_their_order():
 
 def test_committed_model_covers_the_issue():
     recs = MODEL["records"]
-    assert {r["impl"] for r in recs} == {"fused", "naive", "naive_bf16", "compiled", "lik", "flash_maxsim"}
+    assert {r["impl"] for r in recs} == {"fused", "fused_v2", "naive", "naive_bf16", "compiled", "lik", "flash_maxsim"}
     assert {r["dtype"] for r in recs} == {"fp32", "tf32", "bf16"}
     assert all(r["model"].startswith("perf_model.py: a prediction, not a measurement") for r in recs)
     assert all([x["assumption"] for x in r["by_l2"]] == ["pessimistic", "middle", "optimistic"] for r in recs)
@@ -79,3 +79,22 @@ def test_committed_model_is_computed_from_the_committed_static_compile():
     static = ks.unpack(json.loads((ROOT / "benchmarks" / "results" / "kernel_static.json").read_text()))
     fresh = json.loads(json.dumps(perf_model.build(static)))
     assert fresh == MODEL["records"], "stale: regenerate with `python benchmarks/perf_model.py`"
+
+
+def test_committed_model_has_v3_beside_the_kernel_it_replaced():
+    """On H100 the training path's forward is the persistent kernel (forward_v3.py), modelled from its own static
+    record (patch tile streamed, sentence block resident), with the forced v2 forward beside it at every PERF.md
+    shape; on A100 the dispatch keeps v2."""
+    recs = [r for r in MODEL["records"] if r["mode"] == "fwd" and r["dtype"] == "bf16" and r["D"] == 512
+            and r["impl"] in ("fused", "fused_v2")]
+    pairs = {}
+    for r in recs:
+        pairs.setdefault((r["card"], r["G"], r["K"], r["normalize"]), {})[r["impl"]] = r
+    for (card, G, K, normalize), both in pairs.items():
+        new, old = both["fused"]["kernel"], both["fused_v2"]["kernel"]
+        assert old["kernel_name"] == "_patch_sentence_fwd_kernel"
+        if card == "H100":
+            assert new["kernel_name"] == "_patch_sentence_fwd_v3_kernel"
+            assert new["l2_bytes_per_tile"] < old["l2_bytes_per_tile"]
+        else:
+            assert new == old

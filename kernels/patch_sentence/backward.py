@@ -34,7 +34,10 @@ cores: 2*B*G*K*S*D FLOPs per gradient, as counted in PERF.md.
 To fill the GPU the walk over the other side can be split across SPLIT programs per output tile (the split
 count comes from the SM count, so it differs between GPUs). Their partial sums are either added with
 relaxed fp32 atomics (default, fastest, order-dependent in the last bits) or written to SPLIT separate
-buffers summed in a fixed order (``deterministic=True``: bitwise reproducible on a given GPU model).
+buffers summed in a fixed order (``deterministic=True``: bitwise reproducible on a given GPU model). The launcher
+picks the split with the least work on the busiest SM (``heuristics.backward_split``: whole rounds of resident
+blocks, no partial wave where a smaller split fills the GPU as well), and one epilogue launch (``side.py``) sums
+the buffers, applies the normalisation's Jacobian when the forward normalised, and casts to the input dtype.
 
 Numerics: fp32 inputs use IEEE fp32 dot products (no TF32). bf16/fp16 inputs feed the tensor cores directly
 with fp32 accumulation; under the Triton interpreter (CPU) they are widened to fp32 first because the

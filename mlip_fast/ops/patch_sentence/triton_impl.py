@@ -15,7 +15,6 @@ import torch
 
 from mlip_fast.ops.dispatch import Impl, triton_unavailable_reason
 from mlip_fast.ops.patch_sentence.options import ScoresOptions
-from mlip_fast.reference.patch_sentence import unnormalize_grad_
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -83,17 +82,9 @@ def patch_sentence_scores_bwd(
     grad_i2t / grad_t2i are [B, G], None for a direction without upstream gradient (its work is skipped);
     inv_p / inv_s are the forward's inverse norms when it normalised (None otherwise).
     """
-    grad_p, grad_s = _kernels().patch_sentence_bwd(grad_i2t, grad_t2i, patches, sentences, arg_i2t, arg_t2i,
-                                                   sentence_mask, patch_mask, deterministic, inv_p=inv_p,
-                                                   inv_s=inv_s, tf32=tf32)
-    if inv_p is None:
-        return grad_p, grad_s
-    # the kernels gave the gradients w.r.t. the normalised vectors; map them to the raw inputs
-    grad_p = unnormalize_grad_(grad_p.reshape(-1, grad_p.shape[-1]), patches.reshape(-1, patches.shape[-1]),
-                               inv_p.reshape(-1))
-    grad_s = unnormalize_grad_(grad_s.reshape(-1, grad_s.shape[-1]), sentences.reshape(-1, sentences.shape[-1]),
-                               inv_s.reshape(-1))
-    return grad_p.view(patches.shape).to(patches.dtype), grad_s.view(sentences.shape).to(sentences.dtype)
+    # with inverse norms the launcher maps the gradients through the normalisation itself (one fused epilogue)
+    return _kernels().patch_sentence_bwd(grad_i2t, grad_t2i, patches, sentences, arg_i2t, arg_t2i, sentence_mask,
+                                         patch_mask, deterministic, inv_p=inv_p, inv_s=inv_s, tf32=tf32)
 
 
 @patch_sentence_scores_bwd.register_fake
