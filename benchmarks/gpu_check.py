@@ -11,8 +11,8 @@ run) after every section, so a crash or a timeout keeps what was measured. Each 
 sampled for the whole run), the bf16 matmul rate, L2 / HBM read bandwidth, correctness, the persistent sm_90
 forward against the kernel it replaced (``gpu_v3.py``), the op against its peers (``gpu_peers.py``), the op's share
 of a training step (``gpu_train.py``), the calibration sweeps (``gpu_calibration.py``), the wider benchmark, then
-the largest batch. Each section records its wall time and
-the clocks and power over it; a failing section records its traceback and the others still run.
+the largest batch (the optimal-transport op, ``gpu_ot.py``, after the integrity mask). Each section records its
+wall time and the clocks and power over it; a failing section records its traceback and the others still run.
 
 Time budget (``--budget-s``, default 630 s, so the whole run with start-up and the last measurement's overrun
 ends inside 12 minutes on one H100): a section does not start with less than its ``MIN_START`` left (recorded as
@@ -48,6 +48,7 @@ from torch.autograd import DeviceType  # noqa: E402
 
 import gpu_calibration  # noqa: E402
 import gpu_env  # noqa: E402
+import gpu_ot  # noqa: E402
 import gpu_peers  # noqa: E402
 import gpu_train  # noqa: E402
 import gpu_v3  # noqa: E402
@@ -55,7 +56,8 @@ import harness  # noqa: E402
 
 DEFAULT_BUDGET_S = 630.0
 MIN_START_S = 20.0  # seconds a section needs left to start; longer for the sections that cannot stop midway
-MIN_START = {"patch_sentence_correctness": 60.0, "forward_v3": 30.0, "peers": 60.0, "train_step": 45.0, "integrity_mask": 40.0}
+MIN_START = {"patch_sentence_correctness": 60.0, "forward_v3": 30.0, "peers": 60.0, "train_step": 45.0, "integrity_mask": 40.0,
+             "patch_sentence_ot": 40.0}
 
 
 class Context:
@@ -364,6 +366,7 @@ SECTIONS = [
     gpu_calibration.section_patch_sentence_bwd_config_sweep,
     gpu_peers.section_patch_sentence_benchmark,
     section_integrity_mask,
+    gpu_ot.section_patch_sentence_ot,
     section_model_vs_measurement,
     section_compiled_kernels,
     gpu_train.section_train_step_max_batch,

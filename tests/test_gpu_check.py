@@ -42,6 +42,7 @@ def test_dry_run_writes_all_sections(tmp_path):
         "patch_sentence_bwd_config_sweep",
         "patch_sentence_benchmark",
         "integrity_mask",
+        "patch_sentence_ot",
         "model_vs_measurement",
         "compiled_kernels",
         "train_step_max_batch",
@@ -51,6 +52,9 @@ def test_dry_run_writes_all_sections(tmp_path):
     correctness = sections["patch_sentence_correctness"]["result"]
     assert correctness["checks"] > 20 and not correctness["failures"]
     assert correctness["determinism"]["bitwise_equal"]
+    ot = sections["patch_sentence_ot"]["result"]
+    assert ot["correctness"]["checks"] >= 2 and not ot["correctness"]["failures"]
+    assert {r["impl"] for r in ot["rows"] if "full_ms" in r} == {"reference", "chunked", "triton"} and ot["loss"]["ot_ms"] > 0
     rows = sections["patch_sentence_benchmark"]["result"]["rows"]
     assert {r["provider"] for r in rows} >= {"naive", "chunked", "triton", "grid_matmul"}
     assert all("error" not in r for r in rows)
