@@ -99,7 +99,7 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                holder = self._read(fd)
+                holder = self._read_holder(fd)
                 os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
@@ -144,6 +144,17 @@ class RunLock:
             raise RunFolderError(f"{self.path} names a running process ({self._describe(holder)}) that does not hold "
                                  f"it; if no run uses {self.path.parent}, delete {self.path}")
         self.stale = holder
+
+    @classmethod
+    def _read_holder(cls, fd: int, wait_s: float = 5.0) -> dict:
+        """The holder's record; a holder that has just taken the lock writes it after clearing the run's leftovers,
+        so an empty record is read again for up to ``wait_s``."""
+        deadline = time.monotonic() + wait_s
+        holder = cls._read(fd)
+        while not holder and time.monotonic() < deadline:
+            time.sleep(0.05)
+            holder = cls._read(fd)
+        return holder
 
     @staticmethod
     def _read(fd: int) -> dict:
