@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from torch.profiler import ProfilerActivity, profile, schedule
 
 __all__ = ["PhaseTimes", "TRAIN_PHASES", "RUN_PHASES", "StepProfiler", "PROFILE_WARMUP"]
 
@@ -108,8 +109,6 @@ class StepProfiler:
     CUDA's on a GPU. The loop calls :meth:`step` after every step; :meth:`close` stops a trace left unfinished."""
 
     def __init__(self, folder: Path, steps: int, device_type: str = "cpu", log: Callable[..., None] = print):
-        from torch.profiler import ProfilerActivity, profile, schedule
-
         self.folder, self.log = Path(folder), log
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
         self._profile = profile(activities=activities, record_shapes=True,
