@@ -23,6 +23,7 @@ from mlip_fast.kernels.patch_sentence.heuristics import (
     limits,
     s_tile,
 )
+from mlip_fast.kernels._common import valid_counts
 from mlip_fast.kernels.patch_sentence.launch import (
     FWD_KERNELS,
     inverse_norms,
@@ -30,7 +31,6 @@ from mlip_fast.kernels.patch_sentence.launch import (
     last_forward,
     patch_sentence_bwd,
     patch_sentence_fwd,
-    valid_counts,
 )
 from mlip_fast.kernels.patch_sentence.side import (
     _patch_sentence_grad_epilogue_kernel,

@@ -6,30 +6,17 @@ where a choice depends on how many blocks an SM holds, the figure is that static
 """
 from __future__ import annotations
 
-import os
 from typing import List
 
 import torch
 import triton
 
-# Read once, like @triton.jit does: it decides at decoration time whether kernels run in the interpreter.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from mlip_fast.kernels._common import INTERPRET
+from mlip_fast.kernels._common import half as _half
+from mlip_fast.kernels._common import pow2 as _pow2
 
 MAX_TOKENS = 2**15  # argmax indices are int16: K and S must stay below
 NORM_EPS = 1e-12  # F.normalize's floor on the norm
-
-
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    # fp32 needs no widening; half inputs are widened only where the interpreter's half dot is wrong.
-    return dtype == torch.float32 or INTERPRET
-
-
-def _half(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
 
 
 def _precision(dtype: torch.dtype, tf32: bool) -> str:

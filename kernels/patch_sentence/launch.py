@@ -14,6 +14,8 @@ import torch
 import triton
 from triton.runtime import _allocation
 
+from mlip_fast.kernels._common import mask_bytes as _mask_bytes
+from mlip_fast.kernels._common import upcast as _upcast
 from mlip_fast.kernels._target import target_of
 from mlip_fast.kernels.patch_sentence.backward import _patch_sentence_bwd_kernel
 from mlip_fast.kernels.patch_sentence.forward import _patch_sentence_fwd_kernel
@@ -22,10 +24,8 @@ from mlip_fast.kernels.patch_sentence.heuristics import (
     DETERMINISTIC_SPLIT,
     INTERPRET,
     NORM_EPS,
-    _half,
     _pow2,
     _precision,
-    _upcast,
     backward_split,
     bwd_config,
     fwd_config,
@@ -50,23 +50,6 @@ _LAST_FORWARD: dict = {}
 def last_forward() -> dict:
     """The last forward launch's kernel ("v3" or "v2") and, for "v2", why v3 did not run (for run records)."""
     return dict(_LAST_FORWARD)
-
-
-def valid_counts(
-    sentence_mask: Optional[torch.Tensor], patch_mask: Optional[torch.Tensor], B: int, K: int, G: int, S: int, device
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Valid patches per image [B] and valid sentences per report [G], int32."""
-    n_p = patch_mask.sum(1, dtype=torch.int32) if patch_mask is not None else torch.full((B,), K, dtype=torch.int32, device=device)
-    n_s = sentence_mask.sum(1, dtype=torch.int32) if sentence_mask is not None else torch.full((G,), S, dtype=torch.int32, device=device)
-    return n_p, n_s
-
-
-def _mask_bytes(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A validity mask as the contiguous uint8 the kernels index (any input strides, bool or uint8)."""
-    if mask is None:
-        return None
-    mask = mask.contiguous()
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
 
 
 def inverse_norms(x: torch.Tensor) -> torch.Tensor:

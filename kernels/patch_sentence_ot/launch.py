@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 
+from mlip_fast.kernels._common import INTERPRET, mask_bytes, valid_counts
+from mlip_fast.kernels._common import half as _half
+from mlip_fast.kernels._common import pow2 as _pow2
+from mlip_fast.kernels._common import upcast as _upcast
 from mlip_fast.kernels._target import target_of
 from mlip_fast.kernels.patch_sentence_ot.backward import _patch_sentence_ot_bwd_kernel
 from mlip_fast.kernels.patch_sentence_ot.forward import _patch_sentence_ot_fwd_kernel
-
-# Read once, like @triton.jit does: it decides at decoration time whether kernels run in the interpreter.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # The forward keeps a pair's whole (padded) S x K block in registers through the iterations: S_CH * BN cells
 # at most (fp32 tile, its exp2 temporary and the potentials stay spill-free on sm_80 and sm_90 at 8 warps,
@@ -28,19 +28,6 @@ MIN_SLOTS = 16
 TILE_CELLS = 2048
 
 
-def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
-
-
-def _half(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    # fp32 needs no widening; half inputs are widened only where the interpreter's half dot is wrong.
-    return dtype == torch.float32 or INTERPRET
-
-
 def limits(K: int, S: int, dtype: torch.dtype, arch: int) -> List[str]:
     """Why the kernels cannot take these sizes (empty: they can). ``auto`` falls back on any reason."""
     rows, k_pad = max(_pow2(S), 16), _pow2(K, 16)  # a forward tile has at least 16 rows
@@ -48,16 +35,6 @@ def limits(K: int, S: int, dtype: torch.dtype, arch: int) -> List[str]:
         return [f"a pair's padded block ({rows} sentence rows x {k_pad} patches = {rows * k_pad} cells) exceeds the "
                 f"forward's register tile of {MAX_PAIR_CELLS} cells"]
     return []
-
-
-def valid_counts(
-    sentence_mask: Optional[torch.Tensor], patch_mask: Optional[torch.Tensor], B: int, K: int, G: int, S: int, device
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Valid patches per image [B] and valid sentences per report [G], int32."""
-    i32 = dict(dtype=torch.int32, device=device)
-    n_p = patch_mask.sum(1, dtype=torch.int32) if patch_mask is not None else torch.full((B,), K, **i32)
-    n_s = sentence_mask.sum(1, dtype=torch.int32) if sentence_mask is not None else torch.full((G,), S, **i32)
-    return n_p, n_s
 
 
 def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int) -> dict:
@@ -121,8 +98,8 @@ def patch_sentence_ot_fwd(
     f = torch.empty((B, G, K), **f32)
     g = torch.empty((B, G, S), **f32)
     cfg = dict(fwd_config(B, K, G, S, D, patches.dtype, target.arch), **(config or {}))
-    pm = patch_mask.contiguous().view(torch.uint8) if patch_mask is not None else n_p
-    sm = sentence_mask.contiguous().view(torch.uint8) if sentence_mask is not None else n_s
+    pm = mask_bytes(patch_mask) if patch_mask is not None else n_p
+    sm = mask_bytes(sentence_mask) if sentence_mask is not None else n_s
     n_rb = triton.cdiv(G, cfg["GB"])
     _patch_sentence_ot_fwd_kernel[(B * n_rb,)](
         patches, sentences, pm, sm, n_p, n_s, scores, f, g,
