@@ -14,22 +14,21 @@ from typing import Optional
 import torch
 
 from mlip_fast import _checks
-from mlip_fast.ops.dispatch import Impl, triton_unavailable_reason
+from mlip_fast.ops._template import custom_op_name, kernels_missing, triton_impl
 from mlip_fast.reference import integrity_mask as _reference
 from mlip_fast.reference.integrity_mask import MaskResult
 
 try:
     from mlip_fast.kernels import integrity_mask as _kernels
 except ImportError as err:  # triton absent (a CPU-only install): the impl reports it, nothing else changes
-    _kernels = None
-    _IMPORT_ERROR: Optional[str] = f"the Triton kernels cannot be imported ({err}); pip install triton"
+    _kernels, _IMPORT_ERROR = None, kernels_missing(err)
 else:
     _IMPORT_ERROR = None
 
 SEED_LIMIT = 2**63
 
 
-@torch.library.custom_op("mlip_fast::integrity_mask_fwd", mutates_args=())
+@torch.library.custom_op(custom_op_name("integrity_mask", "fwd"), mutates_args=())
 def _triton_forward(
     tokens: torch.Tensor,
     scores: torch.Tensor,
@@ -52,7 +51,7 @@ def _(tokens, scores, keep, temperature, seed, seed_tensor):
     )
 
 
-@torch.library.custom_op("mlip_fast::integrity_mask_bwd", mutates_args=())
+@torch.library.custom_op(custom_op_name("integrity_mask", "bwd"), mutates_args=())
 def _triton_backward(grad_kept: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     return _kernels.integrity_mask_bwd(grad_kept, slot)
 
@@ -90,15 +89,4 @@ def triton_limits(inputs) -> list:
     return _kernels.limits(inputs["B"], inputs["P"])
 
 
-def _unavailable(device: torch.device) -> Optional[str]:
-    return _IMPORT_ERROR or triton_unavailable_reason(device)
-
-
-IMPL = Impl(
-    name="triton",
-    fn=_triton_impl,
-    devices=("cuda", "cpu"),
-    dtypes=_checks.FLOAT_DTYPES,
-    unavailable=_unavailable,
-    limits=triton_limits,
-)
+IMPL = triton_impl(_triton_impl, _kernels, _IMPORT_ERROR, _checks.FLOAT_DTYPES, triton_limits)

@@ -25,7 +25,7 @@ dx = r (g - x^ <x^, g>) with x^ = r x, r = 1 / ||x|| (and dx = g / eps below the
 
 The backward rebuilds, per tile, the sparse gradient of the similarity
 M[b, p, g, q] = wI[b, g] [a[b, p, g] == q] + wT[b, g] [c[b, g, q] == p] from the saved indices (see
-``kernels/patch_sentence.py`` for the derivation) and applies it with two matmuls: no grid recompute.
+``kernels/patch_sentence/backward.py`` for the derivation) and applies it with two matmuls: no grid recompute.
 Runs on any device and dtype; deterministic wherever the device's matmul is.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 import torch
 
 from mlip_fast import _checks
+from mlip_fast.ops._template import custom_op_name
 from mlip_fast.ops.dispatch import Impl
 from mlip_fast.ops.patch_sentence.options import ScoresOptions
 from mlip_fast.reference.patch_sentence import inverse_norms, score_dtype, unnormalize_grad_
@@ -94,7 +95,7 @@ def _pad_none(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 # The forward and backward are torch.library custom ops (with fake impls), so torch.compile traces the op as one
 # node instead of breaking its graph on the tile loop and the data-dependent mask checks inside.
-@torch.library.custom_op("mlip_fast::patch_sentence_scores_chunked_fwd", mutates_args=())
+@torch.library.custom_op(custom_op_name("patch_sentence_scores_chunked", "fwd"), mutates_args=())
 def chunked_fwd(
     patches: torch.Tensor,
     sentences: torch.Tensor,
@@ -202,7 +203,7 @@ def _(patches, sentences, sentence_mask, patch_mask, do_i2t, do_t2i, normalize, 
             out((G * S, B), idx, do_t2i and keep_idx), out((B, K), work, normalize), out((G, S), work, normalize))
 
 
-@torch.library.custom_op("mlip_fast::patch_sentence_scores_chunked_bwd", mutates_args=())
+@torch.library.custom_op(custom_op_name("patch_sentence_scores_chunked", "bwd"), mutates_args=())
 def chunked_bwd(
     grad_i2t: Optional[torch.Tensor],
     grad_t2i: Optional[torch.Tensor],

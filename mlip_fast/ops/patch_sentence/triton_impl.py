@@ -4,8 +4,8 @@
 ``mlip_fast::patch_sentence_scores_bwd`` turns upstream gradients and those indices into the input
 gradients. Both have fake (meta) impls, and the forward's autograd formula is registered with
 ``torch.library.register_autograd``, so torch.compile traces through the op instead of breaking on the raw
-Triton launch. The kernels (``kernels/patch_sentence/``) are imported on first use, so this module loads
-without triton and the registry can say why the impl is unavailable.
+Triton launch. The kernels (``kernels/patch_sentence/``) are imported at module top; without triton the module
+still loads and the impl says why it cannot run (``mlip_fast.ops._template``).
 """
 from __future__ import annotations
 
@@ -13,19 +13,21 @@ from typing import Optional, Tuple
 
 import torch
 
-from mlip_fast.ops.dispatch import Impl, triton_unavailable_reason
+from mlip_fast.ops._template import custom_op_name, kernels_missing, triton_impl
 from mlip_fast.ops.patch_sentence.options import ScoresOptions
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _kernels():
-    from mlip_fast.kernels import patch_sentence
+try:
+    from mlip_fast.kernels import patch_sentence as _kernels
+except ImportError as err:  # triton absent (a CPU-only install): the impl reports it, nothing else changes
+    _kernels, _IMPORT_ERROR = None, kernels_missing(err)
+else:
+    _IMPORT_ERROR = None
 
-    return patch_sentence
 
-
-@torch.library.custom_op("mlip_fast::patch_sentence_scores_fwd", mutates_args=())
+@torch.library.custom_op(custom_op_name("patch_sentence_scores", "fwd"), mutates_args=())
 def patch_sentence_scores_fwd(
     patches: torch.Tensor,
     sentences: torch.Tensor,
@@ -43,7 +45,7 @@ def patch_sentence_scores_fwd(
     A direction not computed comes back as empty tensors. ``deterministic`` is read by the backward only (an
     input here so that the autograd context, which sees the forward's inputs, can hand it on).
     """
-    return _kernels().patch_sentence_fwd(patches, sentences, sentence_mask, patch_mask, do_i2t, do_t2i,
+    return _kernels.patch_sentence_fwd(patches, sentences, sentence_mask, patch_mask, do_i2t, do_t2i,
                                          normalize=normalize, tf32=tf32)
 
 
@@ -62,7 +64,7 @@ def _(patches, sentences, sentence_mask, patch_mask, do_i2t, do_t2i, normalize, 
     )
 
 
-@torch.library.custom_op("mlip_fast::patch_sentence_scores_bwd", mutates_args=())
+@torch.library.custom_op(custom_op_name("patch_sentence_scores", "bwd"), mutates_args=())
 def patch_sentence_scores_bwd(
     grad_i2t: Optional[torch.Tensor],
     grad_t2i: Optional[torch.Tensor],
@@ -83,7 +85,7 @@ def patch_sentence_scores_bwd(
     inv_p / inv_s are the forward's inverse norms when it normalised (None otherwise).
     """
     # with inverse norms the launcher maps the gradients through the normalisation itself (one fused epilogue)
-    return _kernels().patch_sentence_bwd(grad_i2t, grad_t2i, patches, sentences, arg_i2t, arg_t2i, sentence_mask,
+    return _kernels.patch_sentence_bwd(grad_i2t, grad_t2i, patches, sentences, arg_i2t, arg_t2i, sentence_mask,
                                          patch_mask, deterministic, inv_p=inv_p, inv_s=inv_s, tf32=tf32)
 
 
@@ -153,15 +155,7 @@ def patch_sentence_scores_triton(
 
 def triton_limits(inputs) -> list:
     """The kernels' size limits for these inputs (int16 indices; K for reports longer than one tile)."""
-    kernels = _kernels()
-    return kernels.limits(inputs["K"], inputs["S"], inputs["dtype"], kernels.target_of(inputs["device"]).arch)
+    return _kernels.limits(inputs["K"], inputs["S"], inputs["dtype"], _kernels.target_of(inputs["device"]).arch)
 
 
-IMPL = Impl(
-    name="triton",
-    fn=patch_sentence_scores_triton,
-    devices=("cuda", "cpu"),
-    dtypes=SUPPORTED_DTYPES,
-    unavailable=triton_unavailable_reason,
-    limits=triton_limits,
-)
+IMPL = triton_impl(patch_sentence_scores_triton, _kernels, _IMPORT_ERROR, SUPPORTED_DTYPES, triton_limits)

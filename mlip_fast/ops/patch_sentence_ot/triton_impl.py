@@ -17,20 +17,19 @@ from typing import Optional, Tuple
 import torch
 
 from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
-from mlip_fast.ops.dispatch import Impl, triton_unavailable_reason
+from mlip_fast.ops._template import custom_op_name, kernels_missing, triton_impl
 
 try:
     from mlip_fast.kernels.patch_sentence_ot import launch as _launch
 except ImportError as err:  # triton absent (a CPU-only install): the impl reports it, nothing else changes
-    _launch = None
-    _IMPORT_ERROR: Optional[str] = f"the Triton kernels cannot be imported ({err}); pip install triton"
+    _launch, _IMPORT_ERROR = None, kernels_missing(err)
 else:
     _IMPORT_ERROR = None
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@torch.library.custom_op("mlip_fast::patch_sentence_ot_scores_fwd", mutates_args=())
+@torch.library.custom_op(custom_op_name("patch_sentence_ot_scores", "fwd"), mutates_args=())
 def patch_sentence_ot_scores_fwd(
     patches: torch.Tensor,
     sentences: torch.Tensor,
@@ -52,7 +51,7 @@ def _(patches, sentences, sentence_mask, patch_mask, eps, n_iter, tol):
     return patches.new_empty((B, G), **f32), patches.new_empty((B, G, K), **f32), patches.new_empty((B, G, S), **f32)
 
 
-@torch.library.custom_op("mlip_fast::patch_sentence_ot_scores_bwd", mutates_args=())
+@torch.library.custom_op(custom_op_name("patch_sentence_ot_scores", "bwd"), mutates_args=())
 def patch_sentence_ot_scores_bwd(
     grad_scores: torch.Tensor,
     patches: torch.Tensor,
@@ -121,28 +120,9 @@ def patch_sentence_ot_scores_triton(
     return scores
 
 
-def triton_unavailable(device: torch.device) -> Optional[str]:
-    """Why the kernels cannot run on ``device``: no triton, no GPU nor interpreter, or kernels that were
-    decorated for the other mode (TRITON_INTERPRET is read once, when the kernels are imported)."""
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
-    why = triton_unavailable_reason(device)
-    if why is None and device.type == "cpu" and not _launch.INTERPRET:
-        why = ("the kernels were imported without TRITON_INTERPRET=1, so they cannot run on CPU tensors "
-               "(set it before importing mlip_fast)")
-    return why
-
-
 def triton_limits(inputs) -> list:
     """The forward's register tile: a pair's padded S x K block must fit (see ``launch.limits``)."""
     return _launch.limits(inputs["K"], inputs["S"], inputs["dtype"], _launch.target_of(inputs["device"]).arch)
 
 
-IMPL = Impl(
-    name="triton",
-    fn=patch_sentence_ot_scores_triton,
-    devices=("cuda", "cpu"),
-    dtypes=SUPPORTED_DTYPES,
-    unavailable=triton_unavailable,
-    limits=triton_limits,
-)
+IMPL = triton_impl(patch_sentence_ot_scores_triton, _launch, _IMPORT_ERROR, SUPPORTED_DTYPES, triton_limits)
