@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 from mlip_fast._cli import HelpFormatter, Parser, add_version
 from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS, DEFAULT_SIE_TEMPERATURE, LOCAL_MATCHINGS
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
+from mlip_fast.functional.integrity import SIE_TARGETS
 from mlip_fast.models.config import ConfigError
 from mlip_fast.models.registry import get_model_config
 from mlip_fast.train.ds_checks import MAX_LR
@@ -231,6 +232,10 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
     loss.add_argument("--sie-temperature", type=_positive, default=DEFAULT_SIE_TEMPERATURE,
                       help="temperature of the estimator's target: softmax over the kept patches of each patch's best "
                            "similarity to its own report's sentences / T")
+    loss.add_argument("--sie-target", choices=SIE_TARGETS, default="guided",
+                      help="the estimator's target: 'guided' (the method's: each patch's best similarity to its own "
+                           "report) or 'discriminative' (that similarity minus a soft maximum over the other reports of "
+                           "the batch, so a sentence every report shares stops attracting it)")
     loss.add_argument("--impl", default="auto", choices=("auto", "reference", "chunked", "triton"),
                       help="patch-sentence scores implementation")
     loss.add_argument("--local-matching", choices=LOCAL_MATCHINGS, default=None,

@@ -210,7 +210,8 @@ def build_engine(run: RunState, data: RunData) -> Engine:
     model_cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     criterion = MLIPLoss(lambda_local=args.lambda_local, lambda_sie=args.lambda_sie, sie_temperature=args.sie_temperature,
-                         impl=args.impl, deterministic=args.deterministic, local_matching=model_cfg.local_matching,
+                         sie_target=args.sie_target, impl=args.impl, deterministic=args.deterministic,
+                         local_matching=model_cfg.local_matching,
                          ot_eps=model_cfg.ot_eps, ot_iters=model_cfg.ot_iters)
     if args.deterministic:
         reporter.log("deterministic: torch deterministic algorithms, CUBLAS_WORKSPACE_CONFIG=%s, patch-sentence backward "

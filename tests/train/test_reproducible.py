@@ -77,7 +77,7 @@ def test_deterministic_switches_on_cuda():
 
 def test_deterministic_and_sie_temperature_flags(tmp_path, synthetic_cache):
     """On CPU --deterministic changes no number (every kernel there already is) and is switched off after the
-    run; --sie-temperature reaches the estimator's loss and nothing else."""
+    run; --sie-temperature and --sie-target reach the estimator's loss and nothing else."""
     ds = write_ds(tmp_path / "ds.json")
     common = ["--steps", "2", "--no-final-eval", "--seed", "5"]
     plain = train_records(_in_process(tmp_path / "plain", ds, synthetic_cache, common))
@@ -92,3 +92,6 @@ def test_deterministic_and_sie_temperature_flags(tmp_path, synthetic_cache):
     warm = train_records(_in_process(tmp_path / "warm", ds, synthetic_cache, common + ["--sie-temperature", "0.5"]))
     assert warm[1]["loss_global"] == plain[1]["loss_global"] and warm[1]["loss_local"] == plain[1]["loss_local"]
     assert warm[1]["loss_sie"] != plain[1]["loss_sie"]
+    other = train_records(_in_process(tmp_path / "other", ds, synthetic_cache, common + ["--sie-target", "discriminative"]))
+    assert other[1]["loss_global"] == plain[1]["loss_global"] and other[1]["loss_local"] == plain[1]["loss_local"]
+    assert other[1]["loss_sie"] != plain[1]["loss_sie"]
