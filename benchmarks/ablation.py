@@ -76,6 +76,7 @@ from mlip_fast.data.labels import CHEXPERT5  # noqa: E402
 from mlip_fast.train.args import SPEC_LAMBDA_LOCAL, SYNTHETIC_PRESET  # noqa: E402
 
 ARMS = ("clip", "flip", "flip+local", "mlip", "flip+local-ot", "mlip-ot")
+DEFAULT_ARMS = ARMS[:4]  # the method's parts; the -ot arms are run on request
 LOCAL_ARMS = ("flip+local", "mlip", "flip+local-ot", "mlip-ot")  # arms with the patch-sentence loss
 # About 60 minutes for the whole default benchmark on a 2-core CPU with nothing else running (two runs at a
 # time, one thread each; measured in the records' train_s / wall_s).
@@ -140,7 +141,7 @@ class RunSpec:
         return flags
 
 
-def plan(seeds: Sequence[int], ratios: Sequence[float], arms: Sequence[str] = ARMS,
+def plan(seeds: Sequence[int], ratios: Sequence[float], arms: Sequence[str] = DEFAULT_ARMS,
          preset_row: bool = True, ot_eps: Sequence[float] = (DEFAULT_OT_EPS,),
          ot_iters: Sequence[int] = (DEFAULT_OT_ITERS,)) -> list:
     """Every run of the benchmark, seed-major (the first seeds of every arm finish first); the OT arms once per
@@ -644,6 +645,29 @@ def readme_tables(records: list) -> list:
     return tables
 
 
+SWEEP_METRICS = ("valid_zs_auc_combined", "valid_zs_auc_local", "valid_pointing_accuracy", "zs_auc_combined",
+                 "zs_auc_local", "pointing_accuracy", "samples_per_s")
+
+
+def sweep_tables(records: list) -> list:
+    """[(caption, rows)] of a grid of OT settings (``--ot-eps`` / ``--ot-iters`` with several values): the
+    validation metrics the choice is made on first, then the test split's, mean over seeds per configuration."""
+    if not records:
+        return []
+    first = records[0]
+    where = (f"{first['environment'].get('cpu')}, torch {first['environment'].get('torch')}; {first['model']}, "
+             f"{first['steps']} steps of batch {first['global_batch']}; OT settings chosen on the validation split "
+             f"(valid_*), test split beside; pointing chance {_mean_std([x.get('valid_pointing_chance') for x in records])}"
+             f" (validation)")
+    rows = []
+    for runs in _groups(records).values():
+        row = {"configuration": _config_label(runs[0]), "seeds": len(runs)}
+        for m in SWEEP_METRICS:
+            row[m] = _mean_std([x.get(m) for x in runs], 1 if m == "samples_per_s" else 3)
+        rows.append(row)
+    return [(where, rows)]
+
+
 def plot(records: list, path: Path) -> Path:
     """One panel per metric: every run as a dot, the mean of each configuration as a bar."""
     import matplotlib
@@ -701,7 +725,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+",
                         default=sorted({SPEC_MASK_RATIO, DEPARTURES["mask_ratio"]}, reverse=True),
                         help="mask ratios of the masked arms (default: the method's and the synthetic preset's)")
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:4]),
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS),
                         help="the arms to run (default: the four max arms; the -ot arms are the OT matching's)")
     parser.add_argument("--ot-eps", type=float, nargs="+", default=[DEFAULT_OT_EPS],
                         help="OT regularisation of the -ot arms (several: a grid with --ot-iters)")

@@ -149,7 +149,7 @@ def _fmt(value) -> str:
 # Result files holding a list of records (one per run) and the function ("module:function", imported from
 # benchmarks/) that turns the records into [(caption, rows)] tables.
 LIST_TABLES = {"ablation_cpu.json": "ablation:readme_tables", "ablation_preset_1000_cpu.json": "ablation:readme_tables",
-               "ablation_ot_cpu.json": "ablation:readme_tables", "ot_sweep_cpu.json": "ablation:readme_tables"}
+               "ablation_ot_cpu.json": "ablation:readme_tables", "ot_sweep_cpu.json": "ablation:sweep_tables"}
 # Result files whose own module renders their markdown ("module:function(data) -> str").
 MARKDOWN_TABLES = {"kernel_static.json": "kernel_static:table_markdown", "perf_model.json": "perf_model:table_markdown"}
 

@@ -159,3 +159,15 @@ def test_ot_arms_plan_record_and_compare(tmp_path, one_thread):
     (_, rows), (_, diffs) = ablation.readme_tables([base, ot])
     assert [r["configuration"] for r in rows] == ["flip+local (r=0.5, λl=1)", "flip+local-ot (r=0.5, λl=1, ε=0.05, 5 it)"]
     assert diffs[0]["difference (paired by seed)"] == "FLIP+local-OT - FLIP+local, r=0.5"
+
+
+def test_sweep_tables_lead_with_the_validation_metrics():
+    base = {"model": "mlip-tiny", "steps": 200, "global_batch": 64, "environment": {"cpu": "cpu", "torch": "2"},
+            "arm": "mlip-ot", "mask_ratio": 0.5, "lambda_local": 1.0, "seed": 0, "valid_pointing_chance": 0.05}
+    records = [{**base, "ot_eps": e, "ot_iters": n, "valid_zs_auc_combined": v} for e, n, v in
+               ((0.1, 50, 0.71), (0.02, 20, 0.70))]
+    [(caption, rows)] = ablation.sweep_tables(records)
+    assert "validation" in caption and "200 steps" in caption
+    assert [r["configuration"] for r in rows] == ["mlip-ot (r=0.5, λl=1, ε=0.02, 20 it)",
+                                                  "mlip-ot (r=0.5, λl=1, ε=0.1, 50 it)"]
+    assert list(rows[0])[2] == "valid_zs_auc_combined" and rows[1]["valid_zs_auc_combined"] == "0.710"
