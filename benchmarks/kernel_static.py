@@ -628,7 +628,7 @@ OPS = (
     # the launch module: the launchers look their kernels up there, so that is where recording() replaces them
     Op("patch_sentence", "mlip_fast.kernels.patch_sentence.launch", PS_KERNELS + PS_SIDE_KERNELS,
        patch_sentence_cases, run_patch_sentence, ("fp32", "bf16", "fp16"), PS_KERNELS),
-    Op("integrity_mask", "mlip_fast.kernels.integrity_mask",
+    Op("integrity_mask", "mlip_fast.kernels.integrity_mask.launch",
        ("_integrity_mask_fwd_kernel", "_integrity_mask_bwd_kernel"),
        mask_cases, run_mask, ("fp32", "bf16", "fp16", "fp64"), ()),
 )

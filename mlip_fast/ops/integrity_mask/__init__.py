@@ -1,6 +1,6 @@
 """Public integrity-scored masking op: input checks, then dispatch to the reference or Triton impl.
 
-See ``mlip_fast.reference.integrity_mask`` for the formula and ``kernels/integrity_mask.py`` for the fused
+See ``mlip_fast.reference.integrity_mask`` for the formula and ``kernels/integrity_mask/`` for the fused
 kernels. The Triton backend (``triton_impl``: a ``torch.library`` custom op with a fake impl and a registered
 backward) exposes its ``IMPL``; this package registers the backends explicitly, in one place.
 
