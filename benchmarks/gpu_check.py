@@ -164,7 +164,11 @@ def section_patch_sentence_correctness(ctx: Context) -> dict:
     random upstream gradient; fp32 to 1e-5 of scale; bf16 within 2x of torch's own bf16 grid (on the
     device); one-direction modes; deterministic backward bitwise equal; atomic backward close to it."""
     torch = ctx.torch
-    from tests.test_patch_sentence_fused import CASES, fused, grid_scores, make_case, rel_err, run
+    from mlip_fast.ops import patch_sentence_scores
+    from mlip_fast.testing.patch_sentence import CASES, grid_scores, make_case, rel_err, run
+
+    def fused(impl, **kw):
+        return lambda p, s, sm, pm, d: patch_sentence_scores(p, s, sm, pm, directions=d, impl=impl, **kw)
 
     dev = ctx.device
     results, failures = [], []

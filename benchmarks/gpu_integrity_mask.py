@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [p for p in (str(HERE.parent), str(HERE)) if p not in sys.path]
 
 import harness  # noqa: E402
-from tests.test_integrity_mask import _plackett_luce as plackett_luce  # noqa: E402  exact enumeration
+from mlip_fast.testing.integrity_mask import plackett_luce  # noqa: E402  exact enumeration
 
 SHAPES = [(b, 196, c, ratio) for b in (128, 256) for c in (768, 1024) for ratio in (0.5, 0.25)]  # B, P, C, mask ratio
 # Launch-parameter variations timed next to the default heuristic, so the heuristic can be retuned from the JSON.

@@ -22,7 +22,7 @@ from mlip_fast import _checks  # noqa: E402
 from mlip_fast.losses import PatchSentenceLoss  # noqa: E402
 from mlip_fast.ops import patch_sentence_ot_scores  # noqa: E402
 from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores as reference_scores  # noqa: E402
-from tests.ops.ot_cases import make_case, rel_err  # noqa: E402
+from mlip_fast.testing.patch_sentence_ot import make_case, rel_err  # noqa: E402
 
 CHECKS = [(3, 5, 7, 3, 33), (4, 6, 98, 16, 256), (2, 3, 1, 1, 16), (3, 4, 70, 11, 40)]  # B, G, K, S, D
 TIMED = [(128, 128, 98, 16, 256), (128, 1024, 196, 16, 512)]

@@ -17,8 +17,7 @@ import torch
 from bench_patch_sentence import make_inputs
 from mlip_fast import _checks
 from mlip_fast.kernels.patch_sentence import last_forward, patch_sentence_fwd
-from tests.ops.test_patch_sentence_inputs import POISON, _poison
-from tests.test_patch_sentence_fused import grid_scores
+from mlip_fast.testing.patch_sentence import POISON, grid_scores, poison_case
 
 SHAPES = [(128, 128, 98, 16, 512), (128, 1024, 98, 16, 512), (128, 128, 196, 16, 512), (128, 1024, 196, 16, 512)]
 DRY_SHAPES = [(4, 6, 5, 3, 32)]
@@ -27,7 +26,7 @@ DRY_SHAPES = [(4, 6, 5, 3, 32)]
 def _non_finite(dev, kernels) -> list:
     rows = []
     for kind in POISON:
-        p, s, smask, pmask = _poison(kind)
+        p, s, smask, pmask = poison_case(kind)
         p, s = p.to(torch.bfloat16), s.to(torch.bfloat16)
         ref = grid_scores(p.double(), s.double(), smask, pmask)
         for kernel in kernels:

@@ -24,6 +24,7 @@ ALLOWED = {
     "ops": {"base", "kernels", "reference"},  # custom ops and dispatch
     "core": {"base", "ops"},  # functional, losses, distributed
     "preprocess": {"base"},  # tokenization, image decoding and transforms
+    "testing": {"base"},  # independent fp64 references and input cases of the ops' tests and benchmarks
     "models": {"base", "ops", "preprocess"},  # not core: the model owns its logit scales (mlip_fast.logit_scale)
     "data": {"base", "preprocess"},  # readers, synthetic benchmark, shards, collate
     "eval": {"base", "core", "ops", "preprocess", "models", "data"},

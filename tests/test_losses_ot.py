@@ -17,7 +17,7 @@ from mlip_fast.ops import patch_sentence_ot_scores
 from mlip_fast.ops.patch_sentence_ot import paired_transport_plan
 from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores as reference_scores
 from mlip_fast.reference.patch_sentence_ot import transport_plan
-from tests.ops.ot_cases import make_case, rel_err, run
+from mlip_fast.testing.patch_sentence_ot import make_case, rel_err, run
 
 F64 = torch.float64
 EPS, ITERS = 0.05, 12  # few iterations: the interpreter runs each in Python

@@ -1,5 +1,5 @@
 """Every input layout and every value, every impl, the same answer: the scores op against an independent fp64
-grid (``tests.test_patch_sentence_fused.grid_scores``) for strided, expanded, transposed and sliced features and
+grid (``mlip_fast.testing.patch_sentence.grid_scores``) for strided, expanded, transposed and sliced features and
 masks, bool and uint8 masks, NaN / Inf in valid and in padded entries (value checks off), and the fused L2
 normalisation with its gradient. The Triton impl runs in the interpreter (fp32); reference and chunked run in
 fp64 and must match to 1e-12, Triton to 1e-5 of the output's scale (fp32 over D <= 16 terms)."""
@@ -8,7 +8,7 @@ import torch
 
 from mlip_fast import _checks
 from mlip_fast.ops import patch_sentence_scores
-from tests.test_patch_sentence_fused import grid_scores, make_case, rel_err, run
+from mlip_fast.testing.patch_sentence import POISON, grid_scores, make_case, poison_case, rel_err, run
 
 IMPLS = ["reference", "chunked", "triton"]
 B, G, K, S, D = 3, 4, 5, 6, 8
@@ -115,40 +115,13 @@ def test_expanded_mask(impl):
     _check(impl, p.to(_dtype(impl)), s.to(_dtype(impl)), smask, None, gi, gt, ref)
 
 
-def _poison(kind):
-    """(patches, sentences, masks) with one non-finite value placed as ``kind`` says."""
-    p, s, smask, pmask, _, _ = _case(seed=5)
-    valid_p = int(pmask[1].nonzero()[0])
-    masked_p = int((~pmask).nonzero()[0, 1]) if (~pmask).any() else None
-    b_masked = int((~pmask).nonzero()[0, 0]) if (~pmask).any() else None
-    valid_q = int(smask[2].nonzero()[0])
-    padded = (~smask).nonzero()
-    if kind == "nan_valid_patch":
-        p[1, valid_p, 3] = float("nan")
-    elif kind == "nan_valid_sentence":
-        s[2, valid_q, 0] = float("nan")
-    elif kind == "inf_valid_patch":
-        p[1, valid_p, 2] = float("inf")
-    elif kind == "neg_inf_valid_sentence":
-        s[2, valid_q, 1] = float("-inf")
-    elif kind == "nan_padded_sentence":
-        s[int(padded[0, 0]), int(padded[0, 1])] = float("nan")
-    elif kind == "inf_masked_patch":
-        p[b_masked, masked_p] = float("inf")
-    return p, s, smask, pmask
-
-
-POISON = ["nan_valid_patch", "nan_valid_sentence", "inf_valid_patch", "neg_inf_valid_sentence",
-          "nan_padded_sentence", "inf_masked_patch"]
-
-
 @pytest.mark.parametrize("kind", POISON)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_non_finite_values_propagate_as_in_the_grid(impl, kind, monkeypatch):
     """With value checks off, NaN / Inf in valid entries reach exactly the scores the plain grid gives them to
     (same NaN / Inf pattern, same finite values elsewhere); in padded entries they change nothing."""
     monkeypatch.setattr(_checks, "VALUE_CHECKS", False)
-    p, s, smask, pmask = _poison(kind)
+    p, s, smask, pmask = poison_case(kind)
     ref_i2t, ref_t2i = grid_scores(p, s, smask, pmask)
     i2t, t2i = patch_sentence_scores(p.to(_dtype(impl)), s.to(_dtype(impl)), smask, pmask, impl=impl)
     for got, ref in ((i2t, ref_i2t), (t2i, ref_t2i)):

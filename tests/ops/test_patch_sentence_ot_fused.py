@@ -20,7 +20,7 @@ from mlip_fast.ops.patch_sentence_ot import REGISTRY, chunked
 from mlip_fast.ops.patch_sentence_ot.triton_impl import patch_sentence_ot_scores_fwd
 from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores as reference_scores
 from mlip_fast.reference.patch_sentence_ot import transport_plan
-from tests.ops.ot_cases import live_pairs, make_case, rel_err, run
+from mlip_fast.testing.patch_sentence_ot import live_pairs, make_case, rel_err, run
 
 F64 = torch.float64
 IMPLS = ["reference", "chunked", "triton"]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores, transport_plan
-from tests.ops.ot_cases import live_pairs, make_case
+from mlip_fast.testing.patch_sentence_ot import live_pairs, make_case
 
 F64 = torch.float64
 

@@ -12,8 +12,7 @@ from mlip_fast import _checks
 from mlip_fast.kernels import _target
 from mlip_fast.kernels.patch_sentence import fwd_v3_reasons, last_forward, patch_sentence_bwd, patch_sentence_fwd
 from mlip_fast.ops import patch_sentence_scores
-from tests.ops.test_patch_sentence_inputs import _poison
-from tests.test_patch_sentence_fused import grid_scores, make_case, rel_err, run
+from mlip_fast.testing.patch_sentence import grid_scores, make_case, poison_case, rel_err, run
 
 SMALL = dict(BN=16, IMGS=2)  # 16 patches per tile (key bits: 4 slot + 4 column), two images per program
 KEY_BOUND = 2.0 ** (4 + 4 - 23)
@@ -101,7 +100,7 @@ def test_v3_exact_ties_go_to_the_lowest_index(sm90):
                                   "inf_masked_patch"])
 def test_v3_non_finite_values_as_in_the_grid(sm90, monkeypatch, kind):
     monkeypatch.setattr(_checks, "VALUE_CHECKS", False)
-    p, s, smask, pmask = _poison(kind)
+    p, s, smask, pmask = poison_case(kind)
     p, s = p.to(torch.bfloat16), s.to(torch.bfloat16)
     ref_i, ref_t = grid_scores(p.double(), s.double(), smask, pmask)
     i2t, t2i, _, _, _, _ = patch_sentence_fwd(p, s, smask, pmask, config=SMALL, kernel="v3")

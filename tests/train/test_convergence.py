@@ -21,7 +21,7 @@ something a test should depend on. So the curves are compared where rounding can
   two decimals: |difference| < 0.005 (measured: 0.700 for both).
 The Triton impl is not run here: under the CPU interpreter one loss forward + backward at this size takes
 ~0.8 s, so a few hundred steps do not fit the CI budget (its single-step equivalence is in
-tests/test_patch_sentence_fused.py).
+tests/ops/test_patch_sentence_fused.py).
 """
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ ordered selection. On CPU the Triton impl runs under the interpreter (TRITON_INT
 conftest), so shapes stay small; rows with identical scores are independent samples, which gives thousands
 of draws from one launch.
 """
-import itertools
 import math
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from mlip_fast.models.estimator import SemanticIntegrityEstimator
 from mlip_fast.ops.dispatch import ImplUnavailableError, triton_unavailable_reason
 from mlip_fast.ops.integrity_mask import REGISTRY, MaskResult, integrity_mask
+from mlip_fast.testing.integrity_mask import max_abs_z, plackett_luce
 
 _TRITON_SKIP = triton_unavailable_reason(torch.device("cpu"))
 IMPLS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(_TRITON_SKIP is not None, reason=str(_TRITON_SKIP)))]
@@ -47,31 +47,6 @@ def _check_valid(result, tokens, keep):
     assert bool((index.diff(dim=1) > 0).all()), "index must be strictly ascending (hence unique)"
     assert result.kept.shape == (B, keep, C) and result.kept.dtype == tokens.dtype
     assert torch.equal(result.kept, torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, C)))
-
-
-def _plackett_luce(probs, keep):
-    """Exact inclusion probability per position and probability per kept subset, by enumeration."""
-    probs = [float(p) for p in probs]
-    inclusion = [0.0] * len(probs)
-    subsets = {}
-    for order in itertools.permutations(range(len(probs)), keep):
-        pr, left = 1.0, 1.0
-        for p in order:
-            pr *= probs[p] / left
-            left -= probs[p]
-        for p in order:
-            inclusion[p] += pr
-        key = tuple(sorted(order))
-        subsets[key] = subsets.get(key, 0.0) + pr
-    return torch.tensor(inclusion, dtype=torch.float64), subsets
-
-
-def _max_abs_z(index, P, expected):
-    """Largest binomial z-score of the per-position inclusion counts against ``expected`` [P]."""
-    n = index.shape[0]
-    counts = torch.zeros(P, dtype=torch.float64).index_add_(0, index.flatten(), torch.ones(index.numel(), dtype=torch.float64))
-    sd = torch.sqrt(n * expected * (1 - expected))
-    return ((counts - n * expected) / sd).abs().max().item()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -135,16 +110,16 @@ def test_generator_and_default_generator(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_inclusion_matches_plackett_luce(impl):
+def test_inclusion_matchesplackett_luce(impl):
     P, keep, n = 5, 2, 8000
     row = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.5])
     temperature = 0.8
-    inclusion, subsets = _plackett_luce(torch.softmax(row.double() / temperature, 0), keep)
+    inclusion, subsets = plackett_luce(torch.softmax(row.double() / temperature, 0), keep)
     tokens = torch.zeros(n, P, 1)
     result = integrity_mask(tokens, row.expand(n, P), keep, temperature=temperature, seed=2024, impl=impl)
     _check_valid(result, tokens, keep)
     # Per-position binomial z-scores; |z| < 4.5 for all 5 has probability > 0.9999 under the null.
-    assert _max_abs_z(result.index, P, inclusion) < 4.5
+    assert max_abs_z(result.index, P, inclusion) < 4.5
     # Joint test over the 10 kept subsets: Pearson chi-square with 9 degrees of freedom, p > 1e-4.
     codes = result.index[:, 0] * P + result.index[:, 1]
     observed = torch.bincount(codes, minlength=P * P).double()
@@ -155,7 +130,7 @@ def test_inclusion_matches_plackett_luce(impl):
     p_value = torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(chi2 / 2, dtype=torch.float64))
     assert p_value.item() > 1e-4, f"chi2={chi2:.1f} with {dof} dof"
     # The test has power: the uniform law (temperature -> infinity) is far from this one.
-    assert _max_abs_z(result.index, P, torch.full((P,), keep / P, dtype=torch.float64)) > 10
+    assert max_abs_z(result.index, P, torch.full((P,), keep / P, dtype=torch.float64)) > 10
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -164,7 +139,7 @@ def test_large_temperature_is_uniform(impl):
     row = torch.tensor([4.0, -3.0, 2.0, 0.0, 5.0, -6.0, 1.0])
     tokens = torch.zeros(n, P, 1)
     result = integrity_mask(tokens, row.expand(n, P), keep, temperature=1e6, seed=5, impl=impl)
-    assert _max_abs_z(result.index, P, torch.full((P,), keep / P, dtype=torch.float64)) < 4.5
+    assert max_abs_z(result.index, P, torch.full((P,), keep / P, dtype=torch.float64)) < 4.5
 
 
 @pytest.mark.parametrize("impl", IMPLS)

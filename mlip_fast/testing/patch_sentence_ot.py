@@ -1,5 +1,11 @@
-"""Inputs and measuring helpers shared by the optimal-transport scores tests."""
+"""Input cases and measuring helpers for the optimal-transport scores op (its tests and the GPU check)."""
+from __future__ import annotations
+
 import torch
+
+from mlip_fast.testing.patch_sentence import rel_err
+
+__all__ = ["make_case", "run", "rel_err", "live_pairs"]
 
 
 def make_case(B, G, K, S, D, *, masked, seed, dtype=torch.float32, negative=False):
@@ -36,11 +42,6 @@ def run(fn, p, s, smask, pmask, grad):
     out = fn(p, s, smask, pmask)
     dp, ds = torch.autograd.grad((out.double() * grad).sum(), (p, s))
     return out, dp, ds
-
-
-def rel_err(x, ref):
-    """Largest absolute error relative to the largest magnitude of the reference."""
-    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-12)).item()
 
 
 def live_pairs(B, G, smask, pmask):
