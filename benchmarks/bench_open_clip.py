@@ -239,6 +239,20 @@ def measure(steps: dict, rounds: int = 15, warmup: int = 3) -> dict:
     return out
 
 
+def table(result: dict, load_before: float, load_after: float) -> list:
+    """README rows: per provider its median step, samples/s and the per-round median ratio to open_clip."""
+    rows = []
+    for name, step_s in result["step_s"].items():
+        ratio = result["ratios"].get(f"{name} / open_clip", 1.0 if name == "open_clip" else "")
+        rows.append({"step (batch 64, fp32, AdamW)": name, "median s": step_s, "samples/s": result["samples_per_s"][name],
+                     "/ open_clip (paired)": ratio, "load (1 min)": f"{load_before:.2f} -> {load_after:.2f}"})
+    if "ours_mlip_deepspeed / ours_mlip" in result["ratios"]:
+        rows.append({"step (batch 64, fp32, AdamW)": "DeepSpeed engine / plain step (ours_mlip)",
+                     "median s": "", "samples/s": "", "/ open_clip (paired)": result["ratios"]["ours_mlip_deepspeed / ours_mlip"],
+                     "load (1 min)": ""})
+    return rows
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -256,11 +270,12 @@ def main(argv=None) -> Path:
         import open_clip
 
         versions["open_clip"] = open_clip.__version__
+    load_after = os.getloadavg()
     payload = {"benchmark": "bench_open_clip: one training step, batch 64, fp32, plain AdamW, mlip-tiny size",
                "environment": {**harness.environment("cpu"), **versions, "threads": args.threads,
                                "loadavg_before": [round(v, 2) for v in load_before],
-                               "loadavg_after": [round(v, 2) for v in os.getloadavg()]},
-               "rounds": args.rounds, **result}
+                               "loadavg_after": [round(v, 2) for v in load_after]},
+               "rounds": args.rounds, **result, "table": table(result, load_before[0], load_after[0])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
