@@ -102,6 +102,18 @@ def _worker(rank, world, init_file, result_dir):
         MF.patch_sentence_loss(t["patches"], t["sentences"], t["smask"], t["pmask"], 6.0, impl="chunked").backward()
         restore()
         results["calls"] = calls
+        results["ot"] = {mode: _ot_losses(mine, *mode) for mode in MODES}
+        ot_calls = []
+        chosen = ot_op.REGISTRY.impls["chunked"]
+        original = chosen.fn
+        object.__setattr__(chosen, "fn", lambda *a, **k: ot_calls.append(1) or original(*a, **k))
+        try:
+            t = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in mine.items()}
+            MF.patch_sentence_loss(t["patches"], t["sentences"], t["smask"], t["pmask"], 6.0, impl="chunked",
+                                   local_matching="ot").backward()
+        finally:
+            object.__setattr__(chosen, "fn", original)
+        results["ot_calls"] = len(ot_calls)
         torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.barrier()
@@ -116,6 +128,8 @@ def test_processes_match_one(tmp_path, world):
     full = _batch(world)
     for r in range(world):
         assert ranks[r]["calls"] == ["both"], "one fused scores call per loss in the default distributed mode"
+        assert ranks[r]["ot_calls"] == 1, "one OT scores call per loss in the default distributed mode"
+    _check_ot_matching(ranks, full, world)
     for impl in IMPLS:
         for local_loss, gather_with_grad in MODES:
             single = _losses(full, local_loss, gather_with_grad, impl)
@@ -157,43 +171,13 @@ def _ot_losses(x, local_loss, gather_with_grad):
     return out
 
 
-def _ot_worker(rank, world, init_file, result_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        full = _batch(world)
-        mine = {k: v[rank * B : (rank + 1) * B] for k, v in full.items()}
-        mine["sentences"] = mine["sentences"][:, : _s_of(rank)]
-        mine["smask"] = mine["smask"][:, : _s_of(rank)]
-        results = {mode: _ot_losses(mine, *mode) for mode in MODES}
-        calls = []
-        chosen = ot_op.REGISTRY.impls["chunked"]
-        original = chosen.fn
-        object.__setattr__(chosen, "fn", lambda *a, **k: calls.append(1) or original(*a, **k))
-        try:
-            t = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in mine.items()}
-            MF.patch_sentence_loss(t["patches"], t["sentences"], t["smask"], t["pmask"], 6.0, impl="chunked",
-                                   local_matching="ot").backward()
-        finally:
-            object.__setattr__(chosen, "fn", original)
-        results["calls"] = len(calls)
-        torch.save(results, os.path.join(result_dir, f"ot{rank}.pt"))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_ot_matching_processes_match_one(tmp_path):
-    world = 2
-    mp.spawn(_ot_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"ot{r}.pt") for r in range(world)]
-    full = _batch(world)
-    assert [r["calls"] for r in ranks] == [1] * world, "one OT scores call per loss in the default distributed mode"
+def _check_ot_matching(ranks, full, world):
+    """The OT-matching losses of the ranks against one process on the whole batch, as for the max path."""
     for mode in MODES:
         local_loss, gather_with_grad = mode
         for name, (loss, grads) in _ot_losses(full, *mode).items():
             msg = f"OT {name} loss, local_loss={local_loss}, gather_with_grad={gather_with_grad}"
-            rank_out = [ranks[r][mode][name] for r in range(world)]
+            rank_out = [ranks[r]["ot"][mode][name] for r in range(world)]
             torch.testing.assert_close(sum(o[0] for o in rank_out) / world, loss, rtol=1e-10, atol=1e-12, msg=msg)
             if not gather_with_grad:
                 continue
