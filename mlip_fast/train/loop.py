@@ -338,7 +338,8 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         ctx.reporter.update_progress(terms_mean["loss"], lr, samples_per_s)
         times.add("train/logging", time.perf_counter() - t_log)
         if ctx.profiler is not None:
-            ctx.profiler.step()
+            with times.phase("train/profiler"):
+                ctx.profiler.step()
         if stop_votes > 0:
             if ctx.stop.signum is None:
                 ctx.stop.poll()  # another rank's request: this rank's own watcher may not have looked yet

@@ -5,7 +5,7 @@ generation, reading the datasets, the vocabulary, the model and DeepSpeed engine
 periodic evaluations and checkpoints, the export, the final evaluation, the records) and, inside the training
 loop, the phases of a step (waiting for the batch, the forward of each tower, the losses, the one host
 synchronisation, backward, the optimizer's own update, the rest of DeepSpeed's step, the per-step bookkeeping
-and logging).
+and logging, and writing the trace of ``--profile-steps``).
 
 The clock costs two ``time.perf_counter`` calls per phase and never synchronises a device. On a CPU every op
 runs when it is called, so each phase holds its own work. On a GPU the host runs ahead of the device: a phase
@@ -26,7 +26,7 @@ __all__ = ["PhaseTimes", "TRAIN_PHASES", "RUN_PHASES", "StepProfiler", "PROFILE_
 
 # The phases of a training step, in the order a step runs them (keys of PhaseTimes.seconds under "train/").
 TRAIN_PHASES = ("data", "forward_image", "forward_text", "forward_rest", "loss", "sync", "backward", "optimizer",
-                "deepspeed_step", "bookkeeping", "logging")
+                "deepspeed_step", "bookkeeping", "logging", "profiler")
 # The phases of a run (keys without a prefix), in the order a run goes through them.
 RUN_PHASES = ("start_up", "generation", "datasets", "vocabulary", "model_and_engine", "batch_source", "training",
               "evaluations", "checkpoints", "export", "final_evaluation", "records")

@@ -92,3 +92,32 @@ def test_progress_is_a_bar_only_on_a_terminal(tmp_path, monkeypatch, capsys):
     lines = [line for line in (tmp_path / "log" / "run.log").read_text().splitlines() if " step " in line]
     assert len(lines) == 20 and lines[-1].endswith("step 40/40 loss 1.5000 lr 1.00e-03 sps 8.0 data 0.012s scale 14.30")
     assert "\r" not in capsys.readouterr().err
+
+
+def test_summary_says_where_the_time_went_and_a_profile_is_written(tmp_path, synthetic_cache):
+    """summary.json's time_breakdown: every run phase and step phase, the step phases within the loop's time, the
+    named run phases within the wall time; --profile-steps writes a trace and the op table; the periodic validation
+    of the synthetic benchmark scores localisation too."""
+    import json
+
+    from mlip_fast.train.timing import RUN_PHASES, TRAIN_PHASES
+
+    ds = write_ds(tmp_path / "ds.json")
+    summary = train(base_args(ds, tmp_path / "run", synthetic_cache, "--steps", "8", "--profile-steps", "2",
+                              "--eval-every", "4", "--save-every", "4"))
+    times = summary["time_breakdown"]
+    assert set(times["run_s"]) == set(RUN_PHASES) | {"other"} and list(times["training_step"]) == list(TRAIN_PHASES)
+    assert times["steps"] == 8 and times["step_samples_per_s"] > summary["samples_per_s"] > 0
+    for name in ("datasets", "vocabulary", "model_and_engine", "batch_source", "training", "evaluations",
+                 "checkpoints", "export", "final_evaluation"):
+        assert times["run_s"][name] > 0, name
+    assert sum(times["run_s"].values()) == pytest.approx(times["wall_s"], abs=0.05)
+    step_total = sum(v["s"] for v in times["training_step"].values())
+    assert 0.5 * times["run_s"]["training"] < step_total <= times["run_s"]["training"] + 0.01
+    for name in ("forward_image", "forward_text", "loss", "backward", "optimizer", "deepspeed_step"):
+        assert times["training_step"][name]["ms_per_step"] > 0, name
+    trace = tmp_path / "run" / "profile"
+    assert json.loads((trace / "trace.json").read_text())["traceEvents"] and "aten::" in (trace / "ops.txt").read_text()
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line and '"valid"' in line]
+    assert [r["step"] for r in evals] == [4] and 0 <= evals[0]["localisation"] <= 1 and evals[0]["localisation_chance"] > 0
