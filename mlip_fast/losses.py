@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from mlip_fast import functional as MF
-from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS, DEFAULT_SIE_TEMPERATURE, INIT_TEMPERATURE
+from mlip_fast.constants import (DEFAULT_OT_EPS, DEFAULT_OT_ITERS, DEFAULT_SIE_TEMPERATURE, ESTIMATOR_MODES,
+                                 INIT_TEMPERATURE)
 from mlip_fast.functional.integrity import DEFAULT_OTHER_TEMPERATURE
 from mlip_fast.logit_scale import LogitScale, clamp_logit_scales_
 
@@ -178,7 +179,7 @@ class MLIPLoss(nn.Module):
 
     Composed of the three loss modules (``global_loss``, ``patch_sentence_loss``, ``integrity_loss``), with the
     options in one :class:`~mlip_fast.functional.LossConfig` (``config``): the constructor takes its fields
-    (lambda_local, lambda_sie, weight_global, weight_local, sie_temperature, sie_target, sie_other_temperature,
+    (lambda_local, lambda_sie, weight_global, weight_local, sie_temperature, sie_mode, sie_target, sie_other_temperature,
     local_loss, gather_with_grad, impl, deterministic, precision, local_matching, ot_eps, ot_iters) and
     ``init_temperature`` / ``learn_temperature`` of the two contrastive terms' own logit scales, which ``forward``
     uses when it gets none (a model passes its own).
@@ -186,7 +187,9 @@ class MLIPLoss(nn.Module):
     ``forward`` takes the model's output dict as keyword arguments (``criterion(**outputs)``): image_global
     [B, D], text_global [B, D], patches [B, K, D], sentences [B, S, D], sentence_mask [B, S],
     integrity_logits [B, K], integrity_weights [B], logit_scale_global, logit_scale_local, and optionally
-    patch_mask [B, K] and patch_index [B, K] (ignored). The local inputs are checked once for both local terms.
+    patch_mask [B, K], patch_index [B, K] (ignored), integrity_score [B] and integrity_target [B] (the per-view
+    heads' outputs of the ``maco`` and ``predictor`` modes, ``sie_mode``). The local inputs are checked once for
+    both local terms.
     """
 
     def __init__(self, init_temperature: float = INIT_TEMPERATURE, learn_temperature: bool = True, **options):
@@ -198,7 +201,8 @@ class MLIPLoss(nn.Module):
         self.patch_sentence_loss = PatchSentenceLoss(cfg.local_loss, cfg.gather_with_grad, cfg.impl, cfg.deterministic,
                                                      init_temperature, learn_temperature, cfg.precision,
                                                      cfg.local_matching, cfg.ot_eps, cfg.ot_iters)
-        self.integrity_loss = SemanticIntegrityLoss(cfg.sie_temperature, cfg.sie_target, cfg.sie_other_temperature)
+        target = cfg.sie_mode if cfg.sie_mode in ESTIMATOR_MODES else "guided"  # unused in the other modes
+        self.integrity_loss = SemanticIntegrityLoss(cfg.sie_temperature, target, cfg.sie_other_temperature)
 
     def forward(
         self,
@@ -213,11 +217,13 @@ class MLIPLoss(nn.Module):
         logit_scale_local=None,
         patch_mask: Optional[torch.Tensor] = None,
         patch_index: Optional[torch.Tensor] = None,
+        integrity_score: Optional[torch.Tensor] = None,
+        integrity_target: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         del patch_index  # part of the model outputs; positions do not enter the loss
         return MF.mlip_loss(
             image_global, text_global, patches, sentences, sentence_mask, integrity_logits, integrity_weights,
             self.global_loss.logit_scale() if logit_scale_global is None else logit_scale_global,
             self.patch_sentence_loss.logit_scale() if logit_scale_local is None else logit_scale_local,
-            patch_mask, config=self.config,
+            patch_mask, integrity_score=integrity_score, integrity_target=integrity_target, config=self.config,
         )

@@ -7,11 +7,13 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS, DEFAULT_SIE_TEMPERATURE, INIT_LOGIT_SCALE
+from mlip_fast.constants import (DEFAULT_OT_EPS, DEFAULT_OT_ITERS, DEFAULT_SIE_TEMPERATURE, ESTIMATOR_MODES,
+                                 INIT_LOGIT_SCALE, SIE_MODES)
 from mlip_fast.functional._common import _check_scale
 from mlip_fast.functional.contrastive import global_contrastive_loss
 from mlip_fast.functional.integrity import (DEFAULT_OTHER_TEMPERATURE, SIE_TARGETS, _check_integrity_inputs,
                                            _semantic_integrity_loss)
+from mlip_fast.functional.integrity_modes import integrity_prediction_loss, mask_layout_loss
 from mlip_fast.functional.local import LocalMatching, _check_local_inputs, _patch_sentence_loss
 from mlip_fast.ops.patch_sentence import ScoresOptions
 
@@ -32,9 +34,15 @@ class LossConfig:
     lambda_local, lambda_sie: weights of the local and the integrity terms (finite, >= 0; a 0 skips the term).
     weight_global, weight_local: weight the rows of the global / local contrastive terms by the kept integrity
         mass (``integrity_weights``, normalised to mean 1).
-    sie_temperature: tau_sie of the integrity estimator's target distribution.
-    sie_target, sie_other_temperature: the estimator's target ("guided" or "discriminative") and the soft
-        maximum's temperature of the latter (see :func:`~mlip_fast.functional.semantic_integrity_loss`).
+    sie_mode: the reading of semantic integrity (``mlip_fast.constants.SIE_MODES``), i.e. what the ``lambda_sie``
+        term trains: ``"guided"`` / ``"discriminative"`` the patch estimator toward that target (see
+        :func:`~mlip_fast.functional.semantic_integrity_loss`), ``"maco"`` the mask-layout weight
+        (:func:`~mlip_fast.functional.integrity_modes.mask_layout_loss`), ``"predictor"`` the integrity predictor
+        (:func:`~mlip_fast.functional.integrity_modes.integrity_prediction_loss`). None means "guided".
+    sie_target: the older spelling of ``sie_mode`` for the two estimator modes ("guided" / "discriminative");
+        :meth:`checked` folds it into ``sie_mode`` and refuses a ``sie_mode`` that says otherwise.
+    sie_temperature: tau_sie of the integrity estimator's target distribution; sie_other_temperature: the soft
+        maximum's temperature of the discriminative target.
     local_loss, gather_with_grad: the distributed mode (open_clip's ``ClipLoss`` arguments).
     impl, deterministic, precision: the patch-sentence scores op's (see :func:`patch_sentence_loss`).
     local_matching, ot_eps, ot_iters: how the local term scores a pair, ``"max"`` (the method as specified) or
@@ -47,7 +55,8 @@ class LossConfig:
     weight_global: bool = True
     weight_local: bool = False
     sie_temperature: float = DEFAULT_SIE_TEMPERATURE
-    sie_target: str = "guided"
+    sie_mode: Optional[str] = None
+    sie_target: Optional[str] = None
     sie_other_temperature: float = DEFAULT_OTHER_TEMPERATURE
     local_loss: bool = True
     gather_with_grad: bool = True
@@ -59,18 +68,24 @@ class LossConfig:
     ot_iters: int = DEFAULT_OT_ITERS
 
     def checked(self) -> "LossConfig":
+        """The config with its values checked and ``sie_target`` folded into ``sie_mode`` (a copy)."""
         check_loss_weights(lambda_local=self.lambda_local, lambda_sie=self.lambda_sie)
         if not (isinstance(self.sie_temperature, (int, float)) and math.isfinite(self.sie_temperature)
                 and self.sie_temperature > 0):
             raise ValueError(f"sie_temperature must be finite and > 0, got {self.sie_temperature}")
-        if self.sie_target not in SIE_TARGETS:
-            raise ValueError(f"sie_target must be one of {SIE_TARGETS}, got {self.sie_target!r}")
+        if self.sie_target is not None and self.sie_target not in SIE_TARGETS:
+            raise ValueError(f"sie_target must be one of {SIE_TARGETS} (or None), got {self.sie_target!r}")
+        if self.sie_mode is not None and self.sie_mode not in SIE_MODES:
+            raise ValueError(f"sie_mode must be one of {SIE_MODES} (or None: guided), got {self.sie_mode!r}")
+        if self.sie_mode is not None and self.sie_target is not None and self.sie_mode != self.sie_target:
+            raise ValueError(f"sie_target={self.sie_target!r} contradicts sie_mode={self.sie_mode!r}: sie_target is the "
+                             f"older spelling of sie_mode, give sie_mode only")
         if not (isinstance(self.sie_other_temperature, (int, float)) and math.isfinite(self.sie_other_temperature)
                 and self.sie_other_temperature > 0):
             raise ValueError(f"sie_other_temperature must be finite and > 0, got {self.sie_other_temperature}")
         self.scores_options()  # the op's options, checked
         self.matching()
-        return self
+        return replace(self, sie_mode=self.sie_mode or self.sie_target or "guided", sie_target=None)
 
     def scores_options(self) -> ScoresOptions:
         """What the local term hands the scores op: normalised inside it, in the embeddings' own dtype."""
@@ -93,6 +108,8 @@ def mlip_loss(
     logit_scale_local=INIT_LOGIT_SCALE,
     patch_mask: Optional[torch.Tensor] = None,
     *,
+    integrity_score: Optional[torch.Tensor] = None,
+    integrity_target: Optional[torch.Tensor] = None,
     config: Optional[LossConfig] = None,
     group=None,
     **options,
@@ -102,8 +119,11 @@ def mlip_loss(
     The inputs are the model's outputs (see docs/architecture.md). ``config`` holds the options
     (:class:`LossConfig`); keyword ``options`` override its fields (``mlip_loss(..., lambda_sie=0.0)``).
     ``integrity_weights`` [B] weight the global rows (``weight_global``) and optionally the local rows
-    (``weight_local``). A term whose lambda is 0 is not computed. The local inputs are checked once for both
-    local terms.
+    (``weight_local``), normalised to mean 1 over the batch. The ``lambda_sie`` term is the mode's
+    (``sie_mode``): the estimator's KL from ``integrity_logits`` [B, K] (guided, discriminative), the mask-layout
+    term from ``integrity_score`` [B] = w (maco) or the prediction loss of ``integrity_score`` [B] = q against
+    ``integrity_target`` [B] (predictor). A term whose lambda is 0 is not computed. The local inputs are checked
+    once for both local terms.
 
     Returns:
         (total, terms) where terms has detached "loss_global", "loss_local", "loss_sie" and "loss".
@@ -118,20 +138,30 @@ def mlip_loss(
     )
     zero = loss_g.new_zeros(())
     loss_l = loss_s = zero
-    if lambda_sie and integrity_logits is None:
-        raise ValueError("lambda_sie > 0 needs integrity_logits [B, K] (or set lambda_sie=0)")
-    if lambda_local or lambda_sie:
+    mode = cfg.sie_mode
+    estimator = mode in ESTIMATOR_MODES
+    if lambda_sie and estimator and integrity_logits is None:
+        raise ValueError(f"lambda_sie > 0 in sie_mode {mode!r} needs integrity_logits [B, K] (or set lambda_sie=0)")
+    if lambda_sie and not estimator and integrity_score is None:
+        raise ValueError(f"lambda_sie > 0 in sie_mode {mode!r} needs integrity_score [B] (the model of that mode gives "
+                         f"it; or set lambda_sie=0)")
+    if lambda_sie and mode == "predictor" and integrity_target is None:
+        raise ValueError("lambda_sie > 0 in sie_mode 'predictor' needs integrity_target [B] (or set lambda_sie=0)")
+    if lambda_local or (lambda_sie and estimator):
         sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
     if lambda_local:
         scale = _check_scale("logit_scale_local", logit_scale_local)
         loss_l = _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale,
                                       weights if weight_local else None, cfg.scores_options(), cfg.matching(),
                                       impl=cfg.impl, **dist_kw)
-    if lambda_sie:
-        _check_integrity_inputs(integrity_logits, patches, cfg.sie_temperature, cfg.sie_target,
-                                cfg.sie_other_temperature)
+    if lambda_sie and estimator:
+        _check_integrity_inputs(integrity_logits, patches, cfg.sie_temperature, mode, cfg.sie_other_temperature)
         loss_s = _semantic_integrity_loss(integrity_logits, patches, sentences, sentence_mask, patch_mask,
-                                          cfg.sie_temperature, cfg.sie_target, cfg.sie_other_temperature)
+                                          cfg.sie_temperature, mode, cfg.sie_other_temperature)
+    elif lambda_sie and mode == "maco":
+        loss_s = mask_layout_loss(integrity_score, image_global, text_global, logit_scale_global, group=group)
+    elif lambda_sie:
+        loss_s = integrity_prediction_loss(integrity_score, integrity_target)
     total = loss_g + lambda_local * loss_l + lambda_sie * loss_s
     terms = {
         "loss_global": loss_g.detach(),

@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 from mlip_fast._checks import dataclass_from_dict
 from mlip_fast.constants import (DEFAULT_OT_EPS, DEFAULT_OT_ITERS, INIT_LOGIT_SCALE, LOCAL_MATCHINGS,
-                                 MAX_LOGIT_SCALE)
+                                 MAX_LOGIT_SCALE, SIE_MODES)
 
 __all__ = ["VisionConfig", "TextConfig", "MLIPConfig", "ConfigError", "check_mask_ratio"]
 
@@ -169,6 +169,11 @@ class MLIPConfig:
     sentences are matched, in the local loss the training app builds and in evaluation's local scores and maps:
     ``"max"`` (token-wise max, the method as specified) or ``"ot"`` (entropic optimal transport with
     regularisation ``ot_eps`` and ``ot_iters`` Sinkhorn iterations; ``ot_*`` are read with ``"ot"`` only).
+    ``sie_mode`` is the reading of semantic integrity (``mlip_fast.constants.SIE_MODES``): ``"guided"`` and
+    ``"discriminative"`` mask by Gumbel-top-k over the estimator's logits and weight a view by its kept integrity
+    mass; ``"maco"`` and ``"predictor"`` mask uniformly (the model has no estimator) and weight a view by the
+    mask-layout head or the integrity predictor (:mod:`mlip_fast.models.integrity`). ``sie_warmup`` is the number
+    of optimizer steps the training app runs with uniform masking and unweighted rows before the mode acts.
     """
 
     name: str = "custom"
@@ -184,6 +189,8 @@ class MLIPConfig:
     local_matching: str = "max"
     ot_eps: float = DEFAULT_OT_EPS
     ot_iters: int = DEFAULT_OT_ITERS
+    sie_mode: str = "guided"
+    sie_warmup: int = 0
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
@@ -204,6 +211,9 @@ class MLIPConfig:
         _check_number(self.ot_eps, "ot_eps", 0.0)
         _check(isinstance(self.ot_iters, int) and not isinstance(self.ot_iters, bool) and self.ot_iters > 0,
                f"ot_iters must be a positive int, got {self.ot_iters!r}")
+        _check(self.sie_mode in SIE_MODES, f"sie_mode must be one of {SIE_MODES}, got {self.sie_mode!r}")
+        _check(isinstance(self.sie_warmup, int) and not isinstance(self.sie_warmup, bool) and self.sie_warmup >= 0,
+               f"sie_warmup must be an int >= 0 (optimizer steps), got {self.sie_warmup!r}")
 
     # serialisation -------------------------------------------------------------------------------
     @classmethod

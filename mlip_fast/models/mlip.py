@@ -25,9 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 
+from mlip_fast.constants import ESTIMATOR_MODES
 from mlip_fast.logit_scale import LogitScale
 from mlip_fast.models import hub
 from mlip_fast.models.config import MLIPConfig
+from mlip_fast.models.integrity import IntegrityPredictor, MaskLayoutWeight, keep_layout, view_integrity_target
 from mlip_fast.models.model_card import CARD_METADATA, is_generated_card, render_model_card
 from mlip_fast.models.text import TextTower
 from mlip_fast.models.vision import VisionTransformer
@@ -74,7 +76,10 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
 
     Submodules: ``visual`` (ViT with ``visual.estimator``), ``text`` (report tower), ``image_projection``,
     ``text_projection``, ``patch_projection``, ``sentence_projection``, ``logit_scale_global``,
-    ``logit_scale_local``; ``logit_scale`` (open_clip's name) is ``logit_scale_global``'s parameter.
+    ``logit_scale_local``; ``logit_scale`` (open_clip's name) is ``logit_scale_global``'s parameter. The
+    integrity mode (``config.sie_mode``) decides the rest: ``visual.estimator`` in the ``guided`` and
+    ``discriminative`` modes, ``layout_weight`` (:class:`~mlip_fast.models.integrity.MaskLayoutWeight`) in ``maco``,
+    ``integrity_predictor`` (:class:`~mlip_fast.models.integrity.IntegrityPredictor`) in ``predictor``.
     """
 
     def __init__(self, config: MLIPConfig, text_encoder: nn.Module, tokenizer=None,
@@ -87,7 +92,8 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
         self.config = config
         self.tokenizer = fast_tokenizer(tokenizer) if tokenizer is not None else None
         self.preprocess_cfg = preprocess
-        self.visual = VisionTransformer(config.vision, sie_hidden=config.sie_hidden)
+        self.visual = VisionTransformer(config.vision, sie_hidden=config.sie_hidden,
+                                        estimator=config.sie_mode in ESTIMATOR_MODES)
         self.text = TextTower(text_encoder)
         d, kind = config.embed_dim, config.projection
         self.image_projection = Projection(self.visual.width, d, kind)
@@ -96,6 +102,9 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
         self.sentence_projection = Projection(self.text.width, d, kind)
         self.logit_scale_global = LogitScale(config.init_logit_scale, config.max_logit_scale)
         self.logit_scale_local = LogitScale(config.init_logit_scale, config.max_logit_scale)
+        self.layout_weight = MaskLayoutWeight(self.visual.num_patches) if config.sie_mode == "maco" else None
+        self.integrity_predictor = (IntegrityPredictor(d, config.sie_hidden) if config.sie_mode == "predictor"
+                                    else None)
         self._locked_image = False
         self._locked_text = False
 
@@ -119,24 +128,51 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
         mask_ratio: float = 0.0,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        integrity: bool = True,
     ) -> dict:
         """images [B, C_in, H, W] -> dict of unnormalised joint-space outputs:
 
         image_global [B, D], patches [B, K, D], patch_index [B, K] int64 (ascending kept positions),
-        integrity_logits_all [B, P], integrity_logits [B, K], integrity_weights [B] (detached; 1 at r = 0).
-        K = round((1 - mask_ratio) P); ``mask_ratio=0`` encodes the whole image without sampling (patches
-        then follow the row-major patch grid).
+        integrity_logits_all [B, P], integrity_logits [B, K] (None without an estimator), integrity_weights [B]
+        (detached, the mode's weight of each view before the losses normalise them to mean 1; 1 at r = 0),
+        integrity_score [B] (with gradient to its head: the layout weight w in ``maco``, the predicted integrity
+        q in ``predictor``; else None) and integrity_target [B] (``predictor``: q's detached target, 1 at r = 0;
+        else None). K = round((1 - mask_ratio) P); ``mask_ratio=0`` encodes the whole image without sampling
+        (patches then follow the row-major patch grid). ``integrity=False`` (the training app's warm-up) masks
+        uniformly and weights every view 1 in every mode; the heads still give their scores.
         """
+        mode = self.config.sie_mode
         out = self.visual(images, mask_ratio, temperature=self.config.mask_temperature, seed=seed,
-                          generator=generator)
+                          generator=generator, scored=integrity and mode in ESTIMATOR_MODES)
+        image_global = self.image_projection(out.global_features)
+        weights, score, target = out.integrity_weights, None, None
+        if self.layout_weight is not None:
+            score = self.layout_weight(keep_layout(out.patch_index, self.visual.num_patches))
+        elif self.integrity_predictor is not None:
+            score = self.integrity_predictor(image_global.detach())
+            target = self._view_target(images, image_global, mask_ratio)
+        if score is not None and integrity and mask_ratio > 0:
+            weights = score.detach().to(weights.dtype)
         return {
-            "image_global": self.image_projection(out.global_features),
+            "image_global": image_global,
             "patches": self.patch_projection(out.patch_features),
             "patch_index": out.patch_index,
             "integrity_logits_all": out.integrity_logits_all,
             "integrity_logits": out.integrity_logits,
-            "integrity_weights": out.integrity_weights,
+            "integrity_weights": weights,
+            "integrity_score": score,
+            "integrity_target": target,
         }
+
+    def _view_target(self, images: torch.Tensor, masked: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+        """The predictor's target: cosine of each masked view's global embedding to the whole image's, from a
+        pass without gradient over every patch (1 when nothing is masked)."""
+        if mask_ratio == 0.0:
+            return torch.ones(masked.shape[0], device=masked.device, dtype=torch.promote_types(masked.dtype,
+                                                                                                 torch.float32))
+        with torch.no_grad():
+            full = self.image_projection(self.visual.forward_features(images)[:, 0])
+        return view_integrity_target(masked.detach(), full)
 
     def get_tokenizer(self) -> ReportTokenizer:
         """The model's tokenizer bound to its text limits: ``tokenizer(texts)`` is what ``encode_text`` takes."""
@@ -205,15 +241,16 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
         return self.preprocess_cfg.transforms()
 
     def forward(self, image: Union[dict, torch.Tensor, None] = None, text=None, mask_ratio: Optional[float] = None,
-                seed: Optional[int] = None):
+                seed: Optional[int] = None, integrity: bool = True):
         """Two call forms, told apart by the first argument.
 
         ``model(batch)``, a batch dict (images, input_ids, attention_mask, sentence_spans, sentence_mask) -> the
         outputs ``MLIPLoss(**outputs)`` takes: image_global [B, D], text_global [B, D], patches [B, K, D],
         patch_index [B, K], sentences [B, S, D], sentence_mask [B, S], integrity_logits [B, K],
-        integrity_weights [B], logit_scale_global, logit_scale_local (0-dim, exp'd; bounded by the clamp after
-        each optimizer step). ``mask_ratio=None`` means ``config.mask_ratio`` in training mode and 0 (the whole
-        image) in eval mode; pass a number to override either.
+        integrity_weights [B], integrity_score [B], integrity_target [B] (see :meth:`encode_image_local`),
+        logit_scale_global, logit_scale_local (0-dim, exp'd; bounded by the clamp after each optimizer step).
+        ``mask_ratio=None`` means ``config.mask_ratio`` in training mode and 0 (the whole image) in eval mode; pass
+        a number to override either. ``integrity=False``: uniform masking and unit weights (the warm-up).
 
         ``model(image, text)``, open_clip's: images [B, C_in, H, W] (or None) and texts (a token batch dict, a
         list of reports, or token ids [N, T]; or None) -> ``(image_features [B, D], text_features [N, D],
@@ -229,7 +266,7 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
             mask_ratio = self.config.mask_ratio if self.training else 0.0
         if "images" not in batch:
             raise KeyError("batch is missing 'images' [B, C, H, W]")
-        image = self.encode_image_local(batch["images"], mask_ratio=mask_ratio, seed=seed)
+        image = self.encode_image_local(batch["images"], mask_ratio=mask_ratio, seed=seed, integrity=integrity)
         text = self.encode_text_local(batch)
         if image["image_global"].shape[0] != text["text_global"].shape[0]:
             raise ValueError(f"batch has {image['image_global'].shape[0]} images but "
@@ -243,6 +280,8 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
             "sentence_mask": text["sentence_mask"],
             "integrity_logits": image["integrity_logits"],
             "integrity_weights": image["integrity_weights"],
+            "integrity_score": image["integrity_score"],
+            "integrity_target": image["integrity_target"],
             "logit_scale_global": self.logit_scale_global(),
             "logit_scale_local": self.logit_scale_local(),
         }

@@ -106,11 +106,25 @@ def _model_section(model) -> list[str]:
         f"| report tower | {text_source}: hidden {enc.hidden_size}, {enc.num_hidden_layers} layers, "
         f"{enc.num_attention_heads} heads, vocabulary {enc.vocab_size} |",
         f"| joint space | D = {cfg.embed_dim}, {cfg.projection} projections |",
-        f"| masking | integrity-scored, ratio {cfg.mask_ratio:g} in training ({kept} of {v.num_patches} patches kept), "
-        f"Gumbel temperature {cfg.mask_temperature:g}, estimator hidden {cfg.sie_hidden}; none at inference |",
+        f"| masking | ratio {cfg.mask_ratio:g} in training ({kept} of {v.num_patches} patches kept), {_integrity(cfg)}; "
+        f"none at inference |",
         f"| patch-sentence matching | {_matching(cfg)} (local loss, local zero-shot scores, localisation maps) |",
         f"| parameters | {n_params / 1e6:.2f} M |", "",
     ]
+
+
+def _integrity(cfg) -> str:
+    """The integrity mode (``sie_mode``) as the card states it, with its warm-up."""
+    mode = {
+        "guided": f"integrity-scored (Gumbel temperature {cfg.mask_temperature:g}, estimator hidden {cfg.sie_hidden}), "
+                  "views weighted by their kept integrity mass",
+        "discriminative": f"integrity-scored (Gumbel temperature {cfg.mask_temperature:g}, estimator hidden "
+                          f"{cfg.sie_hidden}, discriminative target), views weighted by their kept integrity mass",
+        "maco": "uniform, views weighted by the mask-layout weight softplus(theta^T m + c) (MaCo)",
+        "predictor": f"uniform, views weighted by a predicted integrity (head hidden {cfg.sie_hidden})",
+    }[cfg.sie_mode]
+    warmup = f", after {cfg.sie_warmup} warm-up steps of uniform masking and equal weights" if cfg.sie_warmup else ""
+    return f"integrity mode `{cfg.sie_mode}`: {mode}{warmup}"
 
 
 def _matching(cfg) -> str:

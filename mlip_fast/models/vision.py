@@ -3,9 +3,11 @@
 Forward pass for images [B, C_in, H, W] (P = (H / patch)^2 patches, width C):
 
 1. patch embedding (conv with kernel = stride = patch) + learned position embedding -> tokens [B, P, C];
-2. semantic integrity estimator (SIE) on every token -> integrity logits a [B, P];
-3. ``integrity_mask`` keeps K = round((1 - r) P) tokens per image by Gumbel-top-k over a / t_mask
-   (r = 0 keeps every token in its original order and samples nothing);
+2. semantic integrity estimator (SIE) on every token -> integrity logits a [B, P] (a tower built without one,
+   for the integrity modes that mask uniformly, skips this step);
+3. ``integrity_mask`` keeps K = round((1 - r) P) tokens per image by Gumbel-top-k over a / t_mask, or over zero
+   scores (uniform random masking, FLIP) when the masking is not scored (r = 0 keeps every token in its original
+   order and samples nothing);
 4. pre-norm transformer blocks on [CLS] + kept tokens -> final LayerNorm;
 5. CLS state = global vector [B, C]; the other states = kept patch vectors [B, K, C].
 
@@ -62,16 +64,17 @@ class VisionOutput:
     global_features [B, C]        final-norm CLS state
     patch_features [B, K, C]      final-norm states of the kept patches, in ``patch_index`` order
     patch_index [B, K] int64      kept patch positions (row-major in the grid), ascending
-    integrity_logits_all [B, P]   SIE logits on every patch
-    integrity_logits [B, K]       SIE logits at the kept positions
-    integrity_weights [B]         kept integrity mass sum_{p kept} softmax_p(a_p), detached (1 when r = 0)
+    integrity_logits_all [B, P]   SIE logits on every patch (None without an estimator)
+    integrity_logits [B, K]       SIE logits at the kept positions (None without an estimator)
+    integrity_weights [B]         kept integrity mass sum_{p kept} softmax_p(a_p), detached (1 when r = 0 or
+                                  when the masking was not scored)
     """
 
     global_features: torch.Tensor
     patch_features: torch.Tensor
     patch_index: torch.Tensor
-    integrity_logits_all: torch.Tensor
-    integrity_logits: torch.Tensor
+    integrity_logits_all: Optional[torch.Tensor]
+    integrity_logits: Optional[torch.Tensor]
     integrity_weights: torch.Tensor
 
 
@@ -152,10 +155,11 @@ class VisionTransformer(nn.Module):
     """ViT with integrity-scored token masking before the blocks (see the module docstring).
 
     Attributes used by segmentation decoders: ``grid_size`` (patches per side), ``width`` (C),
-    ``num_patches`` (P), ``patch_size``.
+    ``num_patches`` (P), ``patch_size``. ``estimator=False`` builds the tower without the integrity estimator
+    (``estimator`` is None; masking is then always uniform).
     """
 
-    def __init__(self, cfg: VisionConfig, sie_hidden: int = 256):
+    def __init__(self, cfg: VisionConfig, sie_hidden: int = 256, estimator: bool = True):
         super().__init__()
         self.config = cfg
         self.grid_size = cfg.grid_size
@@ -164,7 +168,7 @@ class VisionTransformer(nn.Module):
         self.width = cfg.width
         self.grad_checkpointing = False
         self.embeddings = Embeddings(cfg)
-        self.estimator = SemanticIntegrityEstimator(cfg.width, sie_hidden)
+        self.estimator = SemanticIntegrityEstimator(cfg.width, sie_hidden) if estimator else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.reset_parameters()
@@ -205,34 +209,40 @@ class VisionTransformer(nn.Module):
         temperature: float = 1.0,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        scored: bool = True,
     ) -> VisionOutput:
         """Encodes ``images`` [B, C_in, H, W] keeping K = round((1 - mask_ratio) P) patches per image.
 
         ``temperature`` is the Gumbel-top-k temperature over the integrity logits; ``seed`` or
         ``generator`` make the sampled mask reproducible (see ``mlip_fast.ops.integrity_mask``).
+        ``scored=False`` (or a tower without an estimator) masks uniformly: Gumbel-top-k over zero scores, every
+        image weighted 1; the estimator's logits are still returned.
         """
         cls, tokens = self.embeddings(images)
-        logits_all = self.estimator(tokens)
+        logits_all = self.estimator(tokens) if self.estimator is not None else None
+        scored = scored and logits_all is not None
         b, p, _ = tokens.shape
+        # same dtype as the op's integrity output (float32, float64 for float64 scores)
+        weight_dtype = torch.float64 if tokens.dtype == torch.float64 else torch.float32
         if mask_ratio == 0.0:
             kept = tokens
             index = torch.arange(p, device=tokens.device).expand(b, p).contiguous()
-            # same dtype as the op's integrity output (float32, float64 for float64 scores)
-            weights = torch.ones(b, device=tokens.device,
-                                 dtype=torch.float64 if logits_all.dtype == torch.float64 else torch.float32)
+            weights = torch.ones(b, device=tokens.device, dtype=weight_dtype)
         else:
+            scores = logits_all if scored else tokens.new_zeros(b, p, dtype=weight_dtype)
             # check_finite=False: the finiteness check is a host sync per step on CUDA; a NaN logit
             # shows up in the loss through the integrity weights anyway.
-            result = integrity_mask(tokens, logits_all, num_kept(p, mask_ratio), temperature=temperature,
+            result = integrity_mask(tokens, scores, num_kept(p, mask_ratio), temperature=temperature if scored else 1.0,
                                     seed=seed, generator=generator, check_finite=False)
-            kept, index, weights = result.kept, result.index, result.integrity
+            kept, index = result.kept, result.index
+            weights = result.integrity if scored else torch.ones(b, device=tokens.device, dtype=weight_dtype)
         x = self._run_blocks(torch.cat([cls, kept], dim=1))
         return VisionOutput(
             global_features=x[:, 0],
             patch_features=x[:, 1:],
             patch_index=index,
             integrity_logits_all=logits_all,
-            integrity_logits=logits_all.gather(1, index),
+            integrity_logits=logits_all.gather(1, index) if logits_all is not None else None,
             integrity_weights=weights.detach(),
         )
 

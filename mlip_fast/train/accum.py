@@ -42,8 +42,9 @@ from mlip_fast.distributed import pad_to
 __all__ = ["GRAD_KEYS", "STEP_KEYS", "cache_outputs", "concat_outputs", "CachedLoss", "accumulate",
            "ReplayMismatchError"]
 
-# Per-row model outputs that carry gradient to the parameters.
-GRAD_KEYS = ("image_global", "text_global", "patches", "sentences", "integrity_logits")
+# Per-row model outputs that carry gradient to the parameters (integrity_score: the per-view integrity head of the
+# maco / predictor modes; None in the others).
+GRAD_KEYS = ("image_global", "text_global", "patches", "sentences", "integrity_logits", "integrity_score")
 # One value per step (0-dim, from parameters): their gradient enters once.
 STEP_KEYS = ("logit_scale_global", "logit_scale_local")
 # Re-run features may differ from the cached ones by at most this share of their largest magnitude: far
