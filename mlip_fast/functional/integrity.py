@@ -57,6 +57,21 @@ def semantic_integrity_loss(
                                     target, other_temperature)
 
 
+def integrity_target_scores(patches: torch.Tensor, sentences: torch.Tensor, sentence_mask: Optional[torch.Tensor] = None,
+                            *, target: str = "guided",
+                            other_temperature: float = DEFAULT_OTHER_TEMPERATURE) -> torch.Tensor:
+    """The estimator's per-patch target scores t [B, K] of :func:`semantic_integrity_loss` (before the softmax over
+    patches), without gradient: patches [B, K, D] against sentences [B, S, D] (each image with its own report, the
+    batch's other reports as the discriminative target's others). For diagnostics (does the target single out
+    the finding patches?)."""
+    sentence_mask, _ = _check_local_inputs(patches, sentences, sentence_mask, None)
+    if target not in SIE_TARGETS:
+        raise ValueError(f"target must be one of {SIE_TARGETS}, got {target!r}")
+    with torch.no_grad():
+        return _target_scores(patches, sentences, sentence_mask, target, other_temperature,
+                              torch.promote_types(patches.dtype, torch.float32))
+
+
 def _check_integrity_inputs(integrity_logits, patches, temperature, target="guided",
                             other_temperature=DEFAULT_OTHER_TEMPERATURE) -> None:
     _checks.check_tensor("integrity_logits", integrity_logits, 2, dims=("B", "K"))

@@ -20,7 +20,7 @@ import sys
 from typing import Optional, Sequence
 
 from mlip_fast._cli import HelpFormatter, Parser, add_version
-from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS, DEFAULT_SIE_TEMPERATURE, LOCAL_MATCHINGS
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS, DEFAULT_SIE_TEMPERATURE, LOCAL_MATCHINGS, SIE_MODES
 from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
 from mlip_fast.functional.integrity import SIE_TARGETS
 from mlip_fast.models.config import ConfigError
@@ -228,14 +228,23 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
                       help=f"weight of the patch-sentence loss (default {SPEC_LAMBDA_LOCAL}, the method's; "
                            f"{SYNTHETIC_PRESET['lambda_local']} on the synthetic benchmark)")
     loss.add_argument("--lambda-sie", type=_non_negative, default=0.1,
-                      help="weight of the semantic integrity estimator loss")
+                      help="weight of the integrity mode's own term (the estimator's loss; the layout weight's or the "
+                           "predictor's with --sie-mode maco / predictor)")
     loss.add_argument("--sie-temperature", type=_positive, default=DEFAULT_SIE_TEMPERATURE,
                       help="temperature of the estimator's target: softmax over the kept patches of each patch's best "
                            "similarity to its own report's sentences / T")
-    loss.add_argument("--sie-target", choices=SIE_TARGETS, default="guided",
-                      help="the estimator's target: 'guided' (the method's: each patch's best similarity to its own "
-                           "report) or 'discriminative' (that similarity minus a soft maximum over the other reports of "
-                           "the batch, so a sentence every report shares stops attracting it)")
+    loss.add_argument("--sie-mode", choices=SIE_MODES, default=None,
+                      help="the reading of semantic integrity (docs/training.md): 'guided' (the method's: masking by the "
+                           "estimator, trained toward each patch's best similarity to its own report), 'discriminative' "
+                           "(that similarity minus a soft maximum over the other reports of the batch), 'maco' (uniform "
+                           "masking, views weighted by a learned mask-layout weight) or 'predictor' (uniform masking, "
+                           "views weighted by a head's predicted integrity); sets the model config's sie_mode (default: "
+                           "the model config's, guided)")
+    loss.add_argument("--sie-warmup", type=_non_negative_int, default=None,
+                      help="optimizer steps of uniform masking and unweighted rows before the integrity mode acts (its "
+                           "heads train meanwhile); sets the model config's sie_warmup (default: the model config's, 0)")
+    loss.add_argument("--sie-target", choices=SIE_TARGETS, default=None,
+                      help="older spelling of --sie-mode for its first two values (guided, discriminative)")
     loss.add_argument("--impl", default="auto", choices=("auto", "reference", "chunked", "triton"),
                       help="patch-sentence scores implementation")
     loss.add_argument("--local-matching", choices=LOCAL_MATCHINGS, default=None,
@@ -289,6 +298,10 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
     run.add_argument("--eval-max-samples", type=_non_negative_int, default=0,
                      help="cap on evaluation samples per split (0: all)")
     run.add_argument("--no-final-eval", action="store_true", help="skip the end-of-run evaluation on the test split")
+    run.add_argument("--diagnose", action="store_true",
+                     help="with --data synthetic: at every validation point and at the end, the integrity mode's "
+                          "diagnostics (finding-patch AUC of its estimator and of its target, finding patches kept, "
+                          "weight CV; mlip_fast.eval.integrity) in the eval records of metrics.jsonl and summary.json")
     run.add_argument("--save-every", type=_non_negative_int, default=None,
                      help=f"checkpoint every N steps (0: only at the end; default {SYNTHETIC_PRESET['save_every']}); a "
                           f"checkpoint is always written at the end")
@@ -344,6 +357,16 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
             if key == "steps" and args.epochs is not None:
                 continue
             setattr(args, key, value)
+    if args.sie_target is not None:
+        if args.sie_mode is not None and args.sie_mode != args.sie_target:
+            parser.error(f"--sie-target {args.sie_target} contradicts --sie-mode {args.sie_mode}: --sie-target is the "
+                         f"older spelling of --sie-mode; give --sie-mode only")
+        args.sie_mode = args.sie_target
+    if args.diagnose and args.data != "synthetic":
+        parser.error("--diagnose needs --data synthetic (its findings have masks)")
+    if args.sie_warmup is not None and args.steps is not None and args.sie_warmup >= args.steps:
+        parser.error(f"--sie-warmup {args.sie_warmup} must be below --steps {args.steps} (the integrity mode would "
+                     f"never act)")
     if args.lambda_local is None:
         args.lambda_local = SPEC_LAMBDA_LOCAL
     if args.in_memory is None:

@@ -6,6 +6,7 @@
 - End of run: zero-shot classification on the test split and, for the synthetic benchmark (which has a
   mask per finding sentence), patch-sentence localisation, on the exported model loaded back with
   ``from_pretrained`` (rank 0; what is evaluated is exactly what was exported).
+- ``--diagnose`` (synthetic benchmark): at both, the integrity mode's diagnostics (:func:`integrity`).
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from typing import Optional
 import torch
 
 from mlip_fast.data.labels import CHEXPERT5
+from mlip_fast.eval.integrity import integrity_diagnostics
 from mlip_fast.eval.localisation import evaluate_localisation
 from mlip_fast.eval.zeroshot import zero_shot_classify
 
-__all__ = ["EvalSets", "zero_shot", "localisation", "precision_context"]
+__all__ = ["EvalSets", "zero_shot", "localisation", "integrity", "integrity_line", "precision_context"]
 
 
 class EvalSets:
@@ -81,3 +83,21 @@ def localisation(model, synthetic_root: Path, split: str = "test", *, max_sample
         "per_finding": result["per_finding"],
         "local_matching": result["local_matching"],
     }
+
+
+def integrity(model, synthetic_root: Path, split: str = "test", *, max_samples: int = 0) -> dict:
+    """The integrity mode's diagnostics on the synthetic benchmark (finding-patch AUC of the mode's per-patch score
+    and of the estimator's target, finding patches kept, weight CV; :mod:`mlip_fast.eval.integrity`), on up to
+    ``max_samples`` images with findings (0: 128)."""
+    return integrity_diagnostics(model, synthetic_root, split, max_images=max_samples or 128)
+
+
+def integrity_line(diag: dict) -> str:
+    """One log line of :func:`integrity`'s numbers."""
+    def show(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return (f"integrity ({diag['sie_mode']}, {diag['split']}, {diag['n_images']} images with findings): finding-patch "
+            f"AUC of the estimator {show(diag['estimator_auc'])}, of its target {show(diag['target_auc'])} (chance "
+            f"0.5); finding patches kept {show(diag['finding_kept_share'])} (uniform "
+            f"{show(diag['kept_share_uniform'])}); weight CV {show(diag['weight_cv'])}")

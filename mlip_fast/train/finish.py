@@ -17,7 +17,7 @@ from mlip_fast._records import SUMMARY_FILE, versions
 from mlip_fast.models import create_model, from_pretrained, write_model_card
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train.checkpoint_save import export_consolidated
-from mlip_fast.train.evaluation import localisation, zero_shot
+from mlip_fast.train.evaluation import integrity, integrity_line, localisation, zero_shot
 from mlip_fast.train.fit import Fit
 from mlip_fast.train.process import on_rank0
 from mlip_fast.train.reporting import plot_metrics
@@ -74,6 +74,12 @@ def _final_evaluation(run: RunState, data: RunData, exported, step: int) -> dict
         final["localisation"] = loc
         reporter.record("eval", step=step, split="test", localisation=loc["pointing_accuracy"],
                         localisation_chance=loc["chance"])
+    diag = None if root is None or not args.diagnose else or_skip(
+        reporter, "test integrity diagnostics", integrity, exported, root, "test", max_samples=args.eval_max_samples)
+    if diag is not None:
+        final["integrity"] = diag
+        reporter.record("eval", step=step, split="test", integrity=diag)
+        reporter.log("%s", integrity_line(diag))
     return final
 
 
@@ -111,6 +117,7 @@ def _summary(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
         "final_loss_mean_last_steps": result.mean_terms,
         "zero_shot_test": final.get("zero_shot"),
         "localisation_test": final.get("localisation"),
+        "integrity_test": final.get("integrity"),
         "validation_history": done.eval_history,
         "checkpoint": done.checkpoint,
         "export": str(export_dir),

@@ -26,7 +26,7 @@ from mlip_fast.ops.dispatch import describe_selected
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train import data as tdata
 from mlip_fast.train.checkpoint_save import Checkpointer
-from mlip_fast.train.evaluation import localisation, precision_context, zero_shot
+from mlip_fast.train.evaluation import integrity, integrity_line, localisation, precision_context, zero_shot
 from mlip_fast.train.loop import (MAX_SKIPPED_IN_A_ROW, MAX_SKIPPED_IN_A_ROW_FP16, DataStopped, LoopContext,
                                   LoopResult, NonFiniteLossError, state_is_finite, train_loop)
 from mlip_fast.train.process import barrier
@@ -159,7 +159,7 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
         dataset = data.eval_sets.zero_shot_set(split)
         if dataset is None:
             return None
-        result = loc = None
+        result = loc = diag = None
         root = data.eval_sets.synthetic_root
         if run.zero_stage == 3 or rank == 0:  # ZeRO-3: every rank takes part in the gathers of the forward
             with precision_context(e.dtype, run.device_type):
@@ -168,17 +168,24 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
                 if root is not None:  # the synthetic benchmark has a mask per finding sentence
                     loc = or_skip(reporter, f"step {step}: {split} localisation", localisation, engine.module, root,
                                   split, max_samples=args.eval_max_samples)
+                if root is not None and args.diagnose:
+                    diag = or_skip(reporter, f"step {step}: {split} integrity diagnostics", integrity, engine.module,
+                                   root, split, max_samples=args.eval_max_samples)
         barrier()
         if result is not None and rank == 0:
             pointing = {} if loc is None else {"localisation": loc["pointing_accuracy"], "localisation_chance": loc["chance"]}
-            out.eval_history.append({"step": step, "split": split, "auc_macro": result["auc_macro"], **pointing})
+            diagnosed = {} if diag is None else {"integrity": diag}
+            out.eval_history.append({"step": step, "split": split, "auc_macro": result["auc_macro"], **pointing,
+                                     **diagnosed})
             reporter.log("step %d: %s zero-shot macro AUC %.3f (chance 0.5); %s%s", step, split, result["auc_macro"],
                          ", ".join(f"{k} {v:.3f}" for k, v in result["auc"].items() if v is not None),
                          "" if loc is None else f"; pointing accuracy {loc['pointing_accuracy']:.3f} (chance "
                                                 f"{loc['chance']:.3f})")
             reporter.record("eval", step=step, split=split, auc_macro=result["auc_macro"], auc=result["auc"],
                             accuracy_macro=result["accuracy_macro"], f1_macro=result["f1_macro"],
-                            n_images=result["n_images"], **pointing)
+                            n_images=result["n_images"], **pointing, **diagnosed)
+            if diag is not None:
+                reporter.log("step %d: %s", step, integrity_line(diag))
             if engine.monitor.enabled:
                 engine.monitor.write_events([(f"Eval/{split}_auc_macro", result["auc_macro"], step)]
                                             + [(f"Eval/{split}_{k}", v, step) for k, v in pointing.items()])
@@ -209,7 +216,8 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
                       eval_every=args.eval_every, save_every=args.save_every, evaluate=evaluate, save=save,
                       latest=latest, on_first_step=on_first_step, monitor=monitor,
                       max_skipped_in_a_row=MAX_SKIPPED_IN_A_ROW_FP16 if e.config.get("fp16", {}).get("enabled")
-                      else MAX_SKIPPED_IN_A_ROW, skipped_steps=int(engine.skipped_steps), times=run.times)
+                      else MAX_SKIPPED_IN_A_ROW, integrity_warmup=e.model_cfg.sie_warmup,
+                      skipped_steps=int(engine.skipped_steps), times=run.times)
     out.setup_s = run.elapsed()
     run.phase, run.stop.immediate = "training", False  # a stop now finishes the step and checkpoints it
     in_loop = {k: run.times.seconds.get(k, 0.0) for k in ("evaluations", "checkpoints")}

@@ -4,7 +4,8 @@ One optimizer step = ``gradient_accumulation_steps`` (N) micro-steps:
 
 1. every micro-step m seeds torch from ``step_seed(seed, step, m, rank)`` and passes the same seed to the
    model's integrity-scored masking, so the randomness of step ``s`` does not depend on what ran before
-   it (exact resume);
+   it (exact resume); the steps before ``integrity_warmup`` (the model config's ``sie_warmup``) ask the model for
+   uniform masking and unit weights (``integrity=False``);
 2. the engine's forward, outputs cast to fp32 except the local embeddings (:func:`loss_inputs`: a bf16 run
    scores patches against sentences in bf16), and ``MLIPLoss`` (the contrastive terms gather their
    negatives from every rank, with gradient). With N > 1 the loss is contrastive-correct
@@ -182,6 +183,7 @@ class LoopContext:
     on_first_step: Optional[Callable[[], None]] = None
     monitor: Optional[Callable[[list], None]] = None
     max_skipped_in_a_row: int = MAX_SKIPPED_IN_A_ROW
+    integrity_warmup: int = 0  # steps of uniform masking and unit weights before the integrity mode acts
     skipped_steps: int = 0  # skipped before this run (a resumed engine's count)
     last_terms: dict = field(default_factory=dict)  # the loss terms of the last step (saved with its state)
     times: PhaseTimes = field(default_factory=PhaseTimes)  # where the steps' time goes (mlip_fast.train.timing)
@@ -252,6 +254,7 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         with times.phase("train/data"):
             batches = _fetch(ctx, step)
         seeds = [step_seed(ctx.seed, step, micro, ctx.rank) for micro in range(ctx.accumulation)]
+        integrity = step >= ctx.integrity_warmup
 
         def forward(micro: int) -> dict:
             torch.manual_seed(seeds[micro])
@@ -259,7 +262,8 @@ def train_loop(ctx: LoopContext) -> LoopResult:
             times.watching = True  # the towers' forward hooks count this forward (not an evaluation's)
             try:
                 with times.phase("train/forward"):
-                    return loss_inputs(engine(inputs, seed=seeds[micro]))  # the config's mask ratio (training mode)
+                    # the config's mask ratio (training mode)
+                    return loss_inputs(engine(inputs, seed=seeds[micro], integrity=integrity))
             finally:
                 times.watching = False
 

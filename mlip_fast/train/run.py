@@ -210,7 +210,7 @@ def build_engine(run: RunState, data: RunData) -> Engine:
     model_cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     criterion = MLIPLoss(lambda_local=args.lambda_local, lambda_sie=args.lambda_sie, sie_temperature=args.sie_temperature,
-                         sie_target=args.sie_target, impl=args.impl, deterministic=args.deterministic,
+                         sie_mode=model_cfg.sie_mode, impl=args.impl, deterministic=args.deterministic,
                          local_matching=model_cfg.local_matching,
                          ot_eps=model_cfg.ot_eps, ot_iters=model_cfg.ot_iters)
     if args.deterministic:
@@ -235,8 +235,9 @@ def build_engine(run: RunState, data: RunData) -> Engine:
     data.sampler.start_step = start_step
     run.times.add("model_and_engine", time.perf_counter() - t_model)
     v = model_cfg.vision
-    reporter.log("model %s: %.2fM parameters; image %d px, %d patches, mask ratio %.2f; text %s", model_cfg.name,
-                 n_params / 1e6, v.image_size, v.num_patches, model_cfg.mask_ratio, model_cfg.text.source)
+    reporter.log("model %s: %.2fM parameters; image %d px, %d patches, mask ratio %.2f, integrity mode %s (warm-up %d "
+                 "steps); text %s", model_cfg.name, n_params / 1e6, v.image_size, v.num_patches, model_cfg.mask_ratio,
+                 model_cfg.sie_mode, model_cfg.sie_warmup, model_cfg.text.source)
     reporter.log("DeepSpeed: ZeRO stage %d, %s, global batch %d = micro %d x accumulation %d x %d process(es), "
                  "%d steps (%.1f epochs of %d steps), peak lr %g", run.zero_stage, str(dtype).replace("torch.", ""),
                  run.global_batch, run.micro, run.accum, run.ranks.world, data.total_steps,

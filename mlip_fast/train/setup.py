@@ -115,7 +115,8 @@ def output_dir(args) -> Path:
 
 def model_config(args, device_type: str = "cpu") -> MLIPConfig:
     """The model config of ``--model`` with ``--model-overrides``, ``--image-size``, ``--attn``, ``--mask-ratio``,
-    ``--text-dropout``, ``--local-matching`` / ``--ot-eps`` / ``--ot-iters`` and the attention choices
+    ``--text-dropout``, ``--local-matching`` / ``--ot-eps`` / ``--ot-iters``, ``--sie-mode`` / ``--sie-warmup`` and
+    the attention choices
     ``--deterministic`` needs on CUDA."""
     cfg = get_model_config(args.model)
     overrides = dict(args.model_overrides or {})
@@ -136,10 +137,12 @@ def model_config(args, device_type: str = "cpu") -> MLIPConfig:
         overrides["mask_ratio"] = args.mask_ratio
     if getattr(args, "text_dropout", None) is not None:
         overrides["text"] = {"dropout": args.text_dropout, **overrides.get("text", {})}
-    for name in ("local_matching", "ot_eps", "ot_iters"):
+    for name in ("local_matching", "ot_eps", "ot_iters", "sie_mode", "sie_warmup"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
     cfg = cfg.replace(**overrides)
+    if getattr(args, "diagnose", False) and cfg.mask_ratio == 0.0:
+        raise ConfigError("--diagnose measures the integrity mode's masking and weights: it needs a mask ratio > 0")
     if cfg.local_matching != "ot" and (getattr(args, "ot_eps", None) or getattr(args, "ot_iters", None)):
         raise ConfigError("--ot-eps / --ot-iters set the optimal-transport matching, but the local matching is "
                           f"{cfg.local_matching!r}: add --local-matching ot")
