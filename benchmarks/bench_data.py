@@ -12,8 +12,8 @@ of this process (``time.process_time``), so other work on a shared machine infla
 time would; the wall-clock rate and the load average are recorded too.
 
 Cores per H100: cores of this kind that keep one H100 fed at the training step rate: the rate
-``gpu_check.py`` measured (its train_step section, in a committed ``results/gpu_*.json``), or until one
-is measured a performance model, labelled as such in the JSON: the FLOPs of one MLIP sample (ViT-B/16 at
+the GPU check (``tools/gpu_check``) measured (its train_step section, in a committed ``results/gpu_*.json``), or
+until one is measured a performance model, labelled as such in the JSON: the FLOPs of one MLIP sample (ViT-B/16 at
 224 px with the config's mask ratio + BERT-base over ``TEXT_TOKENS`` tokens, forward and backward = 3 x
 forward) at ``MFU`` of PERF.md's measured H100 bf16 matmul rate.
 
@@ -38,10 +38,10 @@ import torch
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # stand-alone use (python benchmarks/bench_data.py)
-    sys.path.insert(0, str(HERE))
+if __name__ == "__main__":  # as a script (python benchmarks/bench_data.py): the repository importable, as under pytest
+    sys.path.insert(0, str(HERE.parent))
 
-import harness  # noqa: E402
+from benchmarks import harness  # noqa: E402
 from mlip_fast.data import shard_reader  # noqa: E402
 from mlip_fast.data.shard_reader import make_item, read_samples  # noqa: E402
 from mlip_fast.data.shards import ShardConfig, write_shards  # noqa: E402
@@ -165,7 +165,7 @@ def encoder_flops(tokens: int, width: int, depth: int, mlp: int) -> int:
 
 
 def measured_gpu_rate():
-    """The fused-impl training rate of ``gpu_check.py``'s train_step section in a committed
+    """The fused-impl training rate of the GPU check's train_step section in a committed
     ``results/gpu_*.json`` (the ViT-B/16 + BERT-base step of ``bench_train_step``), or None."""
     for path in sorted(harness.RESULTS.glob("gpu_*.json")):
         data = json.loads(path.read_text())
@@ -178,7 +178,7 @@ def measured_gpu_rate():
 
 
 def gpu_samples_per_s() -> dict:
-    """Training samples per second of one H100: measured by ``gpu_check.py`` when a result is committed,
+    """Training samples per second of one H100: measured by the GPU check when a result is committed,
     else the performance model of the module doc."""
     return measured_gpu_rate() or model_gpu_rate()
 

@@ -1,7 +1,7 @@
 """pytest-benchmark for integrity-scored masking (score -> Gumbel-top-k -> gather, and its backward).
 
 Providers: ``reference`` (the op's PyTorch impl: noise, topk, sort, gather), ``argsort`` (the unfused
-argsort + gather path of ``gpu_integrity_mask.argsort_gather``) and ``triton`` (the fused kernels; CUDA
+argsort + gather path of :func:`argsort_gather`) and ``triton`` (the fused kernels; CUDA
 only, the interpreter is no performance path). Modes: ``fwd`` and ``full`` (forward + backward to the
 tokens with a fixed upstream gradient). Shapes: B in {128, 256}, P = 196, C in {768, 1024}, mask ratio
 0.5 and 0.25 (K = 98 and 147), bfloat16 tokens and float32 scores; on CPU only the B = 128, C = 768 shapes
@@ -10,10 +10,11 @@ bandwidth (when timed), and the device and library versions (the shared ``bench_
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 
-from gpu_integrity_mask import argsort_gather, backward_bytes, forward_bytes, kept_count
 from mlip_fast.ops.dispatch import triton_unavailable_reason
 from mlip_fast.ops.integrity_mask import integrity_mask
 
@@ -26,6 +27,34 @@ else:
     SHAPES = [(128, 768, 0.5), (128, 768, 0.25)]
 PROVIDERS = ["reference", "argsort", "triton"]
 MODES = ["fwd", "full"]
+
+
+def kept_count(P: int, ratio: float) -> int:
+    """K = round((1 - r) P), at least 1."""
+    return max(1, round((1 - ratio) * P))
+
+
+def argsort_gather(tokens: torch.Tensor, scores: torch.Tensor, keep: int, temperature: float = 1.0,
+                   generator: Optional[torch.Generator] = None):
+    """The unfused path the kernel is measured against: Gumbel noise, a full argsort of every row, the first
+    K positions sorted ascending, a gather, and the kept softmax mass. Returns (kept, index, integrity)."""
+    keys = scores.float() / temperature
+    u = torch.rand(keys.shape, device=keys.device, generator=generator).clamp_min(1e-20)
+    keys = keys - torch.log(-torch.log(u))
+    index = keys.argsort(dim=1, descending=True)[:, :keep].sort(dim=1).values
+    kept = tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    integrity = torch.softmax(scores.float(), dim=1).gather(1, index).sum(dim=1)
+    return kept, index, integrity
+
+
+def forward_bytes(B: int, P: int, C: int, keep: int, elem: int) -> int:
+    """Bytes the forward must move: kept tokens read and written, scores read, index and integrity written."""
+    return 2 * B * keep * C * elem + B * P * 4 + B * keep * 8 + B * 4
+
+
+def backward_bytes(B: int, P: int, C: int, keep: int, elem: int) -> int:
+    """Bytes the backward must move: grad_kept read, every grad_tokens element written once."""
+    return B * keep * C * elem + B * P * C * elem
 
 
 def _triton_skip_reason():

@@ -48,10 +48,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(HERE) not in sys.path:  # stand-alone use
-    sys.path.insert(0, str(HERE))
+if __name__ == "__main__":  # as a script: the repository importable, as under pytest
+    sys.path.insert(0, str(REPO))
 
-import harness  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 BATCH, IMAGE_SIZE = 64, 64
 LR, BETAS, WD = 1e-4, (0.9, 0.95), 0.05

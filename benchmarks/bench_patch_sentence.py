@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import peers
+from benchmarks import harness, peers
 from mlip_fast import _checks
 from mlip_fast.ops import patch_sentence_scores
 
@@ -121,13 +121,11 @@ def make_loss_step(provider, mode, B, G, K, S, D, dtype="float32", device="cpu",
 def op_peak_memory(provider, B, G, K, S, D, dtype, device, factory="make_step", mode="full"):
     """Peak bytes of one ``mode`` step ("fwd" or "full" = fwd+bwd) above the inputs, and the bytes of the input
     gradients it returns (0 for the forward)."""
-    import harness
-
     if torch.device(device).type == "cuda":
         peak = harness.cuda_peak_memory(globals()[factory](provider, mode, B, G, K, S, D, dtype, device), device)
     else:
         kwargs = dict(provider=provider, mode=mode, B=B, G=G, K=K, S=S, D=D, dtype=dtype, device=device)
-        peak = harness.cpu_peak_memory(f"bench_patch_sentence:{factory}", kwargs)
+        peak = harness.cpu_peak_memory(f"benchmarks.bench_patch_sentence:{factory}", kwargs)
     grads = (B * K + G * S) * D * getattr(torch, dtype).itemsize if mode == "full" else 0
     return peak, grads
 

@@ -39,11 +39,10 @@ except ImportError:
     ot = None
 
 HERE = Path(__file__).resolve().parent
-if __name__ == "__main__":  # as a script: the repository and the harness importable, as under pytest
-    sys.path[:0] = [str(HERE.parent), str(HERE)]
+if __name__ == "__main__":  # as a script: the repository importable, as under pytest
+    sys.path.insert(0, str(HERE.parent))
 
-import harness  # noqa: E402
-
+from benchmarks import harness  # noqa: E402
 from mlip_fast.ops import patch_sentence_ot_scores  # noqa: E402
 
 PROVIDERS = ["reference", "chunked", "triton", "pot-batch", "pot-pairs"]
@@ -156,7 +155,7 @@ def op_peak_memory(provider, B, G, K, S, D, dtype, device):
         peak = harness.cuda_peak_memory(make_step(provider, "full", B, G, K, S, D, dtype, device), device)
     else:
         kwargs = dict(provider=provider, mode="full", B=B, G=G, K=K, S=S, D=D, dtype=dtype, device=device)
-        peak = harness.cpu_peak_memory("bench_patch_sentence_ot:make_step", kwargs, timeout=900)
+        peak = harness.cpu_peak_memory("benchmarks.bench_patch_sentence_ot:make_step", kwargs, timeout=900)
     grads = (B * K + G * S) * D * getattr(torch, dtype).itemsize
     return peak, grads
 

@@ -25,10 +25,10 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # stand-alone use (python benchmarks/bench_train_step.py)
-    sys.path.insert(0, str(HERE))
+if __name__ == "__main__":  # as a script (python benchmarks/bench_train_step.py): the repository importable
+    sys.path.insert(0, str(HERE.parent))
 
-import harness  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available()
 FUSED = "triton" if ON_CUDA else "chunked"
@@ -142,7 +142,7 @@ def test_train_step_cpu(benchmark, bench_env, impl):
     benchmark.extra_info.update(bench_env)
     benchmark.extra_info.update(impl=impl, **CPU_CASE)
     if not benchmark.disabled:  # a measurement run (the memory probe is a fresh process: seconds)
-        peak = harness.cpu_peak_memory("bench_train_step:make_train_step", {"impl": impl, **CPU_CASE})
+        peak = harness.cpu_peak_memory("benchmarks.bench_train_step:make_train_step", {"impl": impl, **CPU_CASE})
         benchmark.extra_info["peak_rss_mb"] = round(peak / 2**20, 1)
         benchmark.extra_info["samples_per_s"] = round(CPU_CASE["batch"] / benchmark.stats.stats.mean, 2)
 
@@ -195,7 +195,7 @@ def _measure(impl: str, case: dict, rounds: int = 5) -> dict:
     row = {"impl": impl, "config": case["config"], "batch": case["batch"], "image_size": case["image_size"],
            "dtype": case["dtype"], "step_s": round(median, 4), "samples_per_s": round(case["batch"] / median, 2)}
     if case["device"] == "cpu":
-        row["peak_rss_mb"] = round(harness.cpu_peak_memory("bench_train_step:make_train_step",
+        row["peak_rss_mb"] = round(harness.cpu_peak_memory("benchmarks.bench_train_step:make_train_step",
                                                            {"impl": impl, **case}) / 2**20, 1)
     else:
         row["peak_mb"] = round(harness.cuda_peak_memory(step, case["device"]) / 2**20, 1)

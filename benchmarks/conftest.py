@@ -1,13 +1,12 @@
 """Shared fixtures for the pytest-benchmark files: the environment record for ``benchmark.extra_info``.
 
-Measurement helpers (peak memory on CUDA and, in a fresh process, on CPU; the README results table) live
-in ``benchmarks/harness.py`` so that the stand-alone scripts (``cpu_targets.py``, ``gpu_check.py``) use the
-same code.
+Measurement helpers (peak memory on CUDA and, in a fresh process, on CPU) live in ``benchmarks/harness.py`` so
+that the tools recording results (``tools/cpu_targets.py``, ``tools/gpu_check``) use the same code.
 """
 import pytest
 import torch
 
-import harness
+from benchmarks import harness
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,17 @@
-"""benchmarks/ablation.py: the run plan, the paired statistics, and the whole script at a toy size (records
-schema, PNG, step-time file, masking diagnostics, resume without redoing finished runs, refusal to mix
-schedules)."""
+"""tools/ablation (``python -m tools.ablation``): the run plan, the paired statistics, and the whole command at a
+toy size (records schema, PNG, step-time file, masking diagnostics, resume without redoing finished runs, refusal
+to mix schedules)."""
 import json
 import math
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import ablation  # noqa: E402
+from tools.ablation.cli import main
+from tools.ablation.plan import ARMS, DEPARTURES, LAMBDA_SIE, plan
+from tools.ablation.runs import step_time_configs
+from tools.ablation.tables import paired_difference, readme_tables, sweep_tables
 
 TOY_DS = {
     "train_batch_size": 8,
@@ -32,11 +30,11 @@ RECORD_KEYS = {"arm", "mask_ratio", "lambda_local", "lambda_sie", "seed", "steps
 
 
 def test_plan_covers_every_arm_at_both_ratios_and_the_preset():
-    runs = ablation.plan([0, 1, 2], [0.5, ablation.DEPARTURES["mask_ratio"]])
+    runs = plan([0, 1, 2], [0.5, DEPARTURES["mask_ratio"]])
     configs = {(r.arm, r.mask_ratio, r.lambda_local, r.lambda_sie) for r in runs}
     assert configs == {("clip", 0.0, 0.0, 0.0), ("flip", 0.5, 0.0, 0.0), ("flip", 0.25, 0.0, 0.0),
                        ("flip+local", 0.5, 1.0, 0.0), ("flip+local", 0.25, 1.0, 0.0), ("mlip", 0.5, 1.0, 0.1),
-                       ("mlip", 0.25, 1.0, 0.1), ("mlip", 0.25, ablation.DEPARTURES["lambda_local"], 0.1)}
+                       ("mlip", 0.25, 1.0, 0.1), ("mlip", 0.25, DEPARTURES["lambda_local"], 0.1)}
     assert len(runs) == 3 * len(configs) and len({r.key for r in runs}) == len(runs)
     assert [r.seed for r in runs[:len(configs)]] == [0] * len(configs)  # every arm's first seed first
 
@@ -45,12 +43,12 @@ def test_paired_difference_against_hand_computation():
     a, b = {0: 0.80, 1: 0.75, 2: 0.90, 3: 0.70}, {0: 0.78, 1: 0.70, 2: 0.86, 3: 0.71}
     d = [0.02, 0.05, 0.04, -0.01]
     mean, sd = sum(d) / 4, math.sqrt(sum((x - sum(d) / 4) ** 2 for x in d) / 3)
-    got = ablation.paired_difference(a, b)
+    got = paired_difference(a, b)
     assert got["n"] == 4 and got["mean"] == pytest.approx(mean)
     assert got["high"] - mean == pytest.approx(3.182 * sd / 2) and mean - got["low"] == pytest.approx(3.182 * sd / 2)
-    assert ablation.paired_difference({0: 0.5, 1: 0.6}, {1: 0.4, 2: 0.3}) == {"mean": pytest.approx(0.2), "low": None,
+    assert paired_difference({0: 0.5, 1: 0.6}, {1: 0.4, 2: 0.3}) == {"mean": pytest.approx(0.2), "low": None,
                                                                             "high": None, "n": 1}
-    assert ablation.paired_difference({0: None}, {0: 0.4}) is None
+    assert paired_difference({0: None}, {0: 0.4}) is None
 
 
 def _toy_args(tmp_path, *extra):
@@ -77,12 +75,12 @@ def one_thread(monkeypatch):
 def test_toy_benchmark_records_and_resume(tmp_path, one_thread):
     out = tmp_path / "ablation.json"
     args = _toy_args(tmp_path, "--ratios", "0.5", "--no-preset-row")
-    assert ablation.main(args + ["--seeds", "0", "--arms", "clip", "flip", "mlip", "--step-time-rounds", "1"]) == 0
+    assert main(args + ["--seeds", "0", "--arms", "clip", "flip", "mlip", "--step-time-rounds", "1"]) == 0
     records = json.loads(out.read_text())
     assert [r["key"] for r in records] == ["clip_r0_ll0_s0", "flip_r0.5_ll0_s0", "mlip_r0.5_ll1_s0"]
     for r in records:
         assert RECORD_KEYS <= set(r), RECORD_KEYS - set(r)
-        assert r["arm"] in ablation.ARMS and r["steps"] == 3 and r["seed"] == 0
+        assert r["arm"] in ARMS and r["steps"] == 3 and r["seed"] == 0
         for key in ("zs_auc_global", "zs_auc_local", "zs_auc_combined", "pointing_accuracy", "probe_auc_1pct",
                     "target_mask_auc"):
             assert r[key] is None or 0.0 <= r[key] <= 1.0, key
@@ -98,7 +96,7 @@ def test_toy_benchmark_records_and_resume(tmp_path, one_thread):
                                                                                           "mlip_r0.5_ll1"}
 
     # What the masking does with each masked run's estimator: FLIP's is constant, so uniform and unweighted.
-    assert ablation.main(args + ["--diagnose", "--masking-out", str(tmp_path / "masking.json")]) == 0
+    assert main(args + ["--diagnose", "--masking-out", str(tmp_path / "masking.json")]) == 0
     masking = json.loads((tmp_path / "masking.json").read_text())
     assert [row["configuration"] for row in masking["table"]] == ["flip (r=0.5)", "mlip (r=0.5, λl=1)"]
     flip_diag = next(r for r in masking["runs"] if r["arm"] == "flip")
@@ -108,7 +106,7 @@ def test_toy_benchmark_records_and_resume(tmp_path, one_thread):
     # Resume: the kept records stay as they are; only the new run trains.
     trained = tmp_path / "work" / "runs" / "clip_r0_ll0_s0" / "metrics.jsonl"
     stamp = trained.stat().st_mtime_ns
-    assert ablation.main(args + ["--seeds", "0", "1", "--arms", "clip", "--step-time-rounds", "0"]) == 0
+    assert main(args + ["--seeds", "0", "1", "--arms", "clip", "--step-time-rounds", "0"]) == 0
     after = json.loads(out.read_text())
     assert after[:3] == records and [r["key"] for r in after[3:]] == ["clip_r0_ll0_s1"]
     assert trained.stat().st_mtime_ns == stamp
@@ -116,11 +114,11 @@ def test_toy_benchmark_records_and_resume(tmp_path, one_thread):
     out.write_text(json.dumps(after[:3]))
     rerun = tmp_path / "work" / "runs" / "clip_r0_ll0_s1" / "metrics.jsonl"
     stamp = rerun.stat().st_mtime_ns
-    assert ablation.main(args + ["--seeds", "0", "1", "--arms", "clip", "--step-time-rounds", "0"]) == 0
+    assert main(args + ["--seeds", "0", "1", "--arms", "clip", "--step-time-rounds", "0"]) == 0
     assert json.loads(out.read_text()) == after and rerun.stat().st_mtime_ns == stamp
     # Another schedule is refused rather than mixed into the same records.
     with pytest.raises(SystemExit, match="another schedule"):
-        ablation.main(_toy_args(tmp_path, "--steps", "4", "--seeds", "0", "--arms", "clip"))
+        main(_toy_args(tmp_path, "--steps", "4", "--seeds", "0", "--arms", "clip"))
 
 
 def test_readme_tables_from_records():
@@ -131,7 +129,7 @@ def test_readme_tables_from_records():
         for arm, lam, auc in (("flip", 0.0, f), ("flip+local", 1.0, fl), ("mlip", 1.0, m)):
             records.append({**base, "arm": arm, "mask_ratio": 0.5, "lambda_local": lam, "seed": seed,
                             "zs_auc_combined": auc})
-    (caption, rows), (_, diffs) = ablation.readme_tables(records)
+    (caption, rows), (_, diffs) = readme_tables(records)
     assert "400 steps" in caption and [r["configuration"] for r in rows] == [
         "flip (r=0.5)", "flip+local (r=0.5, λl=1)", "mlip (r=0.5, λl=1)"]
     assert rows[2]["zs_auc_combined"] == f"{statistics.mean([0.75, 0.74, 0.78]):.3f} ± {statistics.stdev([0.75, 0.74, 0.78]):.3f}"
@@ -140,23 +138,23 @@ def test_readme_tables_from_records():
 
 
 def test_ot_arms_plan_record_and_compare(tmp_path, one_thread):
-    runs = ablation.plan([0], [0.5], ["mlip", "mlip-ot"], False, ot_eps=[0.02, 0.1], ot_iters=[20])
+    runs = plan([0], [0.5], ["mlip", "mlip-ot"], False, ot_eps=[0.02, 0.1], ot_iters=[20])
     assert [r.key for r in runs] == ["mlip_r0.5_ll1_s0", "mlip-ot_r0.5_ll1_eps0.02_it20_s0",
                                      "mlip-ot_r0.5_ll1_eps0.1_it20_s0"]
     assert runs[2].train_flags()[-6:] == ["--local-matching", "ot", "--ot-eps", "0.1", "--ot-iters", "20"]
-    assert runs[2].lambda_sie == ablation.LAMBDA_SIE and "--local-matching" not in runs[0].train_flags()
-    assert [c.key for c in ablation.step_time_configs(["mlip", "mlip-ot"], 0.05, 50)] == [
+    assert runs[2].lambda_sie == LAMBDA_SIE and "--local-matching" not in runs[0].train_flags()
+    assert [c.key for c in step_time_configs(["mlip", "mlip-ot"], 0.05, 50)] == [
         "mlip_r0.5_ll1_s0", "mlip-ot_r0.5_ll1_eps0.05_it50_s0"]
     out = tmp_path / "ablation.json"
     args = _toy_args(tmp_path, "--ratios", "0.5", "--no-preset-row", "--seeds", "0", "--arms", "flip+local-ot",
                      "--ot-iters", "5", "--step-time-rounds", "0")
-    assert ablation.main(args) == 0
+    assert main(args) == 0
     [ot] = json.loads(out.read_text())
     assert (ot["local_matching"], ot["ot_eps"], ot["ot_iters"]) == ("ot", 0.05, 5) and ot["final_loss"]["loss_local"] > 0
     for key in ("zs_auc_local_max", "pointing_accuracy_max", "valid_zs_auc_local"):  # the other reading too
         assert key in ot and (ot[key] is None or 0.0 <= ot[key] <= 1.0), key
     base = {**ot, "arm": "flip+local", "local_matching": "max", "ot_eps": None, "ot_iters": None}
-    (_, rows), (_, diffs) = ablation.readme_tables([base, ot])
+    (_, rows), (_, diffs) = readme_tables([base, ot])
     assert [r["configuration"] for r in rows] == ["flip+local (r=0.5, λl=1)", "flip+local-ot (r=0.5, λl=1, ε=0.05, 5 it)"]
     assert diffs[0]["difference (paired by seed)"] == "FLIP+local-OT - FLIP+local, r=0.5"
 
@@ -166,7 +164,7 @@ def test_sweep_tables_lead_with_the_validation_metrics():
             "arm": "mlip-ot", "mask_ratio": 0.5, "lambda_local": 1.0, "seed": 0, "valid_pointing_chance": 0.05}
     records = [{**base, "ot_eps": e, "ot_iters": n, "valid_zs_auc_combined": v} for e, n, v in
                ((0.1, 50, 0.71), (0.02, 20, 0.70))]
-    [(caption, rows)] = ablation.sweep_tables(records)
+    [(caption, rows)] = sweep_tables(records)
     assert "validation" in caption and "200 steps" in caption
     assert [r["configuration"] for r in rows] == ["mlip-ot (r=0.5, λl=1, ε=0.02, 20 it)",
                                                   "mlip-ot (r=0.5, λl=1, ε=0.1, 50 it)"]

@@ -1,5 +1,6 @@
-"""The one-command GPU script runs end to end on CPU (--dry-run: Triton interpreter, tiny shapes) and writes
-one JSON with every section ok; a failing section is recorded without losing the others."""
+"""The one-command GPU check (``python -m tools.gpu_check``; ``python benchmarks/gpu_check.py`` under its older
+name) runs end to end on CPU (--dry-run: Triton interpreter, tiny shapes) and writes one JSON with every section ok;
+a failing section is recorded without losing the others."""
 import json
 import os
 import subprocess
@@ -8,12 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from tools.gpu_check import cli as gpu_check
+from tools.gpu_check import env as gpu_env
+from tools.gpu_check import sections
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"  # the entry script under the name users know
 
 
 def _run(tmp_path, *extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the entry script finds the repository itself
+    env["TRITON_INTERPRET"] = "1"
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path), *extra],
         capture_output=True, text=True, timeout=120, env=env, cwd=str(ROOT),
@@ -77,16 +83,10 @@ def test_dry_run_writes_all_sections(tmp_path):
 
 
 def test_a_failing_section_keeps_the_others(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
     def section_broken(ctx):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(gpu_check, "SECTIONS", [gpu_check.section_environment, section_broken])
+    monkeypatch.setattr(gpu_check, "SECTIONS", [sections.section_environment, section_broken])
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))  # main() may set it
     rc = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("*.json")
@@ -103,8 +103,8 @@ def test_runs_without_the_packages_gpu_machines_lack():
         "import sys\n"
         "for name in ('deepspeed', 'webdataset', 'simplejpeg'):\n"
         "    sys.modules[name] = None\n"
-        "sys.path[:0] = ['benchmarks']\n"
-        "import gpu_check, bench_train_step\n"
+        "import tools.gpu_check.cli\n"
+        "from benchmarks import bench_train_step\n"
         "loss = bench_train_step.make_train_step('chunked', batch=4)()\n"
         "assert loss == loss, 'non-finite loss'\n"
     )
@@ -113,18 +113,7 @@ def test_runs_without_the_packages_gpu_machines_lack():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _gpu_modules():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_check
-        import gpu_env
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return gpu_check, gpu_env
-
-
 def test_a_spent_budget_skips_sections_but_not_the_free_ones(tmp_path, monkeypatch):
-    gpu_check, _ = _gpu_modules()
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
     rc = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget-s", "0",
                          "--sections", "environment", "matmul_rate", "model_vs_measurement"])
@@ -144,12 +133,10 @@ def test_a_spent_budget_skips_sections_but_not_the_free_ones(tmp_path, monkeypat
     ("NVIDIA A100-SXM4-80GB", 108, 400.0, "A100 SXM"),
 ])
 def test_card_variant(name, sms, power, expected):
-    _, gpu_env = _gpu_modules()
     assert gpu_env.variant(name, sms, power) == expected
 
 
 def test_clock_samples_are_parsed_and_summarised():
-    _, gpu_env = _gpu_modules()
     lines = ["2026/12/05 10:53:08.123, 1755, 2619, 412.50, 61", "2026/12/05 10:53:08.373, 1980, 2619, 690.10, 70",
              "2026/12/05 10:53:08.623, [N/A], [N/A], [N/A], [N/A]", "garbage"]
     samples = [s for s in map(gpu_env.parse_sample, lines) if s is not None]
@@ -161,11 +148,10 @@ def test_clock_samples_are_parsed_and_summarised():
 
 def test_model_vs_measurement_pairs_rows_with_the_committed_model():
     """Every provider the GPU check times at PERF.md's shapes finds its record in results/perf_model.json."""
-    gpu_check, _ = _gpu_modules()
     model = json.loads((ROOT / "benchmarks" / "results" / "perf_model.json").read_text())["records"]
     measured = [dict(B=128, G=G, K=98, S=16, D=512, dtype="bfloat16", provider=p, mode=m, ms=0.2, kernel_ms=0.15)
-                for G in (128, 1024) for p in gpu_check.MODELLED for m in ("fwd", "bwd", "full")]
-    rows = gpu_check.compare(model, measured, "H100")
+                for G in (128, 1024) for p in sections.MODELLED for m in ("fwd", "bwd", "full")]
+    rows = sections.compare(model, measured, "H100")
     paired = {(r["provider"], r["mode"], r["G"]) for r in rows}
     assert len(paired) == len(rows) == len(measured)
     assert all(set(r["predicted_us"]) == {"pessimistic", "middle", "optimistic"} for r in rows)

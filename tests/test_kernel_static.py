@@ -1,6 +1,6 @@
 """The static GPU gate: every Triton kernel compiled for sm_80 and sm_90 on this CPU machine.
 
-``benchmarks/kernel_static.py --gate`` (run in its own process: the kernels must be decorated for a GPU target,
+``python -m tools.kernel_static --gate`` (run in its own process: the kernels must be decorated for a GPU target,
 not for the interpreter this test session uses) compiles the gate cases on both archs and fails on a compile
 error, a spill, shared memory above the arch limit, a half-precision matmul kernel without tensor-core
 instructions, committed records that no longer cover every launch of the sweep, or a compile that differs
@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import kernel_static as ks  # noqa: E402
+from tools.kernel_static import analysis as ks
+from tools.kernel_static.records import violations
 
-sys.path.remove(str(ROOT / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gate_on_sm80_and_sm90():
@@ -28,7 +27,7 @@ def test_gate_on_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_static.py"), "--gate", "--workers", "2",
+        [sys.executable, "-m", "tools.kernel_static", "--gate", "--workers", "2",
          "--json", str(ROOT / "benchmarks" / "results" / "kernel_static.json")],
         capture_output=True, text=True, timeout=900, env=env, cwd=str(ROOT),
     )
@@ -75,7 +74,7 @@ def test_occupancy_closed_forms(arch, regs, shared, warps, blocks, limit):
 def test_gate_rules_flag_each_violation():
     good = dict(op="patch_sentence", mode="fwd", kernel="k", arch="sm_90", dtype="bf16", shape={}, compiled=True,
                 matmul=True, spill_bytes=0, shared_bytes=1000, shared_limit=232_448, tensor_core_sass=4)
-    assert ks.violations([good]) == []
+    assert violations([good]) == []
     cases = {
         "spills 8 bytes": dict(spill_bytes=8),
         "shared memory 300000 > 232448": dict(shared_bytes=300_000),
@@ -83,7 +82,7 @@ def test_gate_rules_flag_each_violation():
         "does not compile: OutOfResources": dict(compiled=False, error="OutOfResources"),
     }
     for want, change in cases.items():
-        ((_, why),) = ks.violations([{**good, **change}])
+        ((_, why),) = violations([{**good, **change}])
         assert want in "; ".join(why)
-    assert ks.violations([{**good, "dtype": "fp32", "tensor_core_sass": 0}]) == []  # fp32 is FMA by design
-    assert ks.violations([dict(good, compiled=False, refused="P too large")]) == []  # refused up front is fine
+    assert violations([{**good, "dtype": "fp32", "tensor_core_sass": 0}]) == []  # fp32 is FMA by design
+    assert violations([dict(good, compiled=False, refused="P too large")]) == []  # refused up front is fine

@@ -1,19 +1,18 @@
 """The performance model: SASS opcodes land on the right pipes, the issue model charges each pipe its rate, the
 baselines keep their order, and the committed ``perf_model.json`` is what the model computes from the committed
-static compile (regenerate with ``python benchmarks/perf_model.py`` after ``kernel_static.json`` changes)."""
+static compile (regenerate with ``python -m tools.perf_model`` after ``kernel_static.json`` changes)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmarks")]
+from tools import perf_model
+from tools import perf_model_hw as hw
+from tools import perf_model_peers as peers_model
+from tools.kernel_static import analysis as ks
+from tools.kernel_static.records import unpack
 
-import kernel_static as ks  # noqa: E402
-import perf_model  # noqa: E402
-import perf_model_hw as hw  # noqa: E402
-import perf_model_peers as peers_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = json.loads((ROOT / "benchmarks" / "results" / "perf_model.json").read_text())
 
@@ -76,9 +75,9 @@ def test_committed_model_covers_the_issue():
 
 
 def test_committed_model_is_computed_from_the_committed_static_compile():
-    static = ks.unpack(json.loads((ROOT / "benchmarks" / "results" / "kernel_static.json").read_text()))
+    static = unpack(json.loads((ROOT / "benchmarks" / "results" / "kernel_static.json").read_text()))
     fresh = json.loads(json.dumps(perf_model.build(static)))
-    assert fresh == MODEL["records"], "stale: regenerate with `python benchmarks/perf_model.py`"
+    assert fresh == MODEL["records"], "stale: regenerate with `python -m tools.perf_model`"
 
 
 def test_committed_model_has_v3_beside_the_kernel_it_replaced():

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-import bench_train_step
-from bench_patch_sentence import make_inputs
+from benchmarks import bench_train_step
+from benchmarks.bench_patch_sentence import make_inputs
 from mlip_fast import _checks
 from mlip_fast import functional as MF
 from mlip_fast.functional import local as local_loss

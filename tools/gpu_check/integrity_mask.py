@@ -1,27 +1,23 @@
 """GPU section for integrity-scored masking: CUDA correctness of the Triton kernels and timings against the
-argsort + gather path and a plain copy of the same bytes.
+argsort + gather path (``benchmarks/bench_integrity_mask.py``'s baseline) and a plain copy of the same bytes.
 
-``gpu_section_integrity_mask(out)`` is called by the one-command GPU script and fills ``out["integrity_mask"]``.
-It needs only torch, triton, pytest (for the shared test helpers) and mlip_fast (run from the repository
-root with ``PYTHONPATH=.``). Also holds
-the argsort + gather baseline that ``bench_integrity_mask.py`` times.
+``gpu_section_integrity_mask(out)`` is called by the GPU check and fills ``out["integrity_mask"]``; alone,
+``python -m tools.gpu_check.integrity_mask`` prints the section. It needs only torch, triton and mlip_fast.
 
 Targets (../shared/PERF.md): the fused forward reaches >= 70% of copy bandwidth and is >= 3x faster than
 argsort + gather, with no host synchronisation and no host-side random numbers.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-from typing import Optional
+import json
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [p for p in (str(HERE.parent), str(HERE)) if p not in sys.path]
-
-import harness  # noqa: E402
-from mlip_fast.testing.integrity_mask import plackett_luce  # noqa: E402  exact enumeration
+from benchmarks import harness
+from benchmarks.bench_integrity_mask import argsort_gather, backward_bytes, forward_bytes, kept_count
+from mlip_fast.kernels import integrity_mask as kernels
+from mlip_fast.ops.integrity_mask import integrity_mask
+from mlip_fast.testing.integrity_mask import plackett_luce  # exact enumeration
 
 SHAPES = [(b, 196, c, ratio) for b in (128, 256) for c in (768, 1024) for ratio in (0.5, 0.25)]  # B, P, C, mask ratio
 # Launch-parameter variations timed next to the default heuristic, so the heuristic can be retuned from the JSON.
@@ -31,37 +27,7 @@ SWEEP = [
 ]
 
 
-def kept_count(P: int, ratio: float) -> int:
-    """K = round((1 - r) P), at least 1."""
-    return max(1, round((1 - ratio) * P))
-
-
-def argsort_gather(tokens: torch.Tensor, scores: torch.Tensor, keep: int, temperature: float = 1.0,
-                   generator: Optional[torch.Generator] = None):
-    """The unfused path the kernel is measured against: Gumbel noise, a full argsort of every row, the first
-    K positions sorted ascending, a gather, and the kept softmax mass. Returns (kept, index, integrity)."""
-    keys = scores.float() / temperature
-    u = torch.rand(keys.shape, device=keys.device, generator=generator).clamp_min(1e-20)
-    keys = keys - torch.log(-torch.log(u))
-    index = keys.argsort(dim=1, descending=True)[:, :keep].sort(dim=1).values
-    kept = tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    integrity = torch.softmax(scores.float(), dim=1).gather(1, index).sum(dim=1)
-    return kept, index, integrity
-
-
-def forward_bytes(B: int, P: int, C: int, keep: int, elem: int) -> int:
-    """Bytes the forward must move: kept tokens read and written, scores read, index and integrity written."""
-    return 2 * B * keep * C * elem + B * P * 4 + B * keep * 8 + B * 4
-
-
-def backward_bytes(B: int, P: int, C: int, keep: int, elem: int) -> int:
-    """Bytes the backward must move: grad_kept read, every grad_tokens element written once."""
-    return B * keep * C * elem + B * P * C * elem
-
-
 def _correctness(device) -> dict:
-    from mlip_fast.ops.integrity_mask import integrity_mask
-
     checks = {}
     gen = torch.Generator(device=device).manual_seed(0)
     for B, P, C, keep in [(4, 197, 72, 50), (3, 1027, 33, 1000), (64, 5, 16, 2), (128, 196, 768, 98), (2, 4096, 8, 7)]:
@@ -125,9 +91,6 @@ def _correctness(device) -> dict:
 
 def _timings(device) -> list:
     from triton.testing import do_bench
-
-    from mlip_fast.kernels import integrity_mask as kernels
-    from mlip_fast.ops.integrity_mask import integrity_mask
 
     rows = []
     dtype, elem = torch.bfloat16, 2
@@ -197,8 +160,6 @@ def gpu_section_integrity_mask(out: dict) -> None:
 
 
 if __name__ == "__main__":
-    import json
-
     result: dict = {}
     gpu_section_integrity_mask(result)
     print(json.dumps(result, indent=1, default=str))

@@ -27,8 +27,8 @@ import time
 
 import torch
 
-import peers
-from bench_patch_sentence import flops, make_inputs
+from benchmarks import peers
+from benchmarks.bench_patch_sentence import flops, make_inputs
 from mlip_fast import _checks
 from mlip_fast.kernels.patch_sentence import launch as ps_launch
 from mlip_fast.ops import patch_sentence_scores

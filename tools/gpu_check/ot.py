@@ -3,26 +3,20 @@ against a float64 reference on the CPU, padding that holds NaN / Inf, and timing
 Triton impls (forward, forward + backward; kernel-only time and peak memory) and of the local loss with OT
 against max matching at the same batch.
 
-``section_patch_sentence_ot(ctx)`` is a section of the one-command GPU script (``gpu_check.py``); with its dry run
+``section_patch_sentence_ot(ctx)`` is a section of the one-command GPU check (``tools/gpu_check``); with its dry run
 (CPU, Triton interpreter) the shapes are tiny and the interpreter's timings mean nothing. Shapes: the issue's
 B = G = 128, K = 98, S = 16, D = 256 (ratio targets on CPU in ``results/ot_cpu.json``), a wider G = 1024 with
 K = 196, D = 512, and odd sizes for the correctness checks.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [p for p in (str(HERE.parent), str(HERE)) if p not in sys.path]
-
-from mlip_fast import _checks  # noqa: E402
-from mlip_fast.losses import PatchSentenceLoss  # noqa: E402
-from mlip_fast.ops import patch_sentence_ot_scores  # noqa: E402
-from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores as reference_scores  # noqa: E402
-from mlip_fast.testing.patch_sentence_ot import make_case, rel_err  # noqa: E402
+from mlip_fast import _checks
+from mlip_fast.losses import PatchSentenceLoss
+from mlip_fast.ops import patch_sentence_ot_scores
+from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores as reference_scores
+from mlip_fast.testing.patch_sentence_ot import make_case, rel_err
 
 CHECKS = [(3, 5, 7, 3, 33), (4, 6, 98, 16, 256), (2, 3, 1, 1, 16), (3, 4, 70, 11, 40)]  # B, G, K, S, D
 TIMED = [(128, 128, 98, 16, 256), (128, 1024, 196, 16, 512)]

@@ -1,8 +1,8 @@
 """Records a finished default training run (``deepspeed train.py --deepspeed_config ds.json``) as
 ``benchmarks/results/default_run_cpu.json`` (+ its loss-curve PNG) and regenerates the README tables.
 
-    python benchmarks/default_run.py --run runs/<name> [--localisation eval/loc/summary.json] [--before runs/<old>]
-    python benchmarks/default_run.py --measure [--wait-quiet 1200] [--before runs/<old>]
+    python -m tools.default_run --run runs/<name> [--localisation eval/loc/summary.json] [--before runs/<old>]
+    python -m tools.default_run --measure [--wait-quiet 1200] [--before runs/<old>]
 
 Every number comes from the run's ``summary.json`` (``--localisation`` takes the pointing accuracy from a
 later ``python -m mlip_fast.eval localisation`` summary of the same export instead), including where the wall
@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path[:0] = [str(HERE)]
+from benchmarks import harness
+from tools import readme_table
 
-import harness  # noqa: E402
+REPO = harness.ROOT
 
 QUIET_LOAD = 0.5
 
@@ -113,7 +112,7 @@ def record(run: Path, localisation: Path | None = None, before: Path | None = No
     curves = run / "training_curves.png"
     if curves.exists():
         shutil.copyfile(curves, harness.RESULTS / "default_run_curves.png")
-    harness.write_readme_table()
+    readme_table.write_readme_table()
     return target
 
 
@@ -143,7 +142,7 @@ def measure(extra: list, wait_s: float) -> tuple:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.default_run", description=__doc__.splitlines()[0])
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", type=Path, help="the finished run folder (holds summary.json)")
     what.add_argument("--measure", action="store_true", help="run make train's command now and record it")

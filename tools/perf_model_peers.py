@@ -13,7 +13,7 @@ the op is their sum. N = B*G*K*S grid elements, eb = bytes per input element.
 - ``compiled``: ``torch.compile`` of the reference (max-autotune): one GEMM writing the grid in the input dtype,
   one fused masked-max reduction per direction reading it (the fp32 widening fused into them). Backward, the
   compiler's best case: one pointwise kernel writing the dense dSim in the input dtype from the saved indices,
-  then the two GEMMs reading it (the "dense dSim + two cuBLAS GEMMs" backward that ``gpu_check.py`` times);
+  then the two GEMMs reading it (the "dense dSim + two cuBLAS GEMMs" backward that ``gpu_check`` times);
   a scatter into a zero-filled fp32 grid would add 16 N bytes.
 - ``lik`` / ``flash_maxsim``: both are one-direction MaxSim kernels with one program per (query item, document
   item) pair, the query block and every document token streamed from L2 by each program, and an atomic

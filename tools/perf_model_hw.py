@@ -1,7 +1,7 @@
 """The hardware side of the performance MODEL (``perf_model.py``): the cards' published figures, the model's
 stated assumptions about them, and the issue model that turns a SASS loop's instructions per pipe
-(``kernel_static.SASS_PIPES``) into clocks. Nothing here is measured; ``gpu_check.py`` measures the L2 bandwidth,
-clocks and power that these assumptions stand in for.
+(``kernel_static.analysis.SASS_PIPES``) into clocks. Nothing here is measured; ``gpu_check`` measures the L2
+bandwidth, clocks and power that these assumptions stand in for.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ CARDS = (
 )
 L2_LABELS = ("pessimistic", "middle", "optimistic")
 # Clocks one warp-instruction occupies its pipe on one scheduler (four per SM); every instruction also takes
-# one issue slot. Opcodes map to pipes in kernel_static.SASS_PIPES.
+# one issue slot. Opcodes map to pipes in kernel_static.analysis.SASS_PIPES.
 PIPE_CLOCKS = {
     "sm_90": {"fp32": ("fma", 1), "imad": ("fma", 2), "alu": ("alu", 2), "xu": ("xu", 8)},
     "sm_80": {"fp32": ("fma", 2), "imad": ("fma", 2), "alu": ("alu", 2), "xu": ("xu", 8)},

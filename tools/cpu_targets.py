@@ -12,13 +12,13 @@ wrong at this shape, with its error, and not timed. Time: the providers run in t
 by round (rotating which goes first) after a warm-up (compiles happen there); the ratios are taken on the
 per-provider minimum (the least-disturbed round on a shared machine) and also reported on the median. Peak
 memory: one step per provider in a fresh process (peak RSS delta above the inputs after a warm-up step, see
-``harness.py``); "op memory" excludes the input gradients every provider must return (PERF.md's definition),
+``benchmarks/harness.py``); "op memory" excludes the input gradients every provider must return (PERF.md's definition),
 "peak" includes them. Value checks are off in every timed region.
 
 Writes benchmarks/results/cpu.json (machine, versions, date, load, numbers) and regenerates the results table in
 benchmarks/README.md. ``--readme`` only regenerates the table from the JSON files already there.
 
-    python benchmarks/cpu_targets.py [--rounds 7] [--readme]
+    python -m tools.cpu_targets [--rounds 7] [--readme]
 """
 from __future__ import annotations
 
@@ -30,10 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+import torch
 
-import harness  # noqa: E402
+from benchmarks import bench_patch_sentence as bps
+from benchmarks import harness, peers
+from mlip_fast import _checks
+from tools import readme_table
 
 SHAPE = dict(B=128, G=128, K=98, S=16, D=256)
 MEMORY_TARGET = 1 / 33
@@ -48,9 +50,6 @@ NAMES = {"op": "patch_sentence scores op", "loss": "patch_sentence loss"}
 
 def check_providers(providers) -> dict:
     """{provider: None (usable) or why it is not timed (unavailable, or wrong at this shape)}."""
-    import bench_patch_sentence as bps
-    import peers
-
     p, s, smask, _, _ = bps.make_inputs(**SHAPE, dtype="float32", device="cpu", seed=0)
     out = {}
     for provider in providers:
@@ -63,9 +62,7 @@ def check_providers(providers) -> dict:
 
 
 def measure_times(rounds: int, factory: str, mode: str, providers) -> dict:
-    import bench_patch_sentence
-
-    make = getattr(bench_patch_sentence, factory)
+    make = getattr(bps, factory)
     steps = {p: make(p, mode, **SHAPE, dtype="float32", device="cpu", seed=0) for p in providers}
     for step in steps.values():  # warm-up: compiles and first-call set-up are not the op's time
         step()
@@ -82,11 +79,9 @@ def measure_times(rounds: int, factory: str, mode: str, providers) -> dict:
 
 
 def measure_memory(factory: str, mode: str, providers) -> dict:
-    from bench_patch_sentence import op_peak_memory
-
     out = {}
     for p in providers:
-        peak, grads = op_peak_memory(p, **SHAPE, dtype="float32", device="cpu", factory=factory, mode=mode)
+        peak, grads = bps.op_peak_memory(p, **SHAPE, dtype="float32", device="cpu", factory=factory, mode=mode)
         out[p] = {"peak_bytes": peak, "input_grad_bytes": grads, "op_bytes": max(peak - grads, 0)}
     return out
 
@@ -96,10 +91,6 @@ def _ratio(a, b):
 
 
 def run(rounds: int) -> dict:
-    import torch
-
-    from mlip_fast import _checks
-
     _checks.VALUE_CHECKS = False
     results, table = {}, []
     all_providers = sorted({p for _, modes in SUBJECTS.values() for ps in modes.values() for p in ps})
@@ -158,7 +149,7 @@ def run(rounds: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.cpu_targets", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per provider")
     parser.add_argument("--out", type=Path, default=harness.RESULTS / "cpu.json")
     parser.add_argument("--readme", action="store_true", help="only regenerate the README table from the JSON files")
@@ -171,7 +162,7 @@ def main(argv=None) -> int:
                    for s in SUBJECTS for m, v in result[s].items()}
         print(json.dumps(summary, indent=2))
         print(f"wrote {args.out}")
-    print(f"wrote {harness.write_readme_table()}")
+    print(f"wrote {readme_table.write_readme_table()}")
     return 0
 
 

@@ -19,7 +19,7 @@ Changes (``--only`` picks some):
 The data path (DataLoader workers vs ``--in-memory``), the evaluation / checkpoint cadence and the whole default
 run are measured as whole commands (docs/training.md, "Where the time goes").
 
-    python benchmarks/bench_train_changes.py [--only text_dropout zero_stage] [--rounds 12]
+    python -m tools.train_changes [--only text_dropout zero_stage] [--rounds 12]
 """
 from __future__ import annotations
 
@@ -34,13 +34,18 @@ from typing import Callable
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+from benchmarks import harness
+from benchmarks.bench_open_clip import BATCH, make_batch
+from mlip_fast import _checks
+from mlip_fast.losses import MLIPLoss
+from mlip_fast.models import create_model, get_model_config
+from mlip_fast.train import ds_config as dsc
+from mlip_fast.train.args import SYNTHETIC_PRESET
+from mlip_fast.train.loop import clamp_engine_logit_scales, loss_inputs
+from mlip_fast.train.process import init_distributed
+from mlip_fast.train.run import param_groups
 
-import harness  # noqa: E402
-from bench_open_clip import BATCH, make_batch  # noqa: E402
+REPO = harness.ROOT
 
 CHANGES = ("text_dropout", "zero_stage", "threads", "compile")
 
@@ -50,15 +55,6 @@ def engine_step(batch: dict, tokenizer, *, text_dropout: float = 0.0, zero_stage
     """The training loop's step (forward, loss with value checks off, backward, engine step, logit-scale clamp) on
     a DeepSpeed engine built from ``ds.json`` with the given changes."""
     import deepspeed
-
-    from mlip_fast import _checks
-    from mlip_fast.losses import MLIPLoss
-    from mlip_fast.models import create_model, get_model_config
-    from mlip_fast.train import ds_config as dsc
-    from mlip_fast.train.args import SYNTHETIC_PRESET
-    from mlip_fast.train.loop import clamp_engine_logit_scales, loss_inputs
-    from mlip_fast.train.process import init_distributed
-    from mlip_fast.train.run import param_groups
 
     init_distributed()
     cfg = get_model_config("mlip-tiny").replace(mask_ratio=SYNTHETIC_PRESET["mask_ratio"],
@@ -144,7 +140,7 @@ def measure(before: Callable, after: Callable, rounds: int, warmup: int = 3) -> 
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.train_changes", description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=CHANGES, default=list(CHANGES))
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

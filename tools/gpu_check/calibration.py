@@ -10,9 +10,9 @@ launchers' choices (``perf_model.py``, ``kernels/patch_sentence/launch.py``).
   split buffers, at B=128, G=128 and 1024, K=98, S=16, D=512, on the training path;
 - tile overrides of the forward and backward launchers (input for tuning their defaults).
 
-Timing as in ``gpu_check.Context`` (do_bench median; kernel-only from the profiler); every sweep stops with a
-note once the run's time budget is spent. The kernels module is imported inside each section: its kernels are
-decorated for the interpreter or the GPU when first imported, after ``gpu_check.main`` has decided which.
+Timing as in ``context.Context`` (do_bench median; kernel-only from the profiler); every sweep stops with a
+note once the run's time budget is spent. The kernels are decorated for the interpreter or the GPU when first
+imported: ``python -m tools.gpu_check`` decides which before importing this module.
 """
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ import functools
 
 import torch
 
-from bench_patch_sentence import flops, make_inputs
+from benchmarks.bench_patch_sentence import flops, make_inputs
 from mlip_fast import _checks
+from mlip_fast.kernels._target import target_of
+from mlip_fast.kernels.patch_sentence import fwd_config, fwd_v3_reasons, patch_sentence_bwd, patch_sentence_fwd
 from mlip_fast.ops import patch_sentence_scores
 
 L2_SIZES_MIB = (8, 16, 32)
@@ -147,8 +149,6 @@ SPLITS = (None, 1, 2, 4, 8, 16)
 def section_bwd_split_sweep(ctx) -> dict:
     """The backward launcher with each split (None: its own choice) x atomic / deterministic buffers on the
     training path; time, kernel-only time and the largest difference from the launcher's default result."""
-    from mlip_fast.kernels.patch_sentence import patch_sentence_bwd, patch_sentence_fwd
-
     shapes = [(4, 6, 8, 4, 32)] if ctx.dry_run else [(128, 128, 98, 16, 512), (128, 1024, 98, 16, 512)]
     dtype = "float32" if ctx.dry_run else "bfloat16"
     rows = []
@@ -196,9 +196,6 @@ def section_patch_sentence_fwd_config_sweep(ctx) -> dict:
     """Forward time per block configuration at the 128 x 1024, K=196, D=512 bf16 shape, raw and on the training
     path (input for tuning the launcher's default): the v2 kernel's tiles (forced) and, where it runs, the v3
     kernel's; a config that fails to compile is recorded with its error."""
-    from mlip_fast.kernels._target import target_of
-    from mlip_fast.kernels.patch_sentence import fwd_config, fwd_v3_reasons, patch_sentence_fwd
-
     B, G, K, S, D = (4, 6, 8, 4, 32) if ctx.dry_run else (128, 1024, 196, 16, 512)
     dtype = "float32" if ctx.dry_run else "bfloat16"
     p, s, m, _, _ = make_inputs(B, G, K, S, D, dtype, str(ctx.device), seed=0)
@@ -261,8 +258,6 @@ BWD_SWEEP = [  # candidate backward overrides (both sides); None = the launcher'
 def section_patch_sentence_bwd_config_sweep(ctx) -> dict:
     """Backward time per block configuration at B=G=128 and 128 x 1024, K=98, S=16, D=512, bf16 (input for
     tuning the launcher); a config that fails to compile is recorded with its error."""
-    from mlip_fast.kernels.patch_sentence import patch_sentence_bwd, patch_sentence_fwd
-
     shapes = [(4, 6, 8, 4, 32)] if ctx.dry_run else [(128, 128, 98, 16, 512), (128, 1024, 98, 16, 512)]
     dtype = "float32" if ctx.dry_run else "bfloat16"
     rows = []

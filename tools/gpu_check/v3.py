@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from bench_patch_sentence import make_inputs
+from benchmarks.bench_patch_sentence import make_inputs
 from mlip_fast import _checks
 from mlip_fast.kernels.patch_sentence import last_forward, patch_sentence_fwd
 from mlip_fast.testing.patch_sentence import POISON, grid_scores, poison_case

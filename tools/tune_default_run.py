@@ -9,8 +9,8 @@ default run reports on the test split), and the run's periodic validation (``--e
 count and the machine's load average before and after (the machine is shared: compare times only within a run of
 this script, qualities across it). Resumable: a (candidate, seed) with a record is not run again.
 
-    python benchmarks/bench_tune_default_run.py --list
-    python benchmarks/bench_tune_default_run.py --candidates preset_1500 dropout0_1500 [--seeds 0 1] [--threads 1]
+    python -m tools.tune_default_run --list
+    python -m tools.tune_default_run --candidates preset_1500 dropout0_1500 [--seeds 0 1] [--threads 1]
 """
 from __future__ import annotations
 
@@ -24,11 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path[:0] = [p for p in (str(ROOT), str(HERE)) if p not in sys.path]
+from benchmarks import harness
+from mlip_fast.eval.localisation import evaluate_localisation
+from mlip_fast.models import from_pretrained
+from mlip_fast.models.hub import default_preprocess
+from mlip_fast.train import data as tdata
+from mlip_fast.train.data import synthetic_cache_dir
+from mlip_fast.train.evaluation import zero_shot
 
-import harness  # noqa: E402
+ROOT = harness.ROOT
 
 RESULTS = harness.RESULTS / "tune_default_run_cpu.json"
 # name -> flags of train.py (on top of the synthetic preset and ds.json)
@@ -51,12 +55,6 @@ CANDIDATES = {
 
 def evaluate_valid(export: Path, root: Path) -> dict:
     """Zero-shot macro AUC and pointing accuracy (with chance) of ``export`` on the validation split."""
-    from mlip_fast.eval.localisation import evaluate_localisation
-    from mlip_fast.models import from_pretrained
-    from mlip_fast.models.hub import default_preprocess
-    from mlip_fast.train import data as tdata
-    from mlip_fast.train.evaluation import zero_shot
-
     model = from_pretrained(export)
     _, eval_tf = default_preprocess(model.config).transforms()
     valid = tdata.build_pretrain_dataset(str(root / "master.csv"), "valid", eval_tf)
@@ -69,8 +67,6 @@ def evaluate_valid(export: Path, root: Path) -> dict:
 
 
 def run(name: str, seed: int, threads: int, work: Path, cache: Path, eval_every: int = 0) -> dict:
-    from mlip_fast.train.data import synthetic_cache_dir
-
     out = work / f"{name}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
@@ -102,7 +98,7 @@ def run(name: str, seed: int, threads: int, work: Path, cache: Path, eval_every:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.tune_default_run", description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", nargs="+", default=[], choices=sorted(CANDIDATES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--threads", type=int, default=1)

@@ -1,0 +1,54 @@
+
+"""Ablation of MLIP's parts on the built-in synthetic benchmark: does each part help, in this implementation?
+
+Arms (same towers, data, steps, optimizer and schedule; only the loss terms and the masking differ):
+
+========== ================================================================ ======================================
+arm        what trains                                                      flags of ``train.py``
+========== ================================================================ ======================================
+clip       global image-report InfoNCE, whole image                         --mask-ratio 0 --lambda-local 0 --lambda-sie 0
+flip       global InfoNCE on a uniformly random r-masked view               --mask-ratio r --lambda-local 0 --lambda-sie 0
+flip+local flip + the patch-sentence loss                                   --mask-ratio r --lambda-local L --lambda-sie 0
+mlip       flip+local + integrity estimator, integrity-scored masking and   --mask-ratio r --lambda-local L --lambda-sie 0.1
+           integrity weights
+flip+local flip+local with optimal-transport patch-sentence matching        ... --local-matching ot --ot-eps E
+-ot                                                                         --ot-iters N
+mlip-ot    mlip with optimal-transport patch-sentence matching              ... --local-matching ot --ot-eps E
+                                                                            --ot-iters N
+========== ================================================================ ======================================
+
+An ``-ot`` arm trains, and is evaluated (local zero-shot scores, localisation maps), with the OT matching; its
+record also holds the other reading (``*_max``: the same model scored with token-wise max; a max arm's record
+holds ``*_ot``), which tells a difference the training makes from one the reading makes. ``--ot-eps`` and
+``--ot-iters`` take several values: the OT arms then run on their grid (the sweep that chose the defaults, on the
+validation split: ``benchmarks/results/ot_sweep_cpu.json``).
+
+With ``--lambda-sie 0`` the estimator gets no gradient and keeps its zero-initialised output layer, so every
+patch has logit 0: Gumbel-top-k over equal logits keeps a uniformly random K-subset (FLIP's masking) and every
+image has the same kept integrity mass, which the mean-1 normalisation turns into weight 1 (no weighting).
+Each record checks this (``estimator_constant``). Every masked arm runs at r = 0.5 (the method's default) and at
+the synthetic preset's r = 0.25, with the method's patch-sentence weight 1; ``mlip`` also runs with the preset's
+weight 4 at its ratio, the exact default run (``DEPARTURES``: the preset's departures from the method, measured
+one at a time and together). Each configuration runs for every seed. ``--steps 1000 --arms mlip --ratios 0.5``
+into another ``--out`` compares the preset with the method at the default run's length
+(``ablation_preset_1000_cpu.json``).
+
+Per run (records of ``benchmarks/results/ablation_cpu.json``, one per run), on the test split: zero-shot macro AUC
+over the CheXpert-5 classes scored by global, local (patch-sentence) and combined similarity; localisation
+pointing accuracy with its chance rate; linear-probe macro AUC with 1% and 10% of the training labels (the
+probe's stopping step chosen on the validation split); training samples/s; how well the integrity estimator's
+logits and its training target (each patch's best similarity to its own report's sentences) single out the
+patches inside the findings (per-image AUC against the union of the finding masks, chance 0.5). The same
+zero-shot and localisation numbers on the validation split (``valid_*``) are what any choice is made on.
+
+One command, resumable: a finished run's record is kept and never redone; an interrupted run is started again.
+The step-time ratio of MLIP at r = 0.5 against CLIP at r = 0 is measured in one process (interleaved rounds,
+min and median) into ``ablation_step_time_cpu.json``. Then the PNG and the README tables are regenerated
+(``tools/readme_table.py``; ``--readme`` does only that).
+
+    python -m tools.ablation [--steps 300] [--seeds 0 1 2] [--work-dir .cache/ablation]
+
+Modules: ``plan`` (the arms, the run plan and the record files), ``evaluate`` (the metrics of one exported model),
+``runs`` (training runs in worker processes, the step-time measurement, the masking diagnosis), ``tables`` (the
+README tables and the PNG) and ``cli`` (the command).
+"""

@@ -1,0 +1,128 @@
+"""The ablation's command (see the package docstring): plan, resume, run, measure the step time, then the PNG and
+the README tables; ``--diagnose`` and ``--readme`` do only their part.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
+from mlip_fast.train.args import SYNTHETIC_PRESET
+from mlip_fast.train.data import prepare_synthetic, synthetic_cache_dir
+from benchmarks import harness
+from tools import readme_table
+from tools.ablation.plan import (ARMS, DEFAULT_ARMS, DEFAULT_STEPS, DEPARTURES, MASKING_RESULTS, PNG, RESULTS,
+                                 SPEC_MASK_RATIO, STEP_TIME_RESULTS, RunSpec, check_schedule, load_records, plan,
+                                 write_json_atomic)
+from tools.ablation.runs import diagnose, finished_record, measure_step_times, run_all, run_one, step_time_configs
+from tools.ablation.tables import plot
+
+ROOT = harness.ROOT
+DESCRIPTION = "Ablation of MLIP's parts on the built-in synthetic benchmark: does each part help, in this implementation?"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.ablation", description=DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps of every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ratios", type=float, nargs="+",
+                        default=sorted({SPEC_MASK_RATIO, DEPARTURES["mask_ratio"]}, reverse=True),
+                        help="mask ratios of the masked arms (default: the method's and the synthetic preset's)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS),
+                        help="the arms to run (default: the four max arms; the -ot arms are the OT matching's)")
+    parser.add_argument("--ot-eps", type=float, nargs="+", default=[DEFAULT_OT_EPS],
+                        help="OT regularisation of the -ot arms (several: a grid with --ot-iters)")
+    parser.add_argument("--ot-iters", type=int, nargs="+", default=[DEFAULT_OT_ITERS],
+                        help="Sinkhorn iterations of the -ot arms (several: a grid with --ot-eps)")
+    parser.add_argument("--no-preset-row", action="store_true",
+                        help="skip the run of MLIP with the preset's patch-sentence weight")
+    parser.add_argument("--model", default="mlip-tiny")
+    parser.add_argument("--synthetic-n", type=int, default=SYNTHETIC_PRESET["synthetic_n"])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--ds-config", default=str(ROOT / "ds.json"), help="DeepSpeed config of every run")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs at a time, each in its own process with cores / jobs threads; 0: one after "
+                             "the other in this process")
+    parser.add_argument("--num-workers", type=int, default=1,
+                        help="DataLoader workers of each run (the data order does not depend on it)")
+    parser.add_argument("--work-dir", type=Path, default=Path(".cache/ablation"), help="run folders and logs")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="synthetic benchmark cache")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the records (JSON list)")
+    parser.add_argument("--png", type=Path, default=PNG)
+    parser.add_argument("--step-time-out", type=Path, default=STEP_TIME_RESULTS)
+    parser.add_argument("--step-time-rounds", type=int, default=20, help="0 skips the step-time measurement")
+    parser.add_argument("--masking-out", type=Path, default=MASKING_RESULTS)
+    parser.add_argument("--diagnose", action="store_true",
+                        help="only measure what integrity-scored masking does with the kept runs' trained estimators "
+                             "(their exports under --work-dir) and regenerate the PNG and README tables")
+    parser.add_argument("--readme", action="store_true", help="only regenerate the PNG and the README tables")
+    parser.add_argument("--no-readme", action="store_true", help="do not touch the README tables")
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)  # worker: one RunSpec as JSON
+    parser.add_argument("--schedule", help=argparse.SUPPRESS)
+    parser.add_argument("--synthetic-root", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_one:
+        run_one(RunSpec(**json.loads(args.run_one)), json.loads(args.schedule), args.work_dir, args.cache_dir,
+                args.synthetic_root)
+        return 0
+    if args.steps <= 0 or not args.seeds or args.jobs < 0:
+        parser.error("--steps must be positive, --seeds non-empty and --jobs >= 0")
+    if any(not 0.0 < r < 1.0 for r in args.ratios):
+        parser.error("--ratios must be in (0, 1)")
+
+    records = load_records(args.out)
+    failures = 0
+    if args.diagnose:
+        root = synthetic_cache_dir(args.cache_dir, records[0]["image_size"], records[0]["synthetic_n"], 0)
+        write_json_atomic(args.masking_out, diagnose(records, args.work_dir, root))
+        print(f"wrote {args.masking_out}")
+    elif not args.readme:
+        ds_config = Path(args.ds_config)
+        if not ds_config.is_file():
+            parser.error(f"--ds-config {ds_config} does not exist")
+        schedule = {"steps": args.steps, "synthetic_n": args.synthetic_n, "image_size": args.image_size,
+                    "ds_config": ds_config.name, "model": args.model}
+        check_schedule(records, schedule, args.out)
+        master = prepare_synthetic(args.cache_dir, args.image_size, args.synthetic_n, 0, log=print)
+        done = {r["key"] for r in records}
+
+        def keep(record: dict) -> None:
+            nonlocal records
+            records = load_records(args.out) + [record]
+            write_json_atomic(args.out, records)
+            print(f"  {record['key']}: zero-shot AUC {record['zs_auc_combined']}, pointing "
+                  f"{record['pointing_accuracy']}, {record['samples_per_s']} samples/s, {record['wall_s']} s",
+                  flush=True)
+
+        todo = []
+        for spec in plan(args.seeds, args.ratios, args.arms, not args.no_preset_row, args.ot_eps, args.ot_iters):
+            if spec.key in done:
+                continue
+            left = finished_record(spec, schedule, args.work_dir)
+            if left is not None:
+                keep(left)
+            else:
+                todo.append(spec)
+        print(f"ablation: {len(records)} runs kept in {args.out}, {len(todo)} to run", flush=True)
+        failures = run_all(todo, schedule, args, master.parent, keep)
+        if args.step_time_rounds > 0:
+            # the threads of one training run, measured after every run has finished
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
+            configs = step_time_configs(args.arms, args.ot_eps[0], args.ot_iters[0])
+            result = measure_step_times(master.parent, args.model, args.step_time_rounds, configs=configs)
+            write_json_atomic(args.step_time_out, result)
+            print(f"step time {configs[-1].key} / {configs[0].key}: {result['ratio_min']:.3f} (min), "
+                  f"{result['ratio_median']:.3f} (median) -> {args.step_time_out}")
+    if records:
+        print(f"wrote {plot(records, args.png)}")
+    if not args.no_readme:
+        print(f"wrote {readme_table.write_readme_table()}")
+    if failures:
+        print(f"{failures} run(s) failed; run the same command again to retry them", file=sys.stderr)
+    return 1 if failures else 0

@@ -1,0 +1,125 @@
+"""The ablation's arms and run plan (one :class:`RunSpec` per training run, seed-major), its record files and
+the schedule every kept record must share (see the package docstring).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from benchmarks import harness
+from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
+from mlip_fast.train.args import SPEC_LAMBDA_LOCAL, SYNTHETIC_PRESET
+
+ARMS = ("clip", "flip", "flip+local", "mlip", "flip+local-ot", "mlip-ot")
+DEFAULT_ARMS = ARMS[:4]  # the method's parts; the -ot arms are run on request
+LOCAL_ARMS = ("flip+local", "mlip", "flip+local-ot", "mlip-ot")  # arms with the patch-sentence loss
+# About 60 minutes for the whole default benchmark on a 2-core CPU with nothing else running (two runs at a
+# time, one thread each; measured in the records' train_s / wall_s).
+DEFAULT_STEPS = 400
+SPEC_MASK_RATIO = 0.5
+# The synthetic preset's departures from the method (mask ratio, patch-sentence weight), measured one at a time
+# and together against the method's values.
+DEPARTURES = {"mask_ratio": SYNTHETIC_PRESET["mask_ratio"], "lambda_local": SYNTHETIC_PRESET["lambda_local"]}
+LAMBDA_SIE = 0.1
+PROBE_FRACTIONS = (0.01, 0.1)
+RESULTS = harness.RESULTS / "ablation_cpu.json"
+PNG = harness.RESULTS / "ablation_cpu.png"
+STEP_TIME_RESULTS = harness.RESULTS / "ablation_step_time_cpu.json"
+MASKING_RESULTS = harness.RESULTS / "ablation_masking_cpu.json"
+# What must agree between a kept record and this invocation for the record to count as this benchmark's.
+SCHEDULE_KEYS = ("steps", "synthetic_n", "image_size", "ds_config", "model")
+RECORD_FILE = "record.json"
+METRICS = ("zs_auc_combined", "zs_auc_global", "zs_auc_local", "pointing_accuracy", "probe_auc_1pct",
+           "probe_auc_10pct", "samples_per_s")
+# test metrics, then the validation metrics that choices are made on
+DIFFERENCE_METRICS = ("zs_auc_combined", "zs_auc_global", "zs_auc_local", "pointing_accuracy", "probe_auc_1pct",
+                      "probe_auc_10pct", "valid_zs_auc_combined", "valid_pointing_accuracy")
+# (A, B, label): paired differences A - B by seed at the same mask ratio
+COMPARISONS = (("mlip", "flip+local", "MLIP - FLIP+local"), ("flip+local", "flip", "FLIP+local - FLIP"),
+               ("flip", "clip", "FLIP - CLIP"), ("mlip-ot", "mlip", "MLIP-OT - MLIP"),
+               ("flip+local-ot", "flip+local", "FLIP+local-OT - FLIP+local"))
+# two-sided 95% Student t quantiles by degrees of freedom (a paired CI over n seeds has n - 1)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the ablation."""
+
+    arm: str
+    mask_ratio: float
+    lambda_local: float
+    seed: int
+    ot_eps: Optional[float] = None  # the OT arms' matching settings (None for the max arms)
+    ot_iters: Optional[int] = None
+
+    @property
+    def lambda_sie(self) -> float:
+        return LAMBDA_SIE if self.arm in ("mlip", "mlip-ot") else 0.0
+
+    @property
+    def matching(self) -> str:
+        return "ot" if self.arm.endswith("-ot") else "max"
+
+    @property
+    def key(self) -> str:
+        ot = f"_eps{self.ot_eps:g}_it{self.ot_iters}" if self.matching == "ot" else ""
+        return f"{self.arm}_r{self.mask_ratio:g}_ll{self.lambda_local:g}{ot}_s{self.seed}"
+
+    def train_flags(self) -> list:
+        flags = ["--mask-ratio", f"{self.mask_ratio:g}", "--lambda-local", f"{self.lambda_local:g}",
+                 "--lambda-sie", f"{self.lambda_sie:g}", "--seed", str(self.seed)]
+        if self.matching == "ot":
+            flags += ["--local-matching", "ot", "--ot-eps", f"{self.ot_eps:g}", "--ot-iters", str(self.ot_iters)]
+        return flags
+
+
+def plan(seeds: Sequence[int], ratios: Sequence[float], arms: Sequence[str] = DEFAULT_ARMS,
+         preset_row: bool = True, ot_eps: Sequence[float] = (DEFAULT_OT_EPS,),
+         ot_iters: Sequence[int] = (DEFAULT_OT_ITERS,)) -> list:
+    """Every run of the benchmark, seed-major (the first seeds of every arm finish first); the OT arms once per
+    (eps, iterations) of the grid."""
+    configs = []
+    for arm in arms:
+        if arm == "clip":
+            configs.append(("clip", 0.0, 0.0, None, None))
+        elif arm == "flip":
+            configs += [("flip", r, 0.0, None, None) for r in ratios]
+        elif arm.endswith("-ot"):
+            configs += [(arm, r, SPEC_LAMBDA_LOCAL, e, n) for r in ratios for e in ot_eps for n in ot_iters]
+        else:
+            configs += [(arm, r, SPEC_LAMBDA_LOCAL, None, None) for r in ratios]
+    departed = (DEPARTURES["mask_ratio"], DEPARTURES["lambda_local"])
+    if preset_row and "mlip" in arms and departed[1] != SPEC_LAMBDA_LOCAL:
+        configs.append(("mlip", *departed, None, None))
+    return [RunSpec(arm, r, lam, s, e, n) for s in seeds for arm, r, lam, e, n in configs]
+
+
+
+def load_records(path: Path) -> list:
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    if not isinstance(data, list):
+        raise SystemExit(f"{path} is not a list of ablation records; pass --out to write elsewhere")
+    return data
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def check_schedule(records: list, schedule: dict, path: Path) -> None:
+    """Refuses to mix runs of another schedule into ``path`` (it would silently compare unlike runs)."""
+    for r in records:
+        other = {k: r.get(k) for k in SCHEDULE_KEYS}
+        if other != schedule:
+            raise SystemExit(f"{path} holds runs of another schedule ({other}, this one is {schedule}); pass "
+                             f"--out to write elsewhere, or the same settings to continue it")
