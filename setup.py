@@ -2,7 +2,8 @@
 
 ``kernels/`` (Triton kernels) has no ``__init__.py`` on purpose: a top-level package named ``kernels`` is
 imported by transformers as Hugging Face's ``kernels`` package. It ships as ``mlip_fast.kernels``.
-The source-tree shim ``mlip_fast/kernels/__init__.py`` is not shipped.
+The source-tree shim ``mlip_fast/kernels/__init__.py`` is not shipped, nor are the checkout's other packages
+(``benchmarks/``, the apps in ``tools/``): only ``mlip_fast`` is included (``tests/test_packaging.py``).
 """
 import re
 from pathlib import Path

@@ -1,7 +1,7 @@
 """The GPU a launch is planned for: compute capability and SM count, read from the device.
 
 Launch heuristics (block sizes per architecture, how many programs fill the GPU) ask :func:`target_of`.
-``OVERRIDE`` lets the static compile tool (``benchmarks/kernel_static.py``) plan launches for a GPU that is
+``OVERRIDE`` lets the static compile tool (``tools/kernel_static``) plan launches for a GPU that is
 not present, so that what it compiles is exactly what the launchers would launch there.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Launch heuristics of the fused patch-sentence kernels: which forward kernel runs where and why, block sizes per
 input and GPU, the size limits ``impl="auto"`` sees, and how many programs share a backward output tile.
 
-Block sizes are those the static compile (``benchmarks/kernel_static.py``) checks spill-free on sm_80 and sm_90;
+Block sizes are those the static compile (``tools/kernel_static``) checks spill-free on sm_80 and sm_90;
 where a choice depends on how many blocks an SM holds, the figure is that static record's.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ MIN_SLOTS = 16  # sentence slots per report in a forward tile
 def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int, sm_count: int, *,
                normalize: bool = False, directions: str = "both") -> dict:
     """Block sizes of the forward for these sizes on compute capability ``arch`` (checked spill-free on sm_80
-    and sm_90 by ``benchmarks/kernel_static.py``).
+    and sm_90 by ``tools/kernel_static``).
 
     Half inputs: 128 sentence rows (GB reports x S_CH slots, S padded to at least 16 slots) per tile, D
     in chunks of 64, 8 warps; 128 patches per tile and 3 pipeline stages on sm_90 (96 KiB of shared memory),

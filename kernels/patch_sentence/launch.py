@@ -3,7 +3,7 @@
 kernels (``side.py``). Block sizes and the other choices come from ``heuristics.py``.
 
 The kernels are looked up as attributes of this module at every launch, which is what lets the static compile
-tool (``benchmarks/kernel_static.py``) record the launches instead of running them.
+tool (``python -m tools.kernel_static``) record the launches instead of running them.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from mlip_fast.kernels.patch_sentence.side import (
 LOG = logging.getLogger("mlip_fast.kernels.patch_sentence")
 FWD_KERNELS = ("v3", "v2")  # forward_v3.py (persistent, sm_90, half inputs) and forward.py (every GPU)
 # The forward kernel of calls that do not name one: None = the dispatch's choice. Set by tools that compare the two
-# kernels through the op (``benchmarks/gpu_check.py``), the way ``_target.OVERRIDE`` sets the GPU planned for.
+# kernels through the op (``tools/gpu_check``), the way ``_target.OVERRIDE`` sets the GPU planned for.
 FORWARD_OVERRIDE: Optional[str] = None
 _LAST_FORWARD: dict = {}
 

@@ -18,7 +18,7 @@ from mlip_fast.kernels.patch_sentence_ot.forward import _patch_sentence_ot_fwd_k
 
 # The forward keeps a pair's whole (padded) S x K block in registers through the iterations: S_CH * BN cells
 # at most (fp32 tile, its exp2 temporary and the potentials stay spill-free on sm_80 and sm_90 at 8 warps,
-# checked by benchmarks/kernel_static.py). Larger pairs are refused up front.
+# checked by tools/kernel_static). Larger pairs are refused up front.
 MAX_PAIR_CELLS = 4096
 # Sentence slots per report in a forward tile at least: a report then fills the 16 rows of a dot on its own, and
 # the patch potentials f [GB, BN] of a program stay a small part of its registers (with one slot per report they
@@ -42,7 +42,7 @@ def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch:
     power of two, at least MIN_SLOTS), GB reports per program so that the tile has at least 16 rows (a ``tl.dot``
     minimum) and about TILE_CELLS cells; D in chunks of 64 (half), 32 (fp32, sm_80) or 16 (fp32, sm_90); 4 warps
     up to 2048 cells (16 per thread), 8 above (one pair of up to MAX_PAIR_CELLS cells). Spill-free on sm_80 and
-    sm_90 with and without the tolerance check (``benchmarks/kernel_static.py``)."""
+    sm_90 with and without the tolerance check (``tools/kernel_static``)."""
     bn = _pow2(K, 16)
     s_ch = max(_pow2(S), MIN_SLOTS)
     gb = max(1, 16 // s_ch)
