@@ -108,7 +108,9 @@ def _diagnostics(model, rows: list, positives: list, ratio: float, draws: int, b
     mode = cfg.sie_mode
     transform = eval_transform(model)
     device = next(model.parameters()).device
-    theta = model.layout_weight.linear.weight[0].float().cpu() if mode == "maco" else None
+    theta = None
+    if mode == "maco":  # softplus(theta_p + c), monotone in theta_p; through the head's forward (ZeRO-3 gathers it)
+        theta = model.layout_weight(torch.eye(cfg.vision.num_patches, device=device)).float().cpu()
     est_auc, tgt_auc, kept, weights, shares, predicted, targets = [], [], [], [], [], [], []
     est_constant = True
     for start in range(0, len(rows), batch_size):

@@ -246,8 +246,9 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
 
         ``model(batch)``, a batch dict (images, input_ids, attention_mask, sentence_spans, sentence_mask) -> the
         outputs ``MLIPLoss(**outputs)`` takes: image_global [B, D], text_global [B, D], patches [B, K, D],
-        patch_index [B, K], sentences [B, S, D], sentence_mask [B, S], integrity_logits [B, K],
-        integrity_weights [B], integrity_score [B], integrity_target [B] (see :meth:`encode_image_local`),
+        patch_index [B, K], sentences [B, S, D], sentence_mask [B, S], the mode's integrity outputs
+        (integrity_logits [B, K] in the estimator modes, integrity_score [B] in ``maco``, integrity_score and
+        integrity_target [B] in ``predictor``; see :meth:`encode_image_local`), integrity_weights [B],
         logit_scale_global, logit_scale_local (0-dim, exp'd; bounded by the clamp after each optimizer step).
         ``mask_ratio=None`` means ``config.mask_ratio`` in training mode and 0 (the whole image) in eval mode; pass
         a number to override either. ``integrity=False``: uniform masking and unit weights (the warm-up).
@@ -271,6 +272,8 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
         if image["image_global"].shape[0] != text["text_global"].shape[0]:
             raise ValueError(f"batch has {image['image_global'].shape[0]} images but "
                              f"{text['text_global'].shape[0]} reports")
+        integrity = {k: image[k] for k in ("integrity_logits", "integrity_score", "integrity_target")
+                     if image[k] is not None}
         return {
             "image_global": image["image_global"],
             "text_global": text["text_global"],
@@ -278,10 +281,8 @@ class MLIP(nn.Module, PyTorchModelHubMixin, library_name=CARD_METADATA["library_
             "patch_index": image["patch_index"],
             "sentences": text["sentences"],
             "sentence_mask": text["sentence_mask"],
-            "integrity_logits": image["integrity_logits"],
+            **integrity,
             "integrity_weights": image["integrity_weights"],
-            "integrity_score": image["integrity_score"],
-            "integrity_target": image["integrity_target"],
             "logit_scale_global": self.logit_scale_global(),
             "logit_scale_local": self.logit_scale_local(),
         }

@@ -12,8 +12,7 @@ from mlip_fast.models.vision import num_kept
 from .conftest import make_batch, tiny_overrides
 
 OUTPUT_KEYS = {"image_global", "text_global", "patches", "patch_index", "sentences", "sentence_mask",
-               "integrity_logits", "integrity_weights", "integrity_score", "integrity_target", "logit_scale_global",
-               "logit_scale_local"}
+               "integrity_logits", "integrity_weights", "logit_scale_global", "logit_scale_local"}
 
 
 def report_texts(iu_reports, n):
