@@ -50,6 +50,14 @@ class _PairDataset(RobustDataset):
         self.require_image = require_image
         super().__init__(len(kept), max_bad_fraction, dropped, name)
 
+    def subset(self, indices: Sequence[int]) -> "_PairDataset":
+        """The pairs at ``indices`` (in that order) as a dataset of their own, with this one's transform, labels,
+        bad-item limit and name; the rows dropped when this one was read stay listed (``dropped``)."""
+        out = _PairDataset([self.records[i] for i in indices], self.transform, self.label_names,
+                           self.max_bad_fraction, self.name, self.require_image)
+        out.dropped, out.dropped_reasons = list(self.dropped), list(self.dropped_reasons)
+        return out
+
     def _source(self, i: int) -> str:
         return str(self.records[i]["source"])
 

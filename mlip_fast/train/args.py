@@ -93,6 +93,13 @@ def _fraction_below_one(text: str) -> float:
     return value
 
 
+def _share_of_data(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a share of the training pairs in (0, 1], got {value}")
+    return value
+
+
 def _dropout(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:  # NaN fails too
@@ -199,6 +206,10 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
                            "synthetic, off otherwise; not for shard folders)")
     data.add_argument("--shuffle-buffer", type=_positive_int, default=DEFAULT_SHUFFLE_BUFFER,
                       help="shard folders: samples in each lane's shuffle buffer")
+    data.add_argument("--train-fraction", type=_share_of_data, default=1.0,
+                      help="train on this share of the training pairs: a subset drawn by --seed (nested: a smaller "
+                           "share's pairs are among a larger one's), the validation and test splits untouched; "
+                           "not for shard folders")
     data.add_argument("--max-bad-fraction", type=_fraction_below_one, default=0.01,
                       help="fail when more than this share of the samples cannot be read")
 

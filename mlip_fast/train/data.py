@@ -40,8 +40,9 @@ from mlip_fast.preprocess.images import ImageLoadError, load_image
 from mlip_fast.preprocess.tokenization import fast_tokenizer, tokenize_reports
 
 __all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
-           "SeededSamples", "make_collator", "make_batch_plan", "report_corpus", "data_fingerprint", "make_train_loader",
-           "close_loader", "sample_seed", "step_seed", "MemoryPairs", "memory_batches", "DataConfigError"]
+           "SeededSamples", "make_collator", "make_batch_plan", "train_subset", "report_corpus", "data_fingerprint",
+           "make_train_loader", "close_loader", "sample_seed", "step_seed", "MemoryPairs", "memory_batches",
+           "DataConfigError"]
 
 
 def synthetic_cache_dir(cache_dir: Path, size: int, n: int, seed: int) -> Path:
@@ -215,6 +216,23 @@ def make_batch_plan(dataset: Dataset, micro_batch: int, accumulation: int, rank:
                           lanes=max(1, num_workers), shuffle_buffer=shuffle_buffer,
                           shard_ids=tuple(s["sha256"] for s in dataset.shards))
     return GlobalBatchSampler(len(dataset), micro_batch, accumulation, rank, world_size, seed)
+
+
+def train_subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """The training pairs of a run with ``--train-fraction``: max(1, round(fraction x N)) of the N pairs, the first
+    ones of a permutation drawn from ``seed`` (kept in file order). One seed's subsets are nested, a smaller
+    fraction's pairs among a larger one's, so a data-efficiency curve changes the amount of data and nothing else;
+    ``fraction`` 1 is the dataset itself."""
+    if not 0.0 < fraction <= 1.0:  # NaN fails too
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return dataset
+    if not hasattr(dataset, "subset"):
+        raise DataConfigError(f"--train-fraction needs image-report pairs read from an index file; "
+                              f"{type(dataset).__name__} (a shard folder) is streamed")
+    n = len(dataset)
+    order = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, 3])).permutation(n)
+    return dataset.subset(sorted(order[:max(1, round(fraction * n))].tolist()))
 
 
 def report_corpus(dataset: Dataset) -> list:

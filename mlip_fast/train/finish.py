@@ -133,6 +133,7 @@ def _summary(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
         "micro_batch": run.micro,
         "gradient_accumulation": run.accum,
         "data": {"source": args.data, "path": data.path, "n_train": len(data.train_set),
+                 "train_fraction": args.train_fraction,
                  "n_valid": len(valid) if valid is not None else 0, "n_test": len(test) if test is not None else 0},
         "model": e.model_cfg.to_dict(),
         "loss": dataclasses.asdict(e.criterion.config),

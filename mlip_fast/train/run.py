@@ -70,14 +70,16 @@ def prepare_data(run: RunState) -> RunData:
     t_read = time.perf_counter()
     train_tf, eval_tf = default_preprocess(run.model_cfg).transforms()
     kw = dict(image_root=args.image_root, max_bad_fraction=args.max_bad_fraction)
-    train_set = tdata.build_pretrain_dataset(data, "train", train_tf, **kw)
+    train_set = tdata.train_subset(tdata.build_pretrain_dataset(data, "train", train_tf, **kw), args.train_fraction,
+                                   args.seed)
     if args.in_memory and not hasattr(train_set, "records"):
         raise tdata.DataConfigError(f"--in-memory needs image-report pairs read from an index file; {data} is a shard "
                                     f"folder, which is streamed (drop --in-memory)")
     eval_sets = EvalSets(tdata.build_pretrain_dataset(data, "valid", eval_tf, **kw),
                          tdata.build_pretrain_dataset(data, "test", eval_tf, **kw),
                          "synthetic" if synthetic_root is not None else "chexpert5", synthetic_root)
-    reporter.log("data: %s: %d training pairs, %s validation, %s test", data, len(train_set),
+    reporter.log("data: %s: %d training pairs%s, %s validation, %s test", data, len(train_set),
+                 f" (--train-fraction {args.train_fraction:g})" if args.train_fraction < 1.0 else "",
                  len(eval_sets.valid) if eval_sets.valid is not None else "no",
                  len(eval_sets.test) if eval_sets.test is not None else "no")
     splits = {"train": train_set, "valid": eval_sets.valid, "test": eval_sets.test}
