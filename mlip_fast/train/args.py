@@ -25,6 +25,7 @@ from mlip_fast.data.shard_order import DEFAULT_SHUFFLE_BUFFER
 from mlip_fast.functional.integrity import SIE_TARGETS
 from mlip_fast.models.config import ConfigError
 from mlip_fast.models.registry import get_model_config
+from mlip_fast.train.compile import COMPILE_BACKENDS, DEFAULT_BACKEND
 from mlip_fast.train.ds_checks import MAX_LR
 from mlip_fast.train.ds_config import (WARMUP_FRACTION, DSConfigError, load_ds_config, precision_dtype,
                                        resolve_ds_config, shipped_ds_configs)
@@ -233,6 +234,13 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
     model.add_argument("--attn", default="auto", choices=("auto", "flash", "xformers", "sdpa", "math"),
                        help="ViT attention backend")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    model.add_argument("--torchcompile", action="store_true",
+                       help="torch.compile the image tower (around its masking), the report encoder where it is not "
+                            "padding-free, and the loss for training; checkpoints and the export are unchanged "
+                            "(docs/training.md: measured step and compile times)")
+    model.add_argument("--torchcompile-backend", choices=COMPILE_BACKENDS, default=DEFAULT_BACKEND,
+                       help="torch.compile backend of --torchcompile: inductor (generated kernels), aot_eager (traced "
+                            "forward and backward without generated code: seconds to compile, no speed-up)")
 
     loss = p.add_argument_group("loss")
     loss.add_argument("--lambda-local", type=_non_negative, default=None,

@@ -17,6 +17,7 @@ from mlip_fast._records import SUMMARY_FILE, versions
 from mlip_fast.models import create_model, from_pretrained, write_model_card
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train.checkpoint_save import export_consolidated
+from mlip_fast.train.compile import compile_record
 from mlip_fast.train.evaluation import integrity, integrity_line, localisation, zero_shot
 from mlip_fast.train.fit import Fit
 from mlip_fast.train.process import on_rank0
@@ -124,6 +125,7 @@ def _summary(run: RunState, data: RunData, e: Engine, done: Fit) -> dict:
         "curves_png": str(png) if png is not None else None,  # None: matplotlib not installed
         "metrics_jsonl": str(run.run_dir / "metrics.jsonl"),
         "backends": done.backends,
+        "torchcompile": compile_record(e.compiled, result.step_s),
         "world_size": run.ranks.world,
         "device": run.device_type,
         "cpu_count": os.cpu_count(),

@@ -198,6 +198,7 @@ class LoopResult:
     last_terms: dict
     mean_terms: dict
     skipped_steps: int = 0
+    step_s: list = field(default_factory=list)  # each step's seconds, in order (the first holds any compile time)
 
 
 def _engine_device(engine) -> torch.device:
@@ -244,6 +245,7 @@ def train_loop(ctx: LoopContext) -> LoopResult:
     skipped, in_a_row = ctx.skipped_steps, 0
     timer_start = time.perf_counter()
     rate_window = deque(maxlen=20)
+    step_s: list = []
     ctx.reporter.start_progress(ctx.total_steps, ctx.start_step)
     engine.train()
     times = ctx.times
@@ -315,6 +317,7 @@ def train_loop(ctx: LoopContext) -> LoopResult:
             with times.phase("train/logging"):
                 ctx.on_first_step()
         dt = time.perf_counter() - t0
+        step_s.append(dt)
         t_log = time.perf_counter()
         rate_window.append((ctx.global_batch, dt))
         samples_per_s = sum(b for b, _ in rate_window) / max(1e-9, sum(t for _, t in rate_window))
@@ -362,4 +365,4 @@ def train_loop(ctx: LoopContext) -> LoopResult:
     wall = time.perf_counter() - timer_start
     mean_terms = {k: sum(t[k] for t in window) / len(window) for k in LOSS_KEYS} if window else {}
     return LoopResult(steps=step, samples=(step - ctx.start_step) * ctx.global_batch, wall_s=wall,
-                      last_terms=last_terms, mean_terms=mean_terms, skipped_steps=skipped)
+                      last_terms=last_terms, mean_terms=mean_terms, skipped_steps=skipped, step_s=step_s)

@@ -21,6 +21,7 @@ from mlip_fast.models import get_model_config
 from mlip_fast.models.config import ConfigError, MLIPConfig
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train import ds_config as dsc
+from mlip_fast.train.compile import check_compile
 from mlip_fast.train.process import Ranks, on_rank0, require_deepspeed
 from mlip_fast.train.reporting import RunReporter, check_monitors
 from mlip_fast.train.run_folder import RunLock, check_run_folder
@@ -179,6 +180,7 @@ def preflight(args, device_type: str) -> tuple:
                                 f"(got {zero_stage}); stage 1 is plain data parallelism with sharded optimizer states")
     check_monitors(raw_config, args.report_to, where)
     model_cfg = model_config(args, device_type)
+    check_compile(args, device_type)
     if args.data != "synthetic":
         check_data_exists(args.data)
     pretrained = args.pretrained
