@@ -1,6 +1,7 @@
-"""tools/ablation (``python -m tools.ablation``): the run plan, the paired statistics, and the whole command at a
-toy size (records schema, PNG, step-time file, masking diagnostics, resume without redoing finished runs, refusal
-to mix schedules)."""
+"""tools/ablation (``python -m tools.ablation``): the run plan (the integrity modes' screen included), the paired
+statistics, and the whole command at a toy size (records schema with the integrity diagnostics, PNG, step-time file,
+masking diagnostics, resume without redoing finished runs, refusal to mix schedules, then the data-efficiency curve
+on the same run folders)."""
 import json
 import math
 import statistics
@@ -8,10 +9,11 @@ import statistics
 import pytest
 import torch
 
+from tools.ablation import efficiency
 from tools.ablation.cli import main
-from tools.ablation.plan import ARMS, DEPARTURES, LAMBDA_SIE, plan
+from tools.ablation.plan import ARMS, DEPARTURES, LAMBDA_SIE, Grid, plan
 from tools.ablation.runs import step_time_configs
-from tools.ablation.tables import paired_difference, readme_tables, sweep_tables
+from tools.ablation.tables import best_mode, paired_difference, readme_tables, sweep_tables
 
 TOY_DS = {
     "train_batch_size": 8,
@@ -26,11 +28,12 @@ TOY_DS = {
 RECORD_KEYS = {"arm", "mask_ratio", "lambda_local", "lambda_sie", "seed", "steps", "zs_auc_global", "zs_auc_local",
                "zs_auc_combined", "pointing_accuracy", "pointing_chance", "probe_auc_1pct", "probe_auc_10pct",
                "samples_per_s", "valid_zs_auc_combined", "valid_pointing_accuracy", "sie_mask_auc",
-               "target_mask_auc", "estimator_constant", "train_s", "final_loss", "torch_threads"}
+               "target_mask_auc", "sie_mode", "sie_warmup", "finding_kept_share", "kept_share_uniform", "weight_cv",
+               "weight_finding_corr", "train_fraction", "num_train", "train_s", "final_loss", "torch_threads"}
 
 
 def test_plan_covers_every_arm_at_both_ratios_and_the_preset():
-    runs = plan([0, 1, 2], [0.5, DEPARTURES["mask_ratio"]])
+    runs = plan([0, 1, 2], Grid(ratios=[0.5, DEPARTURES["mask_ratio"]]))
     configs = {(r.arm, r.mask_ratio, r.lambda_local, r.lambda_sie) for r in runs}
     assert configs == {("clip", 0.0, 0.0, 0.0), ("flip", 0.5, 0.0, 0.0), ("flip", 0.25, 0.0, 0.0),
                        ("flip+local", 0.5, 1.0, 0.0), ("flip+local", 0.25, 1.0, 0.0), ("mlip", 0.5, 1.0, 0.1),
@@ -87,20 +90,24 @@ def test_toy_benchmark_records_and_resume(tmp_path, one_thread):
         assert 0.0 < r["pointing_chance"] < 1.0 and r["samples_per_s"] > 0
     clip, flip, mlip = records
     assert clip["final_loss"]["loss_local"] == 0.0 and flip["final_loss"]["loss_sie"] == 0.0
-    # without the estimator loss its logits stay exactly equal: uniform (FLIP) masking, no weighting
-    assert clip["estimator_constant"] and flip["estimator_constant"] and clip["sie_mask_auc"] is None
-    assert not mlip["estimator_constant"] and 0.0 <= mlip["sie_mask_auc"] <= 1.0
+    # without the estimator loss its logits stay exactly equal: no per-patch score, uniform (FLIP) masking, no
+    # weighting (the unmasked CLIP run diagnosed at the method's r = 0.5)
+    for r in (clip, flip):
+        assert r["sie_mask_auc"] is None and r["weight_cv"] == 0.0 and r["sie_mode"] == "guided"
+    assert clip["integrity_mask_ratio"] == 0.5 and clip["kept_share_uniform"] == 0.5
+    assert 0.0 <= mlip["sie_mask_auc"] <= 1.0 and 0.0 <= mlip["finding_kept_share"] <= 1.0 and mlip["weight_cv"] > 0
+    assert {(r["sie_warmup"], r["train_fraction"]) for r in records} == {(0, 1.0)}
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     step_time = json.loads((tmp_path / "step_time.json").read_text())
     assert step_time["ratio_min"] > 0 and {row["config"] for row in step_time["table"]} == {"clip_r0_ll0",
                                                                                           "mlip_r0.5_ll1"}
 
     # What the masking does with each masked run's estimator: FLIP's is constant, so uniform and unweighted.
-    assert main(args + ["--diagnose", "--masking-out", str(tmp_path / "masking.json")]) == 0
+    assert main(args + ["--diagnose", "--diagnose-draws", "2", "--masking-out", str(tmp_path / "masking.json")]) == 0
     masking = json.loads((tmp_path / "masking.json").read_text())
     assert [row["configuration"] for row in masking["table"]] == ["flip (r=0.5)", "mlip (r=0.5, λl=1)"]
     flip_diag = next(r for r in masking["runs"] if r["arm"] == "flip")
-    assert flip_diag["logit_std"] == 0.0 and flip_diag["weight_cv_t1"] == 0.0
+    assert flip_diag["sie_mask_auc"] is None and flip_diag["weight_cv_t1"] == 0.0
     assert 0.0 < flip_diag["finding_kept_share_t1"] < 1.0 and flip_diag["kept_share_uniform"] == 0.5
 
     # Resume: the kept records stay as they are; only the new run trains.
@@ -120,6 +127,26 @@ def test_toy_benchmark_records_and_resume(tmp_path, one_thread):
     with pytest.raises(SystemExit, match="another schedule"):
         main(_toy_args(tmp_path, "--steps", "4", "--seeds", "0", "--arms", "clip"))
 
+    # The data-efficiency curve on the same run folders: the runs on all the pairs are the ablation's (not redone).
+    curve = _toy_args(tmp_path, "--data-efficiency", "--fractions", "0.5", "1", "--arms", "clip", "mlip", "--ratios",
+                      "0.5", "--seeds", "0", "--out", str(tmp_path / "curve.json"), "--png", str(tmp_path / "curve.png"))
+    stamp = trained.stat().st_mtime_ns
+    assert main(curve) == 0
+    points = {r["key"]: r for r in json.loads((tmp_path / "curve.json").read_text())}
+    assert set(points) == {"clip_r0_ll0_s0", "clip_r0_ll0_f0.5_s0", "mlip_r0.5_ll1_s0", "mlip_r0.5_ll1_f0.5_s0"}
+    assert trained.stat().st_mtime_ns == stamp and points["mlip_r0.5_ll1_s0"] == records[2]
+    n_train = points["clip_r0_ll0_s0"]["num_train"]
+    for key, r in points.items():
+        assert RECORD_KEYS <= set(r), RECORD_KEYS - set(r)
+        assert (r["train_fraction"], r["num_train"]) == ((0.5, round(0.5 * n_train)) if "_f0.5" in key else (1.0, n_train))
+    summary = json.loads((tmp_path / "work" / "runs" / "clip_r0_ll0_f0.5_s0" / "summary.json").read_text())
+    assert summary["data"]["train_fraction"] == 0.5 and summary["data"]["n_train"] == round(0.5 * n_train)
+    assert summary["data"]["n_valid"] + summary["data"]["n_test"] == 60 - n_train  # the evaluation splits whole
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    [sentence, _] = efficiency.summary_sentences(list(points.values()))
+    assert sentence.startswith("mlip (r=0.5, λl=1) - clip (r=0), zero-shot AUC (combined, test): ")
+    assert "at 100% of the training pairs" in sentence and "one seed: no interval" in sentence
+
 
 def test_readme_tables_from_records():
     base = {"model": "mlip-tiny", "steps": 400, "global_batch": 64, "synthetic_n": 6000, "lambda_sie": 0.0,
@@ -138,10 +165,11 @@ def test_readme_tables_from_records():
 
 
 def test_ot_arms_plan_record_and_compare(tmp_path, one_thread):
-    runs = plan([0], [0.5], ["mlip", "mlip-ot"], False, ot_eps=[0.02, 0.1], ot_iters=[20])
+    runs = plan([0], Grid(arms=["mlip", "mlip-ot"], ratios=[0.5], preset_row=False, ot_eps=[0.02, 0.1], ot_iters=[20]))
     assert [r.key for r in runs] == ["mlip_r0.5_ll1_s0", "mlip-ot_r0.5_ll1_eps0.02_it20_s0",
                                      "mlip-ot_r0.5_ll1_eps0.1_it20_s0"]
-    assert runs[2].train_flags()[-6:] == ["--local-matching", "ot", "--ot-eps", "0.1", "--ot-iters", "20"]
+    assert runs[2].train_flags()[-8:] == ["--local-matching", "ot", "--ot-eps", "0.1", "--ot-iters", "20", "--sie-mode",
+                                          "guided"]
     assert runs[2].lambda_sie == LAMBDA_SIE and "--local-matching" not in runs[0].train_flags()
     assert [c.key for c in step_time_configs(["mlip", "mlip-ot"], 0.05, 50)] == [
         "mlip_r0.5_ll1_s0", "mlip-ot_r0.5_ll1_eps0.05_it50_s0"]
@@ -169,3 +197,87 @@ def test_sweep_tables_lead_with_the_validation_metrics():
     assert [r["configuration"] for r in rows] == ["mlip-ot (r=0.5, λl=1, ε=0.02, 20 it)",
                                                   "mlip-ot (r=0.5, λl=1, ε=0.1, 50 it)"]
     assert list(rows[0])[2] == "valid_zs_auc_combined" and rows[1]["valid_zs_auc_combined"] == "0.710"
+
+
+def test_screen_plan_runs_every_mode_with_and_without_warmup():
+    modes = ["mlip", "mlip-discriminative", "mlip-maco", "mlip-predictor"]
+    runs = plan([0, 1, 2], Grid(arms=["flip+local", *modes], ratios=[0.25], lambda_local=4.0, preset_row=True,
+                                warmups=[0, 100]))
+    assert len(runs) == 3 * (1 + 4 * 2) and len({r.key for r in runs}) == len(runs)  # the preset row is already in
+    first = {r.key: r for r in runs if r.seed == 0}
+    assert sorted(first) == sorted(["flip+local_r0.25_ll4_s0"] + [f"{m}_r0.25_ll4{w}_s0" for m in modes
+                                                                   for w in ("", "_wu100")])
+    maco = first["mlip-maco_r0.25_ll4_wu100_s0"]
+    assert (maco.sie_mode, maco.sie_warmup, maco.lambda_sie) == ("maco", 100, LAMBDA_SIE)
+    assert maco.train_flags()[-4:] == ["--sie-mode", "maco", "--sie-warmup", "100"]
+    assert first["mlip_r0.25_ll4_s0"].train_flags()[-2:] == ["--sie-mode", "guided"]
+    base = first["flip+local_r0.25_ll4_s0"]
+    assert base.sie_mode is None and "--sie-mode" not in base.train_flags() and base.lambda_sie == 0.0
+    curve = plan([0], Grid(arms=["clip", "mlip"], ratios=[0.25], preset_row=False, fractions=[1.0, 0.1]))
+    assert [r.key for r in curve] == ["clip_r0_ll0_s0", "mlip_r0.25_ll1_s0", "clip_r0_ll0_f0.1_s0",
+                                      "mlip_r0.25_ll1_f0.1_s0"]
+    assert curve[2].train_flags()[-2:] == ["--train-fraction", "0.1"]
+
+
+def _t_interval(d):
+    mean = sum(d) / len(d)
+    half = {2: 4.303, 3: 3.182}[len(d) - 1] * math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1)) / math.sqrt(len(d))
+    return mean, mean - half, mean + half
+
+
+def test_mode_rows_and_best_mode_paired_against_flip_local():
+    base = {"model": "mlip-tiny", "steps": 400, "global_batch": 64, "synthetic_n": 6000,
+            "environment": {"cpu": "cpu", "torch": "2"}, "mask_ratio": 0.25, "lambda_local": 4.0}
+    values = {("flip+local", 0): (0.70, 0.72, 0.71), ("mlip-maco", 0): (0.71, 0.75, 0.72),
+              ("mlip-maco", 100): (0.74, 0.76, 0.75), ("mlip", 0): (0.69, 0.73, 0.70)}
+    records = [{**base, "arm": arm, "sie_warmup": w, "seed": s, "valid_zs_auc_combined": v[s], "zs_auc_combined": v[s],
+                "valid_pointing_accuracy": 0.1, "weight_cv": 0.2}
+               for (arm, w), v in values.items() for s in range(3)]
+    (_, rows), (_, diffs) = readme_tables(records)
+    assert [r["configuration"] for r in rows] == ["flip+local (r=0.25, λl=4)", "mlip (r=0.25, λl=4)",
+                                                  "mlip-maco (r=0.25, λl=4)", "mlip-maco (r=0.25, λl=4, warm-up 100)"]
+    assert rows[1]["weight_cv"] == "0.200 ± 0.000"
+    assert [d["difference (paired by seed)"] for d in diffs] == [
+        "MLIP - FLIP+local, r=0.25, λl=4", "MLIP-maco - FLIP+local, r=0.25, λl=4",
+        "MLIP-maco (warm-up 100) - FLIP+local, r=0.25, λl=4"]
+    mean, low, high = _t_interval([0.04, 0.04, 0.04 + 1e-12])
+    assert diffs[2]["valid_zs_auc_combined"].startswith(f"{mean:+.3f} [")
+    mean, low, high = _t_interval([0.01, 0.03, 0.01])
+    assert diffs[1]["zs_auc_combined"] == f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    best = best_mode(records)
+    assert best["configuration"] == "mlip-maco (r=0.25, λl=4, warm-up 100)" and (best["arm"], best["sie_warmup"]) == (
+        "mlip-maco", 100)
+    assert best["valid_zs_auc_combined"]["mean"] == pytest.approx(0.04)
+
+
+def test_data_efficiency_statistics_against_hand_computation():
+    base = {"model": "mlip-tiny", "steps": 400, "global_batch": 64, "synthetic_n": 6000, "mask_ratio": 0.25,
+            "lambda_local": 4.0, "environment": {"cpu": "cpu", "torch": "2"}, "pointing_chance": 0.05}
+    auc = {("clip", 1.0): (0.70, 0.72, 0.71), ("clip", 0.1): (0.60, 0.61, 0.59),
+           ("mlip", 1.0): (0.72, 0.73, 0.73), ("mlip", 0.1): (0.65, 0.66, 0.64)}
+    records = [{**base, "arm": arm, "mask_ratio": 0.0 if arm == "clip" else 0.25,
+                "lambda_local": 0.0 if arm == "clip" else 4.0, "seed": s, "train_fraction": f,
+                "num_train": round(4800 * f), "zs_auc_combined": v[s], "pointing_accuracy": 0.1}
+               for (arm, f), v in auc.items() for s in range(3)]
+    at_full = [m - c for m, c in zip(auc[("mlip", 1.0)], auc[("clip", 1.0)])]
+    at_tenth = [m - c for m, c in zip(auc[("mlip", 0.1)], auc[("clip", 0.1)])]
+    change = [a - b for a, b in zip(at_tenth, at_full)]
+    tables = efficiency.efficiency_tables(records)
+    (_, rows), (_, diffs), (caption, trend) = tables
+    assert [(r["configuration"], r["share"], r["pairs"]) for r in rows] == [
+        ("clip (r=0)", "1", "4800"), ("clip (r=0)", "0.1", "480"), ("mlip (r=0.25, λl=4)", "1", "4800"),
+        ("mlip (r=0.25, λl=4)", "0.1", "480")]
+    assert [d["share"] for d in diffs] == ["1", "0.1"]
+    for row, d in zip(diffs, (at_full, at_tenth)):
+        mean, low, high = _t_interval(d)
+        assert row["zs_auc_combined"] == f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    mean, low, high = _t_interval(change)
+    got = efficiency.change_as_data_shrinks(*efficiency.comparisons(records)[0][1:], "zs_auc_combined")
+    assert (got["mean"], got["low"], got["high"]) == pytest.approx((mean, low, high))
+    assert trend[0]["zs_auc_combined: smallest - largest share"] == f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    [auc_sentence, pointing_sentence] = efficiency.summary_sentences(records)
+    assert auc_sentence in caption and "at 10% of the training pairs (480)" in auc_sentence
+    assert f"changes by {mean:+.3f} [{low:+.3f}, {high:+.3f}]: the advantage grows as data shrinks (the interval " \
+           f"excludes 0" in auc_sentence
+    assert pointing_sentence.endswith("changes by +0.000 [+0.000, +0.000]: the advantage does not change as data "
+                                      "shrinks.")

@@ -1,6 +1,6 @@
 """The results tables of the READMEs, generated from ``benchmarks/results/*.json``: every JSON with a "table"
-section, the record lists of the ablation and the OT sweep, and the static compile and performance model (each
-rendered by its own tool). Replaces the generated block of ``benchmarks/README.md`` and, when it has the markers,
+section, the record lists of the ablation (the integrity modes' and the data-efficiency curve's too) and the OT
+sweep, and the static compile and performance model (each rendered by its own tool). Replaces the generated block of ``benchmarks/README.md`` and, when it has the markers,
 of the project README. The tools that write results call it; their ``--readme`` does only that:
 
     python -m tools.cpu_targets --readme
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from benchmarks import harness
 from tools import perf_model
+from tools.ablation.efficiency import efficiency_tables
 from tools.ablation.tables import readme_tables, sweep_tables
 from tools.kernel_static import records as static_records
 
@@ -22,7 +23,9 @@ TABLE_END = "<!-- end of results table -->"
 # Result files holding a list of records (one per run) and the function that turns the records into
 # [(caption, rows)] tables.
 LIST_TABLES = {"ablation_cpu.json": readme_tables, "ablation_preset_1000_cpu.json": readme_tables,
-               "ablation_ot_cpu.json": readme_tables, "ot_sweep_cpu.json": sweep_tables}
+               "ablation_ot_cpu.json": readme_tables, "ot_sweep_cpu.json": sweep_tables,
+               "ablation_modes_cpu.json": readme_tables, "ablation_modes_1000_cpu.json": readme_tables,
+               "data_efficiency_cpu.json": efficiency_tables}
 # Result files whose own tool renders their markdown (data -> str).
 MARKDOWN_TABLES = {"kernel_static.json": static_records.table_markdown, "perf_model.json": perf_model.table_markdown}
 

@@ -1,15 +1,13 @@
 """--train-fraction: a share of the training pairs, drawn by the seed (deterministic, nested, sized
-max(1, round(F x N)), disjoint from the validation and test splits, which stay whole), refused outside (0, 1]
-and for a streamed shard folder; a run trains on the subset and records it in summary.json."""
-import json
-
+max(1, round(F x N)), disjoint from the validation and test splits), refused outside (0, 1] and for a streamed shard
+folder. A run on the subset and its summary.json: the data-efficiency curve's toy command
+(tests/test_ablation_benchmark.py)."""
 import pytest
 
 from mlip_fast.data.pretrain import PretrainDataset
 from mlip_fast.train.args import parse_args
 from mlip_fast.train.data import DataConfigError, synthetic_cache_dir, train_subset
-from mlip_fast.train.main import train
-from tests.train.conftest import SYNTH_N, SYNTH_SIZE, base_args, write_ds
+from tests.train.conftest import SYNTH_N, SYNTH_SIZE
 
 BASE = ["--deepspeed_config", "ds.json"]
 
@@ -55,14 +53,3 @@ def test_subset_is_deterministic_nested_sized_and_disjoint_from_evaluation(synth
     with pytest.raises(DataConfigError, match="shard folder"):
         train_subset(list(range(10)), 0.5, 0)
 
-
-def test_run_trains_on_the_subset_and_records_it(tmp_path, synthetic_cache):
-    run_dir = tmp_path / "run"
-    n_train = len(_split(synthetic_cache, "train"))
-    train(base_args(write_ds(tmp_path / "ds.json"), run_dir, synthetic_cache, "--steps", "1", "--no-final-eval",
-                    "--train-fraction", "0.5", "--seed", "2"))
-    summary = json.loads((run_dir / "summary.json").read_text())
-    data = summary["data"]
-    assert data["train_fraction"] == 0.5 and summary["args"]["train_fraction"] == 0.5
-    assert data["n_train"] == round(0.5 * n_train)
-    assert data["n_valid"] == len(_split(synthetic_cache, "valid")) and data["n_test"] == len(_split(synthetic_cache, "test"))

@@ -13,9 +13,13 @@ from benchmarks import harness
 from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
 from mlip_fast.train.args import SPEC_LAMBDA_LOCAL, SYNTHETIC_PRESET
 
-ARMS = ("clip", "flip", "flip+local", "mlip", "flip+local-ot", "mlip-ot")
-DEFAULT_ARMS = ARMS[:4]  # the method's parts; the -ot arms are run on request
-LOCAL_ARMS = ("flip+local", "mlip", "flip+local-ot", "mlip-ot")  # arms with the patch-sentence loss
+ARMS = ("clip", "flip", "flip+local", "mlip", "mlip-discriminative", "mlip-maco", "mlip-predictor", "flip+local-ot",
+        "mlip-ot")
+DEFAULT_ARMS = ARMS[:4]  # the method's parts; the other integrity modes and the -ot arms are run on request
+# the arms with an integrity mode (``--sie-mode``; ``mlip`` is the method's guided reading) and their mode
+MODE_ARMS = {"mlip": "guided", "mlip-discriminative": "discriminative", "mlip-maco": "maco",
+             "mlip-predictor": "predictor", "mlip-ot": "guided"}
+LOCAL_ARMS = ("flip+local", *MODE_ARMS, "flip+local-ot")  # arms with the patch-sentence loss
 # About 60 minutes for the whole default benchmark on a 2-core CPU with nothing else running (two runs at a
 # time, one thread each; measured in the records' train_s / wall_s).
 DEFAULT_STEPS = 400
@@ -27,6 +31,10 @@ LAMBDA_SIE = 0.1
 PROBE_FRACTIONS = (0.01, 0.1)
 RESULTS = harness.RESULTS / "ablation_cpu.json"
 PNG = harness.RESULTS / "ablation_cpu.png"
+DATA_EFFICIENCY_RESULTS = harness.RESULTS / "data_efficiency_cpu.json"
+DATA_EFFICIENCY_PNG = harness.RESULTS / "data_efficiency_cpu.png"
+DATA_EFFICIENCY_FRACTIONS = (0.1, 0.3, 1.0)
+DATA_EFFICIENCY_ARMS = ("clip", "flip+local", "mlip")
 STEP_TIME_RESULTS = harness.RESULTS / "ablation_step_time_cpu.json"
 MASKING_RESULTS = harness.RESULTS / "ablation_masking_cpu.json"
 # What must agree between a kept record and this invocation for the record to count as this benchmark's.
@@ -37,8 +45,13 @@ METRICS = ("zs_auc_combined", "zs_auc_global", "zs_auc_local", "pointing_accurac
 # test metrics, then the validation metrics that choices are made on
 DIFFERENCE_METRICS = ("zs_auc_combined", "zs_auc_global", "zs_auc_local", "pointing_accuracy", "probe_auc_1pct",
                       "probe_auc_10pct", "valid_zs_auc_combined", "valid_pointing_accuracy")
-# (A, B, label): paired differences A - B by seed at the same mask ratio
-COMPARISONS = (("mlip", "flip+local", "MLIP - FLIP+local"), ("flip+local", "flip", "FLIP+local - FLIP"),
+# (A, B, label): paired differences A - B by seed at the same mask ratio and patch-sentence weight (B without
+# warm-up)
+COMPARISONS = (("mlip", "flip+local", "MLIP - FLIP+local"),
+               ("mlip-discriminative", "flip+local", "MLIP-discriminative - FLIP+local"),
+               ("mlip-maco", "flip+local", "MLIP-maco - FLIP+local"),
+               ("mlip-predictor", "flip+local", "MLIP-predictor - FLIP+local"),
+               ("flip+local", "flip", "FLIP+local - FLIP"),
                ("flip", "clip", "FLIP - CLIP"), ("mlip-ot", "mlip", "MLIP-OT - MLIP"),
                ("flip+local-ot", "flip+local", "FLIP+local-OT - FLIP+local"))
 # two-sided 95% Student t quantiles by degrees of freedom (a paired CI over n seeds has n - 1)
@@ -56,10 +69,16 @@ class RunSpec:
     seed: int
     ot_eps: Optional[float] = None  # the OT arms' matching settings (None for the max arms)
     ot_iters: Optional[int] = None
+    sie_warmup: int = 0  # --sie-warmup of an arm with an integrity mode
+    train_fraction: float = 1.0  # --train-fraction (the data-efficiency curve)
+
+    @property
+    def sie_mode(self) -> Optional[str]:
+        return MODE_ARMS.get(self.arm)
 
     @property
     def lambda_sie(self) -> float:
-        return LAMBDA_SIE if self.arm in ("mlip", "mlip-ot") else 0.0
+        return LAMBDA_SIE if self.arm in MODE_ARMS else 0.0
 
     @property
     def matching(self) -> str:
@@ -68,36 +87,61 @@ class RunSpec:
     @property
     def key(self) -> str:
         ot = f"_eps{self.ot_eps:g}_it{self.ot_iters}" if self.matching == "ot" else ""
-        return f"{self.arm}_r{self.mask_ratio:g}_ll{self.lambda_local:g}{ot}_s{self.seed}"
+        warmup = f"_wu{self.sie_warmup}" if self.sie_warmup else ""
+        fraction = f"_f{self.train_fraction:g}" if self.train_fraction < 1.0 else ""
+        return f"{self.arm}_r{self.mask_ratio:g}_ll{self.lambda_local:g}{ot}{warmup}{fraction}_s{self.seed}"
 
     def train_flags(self) -> list:
         flags = ["--mask-ratio", f"{self.mask_ratio:g}", "--lambda-local", f"{self.lambda_local:g}",
                  "--lambda-sie", f"{self.lambda_sie:g}", "--seed", str(self.seed)]
         if self.matching == "ot":
             flags += ["--local-matching", "ot", "--ot-eps", f"{self.ot_eps:g}", "--ot-iters", str(self.ot_iters)]
+        if self.sie_mode is not None:
+            flags += ["--sie-mode", self.sie_mode]
+        if self.sie_warmup:
+            flags += ["--sie-warmup", str(self.sie_warmup)]
+        if self.train_fraction < 1.0:
+            flags += ["--train-fraction", f"{self.train_fraction:g}"]
         return flags
 
 
-def plan(seeds: Sequence[int], ratios: Sequence[float], arms: Sequence[str] = DEFAULT_ARMS,
-         preset_row: bool = True, ot_eps: Sequence[float] = (DEFAULT_OT_EPS,),
-         ot_iters: Sequence[int] = (DEFAULT_OT_ITERS,)) -> list:
-    """Every run of the benchmark, seed-major (the first seeds of every arm finish first); the OT arms once per
-    (eps, iterations) of the grid."""
-    configs = []
-    for arm in arms:
-        if arm == "clip":
-            configs.append(("clip", 0.0, 0.0, None, None))
-        elif arm == "flip":
-            configs += [("flip", r, 0.0, None, None) for r in ratios]
-        elif arm.endswith("-ot"):
-            configs += [(arm, r, SPEC_LAMBDA_LOCAL, e, n) for r in ratios for e in ot_eps for n in ot_iters]
-        else:
-            configs += [(arm, r, SPEC_LAMBDA_LOCAL, None, None) for r in ratios]
-    departed = (DEPARTURES["mask_ratio"], DEPARTURES["lambda_local"])
-    if preset_row and "mlip" in arms and departed[1] != SPEC_LAMBDA_LOCAL:
-        configs.append(("mlip", *departed, None, None))
-    return [RunSpec(arm, r, lam, s, e, n) for s in seeds for arm, r, lam, e, n in configs]
+@dataclass(frozen=True)
+class Grid:
+    """What multiplies the runs besides the seeds: the arms, the mask ratios of the masked arms, the patch-sentence
+    weight of the arms with the local loss, the preset's extra MLIP row, the OT arms' settings, the integrity warm-ups
+    of the arms with an integrity mode (0: none) and the shares of the training pairs."""
 
+    arms: Sequence[str] = DEFAULT_ARMS
+    ratios: Sequence[float] = (SPEC_MASK_RATIO, DEPARTURES["mask_ratio"])
+    lambda_local: float = SPEC_LAMBDA_LOCAL
+    preset_row: bool = True
+    ot_eps: Sequence[float] = (DEFAULT_OT_EPS,)
+    ot_iters: Sequence[int] = (DEFAULT_OT_ITERS,)
+    warmups: Sequence[int] = (0,)
+    fractions: Sequence[float] = (1.0,)
+
+
+def plan(seeds: Sequence[int], grid: Grid = Grid()) -> list:
+    """Every run of the benchmark, seed-major (the first seeds of every arm finish first), then by share of the
+    training pairs; the OT arms once per (eps, iterations) of the grid, the arms with an integrity mode once per
+    warm-up."""
+    configs = []
+    for arm in grid.arms:
+        warmups = grid.warmups if arm in MODE_ARMS else (0,)
+        if arm == "clip":
+            configs.append(("clip", 0.0, 0.0, None, None, 0))
+        elif arm == "flip":
+            configs += [("flip", r, 0.0, None, None, 0) for r in grid.ratios]
+        elif arm.endswith("-ot"):
+            configs += [(arm, r, grid.lambda_local, e, n, w) for r in grid.ratios for e in grid.ot_eps
+                        for n in grid.ot_iters for w in warmups]
+        else:
+            configs += [(arm, r, grid.lambda_local, None, None, w) for r in grid.ratios for w in warmups]
+    departed = ("mlip", DEPARTURES["mask_ratio"], DEPARTURES["lambda_local"], None, None, 0)
+    if grid.preset_row and "mlip" in grid.arms and departed not in configs:
+        configs.append(departed)
+    return [RunSpec(arm, r, lam, s, e, n, w, f) for s in seeds for f in grid.fractions
+            for arm, r, lam, e, n, w in configs]
 
 
 def load_records(path: Path) -> list:

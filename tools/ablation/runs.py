@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from benchmarks import harness
+from mlip_fast.constants import ESTIMATOR_MODES
 from mlip_fast.data.evaluation.synthetic import SyntheticBenchmark
 from mlip_fast.losses import MLIPLoss, clamp_logit_scales_
 from mlip_fast.models import create_model, from_pretrained, get_model_config, get_tokenizer
@@ -27,7 +28,7 @@ from mlip_fast.preprocess.tokenization import tokenize_reports
 from mlip_fast.preprocess.transforms import ImageTransform
 from mlip_fast.train.args import SPEC_LAMBDA_LOCAL
 from mlip_fast.train.main import train
-from tools.ablation.evaluate import evaluate, integrity_alignment, masking_diagnostics
+from tools.ablation.evaluate import brightness_auc, evaluate, integrity_record
 from tools.ablation.plan import RECORD_FILE, SCHEDULE_KEYS, SPEC_MASK_RATIO, RunSpec, write_json_atomic
 from tools.ablation.tables import config_label, group_runs, mean_std
 
@@ -60,7 +61,8 @@ def run_one(spec: RunSpec, schedule: dict, work_dir: Path, cache_dir: Path, synt
     record = {
         "arm": spec.arm, "mask_ratio": spec.mask_ratio, "lambda_local": spec.lambda_local,
         "lambda_sie": spec.lambda_sie, "seed": spec.seed, "key": spec.key, "local_matching": spec.matching,
-        "ot_eps": spec.ot_eps, "ot_iters": spec.ot_iters,
+        "ot_eps": spec.ot_eps, "ot_iters": spec.ot_iters, "sie_warmup": spec.sie_warmup,
+        "train_fraction": spec.train_fraction, "num_train": summary["data"]["n_train"],
         **{k: schedule[k] for k in SCHEDULE_KEYS}, "ds_config": Path(schedule["ds_config"]).name,
         **metrics,
         "samples_per_s": summary["samples_per_s"], "train_s": summary["train_s"],
@@ -188,31 +190,40 @@ def step_time_configs(arms: Sequence[str], ot_eps: float, ot_iters: int) -> tupl
 
 def diagnose(records: list, work_dir: Path, synthetic_root: Path, temperatures: Sequence[float] = (1.0, 0.25, 0.1),
              draws: int = 32) -> dict:
-    """:func:`masking_diagnostics` and :func:`integrity_alignment` of every masked run's exported model (its
-    folder under ``work_dir``), at the run's mask ratio; one table row per configuration (mean over its
-    seeds)."""
-    per_run = []
+    """The integrity diagnostics (:func:`~tools.ablation.evaluate.integrity_record`, ``draws`` masks per image) of
+    every masked run's exported model (its folder under ``work_dir``), at the run's mask ratio and each masking
+    temperature (the Gumbel-top-k temperature of the estimator modes; the others mask uniformly at any); one table
+    row per configuration (mean ± std over its seeds), with the pixel-brightness reference."""
+    per_run, brightness = [], None
     for r in records:
         export = work_dir / "runs" / r["key"] / "export"
         if r["mask_ratio"] == 0.0 or not export.is_dir():
             continue
         model = from_pretrained(export)
-        diag = masking_diagnostics(model, synthetic_root, r["mask_ratio"], temperatures, draws)
-        per_run.append({"key": r["key"], "arm": r["arm"], "mask_ratio": r["mask_ratio"],
-                        "lambda_local": r["lambda_local"], "seed": r["seed"], **diag,
-                        **integrity_alignment(model, synthetic_root)})
+        if brightness is None:
+            brightness = brightness_auc(model, synthetic_root)
+        run = {k: r.get(k) for k in ("key", "arm", "mask_ratio", "lambda_local", "ot_eps", "ot_iters", "sie_warmup",
+                                     "seed")}
+        trained = model.config
+        for t in temperatures:
+            if trained.sie_mode in ESTIMATOR_MODES or t == temperatures[0]:  # the others mask uniformly at any t
+                model.config = trained.replace(mask_temperature=t)  # the model reads it at each forward
+                diag = integrity_record(model, synthetic_root, draws=draws)
+            run.update({k: diag[k] for k in ("sie_mode", "sie_mask_auc", "target_mask_auc", "kept_share_uniform",
+                                             "n_images_with_findings")})
+            run.update({f"{k}_t{t:g}": diag[k] for k in ("finding_kept_share", "weight_cv", "weight_finding_corr")})
+        per_run.append(run)
     table = []
     for runs in group_runs(per_run).values():
         row = {"configuration": config_label(runs[0]), "seeds": len(runs),
-               "kept share, uniform (K/P)": f"{runs[0]['kept_share_uniform']:.3f}",
-               "estimator logit std": mean_std([x["logit_std"] for x in runs])}
-        for key, label in (("sie_mask_auc", "finding-patch AUC: estimator"), ("target_mask_auc", "its target"),
-                           ("brightness_mask_auc", "pixel brightness")):
+               "kept share, uniform (K/P)": f"{runs[0]['kept_share_uniform']:.3f}"}
+        for key, label in (("sie_mask_auc", "finding-patch AUC: per-patch score"), ("target_mask_auc", "its target")):
             row[label] = mean_std([x[key] for x in runs])
+        row["pixel brightness"] = f"{brightness:.3f}"
         for t in temperatures:
             row[f"finding patches kept, t={t:g}"] = mean_std([x[f"finding_kept_share_t{t:g}"] for x in runs])
         for t in temperatures:
             row[f"weight CV, t={t:g}"] = mean_std([x[f"weight_cv_t{t:g}"] for x in runs])
         table.append(row)
     return {"environment": harness.environment("cpu"), "temperatures": list(temperatures), "draws": draws,
-            "runs": per_run, "table": table}
+            "brightness_mask_auc": brightness, "runs": per_run, "table": table}
