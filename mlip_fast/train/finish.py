@@ -189,6 +189,11 @@ def format_summary(summary: dict, path) -> str:
     if loc:
         lines.append(f"localisation (pointing accuracy of {loc['n_sentences']} finding sentences): "
                      f"{loc['pointing_accuracy']:.3f}   (chance {loc['chance']:.3f})")
+    compiled = summary.get("torchcompile") or {}
+    if compiled.get("enabled"):
+        lines.append(f"torch.compile ({compiled['backend']}): " + ", ".join(
+            f"{label} {compiled[k]} s" for k, label in (("compile_s", "compiling"), ("first_step_s", "first step"),
+                                                        ("steady_step_s", "steady step")) if k in compiled))
     times = summary.get("time_breakdown")
     if times:
         shown = {k: v for k, v in times["run_s"].items() if v >= 0.05}

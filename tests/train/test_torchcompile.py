@@ -71,6 +71,7 @@ def test_compiled_run_matches_and_checkpoints_cross_resume(tmp_path, synthetic_c
     assert record["compile_s"] > 0 and record["graphs"] >= 4
     assert record["first_step_s"] > record["steady_step_s"] > 0 and record["warmup_excess_s"] > 0
     assert json.loads((compiled_dir / "summary.json").read_text())["torchcompile"] == record
+    assert f"torch.compile (aot_eager): compiling {record['compile_s']} s" in (compiled_dir / "run.log").read_text()
     records = train_records(compiled_dir)
     assert all(torch.isfinite(torch.tensor([records[s][k] for k in LOSS_TERMS])).all() for s in (1, 2))
     _assert_close_losses(records, one_process_reference, (1, 2))
