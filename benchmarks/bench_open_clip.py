@@ -163,19 +163,29 @@ def deepspeed_step(batch: dict, tokenizer) -> Callable[[], float]:
     """The default run's step: ``ds.json``'s engine (ZeRO-2, fp32, clipping, warm-up + cosine over 1,000 steps),
     driven as ``mlip_fast.train.loop`` drives it (forward, loss, one reduction of the terms, backward, step,
     the clamp of the logit scales in the model and the optimizer's fp32 copy)."""
+    from mlip_fast.train.process import init_distributed
+
+    init_distributed()
+    model, criterion = _ours("mlip", tokenizer)
+    return engine_step_of(model, criterion, batch)
+
+
+def engine_step_of(model, criterion, batch: dict, zero_stage: int | None = None) -> Callable[[], float]:
+    """One training step of ``model`` and ``criterion`` on ``batch`` through a DeepSpeed engine built from
+    ``ds.json`` (its ZeRO stage unless ``zero_stage`` names another), as the training loop drives it; returns the
+    step, which gives the total loss. The process group must be up (``init_distributed``)."""
     import deepspeed
 
     from mlip_fast import _checks
     from mlip_fast.train import ds_config as dsc
     from mlip_fast.train.loop import clamp_engine_logit_scales, loss_inputs
-    from mlip_fast.train.process import init_distributed
     from mlip_fast.train.run import param_groups
 
-    init_distributed()
-    model, criterion = _ours("mlip", tokenizer)
     raw = dsc.load_ds_config(REPO / "ds.json")
     config = dsc.resolve_schedule(dsc.resolve_batch_sizes(raw, 1), 1000)
     config["train_batch_size"], config["train_micro_batch_size_per_gpu"] = BATCH, BATCH
+    if zero_stage is not None:
+        config["zero_optimization"] = {"stage": zero_stage}
     engine, _, _, _ = deepspeed.initialize(model=model, config=config,
                                            model_parameters=param_groups(model, config["optimizer"]["params"]["weight_decay"]))
     engine.train()

@@ -35,15 +35,11 @@ from typing import Callable
 import torch
 
 from benchmarks import harness
-from benchmarks.bench_open_clip import BATCH, make_batch
-from mlip_fast import _checks
+from benchmarks.bench_open_clip import engine_step_of, make_batch
 from mlip_fast.losses import MLIPLoss
 from mlip_fast.models import create_model, get_model_config
-from mlip_fast.train import ds_config as dsc
 from mlip_fast.train.args import SYNTHETIC_PRESET
-from mlip_fast.train.loop import clamp_engine_logit_scales, loss_inputs
 from mlip_fast.train.process import init_distributed
-from mlip_fast.train.run import param_groups
 
 REPO = harness.ROOT
 
@@ -54,8 +50,6 @@ def engine_step(batch: dict, tokenizer, *, text_dropout: float = 0.0, zero_stage
                 compile_towers: bool = False) -> Callable[[], float]:
     """The training loop's step (forward, loss with value checks off, backward, engine step, logit-scale clamp) on
     a DeepSpeed engine built from ``ds.json`` with the given changes."""
-    import deepspeed
-
     init_distributed()
     cfg = get_model_config("mlip-tiny").replace(mask_ratio=SYNTHETIC_PRESET["mask_ratio"],
                                                 text={"dropout": text_dropout})
@@ -65,27 +59,7 @@ def engine_step(batch: dict, tokenizer, *, text_dropout: float = 0.0, zero_stage
         model.visual = torch.compile(model.visual)
         model.text = torch.compile(model.text, dynamic=True)
     criterion = MLIPLoss(lambda_local=SYNTHETIC_PRESET["lambda_local"], lambda_sie=0.1)
-    config = dsc.resolve_schedule(dsc.resolve_batch_sizes(dsc.load_ds_config(REPO / "ds.json"), 1), 1000)
-    config["train_batch_size"], config["train_micro_batch_size_per_gpu"] = BATCH, BATCH
-    config["zero_optimization"] = {"stage": zero_stage}
-    engine, _, _, _ = deepspeed.initialize(model=model, config=config, model_parameters=param_groups(
-        model, config["optimizer"]["params"]["weight_decay"]))
-    engine.train()
-    counter = iter(range(10**9))
-
-    def step() -> float:
-        seed = next(counter)
-        torch.manual_seed(seed)
-        outputs = loss_inputs(engine(batch, seed=seed))
-        with _checks.value_checks_disabled():
-            total, terms = criterion(**outputs)
-        loss = float(terms["loss"])
-        engine.backward(total)
-        engine.step()
-        clamp_engine_logit_scales(engine.module)
-        return loss
-
-    return step
+    return engine_step_of(model, criterion, batch, zero_stage=zero_stage)
 
 
 def pair(name: str, batch: dict, tokenizer) -> tuple:
