@@ -203,6 +203,21 @@ def section_patch_sentence_fwd_config_sweep(ctx) -> dict:
     target = target_of(p.device)
     rows = []
     v3_ok = not fwd_v3_reasons(K, S, D, p.dtype, target.arch)
+
+    def candidate(row: dict, config, expected) -> dict:
+        """``row`` with the tile config's largest difference from the default's output and its time, or why not
+        (the time budget spent, or the launch's error: e.g. out of shared memory or registers on this card)."""
+        if ctx.out_of_time():
+            return dict(row, skipped="time budget spent")
+        call = dict(config=config, normalize=row["normalize"], kernel=row["kernel"])
+        try:
+            got = patch_sentence_fwd(p, s, m, None, **call)[:2]
+            row["max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+            row["ms"] = ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None, **call))
+        except Exception as err:  # noqa: BLE001
+            row["error"] = f"{type(err).__name__}: {err}"[:300]
+        return row
+
     for normalize in (False, True):
         default = fwd_config(B, K, G, S, D, p.dtype, target.arch, target.sm_count, normalize=normalize)
         expected = patch_sentence_fwd(p, s, m, None, normalize=normalize, kernel="v2")[:2]
@@ -211,34 +226,13 @@ def section_patch_sentence_fwd_config_sweep(ctx) -> dict:
         for cand in V3_SWEEP if v3_ok else []:  # the persistent sm_90 forward's tiles (None: its default)
             row = dict(config="v3 default" if cand is None else "v3 candidate", kernel="v3", normalize=normalize,
                        **(cand or {}))
-            if ctx.out_of_time():
-                rows.append(dict(row, skipped="time budget spent"))
-                continue
-            try:
-                got = patch_sentence_fwd(p, s, m, None, config=cand, normalize=normalize, kernel="v3")[:2]
-                row["max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(got, expected))
-                row["ms"] = ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None, config=cand, normalize=normalize,
-                                                                   kernel="v3"))
-            except Exception as err:  # noqa: BLE001
-                row["error"] = f"{type(err).__name__}: {err}"[:300]
-            rows.append(row)
+            rows.append(candidate(row, cand, expected))
         for cand in FWD_SWEEP[:2] if ctx.dry_run else FWD_SWEEP:
             cfg = {k: v for k, v in cand.items() if k != "ROWS"}
             cfg["GB"] = max(1, cand["ROWS"] // default["S_CH"]) if not default["LARGE_S"] else 1
             if ctx.dry_run:
                 cfg.update(BN=16, BD=16, num_stages=1)
-            row = dict(config="candidate", kernel="v2", normalize=normalize, **cfg)
-            if ctx.out_of_time():
-                rows.append(dict(row, skipped="time budget spent"))
-                continue
-            try:
-                got = patch_sentence_fwd(p, s, m, None, config=cfg, normalize=normalize, kernel="v2")[:2]
-                row["max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(got, expected))
-                row["ms"] = ctx.time_ms(lambda: patch_sentence_fwd(p, s, m, None, config=cfg, normalize=normalize,
-                                                                   kernel="v2"))
-            except Exception as err:  # noqa: BLE001 - e.g. out of shared memory or registers on this card
-                row["error"] = f"{type(err).__name__}: {err}"[:300]
-            rows.append(row)
+            rows.append(candidate(dict(config="candidate", kernel="v2", normalize=normalize, **cfg), cfg, expected))
     best = {n: min((r for r in rows if "ms" in r and r["normalize"] == n), key=lambda r: r["ms"]) for n in (False, True)}
     return {"shape": [B, G, K, S, D], "dtype": dtype, "rows": rows, "best": best}
 
