@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from tools.ablation.plan import MODE_ARMS
-from tools.ablation.tables import config_label, format_interval, group_runs, mean_std, paired_difference
+from tools.ablation.tables import (config_label, format_interval, group_runs, mean_std, paired_difference,
+                                   save_figure)
 
 METRICS = ("zs_auc_combined", "zs_auc_global", "zs_auc_local", "pointing_accuracy", "probe_auc_1pct")
 # test metrics, then the validation metrics
@@ -208,9 +209,5 @@ def plot(records: list, path: Path) -> Path:
     first = records[0]
     fig.suptitle(f"Data efficiency on the synthetic benchmark ({first['model']}, {first['steps']} steps at every "
                  f"share, {len({r['seed'] for r in records})} seeds; mean ± std over seeds, dots: runs)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 

@@ -236,6 +236,13 @@ def plot(records: list, path: Path) -> Path:
     first = records[0]
     fig.suptitle(f"MLIP ablation on the synthetic benchmark ({first['model']}, {first['steps']} steps, "
                  f"{len({r['seed'] for r in records})} seeds; dots: runs, bars: means)")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lays out ``fig``, writes it to ``path`` (folders made) at the ablation's resolution and closes it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
