@@ -15,6 +15,7 @@ import torch
 from mlip_fast.ops import ImplUnavailableError, patch_sentence_scores
 from mlip_fast.ops.patch_sentence import ScoresOptions
 from mlip_fast.ops.patch_sentence.chunked import patch_sentence_scores_chunked
+from mlip_fast.testing import assert_compiled_grads_equal
 from mlip_fast.testing.patch_sentence import CASES, grid_scores, make_case, rel_err, run
 
 IMPLS = ["triton", "chunked"]
@@ -207,10 +208,4 @@ def test_custom_op_under_torch_compile():
         i2t, t2i, _, _, _, _ = patch_sentence_scores_fwd(p, s, smask, pmask, True, True, False, False, False)
         return (i2t * 2 + t2i).sum()
 
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    pe, se = p.clone().requires_grad_(), s.clone().requires_grad_()
-    pc, sc = p.clone().requires_grad_(), s.clone().requires_grad_()
-    loss_fn(pe, se).backward()
-    compiled(pc, sc).backward()
-    torch.testing.assert_close(pc.grad, pe.grad, rtol=0, atol=0)
-    torch.testing.assert_close(sc.grad, se.grad, rtol=0, atol=0)
+    assert_compiled_grads_equal(loss_fn, p, s)

@@ -20,6 +20,7 @@ from mlip_fast.ops.patch_sentence_ot import REGISTRY, chunked
 from mlip_fast.ops.patch_sentence_ot.triton_impl import patch_sentence_ot_scores_fwd
 from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores as reference_scores
 from mlip_fast.reference.patch_sentence_ot import transport_plan
+from mlip_fast.testing import assert_compiled_grads_equal
 from mlip_fast.testing.patch_sentence_ot import live_pairs, make_case, rel_err, run
 
 F64 = torch.float64
@@ -210,13 +211,7 @@ def test_custom_op_under_torch_compile():
         scores, _, _ = patch_sentence_ot_scores_fwd(p_, s_, smask, pmask, 0.05, 5, None)
         return (scores * torch.arange(G)).sum()
 
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    pe, se = p.clone().requires_grad_(), s.clone().requires_grad_()
-    pc, sc = p.clone().requires_grad_(), s.clone().requires_grad_()
-    loss_fn(pe, se).backward()
-    compiled(pc, sc).backward()
-    torch.testing.assert_close(pc.grad, pe.grad, rtol=0, atol=0)
-    torch.testing.assert_close(sc.grad, se.grad, rtol=0, atol=0)
+    assert_compiled_grads_equal(loss_fn, p, s)
 
 
 BAD_INPUTS = [  # (what to change, error type, message)
