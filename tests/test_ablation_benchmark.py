@@ -281,3 +281,35 @@ def test_data_efficiency_statistics_against_hand_computation():
            f"excludes 0" in auc_sentence
     assert pointing_sentence.endswith("changes by +0.000 [+0.000, +0.000]: the advantage does not change as data "
                                       "shrinks.")
+
+
+def test_worker_processes_get_the_thread_count(tmp_path, monkeypatch):
+    """--threads sets each worker's OMP_NUM_THREADS (default cores // jobs); a worker that dies is a failure."""
+    import argparse
+
+    from tools.ablation import runs
+
+    seen = []
+
+    class DeadWorker:
+        returncode = 3
+
+        def __init__(self, cmd, env, **kwargs):
+            seen.append((cmd, env["OMP_NUM_THREADS"]))
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(runs.subprocess, "Popen", DeadWorker)
+    monkeypatch.setattr(runs.time, "sleep", lambda s: None)
+    monkeypatch.setattr(runs.os, "cpu_count", lambda: 4)
+    todo = plan((0, 1), Grid(arms=("clip",), ratios=(0.5,), preset_row=False))
+    for threads, jobs, want in ((1, 1, "1"), (None, 2, "2"), (None, 1, "4")):
+        seen.clear()
+        args = argparse.Namespace(ds_config=str(tmp_path / "ds.json"), num_workers=0, jobs=jobs, threads=threads,
+                                  work_dir=tmp_path / "work", cache_dir=tmp_path / "cache")
+        assert runs.run_all(todo, {"steps": 3}, args, tmp_path, lambda r: None) == len(todo)
+        assert [t for _, t in seen] == [want] * len(todo)
+        assert all("--run-one" in cmd for cmd, _ in seen)
+    with pytest.raises(SystemExit):
+        main(_toy_args(tmp_path, "--threads", "0"))

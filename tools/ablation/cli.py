@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs at a time, each in its own process with cores / jobs threads; 0: one after "
                              "the other in this process")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads of each worker process (default: cores / jobs; 1 leaves a core free for "
+                             "other work with --jobs 1)")
     parser.add_argument("--num-workers", type=int, default=1,
                         help="DataLoader workers of each run (the data order does not depend on it)")
     parser.add_argument("--work-dir", type=Path, default=Path(".cache/ablation"), help="run folders and logs")
@@ -92,8 +95,8 @@ def main(argv=None) -> int:
         run_one(RunSpec(**json.loads(args.run_one)), json.loads(args.schedule), args.work_dir, args.cache_dir,
                 args.synthetic_root)
         return 0
-    if args.steps <= 0 or not args.seeds or args.jobs < 0:
-        parser.error("--steps must be positive, --seeds non-empty and --jobs >= 0")
+    if args.steps <= 0 or not args.seeds or args.jobs < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--steps must be positive, --seeds non-empty, --jobs >= 0 and --threads >= 1")
     if any(not 0.0 < r < 1.0 for r in args.ratios):
         parser.error("--ratios must be in (0, 1)")
     if any(not 0 <= w < args.steps for w in args.sie_warmup) or args.lambda_local < 0:
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
         failures = run_all(todo, schedule, args, master.parent, keep)
         if args.step_time_rounds > 0 and not curve:
             # the threads of one training run, measured after every run has finished
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
+            torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
             configs = step_time_configs(args.arms, args.ot_eps[0], args.ot_iters[0])
             result = measure_step_times(master.parent, args.model, args.step_time_rounds, configs=configs)
             write_json_atomic(args.step_time_out, result)

@@ -86,7 +86,7 @@ def finished_record(spec: RunSpec, schedule: dict, work_dir: Path) -> Optional[d
 
 def run_all(todo: list, schedule: dict, args, synthetic_root: Path, on_record: Callable[[dict], None]) -> int:
     """Runs ``todo``: in this process one after the other (``--jobs 0``), or in ``--jobs`` worker processes
-    of ``cores // jobs`` threads each (small CPU ops scale badly across threads, and a busy machine starves a
+    of ``--threads`` (default ``cores // jobs``) threads each (small CPU ops scale badly across threads, and a busy machine starves a
     multi-threaded process, so several single-threaded runs use the cores best). Returns the failures."""
     run_schedule = {**schedule, "ds_config": str(Path(args.ds_config).resolve()), "num_workers": args.num_workers}
     if args.jobs == 0:
@@ -94,7 +94,7 @@ def run_all(todo: list, schedule: dict, args, synthetic_root: Path, on_record: C
             print(f"[{i}/{len(todo)}] {spec.key}", flush=True)
             on_record(run_one(spec, run_schedule, args.work_dir, args.cache_dir, synthetic_root))
         return 0
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     logs = args.work_dir / "logs"
