@@ -11,7 +11,8 @@ import torch
 
 from tools.ablation import efficiency
 from tools.ablation.cli import main
-from tools.ablation.plan import ARMS, DEPARTURES, LAMBDA_SIE, Grid, plan
+from mlip_fast.models import get_model_config
+from tools.ablation.plan import ARMS, DEPARTURES, LAMBDA_SIE, Grid, plan, schedule_of
 from tools.ablation.runs import step_time_configs
 from tools.ablation.tables import best_mode, paired_difference, readme_tables, sweep_tables
 
@@ -75,7 +76,7 @@ def one_thread(monkeypatch):
     torch.set_num_threads(before)
 
 
-def test_toy_benchmark_records_and_resume(tmp_path, one_thread):
+def test_toy_benchmark_records_and_resume(tmp_path, one_thread, capsys):
     out = tmp_path / "ablation.json"
     args = _toy_args(tmp_path, "--ratios", "0.5", "--no-preset-row")
     assert main(args + ["--seeds", "0", "--arms", "clip", "flip", "mlip", "--step-time-rounds", "1"]) == 0
@@ -123,9 +124,21 @@ def test_toy_benchmark_records_and_resume(tmp_path, one_thread):
     stamp = rerun.stat().st_mtime_ns
     assert main(args + ["--seeds", "0", "1", "--arms", "clip", "--step-time-rounds", "0"]) == 0
     assert json.loads(out.read_text()) == after and rerun.stat().st_mtime_ns == stamp
-    # Another schedule is refused rather than mixed into the same records.
+    # Another schedule is refused rather than mixed into the same records: other steps, or another report encoder
+    # dropout (the runs default to the model config's, named in the schedule and given to the training app).
     with pytest.raises(SystemExit, match="another schedule"):
         main(_toy_args(tmp_path, "--steps", "4", "--seeds", "0", "--arms", "clip"))
+    with pytest.raises(SystemExit, match="another schedule"):
+        main(_toy_args(tmp_path, "--text-dropout", "0", "--seeds", "0", "--arms", "clip"))
+    assert {r["text_dropout"] for r in after} == {get_model_config("mlip-tiny").text.dropout} == {0.1}
+    run_summary = json.loads((tmp_path / "work" / "runs" / "clip_r0_ll0_s0" / "summary.json").read_text())
+    assert run_summary["model"]["text"]["dropout"] == 0.1
+    # Records written before the schedule named the dropout ran at the model config's: they continue this one.
+    old = [{k: v for k, v in r.items() if k != "text_dropout"} for r in after]
+    assert [schedule_of(r) for r in old] == [schedule_of(r) for r in after]
+    with pytest.raises(SystemExit):
+        main(_toy_args(tmp_path, "--text-dropout", "1"))
+    assert "--text-dropout must be in [0, 1)" in capsys.readouterr().err
 
     # The data-efficiency curve on the same run folders: the runs on all the pairs are the ablation's (not redone).
     curve = _toy_args(tmp_path, "--data-efficiency", "--fractions", "0.5", "1", "--arms", "clip", "mlip", "--ratios",

@@ -22,7 +22,7 @@ from tools.ablation import efficiency
 from tools.ablation.plan import (ARMS, DATA_EFFICIENCY_ARMS, DATA_EFFICIENCY_FRACTIONS, DATA_EFFICIENCY_PNG,
                                  DATA_EFFICIENCY_RESULTS, DEFAULT_ARMS, DEFAULT_STEPS, DEPARTURES, MASKING_RESULTS,
                                  MODE_ARMS, PNG, RESULTS, SPEC_MASK_RATIO, STEP_TIME_RESULTS, Grid, RunSpec,
-                                 check_schedule, load_records, plan, write_json_atomic)
+                                 check_schedule, load_records, model_text_dropout, plan, write_json_atomic)
 from tools.ablation.runs import diagnose, finished_record, measure_step_times, run_all, run_one, step_time_configs
 from tools.ablation.tables import best_mode, format_interval, plot
 
@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="mlip-tiny")
     parser.add_argument("--synthetic-n", type=int, default=SYNTHETIC_PRESET["synthetic_n"])
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--text-dropout", type=float, default=None,
+                        help="report encoder dropout of every run (default: the model config's, whatever the "
+                             "training app's synthetic preset says; part of the schedule)")
     parser.add_argument("--ds-config", default=str(ROOT / "ds.json"), help="DeepSpeed config of every run")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs at a time, each in its own process with cores / jobs threads; 0: one after "
@@ -97,6 +100,8 @@ def main(argv=None) -> int:
         return 0
     if args.steps <= 0 or not args.seeds or args.jobs < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--steps must be positive, --seeds non-empty, --jobs >= 0 and --threads >= 1")
+    if args.text_dropout is not None and not 0.0 <= args.text_dropout < 1.0:
+        parser.error("--text-dropout must be in [0, 1)")
     if any(not 0.0 < r < 1.0 for r in args.ratios):
         parser.error("--ratios must be in (0, 1)")
     if any(not 0 <= w < args.steps for w in args.sie_warmup) or args.lambda_local < 0:
@@ -123,7 +128,8 @@ def main(argv=None) -> int:
         if not ds_config.is_file():
             parser.error(f"--ds-config {ds_config} does not exist")
         schedule = {"steps": args.steps, "synthetic_n": args.synthetic_n, "image_size": args.image_size,
-                    "ds_config": ds_config.name, "model": args.model}
+                    "ds_config": ds_config.name, "model": args.model,
+                    "text_dropout": model_text_dropout(args.model) if args.text_dropout is None else args.text_dropout}
         check_schedule(records, schedule, args.out)
         master = prepare_synthetic(args.cache_dir, args.image_size, args.synthetic_n, 0, log=print)
         done = {r["key"] for r in records}

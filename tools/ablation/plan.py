@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 from benchmarks import harness
 from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
+from mlip_fast.models import get_model_config
 from mlip_fast.train.args import SPEC_LAMBDA_LOCAL, SYNTHETIC_PRESET
 
 ARMS = ("clip", "flip", "flip+local", "mlip", "mlip-discriminative", "mlip-maco", "mlip-predictor", "flip+local-ot",
@@ -38,7 +39,7 @@ DATA_EFFICIENCY_ARMS = ("clip", "flip+local", "mlip")
 STEP_TIME_RESULTS = harness.RESULTS / "ablation_step_time_cpu.json"
 MASKING_RESULTS = harness.RESULTS / "ablation_masking_cpu.json"
 # What must agree between a kept record and this invocation for the record to count as this benchmark's.
-SCHEDULE_KEYS = ("steps", "synthetic_n", "image_size", "ds_config", "model")
+SCHEDULE_KEYS = ("steps", "synthetic_n", "image_size", "ds_config", "model", "text_dropout")
 RECORD_FILE = "record.json"
 METRICS = ("zs_auc_combined", "zs_auc_global", "zs_auc_local", "pointing_accuracy", "probe_auc_1pct",
            "probe_auc_10pct", "samples_per_s")
@@ -160,10 +161,24 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def model_text_dropout(model: str) -> float:
+    """The report encoder's dropout in ``model``'s config: what every run used before the schedule named it."""
+    return get_model_config(model).text.dropout
+
+
+def schedule_of(record: dict) -> dict:
+    """The schedule a record ran under (records written before ``text_dropout`` joined the schedule ran at the
+    model config's dropout: the training app had no preset for it then)."""
+    schedule = {k: record.get(k) for k in SCHEDULE_KEYS}
+    if schedule["text_dropout"] is None and schedule["model"] is not None:
+        schedule["text_dropout"] = model_text_dropout(schedule["model"])
+    return schedule
+
+
 def check_schedule(records: list, schedule: dict, path: Path) -> None:
     """Refuses to mix runs of another schedule into ``path`` (it would silently compare unlike runs)."""
     for r in records:
-        other = {k: r.get(k) for k in SCHEDULE_KEYS}
+        other = schedule_of(r)
         if other != schedule:
             raise SystemExit(f"{path} holds runs of another schedule ({other}, this one is {schedule}); pass "
                              f"--out to write elsewhere, or the same settings to continue it")

@@ -29,7 +29,8 @@ from mlip_fast.preprocess.transforms import ImageTransform
 from mlip_fast.train.args import SPEC_LAMBDA_LOCAL
 from mlip_fast.train.main import train
 from tools.ablation.evaluate import brightness_auc, evaluate, integrity_record
-from tools.ablation.plan import RECORD_FILE, SCHEDULE_KEYS, SPEC_MASK_RATIO, RunSpec, write_json_atomic
+from tools.ablation.plan import (RECORD_FILE, SCHEDULE_KEYS, SPEC_MASK_RATIO, RunSpec, schedule_of,
+                                 write_json_atomic)
 from tools.ablation.tables import config_label, group_runs, mean_std
 
 ROOT = harness.ROOT
@@ -54,7 +55,8 @@ def run_one(spec: RunSpec, schedule: dict, work_dir: Path, cache_dir: Path, synt
             "--steps", str(schedule["steps"]), "--synthetic-n", str(schedule["synthetic_n"]),
             "--image-size", str(schedule["image_size"]), "--cache-dir", str(cache_dir), "--output-dir", str(run_dir),
             "--num-workers", str(schedule.get("num_workers", 1)), "--eval-every", "0", "--save-every", "0",
-            "--keep-checkpoints", "1", "--no-final-eval", "--no-progress", *spec.train_flags()]
+            "--keep-checkpoints", "1", "--no-final-eval", "--no-progress",
+            "--text-dropout", f"{schedule['text_dropout']:g}", *spec.train_flags()]
     summary = train(argv)
     metrics = evaluate(Path(summary["export"]), synthetic_root)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export holds the weights
@@ -81,7 +83,7 @@ def finished_record(spec: RunSpec, schedule: dict, work_dir: Path) -> Optional[d
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    return record if {k: record.get(k) for k in SCHEDULE_KEYS} == schedule else None
+    return record if schedule_of(record) == schedule else None
 
 
 def run_all(todo: list, schedule: dict, args, synthetic_root: Path, on_record: Callable[[dict], None]) -> int:
