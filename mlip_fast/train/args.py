@@ -230,7 +230,8 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
                             "(default: the synthetic preset's with --data synthetic, else the model config's)")
     model.add_argument("--text-dropout", type=_dropout, default=None,
                        help="dropout of the report encoder (hidden states and attention probabilities; default: the "
-                            "model config's, 0 on the synthetic benchmark); --model-overrides text.dropout wins")
+                            "model config's, 0.1 for the shipped configs, on the synthetic benchmark too); "
+                            "--model-overrides text.dropout wins")
     model.add_argument("--attn", default="auto", choices=("auto", "flash", "xformers", "sdpa", "math"),
                        help="ViT attention backend")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
