@@ -1,5 +1,6 @@
 """Runs through the launchers in subprocesses: stop signals, exit codes, and two gloo processes under
-ZeRO-2 and ZeRO-3 matching one process on the same global batch."""
+ZeRO-2 and ZeRO-3 matching one process on the same global batch (the integrity modes with their own parameters
+too)."""
 import json
 import signal
 import subprocess
@@ -83,6 +84,35 @@ def test_two_processes_match_one_process(tmp_path, synthetic_cache, shared_token
             assert two[step][key] == pytest.approx(one_process_reference[step][key], rel=1e-5, abs=1e-6), (step, key)
     # both ranks saved their optimizer shard and the export consolidates them
     assert len(list((run_dir / "checkpoints" / "step00000003").glob("*optim_states.pt"))) == 2
+    assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["maco", "predictor"])
+def test_two_processes_zero3_integrity_modes_match_one_process(tmp_path, synthetic_cache, shared_tokenizer, mode):
+    """The modes with their own parameters (maco's layout weight, the predictor head) under ZeRO-3 with two
+    processes: the parameters are partitioned, gathered for the forward and their gradients reduced; the per-step
+    losses (the integrity term included) equal one process's on the same global batch up to reduction order
+    (tolerance as above). Mask ratio 0 keeps the masking out of it (its seeds depend on the rank), so the
+    predictor's target is 1 and maco's layout is all kept, but both heads still train and are gathered."""
+    mode_args = ("--sie-mode", mode, "--lambda-sie", "1")
+    one_dir = seed_run_dir(tmp_path / "one", shared_tokenizer)
+    train(base_args(write_ds(tmp_path / "ds1.json"), one_dir, synthetic_cache, *DETERMINISTIC, *mode_args))
+    one = train_records(one_dir)
+    ds = write_ds(tmp_path / "ds.json", zero_optimization={"stage": 3})
+    run_dir = seed_run_dir(tmp_path / "run", shared_tokenizer)
+    cmd = [str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv" / "bin" / "deepspeed").exists() else "deepspeed",
+           "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN_PY),
+           *base_args(ds, run_dir, synthetic_cache, *DETERMINISTIC, *mode_args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 3 and summary["model"]["sie_mode"] == mode
+    two = train_records(run_dir)
+    assert sorted(two) == sorted(one) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("loss", "loss_global", "loss_local", "loss_sie"):
+            assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-6), (step, key)
+    assert any(one[step]["loss_sie"] != 0.0 for step in (1, 2, 3))  # the mode's term is in the comparison
     assert (run_dir / "export" / "model.safetensors").is_file()
 
 
