@@ -60,15 +60,14 @@ min and median) into ``ablation_step_time_cpu.json``. Then the PNG and the READM
     python -m tools.ablation [--steps 300] [--seeds 0 1 2] [--work-dir .cache/ablation]
 
 The integrity modes (issue 26), at the default run's mask ratio and patch-sentence weight: the screen (every mode
-with and without a warm-up against FLIP+local, 400 steps, 3 seeds), then the best mode on validation (``mlip`` for
-guided; its warm-up scaled to the run, 100 of 400 -> 250 of 1000, or 0) at the default run's 1,000 steps with 5
-seeds::
+with and without a warm-up against FLIP+local, 400 steps, 3 seeds), then the best mode on validation (guided
+``mlip`` without a warm-up, as measured) at the default run's 1,000 steps with 5 seeds::
 
     python -m tools.ablation --arms flip+local mlip mlip-discriminative mlip-maco mlip-predictor \
         --sie-warmup 0 100 --ratios 0.25 --lambda-local 4 --steps 400 --seeds 0 1 2 --step-time-rounds 0 \
         --work-dir .cache/ablation_modes --out benchmarks/results/ablation_modes_cpu.json \
         --png benchmarks/results/ablation_modes_cpu.png
-    python -m tools.ablation --arms flip+local mlip-<best> --sie-warmup <0 or 250> --ratios 0.25 --lambda-local 4 \
+    python -m tools.ablation --arms flip+local mlip --sie-warmup 0 --ratios 0.25 --lambda-local 4 \
         --steps 1000 --seeds 0 1 2 3 4 --step-time-rounds 0 --work-dir .cache/ablation_modes_1000 \
         --out benchmarks/results/ablation_modes_1000_cpu.json --png benchmarks/results/ablation_modes_1000_cpu.png
 
@@ -77,8 +76,8 @@ The data-efficiency curve (:mod:`tools.ablation.efficiency`): the arms on 10%, 3
 400 steps, into ``data_efficiency_cpu.json`` (records with arm, train_fraction, num_train, seed and the metrics) and
 ``data_efficiency_cpu.png``; in the screen's work folder the runs on all the pairs are the screen's::
 
-    python -m tools.ablation --data-efficiency --fractions 0.1 0.3 1.0 --arms clip flip+local mlip-<best> \
-        --sie-warmup <0 or 100> --ratios 0.25 --lambda-local 4 --steps 400 --seeds 0 1 2 \
+    python -m tools.ablation --data-efficiency --fractions 0.1 0.3 1.0 --arms clip flip+local mlip \
+        --sie-warmup 0 --ratios 0.25 --lambda-local 4 --steps 400 --seeds 0 1 2 \
         --work-dir .cache/ablation_modes
 
 Modules: ``plan`` (the arms, the run plan and the record files), ``evaluate`` (the metrics of one exported model),
