@@ -68,14 +68,8 @@ def test_two_processes_match_one_process(tmp_path, synthetic_cache, shared_token
     the losses gather negatives across ranks, and DeepSpeed averages gradients. Per-step losses equal the
     one-process run up to fp32 reduction order: the tolerance 1e-5 relative is ~100 ulp, far below any
     real difference (a wrong gather or gradient scale changes the loss at the 1e-2 level)."""
-    ds = write_ds(tmp_path / "ds.json", zero_optimization={"stage": stage})
     run_dir = seed_run_dir(tmp_path / "run", shared_tokenizer)
-    cmd = [str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv" / "bin" / "deepspeed").exists() else "deepspeed",
-           "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN_PY),
-           *base_args(ds, run_dir, synthetic_cache, *DETERMINISTIC, "--eval-every", "2")]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = _two_processes(tmp_path, run_dir, synthetic_cache, stage, "--eval-every", "2")
     assert summary["world_size"] == 2 and summary["zero_stage"] == stage and summary["micro_batch"] == 4
     two = train_records(run_dir)
     assert sorted(two) == sorted(one_process_reference) == [1, 2, 3]
@@ -98,14 +92,8 @@ def test_two_processes_zero3_integrity_modes_match_one_process(tmp_path, synthet
     one_dir = seed_run_dir(tmp_path / "one", shared_tokenizer)
     train(base_args(write_ds(tmp_path / "ds1.json"), one_dir, synthetic_cache, *DETERMINISTIC, *mode_args))
     one = train_records(one_dir)
-    ds = write_ds(tmp_path / "ds.json", zero_optimization={"stage": 3})
     run_dir = seed_run_dir(tmp_path / "run", shared_tokenizer)
-    cmd = [str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv" / "bin" / "deepspeed").exists() else "deepspeed",
-           "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN_PY),
-           *base_args(ds, run_dir, synthetic_cache, *DETERMINISTIC, *mode_args)]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = _two_processes(tmp_path, run_dir, synthetic_cache, 3, *mode_args)
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3 and summary["model"]["sie_mode"] == mode
     two = train_records(run_dir)
     assert sorted(two) == sorted(one) == [1, 2, 3]
@@ -114,6 +102,17 @@ def test_two_processes_zero3_integrity_modes_match_one_process(tmp_path, synthet
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-6), (step, key)
     assert any(one[step]["loss_sie"] != 0.0 for step in (1, 2, 3))  # the mode's term is in the comparison
     assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+def _two_processes(tmp_path, run_dir, synthetic_cache, stage: int, *extra: str) -> dict:
+    """``deepspeed --num_gpus 2`` of ``DETERMINISTIC`` + ``extra`` under ZeRO ``stage``; its summary.json."""
+    ds = write_ds(tmp_path / "ds.json", zero_optimization={"stage": stage})
+    cmd = [str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv" / "bin" / "deepspeed").exists() else "deepspeed",
+           "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN_PY),
+           *base_args(ds, run_dir, synthetic_cache, *DETERMINISTIC, *extra)]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def _free_port() -> int:
