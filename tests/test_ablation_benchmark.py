@@ -9,9 +9,9 @@ import statistics
 import pytest
 import torch
 
+from mlip_fast.models import get_model_config
 from tools.ablation import efficiency
 from tools.ablation.cli import main
-from mlip_fast.models import get_model_config
 from tools.ablation.plan import ARMS, DEPARTURES, LAMBDA_SIE, Grid, plan, schedule_of
 from tools.ablation.runs import step_time_configs
 from tools.ablation.tables import best_mode, paired_difference, readme_tables, sweep_tables

@@ -23,7 +23,8 @@ from tools.ablation.plan import (ARMS, DATA_EFFICIENCY_ARMS, DATA_EFFICIENCY_FRA
                                  DATA_EFFICIENCY_RESULTS, DEFAULT_ARMS, DEFAULT_STEPS, DEPARTURES, MASKING_RESULTS,
                                  MODE_ARMS, PNG, RESULTS, SPEC_MASK_RATIO, STEP_TIME_RESULTS, Grid, RunSpec,
                                  check_schedule, load_records, model_text_dropout, plan, write_json_atomic)
-from tools.ablation.runs import diagnose, finished_record, measure_step_times, run_all, run_one, step_time_configs
+from tools.ablation.runs import (diagnose, finished_record, measure_step_times, run_all, run_one, run_threads,
+                                 step_time_configs)
 from tools.ablation.tables import best_mode, format_interval, plot
 
 ROOT = harness.ROOT
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
         failures = run_all(todo, schedule, args, master.parent, keep)
         if args.step_time_rounds > 0 and not curve:
             # the threads of one training run, measured after every run has finished
-            torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs)))
+            torch.set_num_threads(run_threads(args))
             configs = step_time_configs(args.arms, args.ot_eps[0], args.ot_iters[0])
             result = measure_step_times(master.parent, args.model, args.step_time_rounds, configs=configs)
             write_json_atomic(args.step_time_out, result)

@@ -86,17 +86,23 @@ def finished_record(spec: RunSpec, schedule: dict, work_dir: Path) -> Optional[d
     return record if schedule_of(record) == schedule else None
 
 
+def run_threads(args) -> int:
+    """Threads of one training run: ``--threads``, else the cores shared by ``--jobs`` runs (small CPU ops scale
+    badly across threads, and a busy machine starves a multi-threaded process, so several single-threaded runs use
+    the cores best)."""
+    return args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+
+
 def run_all(todo: list, schedule: dict, args, synthetic_root: Path, on_record: Callable[[dict], None]) -> int:
-    """Runs ``todo``: in this process one after the other (``--jobs 0``), or in ``--jobs`` worker processes
-    of ``--threads`` (default ``cores // jobs``) threads each (small CPU ops scale badly across threads, and a busy machine starves a
-    multi-threaded process, so several single-threaded runs use the cores best). Returns the failures."""
+    """Runs ``todo``: in this process one after the other (``--jobs 0``), or in ``--jobs`` worker processes of
+    :func:`run_threads` threads each. Returns the failures."""
     run_schedule = {**schedule, "ds_config": str(Path(args.ds_config).resolve()), "num_workers": args.num_workers}
     if args.jobs == 0:
         for i, spec in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {spec.key}", flush=True)
             on_record(run_one(spec, run_schedule, args.work_dir, args.cache_dir, synthetic_root))
         return 0
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = run_threads(args)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     logs = args.work_dir / "logs"
