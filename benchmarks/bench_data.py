@@ -164,16 +164,20 @@ def encoder_flops(tokens: int, width: int, depth: int, mlp: int) -> int:
     return depth * tokens * (8 * width * width + 4 * mlp * width + 4 * tokens * width)
 
 
-def measured_gpu_rate():
+def measured_gpu_rate(results: Path | None = None):
     """The fused-impl training rate of the GPU check's train_step section in a committed
-    ``results/gpu_*.json`` (the ViT-B/16 + BERT-base step of ``bench_train_step``), or None."""
-    for path in sorted(harness.RESULTS.glob("gpu_*.json")):
+    ``results/gpu_*.json`` (the ViT-B/16 + BERT-base step of ``bench_train_step``: batch over step time), or None."""
+    for path in sorted((results or harness.RESULTS).glob("gpu_*.json")):
         data = json.loads(path.read_text())
         rows = data.get("sections", {}).get("train_step", {}).get("result", {}).get("rows", [])
-        fused = [r for r in rows if r.get("impl") == "triton" and r.get("samples_per_s")]
+        fused = [r for r in rows if r.get("impl") == "triton" and r.get("device") == "cuda"
+                 and (r.get("samples_per_s") or (r.get("step_ms") and r.get("batch")))]
         if fused and not data.get("dry_run"):
-            return {"source": f"measured: {path.name} (gpu_check.py train_step, fused impl)",
-                    "device": data.get("environment", {}).get("device"), "samples_per_s": round(fused[0]["samples_per_s"])}
+            r = fused[0]
+            rate = r.get("samples_per_s") or r["batch"] * 1000.0 / r["step_ms"]
+            return {"source": f"measured: {path.name} (gpu_check.py train_step, fused impl, {r.get('config')}, "
+                              f"batch {r['batch']}, {r.get('dtype')})",
+                    "device": data.get("environment", {}).get("device"), "samples_per_s": round(rate)}
     return None
 
 
@@ -241,6 +245,18 @@ def test_gpu_feed_model_counts_the_encoder_flops():
     assert formula == pytest.approx(counter.get_total_flops() - counts["aten.convolution"], rel=0.02)
     feed = model_gpu_rate()
     assert feed["image_tokens"] == 1 + 98 and feed["samples_per_s"] > 0
+
+
+def test_measured_gpu_rate_is_batch_over_step_time(tmp_path):
+    """A GPU check's train_step row (batch, step ms) gives the feed rate; a dry run or a CPU row does not."""
+    row = dict(impl="triton", config="mlip-vit-b16-bert-base", batch=64, dtype="bfloat16", device="cuda", step_ms=50.0)
+    record = {"environment": {"device": "Card"}, "sections": {"train_step": {"result": {"rows": [
+        dict(row, impl="reference", step_ms=80.0), row]}}}}
+    (tmp_path / "gpu_card.json").write_text(json.dumps(record))
+    feed = measured_gpu_rate(tmp_path)
+    assert feed["samples_per_s"] == 1280 and feed["device"] == "Card" and "measured" in feed["source"]
+    (tmp_path / "gpu_card.json").write_text(json.dumps(dict(record, dry_run=True)))
+    assert measured_gpu_rate(tmp_path) is None
 
 
 # -------------------------------------------------------------------------------------------- script

@@ -12,6 +12,7 @@ import pytest
 from tools.gpu_check import cli as gpu_check
 from tools.gpu_check import env as gpu_env
 from tools.gpu_check import sections
+from tools.gpu_check import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"  # the entry script under the name users know
@@ -80,6 +81,28 @@ def test_dry_run_writes_all_sections(tmp_path):
     for name in ("d_sweep", "direction_sweep", "bwd_split_sweep"):
         assert sections[name]["result"]["rows"] and all("error" not in r for r in sections[name]["result"]["rows"])
     assert sections["l2_bandwidth"]["result"]["l2"][0]["sum_rel_err"] < 1e-4
+    text = summary.table_markdown(data, path.name)  # the README's view of the same JSON
+    assert f"**{path.name}**" in text and f"patch-sentence op {correctness['checks']} checks, 0 failures" in text
+    assert "| 4x6 K5 S3 D32 | fwd+bwd |" in text and "not run" in text  # the eager bf16 grid is CUDA only
+    assert "One training step" in text and "optimal-transport" in text and "| chunked |" in text
+
+
+def test_summary_ratios_and_missing_sections():
+    """The README summary divides the fastest peer's time by ours (call and kernel time separately, each with
+    its own fastest peer) and leaves out the sections a run skipped."""
+    def row(provider, mode, ms, kernel_ms):
+        return dict(B=8, G=16, K=4, S=2, D=32, dtype="bfloat16", provider=provider, mode=mode, ms=ms, kernel_ms=kernel_ms)
+
+    data = {"environment": {"device": "Card X", "torch": "t", "triton": "tr", "date": "2026-01-02T03:04:05"},
+            "sections": {"peers": {"ok": True, "result": {"rows": [
+                row("triton_train", "full", 2.0, 0.5), row("compiled", "full", 1.0, 0.8), row("naive_bf16", "full", 4.0, 0.4),
+                {"B": 8, "G": 16, "K": 4, "S": 2, "D": 32, "dtype": "bfloat16", "provider": "dense_dsim", "skipped": "budget"}]}},
+                         "integrity_mask": {"ok": True, "skipped": "time budget spent"}}}
+    text = summary.table_markdown(data, "gpu_card-x.json")
+    assert "**gpu_card-x.json**: Card X, torch t, triton tr, 2026-01-02" in text
+    line = next(x for x in text.splitlines() if x.startswith("| 8x16 K4 S2 D32 | fwd+bwd |"))
+    assert line.endswith("| 2 (0.5) | 4 (0.4) | 1 (0.8) | not run | 0.50 (torch.compile grid) | 0.80 (eager bf16 grid) |")
+    assert "Integrity-scored" not in text and "Correctness" not in text and "training step" not in text
 
 
 def test_a_failing_section_keeps_the_others(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """The results tables of the READMEs, generated from ``benchmarks/results/*.json``: every JSON with a "table"
-section, the record lists of the ablation (the integrity modes' and the data-efficiency curve's too) and the OT
+section (a GPU check's ``gpu_<card>.json`` as its summary, ``tools.gpu_check.summary``), the record lists of the ablation (the integrity modes' and the data-efficiency curve's too) and the OT
 sweep, and the static compile and performance model (each rendered by its own tool). Replaces the generated block of ``benchmarks/README.md`` and, when it has the markers,
 of the project README. The tools that write results call it; their ``--readme`` does only that:
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from benchmarks import harness
 from tools import perf_model
+from tools.gpu_check import summary as gpu_summary
 from tools.ablation.efficiency import efficiency_tables
 from tools.ablation.tables import readme_tables, sweep_tables
 from tools.kernel_static import records as static_records
@@ -54,6 +55,9 @@ def results_table() -> str:
             continue
         if path.name in MARKDOWN_TABLES:
             blocks.append(MARKDOWN_TABLES[path.name](data) + "\n")
+            continue
+        if path.name.startswith("gpu_") and isinstance(data, dict) and not data.get("dry_run"):
+            blocks.append(gpu_summary.table_markdown(data, path.name) + "\n")  # a card's run: its summary, not 150 rows
             continue
         if isinstance(data, list) and path.name in LIST_TABLES:
             for caption, rows in LIST_TABLES[path.name](data):
