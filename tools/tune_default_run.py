@@ -56,6 +56,9 @@ CANDIDATES = {
     "dropout0_1000": ["--steps", "1000", "--text-dropout", "0"],
     "dropout0_ot_1000": ["--steps", "1000", "--text-dropout", "0", "--local-matching", "ot"],
     "dropout0_ot_700": ["--steps", "700", "--text-dropout", "0", "--local-matching", "ot"],
+    # hidden-state dropout kept, attention-probability dropout off: the report tower's attention stays on SDPA's
+    # fused kernel (probability dropout moves it to the math path; docs/training.md, "Where the time goes")
+    "attndrop0_1000": ["--steps", "1000", "--text-dropout", "0.1", "--text-attention-dropout", "0"],
 }
 
 

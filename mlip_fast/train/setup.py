@@ -116,7 +116,7 @@ def output_dir(args) -> Path:
 
 def model_config(args, device_type: str = "cpu") -> MLIPConfig:
     """The model config of ``--model`` with ``--model-overrides``, ``--image-size``, ``--attn``, ``--mask-ratio``,
-    ``--text-dropout``, ``--local-matching`` / ``--ot-eps`` / ``--ot-iters``, ``--sie-mode`` / ``--sie-warmup`` and
+    ``--text-dropout`` / ``--text-attention-dropout``, ``--local-matching`` / ``--ot-eps`` / ``--ot-iters``, ``--sie-mode`` / ``--sie-warmup`` and
     the attention choices
     ``--deterministic`` needs on CUDA."""
     cfg = get_model_config(args.model)
@@ -138,6 +138,8 @@ def model_config(args, device_type: str = "cpu") -> MLIPConfig:
         overrides["mask_ratio"] = args.mask_ratio
     if getattr(args, "text_dropout", None) is not None:
         overrides["text"] = {"dropout": args.text_dropout, **overrides.get("text", {})}
+    if getattr(args, "text_attention_dropout", None) is not None:
+        overrides["text"] = {"attention_dropout": args.text_attention_dropout, **overrides.get("text", {})}
     for name in ("local_matching", "ot_eps", "ot_iters", "sie_mode", "sie_warmup"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)

@@ -189,3 +189,33 @@ def test_mlp_projection_and_batch_mismatch(iu_reports):
         batch["images"] = batch["images"][:1]
         with pytest.raises(ValueError, match="1 images but 2 reports"):
             model(batch)
+
+
+@pytest.mark.parametrize("attention_dropout, expected", [(None, 0.3), (0.0, 0.0), (0.2, 0.2)])
+def test_attention_dropout_apart_from_the_hidden_states(iu_reports, monkeypatch, attention_dropout, expected):
+    """text.attention_dropout sets the probability every attention call of the report tower gets in training
+    (None: the hidden states' dropout, as before the field existed); the hidden-state dropout stays text.dropout,
+    and evaluation passes 0 whatever the config."""
+    model = create_model("mlip-tiny", **tiny_overrides(text={"dropout": 0.3, "attention_dropout": attention_dropout}))
+    seen, inside = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, dropout_p=0.0, **kwargs):  # records the report tower's calls only (the ViT's use sdpa too)
+        if inside:
+            seen.append(dropout_p)
+        return sdpa(*args, dropout_p=dropout_p, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model.text.register_forward_pre_hook(lambda *_: inside.append(1))
+    model.text.register_forward_hook(lambda *_: inside.clear())
+    batch = make_batch(model, report_texts(iu_reports, 3))
+    model.train()(batch, seed=1)
+    layers = model.config.text.num_layers
+    assert seen == [pytest.approx(expected)] * layers
+    hidden = [m.p for n, m in model.text.encoder.named_modules() if isinstance(m, torch.nn.Dropout)
+              and not n.endswith("attention.self.dropout")]
+    assert hidden and all(p == pytest.approx(0.3) for p in hidden)
+    seen.clear()
+    with torch.no_grad():
+        model.eval()(batch, seed=1)
+    assert seen == [0.0] * layers

@@ -53,6 +53,8 @@ def test_shipped_configs_by_name_and_flags_mapped_onto_them():
     (["--model-overrides", '{"init_logit_scale": "NaN"}'], ConfigError,
      "init_logit_scale must be a finite number in \\(0, inf\\), got 'NaN'"),
     (["--model-overrides", '{"text": {"dropout": NaN}}'], ConfigError, "text.dropout must be a finite number in \\[0, 1\\)"),
+    (["--model-overrides", '{"text": {"attention_dropout": 1.5}}'], ConfigError,
+     "text.attention_dropout must be a finite number in \\[0, 1\\)"),
     (["--pretrained", "/no/such/vit.safetensors"], ConfigError, "--pretrained '/no/such/vit.safetensors' does not exist"),
     (["--precision", "fp16"], dsc.DSConfigError, "fp16 is enabled but this run is on cpu"),
     (["--data", "/no/such/master.csv"], DataConfigError, "--data /no/such/master.csv: no such file or folder"),
@@ -63,6 +65,18 @@ def test_usage_errors_before_any_slow_work(argv, error, match):
     base = ["--deepspeed_config", "zero2_fp32"] if "--deepspeed_config" not in argv else []
     with pytest.raises(error, match=match):
         checked(*base, *argv)
+
+
+def test_text_dropout_flags_set_the_hidden_and_attention_dropouts():
+    _, cfg, _ = checked("--deepspeed_config", "zero2_fp32", "--text-dropout", "0.2", "--text-attention-dropout", "0")
+    assert (cfg.text.dropout, cfg.text.attention_dropout) == (0.2, 0.0)
+    _, cfg, _ = checked("--deepspeed_config", "zero2_fp32", "--text-dropout", "0.2")
+    assert (cfg.text.dropout, cfg.text.attention_dropout) == (0.2, None)  # None: the same as the hidden states'
+    _, cfg, _ = checked("--deepspeed_config", "zero2_fp32", "--text-attention-dropout", "0",
+                        "--model-overrides", '{"text": {"attention_dropout": 0.05}}')
+    assert cfg.text.attention_dropout == 0.05  # the JSON overrides win, as for text.dropout
+    with pytest.raises(SystemExit):
+        parse_args(["--text-attention-dropout", "1"])
 
 
 def test_flags_the_config_cannot_take_are_refused(tmp_path, capsys):
