@@ -39,6 +39,7 @@ def test_dry_run_writes_all_sections(tmp_path):
         "l2_bandwidth",
         "patch_sentence_correctness",
         "forward_v3",
+        "host_overhead",
         "peers",
         "train_step",
         "d_sweep",
@@ -78,6 +79,9 @@ def test_dry_run_writes_all_sections(tmp_path):
     assert all(r["i2t_first_index"] and r["t2i_first_index"] for r in v3["ties"])
     (share,) = [r for r in sections["train_step"]["result"]["rows"] if r["impl"] == "chunked"]
     assert share["op_calls"] and 0 < share["op_share_at_G"] < 1
+    host = sections["host_overhead"]["result"]["rows"]
+    assert [r["mode"] for r in host] == ["fwd", "fwd+bwd"] and all(0 < r["host_ms"] <= r["wall_ms"] for r in host)
+    assert host[1]["python_top"] and all(r["own_us_per_call"] >= 0 for r in host[1]["python_top"])
     for name in ("d_sweep", "direction_sweep", "bwd_split_sweep"):
         assert sections[name]["result"]["rows"] and all("error" not in r for r in sections[name]["result"]["rows"])
     assert sections["l2_bandwidth"]["result"]["l2"][0]["sum_rel_err"] < 1e-4
@@ -85,6 +89,7 @@ def test_dry_run_writes_all_sections(tmp_path):
     assert f"**{path.name}**" in text and f"patch-sentence op {correctness['checks']} checks, 0 failures" in text
     assert "| 4x6 K5 S3 D32 | fwd+bwd |" in text and "not run" in text  # the eager bf16 grid is CUDA only
     assert "One training step" in text and "optimal-transport" in text and "| chunked |" in text
+    assert "Host side of one call" in text
 
 
 def test_summary_ratios_and_missing_sections():

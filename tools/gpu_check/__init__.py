@@ -10,7 +10,8 @@ installed and skipped with the reason otherwise. Writes ``DIR/gpu_<card>.json`` 
 run) after every section, so a crash or a timeout keeps what was measured. Each section is a function in
 ``SECTIONS``, run in order, cheapest and most informative first: the card (exact variant, clocks and power
 sampled for the whole run), the bf16 matmul rate, L2 / HBM read bandwidth, correctness, the persistent sm_90
-forward against the kernel it replaced (``v3.py``), the op against its peers (``peers.py``), the op's share of a
+forward against the kernel it replaced (``v3.py``), the host time, launches and syncs of one call (``host.py``),
+the op against its peers (``peers.py``), the op's share of a
 training step (``train.py``), the calibration sweeps (``calibration.py``), the wider benchmark, then the largest
 batch (the optimal-transport op, ``ot.py``, after the integrity mask, ``integrity_mask.py``). Each section records its
 wall time and the clocks and power over it; a failing section records its traceback and the others still run.
@@ -30,7 +31,7 @@ triton versions.
 
 Modules: ``context`` (what every section gets), ``sections`` (the card, the matmul rate, correctness, model vs
 measurement, the compiled kernels), one module per group of sections (``env``, ``calibration``, ``v3``,
-``peers``, ``train``, ``integrity_mask``, ``ot``) and ``cli`` (the order of the sections, the budget, the JSON).
+``host``, ``peers``, ``train``, ``integrity_mask``, ``ot``) and ``cli`` (the order of the sections, the budget, the JSON).
 ``python -m tools.gpu_check`` turns the Triton interpreter on before any kernel is imported when there is no CUDA
 device (the dry run); this ``__init__`` imports nothing, so that entry runs first.
 """

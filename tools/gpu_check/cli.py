@@ -15,6 +15,7 @@ import torch
 
 from tools.gpu_check import calibration as gpu_calibration
 from tools.gpu_check import env as gpu_env
+from tools.gpu_check import host as gpu_host
 from tools.gpu_check import ot as gpu_ot
 from tools.gpu_check import peers as gpu_peers
 from tools.gpu_check import train as gpu_train
@@ -34,6 +35,7 @@ SECTIONS = [
     gpu_calibration.section_l2_bandwidth,
     section_patch_sentence_correctness,
     gpu_v3.section_forward_v3,
+    gpu_host.section_host_overhead,
     gpu_peers.section_peers,
     gpu_train.section_train_step,
     gpu_calibration.section_d_sweep,

@@ -9,7 +9,7 @@ keeps every row; this picks what a reader compares:
   strongest peer that ran on the card (the eager bf16 grid, ``torch.compile`` of the reference with
   max-autotune, the dense-dSim backward), per mode, both as call time and as GPU-kernel time: the gap between
   the two is host time (Python, dispatch, launches) that a small shape does not hide;
-- the op's share of a ViT-B/16 + BERT-base training step, the optimal-transport op and the integrity mask;
+- the host side of one call (CPU time, launches, syncs), the op's share of a ViT-B/16 + BERT-base training step, the optimal-transport op and the integrity mask;
 - the performance model's predictions against the measurements (measured over predicted, medians).
 
 Pure Python over the JSON: no torch, so the README can be regenerated anywhere.
@@ -127,6 +127,20 @@ def _peers(data: dict) -> list:
     return [note, ""] + _table(cols, rows)
 
 
+def _host(data: dict) -> list:
+    res = _result(data, "host_overhead")
+    rows = [r for r in (res or {}).get("rows", []) if "host_ms" in r]
+    if not rows:
+        return []
+    table = [[f"{r['B']}x{r['G']} K{r['K']} S{r['S']} D{r['D']} {r['dtype']}", r["forward"], r.get("ran") or "",
+              r["mode"], _ms(r["host_ms"]), _ms(r["wall_ms"]), _ms(r.get("kernel_ms")), _ms(r.get("launches")),
+              "" if r.get("syncs") is None else r["syncs"]] for r in rows]
+    return ["Host side of one call on the training path (CPU ms per call issued back to back, wall ms until the "
+            "device is done, GPU-kernel ms, kernel launches and host syncs per call; the JSON names the Python "
+            "functions with the most own time):", ""] + _table(
+        ["shape", "forward asked", "ran", "mode", "host ms", "wall ms", "kernel ms", "launches", "syncs"], table)
+
+
 def _train_step(data: dict) -> list:
     res = _result(data, "train_step")
     if not res or not res.get("rows"):
@@ -197,6 +211,6 @@ def _model(data: dict) -> list:
 def table_markdown(data: dict, name: str = "gpu.json") -> str:
     """Markdown for one GPU check's JSON: header, correctness and the tables above (sections that did not run
     are left out)."""
-    lines = _header(name, data) + _correctness(data) + _peers(data) + _train_step(data) + _ot(data)
+    lines = _header(name, data) + _correctness(data) + _peers(data) + _host(data) + _train_step(data) + _ot(data)
     lines += _integrity(data) + _model(data)
     return "\n".join(lines).rstrip() + "\n"
