@@ -10,17 +10,30 @@ import os
 from typing import Optional, Tuple
 
 import torch
-import triton
 
-__all__ = ["INTERPRET", "pow2", "half", "upcast", "mask_bytes", "valid_counts"]
+__all__ = ["INTERPRET", "cdiv", "next_pow2", "pow2", "half", "upcast", "mask_bytes", "valid_counts"]
 
 # Read once, like @triton.jit does: it decides at decoration time whether kernels run in the interpreter.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Host-side integer helpers in plain Python. Since triton 3.5, ``triton.cdiv`` and ``triton.next_power_of_2`` are
+# constexpr functions usable inside kernels, and a call from host code unwraps its arguments first: about 4 us a
+# call on this project's CPU machines, where a plain division takes 0.01 us, and one forward + backward of the
+# patch-sentence op makes about 35 such calls for its grids and block sizes. Kernels keep using ``tl.cdiv``.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints (``triton.cdiv`` without its call cost)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` for n >= 1, 0 for 0, as ``triton.next_power_of_2`` (without its call cost)."""
+    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
+
+
 def pow2(n: int, lo: int = 1) -> int:
     """The next power of two >= ``n`` (and >= ``lo``)."""
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return max(lo, next_pow2(max(int(n), 1)))
 
 
 def half(dtype: torch.dtype) -> bool:

@@ -6,6 +6,7 @@ not present, so that what it compiles is exactly what the launchers would launch
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,5 +29,11 @@ def target_of(device: torch.device) -> Target:
         return OVERRIDE
     if device.type != "cuda":
         return NO_GPU
-    props = torch.cuda.get_device_properties(device)
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> Target:
+    """A card's properties do not change while the process runs: read once per device index."""
+    props = torch.cuda.get_device_properties(index)
     return Target(arch=props.major * 10 + props.minor, sm_count=props.multi_processor_count)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
+from mlip_fast.kernels._common import cdiv, next_pow2
 
 from mlip_fast.kernels.integrity_mask.backward import _integrity_mask_bwd_kernel
 from mlip_fast.kernels.integrity_mask.forward import MAX_PATCHES, _integrity_mask_fwd_kernel
@@ -26,18 +26,18 @@ def fwd_config(B: int, P: int, C: int, keep: int, *, interpret: bool, itemsize: 
     half as many columns for 8-byte tokens), and one warp per 512 positions of the row (4 to 32 warps), so
     each thread holds at most 16 positions of the selection (P = 8192 takes 16 warps) and nothing spills.
     """
-    block_p = triton.next_power_of_2(P)
-    block_k = triton.next_power_of_2(keep)
+    block_p = next_pow2(P)
+    block_k = next_pow2(keep)
     if interpret:
-        rows = min(triton.next_power_of_2(B), max(1, 8192 // block_p))
+        rows = min(next_pow2(B), max(1, 8192 // block_p))
         kpb = block_k
-        block_c = min(triton.next_power_of_2(C), 256)
+        block_c = min(next_pow2(C), 256)
         block_j = min(rows * kpb, max(1, 16384 // block_c))
         return dict(ROWS=rows, KPB=kpb, BLOCK_J=block_j, BLOCK_C=block_c, num_warps=4)
-    rows = min(triton.next_power_of_2(B), max(1, 256 // block_p))
+    rows = min(next_pow2(B), max(1, 256 // block_p))
     kpb = min(block_k, max(1, 32 // rows))
     block_j = rows * kpb
-    block_c = min(triton.next_power_of_2(C), max(16, (32768 // itemsize) // block_j))
+    block_c = min(next_pow2(C), max(16, (32768 // itemsize) // block_j))
     lanes_per_warp = 512 if score_itemsize <= 4 else 64  # fp64 rows of 1024+ positions take 16 warps
     min_warps = 4 if score_itemsize <= 4 else 8  # fp64: at 4 warps ptxas spills a register in the copy loop
     num_warps = min(16, max(min_warps, (rows * block_p) // lanes_per_warp))
@@ -92,7 +92,7 @@ def integrity_mask_fwd(
     cfg = fwd_config(B, P, C, keep, interpret=_interpreting(device), itemsize=tokens.element_size(),
                      score_itemsize=scores.element_size())
     cfg.update(config or {})
-    grid = (triton.cdiv(B, cfg["ROWS"]), triton.cdiv(keep, cfg["KPB"]))
+    grid = (cdiv(B, cfg["ROWS"]), cdiv(keep, cfg["KPB"]))
     _integrity_mask_fwd_kernel[grid](
         tokens,
         scores,
@@ -111,7 +111,7 @@ def integrity_mask_fwd(
         *scores.stride(),
         *kept.stride(),
         SEED_FROM_PTR=seed_tensor is not None,
-        BLOCK_P=triton.next_power_of_2(P),
+        BLOCK_P=next_pow2(P),
         **cfg,
     )
     integrity = masses[0] / masses[1]  # a division in the kernel would call fp64's slow-path routine
@@ -125,12 +125,12 @@ def integrity_mask_bwd(grad_kept: torch.Tensor, slot: torch.Tensor) -> torch.Ten
     grad_tokens = torch.empty((B, P, C), dtype=grad_kept.dtype, device=grad_kept.device)
     slot = slot.contiguous()
     if _interpreting(grad_kept.device):
-        block_c = min(triton.next_power_of_2(C), 256)
-        block_n = min(triton.next_power_of_2(B * P), max(1, 16384 // block_c))
+        block_c = min(next_pow2(C), 256)
+        block_n = min(next_pow2(B * P), max(1, 16384 // block_c))
     else:  # 32 KiB tiles: 8192 fp32 / 4096 fp64 elements over 128 threads
-        block_c = min(triton.next_power_of_2(C), 256)
+        block_c = min(next_pow2(C), 256)
         block_n = max(1, (32768 // grad_kept.element_size()) // block_c)
-    grid = (triton.cdiv(B * P, block_n),)
+    grid = (cdiv(B * P, block_n),)
     _integrity_mask_bwd_kernel[grid](
         grad_kept, slot, grad_tokens, B * P, P, C, *grad_kept.stride(), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4
     )

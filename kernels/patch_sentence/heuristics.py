@@ -3,20 +3,38 @@ input and GPU, the size limits ``impl="auto"`` sees, and how many programs share
 
 Block sizes are those the static compile (``tools/kernel_static``) checks spill-free on sm_80 and sm_90;
 where a choice depends on how many blocks an SM holds, the figure is that static record's.
+
+The configs are pure functions of sizes, dtype and card, and are cached on them (:func:`_cached`): the v3
+forward's split search and the backward's split search evaluate hundreds of candidates, which cost host time on
+every call of the op when they were recomputed (the op is host-bound at one GPU's batch, see the GPU check).
 """
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
-import triton
 
-from mlip_fast.kernels._common import INTERPRET
+from mlip_fast.kernels._common import INTERPRET, cdiv
 from mlip_fast.kernels._common import half as _half
 from mlip_fast.kernels._common import pow2 as _pow2
 
 MAX_TOKENS = 2**15  # argmax indices are int16: K and S must stay below
 NORM_EPS = 1e-12  # F.normalize's floor on the norm
+
+
+def _cached(fn):
+    """``fn`` (a pure function of hashable arguments returning a dict) cached on its arguments; each call gets a
+    fresh copy, so a caller that edits its config cannot change the next caller's."""
+    cached = functools.lru_cache(maxsize=4096)(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs) -> dict:
+        return dict(cached(*args, **kwargs))
+
+    call.cache_clear = cached.cache_clear
+    call.cache_info = cached.cache_info
+    return call
 
 
 def _precision(dtype: torch.dtype, tf32: bool) -> str:
@@ -43,6 +61,7 @@ def limits(K: int, S: int, dtype: torch.dtype, arch: int) -> List[str]:
 MIN_SLOTS = 16  # sentence slots per report in a forward tile
 
 
+@_cached
 def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch: int, sm_count: int, *,
                normalize: bool = False, directions: str = "both") -> dict:
     """Block sizes of the forward for these sizes on compute capability ``arch`` (checked spill-free on sm_80
@@ -84,11 +103,11 @@ def fwd_config(B: int, K: int, G: int, S: int, D: int, dtype: torch.dtype, arch:
         if arch < 90 and directions == "i2t":
             bd = 8
         stages = 2
-    n_rb = triton.cdiv(G, gb)
+    n_rb = cdiv(G, gb)
     if INTERPRET:
         ib = B
     elif large_s:  # a few programs per SM, each with a scratch row it reuses for all its images
-        ib = triton.cdiv(B, max(1, (4 * max(sm_count, 1)) // n_rb))
+        ib = cdiv(B, max(1, (4 * max(sm_count, 1)) // n_rb))
     else:  # several images per program only when that still leaves about eight programs per SM
         ib = min(8, max(1, min(B, (n_rb * B) // (8 * max(sm_count, 1)))))
     return dict(GB=gb, S_CH=s_ch, BN=bn, BD=bd, LARGE_S=large_s, IB=ib, num_warps=warps, num_stages=stages)
@@ -121,23 +140,25 @@ def fwd_v3_reasons(K: int, S: int, D: int, dtype: torch.dtype, arch: int) -> Lis
     return why
 
 
+@_cached
 def fwd_v3_config(B: int, K: int, G: int, S: int, D: int, sm_count: int, directions: str = "both") -> dict:
     """Tile and schedule of the v3 forward: GB reports x 16 slots, BN patches per tile, D in one or two TMA boxes,
     and images split over programs so that the programs (one resident per SM: about 250 registers x 8 warps)
     fill the SMs in the fewest rounds of work (``IMGS`` images per program). 64 patches per tile for both
     directions, 32 for one (ptxas spills the one-direction 64-patch tile at D = 512 by a few dozen bytes)."""
     dc = min(V3_BOX, _pow2(D, 16))
-    n_rb = triton.cdiv(G, V3_REPORTS)
+    n_rb = cdiv(G, V3_REPORTS)
     sms = max(1, sm_count)
     # rounds of programs on the busiest SM x (images per program + about one image's worth of start-up: the
     # resident block's load and the first tile's latency), over the splits of the images
-    split = min(range(1, B + 1), key=lambda s: (triton.cdiv(n_rb * s, sms) * (triton.cdiv(B, s) + 1), s))
+    split = min(range(1, B + 1), key=lambda s: (cdiv(n_rb * s, sms) * (cdiv(B, s) + 1), s))
     if INTERPRET:
         split = 1
-    return dict(GB=V3_REPORTS, S_CH=V3_SLOTS, BN=64 if directions == "both" else 32, DC=dc, NUM_DC=triton.cdiv(D, dc), STAGES=2,
-                IMGS=triton.cdiv(B, split), num_warps=8)
+    return dict(GB=V3_REPORTS, S_CH=V3_SLOTS, BN=64 if directions == "both" else 32, DC=dc, NUM_DC=cdiv(D, dc), STAGES=2,
+                IMGS=cdiv(B, split), num_warps=8)
 
 
+@_cached
 def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch: int, own_is_patch: bool,
                atomic: bool = False) -> dict:
     """Block sizes of one backward side (checked spill-free on sm_80 and sm_90 by the static tool).
@@ -209,7 +230,7 @@ def backward_split(tiles: int, steps: int, sm_count: int, arch: int, dtype: torc
         if atomic and deterministic:
             break
         slots = max(1, sm_count) * resident_blocks(config_of(atomic), arch, dtype)
-        cost = triton.cdiv(tiles * split, slots) * triton.cdiv(steps, split)
+        cost = cdiv(tiles * split, slots) * cdiv(steps, split)
         if best[0] is None or cost < best[0]:
             best = (cost, split)
         if tiles * split >= 8 * slots:  # more rounds only add tails

@@ -7,13 +7,14 @@ tool (``python -m tools.kernel_static``) record the launches instead of running 
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional, Tuple
 
 import torch
-import triton
 from triton.runtime import _allocation
 
+from mlip_fast.kernels._common import cdiv
 from mlip_fast.kernels._common import mask_bytes as _mask_bytes
 from mlip_fast.kernels._common import upcast as _upcast
 from mlip_fast.kernels._target import target_of
@@ -182,8 +183,8 @@ def _fwd_v3(patches, sentences, sentence_mask, patch_mask, prep, outs, do_i2t, d
     directions = "both" if (do_i2t and do_t2i) else ("i2t" if do_i2t else "t2i")
     cfg = dict(fwd_v3_config(B, K, G, S, D, sm_count, directions), **(config or {}))
     imgs = cfg.pop("IMGS")
-    n_rb = triton.cdiv(G, cfg["GB"])
-    grid = (n_rb * triton.cdiv(B, imgs),)
+    n_rb = cdiv(G, cfg["GB"])
+    grid = (n_rb * cdiv(B, imgs),)
     sm = _mask_bytes(sentence_mask)
     token = None
     if patches.device.type == "cuda" and _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
@@ -218,10 +219,10 @@ def _fwd_v2(patches, sentences, sentence_mask, patch_mask, prep, outs, do_i2t, d
                           directions=directions), **(config or {}))
     pm = _mask_bytes(patch_mask) if patch_mask is not None else n_p
     sm = _mask_bytes(sentence_mask) if sentence_mask is not None else n_s
-    n_rb = triton.cdiv(G, cfg["GB"])
+    n_rb = cdiv(G, cfg["GB"])
     ib = cfg.pop("IB")
-    grid = (n_rb * triton.cdiv(B, ib),)
-    k_scratch = triton.cdiv(K, cfg["BN"]) * cfg["BN"] if cfg["LARGE_S"] else 0
+    grid = (n_rb * cdiv(B, ib),)
+    k_scratch = cdiv(K, cfg["BN"]) * cfg["BN"] if cfg["LARGE_S"] else 0
     f32 = dict(dtype=torch.float32, device=patches.device)
     scratch_v = torch.empty((grid[0] * k_scratch if k_scratch else 1,), **f32)
     scratch_a = torch.empty(scratch_v.shape, dtype=torch.int32, device=patches.device)
@@ -250,11 +251,38 @@ def _grad_epilogue(part: torch.Tensor, own: torch.Tensor, inv: Optional[torch.Te
     # the interpreter's conversion to bf16 does not round to nearest: there the kernel stays fp32 and torch casts
     out = torch.empty((N, D), dtype=torch.float32 if INTERPRET else own.dtype, device=own.device)
     rows = 4 if D > 256 else 8
-    _patch_sentence_grad_epilogue_kernel[(triton.cdiv(N, rows),)](
+    _patch_sentence_grad_epilogue_kernel[(cdiv(N, rows),)](
         out, part, own, inv if inv is not None else part, N, D, N * D, NORM_EPS,
         SPLIT=split, NORMALIZE=inv is not None, ROWS=rows, BD=_pow2(D, 16), num_warps=4,
     )
     return out.to(own.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bwd_plan(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch: int, sm_count: int,
+              own_is_patch: bool, deterministic: bool, split: Optional[int], config: tuple) -> tuple:
+    """The launch plan of one backward side, a pure function of sizes, dtype and card (cached: the split
+    search evaluates up to one candidate per step of the walk): (block config items, row programs, programs
+    per output tile, steps per program, whether the partial sums go through atomics). ``config``: overrides
+    of :func:`bwd_config`'s block sizes as sorted (key, value) pairs; ``split``: a forced split or None."""
+    def config_of(atomic: bool) -> dict:
+        return dict(bwd_config(X, R, Y, C, D, dtype, arch, own_is_patch, atomic=atomic), **dict(config))
+
+    cfg = config_of(False)
+    row_programs = cdiv(X, cfg["XB"]) * cdiv(R, cfg["RB"])
+    tiles = row_programs * cdiv(D, cfg["DC"])
+    steps = cdiv(Y, cfg["YB"]) * cdiv(C, cfg["CB"])
+    if split is None:
+        split = backward_split(tiles, steps, sm_count, arch, dtype, config_of, deterministic)
+    split = max(1, min(int(split), steps))
+    per_split = cdiv(steps, split)
+    split = cdiv(steps, per_split)
+    # Small splits write separate buffers summed in a fixed order (bitwise reproducible) even when not asked:
+    # the buffers are cheap there; only wide splits, outside the deterministic mode, add with atomics.
+    use_atomic = split > DETERMINISTIC_SPLIT and not deterministic
+    if use_atomic:
+        cfg = config_of(True)
+    return tuple(cfg.items()), row_programs, split, per_split, use_atomic
 
 
 def _bwd_side(
@@ -279,31 +307,18 @@ def _bwd_side(
     X, R, D = own.shape
     Y, C, _ = other.shape
     target = target_of(own.device)
-
-    def config_of(atomic: bool) -> dict:
-        return dict(bwd_config(X, R, Y, C, D, own.dtype, target.arch, own_is_patch, atomic=atomic), **(config or {}))
-
-    cfg = config_of(False)
-    row_programs = triton.cdiv(X, cfg["XB"]) * triton.cdiv(R, cfg["RB"])
-    tiles = row_programs * triton.cdiv(D, cfg["DC"])
-    steps = triton.cdiv(Y, cfg["YB"]) * triton.cdiv(C, cfg["CB"])
-    if split is None:
-        split = backward_split(tiles, steps, target.sm_count, target.arch, own.dtype, config_of, deterministic)
-    split = max(1, min(int(split), steps))
-    per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per_split)
-    # Small splits write separate buffers summed in a fixed order (bitwise reproducible) even when not asked:
-    # the buffers are cheap there; only wide splits, outside the deterministic mode, add with atomics.
-    use_atomic = split > DETERMINISTIC_SPLIT and not deterministic
+    cfg, row_programs, split, per_split, use_atomic = _bwd_plan(
+        X, R, Y, C, D, own.dtype, target.arch, target.sm_count, own_is_patch, bool(deterministic),
+        None if split is None else int(split), tuple(sorted((config or {}).items())))
+    cfg = dict(cfg)
     if use_atomic:
-        cfg = config_of(True)
         out = torch.zeros((1, X * R, D), dtype=torch.float32, device=own.device)
     else:
         # one program per tile writes the final dtype itself (not under the interpreter, whose conversion to bf16
         # does not round to nearest)
         direct = split == 1 and inv is None and not INTERPRET
         out = torch.empty((split, X * R, D), dtype=own.dtype if direct else torch.float32, device=own.device)
-    grid = (row_programs, triton.cdiv(D, cfg["DC"]), split)
+    grid = (row_programs, cdiv(D, cfg["DC"]), split)
     _patch_sentence_bwd_kernel[grid](
         out, other, *launch_args[:4], inv[1] if inv is not None else launch_args[2],
         X, R, Y, C, D, per_split, *launch_args[4:],
@@ -369,7 +384,7 @@ def patch_sentence_bwd(
     w_i2t, w_t2i = (w_i2t if has_i2t else w_t2i), (w_t2i if has_t2i else w_i2t)  # an absent one is never read
     pm, sm = _mask_bytes(patch_mask), _mask_bytes(sentence_mask)
     gi, gt = (grad_i2t if has_i2t else w_i2t), (grad_t2i if has_t2i else w_t2i)
-    _patch_sentence_weights_kernel[(triton.cdiv(B, 16), triton.cdiv(G, 64))](
+    _patch_sentence_weights_kernel[(cdiv(B, 16), cdiv(G, 64))](
         gi, gt, pm if pm is not None else patches, sm if sm is not None else sentences, w_i2t, w_t2i,
         B, G, K, S, gi.stride(0), gi.stride(1), gt.stride(0), gt.stride(1),
         HAS_I2T=has_i2t, HAS_T2I=has_t2i, HAS_PMASK=pm is not None, HAS_SMASK=sm is not None,

@@ -6,8 +6,8 @@ import math
 from typing import List, Optional, Tuple
 
 import torch
-import triton
 
+from mlip_fast.kernels._common import cdiv
 from mlip_fast.kernels._common import INTERPRET, mask_bytes, valid_counts
 from mlip_fast.kernels._common import half as _half
 from mlip_fast.kernels._common import pow2 as _pow2
@@ -100,7 +100,7 @@ def patch_sentence_ot_fwd(
     cfg = dict(fwd_config(B, K, G, S, D, patches.dtype, target.arch), **(config or {}))
     pm = mask_bytes(patch_mask) if patch_mask is not None else n_p
     sm = mask_bytes(sentence_mask) if sentence_mask is not None else n_s
-    n_rb = triton.cdiv(G, cfg["GB"])
+    n_rb = cdiv(G, cfg["GB"])
     _patch_sentence_ot_fwd_kernel[(B * n_rb,)](
         patches, sentences, pm, sm, n_p, n_s, scores, f, g,
         B, G, K, S, D,
@@ -152,7 +152,7 @@ def _bwd_side(own, other, pot_own, pot_oth, w, strides: tuple, own_is_patch: boo
     if cfg["XB" if own_is_patch else "YB"] != 1:  # the kernel loads the sentence potentials as vectors
         raise ValueError(f"patch_sentence_ot_bwd: {'XB' if own_is_patch else 'YB'} must be 1 on this side, got {cfg}")
     out = torch.empty_like(own)
-    grid = (triton.cdiv(X, cfg["XB"]) * triton.cdiv(R, cfg["RB"]), triton.cdiv(D, cfg["DC"]))
+    grid = (cdiv(X, cfg["XB"]) * cdiv(R, cfg["RB"]), cdiv(D, cfg["DC"]))
     _patch_sentence_ot_bwd_kernel[grid](
         out, own, other, pot_own, pot_oth, w, X, R, Y, C, D, *strides, z_scale,
         OWN_IS_PATCH=own_is_patch,
