@@ -79,6 +79,7 @@ def test_dry_run_writes_all_sections(tmp_path):
     assert all(r["i2t_first_index"] and r["t2i_first_index"] for r in v3["ties"])
     (share,) = [r for r in sections["train_step"]["result"]["rows"] if r["impl"] == "chunked"]
     assert share["op_calls"] and 0 < share["op_share_at_G"] < 1
+    assert share["step_python_top"] and share["step_launches"] is None  # launches are counted on CUDA only
     host = sections["host_overhead"]["result"]["rows"]
     assert [r["mode"] for r in host] == ["fwd", "fwd+bwd"] and all(0 < r["host_ms"] <= r["wall_ms"] for r in host)
     assert host[1]["python_top"] and all(r["own_us_per_call"] >= 0 for r in host[1]["python_top"])

@@ -57,7 +57,7 @@ def _syncs_per_call(dev, fn) -> int | None:
     return sum("synchroniz" in str(w.message).lower() for w in seen)
 
 
-def _launches_per_call(dev, fn, iters: int = 3) -> dict:
+def launches_per_call(dev, fn, iters: int = 3) -> dict:
     """GPU kernels per call and their summed milliseconds (None on CPU)."""
     if dev.type != "cuda":
         return {"launches": None, "kernel_ms": None, "kernels": None}
@@ -76,7 +76,7 @@ def _launches_per_call(dev, fn, iters: int = 3) -> dict:
             "kernels": {k: v / iters for k, v in sorted(names.items(), key=lambda kv: -kv[1])}}
 
 
-def _python_top(fn, calls: int, n: int = 12) -> list:
+def python_top(fn, calls: int, n: int = 12) -> list:
     """The ``n`` Python functions with the most own time per call of ``fn`` (microseconds)."""
     prof = cProfile.Profile()
     prof.enable()
@@ -127,9 +127,9 @@ def section_host_overhead(ctx) -> dict:
                 row = dict(forward=forward, ran=ps_launch.last_forward().get("kernel"), mode=mode, B=B, G=G, K=K, S=S,
                            D=D, dtype=dtype, calls=calls, host_ms=(issued - start) * 1e3 / calls,
                            wall_ms=(done - start) * 1e3 / calls, syncs=_syncs_per_call(dev, fn),
-                           **_launches_per_call(dev, fn))
+                           **launches_per_call(dev, fn))
                 if mode == "fwd+bwd":
-                    row["python_top"] = _python_top(fn, calls)
+                    row["python_top"] = python_top(fn, calls)
                     _sync(dev)
                 rows.append(row)
                 p.grad = s.grad = None

@@ -147,9 +147,11 @@ def _train_step(data: dict) -> list:
         return []
     rows = [[r["impl"], r["config"], r["batch"], r["dtype"], _ms(r["step_ms"]), _ms(r["step_kernel_ms"]),
              _ms(r.get("op_local_ms")), _ms(r.get("op_local_kernel_ms")), r["G_emulated"],
-             f"{100 * r['op_share_at_G']:.1f}%"] for r in res["rows"]]
+             f"{100 * r['op_share_at_G']:.1f}%", _ms(r.get("step_launches"))] for r in res["rows"] if "step_ms" in r]
+    if not rows:
+        return []
     cols = ["op impl", "model", "batch", "dtype", "step ms", "step kernel ms", "op ms", "op kernel ms",
-            "G emulated", "op share of step at G"]
+            "G emulated", "op share of step at G", "kernel launches per step"]
     return ["One training step (forward, backward, optimizer) of the full model with the op's reference vs Triton "
             "path:", ""] + _table(cols, rows)
 

@@ -10,7 +10,9 @@ and the largest batch per GPU.
   G = 1024 gathered reports is emulated in one process: the step's measured time, less the op standalone at
   the step's own shapes (G = B), plus the op standalone at G = 1024 with everything else equal; the op's share
   is its time at G = 1024 over that emulated step. Beside it, the kernel-only share of the real step (G = B)
-  from ``torch.profiler`` (kernels named ``_patch_sentence_*``). Dry run: ``mlip-tiny``, batch 4, G = 16, chunked.
+  from ``torch.profiler`` (kernels named ``_patch_sentence_*``), and what bounds a host-bound step: its kernel
+  launches (CUDA) and the Python functions with the most own time per step. Dry run: ``mlip-tiny``, batch 4,
+  G = 16, chunked.
 - :func:`section_train_step_max_batch`: the largest per-GPU batch before out-of-memory per impl (doubling, then
   bisection; each probe a full step) and the peak memory at batch 64; CUDA only, stopped by the time budget.
 """
@@ -27,6 +29,7 @@ from mlip_fast import functional as MF
 from mlip_fast.functional import local as local_loss
 from mlip_fast.constants import INIT_LOGIT_SCALE
 from mlip_fast.ops import patch_sentence_scores
+from tools.gpu_check import host as gpu_host
 
 G_EMULATED = 1024
 DRY_CASE = dict(config="mlip-tiny", batch=4, image_size=64, dtype="float32", device="cpu")
@@ -131,6 +134,9 @@ def section_train_step(ctx) -> dict:
                 calls = op_calls(step)
                 step_ms = _step_ms(step, 1 if ctx.dry_run else 5)
                 kernels = ctx.kernel_profile(step, match="_patch_sentence_")
+                # what bounds a host-bound step: kernel launches per step and the Python that issues them
+                launches = gpu_host.launches_per_call(ctx.device, step, iters=1)["launches"]
+                python_top = gpu_host.python_top(step, 1 if ctx.dry_run else 3)
                 in_step = kernels["matched_ms"] if impl == "triton" else None  # only our kernels carry the name
                 local = [_op_ms(ctx, c, c["G"]) for c in calls]
                 wide = [_op_ms(ctx, c, G) for c in calls]
@@ -141,7 +147,8 @@ def section_train_step(ctx) -> dict:
                                  op_kernel_ms_in_step=in_step,
                                  op_kernel_share_in_step=in_step / kernels["total_ms"] if in_step and kernels["total_ms"] else None,
                                  op_local_ms=op_local, op_local_kernel_ms=_sum(local), op_ms_at_G=op_wide,
-                                 op_kernel_ms_at_G=_sum(wide), emulated_step_ms=emulated, op_share_at_G=op_wide / emulated))
+                                 op_kernel_ms_at_G=_sum(wide), emulated_step_ms=emulated, op_share_at_G=op_wide / emulated,
+                                 step_launches=launches, step_python_top=python_top))
             except Exception as err:  # noqa: BLE001 - e.g. the reference's grid out of memory at G = 1024
                 rows.append(dict(row, error=f"{type(err).__name__}: {err}"[:500]))
             finally:
