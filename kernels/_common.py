@@ -19,8 +19,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Host-side integer helpers in plain Python. Since triton 3.5, ``triton.cdiv`` and ``triton.next_power_of_2`` are
 # constexpr functions usable inside kernels, and a call from host code unwraps its arguments first: about 4 us a
-# call on this project's CPU machines, where a plain division takes 0.01 us, and one forward + backward of the
-# patch-sentence op makes about 35 such calls for its grids and block sizes. Kernels keep using ``tl.cdiv``.
+# call on this project's CPU machines, where a plain division takes 0.01 us, and the split searches of the
+# patch-sentence launchers made hundreds of such calls per forward + backward on a GPU (benchmarks/
+# bench_launch_plan.py). Kernels keep using ``tl.cdiv``.
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for positive ints (``triton.cdiv`` without its call cost)."""
     return -(-a // b)

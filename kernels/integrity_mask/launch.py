@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from mlip_fast.kernels._common import cdiv, next_pow2
 
+from mlip_fast.kernels._common import cdiv, next_pow2
 from mlip_fast.kernels.integrity_mask.backward import _integrity_mask_bwd_kernel
 from mlip_fast.kernels.integrity_mask.forward import MAX_PATCHES, _integrity_mask_fwd_kernel
 
