@@ -136,10 +136,9 @@ def model_config(args, device_type: str = "cpu") -> MLIPConfig:
     overrides["vision"] = vision
     if args.mask_ratio is not None:
         overrides["mask_ratio"] = args.mask_ratio
-    if getattr(args, "text_dropout", None) is not None:
-        overrides["text"] = {"dropout": args.text_dropout, **overrides.get("text", {})}
-    if getattr(args, "text_attention_dropout", None) is not None:
-        overrides["text"] = {"attention_dropout": args.text_attention_dropout, **overrides.get("text", {})}
+    for flag, key in (("text_dropout", "dropout"), ("text_attention_dropout", "attention_dropout")):
+        if getattr(args, flag, None) is not None:  # --model-overrides' text keys win
+            overrides["text"] = {key: getattr(args, flag), **overrides.get("text", {})}
     for name in ("local_matching", "ot_eps", "ot_iters", "sie_mode", "sie_warmup"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)

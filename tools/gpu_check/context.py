@@ -52,7 +52,8 @@ class Context:
     def kernel_profile(self, fn, match: str = None) -> dict:
         """Per call of ``fn()`` under ``torch.profiler`` (three calls after a warm-up; one in a dry run): the
         summed durations of its GPU kernels (memsets and copies included) and of those whose name contains
-        ``match``; on CPU (dry run) the ops' self CPU time."""
+        ``match``, the number of kernels and the count of each kernel name (``launches`` and ``kernels``: None
+        on CPU); on CPU (dry run) the durations are the ops' self CPU time."""
         iters = 1 if self.dry_run else 3
         if not self.dry_run:
             fn()
@@ -71,7 +72,11 @@ class Context:
             spans = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
         total = sum(us for _, us in spans) / 1e3 / iters
         matched = None if match is None else sum(us for name, us in spans if match in name) / 1e3 / iters
-        return {"total_ms": total, "matched_ms": matched}
+        names = {}
+        for name, _ in spans:
+            names[name[:60]] = names.get(name[:60], 0) + 1
+        return {"total_ms": total, "matched_ms": matched, "launches": len(spans) / iters if cuda else None,
+                "kernels": {k: v / iters for k, v in sorted(names.items(), key=lambda kv: -kv[1])} if cuda else None}
 
     def kernel_ms(self, fn) -> float:
         """Kernel-only milliseconds of one ``fn()`` (see :meth:`kernel_profile`)."""

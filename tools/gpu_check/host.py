@@ -10,7 +10,8 @@ forward + backward:
 - ``host_ms``: the CPU time per call, N calls issued back to back without a synchronisation (the GPU queue
   absorbs them unless a call waits for the device);
 - ``wall_ms``: the same N calls until the device is done, per call (host-bound when close to ``host_ms``);
-- ``kernel_ms`` and ``launches``: the GPU kernels' summed time and their number per call (``torch.profiler``);
+- ``kernel_ms``, ``launches`` and ``kernels``: the GPU kernels' summed time, their number and names per call
+  (``Context.kernel_profile``);
 - ``syncs``: host synchronisations per call (CUDA's sync debug mode; 0 is the contract of the training path);
 - ``python_top``: the 12 Python functions with the most own time per forward + backward call (``cProfile``),
   which names the wrapper, dispatch or launcher code to remove.
@@ -26,7 +27,7 @@ import warnings
 
 import torch
 
-from benchmarks.bench_patch_sentence import make_inputs
+from benchmarks.bench_patch_sentence import _sync, make_inputs
 from mlip_fast import _checks
 from mlip_fast.kernels.patch_sentence import launch as ps_launch
 from mlip_fast.ops import patch_sentence_scores
@@ -35,11 +36,6 @@ SHAPE = (128, 128, 98, 16, 512)
 DRY_SHAPE = (4, 6, 5, 3, 32)
 CALLS = 50
 DRY_CALLS = 2
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _syncs_per_call(dev, fn) -> int | None:
@@ -55,25 +51,6 @@ def _syncs_per_call(dev, fn) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     return sum("synchroniz" in str(w.message).lower() for w in seen)
-
-
-def launches_per_call(dev, fn, iters: int = 3) -> dict:
-    """GPU kernels per call and their summed milliseconds (None on CPU)."""
-    if dev.type != "cuda":
-        return {"launches": None, "kernel_ms": None, "kernels": None}
-    fn()
-    _sync(dev)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        _sync(dev)
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    names = {}
-    for e in events:
-        names[e.name[:60]] = names.get(e.name[:60], 0) + 1
-    return {"launches": len(events) / iters, "kernel_ms": sum(e.time_range.elapsed_us() for e in events) / 1e3 / iters,
-            "kernels": {k: v / iters for k, v in sorted(names.items(), key=lambda kv: -kv[1])}}
 
 
 def python_top(fn, calls: int, n: int = 12) -> list:
@@ -124,10 +101,12 @@ def section_host_overhead(ctx) -> dict:
                 issued = time.perf_counter()
                 _sync(dev)
                 done = time.perf_counter()
+                kernels = ctx.kernel_profile(fn)
                 row = dict(forward=forward, ran=ps_launch.last_forward().get("kernel"), mode=mode, B=B, G=G, K=K, S=S,
                            D=D, dtype=dtype, calls=calls, host_ms=(issued - start) * 1e3 / calls,
                            wall_ms=(done - start) * 1e3 / calls, syncs=_syncs_per_call(dev, fn),
-                           **launches_per_call(dev, fn))
+                           kernel_ms=kernels["total_ms"] if dev.type == "cuda" else None,
+                           launches=kernels["launches"], kernels=kernels["kernels"])
                 if mode == "fwd+bwd":
                     row["python_top"] = python_top(fn, calls)
                     _sync(dev)

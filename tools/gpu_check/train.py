@@ -134,8 +134,7 @@ def section_train_step(ctx) -> dict:
                 calls = op_calls(step)
                 step_ms = _step_ms(step, 1 if ctx.dry_run else 5)
                 kernels = ctx.kernel_profile(step, match="_patch_sentence_")
-                # what bounds a host-bound step: kernel launches per step and the Python that issues them
-                launches = gpu_host.launches_per_call(ctx.device, step, iters=1)["launches"]
+                # what bounds a host-bound step: its kernel launches (above) and the Python that issues them
                 python_top = gpu_host.python_top(step, 1 if ctx.dry_run else 3)
                 in_step = kernels["matched_ms"] if impl == "triton" else None  # only our kernels carry the name
                 local = [_op_ms(ctx, c, c["G"]) for c in calls]
@@ -148,7 +147,7 @@ def section_train_step(ctx) -> dict:
                                  op_kernel_share_in_step=in_step / kernels["total_ms"] if in_step and kernels["total_ms"] else None,
                                  op_local_ms=op_local, op_local_kernel_ms=_sum(local), op_ms_at_G=op_wide,
                                  op_kernel_ms_at_G=_sum(wide), emulated_step_ms=emulated, op_share_at_G=op_wide / emulated,
-                                 step_launches=launches, step_python_top=python_top))
+                                 step_launches=kernels["launches"], step_python_top=python_top))
             except Exception as err:  # noqa: BLE001 - e.g. the reference's grid out of memory at G = 1024
                 rows.append(dict(row, error=f"{type(err).__name__}: {err}"[:500]))
             finally:
