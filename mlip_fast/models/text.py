@@ -13,6 +13,13 @@ transformers' own mask and the same SDPA call. The valid positions' outputs are 
 CPU without dropout; weight gradients sum the same terms in another order), padded positions are zeros; with
 dropout the hidden-state dropout draws its masks over N instead of B x T positions. Other encoders, gradient
 checkpointing and ``torch.compile`` (a data-dependent token count) take transformers' forward.
+
+Dropout on CPU (training only): the embeddings are formed on the N valid tokens (word + position + token type 0,
+layer norm: the same per-token arithmetic as ``BertEmbeddings``), every dropout draws its mask with
+:func:`mlip_fast.models.dropout.dropout`, and attention with dropout is computed per group of rows of similar length
+as softmax(q k^T * scale + key mask) * dropout mask @ v (:func:`self_attention`) instead of SDPA's CPU fallback on
+the whole padded batch, which draws ``bernoulli_`` and checks every [B, H, T, T] row for being fully masked.
+Without dropout, and on CUDA, the calls are transformers' / SDPA's.
 """
 from __future__ import annotations
 
@@ -26,9 +33,10 @@ import torch.nn.functional as F
 from huggingface_hub import try_to_load_from_cache
 
 from mlip_fast.models.config import TextConfig
+from mlip_fast.models.dropout import dropout
 
 __all__ = ["TextTower", "pool_sentences", "build_text_encoder", "encoder_from_config", "resolve_text_source",
-           "minilm_path", "padding_free", "unpadded_bert"]
+           "minilm_path", "padding_free", "unpadded_bert", "self_attention", "TokenLayout"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,26 +136,109 @@ def unpadded_bert(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     from transformers.masking_utils import create_bidirectional_mask
 
     b, t = input_ids.shape
-    x = encoder.embeddings(input_ids=input_ids)  # [B, T, C]
-    c = x.shape[-1]
-    mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=x, attention_mask=attention_mask)
     keep = attention_mask.reshape(-1).nonzero().squeeze(1)  # [N] flat positions of the valid tokens
-    x = x.reshape(b * t, c).index_select(0, keep)  # [N, C]
+    emb = encoder.embeddings
+    if emb.dropout.training and emb.dropout.p > 0 and input_ids.device.type == "cpu":
+        # BertEmbeddings' arithmetic per valid token (token type 0), then the cheaper CPU dropout over N tokens
+        word = emb.word_embeddings(input_ids.reshape(-1).index_select(0, keep))
+        token_type = emb.token_type_embeddings(input_ids.new_zeros(1))
+        position = emb.position_embeddings(torch.arange(t, device=input_ids.device).repeat(b).index_select(0, keep))
+        x = dropout(emb.LayerNorm(word + token_type + position), emb.dropout.p)  # [N, C]
+        c = x.shape[-1]
+        mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=x.new_empty(b, t, c),
+                                         attention_mask=attention_mask)
+    else:
+        x = emb(input_ids=input_ids)  # [B, T, C]
+        c = x.shape[-1]
+        mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=x, attention_mask=attention_mask)
+        x = x.reshape(b * t, c).index_select(0, keep)  # [N, C]
+    layout = TokenLayout(b, t, keep, mask, attention_mask)
 
-    def padded_heads(y: torch.Tensor, heads: int) -> torch.Tensor:  # [N, C] -> [B, H, T, C / H], zeros at padding
-        return y.new_zeros(b * t, c).index_copy(0, keep, y).view(b, t, heads, c // heads).transpose(1, 2)
+    def drop(y: torch.Tensor, module: nn.Dropout) -> torch.Tensor:
+        return dropout(y, module.p, module.training)
 
     for layer in encoder.encoder.layer:
         attn, out = layer.attention.self, layer.attention.output
-        heads = attn.num_attention_heads
-        q, k, v = (padded_heads(proj(x), heads) for proj in (attn.query, attn.key, attn.value))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.dropout.p if attn.training else 0.0,
-                                           scale=attn.scaling)
-        o = o.transpose(1, 2).reshape(b * t, c).index_select(0, keep)
-        x = out.LayerNorm(out.dropout(out.dense(o)) + x)
+        o = self_attention(attn, x, layout, attn.dropout.p if attn.training else 0.0)
+        x = out.LayerNorm(drop(out.dense(o), out.dropout) + x)
         inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
-        x = layer.output.LayerNorm(layer.output.dropout(layer.output.dense(inner)) + x)
+        x = layer.output.LayerNorm(drop(layer.output.dense(inner), layer.output.dropout) + x)
     return x.new_zeros(b * t, c).index_copy(0, keep, x).view(b, t, c)
+
+
+# rows per length group of the explicit attention path (batch rows sorted by length, cut into groups this size)
+GROUP_ROWS = 16
+
+
+class TokenLayout:
+    """Where the N valid tokens of a [B, T] batch sit: ``keep`` [N] (flat positions, row-major, so row b's tokens are
+    the N-range [offset_b, offset_b + L_b)), transformers' SDPA ``mask``, and, built on first use, the length groups of
+    :func:`self_attention`'s explicit path."""
+
+    def __init__(self, b: int, t: int, keep: torch.Tensor, mask, attention_mask: torch.Tensor):
+        self.b, self.t, self.keep, self.mask, self.attention_mask = b, t, keep, mask, attention_mask
+        self._groups = None
+
+    def groups(self) -> list:
+        """Rows sorted by their number of tokens, cut into groups of :data:`GROUP_ROWS`; per group
+        (src [n_tok] indices into N, dst [n_tok] slots in the group's [n * T_g] padded rows, key padding
+        [n, 1, 1, T_g] bool or None, n, T_g), and the inverse of the groups' concatenated src (a permutation of N)."""
+        if self._groups is None:
+            lengths = self.attention_mask.sum(1)  # [B]
+            offsets = lengths.cumsum(0) - lengths
+            order = torch.argsort(lengths, stable=True)
+            groups = []
+            for rows in order.split(GROUP_ROWS):
+                n, length = rows.numel(), lengths.index_select(0, rows)
+                tg = int(length.max())
+                j = torch.arange(tg, device=lengths.device)
+                valid = j[None, :] < length[:, None]  # [n, T_g]
+                src = (offsets.index_select(0, rows)[:, None] + j[None, :])[valid]
+                dst = (torch.arange(n, device=lengths.device)[:, None] * tg + j[None, :])[valid]
+                groups.append((src, dst, None if bool(valid.all()) else ~valid[:, None, None, :], n, tg))
+            src_all = torch.cat([g[0] for g in groups])
+            inverse = torch.empty_like(src_all).index_copy_(0, src_all, torch.arange(src_all.numel(),
+                                                                                      device=src_all.device))
+            self._groups = (groups, inverse)
+        return self._groups
+
+
+def self_attention(attn: nn.Module, x: torch.Tensor, layout: TokenLayout, dropout_p: float) -> torch.Tensor:
+    """One BERT self-attention (``attn``, a ``BertSelfAttention``) over the valid tokens x [N, C] -> [N, C]
+    (the context vectors, before the output projection).
+
+    SDPA on the [B, T] padded layout (transformers' mask), except with dropout on CPU: there the rows are sorted by
+    length and cut into groups of :data:`GROUP_ROWS`, each padded to its own longest row (on the synthetic reports
+    about half the [B, H, T, T] score elements of one padded batch), and attention is computed as
+    softmax(q k^T * scale, padded keys masked) times a :func:`~mlip_fast.models.dropout.keep_mask` draw, @ v.
+    Attention does not see positions (they are in the embeddings), so a row's tokens packed to the front of its
+    group row give the same values; no row is fully masked ([CLS] is a valid key).
+    """
+    heads = attn.num_attention_heads
+    n_tok, c = x.shape
+    if dropout_p == 0.0 or x.device.type != "cpu":
+        b, t, keep = layout.b, layout.t, layout.keep
+
+        def padded_heads(y: torch.Tensor) -> torch.Tensor:  # [N, C] -> [B, H, T, C / H], zeros at padding
+            return y.new_zeros(b * t, c).index_copy(0, keep, y).view(b, t, heads, c // heads).transpose(1, 2)
+
+        q, k, v = (padded_heads(proj(x)) for proj in (attn.query, attn.key, attn.value))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=dropout_p, scale=attn.scaling)
+        return o.transpose(1, 2).reshape(b * t, c).index_select(0, keep)
+    groups, inverse = layout.groups()
+    weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # one [3C, C] projection
+    bias = None if attn.query.bias is None else torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])
+    qkv = F.linear(x, weight, bias)  # [N, 3C]
+    outs = []
+    for src, dst, padding, n, tg in groups:
+        rows = qkv.new_zeros(n * tg, 3 * c).index_copy(0, dst, qkv.index_select(0, src))
+        q, k, v = rows.view(n, tg, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [n, H, T_g, C / H]
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(attn.scaling)
+        if padding is not None:
+            scores = scores.masked_fill_(padding, float("-inf"))
+        o = torch.matmul(dropout(torch.softmax(scores, dim=-1), dropout_p), v)
+        outs.append(o.transpose(1, 2).reshape(n * tg, c).index_select(0, dst))
+    return torch.cat(outs).index_select(0, inverse)
 
 
 def minilm_path() -> str:

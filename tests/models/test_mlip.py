@@ -196,18 +196,17 @@ def test_attention_dropout_apart_from_the_hidden_states(iu_reports, monkeypatch,
     """text.attention_dropout sets the probability every attention call of the report tower gets in training
     (None: the hidden states' dropout, as before the field existed); the hidden-state dropout stays text.dropout,
     and evaluation passes 0 whatever the config."""
+    from mlip_fast.models import text
+
     model = create_model("mlip-tiny", **tiny_overrides(text={"dropout": 0.3, "attention_dropout": attention_dropout}))
-    seen, inside = [], []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+    attention = text.self_attention
 
-    def spy(*args, dropout_p=0.0, **kwargs):  # records the report tower's calls only (the ViT's use sdpa too)
-        if inside:
-            seen.append(dropout_p)
-        return sdpa(*args, dropout_p=dropout_p, **kwargs)
+    def spy(attn, x, layout, dropout_p):  # the report tower's attention calls
+        seen.append(dropout_p)
+        return attention(attn, x, layout, dropout_p)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    model.text.register_forward_pre_hook(lambda *_: inside.append(1))
-    model.text.register_forward_hook(lambda *_: inside.clear())
+    monkeypatch.setattr(text, "self_attention", spy)
     batch = make_batch(model, report_texts(iu_reports, 3))
     model.train()(batch, seed=1)
     layers = model.config.text.num_layers

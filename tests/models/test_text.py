@@ -1,5 +1,6 @@
 """Report tokenization and sentence pooling on real IU X-ray reports, the text tower, tokenizer sources,
 deterministic WordPiece training."""
+import copy
 import json
 import os
 import subprocess
@@ -128,9 +129,9 @@ def test_text_tower_cls_and_sentences_from_the_encoder(tokenizer, iu_reports):
 def _bert(tokenizer, **kw):
     from transformers import BertConfig, BertModel
 
+    kw = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, **kw}
     cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                     intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     attn_implementation=kw.pop("attn_implementation", "sdpa"), **kw)
+                     intermediate_size=96, attn_implementation=kw.pop("attn_implementation", "sdpa"), **kw)
     torch.manual_seed(0)
     return BertModel(cfg, add_pooling_layer=False)
 
@@ -159,6 +160,59 @@ def test_padding_free_bert_equals_transformers_forward_and_backward(tokenizer, i
         scale = max(g.abs().max() for g in ref_grads.values())  # the key biases' true gradient is 0: rounding noise
         for name, p in encoder.named_parameters():
             torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-5, atol=1e-6 * scale), name
+
+
+def test_grouped_attention_path_equals_fp64_transformers(tokenizer, iu_reports, monkeypatch):
+    """The CPU training path with attention dropout (rows grouped by length, explicit softmax attention, embeddings on
+    the valid tokens), its dropout draws replaced by the identity, computes transformers' BERT forward and weight
+    gradients in fp64 (eval mode, no dropout) to fp32 rounding; several groups of rows of unequal length, a last
+    smaller one, and a row with a hole in its attention mask included."""
+    from mlip_fast.models import text
+    from mlip_fast.models.text import padding_free, unpadded_bert
+
+    monkeypatch.setattr(text, "GROUP_ROWS", 3)
+    monkeypatch.setattr(text, "dropout", lambda y, p, training=True: y)
+    encoder = _bert(tokenizer, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3)
+    assert padding_free(encoder)
+    texts = [iu_reports[k] for k in sorted(iu_reports)[:5]] + ["Lungs clear.", "No acute disease. Heart size normal.",
+                                                               "Normal chest."]
+    batch = tokenize_reports(tokenizer, texts, max_length=64, max_sentences=16)
+    ids, mask = batch["input_ids"], batch["attention_mask"].clone()
+    mask[0, 3] = 0  # a hole: that token is neither a query nor a key
+    valid = mask.bool()
+    torch.manual_seed(1)
+    grad = torch.randn(*ids.shape, 48, dtype=torch.float64) * valid[..., None]
+    ref_encoder = copy.deepcopy(encoder).double().eval()
+    ref = ref_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    (ref * grad).sum().backward()
+    out = unpadded_bert(encoder.train(), ids, mask)
+    (out.double() * grad).sum().backward()
+    torch.testing.assert_close(out[valid].double(), ref[valid].detach(), rtol=1e-5, atol=1e-5)
+    assert (out[~valid] == 0).all()
+    ref_grads = dict(ref_encoder.named_parameters())
+    for name, p in encoder.named_parameters():
+        g = ref_grads[name].grad
+        torch.testing.assert_close(p.grad.double(), g, rtol=1e-4, atol=1e-5 * g.abs().max().item() + 1e-7), name
+
+
+def test_attention_dropout_applied_and_repeatable(tokenizer, iu_reports):
+    """With dropout the training forward differs from the evaluation one, equals itself for the same seed, and the
+    attention-probability dropout alone (hidden dropout 0) changes the output."""
+    from mlip_fast.models.text import unpadded_bert
+
+    texts = [iu_reports[k] for k in sorted(iu_reports)[:4]]
+    batch = tokenize_reports(tokenizer, texts, max_length=64, max_sentences=16)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    valid = mask.bool()
+    encoder = _bert(tokenizer, attention_probs_dropout_prob=0.3)
+    with torch.no_grad():
+        plain = unpadded_bert(encoder.eval(), ids, mask)
+        torch.manual_seed(5)
+        first = unpadded_bert(encoder.train(), ids, mask)
+        torch.manual_seed(5)
+        again = unpadded_bert(encoder, ids, mask)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first[valid], plain[valid], atol=1e-3)
 
 
 def test_padding_free_path_only_where_it_computes_the_same(tokenizer):
