@@ -40,9 +40,11 @@ from mlip_fast.ops.dispatch import Impl
 from mlip_fast.ops.patch_sentence.options import ScoresOptions
 from mlip_fast.reference.patch_sentence import inverse_norms, score_dtype, unnormalize_grad_
 
-# Elements of one similarity tile: 2**17 fp32 values (512 KiB; the op keeps two) stay in cache and keep the op
-# count per call low (each op costs a scheduling round trip on a busy 2-core machine).
-TILE_ELEMENTS = 2**17
+# Elements of one similarity tile: 2**21 fp32 values (8 MiB; the op keeps two). Fewer, larger tiles mean fewer ops
+# per call (each a dispatch round trip); benchmarks/bench_chunked_tiles.py (results/chunked_tiles_cpu.json) found
+# 2**21 fastest or within noise of it at the default run's loss and at two larger shapes, and 2**17 (the size
+# before, chosen to stay in cache) 1.35-1.7x slower on 2 cores.
+TILE_ELEMENTS = 2**21
 
 
 def _tiles(B: int, K: int, G: int, S: int, tile_elements: int):
