@@ -14,7 +14,11 @@ Changes (``--only`` picks some):
   reduction buckets during backward);
 - ``threads``: 1 -> 2 intra-op threads (``torch.set_num_threads`` before each step);
 - ``compile``: eager -> ``torch.compile`` of the two towers (inductor, dynamic report length); the compile time
-  is reported, and the steps a run needs before the compiled step has paid for it.
+  is reported, and the steps a run needs before the compiled step has paid for it;
+- ``report_tower_dropout``: the report encoder with the preset's dropout 0.1, its padding-free path as before the
+  CPU dropout changes (SDPA's fallback with ``bernoulli_`` over the padded batch, ``F.dropout``) -> with them
+  (``mlip_fast.models.dropout`` masks, length-grouped explicit attention; ``text.CPU_DROPOUT_PATH``);
+- ``chunked_tiles``: the patch-sentence op's tiles of 2**17 -> 2**21 similarity cells (``chunked.TILE_ELEMENTS``).
 
 The data path (DataLoader workers vs ``--in-memory``), the evaluation / checkpoint cadence and the whole default
 run are measured as whole commands (docs/training.md, "Where the time goes").
@@ -43,7 +47,7 @@ from mlip_fast.train.process import init_distributed
 
 REPO = harness.ROOT
 
-CHANGES = ("text_dropout", "zero_stage", "threads", "compile")
+CHANGES = ("text_dropout", "zero_stage", "threads", "compile", "report_tower_dropout", "chunked_tiles")
 
 
 def engine_step(batch: dict, tokenizer, *, text_dropout: float = 0.0, zero_stage: int = 2,
@@ -96,6 +100,35 @@ def pair(name: str, batch: dict, tokenizer) -> tuple:
         after()  # the first step compiles (forward and backward graphs)
         timed["first compiled step"] = time.perf_counter() - start
         return before, after, labels, timed
+    if name in ("report_tower_dropout", "chunked_tiles"):
+        from mlip_fast.models import text
+        from mlip_fast.ops.patch_sentence import chunked
+
+        step = build("engine", text_dropout=0.1)
+        if name == "report_tower_dropout":
+            labels = ("SDPA fallback + bernoulli_", "CPU masks + grouped attention")
+
+            def setting(on: bool):
+                def run():
+                    text.CPU_DROPOUT_PATH = on
+                    try:
+                        return step()
+                    finally:
+                        text.CPU_DROPOUT_PATH = True
+                return run
+        else:
+            labels = ("tiles of 2**17", "tiles of 2**21")
+            default = chunked.patch_sentence_scores_chunked.__defaults__
+
+            def setting(on: bool):
+                def run():
+                    chunked.patch_sentence_scores_chunked.__defaults__ = (2**21 if on else 2**17,)
+                    try:
+                        return step()
+                    finally:
+                        chunked.patch_sentence_scores_chunked.__defaults__ = default
+                return run
+        return setting(False), setting(True), labels, timed
     raise ValueError(f"unknown change {name!r}; choose from {CHANGES}")
 
 

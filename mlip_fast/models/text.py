@@ -138,7 +138,7 @@ def unpadded_bert(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     b, t = input_ids.shape
     keep = attention_mask.reshape(-1).nonzero().squeeze(1)  # [N] flat positions of the valid tokens
     emb = encoder.embeddings
-    if emb.dropout.training and emb.dropout.p > 0 and input_ids.device.type == "cpu":
+    if emb.dropout.training and emb.dropout.p > 0 and input_ids.device.type == "cpu" and CPU_DROPOUT_PATH:
         # BertEmbeddings' arithmetic per valid token (token type 0), then the cheaper CPU dropout over N tokens
         word = emb.word_embeddings(input_ids.reshape(-1).index_select(0, keep))
         token_type = emb.token_type_embeddings(input_ids.new_zeros(1))
@@ -155,7 +155,7 @@ def unpadded_bert(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     layout = TokenLayout(b, t, keep, mask, attention_mask)
 
     def drop(y: torch.Tensor, module: nn.Dropout) -> torch.Tensor:
-        return dropout(y, module.p, module.training)
+        return dropout(y, module.p, module.training) if CPU_DROPOUT_PATH else module(y)
 
     for layer in encoder.encoder.layer:
         attn, out = layer.attention.self, layer.attention.output
@@ -168,6 +168,9 @@ def unpadded_bert(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 # rows per length group of the explicit attention path (batch rows sorted by length, cut into groups this size)
 GROUP_ROWS = 16
+# False: the padding-free path without the CPU dropout changes (SDPA with dropout, F.dropout), as before them; for
+# the before / after measurement of ``python -m tools.train_changes --only report_tower_dropout``
+CPU_DROPOUT_PATH = True
 
 
 class TokenLayout:
@@ -216,7 +219,7 @@ def self_attention(attn: nn.Module, x: torch.Tensor, layout: TokenLayout, dropou
     """
     heads = attn.num_attention_heads
     n_tok, c = x.shape
-    if dropout_p == 0.0 or x.device.type != "cpu":
+    if dropout_p == 0.0 or x.device.type != "cpu" or not CPU_DROPOUT_PATH:
         b, t, keep = layout.b, layout.t, layout.keep
 
         def padded_heads(y: torch.Tensor) -> torch.Tensor:  # [N, C] -> [B, H, T, C / H], zeros at padding

@@ -363,3 +363,26 @@ def test_shipped_vocabulary_is_what_its_builder_writes(tmp_path):
     out = tmp_path / "vocab.txt"
     build_vocab.main(["--reports", str(IU_REPORTS), "--out", str(out)])
     assert out.read_bytes() == DEFAULT_VOCAB_PATH.read_bytes()
+
+
+def test_cpu_dropout_path_switch(tokenizer, iu_reports, monkeypatch):
+    """text.CPU_DROPOUT_PATH = False (the before / after measurement's 'before') sends attention with dropout to SDPA
+    as before the CPU path existed; True (the default) keeps SDPA out of the training forward with dropout."""
+    from mlip_fast.models import text
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, dropout_p=0.0, **kwargs):
+        calls.append(dropout_p)
+        return sdpa(*args, dropout_p=dropout_p, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    batch = tokenize_reports(tokenizer, [iu_reports[k] for k in sorted(iu_reports)[:3]], max_length=64,
+                             max_sentences=16)
+    encoder = _bert(tokenizer, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1).train()
+    text.unpadded_bert(encoder, batch["input_ids"], batch["attention_mask"])
+    assert calls == []
+    monkeypatch.setattr(text, "CPU_DROPOUT_PATH", False)
+    text.unpadded_bert(encoder, batch["input_ids"], batch["attention_mask"])
+    assert calls == [pytest.approx(0.1)] * 2
