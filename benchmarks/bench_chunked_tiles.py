@@ -65,11 +65,15 @@ def measure(rounds: int = 3, number: int = 5, shapes=SHAPES, sizes=SIZES) -> dic
             "rounds": rounds, "number": number, "table": rows}
 
 
-def test_chunked_tile_sizes(benchmark):
-    """Every size runs at a small shape (the numbers are the JSON's, not asserted)."""
+def test_chunked_tile_sizes(benchmark, tmp_path, capsys):
+    """Every size runs at a small shape (the numbers are the JSON's, not asserted); the record is written and read
+    back whole."""
     result = benchmark.pedantic(measure, args=(1, 1, [(8, 6, 4, 16)], (2**10, 2**17)), rounds=1, iterations=1)
     assert [r["tile_elements"] for r in result["table"]] == [2**10, 2**17]
     assert all(r["fwd_bwd_ms"] > 0 for r in result["table"])
+    out = harness.write_result(tmp_path / "sub" / "tiles.json", result, lambda r: f"row {r['tile_elements']}")
+    assert json.loads(out.read_text()) == result
+    assert capsys.readouterr().out.splitlines() == ["row 1024", "row 131072", f"wrote {out}"]
 
 
 def main(argv=None) -> Path:
@@ -77,12 +81,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--out", type=Path, default=harness.RESULTS / "chunked_tiles_cpu.json")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    result = measure(args.rounds)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    for r in result["table"]:
-        print(f"{r['shape']:<32} {r['tile_elements']:>9} {r['fwd_bwd_ms']:>9} ms{'  (default)' if r['default'] else ''}")
-    print(f"wrote {args.out}")
-    return args.out
+    return harness.write_result(args.out, measure(args.rounds), lambda r: (
+        f"{r['shape']:<32} {r['tile_elements']:>9} {r['fwd_bwd_ms']:>9} ms{'  (default)' if r['default'] else ''}"))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Median of interleaved rounds (the two ways alternate, so machine load hits both 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -123,13 +122,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batches", type=int, default=4)
     args = parser.parse_args(argv)
-    result = measure(args.rounds, args.batches)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    for r in result["table"]:
-        print(f"{r['what']:<6} {r['way']:<13} {r['ms']:>9} ms per {r['per']}  {r['case']}")
-    print(f"wrote {args.out}")
-    return args.out
+    return harness.write_result(args.out, measure(args.rounds, args.batches), lambda r: (
+        f"{r['what']:<6} {r['way']:<13} {r['ms']:>9} ms per {r['per']}  {r['case']}"))
 
 
 if __name__ == "__main__":

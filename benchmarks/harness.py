@@ -141,3 +141,16 @@ if __name__ == "__main__":
         print(json.dumps(_probe(sys.argv[2], json.loads(sys.argv[3]))))
     else:
         sys.exit("usage: python benchmarks/harness.py probe MODULE:FACTORY JSON_KWARGS")
+
+
+def write_result(out: Path, result: dict, line: Callable[[dict], str]) -> Path:
+    """Writes a stand-alone benchmark's ``result`` as JSON to ``out`` (folders made) and prints each row of its
+    ``table`` through ``line``, then where it went."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    for row in result["table"]:
+        print(line(row))
+    print(f"wrote {out}")
+    return out
+
