@@ -41,7 +41,8 @@ import torch
 from benchmarks import harness
 from benchmarks.bench_open_clip import engine_step_of, make_batch
 from mlip_fast.losses import MLIPLoss
-from mlip_fast.models import create_model, get_model_config
+from mlip_fast.models import create_model, get_model_config, text
+from mlip_fast.ops.patch_sentence import chunked
 from mlip_fast.train.args import SYNTHETIC_PRESET
 from mlip_fast.train.process import init_distributed
 
@@ -101,9 +102,6 @@ def pair(name: str, batch: dict, tokenizer) -> tuple:
         timed["first compiled step"] = time.perf_counter() - start
         return before, after, labels, timed
     if name in ("report_tower_dropout", "chunked_tiles"):
-        from mlip_fast.models import text
-        from mlip_fast.ops.patch_sentence import chunked
-
         step = build("engine", text_dropout=0.1)
         if name == "report_tower_dropout":
             labels = ("SDPA fallback + bernoulli_", "CPU masks + grouped attention")
