@@ -40,6 +40,12 @@ __all__ = ["TextTower", "pool_sentences", "build_text_encoder", "encoder_from_co
 
 logger = logging.getLogger(__name__)
 
+# rows per length group of the explicit attention path (batch rows sorted by length, cut into groups this size)
+GROUP_ROWS = 16
+# False: the padding-free path without the CPU dropout changes (SDPA with dropout, F.dropout), as before them; for
+# the before / after measurement of ``python -m tools.train_changes --only report_tower_dropout``
+CPU_DROPOUT_PATH = True
+
 
 def pool_sentences(hidden: torch.Tensor, sentence_spans: torch.Tensor, sentence_mask: torch.Tensor) -> torch.Tensor:
     """Mean of token states over each sentence's token span.
@@ -166,13 +172,6 @@ def unpadded_bert(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return x.new_zeros(b * t, c).index_copy(0, keep, x).view(b, t, c)
 
 
-# rows per length group of the explicit attention path (batch rows sorted by length, cut into groups this size)
-GROUP_ROWS = 16
-# False: the padding-free path without the CPU dropout changes (SDPA with dropout, F.dropout), as before them; for
-# the before / after measurement of ``python -m tools.train_changes --only report_tower_dropout``
-CPU_DROPOUT_PATH = True
-
-
 class TokenLayout:
     """Where the N valid tokens of a [B, T] batch sit: ``keep`` [N] (flat positions, row-major, so row b's tokens are
     the N-range [offset_b, offset_b + L_b)), transformers' SDPA ``mask``, and, built on first use, the length groups of
@@ -217,8 +216,7 @@ def self_attention(attn: nn.Module, x: torch.Tensor, layout: TokenLayout, dropou
     Attention does not see positions (they are in the embeddings), so a row's tokens packed to the front of its
     group row give the same values; no row is fully masked ([CLS] is a valid key).
     """
-    heads = attn.num_attention_heads
-    n_tok, c = x.shape
+    heads, c = attn.num_attention_heads, x.shape[1]
     if dropout_p == 0.0 or x.device.type != "cpu" or not CPU_DROPOUT_PATH:
         b, t, keep = layout.b, layout.t, layout.keep
 
