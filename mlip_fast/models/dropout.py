@@ -67,12 +67,12 @@ def keep_mask(shape, p: float, dtype: torch.dtype = torch.float32, generator: to
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with :func:`keep_mask` on CPU (module docstring); differentiable in ``x``
     (the gradient is the upstream gradient times the same mask)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or not x.is_floating_point():
         return F.dropout(x, p, training=True)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if round(float(p) * _WORD) >= _WORD:
         return x * 0.0
     if round(float(p) * _WORD) == 0:

@@ -72,5 +72,6 @@ def test_dropout_values_gradient_and_edge_cases():
     assert dropout(x, 0.0) is x and dropout(x, 0.5, training=False) is x
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
     assert torch.equal(dropout(x, 2 ** -18), x)
-    with pytest.raises(ValueError, match="between 0 and 1"):
-        dropout(x, 1.5)
+    for training in (True, False):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            dropout(x, 1.5, training)
