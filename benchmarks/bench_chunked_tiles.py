@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -43,21 +42,13 @@ def measure(rounds: int = 3, number: int = 5, shapes=SHAPES, sizes=SIZES) -> dic
         sentences = torch.randn(B, S, D, generator=gen).requires_grad_()
         mask = torch.rand(B, S, generator=gen) > 0.2
         mask[:, 0] = True
-        best = {}
-        for _ in range(rounds):
-            for size in sizes:
-                def call():
-                    i2t, t2i = patch_sentence_scores_chunked(patches, sentences, mask, None, options, size)
-                    (i2t.sum() + t2i.sum()).backward()
+        def call(size: int):
+            i2t, t2i = patch_sentence_scores_chunked(patches, sentences, mask, None, options, size)
+            (i2t.sum() + t2i.sum()).backward()
 
-                call()
-                start = time.perf_counter()
-                for _ in range(number):
-                    call()
-                ms = (time.perf_counter() - start) / number * 1e3
-                best[size] = min(best.get(size, float("inf")), ms)
+        times = harness.interleaved_times({size: (lambda s=size: call(s)) for size in sizes}, rounds, number)
         rows += [{"shape": f"B=G={B} K={K} S={S} D={D} fp32", "tile_elements": size,
-                  "default": size == TILE_ELEMENTS, "fwd_bwd_ms": round(ms, 2)} for size, ms in best.items()]
+                  "default": size == TILE_ELEMENTS, "fwd_bwd_ms": round(min(t) * 1e3, 2)} for size, t in times.items()]
     return {"environment": dict(harness.environment(), threads=torch.get_num_threads(),
                                 load_1min=round(os.getloadavg()[0], 2)),
             "what": "chunked patch-sentence op, forward + backward of both directions, ms per call, min over "

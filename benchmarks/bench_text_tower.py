@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -74,16 +73,7 @@ def _tower_step(tower, batches: list, way: str) -> None:
 
 
 def _median_ms(fns: dict, rounds: int, number: int) -> dict:
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(number):
-                fn()
-            times[name].append((time.perf_counter() - start) / number * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) * 1e3 for name, t in harness.interleaved_times(fns, rounds, number).items()}
 
 
 def measure(rounds: int = 5, batches: int = 4, mask_number: int = 10) -> dict:
@@ -108,7 +98,7 @@ def measure(rounds: int = 5, batches: int = 4, mask_number: int = 10) -> dict:
             "rounds": rounds, "table": rows}
 
 
-def test_text_tower_ways(tmp_path, benchmark):
+def test_text_tower_ways(benchmark):
     """Both ways run at every case (the numbers are the JSON's, not asserted)."""
     result = benchmark.pedantic(measure, args=(1, 1, 1), rounds=1, iterations=1)
     rows = result["table"]

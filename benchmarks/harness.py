@@ -24,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -153,4 +154,24 @@ def write_result(out: Path, result: dict, line: Callable[[dict], str]) -> Path:
         print(line(row))
     print(f"wrote {out}")
     return out
+
+
+def interleaved_times(steps: dict, rounds: int, number: int = 1, warmup: int = 1, rotate: bool = False) -> dict:
+    """Seconds per call of each of ``steps`` ({name: zero-argument callable}), ``rounds`` values each: every round
+    runs each step ``number`` times in turn (after ``warmup`` untimed calls of each), so a drift of the machine's
+    speed hits all of them alike; ``rotate`` moves the first step to the back after every round."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    order = list(steps)
+    for _ in range(rounds):
+        for name in order:
+            start = time.perf_counter()
+            for _ in range(number):
+                steps[name]()
+            times[name].append((time.perf_counter() - start) / number)
+        if rotate:
+            order = order[1:] + order[:1]
+    return times
 

@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -64,18 +63,8 @@ def check_providers(providers) -> dict:
 def measure_times(rounds: int, factory: str, mode: str, providers) -> dict:
     make = getattr(bps, factory)
     steps = {p: make(p, mode, **SHAPE, dtype="float32", device="cpu", seed=0) for p in providers}
-    for step in steps.values():  # warm-up: compiles and first-call set-up are not the op's time
-        step()
-        step()
-    times = {p: [] for p in providers}
-    order = list(providers)
-    for _ in range(rounds):
-        for p in order:
-            start = time.perf_counter()
-            steps[p]()
-            times[p].append(time.perf_counter() - start)
-        order = order[1:] + order[:1]
-    return times
+    # two warm-up calls each: compiles and first-call set-up are not the op's time
+    return harness.interleaved_times(steps, rounds, warmup=2, rotate=True)
 
 
 def measure_memory(factory: str, mode: str, providers) -> dict:
