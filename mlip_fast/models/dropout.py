@@ -73,8 +73,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.device.type != "cpu" or not x.is_floating_point():
         return F.dropout(x, p, training=True)
-    if round(float(p) * _WORD) >= _WORD:
+    threshold = round(float(p) * _WORD)
+    if threshold >= _WORD:
         return x * 0.0
-    if round(float(p) * _WORD) == 0:
+    if threshold == 0:
         return x
     return x * keep_mask(x.shape, p, dtype=x.dtype)

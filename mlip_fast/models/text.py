@@ -139,8 +139,6 @@ def unpadded_bert(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
     Returns:
         last hidden states [B, T, C]: the encoder's at the valid positions, zeros at the padding.
     """
-    from transformers.masking_utils import create_bidirectional_mask
-
     b, t = input_ids.shape
     keep = attention_mask.reshape(-1).nonzero().squeeze(1)  # [N] flat positions of the valid tokens
     emb = encoder.embeddings
@@ -150,15 +148,11 @@ def unpadded_bert(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
         token_type = emb.token_type_embeddings(input_ids.new_zeros(1))
         position = emb.position_embeddings(torch.arange(t, device=input_ids.device).repeat(b).index_select(0, keep))
         x = dropout(emb.LayerNorm(word + token_type + position), emb.dropout.p)  # [N, C]
-        c = x.shape[-1]
-        mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=x.new_empty(b, t, c),
-                                         attention_mask=attention_mask)
     else:
         x = emb(input_ids=input_ids)  # [B, T, C]
-        c = x.shape[-1]
-        mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=x, attention_mask=attention_mask)
-        x = x.reshape(b * t, c).index_select(0, keep)  # [N, C]
-    layout = TokenLayout(b, t, keep, mask, attention_mask)
+        x = x.reshape(b * t, x.shape[-1]).index_select(0, keep)  # [N, C]
+    c = x.shape[-1]
+    layout = TokenLayout(encoder.config, b, t, keep, attention_mask, x)
 
     def drop(y: torch.Tensor, module: nn.Dropout) -> torch.Tensor:
         return dropout(y, module.p, module.training) if CPU_DROPOUT_PATH else module(y)
@@ -174,12 +168,24 @@ def unpadded_bert(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 class TokenLayout:
     """Where the N valid tokens of a [B, T] batch sit: ``keep`` [N] (flat positions, row-major, so row b's tokens are
-    the N-range [offset_b, offset_b + L_b)), transformers' SDPA ``mask``, and, built on first use, the length groups of
-    :func:`self_attention`'s explicit path."""
+    the N-range [offset_b, offset_b + L_b)), and, each built on first use, transformers' SDPA mask of the padded
+    layout and the length groups of :func:`self_attention`'s explicit path (a forward uses one or the other)."""
 
-    def __init__(self, b: int, t: int, keep: torch.Tensor, mask, attention_mask: torch.Tensor):
-        self.b, self.t, self.keep, self.mask, self.attention_mask = b, t, keep, mask, attention_mask
-        self._groups = None
+    def __init__(self, config, b: int, t: int, keep: torch.Tensor, attention_mask: torch.Tensor, x: torch.Tensor):
+        self.config, self.b, self.t, self.keep, self.attention_mask = config, b, t, keep, attention_mask
+        self._like = x.new_empty(())  # dtype and device of the hidden states [N, C]
+        self._c = x.shape[-1]
+        self._mask, self._groups = None, None
+
+    def sdpa_mask(self):
+        """transformers' SDPA mask for the [B, T] batch (None when nothing is padded)."""
+        if self._mask is None:
+            from transformers.masking_utils import create_bidirectional_mask
+
+            embeds = self._like.expand(self.b, self.t, self._c)  # only its shape, dtype and device are read
+            self._mask = (create_bidirectional_mask(config=self.config, inputs_embeds=embeds,
+                                                    attention_mask=self.attention_mask),)
+        return self._mask[0]
 
     def groups(self) -> list:
         """Rows sorted by their number of tokens, cut into groups of :data:`GROUP_ROWS`; per group
@@ -224,7 +230,8 @@ def self_attention(attn: nn.Module, x: torch.Tensor, layout: TokenLayout, dropou
             return y.new_zeros(b * t, c).index_copy(0, keep, y).view(b, t, heads, c // heads).transpose(1, 2)
 
         q, k, v = (padded_heads(proj(x)) for proj in (attn.query, attn.key, attn.value))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, dropout_p=dropout_p, scale=attn.scaling)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.sdpa_mask(), dropout_p=dropout_p,
+                                           scale=attn.scaling)
         return o.transpose(1, 2).reshape(b * t, c).index_select(0, keep)
     groups, inverse = layout.groups()
     weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # one [3C, C] projection
