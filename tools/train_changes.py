@@ -106,26 +106,23 @@ def pair(name: str, batch: dict, tokenizer) -> tuple:
         if name == "report_tower_dropout":
             labels = ("SDPA fallback + bernoulli_", "CPU masks + grouped attention")
 
-            def setting(on: bool):
-                def run():
-                    text.CPU_DROPOUT_PATH = on
-                    try:
-                        return step()
-                    finally:
-                        text.CPU_DROPOUT_PATH = True
-                return run
+            def apply(on: bool) -> None:
+                text.CPU_DROPOUT_PATH = on
         else:
             labels = ("tiles of 2**17", "tiles of 2**21")
-            default = chunked.patch_sentence_scores_chunked.__defaults__
 
-            def setting(on: bool):
-                def run():
-                    chunked.patch_sentence_scores_chunked.__defaults__ = (2**21 if on else 2**17,)
-                    try:
-                        return step()
-                    finally:
-                        chunked.patch_sentence_scores_chunked.__defaults__ = default
-                return run
+            def apply(on: bool) -> None:
+                chunked.patch_sentence_scores_chunked.__defaults__ = (2**21 if on else 2**17,)
+
+        def setting(on: bool):  # the code's setting is the "after" one: restored after every step
+            def run():
+                apply(on)
+                try:
+                    return step()
+                finally:
+                    apply(True)
+            return run
+
         return setting(False), setting(True), labels, timed
     raise ValueError(f"unknown change {name!r}; choose from {CHANGES}")
 

@@ -7,8 +7,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from mlip_fast.kernels._common import cdiv
-from mlip_fast.kernels._common import INTERPRET, mask_bytes, valid_counts
+from mlip_fast.kernels._common import INTERPRET, cdiv, mask_bytes, valid_counts
 from mlip_fast.kernels._common import half as _half
 from mlip_fast.kernels._common import pow2 as _pow2
 from mlip_fast.kernels._common import upcast as _upcast
