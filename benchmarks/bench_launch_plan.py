@@ -90,7 +90,7 @@ def _measure(repeats: int, number: int) -> list:
 
 
 def run(out: Path, repeats: int = 5, number: int = 200) -> dict:
-    """Measures in a fresh process without TRITON_INTERPRET and writes ``out``."""
+    """Measures in a fresh process without TRITON_INTERPRET, writes ``out`` and prints its rows."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     code = (f"import json, sys; sys.path.insert(0, {str(harness.ROOT)!r}); from benchmarks import bench_launch_plan as b; "
@@ -104,8 +104,8 @@ def run(out: Path, repeats: int = 5, number: int = 200) -> dict:
               "what": "host microseconds to plan one forward + backward call of the patch-sentence op for sm_90 "
                       "(132 SMs), min over repeats; v2_fwd_config_us: the v2 forward's config alone",
               "repeats": repeats, "number": number, "table": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    harness.write_result(out, result, lambda r: (f"{r['shape']:<28} {r['way']:<26} {r['v3_fwd_plus_bwd_plan_us']:>9.1f} "
+                                                 f"us  (v2 fwd config {r['v2_fwd_config_us']:.1f} us)"))
     return result
 
 
@@ -124,11 +124,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--number", type=int, default=200)
     args = parser.parse_args(argv)
-    result = run(args.out, args.repeats, args.number)
-    for r in result["table"]:
-        print(f"{r['shape']:<28} {r['way']:<26} {r['v3_fwd_plus_bwd_plan_us']:>9.1f} us  (v2 fwd config "
-              f"{r['v2_fwd_config_us']:.1f} us)")
-    print(f"wrote {args.out}")
+    run(args.out, args.repeats, args.number)
     return args.out
 
 
