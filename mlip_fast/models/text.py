@@ -16,9 +16,10 @@ checkpointing and ``torch.compile`` (a data-dependent token count) take transfor
 
 Dropout on CPU (training only): the embeddings are formed on the N valid tokens (word + position + token type 0,
 layer norm: the same per-token arithmetic as ``BertEmbeddings``), every dropout draws its mask with
-:func:`mlip_fast.models.dropout.dropout`, and attention with dropout is computed per group of rows of similar length
-as softmax(q k^T * scale + key mask) * dropout mask @ v (:func:`self_attention`) instead of SDPA's CPU fallback on
-the whole padded batch, which draws ``bernoulli_`` and checks every [B, H, T, T] row for being fully masked.
+:mod:`mlip_fast.models.dropout` (the attention product takes the scale of a bool mask), and
+attention with dropout is computed per group of rows of similar length as softmax(q k^T * scale + key mask) *
+dropout mask @ v (:func:`self_attention`) instead of SDPA's CPU fallback on the whole padded batch, which draws
+``bernoulli_`` and checks every [B, H, T, T] row for being fully masked.
 Without dropout, and on CUDA, the calls are transformers' / SDPA's.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from huggingface_hub import try_to_load_from_cache
 
 from mlip_fast.models.config import TextConfig
-from mlip_fast.models.dropout import dropout
+from mlip_fast.models.dropout import dropout, dropout_matmul
 
 __all__ = ["TextTower", "pool_sentences", "build_text_encoder", "encoder_from_config", "resolve_text_source",
            "minilm_path", "padding_free", "unpadded_bert", "self_attention", "TokenLayout"]
@@ -218,7 +219,8 @@ def self_attention(attn: nn.Module, x: torch.Tensor, layout: TokenLayout, dropou
     SDPA on the [B, T] padded layout (transformers' mask), except with dropout on CPU: there the rows are sorted by
     length and cut into groups of :data:`GROUP_ROWS`, each padded to its own longest row (on the synthetic reports
     about half the [B, H, T, T] score elements of one padded batch), and attention is computed as
-    softmax(q k^T * scale, padded keys masked) times a :func:`~mlip_fast.models.dropout.keep_mask` draw, @ v.
+    softmax(q k^T * scale, padded keys masked) times a :func:`~mlip_fast.models.dropout.keep_bits` draw, @ v, times the
+    dropout scale (:func:`~mlip_fast.models.dropout.dropout_matmul`).
     Attention does not see positions (they are in the embeddings), so a row's tokens packed to the front of its
     group row give the same values; no row is fully masked ([CLS] is a valid key).
     """
@@ -244,7 +246,7 @@ def self_attention(attn: nn.Module, x: torch.Tensor, layout: TokenLayout, dropou
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(attn.scaling)
         if padding is not None:
             scores = scores.masked_fill_(padding, float("-inf"))
-        o = torch.matmul(dropout(torch.softmax(scores, dim=-1), dropout_p), v)
+        o = dropout_matmul(torch.softmax(scores, dim=-1), v, dropout_p)
         outs.append(o.transpose(1, 2).reshape(n * tg, c).index_select(0, dst))
     return torch.cat(outs).index_select(0, inverse)
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mlip_fast.models.dropout import dropout, effective_probability, keep_mask
+from mlip_fast.models.dropout import dropout, dropout_matmul, effective_probability, keep_bits, keep_mask
 
 
 def _sigmas(observed: float, p: float, n: int) -> float:
@@ -14,28 +14,32 @@ def _sigmas(observed: float, p: float, n: int) -> float:
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_mask_probability_scale_and_each_word_position(p):
-    """Drop fraction within 5 binomial sigmas of p' overall and at each of the three 16-bit words of a draw
-    (positions mod 3: a draw's top word is not used, its bit 63 is always 0), kept value exactly 1 / (1 - p')."""
+    """Drop fraction within 5 binomial sigmas of p' overall and at each of the four 16-bit words of a draw
+    (positions mod 4; the top word holds bit 63, which the full-range draw makes fair), kept value exactly
+    1 / (1 - p'); keep_bits gives the same draws as a bool mask and that scale."""
     torch.manual_seed(0)
-    n = 3 * 200_000
+    n = 4 * 150_000
     mask = keep_mask((n,), p)
     pe = effective_probability(p)
     assert abs(pe - p) <= 2 ** -17
     dropped = mask == 0
     assert _sigmas(dropped.double().mean().item(), pe, n) < 5
-    for word in range(3):
-        assert _sigmas(dropped[word::3].double().mean().item(), pe, n // 3) < 5, word
+    for word in range(4):
+        assert _sigmas(dropped[word::4].double().mean().item(), pe, n // 4) < 5, word
     assert torch.equal(torch.unique(mask), torch.tensor([0.0, 1 / (1 - pe)], dtype=torch.float32))
     assert mask.dtype == torch.float32 and keep_mask((2, 3, 5), p, dtype=torch.float64).shape == (2, 3, 5)
+    torch.manual_seed(0)
+    keep, scale = keep_bits((n,), p)
+    assert keep.dtype == torch.bool and torch.equal(keep, ~dropped) and scale == 1 / (1 - pe)
 
 
 def test_keep_mask_neighbours_uncorrelated():
-    """Adjacent elements (inside one draw and across draws) and elements three apart are uncorrelated: the sample
-    correlation of the drop indicators is within 5 / sqrt(n) of 0."""
+    """Adjacent elements (inside one draw and across draws) and elements up to four apart are uncorrelated: the
+    sample correlation of the drop indicators is within 5 / sqrt(n) of 0."""
     torch.manual_seed(1)
     n = 600_000
     d = (keep_mask((n,), 0.3) == 0).double()
-    for lag in (1, 2, 3):
+    for lag in (1, 2, 3, 4, 5):
         corr = torch.corrcoef(torch.stack([d[:-lag], d[lag:]]))[0, 1].item()
         assert abs(corr) < 5 / math.sqrt(n), lag
 
@@ -75,3 +79,27 @@ def test_dropout_values_gradient_and_edge_cases():
     for training in (True, False):
         with pytest.raises(ValueError, match="between 0 and 1"):
             dropout(x, 1.5, training)
+
+
+def test_dropout_matmul_uses_the_same_mask_and_scale():
+    """dropout_matmul(a, b) = dropout(a) @ b for the same seed, against fp64 products of keep_mask's draws; gradients
+    in a and b equal the fp64 ones; p = 0, eval and p = 1 as F.dropout; p outside [0, 1] refused."""
+    torch.manual_seed(3)
+    a, b = torch.rand(2, 3, 9, 9, dtype=torch.float64), torch.randn(2, 3, 9, 4, dtype=torch.float64)
+    a.requires_grad_(), b.requires_grad_()
+    torch.manual_seed(6)
+    out = dropout_matmul(a, b, 0.3)
+    torch.manual_seed(6)
+    m = keep_mask(a.shape, 0.3, dtype=torch.float64)
+    torch.testing.assert_close(out, (a * m) @ b, rtol=1e-13, atol=1e-14)
+    g = torch.randn_like(out)
+    out.backward(g)
+    torch.testing.assert_close(a.grad, (g @ b.detach().transpose(-1, -2)) * m, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(b.grad, (a.detach() * m).transpose(-1, -2) @ g, rtol=1e-13, atol=1e-14)
+    with torch.no_grad():
+        assert torch.equal(dropout_matmul(a, b, 1.0), torch.zeros_like(a @ b))
+        assert torch.equal(dropout_matmul(a, b, 0.0), a @ b) and torch.equal(dropout_matmul(a, b, 0.4, False), a @ b)
+        assert torch.equal(dropout_matmul(a, b, 2 ** -18), a @ b)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            dropout_matmul(a, b, bad)

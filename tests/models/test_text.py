@@ -172,6 +172,7 @@ def test_grouped_attention_path_equals_fp64_transformers(tokenizer, iu_reports, 
 
     monkeypatch.setattr(text, "GROUP_ROWS", 3)
     monkeypatch.setattr(text, "dropout", lambda y, p, training=True: y)
+    monkeypatch.setattr(text, "dropout_matmul", lambda a, b, p, training=True: a @ b)
     encoder = _bert(tokenizer, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.3)
     assert padding_free(encoder)
     texts = [iu_reports[k] for k in sorted(iu_reports)[:5]] + ["Lungs clear.", "No acute disease. Heart size normal.",
