@@ -170,10 +170,12 @@ def deepspeed_step(batch: dict, tokenizer) -> Callable[[], float]:
     return engine_step_of(model, criterion, batch)
 
 
-def engine_step_of(model, criterion, batch: dict, zero_stage: int | None = None) -> Callable[[], float]:
+def engine_step_of(model, criterion, batch: dict, zero_stage: int | None = None,
+                   fused_adamw: bool | None = None) -> Callable[[], float]:
     """One training step of ``model`` and ``criterion`` on ``batch`` through a DeepSpeed engine built from
-    ``ds.json`` (its ZeRO stage unless ``zero_stage`` names another), as the training loop drives it; returns the
-    step, which gives the total loss. The process group must be up (``init_distributed``)."""
+    ``ds.json`` (its ZeRO stage unless ``zero_stage`` names another, its AdamW kernel unless ``fused_adamw`` says
+    fused or not), as the training loop drives it; returns the step, which gives the total loss. The process group
+    must be up (``init_distributed``)."""
     import deepspeed
 
     from mlip_fast import _checks
@@ -186,6 +188,8 @@ def engine_step_of(model, criterion, batch: dict, zero_stage: int | None = None)
     config["train_batch_size"], config["train_micro_batch_size_per_gpu"] = BATCH, BATCH
     if zero_stage is not None:
         config["zero_optimization"] = {"stage": zero_stage}
+    if fused_adamw is not None:
+        config["optimizer"]["params"]["fused"] = fused_adamw
     engine, _, _, _ = deepspeed.initialize(model=model, config=config,
                                            model_parameters=param_groups(model, config["optimizer"]["params"]["weight_decay"]))
     engine.train()

@@ -18,7 +18,9 @@ Changes (``--only`` picks some):
 - ``report_tower_dropout``: the report encoder with the preset's dropout 0.1, its padding-free path as before the
   CPU dropout changes (SDPA's fallback with ``bernoulli_`` over the padded batch, ``F.dropout``) -> with them
   (``mlip_fast.models.dropout`` masks, length-grouped explicit attention; ``text.CPU_DROPOUT_PATH``);
-- ``chunked_tiles``: the patch-sentence op's tiles of 2**17 -> 2**21 similarity cells (``chunked.TILE_ELEMENTS``).
+- ``chunked_tiles``: the patch-sentence op's tiles of 2**17 -> 2**21 similarity cells (``chunked.TILE_ELEMENTS``);
+- ``fused_adamw``: torch's AdamW for-loop implementation -> its fused kernel (``"fused": true`` in ``ds.json``), with
+  the preset's report-tower dropout.
 
 The data path (DataLoader workers vs ``--in-memory``), the evaluation / checkpoint cadence and the whole default
 run are measured as whole commands (docs/training.md, "Where the time goes").
@@ -48,11 +50,11 @@ from mlip_fast.train.process import init_distributed
 
 REPO = harness.ROOT
 
-CHANGES = ("text_dropout", "zero_stage", "threads", "compile", "report_tower_dropout", "chunked_tiles")
+CHANGES = ("text_dropout", "zero_stage", "threads", "compile", "report_tower_dropout", "chunked_tiles", "fused_adamw")
 
 
 def engine_step(batch: dict, tokenizer, *, text_dropout: float = 0.0, zero_stage: int = 2,
-                compile_towers: bool = False) -> Callable[[], float]:
+                compile_towers: bool = False, fused_adamw: bool = True) -> Callable[[], float]:
     """The training loop's step (forward, loss with value checks off, backward, engine step, logit-scale clamp) on
     a DeepSpeed engine built from ``ds.json`` with the given changes."""
     init_distributed()
@@ -64,7 +66,7 @@ def engine_step(batch: dict, tokenizer, *, text_dropout: float = 0.0, zero_stage
         model.visual = torch.compile(model.visual)
         model.text = torch.compile(model.text, dynamic=True)
     criterion = MLIPLoss(lambda_local=SYNTHETIC_PRESET["lambda_local"], lambda_sie=0.1)
-    return engine_step_of(model, criterion, batch, zero_stage=zero_stage)
+    return engine_step_of(model, criterion, batch, zero_stage=zero_stage, fused_adamw=fused_adamw)
 
 
 def pair(name: str, batch: dict, tokenizer) -> tuple:
@@ -83,6 +85,10 @@ def pair(name: str, batch: dict, tokenizer) -> tuple:
     if name == "zero_stage":
         labels = ("ZeRO-2", "ZeRO-1")
         return build(labels[0], zero_stage=2), build(labels[1], zero_stage=1), labels, timed
+    if name == "fused_adamw":
+        labels = ("AdamW for-loop", "AdamW fused")
+        return (build(labels[0], text_dropout=0.1, fused_adamw=False), build(labels[1], text_dropout=0.1),
+                labels, timed)
     if name == "threads":
         labels = ("1 thread", "2 threads")
         step = build("engine")
