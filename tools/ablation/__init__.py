@@ -36,7 +36,7 @@ Each record shows it: no finding-patch AUC of the estimator (a constant score) a
 the synthetic preset's r = 0.25, with the method's patch-sentence weight 1; ``mlip`` also runs with the preset's
 weight 4 at its ratio, the exact default run (``DEPARTURES``: the preset's departures from the method, measured
 one at a time and together). Each configuration runs for every seed. ``--steps 1000 --arms mlip --ratios 0.5``
-into another ``--out`` compares the preset with the method at the default run's length
+into another ``--out`` compares the preset with the method at the default run's former length
 (``ablation_preset_1000_cpu.json``).
 
 Per run (records of ``benchmarks/results/ablation_cpu.json``, one per run), on the test split: zero-shot macro AUC
@@ -61,7 +61,7 @@ min and median) into ``ablation_step_time_cpu.json``. Then the PNG and the READM
 
 The integrity modes (issue 26), at the default run's mask ratio and patch-sentence weight: the screen (every mode
 with and without a warm-up against FLIP+local, 400 steps, 3 seeds), then the best mode on validation (guided
-``mlip`` without a warm-up, as measured) at the default run's 1,000 steps with 5 seeds::
+``mlip`` without a warm-up, as measured) at the default run's former 1,000 steps with 5 seeds::
 
     python -m tools.ablation --arms flip+local mlip mlip-discriminative mlip-maco mlip-predictor \
         --sie-warmup 0 100 --ratios 0.25 --lambda-local 4 --steps 400 --seeds 0 1 2 --step-time-rounds 0 \
