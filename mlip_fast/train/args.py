@@ -43,9 +43,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # [-0.019, +0.083]), and with the method's values the run localised below chance (test pointing 0.038 vs chance
 # 0.051; the preset 0.071). At 400 steps the two did not differ (ablation_cpu.json). Real data keeps the spec's 1.0.
 # steps: 1,200 since 2026-12-06, when the faster step made room inside the 420 s budget: on the validation split,
-# same code, seeds 0 and 1 (tune_default_run_cpu.json, preset_1200 vs preset_1000_v2), zero-shot AUC 0.852 / 0.863
-# against 0.823 / 0.834 and pointing 2.76x / 2.13x chance against 0.42x / 0.45x. Validation and checkpoints every
-# 300 steps (four intervals).
+# same code, seeds 0-2 (tune_default_run_cpu.json, preset_1200 vs preset_1000_v2), zero-shot AUC 0.852 / 0.863 /
+# 0.861 against 0.823 / 0.834 / 0.870 and pointing 2.76x / 2.13x / 2.49x chance against 0.42x / 0.45x / 1.80x.
+# Validation and checkpoints every 300 steps (four intervals).
 SYNTHETIC_PRESET = dict(
     synthetic_n=6000,
     steps=1200,
