@@ -137,13 +137,6 @@ def cpu_peak_memory(target: str, kwargs: dict, timeout: float = 300) -> int:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "probe":
-        print(json.dumps(_probe(sys.argv[2], json.loads(sys.argv[3]))))
-    else:
-        sys.exit("usage: python benchmarks/harness.py probe MODULE:FACTORY JSON_KWARGS")
-
-
 def write_result(out: Path, result: dict, line: Callable[[dict], str]) -> Path:
     """Writes a stand-alone benchmark's ``result`` as JSON to ``out`` (folders made) and prints each row of its
     ``table`` through ``line``, then where it went."""
@@ -175,3 +168,9 @@ def interleaved_times(steps: dict, rounds: int, number: int = 1, warmup: int = 1
             order = order[1:] + order[:1]
     return times
 
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "probe":
+        print(json.dumps(_probe(sys.argv[2], json.loads(sys.argv[3]))))
+    else:
+        sys.exit("usage: python benchmarks/harness.py probe MODULE:FACTORY JSON_KWARGS")
