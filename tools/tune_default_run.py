@@ -63,6 +63,9 @@ CANDIDATES = {
     "preset_1200": ["--steps", "1200", "--text-dropout", "0.1"],
     # the preset again on the code of 2026-12-06 (four-word dropout draws): the same-code baseline of preset_1200
     "preset_1000_v2": ["--steps", "1000", "--text-dropout", "0.1"],
+    # register tokens in the ViT (Darcet et al. 2023): a place for the global information other than the border
+    # patches, to which the finding sentences' argmax patch drifts late in the run
+    "registers4_1200": ["--steps", "1200", "--text-dropout", "0.1", "--model-overrides", '{"vision": {"registers": 4}}'],
 }
 
 

@@ -69,7 +69,9 @@ class VisionConfig:
 
     The image is split into a ``grid x grid`` array of ``patch_size`` patches (P = grid^2 tokens of
     width ``width``); blocks are pre-norm transformer blocks with ``heads`` heads.
-    ``attn_backend`` picks the attention kernel (see :mod:`mlip_fast.models.attention`).
+    ``attn_backend`` picks the attention kernel (see :mod:`mlip_fast.models.attention`). ``registers`` learned
+    tokens (Darcet et al., "Vision Transformers Need Registers", 2023) join CLS and the patches in every block and
+    are dropped at the output: they are neither patches for the local matching nor the global vector.
     """
 
     image_size: int = 224
@@ -82,11 +84,14 @@ class VisionConfig:
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
     attn_backend: str = "auto"
+    registers: int = 0
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "in_chans", "width", "depth", "heads"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"vision.{name} must be a positive int, got {value!r}")
+        _check(isinstance(self.registers, int) and not isinstance(self.registers, bool) and self.registers >= 0,
+               f"vision.registers must be an int >= 0, got {self.registers!r}")
         _check(
             self.image_size % self.patch_size == 0,
             f"vision.image_size ({self.image_size}) must be a multiple of vision.patch_size ({self.patch_size})",

@@ -79,7 +79,8 @@ class VisionOutput:
 
 
 class Embeddings(nn.Module):
-    """Patch embedding + [CLS] token + learned position embedding ([1, 1 + P, C], CLS first)."""
+    """Patch embedding + [CLS] token + learned position embedding ([1, 1 + P, C], CLS first), and with
+    ``cfg.registers`` R > 0 the register tokens ``registers`` [1, R, C] (no position: they belong to no place)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -88,6 +89,13 @@ class Embeddings(nn.Module):
         self.proj = nn.Conv2d(cfg.in_chans, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.width))
+        self.registers = nn.Parameter(torch.zeros(1, cfg.registers, cfg.width)) if cfg.registers else None
+
+    def prefix(self, cls: torch.Tensor) -> torch.Tensor:
+        """The tokens before the patches: CLS [B, 1, C], then the registers when the tower has them."""
+        if self.registers is None:
+            return cls
+        return torch.cat([cls, self.registers.to(cls.dtype).expand(cls.shape[0], -1, -1)], dim=1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, C_in, H, W] -> (cls [B, 1, C], patches [B, P, C]), both with position added.
@@ -178,6 +186,8 @@ class VisionTransformer(nn.Module):
         zero biases, LayerNorm at identity, the patch conv as a Linear over the flattened patch."""
         nn.init.trunc_normal_(self.embeddings.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.embeddings.cls_token, std=0.02)
+        if self.embeddings.registers is not None:
+            nn.init.trunc_normal_(self.embeddings.registers, std=0.02)
         w = self.embeddings.proj.weight
         nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
         nn.init.zeros_(self.embeddings.proj.bias)
@@ -236,10 +246,11 @@ class VisionTransformer(nn.Module):
                                     seed=seed, generator=generator, check_finite=False)
             kept, index = result.kept, result.index
             weights = result.integrity if scored else torch.ones(b, device=tokens.device, dtype=weight_dtype)
-        x = self._run_blocks(torch.cat([cls, kept], dim=1))
+        prefix = self.embeddings.prefix(cls)
+        x = self._run_blocks(torch.cat([prefix, kept], dim=1))
         return VisionOutput(
             global_features=x[:, 0],
-            patch_features=x[:, 1:],
+            patch_features=x[:, prefix.shape[1]:],
             patch_index=index,
             integrity_logits_all=logits_all,
             integrity_logits=logits_all.gather(1, index) if logits_all is not None else None,
@@ -248,7 +259,9 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """All token states without masking: images [B, C_in, H, W] -> [B, 1 + P, C] (CLS first, then the
-        patches in row-major grid order), after the final LayerNorm. For dense heads such as
-        segmentation decoders (reshape ``[:, 1:]`` to [B, grid, grid, C])."""
+        patches in row-major grid order), after the final LayerNorm; register tokens are dropped. For dense heads
+        such as segmentation decoders (reshape ``[:, 1:]`` to [B, grid, grid, C])."""
         cls, tokens = self.embeddings(images)
-        return self._run_blocks(torch.cat([cls, tokens], dim=1))
+        prefix = self.embeddings.prefix(cls)
+        x = self._run_blocks(torch.cat([prefix, tokens], dim=1))
+        return x if prefix.shape[1] == 1 else torch.cat([x[:, :1], x[:, prefix.shape[1]:]], dim=1)

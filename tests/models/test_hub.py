@@ -176,3 +176,16 @@ def test_model_card_holds_the_run_numbers_and_keeps_a_users_readme(tmp_path):
         write_model_card(mine, model, SUMMARY)
     write_model_card(tmp_path / "plain", model, None)
     assert "Not recorded" in (tmp_path / "plain" / "README.md").read_text()
+
+
+def test_a_model_with_register_tokens_round_trips(tmp_path):
+    """The ViT's register tokens are saved with the config and weights and restored bitwise."""
+    vision = dict(get_model_config("mlip-tiny").vision.__dict__, registers=2)
+    model = create_model("mlip-tiny", **tiny_overrides(vision=vision)).eval()
+    assert model.visual.embeddings.registers.shape == (1, 2, model.config.vision.width)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["vision"]["registers"] == 2
+    loaded = MLIP.from_pretrained(tmp_path / "ckpt").eval()
+    assert torch.equal(loaded.visual.embeddings.registers, model.visual.embeddings.registers)
+    images = torch.randn(2, 1, 64, 64)
+    assert_same(encode(model, images), encode(loaded, images))

@@ -1,5 +1,5 @@
 """Masked ViT tower: masked encoding vs a functional ViT run by hand on the gathered tokens, mask ratio 0
-vs the unmasked model, determinism, checkpointing, dtypes."""
+vs the unmasked model, register tokens, determinism, checkpointing, dtypes."""
 import math
 
 import pytest
@@ -34,7 +34,8 @@ def reference_vit(vit, images, index=None):
     if index is not None:
         tokens = torch.gather(tokens, 1, index[..., None].expand(-1, -1, c))
     cls = (sd["embeddings.cls_token"][0, 0] + pos[0]).expand(tokens.shape[0], 1, c)
-    x = torch.cat([cls, tokens], dim=1)
+    registers = sd.get("embeddings.registers", torch.zeros(1, 0, c)).expand(tokens.shape[0], -1, -1)
+    x = torch.cat([cls, registers, tokens], dim=1)
     for i in range(cfg.depth):
         p = f"blocks.{i}."
         y = F.layer_norm(x, (c,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], cfg.layer_norm_eps)
@@ -45,6 +46,7 @@ def reference_vit(vit, images, index=None):
         y = F.layer_norm(x, (c,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], cfg.layer_norm_eps)
         y = F.gelu(y @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"])
         x = x + y @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
+    x = torch.cat([x[:, :1], x[:, 1 + registers.shape[1]:]], dim=1)  # the registers are not outputs
     return F.layer_norm(x, (c,), sd["norm.weight"], sd["norm.bias"], cfg.layer_norm_eps), logits
 
 
@@ -81,6 +83,38 @@ def test_mask_ratio_zero_equals_unmasked_model():
     assert torch.equal(out.integrity_weights, torch.ones(2))
     expected, _ = reference_vit(vit, images)
     torch.testing.assert_close(full, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.6])
+def test_register_tokens_join_the_blocks_and_leave_the_outputs(mask_ratio):
+    """With R registers the blocks see CLS, the R registers and the kept patches (the hand-run ViT); the outputs
+    are CLS and the patches alone, in the same shapes as without registers, and the registers are trained."""
+    cfg = VisionConfig(image_size=40, patch_size=8, in_chans=1, width=48, depth=2, heads=3, registers=3)
+    vit = make_vit(cfg)
+    assert vit.embeddings.registers.shape == (1, 3, 48) and vit.embeddings.registers.abs().sum() > 0
+    images = torch.randn(2, 1, 40, 40)
+    out = vit(images, mask_ratio, seed=5)
+    k = num_kept(25, mask_ratio)
+    expected, _ = reference_vit(vit, images, None if mask_ratio == 0 else out.patch_index)
+    assert out.patch_features.shape == (2, k, 48) and expected.shape == (2, 1 + k, 48)
+    torch.testing.assert_close(out.global_features, expected[:, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.patch_features, expected[:, 1:], atol=1e-5, rtol=1e-4)
+    full = vit.forward_features(images)
+    assert full.shape == (2, 26, 48)
+    torch.testing.assert_close(full, reference_vit(vit, images)[0], atol=1e-5, rtol=1e-4)
+    # the registers change the patches (they take part in attention) and get a gradient
+    without = VisionTransformer(VisionConfig(image_size=40, patch_size=8, in_chans=1, width=48, depth=2, heads=3),
+                                sie_hidden=16)
+    without.load_state_dict({k: v for k, v in vit.state_dict().items() if k != "embeddings.registers"})
+    assert not torch.allclose(without.eval().forward_features(images), full)
+    out.patch_features.sum().backward()
+    assert vit.embeddings.registers.grad is not None and vit.embeddings.registers.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_bad_register_count_is_a_config_error(bad):
+    with pytest.raises(ValueError, match="vision.registers"):
+        VisionConfig(image_size=40, patch_size=8, registers=bad)
 
 
 def test_seeded_masks_are_deterministic():
