@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 
 import pytest
@@ -31,6 +30,7 @@ from mlip_fast.train.ds_config import DSConfigError, apply_accum_freq, resolve_b
 from mlip_fast.train.main import train
 from tests.train.conftest import (DETERMINISTIC, REPO, TRAIN_PY, base_args, clean_env, seed_run_dir, train_records,
                                   write_ds)
+from tests.process_group import free_port
 
 N_MICRO, MICRO, WORLD = 3, 3, 2
 RTOL, ATOL = 1e-9, 1e-12
@@ -188,12 +188,6 @@ def test_accum_freq_sets_the_accumulation_steps(config, world, expected):
         resolve_batch_sizes(apply_accum_freq({"train_batch_size": 30}, 4), 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -208,7 +202,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_accumulation_equals_one_large_batch_on_two_processes(tmp_path):
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for results in ranks:
         for case in ("exact", "masked"):
@@ -254,7 +248,7 @@ def test_accum_freq_two_processes_zero2_matches_one_batch(tmp_path, synthetic_ca
     rank's loss sees all 8 rows as negatives, as the one-process run with one micro-batch of 8."""
     run_dir = seed_run_dir(tmp_path / "run", shared_tokenizer)
     launcher = REPO / ".venv" / "bin" / "deepspeed"
-    cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
            str(TRAIN_PY), *base_args(write_ds(tmp_path / "ds.json"), run_dir, synthetic_cache, *DETERMINISTIC,
                                      "--accum-freq", "2")]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)

@@ -142,23 +142,14 @@ def test_a_range_test_schedule_may_not_climb_past_the_largest_learning_rate():
         dsc.resolve_schedule(jump, total_steps=9)
 
 
-def test_fused_adamw_through_the_engine_is_plain_adamw(monkeypatch):
+def test_fused_adamw_through_the_engine_is_plain_adamw(one_process_world):
     """ds.json's optimizer section builds torch's AdamW with ``fused=True`` inside the ZeRO engine (one pass over the
     flat fp32 partition instead of about ten element-wise ops; docs/training.md, "Where the time goes"), and its
     steps give the parameters of a plain (for-loop) torch AdamW with the same hyper-parameters and gradients, to
     fp32 rounding, over three steps (no schedule, no clipping: the optimizer alone)."""
     deepspeed = pytest.importorskip("deepspeed")
-    import socket
-
     import torch
-    import torch.distributed as dist
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                           DS_ACCELERATOR="cpu").items():
-        monkeypatch.setenv(key, value)
     cfg = dsc.load_ds_config(REPO / "ds.json")
     cfg = {k: v for k, v in cfg.items() if k != "scheduler"} | {"train_batch_size": 4, "gradient_clipping": 0.0}
     torch.manual_seed(0)
@@ -167,20 +158,15 @@ def test_fused_adamw_through_the_engine_is_plain_adamw(monkeypatch):
     ref.load_state_dict(net.state_dict())
     params = {k: v for k, v in cfg["optimizer"]["params"].items() if k not in ("torch_adam", "fused")}
     ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, fused=False, **params)
-    owns_group = not dist.is_initialized()
-    try:
-        engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=cfg)
-        inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
-        assert isinstance(inner, torch.optim.AdamW) and inner.defaults["fused"] is True
-        for step in range(3):
-            x = torch.randn(4, 6)
-            engine.backward(engine(x).square().mean())
-            engine.step()
-            ref_opt.zero_grad()
-            ref(x).square().mean().backward()
-            ref_opt.step()
-        for (name, p), q in zip(engine.module.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6), name
-    finally:
-        if owns_group and dist.is_initialized():
-            deepspeed.comm.destroy_process_group()
+    engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=cfg)
+    inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    assert isinstance(inner, torch.optim.AdamW) and inner.defaults["fused"] is True
+    for step in range(3):
+        x = torch.randn(4, 6)
+        engine.backward(engine(x).square().mean())
+        engine.step()
+        ref_opt.zero_grad()
+        ref(x).square().mean().backward()
+        ref_opt.step()
+    for (name, p), q in zip(engine.module.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6), name

@@ -13,6 +13,7 @@ from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train.main import train
 from tests.train.conftest import (DETERMINISTIC, REPO, TRAIN_PY, base_args, clean_env, seed_run_dir, train_records,
                                   write_ds)
+from tests.process_group import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -108,16 +109,8 @@ def _two_processes(tmp_path, run_dir, synthetic_cache, stage: int, *extra: str) 
     """``deepspeed --num_gpus 2`` of ``DETERMINISTIC`` + ``extra`` under ZeRO ``stage``; its summary.json."""
     ds = write_ds(tmp_path / "ds.json", zero_optimization={"stage": stage})
     cmd = [str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv" / "bin" / "deepspeed").exists() else "deepspeed",
-           "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN_PY),
+           "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN_PY),
            *base_args(ds, run_dir, synthetic_cache, *DETERMINISTIC, *extra)]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

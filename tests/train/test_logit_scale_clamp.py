@@ -2,7 +2,6 @@
 forward: the training loop clamps right after the step, and under DeepSpeed the optimizer's fp32 copy of the
 parameter is clamped too (otherwise the next step would write the unclamped copy back into the model)."""
 import math
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 from mlip_fast.losses import LogitScale
 from mlip_fast.train.loop import LOSS_KEYS, LoopContext, clamp_engine_logit_scales, train_loop
 from mlip_fast.train.signals import StopRequest
+from tests.process_group import free_port
 
 BOUND = math.log(100.0)
 BOUND_FP32 = torch.tensor(BOUND, dtype=torch.float32).item()
@@ -84,12 +84,6 @@ def test_loop_clamps_right_after_each_optimizer_step():
     assert engine.module.scale.log_scale.item() == BOUND_FP32  # and after the last one
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _engine(deepspeed, stage: int, bf16: bool):
     """A DeepSpeed engine over a logit scale and a small linear layer, AdamW at lr 0.1."""
     net = _Net()
@@ -110,30 +104,21 @@ def _zero_gradient_step(engine, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("stage,precision", [(2, "fp32"), (3, "bf16")])
-def test_engine_clamp_reaches_the_optimizer_copy(stage, precision, monkeypatch):
+def test_engine_clamp_reaches_the_optimizer_copy(stage, precision, one_process_world):
     """ZeRO-2 (fp32 partitions of the parameters) and ZeRO-3 (bf16 model, partitioned parameters): after the
     clamp, a step with zero gradient (Adam's first update is then 0) leaves the model at the bound, which it
     only does when the optimizer's fp32 copy was clamped as well."""
     deepspeed = pytest.importorskip("deepspeed")
-    import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu").items():
-        monkeypatch.setenv(key, value)
-    owns_group = not dist.is_initialized()
-    try:
-        engine = _engine(deepspeed, stage, bf16=precision == "bf16")
-        param = engine.module.scale.log_scale
-        safe_set_full_fp32_param(param, torch.full((1,), 7.0))  # as if the last step went far above the bound
-        clamp_engine_logit_scales(engine.module)
-        assert safe_get_full_fp32_param(param).item() == BOUND_FP32
-        _zero_gradient_step(engine, param.dtype)
-        assert safe_get_full_fp32_param(param).item() == BOUND_FP32
-        assert engine.module.scale().float().item() == pytest.approx(100.0, rel=1e-2 if precision == "bf16" else 1e-6)
-    finally:
-        if owns_group and dist.is_initialized():
-            deepspeed.comm.destroy_process_group()
+    engine = _engine(deepspeed, stage, bf16=precision == "bf16")
+    param = engine.module.scale.log_scale
+    safe_set_full_fp32_param(param, torch.full((1,), 7.0))  # as if the last step went far above the bound
+    clamp_engine_logit_scales(engine.module)
+    assert safe_get_full_fp32_param(param).item() == BOUND_FP32
+    _zero_gradient_step(engine, param.dtype)
+    assert safe_get_full_fp32_param(param).item() == BOUND_FP32
+    assert engine.module.scale().float().item() == pytest.approx(100.0, rel=1e-2 if precision == "bf16" else 1e-6)
 
 
 def _two_ranks(rank: int, port: int, stage: int, failures) -> None:
@@ -186,7 +171,7 @@ def test_engine_clamp_two_processes(stage):
 
     ctx = mp.get_context("spawn")
     failures = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_two_ranks, args=(rank, port, stage, failures)) for rank in range(2)]
     for p in procs:
         p.start()

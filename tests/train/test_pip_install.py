@@ -8,7 +8,6 @@ file pointing at a folder of links to them, leaving out this repository's own de
 ``import mlip_fast`` can only find the wheel; nothing is downloaded."""
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -19,6 +18,7 @@ import torch
 
 from mlip_fast.models import MLIP, create_model
 from tests.train.conftest import REPO, SYNTH_N, SYNTH_SIZE, clean_env
+from tests.process_group import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_wheel_in_a_fresh_venv_trains_with_mlip_train(tmp_path, synthetic_cache)
 
     run = work / "run"
     proc = subprocess.run(
-        [str(mlip_train), "--master_port", str(_free_port()), "--deepspeed_config", "zero2_fp32", "--batch-size", "8",
+        [str(mlip_train), "--master_port", str(free_port()), "--deepspeed_config", "zero2_fp32", "--batch-size", "8",
          "--precision", "fp32", "--wd", "0.1", "--warmup", "2", "--lock-text", "--steps", "3",
          "--synthetic-n", str(SYNTH_N), "--image-size", str(SYNTH_SIZE), "--cache-dir", str(synthetic_cache),
          "--output-dir", str(run), "--num-workers", "0", "--eval-every", "0", "--no-progress"],
@@ -104,9 +104,3 @@ def test_wheel_in_a_fresh_venv_trains_with_mlip_train(tmp_path, synthetic_cache)
     for (name, a), b in zip(exported.text.state_dict().items(), initial.text.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(exported.visual.blocks[0].attn.qkv.weight, initial.visual.blocks[0].attn.qkv.weight)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

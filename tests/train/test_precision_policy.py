@@ -1,8 +1,6 @@
 """The losses' precision policy under a half-precision engine: the local embeddings reach the patch-sentence
 scores op in the engine's dtype (bf16 here), so a GPU run scores them on the tensor cores, while every other
 loss input, the scores and the cross-entropies are fp32; the result stays within bf16 rounding of fp32."""
-import socket
-
 import pytest
 import torch
 
@@ -77,12 +75,6 @@ def test_bf16_local_embeddings_stay_within_bf16_rounding_of_fp32(monkeypatch):
         assert ((g16 - g32).norm() / g32.norm()).item() <= 3e-2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Reporter:
     def start_progress(self, *args, **kwargs):
         pass
@@ -93,34 +85,24 @@ class _Reporter:
         self.last = fields
 
 
-def test_bf16_engine_step_hands_the_op_bf16(monkeypatch):
+def test_bf16_engine_step_hands_the_op_bf16(monkeypatch, one_process_world):
     """One step of the training loop on a bf16 DeepSpeed engine: the scores op is dispatched in bf16 and the
     step's loss is finite."""
     deepspeed = pytest.importorskip("deepspeed")
-    import torch.distributed as dist
-
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu").items():
-        monkeypatch.setenv(key, value)
     torch.manual_seed(0)
     model = create_model("mlip-tiny", vision={"image_size": 32})
     config = {"train_micro_batch_size_per_gpu": len(REPORTS), "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0, "torch_adam": True}}}
-    owns_group = not dist.is_initialized()
-    try:
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-        batch = _batch(model)
-        seen = _spy_dtypes(monkeypatch)
-        reporter = _Reporter()
-        ctx = LoopContext(engine=engine, criterion=MLIPLoss(impl="chunked"), batches=iter([batch]), reporter=reporter,
-                          stop=StopRequest(), seed=0, rank=0, world_size=1, accumulation=1, global_batch=len(REPORTS),
-                          steps_per_epoch=1, total_steps=1, start_step=0, dtype=torch.bfloat16)
-        result = train_loop(ctx)
-        assert seen == [torch.bfloat16]
-        assert describe_selected(detail=True)["patch_sentence_scores"] == {"impl": "chunked", "device": "cpu",
-                                                                           "dtype": "bfloat16"}
-        assert result.steps == 1 and all(torch.isfinite(torch.tensor(result.last_terms[k])) for k in LOSS_KEYS)
-    finally:
-        if owns_group and dist.is_initialized():
-            deepspeed.comm.destroy_process_group()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    batch = _batch(model)
+    seen = _spy_dtypes(monkeypatch)
+    reporter = _Reporter()
+    ctx = LoopContext(engine=engine, criterion=MLIPLoss(impl="chunked"), batches=iter([batch]), reporter=reporter,
+                      stop=StopRequest(), seed=0, rank=0, world_size=1, accumulation=1, global_batch=len(REPORTS),
+                      steps_per_epoch=1, total_steps=1, start_step=0, dtype=torch.bfloat16)
+    result = train_loop(ctx)
+    assert seen == [torch.bfloat16]
+    assert describe_selected(detail=True)["patch_sentence_scores"] == {"impl": "chunked", "device": "cpu",
+                                                                       "dtype": "bfloat16"}
+    assert result.steps == 1 and all(torch.isfinite(torch.tensor(result.last_terms[k])) for k in LOSS_KEYS)

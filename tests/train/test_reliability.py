@@ -23,17 +23,12 @@ from mlip_fast.train.reporting import read_metrics
 from mlip_fast.train.run_folder import LOCK_NAME, RunFolderError, RunLock
 from mlip_fast.train.signals import ECHO_WINDOW_S, LauncherWatch, StopRequest, launcher_chain
 from tests.train.conftest import REPO, TRAIN_PY, base_args, clean_env, seed_run_dir, train_records, write_ds
+from tests.process_group import free_port
 
 pytestmark = pytest.mark.slow
 
 DEEPSPEED = str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv" / "bin" / "deepspeed").exists() else "deepspeed"
 KILL_ATTEMPTS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _records(run_dir) -> list:
@@ -72,7 +67,7 @@ def test_sigterm_to_the_deepspeed_command_stops_every_rank_with_a_checkpoint(tmp
     step, save one checkpoint together and exit 143, and the launcher follows with that code."""
     ds = write_ds(tmp_path / "ds.json")
     run_dir = tmp_path / "run"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN_PY),
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN_PY),
            *base_args(ds, run_dir, synthetic_cache, "--steps", "100000", "--no-final-eval", "--num-workers", "1")]
     proc = _launch(cmd, tmp_path / "out.log")
     tree = []
@@ -130,7 +125,7 @@ def test_a_stop_during_start_up_ends_every_process_of_each_launcher_form(tmp_pat
     try:
         for k, (form, command) in enumerate(LAUNCHER_FORMS.items()):
             run_dir, cache = tmp_path / f"run{k}", tmp_path / f"cache{k}"
-            cmd = [*command(str(_free_port())), *base_args(ds, run_dir, cache, "--synthetic-n", "3000", "--steps", "5",
+            cmd = [*command(str(free_port())), *base_args(ds, run_dir, cache, "--synthetic-n", "3000", "--steps", "5",
                                                             "--no-final-eval")]
             jobs[form] = (_launch(cmd, tmp_path / f"out{k}.log"), run_dir, tmp_path / f"out{k}.log")
         trees = {}
