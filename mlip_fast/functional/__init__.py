@@ -16,8 +16,8 @@ One module per loss: ``contrastive`` (global), ``local`` (patch-sentence), ``int
 from mlip_fast.functional.contrastive import global_contrastive_loss
 from mlip_fast.functional.integrity import semantic_integrity_loss
 from mlip_fast.functional.integrity_modes import integrity_prediction_loss, mask_layout_loss
-from mlip_fast.functional.local import LocalMatching, patch_sentence_loss
+from mlip_fast.functional.local import LocalMatching, patch_sentence_loss, within_report_loss
 from mlip_fast.functional.total import LossConfig, check_loss_weights, mlip_loss
 
-__all__ = ["global_contrastive_loss", "patch_sentence_loss", "semantic_integrity_loss", "mask_layout_loss",
+__all__ = ["global_contrastive_loss", "patch_sentence_loss", "within_report_loss", "semantic_integrity_loss", "mask_layout_loss",
            "integrity_prediction_loss", "mlip_loss", "LossConfig", "LocalMatching", "check_loss_weights"]

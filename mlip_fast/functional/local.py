@@ -190,3 +190,58 @@ def _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, w
         labels = _labels(patches_all.shape[0], 0, patches.device)
         w = _row_weights(weights, B, patches.device, group, gathered=True)
     return _symmetric_ce(logits_i, logits_t, scale, labels, w)
+
+
+def within_report_loss(
+    patches: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_mask: Optional[torch.Tensor] = None,
+    patch_mask: Optional[torch.Tensor] = None,
+    logit_scale=INIT_LOGIT_SCALE,
+) -> torch.Tensor:
+    """Sentences told apart by their patches, within each image-report pair (an addition to the method, off by
+    default: ``lambda_within`` of :func:`mlip_fast.functional.mlip_loss`).
+
+    The cross-pair local loss is satisfied when every sentence of a report matches the same patch of its image,
+    one that carries the whole image's information: nothing in it ties a sentence to a place. Here, for each
+    image b and valid sentence q, the patch the max matching picks, p*(b, q) = argmax_p <v_bp, u_bq> (unit
+    vectors, valid patches, lowest index on ties), must be nearer to u_bq than to the report's other sentences:
+
+        L = mean over (b, q) in reports with >= 2 valid sentences of CE_q'( s <v_{b p*(b,q)}, u_bq'> , target q)
+
+    over the valid q' of report b. A patch shared by two sentences gives both the same logits, so no two of them
+    can both be right: the term pushes different sentences of a report onto different patches, and the one that
+    fits each better wins. Gradients reach the chosen patches and every sentence (the choice itself is hard, as
+    in the max aggregation). Pairs only: no gather under torch.distributed, each rank's mean over its own rows.
+
+    Args: as :func:`patch_sentence_loss` (``patches`` [B, K, D], ``sentences`` [B, S, D], masks [B, K] / [B, S]
+    bool or None, ``logit_scale`` the multiplicative scale). Returns a 0-dim float32 loss (0 when no report of the
+    batch has two valid sentences).
+    """
+    sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
+    scale = _check_scale("logit_scale", logit_scale)
+    return _within_report_loss(patches, sentences, sentence_mask, patch_mask, scale)
+
+
+def _within_report_loss(patches, sentences, sentence_mask, patch_mask, scale) -> torch.Tensor:
+    """:func:`within_report_loss` on checked inputs."""
+    B, K, D = patches.shape
+    S = sentences.shape[1]
+    work = torch.promote_types(patches.dtype, torch.float32)
+    v = _unit_rows(patches, patch_mask).to(work)  # [B, K, D]
+    u = _unit_rows(sentences, sentence_mask).to(work)  # [B, S, D]
+    smask = sentence_mask if sentence_mask is not None else torch.ones(B, S, dtype=torch.bool, device=u.device)
+    with torch.no_grad():  # the choice of patch: hard, as in the max aggregation
+        sim = u @ v.transpose(1, 2)  # [B, S, K]
+        if patch_mask is not None:
+            sim = sim.masked_fill(~patch_mask[:, None, :], float("-inf"))
+        choice = sim.argmax(dim=2)  # [B, S], the first maximum
+    picked = v.gather(1, choice[..., None].expand(B, S, D))  # [B, S, D]
+    logits = scale.to(work) * (picked @ u.transpose(1, 2))  # [B, S, S']: row q = sentence q's patch vs every q'
+    rows = smask & (smask.sum(1, keepdim=True) >= 2)  # [B, S]: the sentences that count
+    # padded columns never win; padded rows are zeroed (finite) and weighted 0
+    logits = logits.masked_fill(~smask[:, None, :], float("-inf")).masked_fill(~rows[..., None], 0.0)
+    target = torch.arange(S, device=logits.device).expand(B, S)
+    ce = F.cross_entropy(logits.reshape(B * S, S), target.reshape(-1), reduction="none").view(B, S)
+    n = rows.sum()
+    return torch.where(rows, ce, torch.zeros((), dtype=ce.dtype, device=ce.device)).sum() / n.clamp(min=1).to(ce.dtype)

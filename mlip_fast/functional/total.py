@@ -1,4 +1,5 @@
-"""MLIP's total loss L = L_g + lambda_local * L_l + lambda_sie * L_sie and its options (:class:`LossConfig`)."""
+"""MLIP's total loss L = L_g + lambda_local * L_l + lambda_sie * L_sie (+ lambda_within * L_within, an addition to
+the method, off by default) and its options (:class:`LossConfig`)."""
 from __future__ import annotations
 
 import math
@@ -14,7 +15,7 @@ from mlip_fast.functional.contrastive import global_contrastive_loss
 from mlip_fast.functional.integrity import (DEFAULT_OTHER_TEMPERATURE, SIE_TARGETS, _check_integrity_inputs,
                                            _semantic_integrity_loss)
 from mlip_fast.functional.integrity_modes import integrity_prediction_loss, mask_layout_loss
-from mlip_fast.functional.local import LocalMatching, _check_local_inputs, _patch_sentence_loss
+from mlip_fast.functional.local import LocalMatching, _check_local_inputs, _patch_sentence_loss, _within_report_loss
 from mlip_fast.ops.patch_sentence import ScoresOptions
 
 
@@ -32,6 +33,8 @@ class LossConfig:
     """The options of :func:`mlip_loss` / :class:`mlip_fast.losses.MLIPLoss`, in one value.
 
     lambda_local, lambda_sie: weights of the local and the integrity terms (finite, >= 0; a 0 skips the term).
+    lambda_within: weight of the within-report sentence term (:func:`~mlip_fast.functional.local.within_report_loss`,
+        an addition to the method, scaled by the local logit scale); 0, the default, leaves the method's loss.
     weight_global, weight_local: weight the rows of the global / local contrastive terms by the kept integrity
         mass (``integrity_weights``, normalised to mean 1).
     sie_mode: the reading of semantic integrity (``mlip_fast.constants.SIE_MODES``), i.e. what the ``lambda_sie``
@@ -52,6 +55,7 @@ class LossConfig:
 
     lambda_local: float = 1.0
     lambda_sie: float = 0.1
+    lambda_within: float = 0.0
     weight_global: bool = True
     weight_local: bool = False
     sie_temperature: float = DEFAULT_SIE_TEMPERATURE
@@ -69,7 +73,7 @@ class LossConfig:
 
     def checked(self) -> "LossConfig":
         """The config with its values checked and ``sie_target`` folded into ``sie_mode`` (a copy)."""
-        check_loss_weights(lambda_local=self.lambda_local, lambda_sie=self.lambda_sie)
+        check_loss_weights(lambda_local=self.lambda_local, lambda_sie=self.lambda_sie, lambda_within=self.lambda_within)
         if not (isinstance(self.sie_temperature, (int, float)) and math.isfinite(self.sie_temperature)
                 and self.sie_temperature > 0):
             raise ValueError(f"sie_temperature must be finite and > 0, got {self.sie_temperature}")
@@ -123,10 +127,12 @@ def mlip_loss(
     (``sie_mode``): the estimator's KL from ``integrity_logits`` [B, K] (guided, discriminative), the mask-layout
     term from ``integrity_score`` [B] = w (maco) or the prediction loss of ``integrity_score`` [B] = q against
     ``integrity_target`` [B] (predictor). A term whose lambda is 0 is not computed. The local inputs are checked
-    once for both local terms.
+    once for both local terms. ``lambda_within`` > 0 adds the within-report sentence term
+    (:func:`~mlip_fast.functional.local.within_report_loss`, with ``logit_scale_local``).
 
     Returns:
-        (total, terms) where terms has detached "loss_global", "loss_local", "loss_sie" and "loss".
+        (total, terms) where terms has detached "loss_global", "loss_local", "loss_sie" and "loss", and
+        "loss_within" when ``lambda_within`` > 0.
     """
     cfg = replace(config or LossConfig(), **options).checked()
     lambda_local, lambda_sie = cfg.lambda_local, cfg.lambda_sie
@@ -147,10 +153,12 @@ def mlip_loss(
                          f"it; or set lambda_sie=0)")
     if lambda_sie and mode == "predictor" and integrity_target is None:
         raise ValueError("lambda_sie > 0 in sie_mode 'predictor' needs integrity_target [B] (or set lambda_sie=0)")
-    if lambda_local or (lambda_sie and estimator):
+    lambda_within = cfg.lambda_within
+    if lambda_local or lambda_within or (lambda_sie and estimator):
         sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
-    if lambda_local:
+    if lambda_local or lambda_within:
         scale = _check_scale("logit_scale_local", logit_scale_local)
+    if lambda_local:
         loss_l = _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale,
                                       weights if weight_local else None, cfg.scores_options(), cfg.matching(),
                                       impl=cfg.impl, **dist_kw)
@@ -167,6 +175,10 @@ def mlip_loss(
         "loss_global": loss_g.detach(),
         "loss_local": loss_l.detach(),
         "loss_sie": loss_s.detach(),
-        "loss": total.detach(),
     }
+    if lambda_within:
+        loss_w = _within_report_loss(patches, sentences, sentence_mask, patch_mask, scale)
+        total = total + lambda_within * loss_w
+        terms["loss_within"] = loss_w.detach()
+    terms["loss"] = total.detach()
     return total, terms

@@ -259,6 +259,10 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
     loss.add_argument("--lambda-sie", type=_non_negative, default=0.1,
                       help="weight of the integrity mode's own term (the estimator's loss; the layout weight's or the "
                            "predictor's with --sie-mode maco / predictor)")
+    loss.add_argument("--lambda-within", type=_non_negative, default=0.0,
+                      help="weight of the within-report sentence term, an addition to the method (default 0, off): "
+                           "the patch each sentence's max matching picks must be nearer to that sentence than to the "
+                           "report's others (docs/training.md)")
     loss.add_argument("--sie-temperature", type=_positive, default=DEFAULT_SIE_TEMPERATURE,
                       help="temperature of the estimator's target: softmax over the kept patches of each patch's best "
                            "similarity to its own report's sentences / T")

@@ -213,7 +213,8 @@ def build_engine(run: RunState, data: RunData) -> Engine:
     lock_towers(model, args, reporter)
     model_cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
-    criterion = MLIPLoss(lambda_local=args.lambda_local, lambda_sie=args.lambda_sie, sie_temperature=args.sie_temperature,
+    criterion = MLIPLoss(lambda_local=args.lambda_local, lambda_sie=args.lambda_sie,
+                         lambda_within=getattr(args, "lambda_within", 0.0), sie_temperature=args.sie_temperature,
                          sie_mode=model_cfg.sie_mode, impl=args.impl, deterministic=args.deterministic,
                          local_matching=model_cfg.local_matching,
                          ot_eps=model_cfg.ot_eps, ot_iters=model_cfg.ot_iters)
