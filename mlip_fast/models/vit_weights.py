@@ -41,6 +41,8 @@ _KEY_PREFIXES = ("module.", "vit.", "model.", "backbone.", "encoder_q.")
 _IGNORED_PREFIXES = ("pooler.", "classifier.", "head.", "head_drop.")
 # The estimator is MLIP's own head; an ImageNet ViT never has it.
 _NOT_IN_CHECKPOINTS = ("estimator.",)
+# register tokens: loaded when the checkpoint has them (timm's ``reg_token``), else kept at their init
+_REGISTERS = "embeddings.registers"
 
 
 class PretrainedWeightsError(ValueError):
@@ -142,6 +144,7 @@ _HF_FIXED = {
 }
 _TIMM_FIXED = {
     "cls_token": "embeddings.cls_token",
+    "reg_token": _REGISTERS,
     "pos_embed": "embeddings.pos_embed",
     "patch_embed.proj.weight": "embeddings.proj.weight",
     "patch_embed.proj.bias": "embeddings.proj.bias",
@@ -231,6 +234,10 @@ def convert_vit_state_dict(state: dict, model) -> tuple[dict, LoadReport]:
     report = LoadReport(source="", naming=naming, loaded=0, ignored=sorted(ignored))
 
     target = {k: v for k, v in model.state_dict().items() if not k.startswith(_NOT_IN_CHECKPOINTS)}
+    if _REGISTERS in target and _REGISTERS not in converted:
+        report.adapted.append(f"{_REGISTERS}: not in the checkpoint, the {target[_REGISTERS].shape[1]} register "
+                              "tokens keep their init")
+        del target[_REGISTERS]
     pos = converted.get("embeddings.pos_embed")
     want = target["embeddings.pos_embed"]
     if pos is not None and pos.ndim == 3 and pos.shape[1] != want.shape[1] and pos.shape[2] == want.shape[2]:
@@ -264,7 +271,7 @@ def load_pretrained_vit(model, source: Union[str, Path, dict]) -> LoadReport:
     converted, report = convert_vit_state_dict(state, model)
     with torch.no_grad():
         result = model.load_state_dict(converted, strict=False)
-    leftover = [k for k in result.missing_keys if not k.startswith(_NOT_IN_CHECKPOINTS)]
+    leftover = [k for k in result.missing_keys if not k.startswith(_NOT_IN_CHECKPOINTS) and k != _REGISTERS]
     if leftover or result.unexpected_keys:
         raise PretrainedWeightsError(f"missing keys {leftover}, unexpected keys {result.unexpected_keys}")
     report.source = "<state dict>" if isinstance(source, dict) else str(source)

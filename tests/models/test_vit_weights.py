@@ -57,7 +57,7 @@ def test_transformers_in_memory_naming_and_prefixes(tmp_path):
 
 
 TIMM_NAMES = {"embeddings.proj.weight": "patch_embed.proj.weight", "embeddings.proj.bias": "patch_embed.proj.bias",
-              "embeddings.cls_token": "cls_token", "embeddings.pos_embed": "pos_embed"}
+              "embeddings.cls_token": "cls_token", "embeddings.pos_embed": "pos_embed", "embeddings.registers": "reg_token"}
 
 
 def timm_state(vit):
@@ -80,6 +80,32 @@ def test_timm_checkpoint_loads_with_no_missing_keys(tmp_path):
     images = torch.randn(2, 1, 40, 40)
     with torch.no_grad():
         assert torch.equal(vit.forward_features(images), source.forward_features(images))
+
+
+def test_register_tokens_load_from_reg_token_or_keep_their_init():
+    """A tower with register tokens takes timm's ``reg_token`` when the checkpoint has one and otherwise keeps its
+    own init (said in the report), every other weight loaded; a checkpoint's registers without a place in the
+    model are an error naming the key."""
+    with_registers = VisionConfig(image_size=40, patch_size=8, in_chans=1, width=48, depth=2, heads=3, registers=2)
+    source = VisionTransformer(with_registers).eval()
+    vit = VisionTransformer(with_registers).eval()
+    report = load_pretrained_vit(vit, timm_state(source))
+    assert report.adapted == []
+    assert torch.equal(vit.embeddings.registers, source.embeddings.registers)
+    images = torch.randn(2, 1, 40, 40)
+    with torch.no_grad():
+        assert torch.equal(vit.forward_features(images), source.forward_features(images))
+
+    plain = VisionTransformer(CFG).eval()
+    vit = VisionTransformer(with_registers).eval()
+    init = vit.embeddings.registers.detach().clone()
+    report = load_pretrained_vit(vit, timm_state(plain))
+    assert report.adapted == ["embeddings.registers: not in the checkpoint, the 2 register tokens keep their init"]
+    assert torch.equal(vit.embeddings.registers, init)
+    assert torch.equal(vit.blocks[1].mlp.fc2.weight, plain.blocks[1].mlp.fc2.weight)
+
+    with pytest.raises(PretrainedWeightsError, match="embeddings.registers"):
+        load_pretrained_vit(VisionTransformer(CFG), timm_state(source))
 
 
 def test_three_channel_weights_summed_for_grey_input():
