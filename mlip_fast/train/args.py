@@ -232,6 +232,10 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
     model.add_argument("--mask-ratio", type=float, default=None,
                        help="share of patches dropped before the ViT, in [0, 1); sets the model config's mask_ratio "
                             "(default: the synthetic preset's with --data synthetic, else the model config's)")
+    model.add_argument("--vit-registers", type=_non_negative_int, default=None,
+                       help="register tokens of the ViT (vision.registers: learned tokens beside CLS in every block, "
+                            "left out of the outputs; default: the model config's, 0); --model-overrides "
+                            "vision.registers wins")
     model.add_argument("--text-dropout", type=_dropout, default=None,
                        help="dropout of the report encoder (hidden states and attention probabilities; default: the "
                             "model config's, 0.1 for the shipped configs, on the synthetic benchmark too); "

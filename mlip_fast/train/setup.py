@@ -115,7 +115,7 @@ def output_dir(args) -> Path:
 
 
 def model_config(args, device_type: str = "cpu") -> MLIPConfig:
-    """The model config of ``--model`` with ``--model-overrides``, ``--image-size``, ``--attn``, ``--mask-ratio``,
+    """The model config of ``--model`` with ``--model-overrides``, ``--image-size``, ``--vit-registers``, ``--attn``, ``--mask-ratio``,
     ``--text-dropout`` / ``--text-attention-dropout``, ``--local-matching`` / ``--ot-eps`` / ``--ot-iters``, ``--sie-mode`` / ``--sie-warmup`` and
     the attention choices
     ``--deterministic`` needs on CUDA."""
@@ -124,6 +124,8 @@ def model_config(args, device_type: str = "cpu") -> MLIPConfig:
     vision = dict(overrides.pop("vision", {}))
     if args.image_size is not None:
         vision.setdefault("image_size", args.image_size)
+    if getattr(args, "vit_registers", None) is not None:
+        vision.setdefault("registers", args.vit_registers)
     attn = args.attn
     if args.deterministic and device_type == "cuda":
         # the fused attention kernels' backward accumulates with atomics (docs/training.md, Reproducibility)

@@ -72,3 +72,14 @@ def test_local_matching_flags_set_the_model_config(capsys):
         with pytest.raises(SystemExit) as info:
             parse_args(BASE + [flag, value])
         assert info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_vit_registers_flag_sets_the_model_config_and_overrides_win(capsys):
+    from mlip_fast.train.setup import model_config
+
+    assert model_config(parse_args(BASE + ["--vit-registers", "3"])).vision.registers == 3
+    both = parse_args(BASE + ["--vit-registers", "3", "--model-overrides", '{"vision": {"registers": 1}}'])
+    assert model_config(both).vision.registers == 1
+    with pytest.raises(SystemExit) as info:
+        parse_args(BASE + ["--vit-registers", "-1"])
+    assert info.value.code == 2 and "--vit-registers" in capsys.readouterr().err
