@@ -80,7 +80,8 @@ class VisionOutput:
 
 class Embeddings(nn.Module):
     """Patch embedding + [CLS] token + learned position embedding ([1, 1 + P, C], CLS first), and with
-    ``cfg.registers`` R > 0 the register tokens ``registers`` [1, R, C] (no position: they belong to no place)."""
+    ``cfg.registers`` R > 0 the register tokens ``registers`` [1, R, C] (no position: they belong to no place).
+    Every parameter is read inside ``forward`` (ZeRO-3 gathers a module's parameters for its own forward only)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -91,14 +92,9 @@ class Embeddings(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.width))
         self.registers = nn.Parameter(torch.zeros(1, cfg.registers, cfg.width)) if cfg.registers else None
 
-    def prefix(self, cls: torch.Tensor) -> torch.Tensor:
-        """The tokens before the patches: CLS [B, 1, C], then the registers when the tower has them."""
-        if self.registers is None:
-            return cls
-        return torch.cat([cls, self.registers.to(cls.dtype).expand(cls.shape[0], -1, -1)], dim=1)
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, C_in, H, W] -> (cls [B, 1, C], patches [B, P, C]), both with position added.
+        """images [B, C_in, H, W] -> (prefix [B, 1 + R, C], patches [B, P, C]): the prefix is CLS (with its
+        position) followed by the R register tokens, the patches carry their positions.
 
         A grey tower (C_in = 1) also takes [B, 3, H, W] (an RGB rendering, normalised as its preprocessing
         does): the channels are reduced to BT.601 luminance, as the preprocessing reduces colour files, with a
@@ -112,8 +108,10 @@ class Embeddings(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         patches = self.proj(images.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(images.shape[0], -1, -1)
-        return cls.to(patches.dtype), patches
+        prefix = self.cls_token + self.pos_embed[:, :1]
+        if self.registers is not None:
+            prefix = torch.cat([prefix, self.registers], dim=1)
+        return prefix.expand(images.shape[0], -1, -1).to(patches.dtype), patches
 
 
 class Attention(nn.Module):
@@ -228,7 +226,7 @@ class VisionTransformer(nn.Module):
         ``scored=False`` (or a tower without an estimator) masks uniformly: Gumbel-top-k over zero scores, every
         image weighted 1; the estimator's logits are still returned.
         """
-        cls, tokens = self.embeddings(images)
+        prefix, tokens = self.embeddings(images)
         logits_all = self.estimator(tokens) if self.estimator is not None else None
         scored = scored and logits_all is not None
         b, p, _ = tokens.shape
@@ -246,7 +244,6 @@ class VisionTransformer(nn.Module):
                                     seed=seed, generator=generator, check_finite=False)
             kept, index = result.kept, result.index
             weights = result.integrity if scored else torch.ones(b, device=tokens.device, dtype=weight_dtype)
-        prefix = self.embeddings.prefix(cls)
         x = self._run_blocks(torch.cat([prefix, kept], dim=1))
         return VisionOutput(
             global_features=x[:, 0],
@@ -261,7 +258,6 @@ class VisionTransformer(nn.Module):
         """All token states without masking: images [B, C_in, H, W] -> [B, 1 + P, C] (CLS first, then the
         patches in row-major grid order), after the final LayerNorm; register tokens are dropped. For dense heads
         such as segmentation decoders (reshape ``[:, 1:]`` to [B, grid, grid, C])."""
-        cls, tokens = self.embeddings(images)
-        prefix = self.embeddings.prefix(cls)
+        prefix, tokens = self.embeddings(images)
         x = self._run_blocks(torch.cat([prefix, tokens], dim=1))
         return x if prefix.shape[1] == 1 else torch.cat([x[:, :1], x[:, prefix.shape[1]:]], dim=1)

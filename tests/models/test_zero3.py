@@ -12,8 +12,9 @@ def test_zero3_train_step_and_encoders(one_process_world):
     from mlip_fast.losses import MLIPLoss
     from mlip_fast.models import create_model
 
-    model = create_model("mlip-tiny")
-    reference = create_model("mlip-tiny")
+    # with register tokens: every parameter of the image tower's embeddings is read inside their module's forward
+    model = create_model("mlip-tiny", vision={"registers": 2})
+    reference = create_model("mlip-tiny", vision={"registers": 2})
     reference.load_state_dict(model.state_dict())
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
