@@ -66,6 +66,7 @@ CANDIDATES = {
     # register tokens in the ViT (Darcet et al. 2023): a place for the global information other than the border
     # patches, to which the finding sentences' argmax patch drifts late in the run
     "registers4_1200": ["--steps", "1200", "--text-dropout", "0.1", "--model-overrides", '{"vision": {"registers": 4}}'],
+    "registers2_1200": ["--steps", "1200", "--text-dropout", "0.1", "--model-overrides", '{"vision": {"registers": 2}}'],
     # the within-report sentence term: the patch each sentence picks must tell it from the report's other sentences
     "within1_1200": ["--steps", "1200", "--text-dropout", "0.1", "--lambda-within", "1"],
 }
