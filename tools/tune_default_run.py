@@ -6,8 +6,9 @@ the final test evaluation; its exported model is then scored on the validation s
 CheXpert-5 classes and the pointing accuracy of the finding sentences with its chance rate (the same metrics the
 default run reports on the test split), and the run's periodic validation (``--eval-every``) gives both as curves. One record per (candidate, seed) in
 ``benchmarks/results/tune_default_run_cpu.json``, with the steps, batch, training time, samples/s, the thread
-count and the machine's load average before and after (the machine is shared: compare times only within a run of
-this script, qualities across it). Resumable: a (candidate, seed) with a record is not run again.
+count, the CPU model and the machine's load average before and after (the machine is shared: compare times only
+within a run of this script; compare qualities between runs on the same CPU model, since fp32 kernels and so a
+seed's trajectory differ between CPU models). Resumable: a (candidate, seed) with a record is not run again.
 
     python -m tools.tune_default_run --list
     python -m tools.tune_default_run --candidates preset_1500 dropout0_1500 [--seeds 0 1] [--threads 1]
@@ -67,6 +68,8 @@ CANDIDATES = {
     # patches, to which the finding sentences' argmax patch drifts late in the run
     "registers4_1200": ["--steps", "1200", "--text-dropout", "0.1", "--model-overrides", '{"vision": {"registers": 4}}'],
     "registers2_1200": ["--steps", "1200", "--text-dropout", "0.1", "--model-overrides", '{"vision": {"registers": 2}}'],
+    # the 1,200-step preset without registers, once the preset took 4 (the same runs as preset_1200 before that)
+    "registers0_1200": ["--steps", "1200", "--text-dropout", "0.1", "--vit-registers", "0"],
     # the within-report sentence term: the patch each sentence picks must tell it from the report's other sentences
     "within1_1200": ["--steps", "1200", "--text-dropout", "0.1", "--lambda-within", "1"],
 }
@@ -107,7 +110,7 @@ def run(name: str, seed: int, threads: int, work: Path, cache: Path, eval_every:
               **evaluate_valid(Path(summary["export"]), synthetic_cache_dir(cache, 64, summary["args"]["synthetic_n"], 0)),
               "train_s": summary["train_s"], "samples_per_s": summary["samples_per_s"],
               "step_samples_per_s": (summary.get("time_breakdown") or {}).get("step_samples_per_s"),
-              "wall_s": round(time.perf_counter() - start, 1), "threads": threads,
+              "wall_s": round(time.perf_counter() - start, 1), "threads": threads, "cpu": harness.environment()["cpu"],
               "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
               "final_loss": summary["final_loss_mean_last_steps"],
               "validation_history": summary.get("validation_history"),

@@ -46,11 +46,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # same code, seeds 0-2 (tune_default_run_cpu.json, preset_1200 vs preset_1000_v2), zero-shot AUC 0.852 / 0.863 /
 # 0.861 against 0.823 / 0.834 / 0.870 and pointing 2.76x / 2.13x / 2.49x chance against 0.42x / 0.45x / 1.80x.
 # Validation and checkpoints every 300 steps (four intervals).
-# vit_registers: 4 register tokens in the ViT since 2026-12-06 (tune_default_run_cpu.json, registers4_1200 vs
-# preset_1200, seeds 0-2): validation zero-shot AUC 0.875 / 0.868 / 0.913 against 0.852 / 0.863 / 0.861, pointing
-# 2.09x / 1.89x / 2.89x chance against 2.76x / 2.13x / 2.49x; 2 registers (seeds 0-1) reached AUC 0.891 / 0.887 but
-# pointing 1.60x / 0.60x, so the preset takes 4. The tower's forward + backward costs about 12% more (53 tokens
-# instead of 49).
+# No ViT register tokens (--vit-registers): on one machine, 4 registers against none (tune_default_run_cpu.json,
+# registers4_1200 vs registers0_1200, seeds 0 and 3) gave validation zero-shot AUC 0.875 / 0.880 against 0.871 / 0.891
+# and pointing 2.09x / 0.95x chance against 2.44x / 1.60x, for about 12% more ViT time (53 tokens instead of 49).
 SYNTHETIC_PRESET = dict(
     synthetic_n=6000,
     steps=1200,
@@ -59,7 +57,6 @@ SYNTHETIC_PRESET = dict(
     save_every=300,
     lambda_local=4.0,
     in_memory=True,
-    vit_registers=4,
 )
 SPEC_LAMBDA_LOCAL = 1.0
 # Real data: one pass over the training split unless --steps / --epochs say otherwise.
@@ -240,8 +237,8 @@ def build_parser(prog: Optional[str] = None, argv: Sequence[str] = ()) -> argpar
                             "(default: the synthetic preset's with --data synthetic, else the model config's)")
     model.add_argument("--vit-registers", type=_non_negative_int, default=None,
                        help="register tokens of the ViT (vision.registers: learned tokens beside CLS in every block, "
-                            f"left out of the outputs; default: the model config's, 0; {SYNTHETIC_PRESET['vit_registers']} "
-                            "on the synthetic benchmark); --model-overrides vision.registers wins")
+                            "left out of the outputs; default: the model config's, 0); --model-overrides "
+                            "vision.registers wins")
     model.add_argument("--text-dropout", type=_dropout, default=None,
                        help="dropout of the report encoder (hidden states and attention probabilities; default: the "
                             "model config's, 0.1 for the shipped configs, on the synthetic benchmark too); "
