@@ -179,9 +179,9 @@ class MLIPLoss(nn.Module):
 
     Composed of the three loss modules (``global_loss``, ``patch_sentence_loss``, ``integrity_loss``), with the
     options in one :class:`~mlip_fast.functional.LossConfig` (``config``): the constructor takes its fields
-    (lambda_local, lambda_sie, lambda_within, weight_global, weight_local, sie_temperature, sie_mode, sie_target, sie_other_temperature,
-    local_loss, gather_with_grad, impl, deterministic, precision, local_matching, ot_eps, ot_iters) and
-    ``init_temperature`` / ``learn_temperature`` of the two contrastive terms' own logit scales, which ``forward``
+    (lambda_local, lambda_sie, lambda_within, weight_global, weight_local, sie_temperature, sie_mode, sie_target,
+    sie_other_temperature, local_loss, gather_with_grad, impl, deterministic, precision, local_matching, ot_eps,
+    ot_iters) and ``init_temperature`` / ``learn_temperature`` of the two contrastive terms' own logit scales, which ``forward``
     uses when it gets none (a model passes its own).
 
     ``forward`` takes the model's output dict as keyword arguments (``criterion(**outputs)``): image_global

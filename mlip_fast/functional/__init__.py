@@ -19,5 +19,5 @@ from mlip_fast.functional.integrity_modes import integrity_prediction_loss, mask
 from mlip_fast.functional.local import LocalMatching, patch_sentence_loss, within_report_loss
 from mlip_fast.functional.total import LossConfig, check_loss_weights, mlip_loss
 
-__all__ = ["global_contrastive_loss", "patch_sentence_loss", "within_report_loss", "semantic_integrity_loss", "mask_layout_loss",
-           "integrity_prediction_loss", "mlip_loss", "LossConfig", "LocalMatching", "check_loss_weights"]
+__all__ = ["global_contrastive_loss", "patch_sentence_loss", "within_report_loss", "semantic_integrity_loss",
+           "mask_layout_loss", "integrity_prediction_loss", "mlip_loss", "LossConfig", "LocalMatching", "check_loss_weights"]

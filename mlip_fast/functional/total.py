@@ -73,7 +73,8 @@ class LossConfig:
 
     def checked(self) -> "LossConfig":
         """The config with its values checked and ``sie_target`` folded into ``sie_mode`` (a copy)."""
-        check_loss_weights(lambda_local=self.lambda_local, lambda_sie=self.lambda_sie, lambda_within=self.lambda_within)
+        check_loss_weights(lambda_local=self.lambda_local, lambda_sie=self.lambda_sie,
+                           lambda_within=self.lambda_within)
         if not (isinstance(self.sie_temperature, (int, float)) and math.isfinite(self.sie_temperature)
                 and self.sie_temperature > 0):
             raise ValueError(f"sie_temperature must be finite and > 0, got {self.sie_temperature}")

@@ -57,7 +57,8 @@ def test_transformers_in_memory_naming_and_prefixes(tmp_path):
 
 
 TIMM_NAMES = {"embeddings.proj.weight": "patch_embed.proj.weight", "embeddings.proj.bias": "patch_embed.proj.bias",
-              "embeddings.cls_token": "cls_token", "embeddings.pos_embed": "pos_embed", "embeddings.registers": "reg_token"}
+              "embeddings.cls_token": "cls_token", "embeddings.pos_embed": "pos_embed",
+              "embeddings.registers": "reg_token"}
 
 
 def timm_state(vit):
