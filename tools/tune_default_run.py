@@ -64,11 +64,12 @@ CANDIDATES = {
     "preset_1200": ["--steps", "1200", "--text-dropout", "0.1"],
     # the preset again on the code of 2026-12-06 (four-word dropout draws): the same-code baseline of preset_1200
     "preset_1000_v2": ["--steps", "1000", "--text-dropout", "0.1"],
-    # register tokens in the ViT (Darcet et al. 2023): a place for the global information other than the border
-    # patches, to which the finding sentences' argmax patch drifts late in the run
+    # register tokens in the ViT (Darcet et al. 2023): a place for the global information other than the few
+    # patches the finding sentences' argmax gathers on late in the run
     "registers4_1200": ["--steps", "1200", "--text-dropout", "0.1", "--model-overrides", '{"vision": {"registers": 4}}'],
     "registers2_1200": ["--steps", "1200", "--text-dropout", "0.1", "--model-overrides", '{"vision": {"registers": 2}}'],
-    # the 1,200-step preset without registers, once the preset took 4 (the same runs as preset_1200 before that)
+    # the 1,200-step preset with the registers pinned to none whatever the preset says: the same-machine baseline
+    # of the two above (preset_1200's records ran on another CPU model)
     "registers0_1200": ["--steps", "1200", "--text-dropout", "0.1", "--vit-registers", "0"],
     # the within-report sentence term: the patch each sentence picks must tell it from the report's other sentences
     "within1_1200": ["--steps", "1200", "--text-dropout", "0.1", "--lambda-within", "1"],

@@ -136,7 +136,7 @@ def mlip_loss(
         "loss_within" when ``lambda_within`` > 0.
     """
     cfg = replace(config or LossConfig(), **options).checked()
-    lambda_local, lambda_sie = cfg.lambda_local, cfg.lambda_sie
+    lambda_local, lambda_sie, lambda_within = cfg.lambda_local, cfg.lambda_sie, cfg.lambda_within
     weight_global, weight_local = cfg.weight_global, cfg.weight_local
     weights = integrity_weights
     dist_kw = dict(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, group=group)
@@ -154,7 +154,6 @@ def mlip_loss(
                          f"it; or set lambda_sie=0)")
     if lambda_sie and mode == "predictor" and integrity_target is None:
         raise ValueError("lambda_sie > 0 in sie_mode 'predictor' needs integrity_target [B] (or set lambda_sie=0)")
-    lambda_within = cfg.lambda_within
     if lambda_local or lambda_within or (lambda_sie and estimator):
         sentence_mask, patch_mask = _check_local_inputs(patches, sentences, sentence_mask, patch_mask)
     if lambda_local or lambda_within:

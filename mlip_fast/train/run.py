@@ -214,7 +214,7 @@ def build_engine(run: RunState, data: RunData) -> Engine:
     model_cfg = model.config
     n_params = sum(p.numel() for p in model.parameters())
     criterion = MLIPLoss(lambda_local=args.lambda_local, lambda_sie=args.lambda_sie,
-                         lambda_within=getattr(args, "lambda_within", 0.0), sie_temperature=args.sie_temperature,
+                         lambda_within=args.lambda_within, sie_temperature=args.sie_temperature,
                          sie_mode=model_cfg.sie_mode, impl=args.impl, deterministic=args.deterministic,
                          local_matching=model_cfg.local_matching,
                          ot_eps=model_cfg.ot_eps, ot_iters=model_cfg.ot_iters)
