@@ -15,7 +15,9 @@ updates a linear scaling instead of a potential,
     v_q <- b_q / sum_p kern_pq u_p        (g = g_abs + log v)
     u_p <- a_p / sum_q kern_pq v_q        (f = f_abs + log u)
 
-which is two multiply-add passes over the tile instead of two exp passes and three more for the logsumexp.
+which is two batched vector-matrix products over the tile (``bmm`` of a row vector with kern for v, with kern's
+transpose for u, kept beside it: each reads its layout along rows; on 2 CPU cores at [455, 48, 12] about 4x faster
+than a multiply into a buffer and a sum) instead of two exp passes and three more for the logsumexp.
 When a new scaling leaves [exp(-ABSORB_AT), exp(ABSORB_AT)] (or a row or column of kern underflowed), that
 half-step is redone in the log domain and the scalings are absorbed into the potentials (kern recomputed), so
 the numbers stay those of the log-domain iteration for any eps: entries of kern that underflow carry at most
@@ -86,9 +88,10 @@ class _TileSinkhorn:
         return _log_update(torch.add(g[:, None, :], self.z, out=self.buf), 2, self.log_a, self.live_p)
 
     def absorb(self, f, g):
-        """The plan of potentials (f, g) as the new kern, with unit scalings."""
+        """The plan of potentials (f, g) as the new kern [N, K, S] and its transpose [N, S, K] (each product
+        reads the layout whose rows run along the summed axis), with unit scalings."""
         kern = torch.add(f[:, :, None], g[:, None, :]).add_(self.z).exp_()
-        return kern, torch.ones_like(self.a), torch.ones_like(self.b)
+        return kern, kern.transpose(1, 2).contiguous(), torch.ones_like(self.a), torch.ones_like(self.b)
 
     def _moderate(self, x) -> bool:
         lo, hi = torch.aminmax(x)
@@ -103,9 +106,9 @@ class _TileSinkhorn:
         f = torch.where(self.live_p, torch.zeros((), dtype=z.dtype, device=z.device), torch.full_like(self.log_a, DEAD))
         g = self.g_log(f)
         f = self.f_log(g)
-        kern, u, v = self.absorb(f, g)
+        kern, kern_t, u, v = self.absorb(f, g)
         for _ in range(1, n_iter):
-            col = torch.mul(kern, u, out=self.buf).sum(1, keepdim=True)  # [N, 1, S]
+            col = torch.bmm(u.transpose(1, 2), kern)  # [N, 1, S]
             v_new = self.b / col.clamp_min(self.tiny)
             if self.active is not None:
                 # L1 violation of the sentence marginal by the current plan: sum_q |v_q col_q - b_q|
@@ -118,15 +121,15 @@ class _TileSinkhorn:
             else:  # redo the sentence update in the log domain and absorb the scalings
                 f = f + u[:, :, 0].log()
                 g = self._keep_frozen(self.g_log(f), g + v[:, 0].log())
-                kern, u, v = self.absorb(f, g)
-            row = torch.mul(kern, v, out=self.buf).sum(2, keepdim=True)  # [N, K, 1]
+                kern, kern_t, u, v = self.absorb(f, g)
+            row = torch.bmm(v, kern_t).transpose(1, 2)  # [N, K, 1]
             u_new = self._keep_frozen(self.a / row.clamp_min(self.tiny), u)
             if self._moderate(u_new):
                 u = u_new
             else:  # redo the patch update in the log domain and absorb the scalings
                 g = g + v[:, 0].log()
                 f = self._keep_frozen(self.f_log(g), f + u[:, :, 0].log())
-                kern, u, v = self.absorb(f, g)
+                kern, kern_t, u, v = self.absorb(f, g)
         # score = sum_pq u_p kern_pq v_q sim_pq, with sim = z * eps on the live entries (kern is 0 elsewhere)
         weighted = torch.mul(kern, z, out=self.buf).mul_(v).sum(2, keepdim=True)
         return f + u[:, :, 0].log(), g + v[:, 0].log(), (weighted * u).sum((1, 2))
