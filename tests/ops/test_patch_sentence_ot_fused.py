@@ -99,9 +99,13 @@ def test_half_within_twice_torch_error(impl, dtype, B, G, K, S, D):
 
 @pytest.mark.parametrize("tile_elements", [1, 40, 10**6])
 @pytest.mark.parametrize("absorb_at", [16.0, 0.5])
-def test_chunked_fp64_is_the_reference_recursion(tile_elements, absorb_at):
+@pytest.mark.parametrize("linear_start_at", [chunked.LINEAR_START_AT, float("-inf")])
+def test_chunked_fp64_is_the_reference_recursion(tile_elements, absorb_at, linear_start_at, monkeypatch):
     # tiles: one pair each, several reports of one image, everything at once; absorb_at 0.5 redoes most half-steps
-    # in the log domain (the absorption path), 16 almost none. Small eps makes the scalings swing.
+    # in the log domain (the absorption path), 16 almost none. Small eps makes the scalings swing. Unit vectors:
+    # eps 0.05 starts in the scaling form (sim / eps <= 20), eps 0.01 with a log-domain iteration (up to 100);
+    # linear_start_at -inf makes every tile start in the log domain.
+    monkeypatch.setattr(chunked, "LINEAR_START_AT", linear_start_at)
     B, G, K, S, D = 3, 5, 4, 3, 12
     p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=5, dtype=F64)
     grad = upstream(B, G, seed=3)

@@ -8,9 +8,9 @@ applies the envelope gradient dsim = w * P with two matmuls (see ``kernels/patch
 for the derivation).
 
 Iterations. The same iterates as the log-domain reference (``mlip_fast.reference.patch_sentence_ot``),
-computed in the stabilised scaling form (Schmitzer 2019, POT's ``sinkhorn_stabilized``): after a first
-log-domain iteration the tile holds the current plan kern = exp(f + g + sim / eps), and each later half-step
-updates a linear scaling instead of a potential,
+computed in the stabilised scaling form (Schmitzer 2019, POT's ``sinkhorn_stabilized``): the tile holds the
+current plan kern = exp(f + g + sim / eps), from f = g = 0 when exp(sim / eps) cannot overflow (else after a first
+log-domain iteration), and each half-step updates a linear scaling instead of a potential,
 
     v_q <- b_q / sum_p kern_pq u_p        (g = g_abs + log v)
     u_p <- a_p / sum_q kern_pq v_q        (f = f_abs + log u)
@@ -47,6 +47,10 @@ from mlip_fast.reference.patch_sentence_ot import DEAD, log_marginals
 TILE_ELEMENTS = 2**18
 # Largest |log scaling| kept in the linear domain before it is absorbed into the potentials.
 ABSORB_AT = 16.0
+# Largest sim / eps of a tile for which the iterations start in the scaling form from kern = exp(sim / eps) (a sum
+# of K such terms stays far below fp32's max); above it the first iteration runs in the log domain. Unit vectors
+# at eps >= 1/32 always start linear (|sim| <= 1).
+LINEAR_START_AT = 32.0
 
 
 def _tiles(B: int, K: int, G: int, S: int, tile_elements: int):
@@ -95,7 +99,7 @@ class _TileSinkhorn:
 
     def _moderate(self, x) -> bool:
         lo, hi = torch.aminmax(x)
-        return bool(lo >= self.lo) and bool(hi <= self.hi)
+        return self.lo <= lo.item() and hi.item() <= self.hi  # NaN fails both
 
     def _keep_frozen(self, new, old):
         return new if self.active is None else torch.where(self.active.view(-1, *[1] * (new.ndim - 1)), new, old)
@@ -103,13 +107,22 @@ class _TileSinkhorn:
     def run(self, n_iter: int):
         """(f [N, K], g [N, S], score [N]) after ``n_iter`` iterations (or each pair's convergence)."""
         z = self.z
-        f = torch.where(self.live_p, torch.zeros((), dtype=z.dtype, device=z.device), torch.full_like(self.log_a, DEAD))
-        g = self.g_log(f)
-        f = self.f_log(g)
-        kern, kern_t, u, v = self.absorb(f, g)
-        for _ in range(1, n_iter):
+        if z.amax().item() <= LINEAR_START_AT:
+            # kern = exp(z) cannot overflow: start in the scaling form from f = g = 0, u = v = 1 (the first
+            # iteration's v and u are then exp of the log-domain iteration's g and f)
+            f, g = torch.zeros_like(self.log_a), torch.zeros_like(self.log_b)
+            kern, kern_t, u, v = self.absorb(f, g)
+            first = 0
+        else:
+            f = torch.where(self.live_p, torch.zeros((), dtype=z.dtype, device=z.device),
+                            torch.full_like(self.log_a, DEAD))
+            g = self.g_log(f)
+            f = self.f_log(g)
+            kern, kern_t, u, v = self.absorb(f, g)
+            first = 1
+        for _ in range(first, n_iter):
             col = torch.bmm(u.transpose(1, 2), kern)  # [N, 1, S]
-            v_new = self.b / col.clamp_min(self.tiny)
+            v_new = torch.div(self.b, col.clamp_min_(self.tiny))
             if self.active is not None:
                 # L1 violation of the sentence marginal by the current plan: sum_q |v_q col_q - b_q|
                 self.active &= (v * col - self.b).abs().sum((1, 2)) > self.tol
@@ -123,7 +136,7 @@ class _TileSinkhorn:
                 g = self._keep_frozen(self.g_log(f), g + v[:, 0].log())
                 kern, kern_t, u, v = self.absorb(f, g)
             row = torch.bmm(v, kern_t).transpose(1, 2)  # [N, K, 1]
-            u_new = self._keep_frozen(self.a / row.clamp_min(self.tiny), u)
+            u_new = self._keep_frozen(torch.div(self.a, row.clamp_min_(self.tiny)), u)
             if self._moderate(u_new):
                 u = u_new
             else:  # redo the patch update in the log domain and absorb the scalings
