@@ -119,43 +119,6 @@ def test_chunked_fp64_is_the_reference_recursion(tile_elements, absorb_at, linea
             torch.testing.assert_close(x, r, rtol=1e-12, atol=1e-12)
 
 
-def test_report_groups_trim_dead_sentences():
-    # counts 1, 6, 2, 6, 3, 0, 5, 1 of 6 columns, valid cells scattered (not a prefix): ordered by count, groups of
-    # two reports at the longest count of each (an all-padded report counts 1)
-    counts = [1, 6, 2, 6, 3, 0, 5, 1]
-    g = torch.Generator().manual_seed(0)
-    mask = torch.stack([torch.randperm(6, generator=g) < c for c in counts])
-    groups = chunked.report_groups(mask)
-    assert [sorted(idx.tolist()) for idx, _ in groups] == [[0, 5], [2, 7], [4, 6], [1, 3]]
-    assert [w for _, w in groups] == [1, 2, 5, 6]
-    assert chunked.report_groups(mask, max_groups=1) is None
-    assert chunked.report_groups(torch.ones(8, 6, dtype=torch.bool)) is None  # nothing to trim
-    assert chunked.report_groups(mask[:1]) is None
-
-
-@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (torch.float32, 2e-6)])
-def test_grouped_reports_match_one_call(dtype, tol):
-    # the same scores and gradients with the reports split by sentence count (valid sentences gathered to the front
-    # of scattered masks, each group at its own width) as from one call over the padded batch; fp32 sums in another
-    # order (1e-6 of scale)
-    B, G, K, S, D = 3, 9, 5, 7, 16
-    p, s, _, pmask = make_case(B, G, K, S, D, masked=True, seed=4, dtype=dtype)
-    g = torch.Generator().manual_seed(1)
-    smask = torch.stack([torch.randperm(S, generator=g) < c for c in (1, 7, 2, 0, 3, 7, 2, 4, 1)])
-    grad = upstream(B, G, seed=5)
-    assert chunked.report_groups(smask) is not None
-
-    def call(p_, s_, sm, pm):
-        return chunked.patch_sentence_ot_scores_chunked(p_, s_, sm, pm, 0.05, 20)
-
-    grouped = run(call, p, s, smask, pmask, grad)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(chunked, "REPORT_GROUPS", 1)
-        whole = run(call, p, s, smask, pmask, grad)
-    for x, r in zip(grouped, whole):
-        assert rel_err(x, r) < tol
-
-
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
 def test_tolerance_matches_the_reference(impl):
     B, G, K, S, D, eps, n_iter = 3, 4, 6, 4, 8, 0.05, 40

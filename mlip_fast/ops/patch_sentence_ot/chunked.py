@@ -45,8 +45,6 @@ from mlip_fast.reference.patch_sentence_ot import DEAD, log_marginals
 # Elements of one similarity tile: 2**18 fp32 values (1 MiB) keep a tile and its few work buffers in cache,
 # while each of the ~10 ops per iteration still works on enough data to hide its per-call cost.
 TILE_ELEMENTS = 2**18
-# Groups of reports of similar sentence counts, each iterated at its own longest count instead of the batch's.
-REPORT_GROUPS = 4
 # Largest |log scaling| kept in the linear domain before it is absorbed into the potentials.
 ABSORB_AT = 16.0
 # Largest sim / eps of a tile for which the iterations start in the scaling form from kern = exp(sim / eps) (a sum
@@ -309,40 +307,9 @@ def patch_sentence_ot_scores_chunked(
         sentence_mask = torch.ones(G, S, dtype=torch.bool, device=patches.device)
     if patch_mask is None:
         patch_mask = torch.ones(B, K, dtype=torch.bool, device=patches.device)
-    solver = (float(eps), int(n_iter), None if tol is None else float(tol), int(tile_elements), float(absorb_at))
-    groups = report_groups(sentence_mask)
-    if groups is None:
-        return chunked_fwd(patches, sentences, sentence_mask, patch_mask, *solver)[0]
-    # valid sentences first in every report (a stable sort of the mask), then each group of reports trimmed to
-    # its longest: the dead columns of the other reports are never iterated over
-    front = torch.argsort((~sentence_mask).to(torch.uint8), dim=1, stable=True)
-    compact = sentences.gather(1, front[..., None].expand(-1, -1, sentences.shape[-1]))
-    compact_mask = sentence_mask.gather(1, front)
-    parts, order = [], []
-    for idx, width in groups:
-        parts.append(chunked_fwd(patches, compact[idx, :width], compact_mask[idx, :width], patch_mask, *solver)[0])
-        order.append(idx)
-    return torch.cat(parts, 1)[:, torch.argsort(torch.cat(order))]
-
-
-def report_groups(sentence_mask: torch.Tensor, max_groups: Optional[int] = None):
-    """Reports ordered by their number of valid sentences, cut into at most ``max_groups`` (default
-    ``REPORT_GROUPS``) consecutive groups: [(report indices, the group's longest count)], or None when trimming
-    would save under a tenth of the [G, S] sentence cells (one call at full width then). On the synthetic
-    benchmark's batches of 64 (4 to 12 sentences, the batch's longest almost always 12) four groups keep about
-    three quarters of the cells."""
-    G, S = sentence_mask.shape
-    max_groups = REPORT_GROUPS if max_groups is None else max_groups
-    if G < 2 or S < 2 or max_groups < 2:
-        return None
-    counts = sentence_mask.sum(1)
-    order = torch.argsort(counts, stable=True)
-    sorted_counts = counts[order].clamp_min(1).tolist()
-    size = -(-G // max_groups)
-    groups = [(order[i:i + size], sorted_counts[min(i + size, G) - 1]) for i in range(0, G, size)]
-    if sum(len(idx) * width for idx, width in groups) > 0.9 * G * S:
-        return None
-    return groups
+    scores, _, _ = chunked_fwd(patches, sentences, sentence_mask, patch_mask, float(eps), int(n_iter),
+                               None if tol is None else float(tol), int(tile_elements), float(absorb_at))
+    return scores
 
 
 IMPL = Impl(
