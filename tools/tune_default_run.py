@@ -73,6 +73,14 @@ CANDIDATES = {
     "registers0_1200": ["--steps", "1200", "--text-dropout", "0.1", "--vit-registers", "0"],
     # the within-report sentence term: the patch each sentence picks must tell it from the report's other sentences
     "within1_1200": ["--steps", "1200", "--text-dropout", "0.1", "--lambda-within", "1"],
+    # optimal-transport matching at the default run's length (it led pointing at 400 steps in ablation_ot_cpu.json)
+    "ot_1200": ["--steps", "1200", "--text-dropout", "0.1", "--vit-registers", "0", "--local-matching", "ot"],
+    "ot_1000": ["--steps", "1000", "--text-dropout", "0.1", "--vit-registers", "0", "--local-matching", "ot"],
+    # the same with fewer Sinkhorn iterations (the loss phase of ot_1200 was 13x the max matching's) and fewer steps
+    "ot10_1000": ["--steps", "1000", "--text-dropout", "0.1", "--vit-registers", "0", "--local-matching", "ot",
+                  "--ot-iters", "10"],
+    "ot20_1000": ["--steps", "1000", "--text-dropout", "0.1", "--vit-registers", "0", "--local-matching", "ot",
+                  "--ot-iters", "20"],
 }
 
 

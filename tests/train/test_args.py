@@ -65,9 +65,13 @@ def test_local_matching_flags_set_the_model_config(capsys):
 
     cfg = model_config(parse_args(BASE + ["--local-matching", "ot", "--ot-eps", "0.1", "--ot-iters", "20"]))
     assert (cfg.local_matching, cfg.ot_eps, cfg.ot_iters) == ("ot", 0.1, 20)
-    assert model_config(parse_args(BASE)).local_matching == "max"  # the method's matching by default
+    assert model_config(parse_args(BASE)).local_matching == "ot"  # the synthetic preset's
+    assert model_config(parse_args(BASE + ["--ot-iters", "20"])).ot_iters == 20
+    real = BASE + ["--data", "/data/mimic/master.csv"]
+    assert model_config(parse_args(real)).local_matching == "max"  # the method's matching on real data
+    assert model_config(parse_args(BASE + ["--local-matching", "max"])).local_matching == "max"
     with pytest.raises(ConfigError, match="add --local-matching ot"):
-        model_config(parse_args(BASE + ["--ot-iters", "20"]))  # an OT setting that would change nothing
+        model_config(parse_args(real + ["--ot-iters", "20"]))  # an OT setting that would change nothing
     for flag, value in (("--local-matching", "sinkhorn"), ("--ot-eps", "0"), ("--ot-iters", "0")):
         with pytest.raises(SystemExit) as info:
             parse_args(BASE + [flag, value])
