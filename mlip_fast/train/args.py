@@ -42,19 +42,15 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # preset beat the method's values on every seed (zero-shot AUC +0.039 [-0.044, +0.123], pointing accuracy +0.032
 # [-0.019, +0.083]), and with the method's values the run localised below chance (test pointing 0.038 vs chance
 # 0.051; the preset 0.071). At 400 steps the two did not differ (ablation_cpu.json). Real data keeps the spec's 1.0.
-# steps: 1,200 since 2026-12-06, when the faster step made room inside the 420 s budget: on the validation split,
-# same code, seeds 0-2 (tune_default_run_cpu.json, preset_1200 vs preset_1000_v2), zero-shot AUC 0.852 / 0.863 /
-# 0.861 against 0.823 / 0.834 / 0.870 and pointing 2.76x / 2.13x / 2.49x chance against 0.42x / 0.45x / 1.80x.
-# Validation and checkpoints every 300 steps (four intervals).
 # No ViT register tokens (--vit-registers): on one machine, 4 registers against none (tune_default_run_cpu.json,
 # registers4_1200 vs registers0_1200, seeds 0 and 3) gave validation zero-shot AUC 0.875 / 0.880 against 0.871 / 0.891
 # and pointing 2.09x / 0.95x chance against 2.44x / 1.60x, for about 12% more ViT time (53 tokens instead of 49).
-# Optimal-transport matching (--local-matching ot, eps 0.05, 50 iterations) since 2026-12-06, with 1,000 steps: on one
-# machine (Intel Xeon, one thread per run; tune_default_run_cpu.json, ot_1200 / ot_1000 vs registers0_1200) the max
-# matching's pointing fell from 3.1-3.4x chance at steps 250-500 to 1.25x at 1,000 (seed 0), while OT's held: validation
-# zero-shot AUC 0.896 / 0.871 / 0.880 and pointing 3.75x / 3.13x / 2.62x chance at step 1,000 (seeds 0-2; max, seed 0:
-# AUC 0.887, pointing 1.25x). Its step costs about 70 ms more on 2 cores (the Sinkhorn iterations), so 1,000 steps
-# take about the time 1,200 max steps did. Validation and checkpoints every 250 steps (four intervals).
+# Optimal-transport matching (eps 0.05, 50 iterations) and 1,000 steps since 2026-12-06 (1,200 max steps before): on
+# one machine (Intel Xeon, one thread per run; tune_default_run_cpu.json, ot_1200 / ot_1000 vs registers0_1200) the
+# max matching's pointing fell from 3.1-3.4x chance at steps 250-500 to 1.25x at 1,000 (seed 0, AUC 0.887), while
+# OT's held: validation AUC 0.896 / 0.871 / 0.880, pointing 3.75x / 3.13x / 2.62x at step 1,000 (seeds 0-2). Its step
+# costs about 80 ms more on 2 cores, so 1,000 OT steps take about what 1,200 max steps did. Validation and
+# checkpoints every 250 steps (four intervals).
 SYNTHETIC_PRESET = dict(
     synthetic_n=6000,
     steps=1000,
