@@ -137,6 +137,14 @@ def test_tolerance_matches_the_reference(impl):
         got = run(op(impl, eps=eps, n_iter=n, tol=t), p, s, smask, pmask, grad)
         for x, r in zip(got, ref):
             assert rel_err(x, r) < 2e-5, t
+    # every similarity negative: the plan before any iteration, exp(sim / eps), violates the marginals by less
+    # than 1.5, so a check before the first whole iteration would stop every pair there; the first check is
+    # after one iteration, as in the reference
+    p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=9, negative=True)
+    ref = run(ref64(eps=eps, n_iter=N_ITER, tol=1.5), p, s, smask, pmask, grad)
+    got = run(op(impl, eps=eps, n_iter=N_ITER, tol=1.5), p, s, smask, pmask, grad)
+    for x, r in zip(got, ref):
+        assert rel_err(x, r) < 2e-5
 
 
 def test_triton_potentials_match_the_reference():
