@@ -17,7 +17,8 @@ log-domain iteration), and each half-step updates a linear scaling instead of a 
 
 which is two batched vector-matrix products over the tile (``bmm`` of a row vector with kern for v, with kern's
 transpose for u, kept beside it: each reads its layout along rows; at [455, 48, 12] on this project's CPU machine
-2.5x and more faster than a multiply into a buffer and a sum) instead of two exp passes and three more for the logsumexp.
+2.5x and more faster than a multiply into a buffer and a sum) instead of two exp passes and three more for the
+logsumexp.
 When a new scaling leaves [exp(-ABSORB_AT), exp(ABSORB_AT)] (or a row or column of kern underflowed), that
 half-step is redone in the log domain and the scalings are absorbed into the potentials (kern recomputed), so
 the numbers stay those of the log-domain iteration for any eps: entries of kern that underflow carry at most
