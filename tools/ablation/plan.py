@@ -97,6 +97,8 @@ class RunSpec:
                  "--lambda-sie", f"{self.lambda_sie:g}", "--seed", str(self.seed)]
         if self.matching == "ot":
             flags += ["--local-matching", "ot", "--ot-eps", f"{self.ot_eps:g}", "--ot-iters", str(self.ot_iters)]
+        else:  # named: the synthetic preset's own matching is ot since 2026-12-06
+            flags += ["--local-matching", "max"]
         if self.sie_mode is not None:
             flags += ["--sie-mode", self.sie_mode]
         if self.sie_warmup:

@@ -58,6 +58,9 @@ def run_one(spec: RunSpec, schedule: dict, work_dir: Path, cache_dir: Path, synt
             "--keep-checkpoints", "1", "--no-final-eval", "--no-progress",
             "--text-dropout", f"{schedule['text_dropout']:g}", *spec.train_flags()]
     summary = train(argv)
+    if summary["model"]["local_matching"] != spec.matching:  # the record must say what was trained
+        raise RuntimeError(f"{spec.key}: trained with {summary['model']['local_matching']!r} matching, the arm is "
+                           f"{spec.matching!r}")
     metrics = evaluate(Path(summary["export"]), synthetic_root)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export holds the weights
     record = {
