@@ -112,15 +112,14 @@ class _TileSinkhorn:
             # kern = exp(z) cannot overflow: start in the scaling form from f = g = 0, u = v = 1 (the first
             # iteration's v and u are then exp of the log-domain iteration's g and f)
             f, g = torch.zeros_like(self.log_a), torch.zeros_like(self.log_b)
-            kern, kern_t, u, v = self.absorb(f, g)
             first = 0
         else:
             f = torch.where(self.live_p, torch.zeros((), dtype=z.dtype, device=z.device),
                             torch.full_like(self.log_a, DEAD))
             g = self.g_log(f)
             f = self.f_log(g)
-            kern, kern_t, u, v = self.absorb(f, g)
             first = 1
+        kern, kern_t, u, v = self.absorb(f, g)
         for it in range(first, n_iter):
             col = torch.bmm(u.transpose(1, 2), kern)  # [N, 1, S]
             v_new = torch.div(self.b, col.clamp_min_(self.tiny))
