@@ -9,10 +9,11 @@ with the same thread count and a plain ``torch.optim.AdamW`` (betas 0.9 / 0.95, 
 - ``open_clip``: ``open_clip.CLIP`` + ``open_clip.ClipLoss`` (3-channel images: its ViT's input);
 - ``ours_clip``: mlip-tiny in CLIP mode, mask ratio 0 and only the global contrastive loss (``lambda_local=0``,
   ``lambda_sie=0``);
-- ``ours_mlip``: mlip-tiny as the default run trains it (the preset's mask ratio, patch-sentence weight and
-  integrity weight, the preset's text dropout);
-- ``ours_mlip_deepspeed``: the same step through the DeepSpeed engine of the default run (``ds.json``: ZeRO-2,
-  fp32, gradient clipping, the schedule), as the training loop drives it.
+- ``ours_mlip``: mlip-tiny as the default run trains it (the preset's mask ratio, patch-sentence weight,
+  integrity weight and text dropout, and its patch-sentence matching: optimal transport since 2026-12-06);
+- ``ours_mlip_max``: the same with the method's max matching (the default run's step before 2026-12-06);
+- ``ours_mlip_deepspeed``: the default run's step (``ours_mlip``) through the DeepSpeed engine of the default run
+  (``ds.json``: ZeRO-2, fp32, gradient clipping, the schedule), as the training loop drives it.
 
 Each round times one step of every provider in turn (after warm-up steps), so a change of machine speed hits all
 of them; the ratios are taken per round and their medians reported (ours / open_clip: below 1 is faster). The
@@ -55,7 +56,7 @@ from benchmarks import harness  # noqa: E402
 
 BATCH, IMAGE_SIZE = 64, 64
 LR, BETAS, WD = 1e-4, (0.9, 0.95), 0.05
-PROVIDERS = ("open_clip", "ours_clip", "ours_mlip", "ours_mlip_deepspeed")
+PROVIDERS = ("open_clip", "ours_clip", "ours_mlip", "ours_mlip_max", "ours_mlip_deepspeed")
 HAVE_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
 
 
@@ -114,7 +115,8 @@ def open_clip_step(batch: dict, vocab_size: int) -> Callable[[], float]:
 
 
 def _ours(mode: str, tokenizer):
-    """mlip-tiny and its loss in ``mode`` ("clip" or "mlip", the default run's settings)."""
+    """mlip-tiny and its loss in ``mode``: "clip", "mlip" (the default run's settings, its matching included) or
+    "mlip_max" (the same with the method's max matching)."""
     from mlip_fast.losses import MLIPLoss
     from mlip_fast.models import create_model, get_model_config
     from mlip_fast.train.args import SYNTHETIC_PRESET
@@ -125,8 +127,10 @@ def _ours(mode: str, tokenizer):
         cfg = cfg.replace(mask_ratio=0.0, text=text)
         criterion = MLIPLoss(lambda_local=0.0, lambda_sie=0.0)
     else:
-        cfg = cfg.replace(mask_ratio=SYNTHETIC_PRESET["mask_ratio"], text=text)
-        criterion = MLIPLoss(lambda_local=SYNTHETIC_PRESET["lambda_local"], lambda_sie=0.1)
+        matching = "max" if mode == "mlip_max" else SYNTHETIC_PRESET.get("local_matching", cfg.local_matching)
+        cfg = cfg.replace(mask_ratio=SYNTHETIC_PRESET["mask_ratio"], text=text, local_matching=matching)
+        criterion = MLIPLoss(lambda_local=SYNTHETIC_PRESET["lambda_local"], lambda_sie=0.1,
+                             local_matching=cfg.local_matching, ot_eps=cfg.ot_eps, ot_iters=cfg.ot_iters)
     torch.manual_seed(0)
     model = create_model(cfg, tokenizer=tokenizer)
     model.train()
@@ -218,8 +222,8 @@ def build(providers=PROVIDERS) -> dict:
             steps[name] = open_clip_step(batch, len(tokenizer))
         elif name == "ours_clip":
             steps[name] = our_step(batch, tokenizer, "clip")
-        elif name == "ours_mlip":
-            steps[name] = our_step(batch, tokenizer, "mlip")
+        elif name in ("ours_mlip", "ours_mlip_max"):
+            steps[name] = our_step(batch, tokenizer, name[len("ours_"):])
         elif name == "ours_mlip_deepspeed":
             steps[name] = deepspeed_step(batch, tokenizer)
     return steps
@@ -246,10 +250,11 @@ def measure(steps: dict, rounds: int = 15, warmup: int = 3) -> dict:
         if a in times and b in times:
             out["ratios"][f"{a} / {b}"] = round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
 
-    for name in ("ours_clip", "ours_mlip", "ours_mlip_deepspeed"):
+    for name in ("ours_clip", "ours_mlip", "ours_mlip_max", "ours_mlip_deepspeed"):
         ratio(name, "open_clip")
     ratio("ours_mlip_deepspeed", "ours_mlip")
     ratio("ours_mlip", "ours_clip")
+    ratio("ours_mlip", "ours_mlip_max")
     return out
 
 
@@ -298,10 +303,15 @@ def main(argv=None) -> Path:
 
 # -------------------------------------------------------------------------------------------- tests
 def test_our_steps_run():
-    """Both of our modes train (the loss falls over a few steps on one batch) without open_clip."""
+    """Our modes train (the loss falls over a few steps on one batch) without open_clip; "mlip" is the default
+    run's step, its patch-sentence matching included."""
+    from mlip_fast.train.args import SYNTHETIC_PRESET
+
     torch.manual_seed(0)
     batch, tokenizer = make_batch(batch=8)
-    for mode in ("clip", "mlip"):
+    matching = {mode: _ours(mode, tokenizer)[1].config.local_matching for mode in ("mlip", "mlip_max")}
+    assert matching == {"mlip": SYNTHETIC_PRESET["local_matching"], "mlip_max": "max"}
+    for mode in ("clip", "mlip", "mlip_max"):
         step = our_step(batch, tokenizer, mode)
         first = step()
         for _ in range(4):

@@ -1,10 +1,12 @@
 """Each speed change of the default run's training step, measured before / after in one process.
 
-The step is the default run's: mlip-tiny through the DeepSpeed engine of ``ds.json`` (ZeRO, fp32, clipping, the
-schedule), the MLIP loss with the preset's weights, on one batch of 64 synthetic pairs (``bench_open_clip``'s
-batch). A change is a pair of engines that differ in one thing; their steps alternate (one of each per round,
-after warm-up), so a drift of the machine's speed hits both, and the reported ratio after / before is the median
-of the per-round ratios. The load average is recorded before and after (the machine is shared).
+The step is the max-matching MLIP step: mlip-tiny through the DeepSpeed engine of ``ds.json`` (ZeRO, fp32, clipping,
+the schedule), the MLIP loss with the preset's weights and the method's max matching (the default run's until
+2026-12-06; what its optimal-transport matching costs on top is ``bench_open_clip``'s ``ours_mlip /
+ours_mlip_max``), on one batch of 64 synthetic pairs (``bench_open_clip``'s batch). A change is a pair of engines
+that differ in one thing; their steps alternate (one of each per round, after warm-up), so a drift of the machine's
+speed hits both, and the reported ratio after / before is the median of the per-round ratios. The load average is
+recorded before and after (the machine is shared).
 
 Changes (``--only`` picks some):
 
