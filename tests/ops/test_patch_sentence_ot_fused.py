@@ -100,12 +100,16 @@ def test_half_within_twice_torch_error(impl, dtype, B, G, K, S, D):
 @pytest.mark.parametrize("tile_elements", [1, 40, 10**6])
 @pytest.mark.parametrize("absorb_at", [16.0, 0.5])
 @pytest.mark.parametrize("linear_start_at", [chunked.LINEAR_START_AT, float("-inf")])
-def test_chunked_fp64_is_the_reference_recursion(tile_elements, absorb_at, linear_start_at, monkeypatch):
+@pytest.mark.parametrize("max_widening", [chunked.MAX_WIDENING, 1000])
+def test_chunked_fp64_is_the_reference_recursion(tile_elements, absorb_at, linear_start_at, max_widening,
+                                                 monkeypatch):
     # tiles: one pair each, several reports of one image, everything at once; absorb_at 0.5 redoes most half-steps
     # in the log domain (the absorption path), 16 almost none. Small eps makes the scalings swing. Unit vectors:
     # eps 0.05 starts in the scaling form (sim / eps <= 20), eps 0.01 with a log-domain iteration (up to 100);
-    # linear_start_at -inf makes every tile start in the log domain.
+    # linear_start_at -inf makes every tile start in the log domain. max_widening 1000 runs the 4 x 3 pairs at
+    # width 100 (97 dead sentence columns added for BLAS's bmm), the default leaves them at 3.
     monkeypatch.setattr(chunked, "LINEAR_START_AT", linear_start_at)
+    monkeypatch.setattr(chunked, "MAX_WIDENING", max_widening)
     B, G, K, S, D = 3, 5, 4, 3, 12
     p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=5, dtype=F64)
     grad = upstream(B, G, seed=3)
@@ -119,8 +123,17 @@ def test_chunked_fp64_is_the_reference_recursion(tile_elements, absorb_at, linea
             torch.testing.assert_close(x, r, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_tolerance_matches_the_reference(impl):
+def test_chunked_run_width():
+    # pairs below BLAS's 400 cells of bmm get dead sentence columns, unless that more than triples them
+    assert [chunked._run_width(k, s) for k, s in ((48, 12), (32, 12), (16, 12), (8, 12), (4, 3), (0, 5), (400, 1))] \
+        == [12, 13, 25, 12, 3, 5, 1]
+
+
+@pytest.mark.parametrize("impl", ["chunked", "chunked_widened", "triton"])
+def test_tolerance_matches_the_reference(impl, monkeypatch):
+    if impl == "chunked_widened":  # the 6 x 4 pairs at width 67: dead columns must not move the stopping test
+        monkeypatch.setattr(chunked, "MAX_WIDENING", 1000)
+        impl = "chunked"
     B, G, K, S, D, eps, n_iter = 3, 4, 6, 4, 8, 0.05, 40
     p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=9)
     grad = upstream(B, G, seed=4)

@@ -18,7 +18,8 @@ log-domain iteration), and each half-step updates a linear scaling instead of a 
 which is two batched vector-matrix products over the tile (``bmm`` of a row vector with kern for v, with kern's
 transpose for u, kept beside it: each reads its layout along rows; at [455, 48, 12] on this project's CPU machine
 2.5x and more faster than a multiply into a buffer and a sum) instead of two exp passes and three more for the
-logsumexp.
+logsumexp. ATen runs a bmm of fewer than 400 cells per product in a naive loop (6x slower here), so narrower pairs
+(K * S < 400: 32 kept patches x 12 sentences) run with dead sentence columns added up to that width.
 When a new scaling leaves [exp(-ABSORB_AT), exp(ABSORB_AT)] (or a row or column of kern underflowed), that
 half-step is redone in the log domain and the scalings are absorbed into the potentials (kern recomputed), so
 the numbers stay those of the log-domain iteration for any eps: entries of kern that underflow carry at most
@@ -52,6 +53,21 @@ ABSORB_AT = 16.0
 # of K such terms stays far below fp32's max); above it the first iteration runs in the log domain. Unit vectors
 # at eps >= 1/32 always start linear (|sim| <= 1).
 LINEAR_START_AT = 32.0
+# The scaling updates are bmm products of one row vector with a K x S matrix per pair; ATen's CPU bmm runs
+# products with contraction x rows x columns < 400 in a naive loop instead of its BLAS (measured on this project's
+# CPU machine: 0.7-1.6 ns per kern element against 0.16-0.25 from K * S = 400 on). Narrower pairs get dead sentence
+# columns up to BMM_MIN_CELLS (exact zeros in every product), as long as that at most triples the tile.
+BMM_MIN_CELLS = 400
+MAX_WIDENING = 3
+
+
+def _run_width(K: int, S: int) -> int:
+    """The sentence width the iterations run at: S, or the least width with K * width >= BMM_MIN_CELLS when that
+    is at most MAX_WIDENING * S."""
+    if K * S == 0 or K * S >= BMM_MIN_CELLS:
+        return S
+    wide = -(-BMM_MIN_CELLS // K)
+    return wide if wide <= MAX_WIDENING * S else S
 
 
 def _tiles(B: int, K: int, G: int, S: int, tile_elements: int):
@@ -94,8 +110,8 @@ class _TileSinkhorn:
 
     def absorb(self, f, g):
         """The plan of potentials (f, g) as the new kern [N, K, S] and its transpose [N, S, K] (each product
-        reads the layout whose rows run along the summed axis), with unit scalings."""
-        kern = torch.add(f[:, :, None], g[:, None, :]).add_(self.z).exp_()
+        reads the layout whose rows run along the summed axis), with unit scalings; f = g = None: exp(z)."""
+        kern = self.z.exp() if f is None else torch.add(f[:, :, None], g[:, None, :]).add_(self.z).exp_()
         return kern, kern.transpose(1, 2).contiguous(), torch.ones_like(self.a), torch.ones_like(self.b)
 
     def _moderate(self, x) -> bool:
@@ -105,21 +121,23 @@ class _TileSinkhorn:
     def _keep_frozen(self, new, old):
         return new if self.active is None else torch.where(self.active.view(-1, *[1] * (new.ndim - 1)), new, old)
 
-    def run(self, n_iter: int):
-        """(f [N, K], g [N, S], score [N]) after ``n_iter`` iterations (or each pair's convergence)."""
+    def run(self, n_iter: int, bound: float):
+        """(f [N, K], g [N, S], score [N]) after ``n_iter`` iterations (or each pair's convergence); ``bound``:
+        an upper bound of z's live entries known beforehand (inf if none), which spares the pass for z's max."""
         z = self.z
-        if z.amax().item() <= LINEAR_START_AT:
+        if bound <= LINEAR_START_AT or z.amax().item() <= LINEAR_START_AT:
             # kern = exp(z) cannot overflow: start in the scaling form from f = g = 0, u = v = 1 (the first
             # iteration's v and u are then exp of the log-domain iteration's g and f)
             f, g = torch.zeros_like(self.log_a), torch.zeros_like(self.log_b)
+            kern, kern_t, u, v = self.absorb(None, None)
             first = 0
         else:
             f = torch.where(self.live_p, torch.zeros((), dtype=z.dtype, device=z.device),
                             torch.full_like(self.log_a, DEAD))
             g = self.g_log(f)
             f = self.f_log(g)
+            kern, kern_t, u, v = self.absorb(f, g)
             first = 1
-        kern, kern_t, u, v = self.absorb(f, g)
         for it in range(first, n_iter):
             col = torch.bmm(u.transpose(1, 2), kern)  # [N, 1, S]
             v_new = torch.div(self.b, col.clamp_min_(self.tiny))
@@ -144,7 +162,7 @@ class _TileSinkhorn:
                 f = self._keep_frozen(self.f_log(g), f + u[:, :, 0].log())
                 kern, kern_t, u, v = self.absorb(f, g)
         # score = sum_pq u_p kern_pq v_q sim_pq, with sim = z * eps on the live entries (kern is 0 elsewhere)
-        weighted = torch.mul(kern, z, out=self.buf).mul_(v).sum(2, keepdim=True)
+        weighted = torch.bmm(torch.mul(kern, z, out=self.buf), v.transpose(1, 2))  # [N, K, 1]
         return f + u[:, :, 0].log(), g + v[:, 0].log(), (weighted * u).sum((1, 2))
 
 
@@ -176,9 +194,20 @@ def chunked_fwd(
     live. Masks are bool and given (the wrapper fills in all-valid ones). Padded entries are DEAD in every tile
     whatever the GEMM gave there, so NaN / Inf stored in them never reach a score or a potential."""
     B, K, D = patches.shape
-    G, S, _ = sentences.shape
+    G, S_in, _ = sentences.shape
+    S = _run_width(K, S_in)
+    if S > S_in:  # dead sentence columns (zero rows, masked) up to BLAS's width: see BMM_MIN_CELLS
+        sentences = torch.cat([sentences, sentences.new_zeros(G, S - S_in, D)], 1)
+        sentence_mask = torch.cat([sentence_mask, sentence_mask.new_zeros(G, S - S_in)], 1)
     device, work = patches.device, score_dtype(patches.dtype)
     has_p, has_s = patch_mask.any(1), sentence_mask.any(1)
+    # which sides have dead entries at all (a padded row, or a partner without any), and the largest sim / eps
+    # of valid rows (Cauchy-Schwarz on their norms: unit vectors give 1 / eps, so no tile needs its own max)
+    dead_p = not (bool(patch_mask.all()) and bool(has_s.all()))
+    dead_q = not (bool(sentence_mask.all()) and bool(has_p.all()))
+    norm_p = torch.linalg.vector_norm(patches, dim=-1).to(work).masked_fill_(~patch_mask, 0)
+    norm_s = torch.linalg.vector_norm(sentences, dim=-1).to(work).masked_fill_(~sentence_mask, 0)
+    bound = float(norm_p.amax() * norm_s.amax()) / eps if B * K and G * S else 0.0
     sent_flat = sentences.reshape(G * S, D)
     scores = torch.empty(B, G, dtype=work, device=device)
     f_all = torch.empty(B, G, K, dtype=work, device=device)
@@ -186,17 +215,21 @@ def chunked_fwd(
     neg_inf = float("-inf")
     for bs, gs in _tiles(B, K, G, S, tile_elements):
         bc, gc = bs.stop - bs.start, gs.stop - gs.start
-        # [b, p, g, q] -> [b, g, p, q]: one copy, then every pair's K x S block is contiguous
-        z = _sim_tile(patches, sent_flat, bs, gs, S, work).view(bc, K, gc, S).transpose(1, 2)
-        z = z.reshape(bc * gc, K, S).div_(eps)
+        # [b, p, g, q] -> [b, g, p, q] divided by eps: one pass, then every pair's K x S block is contiguous
+        sim = _sim_tile(patches, sent_flat, bs, gs, S, work).view(bc, K, gc, S).transpose(1, 2)
+        z = torch.empty(bc * gc, K, S, dtype=work, device=device)
+        torch.div(sim, eps, out=z.view(bc, gc, K, S))
         live_p = (patch_mask[bs, None, :] & has_s[None, gs, None]).reshape(bc * gc, K)
         live_q = (sentence_mask[None, gs, :] & has_p[bs, None, None]).reshape(bc * gc, S)
-        z.masked_fill_(~(live_p[:, :, None] & live_q[:, None, :]), DEAD)
-        f, g, score = _TileSinkhorn(z, live_p, live_q, tol, absorb_at).run(n_iter)
+        if dead_p:  # DEAD on the entries of dead rows and columns, each side broadcast (skipped when none)
+            z.masked_fill_(~live_p[:, :, None], DEAD)
+        if dead_q:
+            z.masked_fill_(~live_q[:, None, :], DEAD)
+        f, g, score = _TileSinkhorn(z, live_p, live_q, tol, absorb_at).run(n_iter, bound)
         scores[bs, gs] = score.view(bc, gc).mul_(eps)
         f_all[bs, gs] = f.masked_fill_(~live_p, neg_inf).view(bc, gc, K)
         g_all[bs, gs] = g.masked_fill_(~live_q, neg_inf).view(bc, gc, S)
-    return scores, f_all, g_all
+    return scores, f_all, g_all if S == S_in else g_all[..., :S_in].contiguous()
 
 
 @chunked_fwd.register_fake
