@@ -91,6 +91,16 @@ CANDIDATES = {
                   "--ot-iters", "10"],
     "ot20_1000": ["--steps", "1000", "--text-dropout", "0.1", "--vit-registers", "0", "--local-matching", "ot",
                   "--ot-iters", "20"],
+    # the OT run's loss balance and plan sharpness (lambda_local 4 and eps 0.05 were chosen with max / by default)
+    "ot_lambda2_1000": ["--steps", "1000", "--text-dropout", "0.1", "--vit-registers", "0", "--local-matching", "ot",
+                        "--lambda-local", "2"],
+    "ot_eps0.1_1000": ["--steps", "1000", "--text-dropout", "0.1", "--vit-registers", "0", "--local-matching", "ot",
+                       "--ot-eps", "0.1"],
+    # more of the image masked (cheaper steps: fewer patches through the ViT and the OT plan) for more steps
+    "ot_mask0.5_1200": ["--steps", "1200", "--text-dropout", "0.1", "--vit-registers", "0", "--local-matching", "ot",
+                        "--mask-ratio", "0.5"],
+    "ot_lr3e-3_1000": ["--steps", "1000", "--text-dropout", "0.1", "--vit-registers", "0", "--local-matching", "ot",
+                       "--lr", "3e-3"],
 }
 
 

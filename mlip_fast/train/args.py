@@ -36,27 +36,22 @@ __all__ = ["build_parser", "parse_args", "ds_config_table", "SYNTHETIC_PRESET", 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 # The default run: what --data synthetic (the default) uses for every one of these flags left unset.
-# Sized to finish within 10 minutes on a 2-core CPU and pass its quality bar (measured in docs/training.md).
-# mask_ratio and lambda_local depart from the method's 0.5 and 1 on the strength of the ablation at this run's
-# length (benchmarks/results/ablation_preset_1000_cpu.json, 1,000 steps, 3 seeds): on the validation split the
-# preset beat the method's values on every seed (zero-shot AUC +0.039 [-0.044, +0.123], pointing accuracy +0.032
-# [-0.019, +0.083]), and with the method's values the run localised below chance (test pointing 0.038 vs chance
-# 0.051; the preset 0.071). At 400 steps the two did not differ (ablation_cpu.json). Real data keeps the spec's 1.0.
-# No ViT register tokens (--vit-registers): on one machine, 4 registers against none (tune_default_run_cpu.json,
-# registers4_1200 vs registers0_1200, seeds 0 and 3) gave validation zero-shot AUC 0.875 / 0.880 against 0.871 / 0.891
-# and pointing 2.09x / 0.95x chance against 2.44x / 1.60x, for about 12% more ViT time (53 tokens instead of 49).
-# Optimal-transport matching (eps 0.05, 50 iterations) and 1,000 steps since 2026-12-06 (1,200 max steps before): on
-# one machine (Intel Xeon, one thread per run; tune_default_run_cpu.json, ot_1200 / ot_1000 vs registers0_1200) the
-# max matching's pointing fell from 3.1-3.4x chance at steps 250-500 to 1.25x at 1,000 (seed 0, AUC 0.887), while
-# OT's held: validation AUC 0.896 / 0.871 / 0.880, pointing 3.75x / 3.13x / 2.62x at step 1,000 (seeds 0-2). Its step
-# costs about 80 ms more on 2 cores, so 1,000 OT steps take about what 1,200 max steps did. Validation and
-# checkpoints every 250 steps (four intervals).
+# Sized to finish within 7 minutes on a 2-core CPU (measured in docs/training.md; tune_default_run_cpu.json has the
+# tuning runs). lambda_local 4 departs from the method's 1 on the strength of the ablation at 1,000 steps
+# (ablation_preset_1000_cpu.json, 3 seeds, with max matching at mask ratio 0.25: with the method's weight the run
+# localised below chance). Optimal-transport matching (eps 0.05, 50 iterations) since 2026-12-06: on one Intel Xeon
+# machine (one thread per run) the max matching's pointing fell from 3.1-3.4x chance at steps 250-500 to 1.25x at
+# 1,000 (registers0_1200, seed 0), while OT's held (ot_1000, seeds 0-2: validation AUC 0.887 / 0.871 / 0.880,
+# pointing 2.34x / 3.13x / 2.62x). The method's mask ratio 0.5 with OT (ot_mask0.5_1200, 1,200 steps, seeds 0-2):
+# AUC 0.899 / 0.898 / 0.893, pointing 3.33x / 2.93x / 3.63x, with a step 1.17x faster on 2 cores (32 patches kept
+# instead of 48), so 1,200 steps take about what 1,000 at 0.25 did. No ViT register tokens (registers4_1200 vs
+# registers0_1200: no gain, 12% more ViT time). Validation and checkpoints every 300 steps (four intervals).
 SYNTHETIC_PRESET = dict(
     synthetic_n=6000,
-    steps=1000,
-    mask_ratio=0.25,
-    eval_every=250,
-    save_every=250,
+    steps=1200,
+    mask_ratio=0.5,
+    eval_every=300,
+    save_every=300,
     lambda_local=4.0,
     in_memory=True,
     local_matching="ot",

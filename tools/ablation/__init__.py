@@ -32,11 +32,12 @@ An arm with an integrity mode also runs once per ``--sie-warmup`` value (``--sie
 With ``--lambda-sie 0`` the estimator gets no gradient and keeps its zero-initialised output layer, so every
 patch has logit 0: Gumbel-top-k over equal logits keeps a uniformly random K-subset (FLIP's masking) and every
 image has the same kept integrity mass, which the mean-1 normalisation turns into weight 1 (no weighting).
-Each record shows it: no finding-patch AUC of the estimator (a constant score) and weight CV 0. Every masked arm runs at r = 0.5 (the method's default) and at
-the synthetic preset's r = 0.25, with the method's patch-sentence weight 1; ``mlip`` also runs with the preset's
-weight 4 at its ratio, the exact default run (``DEPARTURES``: the preset's departures from the method, measured
-one at a time and together). Each configuration runs for every seed. ``--steps 1000 --arms mlip --ratios 0.5``
-into another ``--out`` compares the preset with the method at the default run's former length
+Each record shows it: no finding-patch AUC of the estimator (a constant score) and weight CV 0. Every masked arm
+runs at r = 0.5 (the method's default) and at r = 0.25 (the synthetic preset's while the default run matched by max,
+until 2026-12-06), with the method's patch-sentence weight 1; ``mlip`` also runs with the preset's weight 4 at r =
+0.25, the max-matching default run of that time (``DEPARTURES``: the preset's departures from the method, measured
+one at a time and together). Each configuration runs for every seed. ``--steps 1000 --arms mlip --ratios 0.5`` into
+another ``--out`` compares the preset with the method at the default run's former length
 (``ablation_preset_1000_cpu.json``).
 
 Per run (records of ``benchmarks/results/ablation_cpu.json``, one per run), on the test split: zero-shot macro AUC
