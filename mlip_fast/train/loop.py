@@ -54,6 +54,8 @@ __all__ = ["LOSS_KEYS", "NonFiniteLossError", "TrainingStopped", "DataStopped", 
            "MAX_SKIPPED_IN_A_ROW"]
 
 LOSS_KEYS = ("loss", "loss_global", "loss_local", "loss_sie")
+# terms logged when the criterion returns them (``loss_within`` with ``--lambda-within`` > 0)
+OPTIONAL_LOSS_KEYS = ("loss_within",)
 _MODEL_KEYS = ("images", "input_ids", "attention_mask", "sentence_spans", "sentence_mask")
 # Optimizer steps DeepSpeed may skip in a row (non-finite gradients) before the run stops: fp32 and bf16 have
 # no loss scale to lower, so a step skipped for non-finite gradients is followed by more; an fp16 loss scale
@@ -282,14 +284,15 @@ def train_loop(ctx: LoopContext) -> LoopResult:
                 terms = loss.terms
         with times.phase("train/sync"):
             stop_flag = torch.ones(()) if ctx.stop.signum is not None else torch.zeros(())
-            stats = torch.stack([terms[k].detach().reshape(()).to(torch.float64) for k in LOSS_KEYS]
+            keys = LOSS_KEYS + tuple(k for k in OPTIONAL_LOSS_KEYS if k in terms)
+            stats = torch.stack([terms[k].detach().reshape(()).to(torch.float64) for k in keys]
                                 + [stop_flag.to(device=terms["loss"].device, dtype=torch.float64)])
             stats = _reduce(stats, device)  # the step's one host synchronisation (the reduced values come to the CPU)
             terms_now = stats[:-1] / ctx.world_size
             stop_votes = float(stats[-1])
             finite = bool(torch.isfinite(terms_now).all())
         if not finite:
-            values = {k: float(v) for k, v in zip(LOSS_KEYS, terms_now)}
+            values = {k: float(v) for k, v in zip(keys, terms_now)}
             ctx.reporter.close_progress()
             # nothing is saved: the state after this step's update would be the one that produced the NaN
             ctx.reporter.record("event", event="non_finite_loss", step=step, terms=values, checkpoint=_latest(ctx))
@@ -321,7 +324,7 @@ def train_loop(ctx: LoopContext) -> LoopResult:
         t_log = time.perf_counter()
         rate_window.append((ctx.global_batch, dt))
         samples_per_s = sum(b for b, _ in rate_window) / max(1e-9, sum(t for _, t in rate_window))
-        terms_mean = {k: float(v) for k, v in zip(LOSS_KEYS, terms_now)}
+        terms_mean = {k: float(v) for k, v in zip(keys, terms_now)}
         last_terms = ctx.last_terms = terms_mean
         window.append(terms_mean)
         epoch = (step - 1) // ctx.steps_per_epoch
@@ -363,6 +366,6 @@ def train_loop(ctx: LoopContext) -> LoopResult:
             ctx.save(step)
     ctx.reporter.close_progress()
     wall = time.perf_counter() - timer_start
-    mean_terms = {k: sum(t[k] for t in window) / len(window) for k in LOSS_KEYS} if window else {}
+    mean_terms = {k: sum(t[k] for t in window) / len(window) for k in window[-1]} if window else {}
     return LoopResult(steps=step, samples=(step - ctx.start_step) * ctx.global_batch, wall_s=wall,
                       last_terms=last_terms, mean_terms=mean_terms, skipped_steps=skipped, step_s=step_s)

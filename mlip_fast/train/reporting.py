@@ -6,7 +6,7 @@ function is a no-op elsewhere.
 ``{"kind": "train", "step", "epoch", "loss", "loss_global", "loss_local", "loss_sie", "lr",
 "samples_per_s", "step_s", "data_s", "logit_scale_global", "logit_scale_local", "elapsed_s"}`` every
 ``--log-every`` steps (``data_s``: the seconds the step waited for its batches; the logit scales its forward
-used), ``{"kind": "eval", "step", "split", "auc_macro", "auc": {class: value}, ...}`` after each evaluation and
+used; "loss_within" too with ``--lambda-within`` > 0), ``{"kind": "eval", "step", "split", "auc_macro", "auc": {class: value}, ...}`` after each evaluation and
 ``{"kind": "event", ...}`` for checkpoints, resumes, stops and skipped data rows. A resumed run continues the
 same file after dropping the records of the steps after its checkpoint (:meth:`RunReporter.rewind`), so every
 step appears once.
@@ -256,7 +256,8 @@ def plot_metrics(metrics_path: Path, out_png: Path, chance_auc: float = 0.5) -> 
             evals.setdefault((r["split"], r["step"]), {}).update(r)
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
     steps = sorted(train)
-    for key, label in (("loss", "total"), ("loss_global", "global"), ("loss_local", "local"), ("loss_sie", "SIE")):
+    for key, label in (("loss", "total"), ("loss_global", "global"), ("loss_local", "local"), ("loss_sie", "SIE"),
+                       ("loss_within", "within-report")):
         values = [train[s].get(key) for s in steps]
         if any(isinstance(v, (int, float)) for v in values):
             ax_loss.plot(steps, [v if isinstance(v, (int, float)) else math.nan for v in values], label=label,
