@@ -11,7 +11,7 @@ with the same thread count and a plain ``torch.optim.AdamW`` (betas 0.9 / 0.95, 
   ``lambda_sie=0``);
 - ``ours_mlip``: mlip-tiny as the default run trains it (the preset's mask ratio, patch-sentence weight,
   integrity weight and text dropout, and its patch-sentence matching: optimal transport since 2026-12-06);
-- ``ours_mlip_max``: the same with the method's max matching (the default run's step before 2026-12-06);
+- ``ours_mlip_max``: the same step with the method's max matching (what OT costs on top: ``ours_mlip / ours_mlip_max``);
 - ``ours_mlip_deepspeed``: the default run's step (``ours_mlip``) through the DeepSpeed engine of the default run
   (``ds.json``: ZeRO-2, fp32, gradient clipping, the schedule), as the training loop drives it.
 

@@ -1,12 +1,12 @@
 """Each speed change of the default run's training step, measured before / after in one process.
 
 The step is the max-matching MLIP step: mlip-tiny through the DeepSpeed engine of ``ds.json`` (ZeRO, fp32, clipping,
-the schedule), the MLIP loss with the preset's weights and the method's max matching (the default run's until
-2026-12-06; what its optimal-transport matching costs on top is ``bench_open_clip``'s ``ours_mlip /
-ours_mlip_max``), on one batch of 64 synthetic pairs (``bench_open_clip``'s batch). A change is a pair of engines
-that differ in one thing; their steps alternate (one of each per round, after warm-up), so a drift of the machine's
-speed hits both, and the reported ratio after / before is the median of the per-round ratios. The load average is
-recorded before and after (the machine is shared).
+the schedule), the MLIP loss with the preset's weights, the method's max matching and the preset's mask ratio of
+that time, 0.25 (the default run's until 2026-12-06; what its optimal-transport matching costs on top is
+``bench_open_clip``'s ``ours_mlip / ours_mlip_max``), on one batch of 64 synthetic pairs (``bench_open_clip``'s
+batch). A change is a pair of engines that differ in one thing; their steps alternate (one of each per round, after
+warm-up), so a drift of the machine's speed hits both, and the reported ratio after / before is the median of the
+per-round ratios. The load average is recorded before and after (the machine is shared).
 
 Changes (``--only`` picks some):
 
@@ -47,7 +47,7 @@ from benchmarks.bench_open_clip import engine_step_of, make_batch
 from mlip_fast.losses import MLIPLoss
 from mlip_fast.models import create_model, get_model_config, text
 from mlip_fast.ops.patch_sentence import chunked
-from mlip_fast.train.args import SYNTHETIC_PRESET
+from mlip_fast.train.args import MAX_PRESET_MASK_RATIO, SYNTHETIC_PRESET
 from mlip_fast.train.process import init_distributed
 
 REPO = harness.ROOT
@@ -60,7 +60,7 @@ def engine_step(batch: dict, tokenizer, *, text_dropout: float = 0.0, zero_stage
     """The training loop's step (forward, loss with value checks off, backward, engine step, logit-scale clamp) on
     a DeepSpeed engine built from ``ds.json`` with the given changes."""
     init_distributed()
-    cfg = get_model_config("mlip-tiny").replace(mask_ratio=SYNTHETIC_PRESET["mask_ratio"],
+    cfg = get_model_config("mlip-tiny").replace(mask_ratio=MAX_PRESET_MASK_RATIO,
                                                 text={"dropout": text_dropout})
     torch.manual_seed(0)
     model = create_model(cfg, tokenizer=tokenizer)

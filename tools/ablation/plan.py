@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from benchmarks import harness
 from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
 from mlip_fast.models import get_model_config
-from mlip_fast.train.args import SPEC_LAMBDA_LOCAL, SYNTHETIC_PRESET
+from mlip_fast.train.args import MAX_PRESET_MASK_RATIO, SPEC_LAMBDA_LOCAL, SYNTHETIC_PRESET
 
 ARMS = ("clip", "flip", "flip+local", "mlip", "mlip-discriminative", "mlip-maco", "mlip-predictor", "flip+local-ot",
         "mlip-ot")
@@ -28,7 +28,7 @@ SPEC_MASK_RATIO = 0.5
 # The synthetic preset's departures from the method (mask ratio, patch-sentence weight), measured one at a time
 # and together against the method's values. The mask ratio is the preset's of the max-matching default run (0.25,
 # until 2026-12-06), which every ablation record measured; the OT default run is back at the method's 0.5.
-DEPARTURES = {"mask_ratio": 0.25, "lambda_local": SYNTHETIC_PRESET["lambda_local"]}
+DEPARTURES = {"mask_ratio": MAX_PRESET_MASK_RATIO, "lambda_local": SYNTHETIC_PRESET["lambda_local"]}
 LAMBDA_SIE = 0.1
 PROBE_FRACTIONS = (0.01, 0.1)
 RESULTS = harness.RESULTS / "ablation_cpu.json"
