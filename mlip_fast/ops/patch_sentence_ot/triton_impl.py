@@ -74,6 +74,7 @@ def _setup_context(ctx, inputs, output):
     _, f, g = output
     ctx.save_for_backward(patches, sentences, sentence_mask, patch_mask, f, g)
     ctx.eps = eps
+    ctx.set_materialize_grads(False)  # the potentials' gradients arrive as None, not as zeros of their size
 
 
 def _zero_padded(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
