@@ -9,11 +9,12 @@ Needs only torch and triton (no network, no deepspeed); late-interaction-kernels
 installed and skipped with the reason otherwise. Writes ``DIR/gpu_<card>.json`` (``cpu_dry_run.json`` for a dry
 run) after every section, so a crash or a timeout keeps what was measured. Each section is a function in
 ``SECTIONS``, run in order, cheapest and most informative first: the card (exact variant, clocks and power
-sampled for the whole run), the bf16 matmul rate, L2 / HBM read bandwidth, correctness, the persistent sm_90
+sampled for the whole run), the bf16 matmul rate, L2 / HBM read bandwidth, correctness, the optimal-transport op
+(``ot.py``: the default run's matching; correctness, then bf16 timings before fp32), the persistent sm_90
 forward against the kernel it replaced (``v3.py``), the host time, launches and syncs of one call (``host.py``),
 the op against its peers (``peers.py``), the op's share of a
-training step (``train.py``), the calibration sweeps (``calibration.py``), the wider benchmark, then the largest
-batch (the optimal-transport op, ``ot.py``, after the integrity mask, ``integrity_mask.py``). Each section records its
+training step (``train.py``), the calibration sweeps (``calibration.py``), the wider benchmark, the integrity mask
+(``integrity_mask.py``), then the largest batch. Each section records its
 wall time and the clocks and power over it; a failing section records its traceback and the others still run.
 
 Time budget (``--budget-s``, default 630 s, so the whole run with start-up and the last measurement's overrun

@@ -73,7 +73,8 @@ def _timings(ctx) -> list:
     n_iter = 5 if ctx.dry_run else N_ITER
     rows = []
     for B, G, K, S, D in (DRY if ctx.dry_run else TIMED):
-        for dtype in ((torch.float32,) if ctx.dry_run else (torch.float32, torch.bfloat16)):
+        # bf16 first: the training path (a bf16 model hands the op bf16 embeddings), then fp32
+        for dtype in ((torch.float32,) if ctx.dry_run else (torch.bfloat16, torch.float32)):
             p, s, smask, pmask = (x.to(ctx.device) for x in make_case(B, G, K, S, D, masked=True, seed=7, dtype=dtype))
             grad = torch.randn(B, G, device=ctx.device)
             for impl in ("reference", "chunked", "triton"):
