@@ -120,7 +120,12 @@ def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch:
     Half inputs: 64 own rows (patch side: a patch chunk of one image; sentence side: reports x sentence slots) by
     64 other columns per step (reports x sentence slots, or a patch chunk), the similarity dot over D in chunks of
     64, 128 output columns of D per program, 8 warps. fp32 (FMA dots, whose operands live in registers): 32 x 32
-    blocks, 32 output columns, 4 warps.
+    blocks, 128 output columns, 8 warps. Each program recomputes its blocks' similarities over the whole of D, so
+    the output columns per program set the work: per side 2*B*G*K*S*D*(1 + D / DC) FLOPs, at D = 256 9 units with
+    DC = 32 (the fp32 config until 2026-12-06, 4 warps: 42 ms forward + backward on the H100 at B = G = 128, the
+    forward 7 ms) and 3 with DC = 128. 4 warps spill at DC = 64 on sm_80; 8 warps hold DC = 128 spill-free on both
+    archs (static compile, 96-210 registers, 1-2 blocks per SM). The speed-up is a prediction from the FLOPs, not a
+    measurement: the GPU check's optimal-transport section times it.
     """
     half = _half(dtype) and not INTERPRET
     rows = cols = 64 if (half or INTERPRET) else 32
@@ -138,7 +143,7 @@ def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch:
                     num_warps=4, num_stages=1)
     if half:
         return dict(XB=xb, RB=rb, YB=yb, CB=cb, BD=64, DC=min(128, _pow2(D, 16)), num_warps=8, num_stages=2)
-    return dict(XB=xb, RB=rb, YB=yb, CB=cb, BD=32, DC=min(32, _pow2(D, 16)), num_warps=4, num_stages=2)
+    return dict(XB=xb, RB=rb, YB=yb, CB=cb, BD=32, DC=min(128, _pow2(D, 16)), num_warps=8, num_stages=2)
 
 
 def _bwd_side(own, other, pot_own, pot_oth, w, strides: tuple, own_is_patch: bool, z_scale: float,
