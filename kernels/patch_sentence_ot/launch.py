@@ -122,10 +122,10 @@ def bwd_config(X: int, R: int, Y: int, C: int, D: int, dtype: torch.dtype, arch:
     64, 128 output columns of D per program, 8 warps. fp32 (FMA dots, whose operands live in registers): 32 x 32
     blocks, 128 output columns, 8 warps. Each program recomputes its blocks' similarities over the whole of D, so
     the output columns per program set the work: per side 2*B*G*K*S*D*(1 + D / DC) FLOPs, at D = 256 9 units with
-    DC = 32 (the fp32 config until 2026-12-06, 4 warps: 42 ms forward + backward on the H100 at B = G = 128, the
-    forward 7 ms) and 3 with DC = 128. 4 warps spill at DC = 64 on sm_80; 8 warps hold DC = 128 spill-free on both
-    archs (static compile, 96-210 registers, 1-2 blocks per SM). The speed-up is a prediction from the FLOPs, not a
-    measurement: the GPU check's optimal-transport section times it.
+    DC = 32 (the fp32 config until 2026-12-06, 4 warps: the backward took 42 ms on the H100 at B = G = 128,
+    K = 98, S = 16, the forward 7 ms) and 3 with DC = 128. 4 warps spill at DC = 64 on sm_80; 8 warps hold
+    DC = 128 spill-free on both archs (static compile, 96-210 registers, 1-2 blocks per SM). The speed-up is a
+    prediction from the FLOPs, not a measurement: the GPU check's optimal-transport section times it.
     """
     half = _half(dtype) and not INTERPRET
     rows = cols = 64 if (half or INTERPRET) else 32
