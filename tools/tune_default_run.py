@@ -102,7 +102,6 @@ CANDIDATES = {
     # gradient is within 1.4% (30 iterations) / 2.9% (20) of the converged plan's, against 0.5% at 50, and the OT
     # forward is about a sixth of the step (ot30 seeds 0-1: lower AUC and pointing at both than ot_mask0.5_1200)
     "ot30_mask0.5_1200": ["--steps", "1200", *OT, "--mask-ratio", "0.5", "--ot-iters", "30"],
-    "ot20_mask0.5_1200": ["--steps", "1200", *OT, "--mask-ratio", "0.5", "--ot-iters", "20"],
     # a sharper plan at the same cost (eps 0.1 lowered AUC and pointing at r = 0.25, fewer iterations lowered both)
     "ot_eps0.04_mask0.5_1200": ["--steps", "1200", *OT, "--mask-ratio", "0.5", "--ot-eps", "0.04"],
     "ot_eps0.03_mask0.5_1200": ["--steps", "1200", *OT, "--mask-ratio", "0.5", "--ot-eps", "0.03"],
