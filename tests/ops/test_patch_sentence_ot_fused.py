@@ -183,7 +183,8 @@ def test_backward_allocates_no_gradient_for_the_potentials(impl):
     out = patch_sentence_ot_scores(p, s, smask, pmask, impl=impl, n_iter=3)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out.backward(upstream(B, G).float())
-    allocated = {e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0}
+    # leaf operators only: a parent's figure is the sum of its children's allocations
+    allocated = {e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children}
     assert not allocated & {B * G * K * 4, B * G * S * 4}, sorted(allocated)
     assert p.grad.abs().sum() > 0 and s.grad.abs().sum() > 0
 
