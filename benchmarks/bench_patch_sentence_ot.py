@@ -153,29 +153,31 @@ def make_step(provider, mode, B, G, K, S, D, dtype="float32", device="cpu", seed
     return step
 
 
-def make_loss_step(provider, B, G, K, S, D, dtype="float32", device="cpu", seed=0):
-    """A zero-argument callable: the local loss with OT matching (``patch_sentence_loss(..., local_matching="ot")``,
-    which normalises its inputs on the way in) forward + backward through ``provider``'s scores op."""
+def make_loss_step(provider, mode, B, G, K, S, D, dtype="float32", device="cpu", seed=0):
+    """Like :func:`make_step` for the local loss with OT matching (``patch_sentence_loss(...,
+    local_matching="ot")``, which normalises its inputs on the way in) through ``provider``'s scores op; "full"
+    back-propagates it to patches and sentences."""
     from mlip_fast.functional import patch_sentence_loss
 
     p, s, smask, _ = make_inputs(B, G, K, S, D, dtype, device, seed)
 
     def step():
         loss = patch_sentence_loss(p, s, smask, impl=provider, local_matching="ot", ot_eps=EPS, ot_iters=N_ITER)
-        out = torch.autograd.grad(loss, (p, s))
+        out = torch.autograd.grad(loss, (p, s)) if mode == "full" else loss
         _sync(device)
         return out
 
     return step
 
 
-def op_peak_memory(provider, B, G, K, S, D, dtype, device):
-    """Peak bytes of one fwd+bwd above the inputs, and the bytes of the input gradients it returns."""
+def op_peak_memory(provider, B, G, K, S, D, dtype, device, factory="make_step"):
+    """Peak bytes of one fwd+bwd step built by ``factory`` (``make_step``: the op, ``make_loss_step``: the loss)
+    above the inputs, and the bytes of the input gradients it returns."""
     if torch.device(device).type == "cuda":
-        peak = harness.cuda_peak_memory(make_step(provider, "full", B, G, K, S, D, dtype, device), device)
+        peak = harness.cuda_peak_memory(globals()[factory](provider, "full", B, G, K, S, D, dtype, device), device)
     else:
         kwargs = dict(provider=provider, mode="full", B=B, G=G, K=K, S=S, D=D, dtype=dtype, device=device)
-        peak = harness.cpu_peak_memory("benchmarks.bench_patch_sentence_ot:make_step", kwargs, timeout=900)
+        peak = harness.cpu_peak_memory(f"benchmarks.bench_patch_sentence_ot:{factory}", kwargs, timeout=900)
     grads = (B * K + G * S) * D * getattr(torch, dtype).itemsize
     return peak, grads
 
@@ -240,8 +242,13 @@ def cpu_ratio(rounds: int) -> dict:
     B, G, K, S, D = CPU_SHAPES[CPU_TARGET]
     load_before = os.getloadavg()
     # "op": the scores op on unit vectors; "loss": the local loss with OT matching (normalisation included)
-    steps = {(kind, p): make_step(p, "full", B, G, K, S, D) if kind == "op" else make_loss_step(p, B, G, K, S, D)
-             for kind in ("op", "loss") for p in RATIO_PROVIDERS}
+    factories = {"op": "make_step", "loss": "make_loss_step"}
+
+    def label(kind, p):  # the record's name of a (kind, provider) pair
+        return p if kind == "op" else f"loss_{p}"
+
+    steps = {(kind, p): globals()[factories[kind]](p, "full", B, G, K, S, D)
+             for kind in factories for p in RATIO_PROVIDERS}
     for step in steps.values():  # warm-up
         step()
     times = {key: [] for key in steps}
@@ -251,15 +258,9 @@ def cpu_ratio(rounds: int) -> dict:
             steps[key]()
             times[key].append(time.perf_counter() - start)
     memory = {}
-    grads = (B * K + G * S) * D * 4
     for kind, p in steps:
-        if kind == "op":
-            peak, _ = op_peak_memory(p, B, G, K, S, D, "float32", "cpu")
-        else:
-            peak = harness.cpu_peak_memory("benchmarks.bench_patch_sentence_ot:make_loss_step",
-                                           dict(provider=p, B=B, G=G, K=K, S=S, D=D), timeout=900)
-        memory[p if kind == "op" else f"loss_{p}"] = {"peak_bytes": peak, "input_grad_bytes": grads,
-                                                       "op_bytes": max(peak - grads, 0)}
+        peak, grads = op_peak_memory(p, B, G, K, S, D, "float32", "cpu", factory=factories[kind])
+        memory[label(kind, p)] = {"peak_bytes": peak, "input_grad_bytes": grads, "op_bytes": max(peak - grads, 0)}
     t_min = {key: min(v) for key, v in times.items()}
     t_med = {key: statistics.median(v) for key, v in times.items()}
     ratios = {
@@ -279,8 +280,8 @@ def cpu_ratio(rounds: int) -> dict:
     for kind, name, prefix in (("op", "patch_sentence_ot scores fwd+bwd", ""),
                                ("loss", "patch_sentence loss (OT) fwd+bwd", "loss_")):
         table += [{"op": name, "shape": shape, "provider": p, "time_min_s": t_min[kind, p],
-                   "time_median_s": t_med[kind, p], "op_memory_MiB": memory[prefix + p]["op_bytes"] / 2**20,
-                   "peak_with_grads_MiB": memory[prefix + p]["peak_bytes"] / 2**20} for p in RATIO_PROVIDERS]
+                   "time_median_s": t_med[kind, p], "op_memory_MiB": memory[label(kind, p)]["op_bytes"] / 2**20,
+                   "peak_with_grads_MiB": memory[label(kind, p)]["peak_bytes"] / 2**20} for p in RATIO_PROVIDERS]
         table.append({"op": name, "shape": "ratio chunked / reference",
                       "provider": f"targets: time <= {TIME_TARGET}, memory <= 1/33",
                       "time_min_s": ratios[prefix + "time_ratio_min"],
@@ -297,7 +298,7 @@ def cpu_ratio(rounds: int) -> dict:
         "eps": EPS,
         "n_iter": N_ITER,
         "rounds": rounds,
-        "times_s": {f"{kind}_{p}" if kind == "loss" else p: v for (kind, p), v in times.items()},
+        "times_s": {label(kind, p): v for (kind, p), v in times.items()},
         "memory": memory,
         "ratios": ratios,
         "targets": {"time_ratio_max": TIME_TARGET, "memory_ratio_max": MEMORY_TARGET,
