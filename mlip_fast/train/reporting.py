@@ -6,10 +6,10 @@ function is a no-op elsewhere.
 ``{"kind": "train", "step", "epoch", "loss", "loss_global", "loss_local", "loss_sie", "lr",
 "samples_per_s", "step_s", "data_s", "logit_scale_global", "logit_scale_local", "elapsed_s"}`` every
 ``--log-every`` steps (``data_s``: the seconds the step waited for its batches; the logit scales its forward
-used; "loss_within" too with ``--lambda-within`` > 0), ``{"kind": "eval", "step", "split", "auc_macro", "auc": {class: value}, ...}`` after each evaluation and
-``{"kind": "event", ...}`` for checkpoints, resumes, stops and skipped data rows. A resumed run continues the
-same file after dropping the records of the steps after its checkpoint (:meth:`RunReporter.rewind`), so every
-step appears once.
+used; "loss_within" too with ``--lambda-within`` > 0), ``{"kind": "eval", "step", "split", "auc_macro", "auc":
+{class: value}, ...}`` after each evaluation and ``{"kind": "event", ...}`` for checkpoints, resumes, stops and
+skipped data rows. A resumed run continues the same file after dropping the records of the steps after its
+checkpoint (:meth:`RunReporter.rewind`), so every step appears once.
 
 Progress: a bar on a terminal (stderr is a TTY); otherwise (a redirected log) one plain line every twentieth of
 the run, so no carriage return lands in a log file. Both show the loss, lr, throughput, data time and logit scale.
