@@ -96,5 +96,6 @@ def test_ot_chunked_custom_ops_pass_opcheck():
     p, s = x["patches"].requires_grad_(), x["sentences"].requires_grad_()
     pmask = torch.ones(B, K, dtype=torch.bool)
     pmask[1, 2] = False
-    torch.library.opcheck(chunked_fwd, (p, s, x["sentence_mask"], pmask, 0.05, 5, None, 2**18, 16.0),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for normalize in (False, True):
+        torch.library.opcheck(chunked_fwd, (p, s, x["sentence_mask"], pmask, 0.05, 5, None, 2**18, 16.0, normalize),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

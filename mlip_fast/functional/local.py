@@ -15,7 +15,7 @@ from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS, INIT_LOGIT_SCA
 from mlip_fast.distributed import all_to_all_blocks, gather, max_size, rank_and_world
 from mlip_fast.functional._common import _check_batch, _check_scale, _labels, _row_weights, _symmetric_ce
 from mlip_fast.ops import patch_sentence_ot as _ot
-from mlip_fast.ops.patch_sentence import ScoresOptions, check_inputs, scores_unchecked
+from mlip_fast.ops.patch_sentence import ScoresOptions, check_inputs, scores_unchecked, unit_rows
 
 
 @dataclass(frozen=True)
@@ -43,21 +43,13 @@ class LocalMatching:
         return self
 
 
-def _unit_rows(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-    """x / max(||x||, 1e-12) with invalid rows zeroed first (their gradient is then exactly 0, whatever they hold);
-    norms in fp32 (fp64 stays), the result in x's dtype."""
-    if valid is not None:
-        x = x.masked_fill(~valid[..., None], 0)
-    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, eps=1e-12).to(x.dtype)
-
-
 def _pair_scores(patches, sentences, sentence_mask, patch_mask, options: ScoresOptions, matching: LocalMatching,
                  impl: str):
     """(i2t, t2i) [B, G] of one scores call: the max op's directions asked for in ``options``, or the OT op's one
-    matrix serving both (its inputs already unit vectors)."""
+    matrix serving both (normalising its raw inputs itself)."""
     if matching.mode == "ot":
         s = _ot.scores_unchecked(patches, sentences, sentence_mask, patch_mask, eps=matching.ot_eps,
-                                 n_iter=matching.ot_iters, impl=impl)
+                                 n_iter=matching.ot_iters, normalize=True, impl=impl)
         return s, s
     return scores_unchecked(patches, sentences, sentence_mask, patch_mask, options, impl=impl)
 
@@ -116,9 +108,9 @@ def patch_sentence_loss(
 
     Precision: the embeddings go to the scores op in their own dtype, normalised inside the op (fp32 norms, no
     normalised copies held): a bf16 / fp16 model hands it half-precision tensors, which it scores on the tensor
-    cores with fp32 accumulation; the scores, logits and cross-entropies are fp32. The OT op takes unit vectors:
-    with ``"ot"`` the embeddings are normalised once on the way in (norms in fp32, a copy of [B, K, D] and
-    [B, S, D], small beside the op's B*G*K*S*ot_iters work), padded rows zeroed first so that they never matter.
+    cores with fp32 accumulation; the scores, logits and cross-entropies are fp32. With ``"ot"`` the OT op
+    normalises the same way (its ``normalize``: padded rows zeroed, norms in fp32; the chunked impl holds no
+    normalised copy of the patches, the Triton path normalises first).
 
     Returns:
         0-dim float32 loss = 1/2 [CE_rows(s * S_I2T) + CE_cols(s * S_T2I)] with
@@ -148,8 +140,6 @@ def _patch_sentence_loss(patches, sentences, sentence_mask, patch_mask, scale, w
     """:func:`patch_sentence_loss` on checked inputs (bool masks, a checked scale, checked matching)."""
     rank, world = rank_and_world(group)
     B = patches.shape[0]
-    if matching.mode == "ot":  # before any gather: each rank normalises its own rows once
-        patches, sentences = _unit_rows(patches, patch_mask), _unit_rows(sentences, sentence_mask)
     both, i2t_only, t2i_only = (options, replace(options, directions="i2t"), replace(options, directions="t2i"))
 
     def scores(p, s, smask, pmask, opts):
@@ -228,8 +218,8 @@ def _within_report_loss(patches, sentences, sentence_mask, patch_mask, scale) ->
     B, K, D = patches.shape
     S = sentences.shape[1]
     work = torch.promote_types(patches.dtype, torch.float32)
-    v = _unit_rows(patches, patch_mask).to(work)  # [B, K, D]
-    u = _unit_rows(sentences, sentence_mask).to(work)  # [B, S, D]
+    v = unit_rows(patches, patch_mask).to(work)  # [B, K, D]
+    u = unit_rows(sentences, sentence_mask).to(work)  # [B, S, D]
     smask = sentence_mask if sentence_mask is not None else torch.ones(B, S, dtype=torch.bool, device=u.device)
     with torch.no_grad():  # the choice of patch: hard, as in the max aggregation
         sim = u @ v.transpose(1, 2)  # [B, S, K]

@@ -12,10 +12,12 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 # F.normalize's default: a vector shorter than this is divided by it instead of by its norm.
 NORM_EPS = 1e-12
 UNNORMALIZE_ROWS = 1024  # row block of unnormalize_grad_ (bounds its temporaries)
+UNIT_ROWS_BLOCK = 256  # row block of unit_rows_backward_ (its temporaries: a few [UNIT_ROWS_BLOCK, D])
 
 
 def score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,6 +30,48 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     dtype: what a half-precision run hands the scores GEMM."""
     wide = x.to(score_dtype(x.dtype))
     return (wide / torch.linalg.vector_norm(wide, dim=-1, keepdim=True).clamp_min(NORM_EPS)).to(x.dtype)
+
+
+def unit_rows(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """x / max(||x||, NORM_EPS) along the last dim with the rows of invalid entries zeroed first (their gradient is
+    then exactly 0, whatever they hold), through autograd: ``F.normalize``'s arithmetic, the norms in float32
+    (float64 stays), the result in x's dtype. x [..., D], valid [...] bool or None (all valid)."""
+    if valid is not None:
+        x = x.masked_fill(~valid[..., None], 0)
+    return F.normalize(x.to(score_dtype(x.dtype)), dim=-1, eps=NORM_EPS).to(x.dtype)
+
+
+def row_norms(x: torch.Tensor, valid: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """||x|| of each row of x [..., D] in dtype ``work`` (the score dtype), 0 for invalid rows (valid [...] bool):
+    the norms of the rows :func:`unit_rows` divides."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=work).masked_fill_(~valid, 0)
+
+
+def unit_rows_from_norms(x: torch.Tensor, valid: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """:func:`unit_rows` from the rows' norms (:func:`row_norms`), outside autograd: invalid rows zeroed, then
+    x / max(norm, NORM_EPS) in the norms' dtype, in x's dtype. The same elementary operations, so the same numbers:
+    an op can normalise a block at a time and score exactly what a caller normalising first would."""
+    return (x.masked_fill(~valid[..., None], 0).to(norm.dtype) / norm[..., None].clamp_min(NORM_EPS)).to(x.dtype)
+
+
+def unit_rows_backward_(grad: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, norm: torch.Tensor) -> None:
+    """In place: ``grad`` [N, D] (score dtype), the gradient w.r.t. ``unit_rows(x, valid)``, becomes the one w.r.t.
+    x [N, D] (valid [N], norm [N] from :func:`row_norms`).
+
+    With n = ||x||, d = max(n, NORM_EPS) and x^ = x / d: dx = g / d + x / n * sum_D(-g * x^ / d), the second term
+    only where n >= NORM_EPS (the clamp) and 0 where n = 0; invalid rows get 0. These are the elementary steps
+    autograd takes backwards through :func:`unit_rows` (division, expand, clamp, norm, masked fill), in row blocks
+    of UNIT_ROWS_BLOCK: autograd's result bit for bit (tested), with no temporary larger than a block."""
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    for r0 in range(0, x.shape[0], UNIT_ROWS_BLOCK):
+        rows = slice(r0, r0 + UNIT_ROWS_BLOCK)
+        g, v, n = grad[rows], valid[rows, None], norm[rows, None]
+        xm = x[rows].masked_fill(~v, 0).to(grad.dtype)
+        d = n.clamp_min(NORM_EPS)
+        d_denom = (-g * (xm / d / d)).sum(-1, keepdim=True)
+        d_norm = torch.where(n >= NORM_EPS, d_denom, zero)
+        dx = (g / d).add_(d_norm * (xm / n).masked_fill_(n == 0, 0))
+        g.copy_(dx.masked_fill_(~v, 0))
 
 
 def inverse_norms(x: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from typing import Optional, Tuple
 import torch
 
 from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
-from mlip_fast.reference.patch_sentence import score_dtype
+from mlip_fast.reference.patch_sentence import score_dtype, unit_rows
 
 GRADIENTS = ("envelope", "unrolled")
 
@@ -199,11 +199,12 @@ def patch_sentence_ot_scores(
     n_iter: int = DEFAULT_OT_ITERS,
     tol: Optional[float] = None,
     gradient: str = "envelope",
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Optimal-transport patch-sentence scores over the full similarity grid.
 
     Args:
-        patches: [B, K, D] patch embeddings (L2-normalised by the caller; nothing is normalised here).
+        patches: [B, K, D] patch embeddings, L2-normalised by the caller unless ``normalize``.
         sentences: [G, S, D] sentence embeddings, same dtype and device.
         sentence_mask: [G, S] bool, True = valid sentence (None: all valid).
         patch_mask: [B, K] bool, True = valid patch (None: all valid).
@@ -211,6 +212,8 @@ def patch_sentence_ot_scores(
         n_iter: Sinkhorn iterations (>= 1), each a sentence then a patch update.
         tol: optional per-pair stopping tolerance on the L1 sentence-marginal violation (None: n_iter always).
         gradient: "envelope" (plan constant, the default) or "unrolled" (autograd through the iterations).
+        normalize: score the unit vectors of the rows instead (:func:`unit_rows`: padded rows zeroed, then
+            x / max(||x||, 1e-12), through autograd, so the gradient is the raw rows').
 
     Returns:
         [B, G] scores s[b, g] = sum_pq P*_pq <patches[b, p], sentences[g, q]>, float32 for half inputs and the
@@ -218,6 +221,8 @@ def patch_sentence_ot_scores(
     """
     if gradient not in GRADIENTS:
         raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if normalize:
+        patches, sentences = unit_rows(patches, patch_mask), unit_rows(sentences, sentence_mask)
     sim, live_p, live_q = _grid(patches, sentences, sentence_mask, patch_mask)
     if gradient == "unrolled":
         f, g = sinkhorn_potentials(sim, live_p, live_q, eps, n_iter, tol)

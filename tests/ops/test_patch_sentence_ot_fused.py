@@ -15,10 +15,12 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from mlip_fast import _checks
 from mlip_fast.kernels.patch_sentence_ot import launch
 from mlip_fast.ops import ImplUnavailableError, patch_sentence_ot_scores
 from mlip_fast.ops.patch_sentence_ot import REGISTRY, chunked
 from mlip_fast.ops.patch_sentence_ot.triton_impl import patch_sentence_ot_scores_fwd
+from mlip_fast.reference.patch_sentence import unit_rows
 from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores as reference_scores
 from mlip_fast.reference.patch_sentence_ot import transport_plan
 from mlip_fast.testing import assert_compiled_grads_equal
@@ -187,6 +189,88 @@ def test_backward_allocates_no_gradient_for_the_potentials(impl):
     allocated = {e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children}
     assert not allocated & {B * G * K * 4, B * G * S * 4}, sorted(allocated)
     assert p.grad.abs().sum() > 0 and s.grad.abs().sum() > 0
+
+
+def _raw_rows(x, seed, lo=0.25, hi=4.0):
+    """x's rows at random lengths in [lo, hi] (the op's inputs are unit rows; ``normalize`` takes any)."""
+    gen = torch.Generator().manual_seed(seed)
+    return x * (lo + (hi - lo) * torch.rand(*x.shape[:-1], 1, generator=gen, dtype=x.dtype))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("B,G,K,S,D,masked,negative", CASES[:1] + CASES[3:5])
+def test_normalize_matches_the_fp64_reference_on_raw_rows(impl, B, G, K, S, D, masked, negative):
+    """``normalize=True`` scores the raw rows' unit vectors and differentiates through the normalisation: against
+    the fp64 reference that normalises through autograd (F.normalize of the zero-filled rows), 2e-5 of scale."""
+    p, s, smask, pmask = make_case(B, G, K, S, D, masked=masked, seed=B + 7 * K + S, negative=negative)
+    p, s = _raw_rows(p, 1), _raw_rows(s, 2)
+    grad = upstream(B, G)
+    ref_out, ref_dp, ref_ds = run(ref64(n_iter=N_ITER, normalize=True), p, s, smask, pmask, grad)
+    out, dp, ds = run(op(impl, n_iter=N_ITER, normalize=True), p, s, smask, pmask, grad)
+    assert rel_err(out, ref_out) < 2e-5
+    assert rel_err(dp, ref_dp) < 2e-5
+    assert rel_err(ds, ref_ds) < 2e-5
+    p, s = p.double(), s.double()
+    unit_out, _, _ = run(ref64(n_iter=N_ITER), p / p.norm(dim=-1, keepdim=True), s / s.norm(dim=-1, keepdim=True),
+                         smask, pmask, grad)
+    assert rel_err(ref_out, unit_out) < 1e-12  # what is scored: the unit rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_chunked_normalize_is_bitwise_normalising_first(dtype):
+    """The local loss hands the chunked op raw embeddings (``normalize=True``) where it used to normalise them first
+    with ``unit_rows`` through autograd: scores and both gradients must be the same bits, so that training numbers
+    do not move. Several tiles and image blocks, more rows than one block of the normalisation's backward, NaN in
+    padded rows, a valid zero row (norm 0: gradient g / 1e-12 as F.normalize's) and one below the norm floor."""
+    B, G, K, S, D = 7, 6, 45, 4, 12  # B * K = 315 rows > UNIT_ROWS_BLOCK
+    p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=11, dtype=dtype)
+    p, s = _raw_rows(p, 3), _raw_rows(s, 4)
+    p[~pmask], s[~smask] = float("nan"), float("inf")
+    p[0, 0], p[2, 0] = 0.0, 1e-13
+    grad = upstream(B, G).to(dtype)
+    runs = []
+    for fused in (False, True):
+        pp, ss = p.clone().requires_grad_(), s.clone().requires_grad_()
+        args = (pp, ss) if fused else (unit_rows(pp, pmask), unit_rows(ss, smask))
+        out = chunked.patch_sentence_ot_scores_chunked(*args, smask, pmask, n_iter=6, tile_elements=4 * K * S * G,
+                                                       normalize=fused)
+        (out * grad).sum().backward()
+        runs.append((out.detach(), pp.grad, ss.grad))
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+    assert runs[1][1].isfinite().all() and runs[1][2].isfinite().all()
+    assert runs[1][1][0, 0].abs().max() > 1e6  # the zero row's gradient went through the floor
+
+
+def test_chunked_normalize_holds_no_normalised_copy_of_the_patches():
+    """What the fused normalisation saves (PERF.md: the loss's memory <= 1/33 of the reference's): the forward
+    allocates no buffer of the patches' size (each image block is normalised per tile; two blocks here) and the
+    backward exactly one, the patches' gradient. Normalising first allocates the unit copy, and its backward the
+    normalisation's temporaries of that size. Sizes are distinct (B * K, G * S and the tiles' cells)."""
+    B, G, K, S, D = 24, 24, 40, 12, 8
+    p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=5)
+    p, s = _raw_rows(p, 5).requires_grad_(), _raw_rows(s, 6).requires_grad_()
+    size = B * K * D * 4
+
+    def allocations(fn):  # the input checks' isfinite pass is the public function's, not the op's: off
+        with _checks.value_checks_disabled(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children]
+
+    for fused in (True, False):
+        box = {}
+
+        def forward():
+            args = (p, s) if fused else (unit_rows(p, pmask), unit_rows(s, smask))
+            box["out"] = patch_sentence_ot_scores(*args, smask, pmask, n_iter=3, impl="chunked", normalize=fused)
+
+        fwd = allocations(forward)
+        bwd = allocations(lambda: box["out"].backward(upstream(B, G).float()))
+        p.grad = s.grad = None
+        if fused:
+            assert fwd.count(size) == 0 and bwd.count(size) == 1, (sorted(fwd), sorted(bwd))
+        else:  # the check bites: normalising first allocates what the fused path does not
+            assert fwd.count(size) >= 1 and bwd.count(size) >= 2, (sorted(fwd), sorted(bwd))
 
 
 FWD_CONFIGS = [  # (B, G, K, S, D, config): tilings the GPU heuristics pick, at interpreter sizes

@@ -17,8 +17,9 @@ from mlip_fast.ops.dispatch import Impl, registry
 from mlip_fast.ops.patch_sentence import chunked, triton_impl
 from mlip_fast.ops.patch_sentence.options import DIRECTIONS, PRECISIONS, ScoresOptions
 from mlip_fast.reference import patch_sentence as _reference
+from mlip_fast.reference.patch_sentence import unit_rows
 
-__all__ = ["patch_sentence_scores", "scores_unchecked", "check_inputs", "ScoresOptions", "DIRECTIONS",
+__all__ = ["patch_sentence_scores", "scores_unchecked", "check_inputs", "unit_rows", "ScoresOptions", "DIRECTIONS",
            "PRECISIONS", "REGISTRY"]
 
 OP_NAME = "patch_sentence_scores"

@@ -47,6 +47,7 @@ def patch_sentence_ot_scores(
     eps: float = DEFAULT_OT_EPS,
     n_iter: int = DEFAULT_OT_ITERS,
     tol: Optional[float] = None,
+    normalize: bool = False,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Patch-sentence scores by entropic optimal transport (the many-to-many reading of MLIP's matching).
@@ -58,7 +59,8 @@ def patch_sentence_ot_scores(
     ``gradient="unrolled"`` differentiates through the iterations instead).
 
     Args:
-        patches: [B, K, D] patch embeddings (float16/bfloat16/float32/float64), L2-normalised by the caller.
+        patches: [B, K, D] patch embeddings (float16/bfloat16/float32/float64), L2-normalised by the caller
+            unless ``normalize``.
         sentences: [G, S, D] sentence embeddings, same dtype and device as ``patches``.
         sentence_mask: [G, S] bool, True = valid sentence; None = all valid.
         patch_mask: [B, K] bool, True = valid patch; None = all valid.
@@ -68,6 +70,10 @@ def patch_sentence_ot_scores(
         n_iter: Sinkhorn iterations (>= 1), each a sentence then a patch update.
         tol: optional per-pair stopping tolerance (>= 0) on the L1 violation of the sentence marginal; None
             runs exactly ``n_iter`` iterations.
+        normalize: score the unit vectors of the rows, x / max(||x||, 1e-12) (norms in fp32), the gradient
+            reaching the raw rows. The chunked impl does it without a normalised copy of the patches (each image
+            block per tile), with fp32 results bitwise those of normalising first through autograd; the reference
+            and the Triton kernels normalise first.
         impl: "auto" (triton on CUDA, chunked elsewhere), "reference", "chunked" or "triton".
 
     Returns:
@@ -93,7 +99,7 @@ def patch_sentence_ot_scores(
     patch_mask = _checks.check_mask("patch_mask", patch_mask, (B, K), device=patches.device)
     check_solver(eps, n_iter, tol)
     return scores_unchecked(patches, sentences, sentence_mask, patch_mask, eps=eps, n_iter=n_iter, tol=tol,
-                            impl=impl)
+                            normalize=normalize, impl=impl)
 
 
 def paired_transport_plan(
@@ -160,10 +166,11 @@ def scores_unchecked(
     eps: float = DEFAULT_OT_EPS,
     n_iter: int = DEFAULT_OT_ITERS,
     tol: Optional[float] = None,
+    normalize: bool = False,
     impl: str = "auto",
 ) -> torch.Tensor:
     """:func:`patch_sentence_ot_scores` for callers that validated the inputs already (the losses): dispatch
     only, no checks (and so no host synchronisation)."""
     chosen = REGISTRY.select(impl, patches.device, patches.dtype, describe_inputs(patches, sentences, n_iter, tol))
     return chosen.fn(patches, sentences, sentence_mask, patch_mask, float(eps), int(n_iter),
-                     None if tol is None else float(tol))
+                     None if tol is None else float(tol), normalize=bool(normalize))

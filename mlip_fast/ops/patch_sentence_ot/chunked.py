@@ -26,6 +26,13 @@ the numbers stay those of the log-domain iteration for any eps: entries of kern 
 exp(-87 + 2 * ABSORB_AT) of mass in fp32. Runs on any device and dtype (iterations in fp32, or fp64 for fp64);
 on an accelerator (the fallback for pairs above the Triton tile) each absorption check is a host synchronisation.
 
+Normalisation (``normalize=True``, what the local loss uses): the op takes raw embeddings and scores their unit
+rows, made exactly as ``mlip_fast.reference.patch_sentence.unit_rows`` makes them (padded rows zeroed, then
+x / max(||x||, 1e-12), norms in fp32): the sentences' once ([G, S, D], small), each image block's per tile, so no
+normalised copy of the patches is held; the backward maps the gradients w.r.t. the unit rows back to the raw
+rows in row blocks, with the elementary steps autograd would take through ``unit_rows``. fp32 / fp64 scores and
+gradients are therefore bitwise those of normalising first (tested).
+
 Padding never matters: the forward sets every entry that is not live to DEAD after the GEMM, and the backward
 zeroes the operands' padded rows before recomputing the tiles, so NaN / Inf stored there reach neither a score
 nor a gradient (padded rows get gradient 0). Forward and backward are ``torch.library`` custom ops
@@ -41,7 +48,7 @@ import torch
 from mlip_fast import _checks
 from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
 from mlip_fast.ops.dispatch import Impl
-from mlip_fast.reference.patch_sentence import score_dtype
+from mlip_fast.reference.patch_sentence import row_norms, score_dtype, unit_rows_backward_, unit_rows_from_norms
 from mlip_fast.reference.patch_sentence_ot import DEAD, log_marginals
 
 # Elements of one similarity tile: 2**18 fp32 values (1 MiB) keep a tile and its few work buffers in cache,
@@ -166,14 +173,32 @@ class _TileSinkhorn:
         return f + u[:, :, 0].log(), g + v[:, 0].log(), (weighted * u).sum((1, 2))
 
 
-def _sim_tile(patches, sent_flat, bs, gs, S, work):
-    """[bc * K, gc * S] similarities of a tile, computed in the input dtype (as the reference grid), widened."""
-    return (patches[bs].flatten(0, 1) @ sent_flat[gs.start * S: gs.stop * S].T).to(work)
+def _sim_tile(p_blk, sent_flat, gs, S, work):
+    """[bc * K, gc * S] similarities of a tile (image block ``p_blk`` [bc, K, D]), computed in the input dtype (as
+    the reference grid), widened."""
+    return (p_blk.flatten(0, 1) @ sent_flat[gs.start * S: gs.stop * S].T).to(work)
 
 
 def _zero_padded(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``x`` [N, L, D] with the rows of invalid entries zeroed (a copy only when there is padding)."""
     return x if bool(valid.all()) else x.masked_fill(~valid[..., None], 0)
+
+
+class _ImageBlocks:
+    """The image block [bc, K, D] a tile multiplies: ``patches[bs]`` as given, or with ``norm_p`` its unit rows,
+    made once per block (the tiles of one block follow each other)."""
+
+    def __init__(self, patches, patch_mask, norm_p):
+        self.patches, self.patch_mask, self.norm_p = patches, patch_mask, norm_p
+        self.start, self.block = None, None
+
+    def __getitem__(self, bs: slice) -> torch.Tensor:
+        if self.norm_p is None:
+            return self.patches[bs]
+        if bs.start != self.start:
+            self.start, self.block = bs.start, None  # drop the last block before making the next
+            self.block = unit_rows_from_norms(self.patches[bs], self.patch_mask[bs], self.norm_p[bs])
+        return self.block
 
 
 # The forward and backward are torch.library custom ops (with fake impls), so torch.compile traces the op as one
@@ -189,34 +214,43 @@ def chunked_fwd(
     tol: Optional[float],
     tile_elements: int,
     absorb_at: float,
+    normalize: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tiled forward: (scores [B, G], f [B, G, K], g [B, G, S]) in ``score_dtype``, potentials -inf where not
     live. Masks are bool and given (the wrapper fills in all-valid ones). Padded entries are DEAD in every tile
-    whatever the GEMM gave there, so NaN / Inf stored in them never reach a score or a potential."""
+    whatever the GEMM gave there, so NaN / Inf stored in them never reach a score or a potential. ``normalize``:
+    the sentences' unit rows are made once ([G, S, D]), each image block's per tile; no [B, K, D] copy."""
     B, K, D = patches.shape
     G, S_in, _ = sentences.shape
+    device, work = patches.device, score_dtype(patches.dtype)
+    norm_p = row_norms(patches, patch_mask, work) if normalize else None
+    if normalize:
+        sentences = unit_rows_from_norms(sentences, sentence_mask, row_norms(sentences, sentence_mask, work))
     S = _run_width(K, S_in)
     if S > S_in:  # dead sentence columns (zero rows, masked) up to BLAS's width: see BMM_MIN_CELLS
         sentences = torch.cat([sentences, sentences.new_zeros(G, S - S_in, D)], 1)
         sentence_mask = torch.cat([sentence_mask, sentence_mask.new_zeros(G, S - S_in)], 1)
-    device, work = patches.device, score_dtype(patches.dtype)
     has_p, has_s = patch_mask.any(1), sentence_mask.any(1)
     # which sides have dead entries at all (a padded row, or a partner without any), and the largest sim / eps
     # of valid rows (Cauchy-Schwarz on their norms: unit vectors give 1 / eps, so no tile needs its own max)
     dead_p = not (bool(patch_mask.all()) and bool(has_s.all()))
     dead_q = not (bool(sentence_mask.all()) and bool(has_p.all()))
-    norm_p = torch.linalg.vector_norm(patches, dim=-1).to(work).masked_fill_(~patch_mask, 0)
-    norm_s = torch.linalg.vector_norm(sentences, dim=-1).to(work).masked_fill_(~sentence_mask, 0)
-    bound = float(norm_p.amax() * norm_s.amax()) / eps if B * K and G * S else 0.0
+    if normalize:  # unit rows: |sim| <= 1 up to rounding
+        bound = (1 + 1e-5) / eps
+    else:
+        norms_p = torch.linalg.vector_norm(patches, dim=-1).to(work).masked_fill_(~patch_mask, 0)
+        norms_s = torch.linalg.vector_norm(sentences, dim=-1).to(work).masked_fill_(~sentence_mask, 0)
+        bound = float(norms_p.amax() * norms_s.amax()) / eps if B * K and G * S else 0.0
     sent_flat = sentences.reshape(G * S, D)
     scores = torch.empty(B, G, dtype=work, device=device)
     f_all = torch.empty(B, G, K, dtype=work, device=device)
     g_all = torch.empty(B, G, S, dtype=work, device=device)
     neg_inf = float("-inf")
+    blocks = _ImageBlocks(patches, patch_mask, norm_p)
     for bs, gs in _tiles(B, K, G, S, tile_elements):
         bc, gc = bs.stop - bs.start, gs.stop - gs.start
         # [b, p, g, q] -> [b, g, p, q] divided by eps: one pass, then every pair's K x S block is contiguous
-        sim = _sim_tile(patches, sent_flat, bs, gs, S, work).view(bc, K, gc, S).transpose(1, 2)
+        sim = _sim_tile(blocks[bs], sent_flat, gs, S, work).view(bc, K, gc, S).transpose(1, 2)
         z = torch.empty(bc * gc, K, S, dtype=work, device=device)
         torch.div(sim, eps, out=z.view(bc, gc, K, S))
         live_p = (patch_mask[bs, None, :] & has_s[None, gs, None]).reshape(bc * gc, K)
@@ -233,7 +267,7 @@ def chunked_fwd(
 
 
 @chunked_fwd.register_fake
-def _(patches, sentences, sentence_mask, patch_mask, eps, n_iter, tol, tile_elements, absorb_at):
+def _(patches, sentences, sentence_mask, patch_mask, eps, n_iter, tol, tile_elements, absorb_at, normalize):
     B, K, _ = patches.shape
     G, S, _ = sentences.shape
     work = dict(dtype=score_dtype(patches.dtype))
@@ -253,18 +287,28 @@ def chunked_bwd(
     need_p: bool,
     need_s: bool,
     tile_elements: int,
+    normalize: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Envelope backward from the potentials: (grad_patches [B, K, D], grad_sentences [G, S, D]) in the input
     dtype (empty for a side not needed).
 
     The operands' padded rows are zeroed first: their similarities are then finite, so the plan there is exactly
-    exp(-inf) = 0, and the products never multiply a NaN / Inf they held by that 0. Padded rows get gradient 0."""
+    exp(-inf) = 0, and the products never multiply a NaN / Inf they held by that 0. Padded rows get gradient 0.
+    ``normalize``: the forward scored the unit rows; they are remade as there (the sentences once, each image
+    block per tile) and the gradients w.r.t. them mapped back to the raw rows at the end, in place."""
     B, K, D = patches.shape
     G, S, _ = sentences.shape
     device, work = patches.device, score_dtype(patches.dtype)
     w = grad_scores.to(work)
-    patches = _zero_padded(patches, patch_mask)
-    sent_flat = _zero_padded(sentences, sentence_mask).reshape(G * S, D)
+    raw_p, raw_s = patches, sentences
+    if normalize:
+        norm_p, norm_s = row_norms(patches, patch_mask, work), row_norms(sentences, sentence_mask, work)
+        sent_flat = unit_rows_from_norms(sentences, sentence_mask, norm_s).reshape(G * S, D)
+    else:
+        norm_p = norm_s = None
+        patches = _zero_padded(patches, patch_mask)
+        sent_flat = _zero_padded(sentences, sentence_mask).reshape(G * S, D)
+    blocks = _ImageBlocks(patches, patch_mask, norm_p)
     # Gradients are accumulated in the score dtype (fp32 for half inputs) and cast back once.
     grad_p = torch.zeros(B, K, D, dtype=work, device=device) if need_p else None
     grad_s = torch.zeros(G * S, D, dtype=work, device=device) if need_s else None
@@ -273,29 +317,36 @@ def chunked_bwd(
         rows = slice(gs.start * S, gs.stop * S)
         # M[b, p, g, q] = w[b, g] exp(f[b, g, p] + g[b, g, q] + sim / eps), built in place in the
         # [b, p, g, q] layout of the similarity tile (-inf potentials give exactly 0)
-        m = _sim_tile(patches, sent_flat, bs, gs, S, work).view(bc, K, gc, S).div_(eps)
+        p_blk = blocks[bs]
+        m = _sim_tile(p_blk, sent_flat, gs, S, work).view(bc, K, gc, S).div_(eps)
         m.add_(f[bs, gs].transpose(1, 2)[..., None]).add_(g[bs, gs][:, None])
         m = m.exp_().mul_(w[bs, gs][:, None, :, None]).view(bc * K, gc * S)
         if need_p:
             grad_p[bs].view(bc * K, D).addmm_(m, sent_flat[rows].to(work))
         if need_s:
-            grad_s[rows].addmm_(m.T, patches[bs].flatten(0, 1).to(work))
+            grad_s[rows].addmm_(m.T, p_blk.flatten(0, 1).to(work))
+    m = p_blk = blocks = None  # the last tile freed before the normalisation's backward
+    if normalize and need_p:
+        unit_rows_backward_(grad_p.view(B * K, D), raw_p.reshape(B * K, D), patch_mask.reshape(-1), norm_p.view(-1))
+    if normalize and need_s:
+        unit_rows_backward_(grad_s, raw_s.reshape(G * S, D), sentence_mask.reshape(-1), norm_s.view(-1))
     empty = patches.new_empty((0,))
     return (grad_p.to(patches.dtype) if need_p else empty,
             grad_s.view(G, S, D).to(sentences.dtype) if need_s else empty.clone())
 
 
 @chunked_bwd.register_fake
-def _(grad_scores, patches, sentences, sentence_mask, patch_mask, f, g, eps, need_p, need_s, tile_elements):
+def _(grad_scores, patches, sentences, sentence_mask, patch_mask, f, g, eps, need_p, need_s, tile_elements,
+      normalize):
     return (torch.empty_like(patches) if need_p else patches.new_empty((0,)),
             torch.empty_like(sentences) if need_s else patches.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    patches, sentences, sentence_mask, patch_mask, eps, _, _, tile_elements, _ = inputs
+    patches, sentences, sentence_mask, patch_mask, eps, _, _, tile_elements, _, normalize = inputs
     _, f, g = output
     ctx.save_for_backward(patches, sentences, sentence_mask, patch_mask, f, g)
-    ctx.eps, ctx.tile_elements = eps, tile_elements
+    ctx.eps, ctx.tile_elements, ctx.normalize = eps, tile_elements, normalize
     # the potentials are outputs no caller differentiates: their gradients arrive as None instead of zeros of
     # [B, G, K] and [B, G, S] (at PERF.md's CPU shape 7.1 MiB, the op's largest buffer after the saved f)
     ctx.set_materialize_grads(False)
@@ -307,8 +358,8 @@ def _backward(ctx, grad_scores, _grad_f, _grad_g):
     if grad_scores is None:  # only the potentials were used downstream: they carry no gradient
         grad_scores = torch.zeros_like(f[..., 0])
     grad_p, grad_s = chunked_bwd(grad_scores, patches, sentences, sentence_mask, patch_mask, f, g, ctx.eps, need_p,
-                                 need_s, ctx.tile_elements)
-    return grad_p if need_p else None, grad_s if need_s else None, None, None, None, None, None, None, None
+                                 need_s, ctx.tile_elements, ctx.normalize)
+    return (grad_p if need_p else None, grad_s if need_s else None) + (None,) * 8
 
 
 chunked_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -324,6 +375,7 @@ def patch_sentence_ot_scores_chunked(
     tol: Optional[float] = None,
     tile_elements: int = TILE_ELEMENTS,
     absorb_at: float = ABSORB_AT,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Tiled OT patch-sentence scores (same contract as ``mlip_fast.ops.patch_sentence_ot_scores``).
 
@@ -333,6 +385,9 @@ def patch_sentence_ot_scores_chunked(
         eps, n_iter, tol: as in ``mlip_fast.reference.patch_sentence_ot``.
         tile_elements: K*S similarity cells per tile (memory per tile vs per-op overhead).
         absorb_at: largest |log scaling| kept in the linear domain (tests lower it to force absorptions).
+        normalize: score the rows' unit vectors (padded rows zeroed, x / max(||x||, 1e-12)) without holding a
+            normalised copy of the patches; gradients w.r.t. the raw rows, bitwise those of normalising first
+            with ``unit_rows`` through autograd (fp32 / fp64).
 
     Returns:
         [B, G] scores, float32 for half inputs, else the input dtype; envelope gradient (plan constant).
@@ -344,7 +399,8 @@ def patch_sentence_ot_scores_chunked(
     if patch_mask is None:
         patch_mask = torch.ones(B, K, dtype=torch.bool, device=patches.device)
     scores, _, _ = chunked_fwd(patches, sentences, sentence_mask, patch_mask, float(eps), int(n_iter),
-                               None if tol is None else float(tol), int(tile_elements), float(absorb_at))
+                               None if tol is None else float(tol), int(tile_elements), float(absorb_at),
+                               bool(normalize))
     return scores
 
 

@@ -18,6 +18,7 @@ import torch
 
 from mlip_fast.constants import DEFAULT_OT_EPS, DEFAULT_OT_ITERS
 from mlip_fast.ops._template import custom_op_name, kernels_missing, triton_impl
+from mlip_fast.reference.patch_sentence import unit_rows
 
 try:
     from mlip_fast.kernels.patch_sentence_ot import launch as _launch
@@ -103,6 +104,7 @@ def patch_sentence_ot_scores_triton(
     eps: float = DEFAULT_OT_EPS,
     n_iter: int = DEFAULT_OT_ITERS,
     tol: Optional[float] = None,
+    normalize: bool = False,
 ) -> torch.Tensor:
     """Fused Triton OT patch-sentence scores (same contract as ``mlip_fast.ops.patch_sentence_ot_scores``).
 
@@ -111,10 +113,15 @@ def patch_sentence_ot_scores_triton(
         sentences: [G, S, D], same dtype and device.
         sentence_mask: [G, S] bool (True = valid) or None; patch_mask: [B, K] bool or None.
         eps, n_iter, tol: as in ``mlip_fast.reference.patch_sentence_ot``.
+        normalize: score the rows' unit vectors; the kernels take unit vectors, so here they are made first with
+            ``unit_rows`` (through autograd: normalised copies of [B, K, D] and [G, S, D] are held, unlike the
+            chunked impl, which normalises per tile).
 
     Returns:
         [B, G] float32 scores; envelope gradient (plan constant).
     """
+    if normalize:
+        patches, sentences = unit_rows(patches, patch_mask), unit_rows(sentences, sentence_mask)
     scores, _, _ = patch_sentence_ot_scores_fwd(
         patches, sentences, sentence_mask, patch_mask, float(eps), int(n_iter), None if tol is None else float(tol)
     )
