@@ -21,7 +21,8 @@ about 20 s per call at the target shape on 2 cores), without the fresh-process m
 
 ``--cpu-ratio``: chunked against reference at the CPU target shape, forward + backward, one process, for the op
 (on unit vectors) and for the local loss with OT matching (``patch_sentence_loss(..., local_matching="ot")``, which
-normalises its inputs on the way in), each against PERF.md's targets (time <= 0.5x, memory <= 1/33).
+hands the op raw embeddings to normalise), each against PERF.md's targets (time <= 0.5x, memory <= 1/33); and the
+op against ``torch.compile`` of the reference, forward + backward and forward alone (target: no slower).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ if __name__ == "__main__":  # as a script: the repository importable, as under p
 
 from benchmarks import harness  # noqa: E402
 from mlip_fast.ops import patch_sentence_ot_scores  # noqa: E402
+from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores as reference_scores  # noqa: E402
 
 PROVIDERS = ["reference", "chunked", "triton", "pot-batch", "pot-pairs"]
 MODES = ["fwd", "full"]
@@ -116,7 +118,21 @@ def pot_pairs_scores(p, s, smask, eps=EPS, n_iter=N_ITER):
     return torch.from_numpy(out)
 
 
+_COMPILED = {}
+
+
+def compiled_reference():
+    """``torch.compile`` of the reference op (eps and n_iter fixed, so its 50 iterations unroll into one graph): the
+    first rival PERF.md names for a CPU path. Compiled once per process, on first call (and again for a call
+    without grad: dynamo guards on the grad mode)."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(lambda p, s, smask: reference_scores(p, s, smask, None, EPS, N_ITER))
+    return _COMPILED["fn"]
+
+
 def forward(provider, p, s, smask, mode="full"):
+    if provider == "compiled":
+        return compiled_reference()(p, s, smask)
     if provider == "pot-batch":
         if mode == "fwd":
             with torch.no_grad():
@@ -233,24 +249,36 @@ def test_patch_sentence_ot(benchmark, bench_env, provider, mode, shape):
 
 RATIO_PROVIDERS = ("reference", "chunked")
 TIME_TARGET, MEMORY_TARGET = 0.5, 1 / 33
+COMPILED_TARGET = 1.0  # PERF.md: the CPU path no slower than torch.compile(reference), forward and fwd + bwd
 
 
-def cpu_ratio(rounds: int) -> dict:
-    """Chunked vs reference at the CPU target shape, fwd+bwd, fp32: times interleaved
-    round by round in this process (alternating the order), memory as the peak RSS delta of one step in a fresh
-    process; "op memory" excludes the input gradients every provider returns (PERF.md's definition)."""
+def cpu_ratio(rounds: int, compiled: bool = True) -> dict:
+    """Chunked vs reference at the CPU target shape, fwd+bwd, fp32: times interleaved round by round in this
+    process (alternating the order), memory as the peak RSS delta of one step in a fresh process; "op memory"
+    excludes the input gradients every provider returns (PERF.md's definition). With ``compiled``, the chunked op
+    also against ``torch.compile(reference)`` (:func:`compiled_reference`), fwd + bwd and forward alone (no grad,
+    each side's inference path), its compile time (the first call's) recorded apart; its memory is not probed."""
     B, G, K, S, D = CPU_SHAPES[CPU_TARGET]
     load_before = os.getloadavg()
-    # "op": the scores op on unit vectors; "loss": the local loss with OT matching (normalisation included)
+    # "op": the scores op on unit vectors; "loss": the local loss with OT matching (raw embeddings: the op
+    # normalises them); "fwd": the op's forward under no_grad
     factories = {"op": "make_step", "loss": "make_loss_step"}
 
     def label(kind, p):  # the record's name of a (kind, provider) pair
-        return p if kind == "op" else f"loss_{p}"
+        return p if kind == "op" else f"{kind}_{p}"
 
     steps = {(kind, p): globals()[factories[kind]](p, "full", B, G, K, S, D)
              for kind in factories for p in RATIO_PROVIDERS}
-    for step in steps.values():  # warm-up
+    if compiled:
+        steps["op", "compiled"] = make_step("compiled", "full", B, G, K, S, D)
+        for p in ("chunked", "compiled"):
+            step = make_step(p, "fwd", B, G, K, S, D)
+            steps["fwd", p] = lambda step=step: _no_grad(step)
+    first_call_s = {}
+    for key, step in steps.items():  # warm-up (the compiled provider compiles here)
+        start = time.perf_counter()
         step()
+        first_call_s[label(*key)] = time.perf_counter() - start
     times = {key: [] for key in steps}
     for r in range(rounds):
         for key in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
@@ -258,7 +286,7 @@ def cpu_ratio(rounds: int) -> dict:
             steps[key]()
             times[key].append(time.perf_counter() - start)
     memory = {}
-    for kind, p in steps:
+    for kind, p in ((k, p) for k, p in steps if p in RATIO_PROVIDERS and k in factories):
         peak, grads = op_peak_memory(p, B, G, K, S, D, "float32", "cpu", factory=factories[kind])
         memory[label(kind, p)] = {"peak_bytes": peak, "input_grad_bytes": grads, "op_bytes": max(peak - grads, 0)}
     t_min = {key: min(v) for key, v in times.items()}
@@ -275,19 +303,45 @@ def cpu_ratio(rounds: int) -> dict:
         "loss_peak_memory_ratio_with_input_grads":
             memory["loss_chunked"]["peak_bytes"] / max(memory["loss_reference"]["peak_bytes"], 1),
     }
+    targets = {"time_ratio_max": TIME_TARGET, "memory_ratio_max": MEMORY_TARGET,
+               "time_met": ratios["time_ratio_min"] <= TIME_TARGET,
+               "memory_met": ratios["op_memory_ratio"] <= MEMORY_TARGET,
+               "loss_time_met": ratios["loss_time_ratio_min"] <= TIME_TARGET,
+               "loss_memory_met": ratios["loss_memory_ratio"] <= MEMORY_TARGET}
+    if compiled:
+        for kind in ("op", "fwd"):
+            name = "compiled_full" if kind == "op" else "compiled_fwd"
+            ratios[f"{name}_ratio_min"] = t_min[kind, "chunked"] / t_min[kind, "compiled"]
+            ratios[f"{name}_ratio_median"] = t_med[kind, "chunked"] / t_med[kind, "compiled"]
+            targets[f"{name}_met"] = ratios[f"{name}_ratio_min"] <= COMPILED_TARGET
+        targets["compiled_ratio_max"] = COMPILED_TARGET
     shape = f"B=G={B} K={K} S={S} D={D} fp32 eps={EPS} n_iter={N_ITER}"
     table = []
-    for kind, name, prefix in (("op", "patch_sentence_ot scores fwd+bwd", ""),
-                               ("loss", "patch_sentence loss (OT) fwd+bwd", "loss_")):
-        table += [{"op": name, "shape": shape, "provider": p, "time_min_s": t_min[kind, p],
-                   "time_median_s": t_med[kind, p], "op_memory_MiB": memory[label(kind, p)]["op_bytes"] / 2**20,
-                   "peak_with_grads_MiB": memory[label(kind, p)]["peak_bytes"] / 2**20} for p in RATIO_PROVIDERS]
-        table.append({"op": name, "shape": "ratio chunked / reference",
-                      "provider": f"targets: time <= {TIME_TARGET}, memory <= 1/33",
-                      "time_min_s": ratios[prefix + "time_ratio_min"],
-                      "time_median_s": ratios[prefix + "time_ratio_median"],
-                      "op_memory_MiB": ratios["loss_memory_ratio" if prefix else "op_memory_ratio"],
-                      "peak_with_grads_MiB": ratios[prefix + "peak_memory_ratio_with_input_grads"]})
+    for kind, name in (("op", "patch_sentence_ot scores fwd+bwd"), ("fwd", "patch_sentence_ot scores fwd (no grad)"),
+                       ("loss", "patch_sentence loss (OT) fwd+bwd")):
+        providers = [p for k, p in steps if k == kind]
+        if not providers:
+            continue
+        for p in providers:
+            row = {"op": name, "shape": shape, "provider": p, "time_min_s": t_min[kind, p],
+                   "time_median_s": t_med[kind, p]}
+            if label(kind, p) in memory:
+                row.update(op_memory_MiB=memory[label(kind, p)]["op_bytes"] / 2**20,
+                           peak_with_grads_MiB=memory[label(kind, p)]["peak_bytes"] / 2**20)
+            table.append(row)
+        if "reference" in providers:
+            prefix = "loss_" if kind == "loss" else ""
+            table.append({"op": name, "shape": "ratio chunked / reference",
+                          "provider": f"targets: time <= {TIME_TARGET}, memory <= 1/33",
+                          "time_min_s": ratios[prefix + "time_ratio_min"],
+                          "time_median_s": ratios[prefix + "time_ratio_median"],
+                          "op_memory_MiB": ratios["loss_memory_ratio" if prefix else "op_memory_ratio"],
+                          "peak_with_grads_MiB": ratios[prefix + "peak_memory_ratio_with_input_grads"]})
+        if "compiled" in providers:
+            name_c = "compiled_full" if kind == "op" else "compiled_fwd"
+            table.append({"op": name, "shape": "ratio chunked / compiled", "provider": f"target: <= {COMPILED_TARGET}",
+                          "time_min_s": ratios[f"{name_c}_ratio_min"],
+                          "time_median_s": ratios[f"{name_c}_ratio_median"]})
     return {
         "environment": harness.environment("cpu"),
         "torch_num_threads": torch.get_num_threads(),
@@ -298,22 +352,26 @@ def cpu_ratio(rounds: int) -> dict:
         "eps": EPS,
         "n_iter": N_ITER,
         "rounds": rounds,
+        "first_call_s": first_call_s,
         "times_s": {label(kind, p): v for (kind, p), v in times.items()},
         "memory": memory,
         "ratios": ratios,
-        "targets": {"time_ratio_max": TIME_TARGET, "memory_ratio_max": MEMORY_TARGET,
-                    "time_met": ratios["time_ratio_min"] <= TIME_TARGET,
-                    "memory_met": ratios["op_memory_ratio"] <= MEMORY_TARGET,
-                    "loss_time_met": ratios["loss_time_ratio_min"] <= TIME_TARGET,
-                    "loss_memory_met": ratios["loss_memory_ratio"] <= MEMORY_TARGET},
+        "targets": targets,
         "table": table,
     }
+
+
+def _no_grad(step):
+    with torch.no_grad():
+        return step()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="CPU ratio of the OT scores op: chunked vs reference, fwd+bwd")
     parser.add_argument("--cpu-ratio", action="store_true", help="measure and write --out")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per provider")
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="skip torch.compile(reference) (its compile takes a minute or more on 2 cores)")
     parser.add_argument("--threads", type=int, help="torch threads here and in the memory probes (default: torch's)")
     parser.add_argument("--note", default="", help="what the numbers cannot say by themselves (machine state)")
     parser.add_argument("--out", type=Path, default=harness.RESULTS / "ot_cpu.json")
@@ -325,7 +383,7 @@ def main(argv=None) -> int:
         # every multi-threaded op at its barrier, and the chunked impl runs many small ops)
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    result = cpu_ratio(args.rounds)
+    result = cpu_ratio(args.rounds, compiled=not args.no_compiled)
     if args.note:
         result["note"] = args.note
     args.out.parent.mkdir(parents=True, exist_ok=True)
