@@ -109,7 +109,9 @@ CANDIDATES = {
     # plan instead of 33 and 32, for a cheaper step at the same length
     "ot_mask0.75_1200": ["--steps", "1200", *OT, "--mask-ratio", "0.75"],
     # the same with the steps its cheaper step buys inside the budget (seeds 0-1 at 1,200: pointing 4.5x / 4.2x
-    # against 3.3x / 2.9x at r = 0.5, AUC 0.829 / 0.879 against 0.899 / 0.898, 1.17x the samples/s)
+    # against 3.3x / 2.9x at r = 0.5, AUC 0.829 / 0.879 against 0.899 / 0.898, 1.17x the samples/s); seeds 0-1:
+    # AUC 0.892 / 0.903, pointing 4.96x / 4.40x, but the whole default command with it (2 threads): test AUC 0.884,
+    # 424 s (docs/training.md), so not adopted
     "ot_mask0.75_1500": ["--steps", "1500", *OT, "--mask-ratio", "0.75"],
 }
 # Every candidate without its own mask ratio ran at the preset's of its time, 0.25; the preset's is 0.5 since
