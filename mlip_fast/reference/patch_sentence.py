@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 # F.normalize's default: a vector shorter than this is divided by it instead of by its norm.
 NORM_EPS = 1e-12
@@ -34,11 +33,9 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def unit_rows(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
     """x / max(||x||, NORM_EPS) along the last dim with the rows of invalid entries zeroed first (their gradient is
-    then exactly 0, whatever they hold), through autograd: ``F.normalize``'s arithmetic, the norms in float32
-    (float64 stays), the result in x's dtype. x [..., D], valid [...] bool or None (all valid)."""
-    if valid is not None:
-        x = x.masked_fill(~valid[..., None], 0)
-    return F.normalize(x.to(score_dtype(x.dtype)), dim=-1, eps=NORM_EPS).to(x.dtype)
+    then exactly 0, whatever they hold), through autograd: :func:`l2_normalize` of the zero-filled rows.
+    x [..., D], valid [...] bool or None (all valid)."""
+    return l2_normalize(x if valid is None else x.masked_fill(~valid[..., None], 0))
 
 
 def row_norms(x: torch.Tensor, valid: torch.Tensor, work: torch.dtype) -> torch.Tensor:
@@ -60,8 +57,9 @@ def unit_rows_backward_(grad: torch.Tensor, x: torch.Tensor, valid: torch.Tensor
 
     With n = ||x||, d = max(n, NORM_EPS) and x^ = x / d: dx = g / d + x / n * sum_D(-g * x^ / d), the second term
     only where n >= NORM_EPS (the clamp) and 0 where n = 0; invalid rows get 0. These are the elementary steps
-    autograd takes backwards through :func:`unit_rows` (division, expand, clamp, norm, masked fill), in row blocks
-    of UNIT_ROWS_BLOCK: autograd's result bit for bit (tested), with no temporary larger than a block."""
+    autograd takes backwards through :func:`unit_rows` (division, the broadcast's sum, clamp, norm, masked fill),
+    in row blocks of UNIT_ROWS_BLOCK: autograd's result bit for bit (tested), with no temporary larger than a
+    block."""
     zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
     for r0 in range(0, x.shape[0], UNIT_ROWS_BLOCK):
         rows = slice(r0, r0 + UNIT_ROWS_BLOCK)

@@ -238,9 +238,8 @@ def chunked_fwd(
     if normalize:  # unit rows: |sim| <= 1 up to rounding
         bound = (1 + 1e-5) / eps
     else:
-        norms_p = torch.linalg.vector_norm(patches, dim=-1).to(work).masked_fill_(~patch_mask, 0)
-        norms_s = torch.linalg.vector_norm(sentences, dim=-1).to(work).masked_fill_(~sentence_mask, 0)
-        bound = float(norms_p.amax() * norms_s.amax()) / eps if B * K and G * S else 0.0
+        norm_s = row_norms(sentences, sentence_mask, work)
+        bound = float(row_norms(patches, patch_mask, work).amax() * norm_s.amax()) / eps if B * K and G * S else 0.0
     sent_flat = sentences.reshape(G * S, D)
     scores = torch.empty(B, G, dtype=work, device=device)
     f_all = torch.empty(B, G, K, dtype=work, device=device)
@@ -300,15 +299,13 @@ def chunked_bwd(
     G, S, _ = sentences.shape
     device, work = patches.device, score_dtype(patches.dtype)
     w = grad_scores.to(work)
-    raw_p, raw_s = patches, sentences
     if normalize:
         norm_p, norm_s = row_norms(patches, patch_mask, work), row_norms(sentences, sentence_mask, work)
         sent_flat = unit_rows_from_norms(sentences, sentence_mask, norm_s).reshape(G * S, D)
+        blocks = _ImageBlocks(patches, patch_mask, norm_p)
     else:
-        norm_p = norm_s = None
-        patches = _zero_padded(patches, patch_mask)
+        blocks = _ImageBlocks(_zero_padded(patches, patch_mask), patch_mask, None)
         sent_flat = _zero_padded(sentences, sentence_mask).reshape(G * S, D)
-    blocks = _ImageBlocks(patches, patch_mask, norm_p)
     # Gradients are accumulated in the score dtype (fp32 for half inputs) and cast back once.
     grad_p = torch.zeros(B, K, D, dtype=work, device=device) if need_p else None
     grad_s = torch.zeros(G * S, D, dtype=work, device=device) if need_s else None
@@ -327,9 +324,9 @@ def chunked_bwd(
             grad_s[rows].addmm_(m.T, p_blk.flatten(0, 1).to(work))
     m = p_blk = blocks = None  # the last tile freed before the normalisation's backward
     if normalize and need_p:
-        unit_rows_backward_(grad_p.view(B * K, D), raw_p.reshape(B * K, D), patch_mask.reshape(-1), norm_p.view(-1))
+        unit_rows_backward_(grad_p.view(B * K, D), patches.reshape(B * K, D), patch_mask.reshape(-1), norm_p.view(-1))
     if normalize and need_s:
-        unit_rows_backward_(grad_s, raw_s.reshape(G * S, D), sentence_mask.reshape(-1), norm_s.view(-1))
+        unit_rows_backward_(grad_s, sentences.reshape(G * S, D), sentence_mask.reshape(-1), norm_s.view(-1))
     empty = patches.new_empty((0,))
     return (grad_p.to(patches.dtype) if need_p else empty,
             grad_s.view(G, S, D).to(sentences.dtype) if need_s else empty.clone())
