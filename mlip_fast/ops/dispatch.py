@@ -51,6 +51,7 @@ class Impl:
 
     ``limits(inputs)`` gets the call's description (a mapping with at least ``device`` and ``dtype``, plus
     the op's shapes and flags) and returns the reasons this impl cannot take those inputs (empty: it can).
+    ``detail(inputs)`` adds to the run record what the impl runs inside for such a call (e.g. a CPU kernel).
     """
 
     name: str
@@ -59,6 +60,7 @@ class Impl:
     dtypes: Sequence[torch.dtype]
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
     limits: Callable[[Mapping], List[str]] = _no_limits
+    detail: Callable[[Mapping], dict] = lambda inputs: {}
 
     def not_supported_reasons(self, inputs: Mapping) -> List[str]:
         device, dtype = inputs["device"], inputs["dtype"]
@@ -132,7 +134,7 @@ class OpRegistry:
     def _remember(self, name: str, desc: Mapping) -> None:
         self.last_used = name
         self.last_call = {"impl": name, "device": desc["device"].type,
-                          "dtype": str(desc["dtype"]).replace("torch.", "")}
+                          "dtype": str(desc["dtype"]).replace("torch.", ""), **self.impls[name].detail(desc)}
 
     def _log_fallbacks(self, reasons: List[str], chosen: str) -> None:
         for reason in reasons:

@@ -117,7 +117,8 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
     def on_first_step():
         out.backends.update(vit_attention=selected_backend(), text_attention=e.model_cfg.text.attn_implementation,
                             ops=describe_selected(detail=True))
-        ops = ", ".join(f"{op} {c['impl']} ({c['device']}, {c['dtype']})" for op, c in out.backends["ops"].items() if c)
+        ops = ", ".join(f"{op} {c['impl']} ({c['device']}, {c['dtype']}" + (f", Sinkhorn {c['sinkhorn']})" if "sinkhorn"
+                        in c else ")") for op, c in out.backends["ops"].items() if c)
         reporter.log("attention backend: ViT %s, text %s; fused op impls: %s", out.backends["vit_attention"],
                      out.backends["text_attention"], ops)
         reporter.record("event", event="backends", **out.backends)

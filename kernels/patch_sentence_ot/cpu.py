@@ -1,0 +1,221 @@
+"""The chunked OT op's Sinkhorn iterations as a small C kernel (``sinkhorn_cpu.c``: math, layout and numerics in
+its header), built on first use with the system's C compiler and called through ctypes.
+
+Why: on CPU the PyTorch loop spends an iteration in two batched vector-matrix products over a whole tile (about
+1 MiB, re-read from L2 each time) and a dozen operator calls; the kernel keeps 16 pairs' K x S blocks in L1 for
+all the iterations. Lane groups are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL;
+pairs are independent, so the split never changes a number).
+
+Build: ``$CC`` (else ``cc`` / ``gcc``) with -O3 -ffp-contract=off (and -march=native on x86) into
+``$MLIP_FAST_CACHE`` (else ``$XDG_CACHE_HOME/mlip_fast``, else ``~/.cache/mlip_fast``) ``/native/<key>/``, where the
+key hashes the source, the compiler's version, the flags and the CPU's model and feature flags (a build for one
+CPU is never loaded on another); written to a temporary name and renamed, so concurrent ranks are safe. No
+compiler, a failed build or ``MLIP_FAST_CPU_KERNELS=0``: :func:`library` returns None (with one warning for a
+failure) and the op runs its PyTorch loop, with the same iterates up to the order of the sums.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["LANES", "SOURCE", "enabled", "library", "runs", "status", "sinkhorn"]
+
+LANES = 16  # pairs per lane group; the C source's LANES
+SOURCE = Path(__file__).with_name("sinkhorn_cpu.c")
+FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")  # every build; -ffp-contract=off: no fused multiply-add
+# tried first where they apply (the widest vectors of the machine that builds, which is the one that runs), then
+# without: a compiler that refuses them still builds the portable kernel, with the same numbers
+NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512") if platform.machine() in ("x86_64", "AMD64") else ()
+_lock = threading.Lock()
+STATS = {"tiles": 0, "absorptions": 0}  # tiles the kernel ran, lane groups it handed back to absorb
+_state: dict = {}  # "lib": CDLL or None once decided, "why": the reason when None, "pool": (threads, executor)
+
+
+def enabled() -> bool:
+    """False when ``MLIP_FAST_CPU_KERNELS=0`` turns the C kernels off (read at every call)."""
+    return os.environ.get("MLIP_FAST_CPU_KERNELS", "1") != "0"
+
+
+def _cpu_identity() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    keep = [line for line in info.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> Optional[str]:
+    cc = os.environ.get("CC")
+    return shutil.which(cc) if cc else (shutil.which("cc") or shutil.which("gcc"))
+
+
+def _cache_root() -> Path:
+    if os.environ.get("MLIP_FAST_CACHE"):
+        return Path(os.environ["MLIP_FAST_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlip_fast"
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found ($CC, cc or gcc)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    errors = []
+    for extra in ([NATIVE_FLAGS, ()] if NATIVE_FLAGS else [()]):
+        flags = (*FLAGS, *extra)
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), platform.machine(),
+                                        _cpu_identity()]).encode()).hexdigest()[:20]
+        target = _cache_root() / "native" / key / "sinkhorn_cpu.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(tmp, target)
+                return target
+            errors.append(f"{cc} {' '.join(flags)} failed ({done.returncode}): {done.stderr.strip()[-1000:]}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("; ".join(errors))
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The built kernel library, or None when it is off or cannot be built (the reason: :func:`status`)."""
+    if not enabled():
+        return None
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                try:
+                    lib = ctypes.CDLL(str(_build()))
+                    fn = lib.mlip_sinkhorn_lanes
+                    fn.restype = ctypes.c_int64
+                    fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 8 + [ctypes.c_float] * 3
+                    _state["why"] = None
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    lib = None
+                    _state["why"] = f"{type(exc).__name__}: {exc}"
+                    warnings.warn(f"mlip_fast: the CPU Sinkhorn kernel could not be built ({_state['why']}); the "
+                                  "chunked OT op runs its PyTorch loop instead", RuntimeWarning, stacklevel=2)
+                _state["lib"] = lib
+    return _state["lib"]
+
+
+def status(dtype: torch.dtype = torch.float32) -> str:
+    """What runs the iterations of CPU tiles computed in ``dtype`` (fp32 for half inputs), for run records."""
+    if dtype == torch.float64:
+        return "pytorch (fp64: the C kernel is fp32)"
+    if not enabled():
+        return "pytorch (MLIP_FAST_CPU_KERNELS=0)"
+    return "c" if library() is not None else f"pytorch (C kernel unavailable: {_state.get('why')})"
+
+
+def runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`sinkhorn` computes iterations on ``device`` in ``dtype`` (fp32 on CPU, kernel built)."""
+    return device.type == "cpu" and dtype == torch.float32 and library() is not None
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    made = _state.get("pool")
+    if made is None or made[0] != threads:
+        if made is not None:
+            made[1].shutdown(wait=False)
+        made = _state["pool"] = (threads, ThreadPoolExecutor(threads, thread_name_prefix="mlip_sinkhorn"))
+    return made[1]
+
+
+def _lanes(x: torch.Tensor, groups: int, fill) -> torch.Tensor:
+    """[N, M] -> [groups, M, LANES] (pair n at group n // LANES, lane n % LANES), extra pairs filled."""
+    n, m = x.shape
+    if groups * LANES > n:
+        x = torch.cat([x, x.new_full((groups * LANES - n, m), fill)])
+    return x.view(groups, LANES, m).transpose(1, 2).contiguous()
+
+
+def _unlanes(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.transpose(1, 2).reshape(-1, x.shape[1])[:n]
+
+
+def _log_update(shifted: torch.Tensor, dim: int, log_marginal: torch.Tensor, live: torch.Tensor, dead: float):
+    """One log-domain half-step in the lane layout: log m - logsumexp(shifted, dim), ``dead`` where not live."""
+    return torch.where(live, log_marginal - torch.logsumexp(shifted, dim=dim), torch.full_like(log_marginal, dead))
+
+
+def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+             n_iter: int, lo: float, hi: float, dead: float
+             ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The chunked op's Sinkhorn on one tile from f = g = 0, in the kernel.
+
+    Args:
+        z: [N, K, S] fp32 on CPU, sim / eps on the live entries and ``dead`` (the op's DEAD, finite) elsewhere.
+        live_p, live_q: [N, K] / [N, S] bool; log_a, log_b: their log marginals (``dead`` where not live).
+        n_iter: iterations; lo, hi: the scalings' range before an absorption.
+    Returns:
+        (f [N, K], g [N, S], score / eps [N]) after ``n_iter`` iterations, as ``_TileSinkhorn.run`` (each lane
+        group absorbs when one of its scalings leaves [lo, hi]: ``sinkhorn_cpu.c``); None when the kernel does
+        not run here.
+    """
+    if not runs(z.device, z.dtype):
+        return None
+    lib = library()
+    n, k, s = z.shape
+    groups = -(-n // LANES)
+    # padding pairs: z = 0 with uniform marginals (every scaling stays 1)
+    zl = _lanes(z.reshape(n, k * s), groups, 0.0).view(groups, k, s, LANES)
+    live_pl, live_ql = _lanes(live_p, groups, True), _lanes(live_q, groups, True)
+    log_al, log_bl = _lanes(log_a, groups, -math.log(k)), _lanes(log_b, groups, -math.log(s))
+    tiny = torch.finfo(torch.float32).tiny
+    a, b = log_al.exp().clamp_min(tiny), log_bl.exp().clamp_min(tiny)  # dead: tiny, so their scaling is 1
+    kern = zl.exp()
+    f, g = torch.zeros_like(a), torch.zeros_like(b)
+    u, v = torch.ones_like(a), torch.ones_like(b)
+    score = torch.empty(groups, LANES, dtype=torch.float32)
+    pos = torch.zeros(groups, dtype=torch.int64)
+    ptrs = [t.data_ptr() for t in (kern, zl, a, b, u, v, score, pos)]
+    threads = max(1, min(torch.get_num_threads(), groups))
+    cuts = [groups * i // threads for i in range(threads + 1)]
+
+    def call(i: int) -> int:
+        return lib.mlip_sinkhorn_lanes(cuts[i], cuts[i + 1], k, s, n_iter, *ptrs, lo, hi, tiny)
+
+    while True:
+        others = [_pool(threads - 1).submit(call, i) for i in range(1, threads)]  # the caller takes part 0
+        if call(0) + sum(job.result() for job in others) == 0:
+            break
+        # redo each stopped group's refused half-step in the log domain, absorbing its scalings
+        stopped = (pos <= 2 * n_iter).nonzero().squeeze(1)
+        STATS["absorptions"] += stopped.numel()
+        half = pos.index_select(0, stopped) % 2
+        rows, cols = stopped[half == 0], stopped[half == 1]  # refused a sentence / a patch update
+        if rows.numel():
+            f_r = f[rows] + u[rows].log()
+            f[rows] = f_r
+            g[rows] = _log_update(f_r[:, :, None] + zl[rows], 1, log_bl[rows], live_ql[rows], dead)
+        if cols.numel():
+            g_c = g[cols] + v[cols].log()
+            g[cols] = g_c
+            f[cols] = _log_update(g_c[:, None] + zl[cols], 2, log_al[cols], live_pl[cols], dead)
+        kern[stopped] = (f[stopped][:, :, None] + g[stopped][:, None]).add_(zl[stopped]).exp_()
+        u[stopped], v[stopped] = 1.0, 1.0
+        pos[stopped] += 1
+    STATS["tiles"] += 1
+    return _unlanes(f + u.log(), n), _unlanes(g + v.log(), n), score.view(-1)[:n]

@@ -1,0 +1,159 @@
+"""The chunked OT op's CPU Sinkhorn kernel (``kernels/patch_sentence_ot/sinkhorn_cpu.c``, launched by
+``kernels/patch_sentence_ot/cpu.py``) against the float64 log-domain reference, with and without absorptions, and
+its build: cached by key, switched off by the environment, a failed build falling back with a warning.
+
+Tolerances: the kernel iterates in fp32 on exponents z = sim / eps of size <= 1 / eps (20 at eps = 0.05); each
+plan entry carries fp32 rounding of about 1e-6 relative (|z| * 2^-24 plus the sums' K or S terms), the Sinkhorn map
+does not expand it, but the gauge of the potentials (a constant moved from f to g) is not pinned and takes up
+rounding over the iterations: live potentials (of the same size as z) are checked to 3e-5 absolute, scores to 2e-5
+of their scale (the op's fp32 tolerance in ``test_patch_sentence_ot_fused.py``). Observed: potentials up to 5.4e-6
+after 20-25 iterations (9e-6 after 50), scores 3.3e-7 of scale.
+"""
+import math
+import warnings
+
+import pytest
+import torch
+
+from mlip_fast.kernels.patch_sentence_ot import cpu
+from mlip_fast.ops.patch_sentence_ot import chunked
+from mlip_fast.reference.patch_sentence_ot import DEAD, log_marginals, sinkhorn_potentials
+from mlip_fast.reference.patch_sentence_ot import patch_sentence_ot_scores as reference_scores
+from mlip_fast.testing.patch_sentence_ot import make_case
+
+F64 = torch.float64
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    if cpu._compiler() is None:  # noqa: SLF001  (the probe the build itself uses)
+        assert cpu.library() is None and "unavailable" in cpu.status()
+        return
+    assert cpu.library() is not None, cpu.status()
+    assert cpu.status() == "c" and cpu.runs(torch.device("cpu"), torch.float32)
+    assert not cpu.runs(torch.device("cpu"), torch.float64)
+
+
+needs_kernel = pytest.mark.skipif(cpu.library() is None, reason="no C compiler on this machine (checked above)")
+
+
+def tile(n, k, s, seed, eps=0.05, dead_pairs=True):
+    """z [n, k, s] of unit vectors / eps with padded patches and sentences (DEAD off the live entries), a pair
+    whose report has no valid sentence, and the live masks and log marginals the op builds."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.nn.functional.normalize(torch.randn(n, k, 24, generator=g, dtype=F64), dim=-1)
+    q = torch.nn.functional.normalize(torch.randn(n, s, 24, generator=g, dtype=F64), dim=-1)
+    live_p = torch.rand(n, k, generator=g) < 0.8
+    live_q = torch.rand(n, s, generator=g) < 0.7
+    live_p[:, 0], live_q[:, 0] = True, True
+    if dead_pairs and n > 2:
+        live_q[2], live_p[2] = False, False  # a report without sentences: nothing of the pair is live
+    sim = p @ q.transpose(1, 2)
+    z = torch.where(live_p[:, :, None] & live_q[:, None, :], sim / eps, torch.full((), DEAD, dtype=F64))
+    return sim, z, live_p, live_q
+
+
+def check_against_reference(n, k, s, seed, n_iter, lo, hi):
+    sim, z, live_p, live_q = tile(n, k, s, seed)
+    got = cpu.sinkhorn(z.float(), live_p, live_q, log_marginals(live_p, torch.float32),
+                       log_marginals(live_q, torch.float32), n_iter, lo, hi, DEAD)
+    assert got is not None
+    f, g, score = got
+    f_ref, g_ref = sinkhorn_potentials(sim, live_p, live_q, 0.05, n_iter)
+    assert torch.allclose(f.double()[live_p], f_ref[live_p], rtol=0, atol=3e-5)
+    assert torch.allclose(g.double()[live_q], g_ref[live_q], rtol=0, atol=3e-5)
+    plan = torch.exp(f_ref[:, :, None] + g_ref[:, None, :] + z)
+    score_ref = (plan * z).sum((1, 2))  # the kernel returns score / eps
+    assert torch.allclose(score.double(), score_ref, rtol=0, atol=2e-5 * score_ref.abs().max().item())
+    return f, g, score
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 16, 37])  # one pair in a lane group, a whole group, groups and a ragged tail
+@pytest.mark.parametrize("k,s", [(32, 12), (7, 3), (1, 1), (70, 17)])
+def test_iterations_match_fp64_log_domain(n, k, s):
+    before = dict(cpu.STATS)
+    check_against_reference(n, k, s, seed=n + 7 * k + s, n_iter=20, lo=math.exp(-16), hi=math.exp(16))
+    assert cpu.STATS["tiles"] == before["tiles"] + 1
+
+
+@needs_kernel
+def test_absorptions_keep_the_log_domain_iterates():
+    # a scaling range of [e^-0.5, e^0.5] makes most groups stop and absorb, many times, at both half-steps
+    before = cpu.STATS["absorptions"]
+    check_against_reference(45, 9, 5, seed=3, n_iter=25, lo=math.exp(-0.5), hi=math.exp(0.5))
+    assert cpu.STATS["absorptions"] - before > 20
+
+
+@needs_kernel
+def test_zero_iterations_and_nan():
+    sim, z, live_p, live_q = tile(20, 6, 4, seed=5)
+    la, lb = log_marginals(live_p, torch.float32), log_marginals(live_q, torch.float32)
+    f, g, _ = cpu.sinkhorn(z.float(), live_p, live_q, la, lb, 0, math.exp(-16), math.exp(16), DEAD)
+    assert torch.equal(f, torch.zeros_like(f)) and torch.equal(g, torch.zeros_like(g))  # u = v = 1
+    z = z.float()
+    z[4, 0, 0] = float("nan")  # a NaN similarity poisons its pair (as in the PyTorch loop), and only that pair
+    f, g, score = cpu.sinkhorn(z, live_p, live_q, la, lb, 5, math.exp(-16), math.exp(16), DEAD)
+    assert torch.isnan(score[4]) and torch.isfinite(torch.cat([score[:4], score[5:]])).all()
+
+
+def op_case(B=6, G=5, K=9, S=4, D=16, seed=0):
+    return make_case(B, G, K, S, D, masked=True, seed=seed)
+
+
+@needs_kernel
+def test_chunked_op_runs_the_kernel_and_matches_the_reference():
+    p, s, smask, pmask = op_case()
+    before = cpu.STATS["tiles"]
+    out = chunked.patch_sentence_ot_scores_chunked(p, s, smask, pmask, 0.05, 30, normalize=True)
+    assert cpu.STATS["tiles"] > before
+    ref = reference_scores(p.double(), s.double(), smask, pmask, 0.05, 30, normalize=True)
+    assert torch.allclose(out.double(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+    assert chunked.IMPL.detail({"device": torch.device("cpu"), "dtype": torch.bfloat16}) == {"sinkhorn": "c"}
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("MLIP_FAST_CPU_KERNELS", "0")
+    assert not cpu.runs(torch.device("cpu"), torch.float32)
+    assert cpu.status() == "pytorch (MLIP_FAST_CPU_KERNELS=0)"
+    p, s, smask, pmask = op_case(seed=1)
+    before = dict(cpu.STATS)
+    out = chunked.patch_sentence_ot_scores_chunked(p, s, smask, pmask, 0.05, 30, normalize=True)
+    assert cpu.STATS == before  # the PyTorch loop ran
+    ref = reference_scores(p.double(), s.double(), smask, pmask, 0.05, 30, normalize=True)
+    assert torch.allclose(out.double(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """An empty build cache and no decided library; the module's state is restored afterwards."""
+    monkeypatch.setenv("MLIP_FAST_CACHE", str(tmp_path))
+    saved = dict(cpu._state)  # noqa: SLF001
+    cpu._state.clear()  # noqa: SLF001
+    yield tmp_path
+    cpu._state.clear()  # noqa: SLF001
+    cpu._state.update(saved)  # noqa: SLF001
+
+
+@needs_kernel
+def test_build_is_cached_under_a_key_of_source_compiler_flags_and_cpu(fresh_state, monkeypatch):
+    first = cpu._build()  # noqa: SLF001
+    assert first.is_file() and first.is_relative_to(fresh_state / "native")
+    stamp = first.stat().st_mtime_ns
+    assert cpu._build() == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    monkeypatch.setattr(cpu, "FLAGS", cpu.FLAGS + ("-DMLIP_TEST_FLAG",))
+    assert cpu._build() != first  # other flags: another key
+    assert list(fresh_state.rglob("*.so")) and not [x for x in fresh_state.rglob("tmp*")]  # no partial file left
+
+
+def test_failed_build_warns_once_and_the_op_falls_back(fresh_state, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert cpu.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu.library() is None  # decided once, no second warning
+    assert cpu.status().startswith("pytorch (C kernel unavailable: RuntimeError")
+    p, s, smask, pmask = op_case(seed=2)
+    out = chunked.patch_sentence_ot_scores_chunked(p, s, smask, pmask, 0.05, 30, normalize=True)
+    ref = reference_scores(p.double(), s.double(), smask, pmask, 0.05, 30, normalize=True)
+    assert torch.allclose(out.double(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
