@@ -2,9 +2,10 @@
 
 Math
 ----
-For a pair with kern[p, q] = exp(sim[p, q] / eps) (0 on entries that are not live), marginals a [K] and b [S]
-(``tiny`` on dead entries) and scalings u = v = 1 at the start, one iteration is the chunked op's scaling form
-(``mlip_fast/ops/patch_sentence_ot/chunked.py``; the log-domain iterates with f = log u, g = log v):
+For a pair with plan kern[p, q] = exp(f[p] + g[q] + sim[p, q] / eps) (0 on entries that are not live; f = g = 0
+at the start), marginals a [K] and b [S] (``tiny`` on dead entries) and scalings u = v = 1, one iteration is the
+chunked op's scaling form (``mlip_fast/ops/patch_sentence_ot/chunked.py``; the log-domain iterates with potentials
+f + log u and g + log v):
 
     col[q] = sum_p u[p] kern[p, q]     v[q] = b[q] / max(col[q], tiny)      (sentence update)
     row[p] = sum_q kern[p, q] v[q]     u[p] = a[p] / max(row[p], tiny)      (patch update)
@@ -12,7 +13,7 @@ For a pair with kern[p, q] = exp(sim[p, q] / eps) (0 on entries that are not liv
 and after the last iteration score = sum_p u[p] sum_q (kern[p, q] z[p, q]) v[q] with z = sim / eps (the caller
 multiplies by eps). max(x, tiny) keeps a NaN (as torch's clamp_min).
 
-Absorption. kern is the current plan exp(f + g + z) of potentials f, g that the caller holds (0 at the start).
+Absorption. The caller holds the potentials f, g of the current kern.
 When a half-step's new scalings of a lane group leave [lo, hi] (or are NaN), the group stops before it: its u and
 v stay those of the last accepted half-step and pos[group] holds the index of the refused half-step (2 * iteration
 + 0 for the sentence update, + 1 for the patch update). The caller then redoes that half-step in the log domain,
