@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["LANES", "SOURCE", "enabled", "library", "runs", "status", "sinkhorn"]
+__all__ = ["LANES", "SOURCE", "enabled", "library", "runs", "status", "sinkhorn", "workspace"]
 
 LANES = 16  # pairs per lane group; the C source's LANES
 SOURCE = Path(__file__).with_name("sinkhorn_cpu.c")
@@ -41,6 +41,7 @@ FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")  # every build; -ffp-co
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512") if platform.machine() in ("x86_64", "AMD64") else ()
 _lock = threading.Lock()
 STATS = {"tiles": 0, "absorptions": 0}  # tiles the kernel ran, lane groups it handed back to absorb
+_local = threading.local()  # per-thread reusable buffers (:func:`workspace`)
 _state: dict = {}  # "lib": CDLL or None once decided, "why": the reason when None, "pool": (threads, executor)
 
 
@@ -143,12 +144,31 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return made[1]
 
 
-def _lanes(x: torch.Tensor, groups: int, fill) -> torch.Tensor:
-    """[N, M] -> [groups, M, LANES] (pair n at group n // LANES, lane n % LANES), extra pairs filled."""
+def workspace(name: str, shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised CPU buffer of ``shape``, kept per thread and reused across tiles and calls: a tile's 1 MiB
+    buffers would otherwise come fresh from the allocator each time and fault in page by page (about 3 ms of the
+    op's forward at the default run's shape). The caller must be done with it before asking for ``name`` again."""
+    bufs = _local.__dict__.setdefault("bufs", {})
+    numel = math.prod(shape)
+    buf = bufs.get(name)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = bufs[name] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def _lanes(x: torch.Tensor, groups: int, fill, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, M] -> [groups, M, LANES] (pair n at group n // LANES, lane n % LANES), extra pairs filled; into ``out``
+    when given."""
     n, m = x.shape
-    if groups * LANES > n:
-        x = torch.cat([x, x.new_full((groups * LANES - n, m), fill)])
-    return x.view(groups, LANES, m).transpose(1, 2).contiguous()
+    if out is None:
+        out = torch.empty(groups, m, LANES, dtype=x.dtype)
+    full, rest = divmod(n, LANES)
+    by_pair = out.transpose(1, 2)  # [groups, LANES, M], a view
+    by_pair[:full].copy_(x[:full * LANES].reshape(full, LANES, m))
+    if full < groups:
+        by_pair[full, :rest].copy_(x[full * LANES:])
+        by_pair[full, rest:].fill_(fill)
+    return out
 
 
 def _unlanes(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -180,12 +200,13 @@ def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a:
     n, k, s = z.shape
     groups = -(-n // LANES)
     # padding pairs: z = 0 with uniform marginals (every scaling stays 1)
-    zl = _lanes(z.reshape(n, k * s), groups, 0.0).view(groups, k, s, LANES)
+    zl = _lanes(z.reshape(n, k * s), groups, 0.0, workspace("z_lanes", (groups, k * s, LANES)))
+    zl = zl.view(groups, k, s, LANES)
     live_pl, live_ql = _lanes(live_p, groups, True), _lanes(live_q, groups, True)
     log_al, log_bl = _lanes(log_a, groups, -math.log(k)), _lanes(log_b, groups, -math.log(s))
     tiny = torch.finfo(torch.float32).tiny
     a, b = log_al.exp().clamp_min(tiny), log_bl.exp().clamp_min(tiny)  # dead: tiny, so their scaling is 1
-    kern = zl.exp()
+    kern = torch.exp(zl, out=workspace("kern_lanes", zl.shape))
     f, g = torch.zeros_like(a), torch.zeros_like(b)
     u, v = torch.ones_like(a), torch.ones_like(b)
     score = torch.empty(groups, LANES, dtype=torch.float32)

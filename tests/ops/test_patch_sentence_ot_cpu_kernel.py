@@ -157,3 +157,16 @@ def test_failed_build_warns_once_and_the_op_falls_back(fresh_state, monkeypatch)
     out = chunked.patch_sentence_ot_scores_chunked(p, s, smask, pmask, 0.05, 30, normalize=True)
     ref = reference_scores(p.double(), s.double(), smask, pmask, 0.05, 30, normalize=True)
     assert torch.allclose(out.double(), ref, rtol=0, atol=2e-5 * ref.abs().max().item())
+
+
+def test_tile_buffers_are_reused_and_never_leak_into_results():
+    p, s, smask, pmask = op_case(seed=3)
+    first = chunked.patch_sentence_ot_scores_chunked(p, s, smask, pmask, 0.05, 30, normalize=True)
+    kept = first.clone()
+    z_buffer = cpu.workspace("z", (1,)).data_ptr()
+    p2, s2, smask2, pmask2 = op_case(B=4, G=7, K=5, S=3, seed=4)  # other shapes write the same buffers
+    chunked.patch_sentence_ot_scores_chunked(p2, s2, smask2, pmask2, 0.05, 30, normalize=True)
+    assert torch.equal(first, kept)  # the scores of the first call are not views of a reused buffer
+    again = chunked.patch_sentence_ot_scores_chunked(p, s, smask, pmask, 0.05, 30, normalize=True)
+    assert torch.equal(again, first)  # what the buffers held before does not change a number
+    assert cpu.workspace("z", (1,)).data_ptr() == z_buffer  # reused, not reallocated

@@ -256,7 +256,8 @@ def chunked_fwd(
         bc, gc = bs.stop - bs.start, gs.stop - gs.start
         # [b, p, g, q] -> [b, g, p, q] divided by eps: one pass, then every pair's K x S block is contiguous
         sim = _sim_tile(blocks[bs], sent_flat, gs, S, work).view(bc, K, gc, S).transpose(1, 2)
-        z = torch.empty(bc * gc, K, S, dtype=work, device=device)
+        z = (cpu_kernel.workspace("z", (bc * gc, K, S), work) if device.type == "cpu"  # reused: no page faults
+             else torch.empty(bc * gc, K, S, dtype=work, device=device))
         torch.div(sim, eps, out=z.view(bc, gc, K, S))
         live_p = (patch_mask[bs, None, :] & has_s[None, gs, None]).reshape(bc * gc, K)
         live_q = (sentence_mask[None, gs, :] & has_p[bs, None, None]).reshape(bc * gc, S)
