@@ -27,7 +27,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -175,20 +175,17 @@ def _unlanes(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(-1, x.shape[1])[:n]
 
 
-def _log_update(shifted: torch.Tensor, dim: int, log_marginal: torch.Tensor, live: torch.Tensor, dead: float):
-    """One log-domain half-step in the lane layout: log m - logsumexp(shifted, dim), ``dead`` where not live."""
-    return torch.where(live, log_marginal - torch.logsumexp(shifted, dim=dim), torch.full_like(log_marginal, dead))
-
-
 def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
-             n_iter: int, lo: float, hi: float, dead: float
+             n_iter: int, lo: float, hi: float, log_update: Callable
              ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The chunked op's Sinkhorn on one tile from f = g = 0, in the kernel.
 
     Args:
-        z: [N, K, S] fp32 on CPU, sim / eps on the live entries and ``dead`` (the op's DEAD, finite) elsewhere.
-        live_p, live_q: [N, K] / [N, S] bool; log_a, log_b: their log marginals (``dead`` where not live).
+        z: [N, K, S] fp32 on CPU, sim / eps on the live entries and the op's DEAD (finite) elsewhere.
+        live_p, live_q: [N, K] / [N, S] bool; log_a, log_b: their log marginals (DEAD where not live).
         n_iter: iterations; lo, hi: the scalings' range before an absorption.
+        log_update: the op's log-domain half-step, ``log_update(shifted, dim, log_marginal, live)`` (the chunked
+            impl's ``_log_update``), applied here in the lane layout to the groups that absorb.
     Returns:
         (f [N, K], g [N, S], score / eps [N]) after ``n_iter`` iterations, as ``_TileSinkhorn.run`` (each lane
         group absorbs when one of its scalings leaves [lo, hi]: ``sinkhorn_cpu.c``); None when the kernel does
@@ -230,11 +227,11 @@ def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a:
         if rows.numel():
             f_r = f[rows] + u[rows].log()
             f[rows] = f_r
-            g[rows] = _log_update(f_r[:, :, None] + zl[rows], 1, log_bl[rows], live_ql[rows], dead)
+            g[rows] = log_update(f_r[:, :, None] + zl[rows], 1, log_bl[rows], live_ql[rows])
         if cols.numel():
             g_c = g[cols] + v[cols].log()
             g[cols] = g_c
-            f[cols] = _log_update(g_c[:, None] + zl[cols], 2, log_al[cols], live_pl[cols], dead)
+            f[cols] = log_update(g_c[:, None] + zl[cols], 2, log_al[cols], live_pl[cols])
         kern[stopped] = (f[stopped][:, :, None] + g[stopped][:, None]).add_(zl[stopped]).exp_()
         u[stopped], v[stopped] = 1.0, 1.0
         pos[stopped] += 1

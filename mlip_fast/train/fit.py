@@ -109,6 +109,13 @@ def _data_stop_message(stop: DataStopped, dataset) -> str:
             f"--max-bad-fraction), then continue with --resume latest")
 
 
+def _impl_line(op: str, call: dict) -> str:
+    """"op impl (device, dtype, detail ...)" for the run log: any detail the impl adds (e.g. which runs the OT op's
+    Sinkhorn iterations) follows its device and dtype."""
+    detail = [f"{k} {v}" for k, v in call.items() if k not in ("impl", "device", "dtype")]
+    return f"{op} {call['impl']} ({', '.join([call['device'], call['dtype'], *detail])})"
+
+
 def fit(run: RunState, data: RunData, e: Engine) -> Fit:
     """The training loop with its checkpoints and validation; returns after the final checkpoint, on every rank."""
     args, reporter, rank, engine = run.args, run.reporter, run.rank, e.engine
@@ -117,8 +124,7 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
     def on_first_step():
         out.backends.update(vit_attention=selected_backend(), text_attention=e.model_cfg.text.attn_implementation,
                             ops=describe_selected(detail=True))
-        ops = ", ".join(f"{op} {c['impl']} ({c['device']}, {c['dtype']}" + (f", Sinkhorn {c['sinkhorn']})" if "sinkhorn"
-                        in c else ")") for op, c in out.backends["ops"].items() if c)
+        ops = ", ".join(_impl_line(op, c) for op, c in out.backends["ops"].items() if c)
         reporter.log("attention backend: ViT %s, text %s; fused op impls: %s", out.backends["vit_attention"],
                      out.backends["text_attention"], ops)
         reporter.record("event", event="backends", **out.backends)

@@ -138,8 +138,9 @@ class _TileSinkhorn:
         if bound <= LINEAR_START_AT or z.amax().item() <= LINEAR_START_AT:
             # kern = exp(z) cannot overflow: start in the scaling form from f = g = 0, u = v = 1 (the first
             # iteration's v and u are then exp of the log-domain iteration's g and f); fp32 on CPU: the C kernel
-            if self.active is None and (done := cpu_kernel.sinkhorn(z, self.live_p, self.live_q, self.log_a,
-                                                                     self.log_b, n_iter, self.lo, self.hi, DEAD)):
+            done = None if self.active is not None else cpu_kernel.sinkhorn(
+                z, self.live_p, self.live_q, self.log_a, self.log_b, n_iter, self.lo, self.hi, _log_update)
+            if done is not None:
                 return done
             f, g = torch.zeros_like(self.log_a), torch.zeros_like(self.log_b)
             kern, kern_t, u, v = self.absorb(None, None)
