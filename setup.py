@@ -38,6 +38,7 @@ setup(
         "mlip_fast.eval": ["prompts/*.json", "splits/*.json"],
         "mlip_fast.train": ["ds_configs/*.json"],
         "mlip_fast.kernels.patch_sentence_ot": ["*.c"],  # the CPU Sinkhorn kernel, built on first use
+        "mlip_fast.kernels.varlen_attention": ["*.c"],  # the CPU attention kernel, built on first use
     },
     # The library and inference: a model, its preprocessing, the losses and ops (chunked on CPU), evaluation.
     install_requires=[

@@ -6,119 +6,52 @@ Why: on CPU the PyTorch loop spends an iteration in two batched vector-matrix pr
 all the iterations. Lane groups are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL;
 pairs are independent, so the split never changes a number).
 
-Build: ``$CC`` (else ``cc`` / ``gcc``) with -O3 -ffp-contract=off (and -march=native on x86) into
-``$MLIP_FAST_CACHE`` (else ``$XDG_CACHE_HOME/mlip_fast``, else ``~/.cache/mlip_fast``) ``/native/<key>/``, where the
-key hashes the source, the compiler's version, the flags and the CPU's model and feature flags (a build for one
-CPU is never loaded on another); written to a temporary name and renamed, so concurrent ranks are safe. No
-compiler, a failed build or ``MLIP_FAST_CPU_KERNELS=0``: :func:`library` returns None (with one warning for a
-failure) and the op runs its PyTorch loop, with the same iterates up to the order of the sums.
+Build and cache: ``kernels/_native.py`` (built on first use with the system's C compiler, cached per source,
+compiler, flags and CPU). No compiler, a failed build or ``MLIP_FAST_CPU_KERNELS=0``: :func:`library` returns None
+(with one warning for a failure) and the op runs its PyTorch loop, with the same iterates up to the order of the
+sums.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import torch
 
+from mlip_fast.kernels import _native
+
 __all__ = ["LANES", "SOURCE", "enabled", "library", "runs", "status", "sinkhorn", "workspace"]
 
 LANES = 16  # pairs per lane group; the C source's LANES
 SOURCE = Path(__file__).with_name("sinkhorn_cpu.c")
-FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")  # every build; -ffp-contract=off: no fused multiply-add
-# tried first where they apply (the widest vectors of the machine that builds, which is the one that runs), then
-# without: a compiler that refuses them still builds the portable kernel, with the same numbers
-NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512") if platform.machine() in ("x86_64", "AMD64") else ()
-_lock = threading.Lock()
+FLAGS = _native.FLAGS
+NATIVE_FLAGS = _native.NATIVE_FLAGS
 STATS = {"tiles": 0, "absorptions": 0}  # tiles the kernel ran, lane groups it handed back to absorb
 _local = threading.local()  # per-thread reusable buffers (:func:`workspace`)
-_state: dict = {}  # "lib": CDLL or None once decided, "why": the reason when None, "pool": (threads, executor)
+_state: dict = {}  # "lib": CDLL or None once decided, "why": the reason when None
 
 
-def enabled() -> bool:
-    """False when ``MLIP_FAST_CPU_KERNELS=0`` turns the C kernels off (read at every call)."""
-    return os.environ.get("MLIP_FAST_CPU_KERNELS", "1") != "0"
-
-
-def _cpu_identity() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-    keep = [line for line in info.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return "\n".join(sorted(set(keep)))
-
-
-def _compiler() -> Optional[str]:
-    cc = os.environ.get("CC")
-    return shutil.which(cc) if cc else (shutil.which("cc") or shutil.which("gcc"))
-
-
-def _cache_root() -> Path:
-    if os.environ.get("MLIP_FAST_CACHE"):
-        return Path(os.environ["MLIP_FAST_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlip_fast"
+enabled = _native.enabled
+_compiler = _native.compiler
 
 
 def _build() -> Path:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found ($CC, cc or gcc)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    errors = []
-    for extra in ([NATIVE_FLAGS, ()] if NATIVE_FLAGS else [()]):
-        flags = (*FLAGS, *extra)
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), platform.machine(),
-                                        _cpu_identity()]).encode()).hexdigest()[:20]
-        target = _cache_root() / "native" / key / "sinkhorn_cpu.so"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
-            if done.returncode == 0:
-                os.replace(tmp, target)
-                return target
-            errors.append(f"{cc} {' '.join(flags)} failed ({done.returncode}): {done.stderr.strip()[-1000:]}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise RuntimeError("; ".join(errors))
+    return _native.build(SOURCE, FLAGS, NATIVE_FLAGS)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    fn = lib.mlip_sinkhorn_lanes
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 8 + [ctypes.c_float] * 3
 
 
 def library() -> Optional[ctypes.CDLL]:
     """The built kernel library, or None when it is off or cannot be built (the reason: :func:`status`)."""
-    if not enabled():
-        return None
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                try:
-                    lib = ctypes.CDLL(str(_build()))
-                    fn = lib.mlip_sinkhorn_lanes
-                    fn.restype = ctypes.c_int64
-                    fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 8 + [ctypes.c_float] * 3
-                    _state["why"] = None
-                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                    lib = None
-                    _state["why"] = f"{type(exc).__name__}: {exc}"
-                    warnings.warn(f"mlip_fast: the CPU Sinkhorn kernel could not be built ({_state['why']}); the "
-                                  "chunked OT op runs its PyTorch loop instead", RuntimeWarning, stacklevel=2)
-                _state["lib"] = lib
-    return _state["lib"]
+    return _native.load(_state, _build, _declare, "the CPU Sinkhorn kernel could not be built ({why}); the chunked "
+                        "OT op runs its PyTorch loop instead")
 
 
 def status(dtype: torch.dtype = torch.float32) -> str:
@@ -133,15 +66,6 @@ def status(dtype: torch.dtype = torch.float32) -> str:
 def runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :func:`sinkhorn` computes iterations on ``device`` in ``dtype`` (fp32 on CPU, kernel built)."""
     return device.type == "cpu" and dtype == torch.float32 and library() is not None
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    made = _state.get("pool")
-    if made is None or made[0] != threads:
-        if made is not None:
-            made[1].shutdown(wait=False)
-        made = _state["pool"] = (threads, ThreadPoolExecutor(threads, thread_name_prefix="mlip_sinkhorn"))
-    return made[1]
 
 
 def workspace(name: str, shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -216,7 +140,7 @@ def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a:
         return lib.mlip_sinkhorn_lanes(cuts[i], cuts[i + 1], k, s, n_iter, *ptrs, lo, hi, tiny)
 
     while True:
-        others = [_pool(threads - 1).submit(call, i) for i in range(1, threads)]  # the caller takes part 0
+        others = [_native.pool(threads - 1).submit(call, i) for i in range(1, threads)]  # the caller takes part 0
         if call(0) + sum(job.result() for job in others) == 0:
             break
         # redo each stopped group's refused half-step in the log domain, absorbing its scalings

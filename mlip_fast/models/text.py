@@ -35,6 +35,7 @@ from huggingface_hub import try_to_load_from_cache
 
 from mlip_fast.models.config import TextConfig
 from mlip_fast.models.dropout import dropout, dropout_matmul
+from mlip_fast.ops.varlen_attention import draw_seed, kernel_runs, varlen_attention
 
 __all__ = ["TextTower", "pool_sentences", "build_text_encoder", "encoder_from_config", "resolve_text_source",
            "minilm_path", "padding_free", "unpadded_bert", "self_attention", "TokenLayout"]
@@ -176,7 +177,13 @@ class TokenLayout:
         self.config, self.b, self.t, self.keep, self.attention_mask = config, b, t, keep, attention_mask
         self._like = x.new_empty(())  # dtype and device of the hidden states [N, C]
         self._c = x.shape[-1]
-        self._mask, self._groups = None, None
+        self._mask, self._groups, self._offsets = None, None, None
+
+    def offsets(self) -> torch.Tensor:
+        """[B + 1] int64: row b's tokens are the N-range [offsets[b], offsets[b + 1])."""
+        if self._offsets is None:
+            self._offsets = F.pad(self.attention_mask.sum(1).cumsum(0), (1, 0))
+        return self._offsets
 
     def sdpa_mask(self):
         """transformers' SDPA mask for the [B, T] batch (None when nothing is padded)."""
@@ -235,10 +242,12 @@ def self_attention(attn: nn.Module, x: torch.Tensor, layout: TokenLayout, dropou
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.sdpa_mask(), dropout_p=dropout_p,
                                            scale=attn.scaling)
         return o.transpose(1, 2).reshape(b * t, c).index_select(0, keep)
-    groups, inverse = layout.groups()
     weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])  # one [3C, C] projection
     bias = None if attn.query.bias is None else torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])
     qkv = F.linear(x, weight, bias)  # [N, 3C]
+    if kernel_runs(qkv):
+        return varlen_attention(qkv, layout.offsets(), heads, attn.scaling, dropout_p, draw_seed())
+    groups, inverse = layout.groups()
     outs = []
     for src, dst, padding, n, tg in groups:
         rows = qkv.new_zeros(n * tg, 3 * c).index_copy(0, dst, qkv.index_select(0, src))

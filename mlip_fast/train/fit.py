@@ -23,6 +23,7 @@ import torch.distributed as dist
 from mlip_fast.data.readers import DatasetError
 from mlip_fast.models.attention import selected_backend
 from mlip_fast.ops.dispatch import describe_selected
+from mlip_fast.ops.varlen_attention import status as packed_attention_status
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train import data as tdata
 from mlip_fast.train.checkpoint_save import Checkpointer
@@ -122,7 +123,13 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
     out = Fit(result=None, checkpoint="")
 
     def on_first_step():
-        out.backends.update(vit_attention=selected_backend(), text_attention=e.model_cfg.text.attn_implementation,
+        text_cfg = e.model_cfg.text
+        text_attention = text_cfg.attn_implementation
+        attn_drop = text_cfg.dropout if text_cfg.attention_dropout is None else text_cfg.attention_dropout
+        if run.device_type == "cpu" and attn_drop > 0:  # training with attention dropout: packed, C kernel or not
+            how = packed_attention_status() if e.dtype == torch.float32 else "pytorch (the C kernel is fp32)"
+            text_attention = f"{text_attention}; training with dropout: packed {how}"
+        out.backends.update(vit_attention=selected_backend(), text_attention=text_attention,
                             ops=describe_selected(detail=True))
         ops = ", ".join(_impl_line(op, c) for op, c in out.backends["ops"].items() if c)
         reporter.log("attention backend: ViT %s, text %s; fused op impls: %s", out.backends["vit_attention"],

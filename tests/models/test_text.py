@@ -162,14 +162,25 @@ def test_padding_free_bert_equals_transformers_forward_and_backward(tokenizer, i
             torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-5, atol=1e-6 * scale), name
 
 
-def test_grouped_attention_path_equals_fp64_transformers(tokenizer, iu_reports, monkeypatch):
-    """The CPU training path with attention dropout (rows grouped by length, explicit softmax attention, embeddings on
-    the valid tokens), its dropout draws replaced by the identity, computes transformers' BERT forward and weight
-    gradients in fp64 (eval mode, no dropout) to fp32 rounding; several groups of rows of unequal length, a last
-    smaller one, and a row with a hole in its attention mask included."""
+@pytest.mark.parametrize("attention", ["kernel", "grouped"])
+def test_grouped_attention_path_equals_fp64_transformers(tokenizer, iu_reports, monkeypatch, attention):
+    """The CPU training paths with attention dropout (the packed C kernel, or rows grouped by length with explicit
+    softmax attention where it is not built; embeddings on the valid tokens), their dropout draws replaced by the
+    identity, compute transformers' BERT forward and weight gradients in fp64 (eval mode, no dropout) to fp32
+    rounding; several groups of rows of unequal length, a last smaller one, and a row with a hole in its attention
+    mask included."""
     from mlip_fast.models import text
     from mlip_fast.models.text import padding_free, unpadded_bert
+    from mlip_fast.ops.varlen_attention import kernel_runs, varlen_attention
 
+    if attention == "kernel":
+        if not kernel_runs(torch.zeros(1)):
+            pytest.skip("the CPU attention kernel is not built here (no C compiler)")
+        called = []
+        monkeypatch.setattr(text, "varlen_attention", lambda qkv, offsets, heads, scale, p, seed: called.append(p) or
+                            varlen_attention(qkv, offsets, heads, scale, 0.0, seed))
+    else:
+        monkeypatch.setattr(text, "kernel_runs", lambda x: False)
     monkeypatch.setattr(text, "GROUP_ROWS", 3)
     monkeypatch.setattr(text, "dropout", lambda y, p, training=True: y)
     monkeypatch.setattr(text, "dropout_matmul", lambda a, b, p, training=True: a @ b)
@@ -194,6 +205,8 @@ def test_grouped_attention_path_equals_fp64_transformers(tokenizer, iu_reports, 
     for name, p in encoder.named_parameters():
         g = ref_grads[name].grad
         torch.testing.assert_close(p.grad.double(), g, rtol=1e-4, atol=1e-5 * g.abs().max().item() + 1e-7), name
+    if attention == "kernel":
+        assert called == [0.3, 0.3]  # both layers went through the kernel, with the configured p
 
 
 def test_attention_dropout_applied_and_repeatable(tokenizer, iu_reports):
