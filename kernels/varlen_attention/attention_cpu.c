@@ -79,16 +79,21 @@ static inline vf exp_v(vf x) {
     return p * (vf)bits;
 }
 
-/* z[j] = t where key j of query token n, head h is kept, else 0; for j < L (the words scratch: L / 4 + 1) */
+/* pieces[e] for e < 4 W: the 16-bit piece (e & 3) of the word mix64(seed + (c0 + (e >> 2)) * GAMMA), W words */
+static void hash_pieces(uint64_t seed, uint64_t c0, int64_t W, uint64_t *words, uint16_t *pieces) {
+    for (int64_t w = 0; w < W; w++) words[w] = mix64(seed + (c0 + (uint64_t)w) * GAMMA);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(pieces, words, sizeof(uint64_t) * (size_t)W);  /* little-endian: piece l of word w at 4 w + l */
+#else
+    for (int64_t e = 0; e < 4 * W; e++) pieces[e] = (uint16_t)((words[e >> 2] >> (16 * (e & 3))) & 0xFFFF);
+#endif
+}
+
+/* z[j] = t where key j of query token n, head h is kept, else 0; for j < L (scratch: L / 4 + 1 words, pieces) */
 static void keep_row(uint64_t seed, int64_t n, int64_t h, int64_t H, int64_t L, uint32_t k, float t, float *z,
-                     uint64_t *words) {
-    uint64_t base = ((uint64_t)n * (uint64_t)H + (uint64_t)h) << 30;
-    int64_t W = (L + 3) >> 2;
-    for (int64_t w = 0; w < W; w++) words[w] = mix64(seed + (base + (uint64_t)w + 1) * GAMMA);
-    for (int64_t j = 0; j < L; j++) {
-        uint32_t u = (uint32_t)((words[j >> 2] >> (16 * (j & 3))) & 0xFFFF);
-        z[j] = u >= k ? t : 0.0f;
-    }
+                     uint64_t *words, uint16_t *pieces) {
+    hash_pieces(seed, (((uint64_t)n * (uint64_t)H + (uint64_t)h) << 30) + 1, (L + 3) >> 2, words, pieces);
+    for (int64_t j = 0; j < L; j++) z[j] = pieces[j] >= k ? t : 0.0f;
 }
 
 /* Scratch of one thread: LP = L rounded up to VL, DP = dh rounded up to VL; padding rows / columns hold zeros. */
@@ -96,6 +101,7 @@ typedef struct {
     float *q, *k, *v, *kt, *vt, *dk, *dv;  /* [LP, DP], kt / vt [DP, LP] */
     float *s, *z, *pz, *dov, *go, *acc;    /* [RB, LP] x 4, go / acc [RB, DP] */
     uint64_t *words;
+    uint16_t *pieces;
 } scratch_t;
 
 static int64_t round_up(int64_t x) { return (x + VL - 1) / VL * VL; }
@@ -104,7 +110,7 @@ static int alloc_scratch(scratch_t *w, int64_t lmax, int64_t dh) {
     size_t m = (size_t)round_up(lmax) * (size_t)round_up(dh), row = (size_t)RB * (size_t)round_up(lmax);
     size_t blk = (size_t)RB * (size_t)round_up(dh);
     float *base = (float *)aligned_alloc(64, sizeof(float) * (7 * m + 4 * row + 2 * blk) + 64);
-    w->words = (uint64_t *)malloc(sizeof(uint64_t) * ((size_t)lmax / 4 + 2));
+    w->words = (uint64_t *)malloc(sizeof(uint64_t) * 2 * ((size_t)lmax / 4 + 2));
     if (base == NULL || w->words == NULL) {
         free(base);
         free(w->words);
@@ -113,6 +119,7 @@ static int alloc_scratch(scratch_t *w, int64_t lmax, int64_t dh) {
     w->q = base; w->k = w->q + m; w->v = w->k + m; w->kt = w->v + m; w->vt = w->kt + m; w->dk = w->vt + m;
     w->dv = w->dk + m; w->s = w->dv + m; w->z = w->s + row; w->pz = w->z + row; w->dov = w->pz + row;
     w->go = w->dov + row; w->acc = w->go + blk;
+    w->pieces = (uint16_t *)(w->words + ((size_t)lmax / 4 + 2));
     return 0;
 }
 
@@ -222,7 +229,7 @@ int64_t mlip_attention_fwd(int64_t item0, int64_t item1, int64_t H, int64_t dh, 
                 const float c = t / l;
                 if (k_drop > 0) {
                     float *z = w.z + r * LP;
-                    keep_row(seed, off0 + i0 + r, h, H, L, (uint32_t)k_drop, 1.0f, z, w.words);
+                    keep_row(seed, off0 + i0 + r, h, H, L, (uint32_t)k_drop, 1.0f, z, w.words, w.pieces);
                     for (int64_t j = 0; j < L; j++) s[j] = s[j] * c * z[j];
                 } else {
                     for (int64_t j = 0; j < L; j++) s[j] = s[j] * c;
@@ -267,7 +274,7 @@ int64_t mlip_attention_bwd(int64_t item0, int64_t item1, int64_t H, int64_t dh, 
                 const float lse_i = lse[(off0 + i0 + r) * H + h];
                 exp_row(p, L, LP, lse_i);
                 if (k_drop > 0) {
-                    keep_row(seed, off0 + i0 + r, h, H, L, (uint32_t)k_drop, t, z, w.words);
+                    keep_row(seed, off0 + i0 + r, h, H, L, (uint32_t)k_drop, t, z, w.words, w.pieces);
                 } else {
                     for (int64_t j = 0; j < L; j++) z[j] = 1.0f;
                 }
@@ -294,4 +301,20 @@ int64_t mlip_attention_bwd(int64_t item0, int64_t item1, int64_t H, int64_t dh, 
     }
     free_scratch(&w);
     return 0;
+}
+
+/* Dropout of a flat array with the same kind of mask: element e keeps when the 16-bit piece (e & 3) of
+ * w = mix64(seed + ((e >> 2) + 1) * GAMMA) is >= k; out[e] = x[e] * t where kept, else 0 (t = 65536 / (65536 - k)).
+ * Elements [e0, e1), e0 a multiple of 4. Forward and backward are the same call (the backward on the gradient). */
+void mlip_dropout(int64_t e0, int64_t e1, const float *x, float *out, uint64_t seed, int64_t k_drop) {
+    enum { BLOCK = 256 };
+    uint64_t words[BLOCK / 4];
+    uint16_t pieces[BLOCK];
+    const float t = 65536.0f / (float)(65536 - k_drop);
+    const uint16_t k = (uint16_t)k_drop;
+    for (int64_t b = e0; b < e1; b += BLOCK) {
+        const int64_t n = e1 - b < BLOCK ? e1 - b : BLOCK;
+        hash_pieces(seed, (uint64_t)(b >> 2) + 1, (n + 3) >> 2, words, pieces);
+        for (int64_t l = 0; l < n; l++) out[b + l] = pieces[l] >= k ? x[b + l] * t : 0.0f;
+    }
 }

@@ -21,7 +21,7 @@ import torch
 
 from mlip_fast.kernels import _native
 
-__all__ = ["SOURCE", "library", "status", "runs", "forward", "backward", "drop_threshold"]
+__all__ = ["SOURCE", "library", "status", "runs", "forward", "backward", "dropout", "drop_threshold"]
 
 SOURCE = Path(__file__).with_name("attention_cpu.c")
 _state: dict = {}  # "lib": CDLL or None once decided, "why": the reason when None
@@ -37,6 +37,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mlip_attention_fwd.argtypes = [i64] * 5 + [ptr] * 4 + [f32, u64, i64]
     lib.mlip_attention_bwd.restype = i64
     lib.mlip_attention_bwd.argtypes = [i64] * 5 + [ptr] * 5 + [f32, u64, i64]
+    lib.mlip_dropout.restype = None
+    lib.mlip_dropout.argtypes = [i64, i64, ptr, ptr, u64, i64]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -112,3 +114,20 @@ def backward(grad_out: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, offse
              (heads, c3 // 3 // heads, lmax, offsets.data_ptr(), qkv.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
               grad.data_ptr(), scale, seed % (1 << 64), drop_threshold(p)))
     return grad
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x * keep / (1 - p') for a contiguous fp32 CPU tensor, the flat mask of ``seed`` (``mlip_dropout`` in the C
+    source); the same call on the gradient is the backward. Split over threads in ranges of whole words."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    threads = max(1, min(torch.get_num_threads(), n // 65536))
+    cuts = [(n * i // threads) // 4 * 4 for i in range(threads)] + [n]
+    fn, k, s = library().mlip_dropout, drop_threshold(p), seed % (1 << 64)
+    args = [(cuts[i], cuts[i + 1], x.data_ptr(), out.data_ptr(), s, k) for i in range(threads)]
+    others = [_native.pool(threads - 1).submit(fn, *a) for a in args[1:]]
+    fn(*args[0])
+    for job in others:
+        job.result()
+    return out

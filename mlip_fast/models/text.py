@@ -15,11 +15,14 @@ dropout the hidden-state dropout draws its masks over N instead of B x T positio
 checkpointing and ``torch.compile`` (a data-dependent token count) take transformers' forward.
 
 Dropout on CPU (training only): the embeddings are formed on the N valid tokens (word + position + token type 0,
-layer norm: the same per-token arithmetic as ``BertEmbeddings``), every dropout draws its mask with
-:mod:`mlip_fast.models.dropout` (the attention product takes the scale of a bool mask), and
-attention with dropout is computed per group of rows of similar length as softmax(q k^T * scale + key mask) *
-dropout mask @ v (:func:`self_attention`) instead of SDPA's CPU fallback on the whole padded batch, which draws
-``bernoulli_`` and checks every [B, H, T, T] row for being fully masked.
+layer norm: the same per-token arithmetic as ``BertEmbeddings``). In fp32 with the C kernels built (the default
+run), attention with its dropout is one packed op over the N tokens (``mlip_fast.ops.varlen_attention``) and the
+hidden states' dropouts one hashed pass each (``mlip_fast.ops.hash_dropout``), both with counter-based masks from a
+seed drawn per call from the global generator. Otherwise every dropout draws its mask with
+:mod:`mlip_fast.models.dropout` (the attention product takes the scale of a bool mask), and attention with dropout
+is computed per group of rows of similar length as softmax(q k^T * scale + key mask) * dropout mask @ v
+(:func:`self_attention`) instead of SDPA's CPU fallback on the whole padded batch, which draws ``bernoulli_`` and
+checks every [B, H, T, T] row for being fully masked.
 Without dropout, and on CUDA, the calls are transformers' / SDPA's.
 """
 from __future__ import annotations
@@ -34,7 +37,9 @@ import torch.nn.functional as F
 from huggingface_hub import try_to_load_from_cache
 
 from mlip_fast.models.config import TextConfig
-from mlip_fast.models.dropout import dropout, dropout_matmul
+from mlip_fast.models import dropout as mt_dropout
+from mlip_fast.models.dropout import dropout_matmul
+from mlip_fast.ops import hash_dropout as hashed
 from mlip_fast.ops.varlen_attention import draw_seed, kernel_runs, varlen_attention
 
 __all__ = ["TextTower", "pool_sentences", "build_text_encoder", "encoder_from_config", "resolve_text_source",
@@ -47,6 +52,14 @@ GROUP_ROWS = 16
 # False: the padding-free path without the CPU dropout changes (SDPA with dropout, F.dropout), as before them; for
 # the before / after measurement of ``python -m tools.train_changes --only report_tower_dropout``
 CPU_DROPOUT_PATH = True
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """The hidden states' dropout on CPU in training: the hashed mask in one C pass (``mlip_fast.ops.hash_dropout``,
+    fp32, kernel built), else :func:`mlip_fast.models.dropout.dropout`."""
+    if training and 0.0 < p and hashed.kernel_runs(x):
+        return hashed.hash_dropout(x, p, draw_seed())
+    return mt_dropout.dropout(x, p, training)
 
 
 def pool_sentences(hidden: torch.Tensor, sentence_spans: torch.Tensor, sentence_mask: torch.Tensor) -> torch.Tensor:

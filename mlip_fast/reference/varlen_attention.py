@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["keep_mask", "varlen_attention"]
+__all__ = ["keep_mask", "varlen_attention", "flat_keep"]
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -57,3 +57,13 @@ def varlen_attention(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale
             probs = probs * keep_mask(seed, lo, hi - lo, heads, p).to(probs.dtype) * scale_keep
         out[lo:hi] = (probs @ v).transpose(0, 1).reshape(hi - lo, c)
     return out
+
+
+def flat_keep(seed: int, numel: int, p: float) -> torch.Tensor:
+    """bool [numel]: the flat dropout mask of ``mlip_fast.ops.hash_dropout`` (element e: the 16-bit piece (e & 3)
+    of the word at counter (e >> 2) + 1, kept when >= round(p 65536))."""
+    e = np.arange(numel, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        words = _mix64(np.uint64(seed % (1 << 64)) + ((e >> np.uint64(2)) + np.uint64(1)) * _GAMMA)
+    u = (words >> (np.uint64(16) * (e & np.uint64(3)))) & np.uint64(0xFFFF)
+    return torch.from_numpy(u >= round(float(p) * 65536))

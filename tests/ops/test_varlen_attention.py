@@ -1,6 +1,7 @@
 """The packed self-attention with dropout (``mlip_fast.ops.varlen_attention``, C kernel
 ``kernels/varlen_attention/attention_cpu.c``) against the float64 reference (``mlip_fast.reference.varlen_attention``:
-one row and head at a time, the mask rebuilt in numpy), its mask's statistics, determinism and the op's contract.
+one row and head at a time, the mask rebuilt in numpy), its mask's statistics, determinism and the op's contract;
+the hashed flat dropout of the same C source (``mlip_fast.ops.hash_dropout``) against its numpy mask.
 
 Tolerances: the reference gets the kernel's fp32 inputs in fp64. The kernel computes in fp32 with sums of dh
 products (scores) and L terms (softmax, the product with v, the gradients' sums over rows), each carrying about
@@ -14,7 +15,10 @@ import pytest
 import torch
 
 from mlip_fast.ops import varlen_attention as op
-from mlip_fast.reference.varlen_attention import keep_mask, varlen_attention as reference
+from mlip_fast.ops.hash_dropout import hash_dropout
+from mlip_fast.ops.hash_dropout import kernel_runs as hash_kernel_runs
+from mlip_fast.reference.varlen_attention import flat_keep, keep_mask
+from mlip_fast.reference.varlen_attention import varlen_attention as reference
 
 needs_kernel = pytest.mark.skipif(not op.kernel_runs(torch.zeros(1)), reason="the C kernel is not built here")
 
@@ -131,3 +135,29 @@ def test_bad_input_is_named(args, match):
 def test_bad_probability_is_named():
     with pytest.raises(ValueError, match="dropout p"):
         op.varlen_attention(torch.zeros(2, 12), torch.tensor([0, 2]), 2, 1.0, p=1.0)
+
+
+@pytest.mark.parametrize("numel", [467_200, 1001, 3])
+def test_hash_dropout_is_the_flat_mask_and_its_own_backward(numel):
+    """The C pass keeps exactly the reference's flat mask (any length, threads splitting at word boundaries), scales
+    by 65536 / (65536 - k), and its gradient is the same mask times the same scale."""
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel)).requires_grad_()
+    out = hash_dropout(x, 0.1, 77)
+    keep = flat_keep(77, numel, 0.1)
+    scale = 65536.0 / (65536 - round(0.1 * 65536))
+    assert torch.equal(out, x.detach() * keep * scale)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, keep * torch.tensor(scale, dtype=torch.float32))
+    if numel > 100_000:
+        pd = round(0.1 * 65536) / 65536
+        assert abs((~keep).double().mean().item() - pd) < 5 * math.sqrt(pd * (1 - pd) / numel)
+
+
+def test_hash_dropout_contract():
+    assert hash_dropout(torch.ones(3), 0.0, 1) is not None
+    with pytest.raises(ValueError, match="dropout p"):
+        hash_dropout(torch.ones(3), 1.0, 1)
+    if hash_kernel_runs(torch.zeros(1)):
+        torch.library.opcheck(torch.ops.mlip_fast.hash_dropout.default, (torch.randn(9, 5).requires_grad_(), 0.2, 3))
+    x64 = torch.randn(40, dtype=torch.float64)  # not the kernel's dtype: the same mask from the reference
+    assert torch.equal(hash_dropout(x64, 0.3, 9) != 0, flat_keep(9, 40, 0.3) & (x64 != 0))
