@@ -2,7 +2,10 @@
 built libraries, loading through ctypes once per process, and the thread pool that splits their work.
 
 Build: ``$CC`` (else ``cc`` / ``gcc``) with -O3 -ffp-contract=off (and -march=native -mprefer-vector-width=512 on
-x86, tried first: a compiler that refuses them still builds the portable kernel, with the same numbers) into
+x86, tried first: a compiler that refuses them still builds the portable kernel, with the same numbers; and, for a
+kernel that asks and when torch's OpenMP runtime libgomp is loaded, -fopenmp: the library then links the same
+``libgomp.so.1`` and its parallel loops run on torch's own worker threads instead of a second pool that would
+compete with them for the cores) into
 ``$MLIP_FAST_CACHE`` (else ``$XDG_CACHE_HOME/mlip_fast``, else ``~/.cache/mlip_fast``) ``/native/<key>/``, where
 the key hashes the source, the compiler's version, the flags and the CPU's model and feature flags (a build for
 one CPU is never loaded on another); written to a temporary name and renamed, so concurrent ranks are safe.
@@ -11,7 +14,8 @@ one CPU is never loaded on another); written to a temporary name and renamed, so
 API::
 
     enabled() -> bool;  compiler() -> path or None
-    build(source, flags, native_flags) -> Path of the built library (RuntimeError when no build succeeds)
+    build(source, flags, native_flags, openmp=False) -> Path of the built library (RuntimeError when none builds)
+    openmp_shared() -> whether a -fopenmp build shares torch's OpenMP runtime in this process
     load(state, build_fn, declare, message) -> CDLL or None, decided once per ``state`` dict (one warning on failure)
     pool(threads) -> a shared ThreadPoolExecutor of ``threads`` workers (the caller runs part 0 itself)
 """
@@ -30,10 +34,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-__all__ = ["FLAGS", "NATIVE_FLAGS", "enabled", "compiler", "build", "load", "pool"]
+__all__ = ["FLAGS", "NATIVE_FLAGS", "OPENMP_FLAGS", "enabled", "compiler", "openmp_shared", "build", "load", "pool"]
 
 FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")  # every build; -ffp-contract=off: no fused multiply-add
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512") if platform.machine() in ("x86_64", "AMD64") else ()
+OPENMP_FLAGS = ("-fopenmp",)
 _lock = threading.Lock()
 _pool: dict = {}  # "pool": (threads, executor)
 
@@ -58,6 +63,15 @@ def compiler() -> Optional[str]:
     return shutil.which(cc) if cc else (shutil.which("cc") or shutil.which("gcc"))
 
 
+def openmp_shared() -> bool:
+    """Whether GNU OpenMP (``libgomp.so.1``, torch's parallel runtime on Linux wheels) is loaded in this process: a
+    library built with -fopenmp then binds to that same runtime and thread pool."""
+    try:
+        return any("libgomp" in line for line in Path("/proc/self/maps").read_text().splitlines())
+    except OSError:
+        return False
+
+
 def _cache_root() -> Path:
     if os.environ.get("MLIP_FAST_CACHE"):
         return Path(os.environ["MLIP_FAST_CACHE"])
@@ -65,15 +79,18 @@ def _cache_root() -> Path:
     return Path(base) / "mlip_fast"
 
 
-def build(source: Path, flags: Sequence[str], native_flags: Sequence[str]) -> Path:
-    """The shared library of ``source`` built with ``flags`` (+ ``native_flags`` where the compiler takes them),
-    from the cache when that build exists."""
+def build(source: Path, flags: Sequence[str], native_flags: Sequence[str], openmp: bool = False) -> Path:
+    """The shared library of ``source`` built with ``flags`` (+ ``native_flags`` where the compiler takes them, +
+    -fopenmp when ``openmp`` and :func:`openmp_shared`), from the cache when that build exists."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found ($CC, cc or gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     errors = []
-    for extra in ([tuple(native_flags), ()] if native_flags else [()]):
+    extras = [tuple(native_flags), ()] if native_flags else [()]
+    if openmp and openmp_shared():
+        extras = [(*extra, *OPENMP_FLAGS) for extra in extras] + extras
+    for extra in extras:
         flags_now = (*flags, *extra)
         key = hashlib.sha256("\0".join([source.read_text(), cc, version, " ".join(flags_now), platform.machine(),
                                         _cpu_identity()]).encode()).hexdigest()[:20]

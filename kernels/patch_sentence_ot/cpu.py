@@ -3,8 +3,9 @@ its header), built on first use with the system's C compiler and called through 
 
 Why: on CPU the PyTorch loop spends an iteration in two batched vector-matrix products over a whole tile (about
 1 MiB, re-read from L2 each time) and a dozen operator calls; the kernel keeps 16 pairs' K x S blocks in L1 for
-all the iterations. Lane groups are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL;
-pairs are independent, so the split never changes a number).
+all the iterations. Lane groups are split over ``torch.get_num_threads()`` threads: torch's own OpenMP threads when
+the build could use its runtime (``kernels/_native.py``), else a Python pool (ctypes releases the GIL); pairs are
+independent, so the split never changes a number.
 
 Build and cache: ``kernels/_native.py`` (built on first use with the system's C compiler, cached per source,
 compiler, flags and CPU). No compiler, a failed build or ``MLIP_FAST_CPU_KERNELS=0``: :func:`library` returns None
@@ -39,13 +40,16 @@ _compiler = _native.compiler
 
 
 def _build() -> Path:
-    return _native.build(SOURCE, FLAGS, NATIVE_FLAGS)
+    return _native.build(SOURCE, FLAGS, NATIVE_FLAGS, openmp=True)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.mlip_sinkhorn_lanes
     fn.restype = ctypes.c_int64
     fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 8 + [ctypes.c_float] * 3
+    lib.mlip_sinkhorn_openmp.restype, lib.mlip_sinkhorn_openmp.argtypes = ctypes.c_int64, []
+    parts = lib.mlip_sinkhorn_lanes_parts
+    parts.restype, parts.argtypes = ctypes.c_int64, [ctypes.c_int64, ctypes.c_void_p] + fn.argtypes[2:]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -139,9 +143,15 @@ def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a:
     def call(i: int) -> int:
         return lib.mlip_sinkhorn_lanes(cuts[i], cuts[i + 1], k, s, n_iter, *ptrs, lo, hi, tiny)
 
-    while True:
+    def run_all() -> int:
+        if lib.mlip_sinkhorn_openmp():  # on torch's OpenMP threads (kernels/_native.py)
+            return lib.mlip_sinkhorn_lanes_parts(threads, cut_tensor.data_ptr(), k, s, n_iter, *ptrs, lo, hi, tiny)
         others = [_native.pool(threads - 1).submit(call, i) for i in range(1, threads)]  # the caller takes part 0
-        if call(0) + sum(job.result() for job in others) == 0:
+        return call(0) + sum(job.result() for job in others)
+
+    cut_tensor = torch.tensor(cuts, dtype=torch.int64)
+    while True:
+        if run_all() == 0:
             break
         # redo each stopped group's refused half-step in the log domain, absorbing its scalings
         stopped = (pos <= 2 * n_iter).nonzero().squeeze(1)

@@ -132,3 +132,24 @@ int64_t mlip_sinkhorn_lanes(int64_t g0, int64_t g1, int64_t K, int64_t S, int64_
   }
   return stopped;
 }
+
+/* The same over parts [cuts[i], cuts[i + 1]) of the lane groups, one part per thread of the OpenMP runtime when built
+ * with -fopenmp (torch's own threads: kernels/_native.py), else one after the other; the stopped groups summed. */
+int64_t mlip_sinkhorn_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int64_t mlip_sinkhorn_lanes_parts(int64_t parts, const int64_t *cuts, int64_t K, int64_t S, int64_t iters,
+                                  const float *restrict kern, const float *restrict z, const float *restrict a,
+                                  const float *restrict b, float *restrict u, float *restrict v,
+                                  float *restrict score, int64_t *restrict pos, float lo, float hi, float tiny) {
+  int64_t stopped = 0;
+#pragma omp parallel for schedule(static, 1) num_threads(parts) reduction(+ : stopped)
+  for (int64_t i = 0; i < parts; i++)
+    stopped += mlip_sinkhorn_lanes(cuts[i], cuts[i + 1], K, S, iters, kern, z, a, b, u, v, score, pos, lo, hi, tiny);
+  return stopped;
+}

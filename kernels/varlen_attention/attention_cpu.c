@@ -318,3 +318,40 @@ void mlip_dropout(int64_t e0, int64_t e1, const float *x, float *out, uint64_t s
         for (int64_t l = 0; l < n; l++) out[b + l] = pieces[l] >= k ? x[b + l] * t : 0.0f;
     }
 }
+
+/* The same calls over parts [cuts[i], cuts[i + 1]) of the items (elements for the dropout), one part per thread of
+ * the OpenMP runtime when built with -fopenmp (torch's own threads), else one after the other. */
+int64_t mlip_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int64_t mlip_attention_fwd_parts(int64_t parts, const int64_t *cuts, int64_t H, int64_t dh, int64_t lmax,
+                                 const int64_t *off, const float *qkv, float *out, float *lse, float scale,
+                                 uint64_t seed, int64_t k_drop) {
+    int64_t failed = 0;
+#pragma omp parallel for schedule(static, 1) num_threads(parts) reduction(| : failed)
+    for (int64_t i = 0; i < parts; i++)
+        failed |= mlip_attention_fwd(cuts[i], cuts[i + 1], H, dh, lmax, off, qkv, out, lse, scale, seed, k_drop);
+    return failed;
+}
+
+int64_t mlip_attention_bwd_parts(int64_t parts, const int64_t *cuts, int64_t H, int64_t dh, int64_t lmax,
+                                 const int64_t *off, const float *qkv, const float *dout, const float *lse,
+                                 float *dqkv, float scale, uint64_t seed, int64_t k_drop) {
+    int64_t failed = 0;
+#pragma omp parallel for schedule(static, 1) num_threads(parts) reduction(| : failed)
+    for (int64_t i = 0; i < parts; i++)
+        failed |= mlip_attention_bwd(cuts[i], cuts[i + 1], H, dh, lmax, off, qkv, dout, lse, dqkv, scale, seed,
+                                     k_drop);
+    return failed;
+}
+
+void mlip_dropout_parts(int64_t parts, const int64_t *cuts, const float *x, float *out, uint64_t seed,
+                        int64_t k_drop) {
+#pragma omp parallel for schedule(static, 1) num_threads(parts)
+    for (int64_t i = 0; i < parts; i++) mlip_dropout(cuts[i], cuts[i + 1], x, out, seed, k_drop);
+}

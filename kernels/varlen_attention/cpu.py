@@ -8,8 +8,10 @@ for attention products of 4 x 57 x 57 x 32 multiply-adds per row and head. The k
 place, keeps one (row, head) item's q, k, v (a few KiB) in L1, draws the dropout mask from a counter-based hash
 (so the backward recomputes it instead of storing it) and recomputes the probabilities from the saved log-sum-exp.
 
-Work items (row, head) are split over ``torch.get_num_threads()`` threads in parts of about equal L^2 cost (the
-calling thread takes part 0; ctypes releases the GIL); items are independent, so the split never changes a number.
+Work items (row, head) are split over ``torch.get_num_threads()`` threads in parts of about equal L^2 cost: on
+torch's own OpenMP threads when the library could be built with -fopenmp against torch's runtime
+(``kernels/_native.py``), else on a Python pool (the calling thread takes part 0; ctypes releases the GIL). Items
+are independent, so the split never changes a number.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ _state: dict = {}  # "lib": CDLL or None once decided, "why": the reason when No
 
 
 def _build() -> Path:
-    return _native.build(SOURCE, _native.FLAGS, _native.NATIVE_FLAGS)
+    return _native.build(SOURCE, _native.FLAGS, _native.NATIVE_FLAGS, openmp=True)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -39,6 +41,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mlip_attention_bwd.argtypes = [i64] * 5 + [ptr] * 5 + [f32, u64, i64]
     lib.mlip_dropout.restype = None
     lib.mlip_dropout.argtypes = [i64, i64, ptr, ptr, u64, i64]
+    lib.mlip_openmp.restype = i64
+    lib.mlip_openmp.argtypes = []
+    for name, fn in (("fwd", lib.mlip_attention_fwd), ("bwd", lib.mlip_attention_bwd)):
+        parts = getattr(lib, f"mlip_attention_{name}_parts")
+        parts.restype, parts.argtypes = i64, [i64, ptr] + fn.argtypes[2:]
+    lib.mlip_dropout_parts.restype = None
+    lib.mlip_dropout_parts.argtypes = [i64, ptr, ptr, ptr, u64, i64]
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -73,17 +82,22 @@ def _parts(offsets: torch.Tensor, heads: int, threads: int) -> List[int]:
     return sorted(cuts)
 
 
-def _run(fn, offsets: torch.Tensor, heads: int, args: tuple) -> None:
+def _split(lib: ctypes.CDLL, name: str, cuts: List[int], args: tuple) -> list:
+    """``name`` over the parts [cuts[i], cuts[i + 1]): one call of ``name``_parts on the OpenMP threads when the
+    build has them, else part 0 here and the rest on the Python pool. Returns the parts' return codes."""
+    parts = len(cuts) - 1
+    if lib.mlip_openmp():
+        cut_tensor = torch.tensor(cuts, dtype=torch.int64)
+        return [getattr(lib, f"{name}_parts")(parts, cut_tensor.data_ptr(), *args)]
+    fn = getattr(lib, name)
+    others = [_native.pool(parts - 1).submit(fn, cuts[i], cuts[i + 1], *args) for i in range(1, parts)]
+    return [fn(cuts[0], cuts[1], *args)] + [job.result() for job in others]
+
+
+def _run(name: str, offsets: torch.Tensor, heads: int, args: tuple) -> None:
     items = (offsets.numel() - 1) * heads
     threads = max(1, min(torch.get_num_threads(), items))
-    cuts = _parts(offsets, heads, threads)
-
-    def call(i: int) -> int:
-        return fn(cuts[i], cuts[i + 1], *args)
-
-    others = [_native.pool(threads - 1).submit(call, i) for i in range(1, threads)]
-    codes = [call(0)] + [job.result() for job in others]
-    if any(codes):
+    if any(_split(library(), name, _parts(offsets, heads, threads), args)):
         raise MemoryError("the CPU attention kernel could not allocate its scratch buffers")
 
 
@@ -97,7 +111,7 @@ def forward(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float, 
     lse = qkv.new_empty(n, heads)
     lmax = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
     if n and lmax:
-        _run(library().mlip_attention_fwd, offsets, heads,
+        _run("mlip_attention_fwd", offsets, heads,
              (heads, c // heads, lmax, offsets.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), scale,
               seed % (1 << 64), drop_threshold(p)))
     return out, lse
@@ -110,7 +124,7 @@ def backward(grad_out: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, offse
     grad = qkv.new_empty(n, c3)
     lmax = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
     if n and lmax:
-        _run(library().mlip_attention_bwd, offsets, heads,
+        _run("mlip_attention_bwd", offsets, heads,
              (heads, c3 // 3 // heads, lmax, offsets.data_ptr(), qkv.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
               grad.data_ptr(), scale, seed % (1 << 64), drop_threshold(p)))
     return grad
@@ -124,10 +138,5 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     n = x.numel()
     threads = max(1, min(torch.get_num_threads(), n // 65536))
     cuts = [(n * i // threads) // 4 * 4 for i in range(threads)] + [n]
-    fn, k, s = library().mlip_dropout, drop_threshold(p), seed % (1 << 64)
-    args = [(cuts[i], cuts[i + 1], x.data_ptr(), out.data_ptr(), s, k) for i in range(threads)]
-    others = [_native.pool(threads - 1).submit(fn, *a) for a in args[1:]]
-    fn(*args[0])
-    for job in others:
-        job.result()
+    _split(library(), "mlip_dropout", cuts, (x.data_ptr(), out.data_ptr(), seed % (1 << 64), drop_threshold(p)))
     return out
