@@ -37,6 +37,7 @@ setup(
         "mlip_fast.preprocess": ["vocab/*.txt"],
         "mlip_fast.eval": ["prompts/*.json", "splits/*.json"],
         "mlip_fast.train": ["ds_configs/*.json"],
+        "mlip_fast.kernels": ["*.h"],  # the C kernels' shared vector math
         "mlip_fast.kernels.patch_sentence_ot": ["*.c"],  # the CPU Sinkhorn kernel, built on first use
         "mlip_fast.kernels.varlen_attention": ["*.c"],  # the CPU attention kernel, built on first use
     },

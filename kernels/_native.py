@@ -7,7 +7,7 @@ kernel that asks and when torch's OpenMP runtime libgomp is loaded, -fopenmp: th
 ``libgomp.so.1`` and its parallel loops run on torch's own worker threads instead of a second pool that would
 compete with them for the cores) into
 ``$MLIP_FAST_CACHE`` (else ``$XDG_CACHE_HOME/mlip_fast``, else ``~/.cache/mlip_fast``) ``/native/<key>/``, where
-the key hashes the source, the compiler's version, the flags and the CPU's model and feature flags (a build for
+the key hashes the source (and the shared header ``_vecmath.h``), the compiler's version, the flags and the CPU's model and feature flags (a build for
 one CPU is never loaded on another); written to a temporary name and renamed, so concurrent ranks are safe.
 ``MLIP_FAST_CPU_KERNELS=0`` turns every C kernel off (their ops then run their PyTorch code).
 
@@ -39,6 +39,7 @@ __all__ = ["FLAGS", "NATIVE_FLAGS", "OPENMP_FLAGS", "enabled", "compiler", "open
 FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")  # every build; -ffp-contract=off: no fused multiply-add
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512") if platform.machine() in ("x86_64", "AMD64") else ()
 OPENMP_FLAGS = ("-fopenmp",)
+HEADERS = (Path(__file__).with_name("_vecmath.h"),)  # included by the kernels' sources: part of every build key
 _lock = threading.Lock()
 _pool: dict = {}  # "pool": (threads, executor)
 
@@ -92,7 +93,8 @@ def build(source: Path, flags: Sequence[str], native_flags: Sequence[str], openm
         extras = [(*extra, *OPENMP_FLAGS) for extra in extras] + extras
     for extra in extras:
         flags_now = (*flags, *extra)
-        key = hashlib.sha256("\0".join([source.read_text(), cc, version, " ".join(flags_now), platform.machine(),
+        texts = [source.read_text()] + [h.read_text() for h in HEADERS]
+        key = hashlib.sha256("\0".join([*texts, cc, version, " ".join(flags_now), platform.machine(),
                                         _cpu_identity()]).encode()).hexdigest()[:20]
         target = _cache_root() / "native" / key / f"{source.stem}.so"
         if target.exists():

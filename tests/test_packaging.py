@@ -40,7 +40,7 @@ def test_wheel_contains_only_mlip_fast(tmp_path):
     assert top == {"mlip_fast"}
     kernel_files = {n[len("mlip_fast/kernels/"):] for n in names if n.startswith("mlip_fast/kernels/")}
     assert kernel_files == {p.relative_to(ROOT / "kernels").as_posix() for p in (ROOT / "kernels").rglob("*.py")} | {
-        p.relative_to(ROOT / "kernels").as_posix() for p in (ROOT / "kernels").rglob("*.c")}  # C sources built at use
+        p.relative_to(ROOT / "kernels").as_posix() for p in (ROOT / "kernels").rglob("*.[ch]")}  # C built at use
     assert "mlip_fast/kernels/__init__.py" not in names  # the source-tree shim is not shipped
     data_files = {n for n in names if n.endswith((".json", ".txt")) and n.startswith("mlip_fast/")}
     for folder in ("models/model_configs", "preprocess/vocab", "eval/prompts", "eval/splits"):

@@ -3,7 +3,9 @@ its header), built on first use with the system's C compiler and called through 
 
 Why: on CPU the PyTorch loop spends an iteration in two batched vector-matrix products over a whole tile (about
 1 MiB, re-read from L2 each time) and a dozen operator calls; the kernel keeps 16 pairs' K x S blocks in L1 for
-all the iterations. Lane groups are split over ``torch.get_num_threads()`` threads: torch's own OpenMP threads when
+all the iterations, makes the plan exp(z) there and absorbs out-of-range scalings in the log domain itself (in
+training a tile's groups absorb about 20 times in all: handed back to PyTorch, those rounds cost more than the
+iterations). Lane groups are split over ``torch.get_num_threads()`` threads: torch's own OpenMP threads when
 the build could use its runtime (``kernels/_native.py``), else a Python pool (ctypes releases the GIL); pairs are
 independent, so the split never changes a number.
 
@@ -18,7 +20,7 @@ import ctypes
 import math
 import threading
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -30,7 +32,7 @@ LANES = 16  # pairs per lane group; the C source's LANES
 SOURCE = Path(__file__).with_name("sinkhorn_cpu.c")
 FLAGS = _native.FLAGS
 NATIVE_FLAGS = _native.NATIVE_FLAGS
-STATS = {"tiles": 0, "absorptions": 0}  # tiles the kernel ran, lane groups it handed back to absorb
+STATS = {"tiles": 0, "absorptions": 0}  # tiles the kernel ran, absorptions of a lane group it made
 _local = threading.local()  # per-thread reusable buffers (:func:`workspace`)
 _state: dict = {}  # "lib": CDLL or None once decided, "why": the reason when None
 
@@ -46,7 +48,7 @@ def _build() -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.mlip_sinkhorn_lanes
     fn.restype = ctypes.c_int64
-    fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 8 + [ctypes.c_float] * 3
+    fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 13 + [ctypes.c_float] * 3
     lib.mlip_sinkhorn_openmp.restype, lib.mlip_sinkhorn_openmp.argtypes = ctypes.c_int64, []
     parts = lib.mlip_sinkhorn_lanes_parts
     parts.restype, parts.argtypes = ctypes.c_int64, [ctypes.c_int64, ctypes.c_void_p] + fn.argtypes[2:]
@@ -104,16 +106,13 @@ def _unlanes(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
-             n_iter: int, lo: float, hi: float, log_update: Callable
-             ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The chunked op's Sinkhorn on one tile from f = g = 0, in the kernel.
+             n_iter: int, lo: float, hi: float) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The chunked op's Sinkhorn on one tile from f = g = 0, in the kernel (its absorptions included).
 
     Args:
         z: [N, K, S] fp32 on CPU, sim / eps on the live entries and the op's DEAD (finite) elsewhere.
         live_p, live_q: [N, K] / [N, S] bool; log_a, log_b: their log marginals (DEAD where not live).
         n_iter: iterations; lo, hi: the scalings' range before an absorption.
-        log_update: the op's log-domain half-step, ``log_update(shifted, dim, log_marginal, live)`` (the chunked
-            impl's ``_log_update``), applied here in the lane layout to the groups that absorb.
     Returns:
         (f [N, K], g [N, S], score / eps [N]) after ``n_iter`` iterations, as ``_TileSinkhorn.run`` (each lane
         group absorbs when one of its scalings leaves [lo, hi]: ``sinkhorn_cpu.c``); None when the kernel does
@@ -126,48 +125,25 @@ def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a:
     groups = -(-n // LANES)
     # padding pairs: z = 0 with uniform marginals (every scaling stays 1)
     zl = _lanes(z.reshape(n, k * s), groups, 0.0, workspace("z_lanes", (groups, k * s, LANES)))
-    zl = zl.view(groups, k, s, LANES)
     live_pl, live_ql = _lanes(live_p, groups, True), _lanes(live_q, groups, True)
     log_al, log_bl = _lanes(log_a, groups, -math.log(k)), _lanes(log_b, groups, -math.log(s))
     tiny = torch.finfo(torch.float32).tiny
     a, b = log_al.exp().clamp_min(tiny), log_bl.exp().clamp_min(tiny)  # dead: tiny, so their scaling is 1
-    kern = torch.exp(zl, out=workspace("kern_lanes", zl.shape))
-    f, g = torch.zeros_like(a), torch.zeros_like(b)
-    u, v = torch.ones_like(a), torch.ones_like(b)
+    kern = workspace("kern_lanes", zl.shape)  # made in the kernel
+    f, g, u, v = torch.empty_like(a), torch.empty_like(b), torch.empty_like(a), torch.empty_like(b)
     score = torch.empty(groups, LANES, dtype=torch.float32)
-    pos = torch.zeros(groups, dtype=torch.int64)
-    ptrs = [t.data_ptr() for t in (kern, zl, a, b, u, v, score, pos)]
+    ptrs = [t.data_ptr() for t in (kern, zl, a, b, log_al, log_bl, live_pl, live_ql, f, g, u, v, score)]
     threads = max(1, min(torch.get_num_threads(), groups))
     cuts = [groups * i // threads for i in range(threads + 1)]
+    if lib.mlip_sinkhorn_openmp():  # on torch's OpenMP threads (kernels/_native.py)
+        cut_tensor = torch.tensor(cuts, dtype=torch.int64)
+        absorbed = lib.mlip_sinkhorn_lanes_parts(threads, cut_tensor.data_ptr(), k, s, n_iter, *ptrs, lo, hi, tiny)
+    else:
+        def call(i: int) -> int:
+            return lib.mlip_sinkhorn_lanes(cuts[i], cuts[i + 1], k, s, n_iter, *ptrs, lo, hi, tiny)
 
-    def call(i: int) -> int:
-        return lib.mlip_sinkhorn_lanes(cuts[i], cuts[i + 1], k, s, n_iter, *ptrs, lo, hi, tiny)
-
-    def run_all() -> int:
-        if lib.mlip_sinkhorn_openmp():  # on torch's OpenMP threads (kernels/_native.py)
-            return lib.mlip_sinkhorn_lanes_parts(threads, cut_tensor.data_ptr(), k, s, n_iter, *ptrs, lo, hi, tiny)
         others = [_native.pool(threads - 1).submit(call, i) for i in range(1, threads)]  # the caller takes part 0
-        return call(0) + sum(job.result() for job in others)
-
-    cut_tensor = torch.tensor(cuts, dtype=torch.int64)
-    while True:
-        if run_all() == 0:
-            break
-        # redo each stopped group's refused half-step in the log domain, absorbing its scalings
-        stopped = (pos <= 2 * n_iter).nonzero().squeeze(1)
-        STATS["absorptions"] += stopped.numel()
-        half = pos.index_select(0, stopped) % 2
-        rows, cols = stopped[half == 0], stopped[half == 1]  # refused a sentence / a patch update
-        if rows.numel():
-            f_r = f[rows] + u[rows].log()
-            f[rows] = f_r
-            g[rows] = log_update(f_r[:, :, None] + zl[rows], 1, log_bl[rows], live_ql[rows])
-        if cols.numel():
-            g_c = g[cols] + v[cols].log()
-            g[cols] = g_c
-            f[cols] = log_update(g_c[:, None] + zl[cols], 2, log_al[cols], live_pl[cols])
-        kern[stopped] = (f[stopped][:, :, None] + g[stopped][:, None]).add_(zl[stopped]).exp_()
-        u[stopped], v[stopped] = 1.0, 1.0
-        pos[stopped] += 1
+        absorbed = call(0) + sum(job.result() for job in others)
     STATS["tiles"] += 1
+    STATS["absorptions"] += absorbed
     return _unlanes(f + u.log(), n), _unlanes(g + v.log(), n), score.view(-1)[:n]

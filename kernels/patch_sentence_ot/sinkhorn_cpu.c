@@ -13,19 +13,20 @@ f + log u and g + log v):
 and after the last iteration score = sum_p u[p] sum_q (kern[p, q] z[p, q]) v[q] with z = sim / eps (the caller
 multiplies by eps). max(x, tiny) keeps a NaN (as torch's clamp_min).
 
-Absorption. The caller holds the potentials f, g of the current kern.
-When a half-step's new scalings of a lane group leave [lo, hi] (or are NaN), the group stops before it: its u and
-v stay those of the last accepted half-step and pos[group] holds the index of the refused half-step (2 * iteration
-+ 0 for the sentence update, + 1 for the patch update). The caller then redoes that half-step in the log domain,
-absorbs the scalings into f and g, rebuilds the group's kern (exp is PyTorch's), sets u = v = 1 and calls again:
-each group resumes at its own pos. These are the log-domain iterates for any eps, as in the PyTorch loop, except
-that a group absorbs on its own instead of with its whole tile. pos = 2 * iters + 1 marks a finished group (its
-score written); a call skips those.
+Absorption. The kernel holds the potentials f, g of the current kern (f = g = 0 and kern = exp(z) at the start).
+When a half-step's new scalings of a lane group leave [lo, hi] (or are NaN), that half-step is redone in the log
+domain for the group (``_log_update`` of the chunked op: a sentence update sets f <- f + log u and
+g[q] = log b[q] - logsumexp_p(f[p] + z[p, q]), a patch update g <- g + log v and
+f[p] = log a[p] - logsumexp_q(g[q] + z[p, q]); DEAD = -1e30 where not live), the scalings are absorbed
+(kern <- exp(f + g + z), u = v = 1) and the group goes on with the next half-step. These are the log-domain
+iterates for any eps, as in the PyTorch loop, except that a group absorbs on its own instead of with its whole
+tile. logsumexp is max + log(sum exp(x - max)), the sum over p or q in increasing order.
 
 Layout
 ------
 Pair n = group * LANES + lane. Every array holds its pairs' values in the innermost axis of LANES: kern and z
-[groups, K, S, LANES], a and u [groups, K, LANES], b and v [groups, S, LANES], score [groups, LANES]. Each
+[groups, K, S, LANES], a, log a, live_p (uint8), f and u [groups, K, LANES], b, log b, live_q, g and v
+[groups, S, LANES], score [groups, LANES]. Each
 statement below is then one operation on LANES independent values (one AVX-512 or two AVX2 vectors after the
 compiler's vectorisation), every sum runs over p or q in increasing order per lane, and a group's kern block
 (K * S * 64 bytes: 24 KiB at K = 32, S = 12) stays in L1 for all the iterations, where the PyTorch path re-reads
@@ -33,13 +34,18 @@ its whole tile from L2 twice an iteration.
 
 Numerics
 --------
-Plain IEEE single precision: multiplications, additions, divisions and comparisons only, built with
--ffp-contract=off (no fused multiply-add), so every vector width gives the same bits and a run's numbers do not
-depend on the instruction set the build found.
+Plain IEEE single precision, built with -ffp-contract=off (no fused multiply-add): multiplications, additions,
+divisions and comparisons, exp_v of ../_vecmath.h (relative error about 1e-7; 0 below -87.33, so dead entries give
+exactly 0) for the plan, and libm's logf for the absorptions' logarithms; so every vector width gives the same bits
+and a run's numbers do not depend on the instruction set the build found.
 */
+#include <math.h>
 #include <stdint.h>
 
-#define LANES 16
+#include "../_vecmath.h"
+
+#define LANES 16 /* = VL: one lane group is one vf */
+#define DEAD (-1e30f)
 
 /* out[j] = sum_{i = 0, 1, ...} x[i] m[i * si + j * sj] per lane, for j < n_out: four outputs at a time, so four
    independent sums are in flight (the additions' latency is hidden) and each x[i] is loaded once for four. */
@@ -85,34 +91,80 @@ static inline int scale(int64_t n, const float *restrict m, float *restrict sum,
   return bad;
 }
 
-/* Runs lane groups [g0, g1) from their pos to the end of ``iters`` iterations; returns how many stopped before. */
-int64_t mlip_sinkhorn_lanes(int64_t g0, int64_t g1, int64_t K, int64_t S, int64_t iters, const float *restrict kern,
+/* kern <- exp((f[p] + g[q]) + z[p, q]) for one group, u = v = 1 */
+static void rebuild(int64_t K, int64_t S, const float *f, const float *g, const float *z, float *kern, float *u,
+                    float *v) {
+  for (int64_t p = 0; p < K; p++) {
+    const vf fp = loadu(f + p * LANES);
+    for (int64_t q = 0; q < S; q++) {
+      const int64_t at = (p * S + q) * LANES;
+      storeu(kern + at, exp_v((fp + loadu(g + q * LANES)) + loadu(z + at)));
+    }
+  }
+  for (int64_t i = 0; i < K * LANES; i++) u[i] = 1.0f;
+  for (int64_t i = 0; i < S * LANES; i++) v[i] = 1.0f;
+}
+
+/* out[j] = live[j] ? log_m[j] - logsumexp_i(pot[i] + z[i * si + j * sj]) : DEAD, j < n_out, i < n_in (lanes) */
+static void log_update(int64_t n_out, int64_t n_in, int64_t sj, int64_t si, const float *pot, const float *z,
+                       const float *log_m, const uint8_t *live, float *out) {
+  for (int64_t j = 0; j < n_out; j++) {
+    vf m = splat(-INFINITY);
+    for (int64_t i = 0; i < n_in; i++) {
+      const vf x = loadu(pot + i * LANES) + loadu(z + (i * si + j * sj) * LANES);
+      m = pick(x > m, x, m);
+    }
+    vf sum = splat(0.0f);
+    for (int64_t i = 0; i < n_in; i++)
+      sum = sum + exp_v((loadu(pot + i * LANES) + loadu(z + (i * si + j * sj) * LANES)) - m);
+    for (int l = 0; l < LANES; l++) {
+      const int64_t at = j * LANES + l;
+      out[at] = live[at] ? log_m[at] - (m[l] + logf(sum[l])) : DEAD;
+    }
+  }
+}
+
+/* Runs lane groups [g0, g1) for ``iters`` iterations from f = g = 0 (kern = exp(z) made here), absorbing where a
+   scaling leaves [lo, hi]; writes f, g, u, v, kern and score. Returns the number of absorptions. */
+int64_t mlip_sinkhorn_lanes(int64_t g0, int64_t g1, int64_t K, int64_t S, int64_t iters, float *restrict kern,
                             const float *restrict z, const float *restrict a, const float *restrict b,
-                            float *restrict u, float *restrict v, float *restrict score, int64_t *restrict pos,
-                            float lo, float hi, float tiny) {
+                            const float *restrict log_a, const float *restrict log_b, const uint8_t *restrict live_p,
+                            const uint8_t *restrict live_q, float *restrict f, float *restrict g,
+                            float *restrict u, float *restrict v, float *restrict score, float lo, float hi,
+                            float tiny) {
   float col[S * LANES], row[K * LANES]; /* the sums of one half-step, then its scalings */
-  int64_t stopped = 0;
+  int64_t absorptions = 0;
   for (int64_t gi = g0; gi < g1; gi++) {
-    if (pos[gi] > 2 * iters) continue;
-    const float *kp = kern + gi * K * S * LANES, *zp = z + gi * K * S * LANES;
-    const float *ap = a + gi * K * LANES, *bp = b + gi * S * LANES;
+    float *kp = kern + gi * K * S * LANES, *fp = f + gi * K * LANES, *gp = g + gi * S * LANES;
+    const float *zp = z + gi * K * S * LANES, *ap = a + gi * K * LANES, *bp = b + gi * S * LANES;
+    const float *lap = log_a + gi * K * LANES, *lbp = log_b + gi * S * LANES;
+    const uint8_t *lpp = live_p + gi * K * LANES, *lqp = live_q + gi * S * LANES;
     float *up = u + gi * K * LANES, *vp = v + gi * S * LANES;
-    int64_t h = pos[gi];
-    for (; h < 2 * iters; h++) {
+    for (int64_t i = 0; i < K * LANES; i++) fp[i] = 0.0f;
+    for (int64_t i = 0; i < S * LANES; i++) gp[i] = 0.0f;
+    rebuild(K, S, fp, gp, zp, kp, up, vp);
+    for (int64_t h = 0; h < 2 * iters; h++) {
       if (h % 2 == 0) { /* sentence update: col[q] = sum_p u[p] kern[p, q] */
         matvec_lanes(S, K, 1, S, kp, up, col);
-        if (scale(S * LANES, bp, col, lo, hi, tiny)) break;
+        if (scale(S * LANES, bp, col, lo, hi, tiny)) { /* in the log domain: f += log u, g from f */
+          for (int64_t i = 0; i < K * LANES; i++) fp[i] = fp[i] + logf(up[i]);
+          log_update(S, K, 1, S, fp, zp, lbp, lqp, gp);
+          rebuild(K, S, fp, gp, zp, kp, up, vp);
+          absorptions++;
+          continue;
+        }
         for (int64_t i = 0; i < S * LANES; i++) vp[i] = col[i];
       } else { /* patch update: row[p] = sum_q kern[p, q] v[q] */
         matvec_lanes(K, S, S, 1, kp, vp, row);
-        if (scale(K * LANES, ap, row, lo, hi, tiny)) break;
+        if (scale(K * LANES, ap, row, lo, hi, tiny)) { /* in the log domain: g += log v, f from g */
+          for (int64_t i = 0; i < S * LANES; i++) gp[i] = gp[i] + logf(vp[i]);
+          log_update(K, S, S, 1, gp, zp, lap, lpp, fp);
+          rebuild(K, S, fp, gp, zp, kp, up, vp);
+          absorptions++;
+          continue;
+        }
         for (int64_t i = 0; i < K * LANES; i++) up[i] = row[i];
       }
-    }
-    if (h < 2 * iters) {
-      pos[gi] = h;
-      stopped++;
-      continue;
     }
     /* score: sum_p u[p] sum_q (kern[p, q] z[p, q]) v[q] */
     float total[LANES];
@@ -128,13 +180,12 @@ int64_t mlip_sinkhorn_lanes(int64_t g0, int64_t g1, int64_t K, int64_t S, int64_
       for (int l = 0; l < LANES; l++) total[l] += acc[l] * up[p * LANES + l];
     }
     for (int l = 0; l < LANES; l++) score[gi * LANES + l] = total[l];
-    pos[gi] = 2 * iters + 1;
   }
-  return stopped;
+  return absorptions;
 }
 
 /* The same over parts [cuts[i], cuts[i + 1]) of the lane groups, one part per thread of the OpenMP runtime when built
- * with -fopenmp (torch's own threads: kernels/_native.py), else one after the other; the stopped groups summed. */
+ * with -fopenmp (torch's own threads: kernels/_native.py), else one after the other; the absorptions summed. */
 int64_t mlip_sinkhorn_openmp(void) {
 #ifdef _OPENMP
   return 1;
@@ -144,12 +195,15 @@ int64_t mlip_sinkhorn_openmp(void) {
 }
 
 int64_t mlip_sinkhorn_lanes_parts(int64_t parts, const int64_t *cuts, int64_t K, int64_t S, int64_t iters,
-                                  const float *restrict kern, const float *restrict z, const float *restrict a,
-                                  const float *restrict b, float *restrict u, float *restrict v,
-                                  float *restrict score, int64_t *restrict pos, float lo, float hi, float tiny) {
-  int64_t stopped = 0;
-#pragma omp parallel for schedule(static, 1) num_threads(parts) reduction(+ : stopped)
+                                  float *restrict kern, const float *restrict z, const float *restrict a,
+                                  const float *restrict b, const float *restrict log_a, const float *restrict log_b,
+                                  const uint8_t *restrict live_p, const uint8_t *restrict live_q, float *restrict f,
+                                  float *restrict g, float *restrict u, float *restrict v, float *restrict score,
+                                  float lo, float hi, float tiny) {
+  int64_t absorptions = 0;
+#pragma omp parallel for schedule(static, 1) num_threads(parts) reduction(+ : absorptions)
   for (int64_t i = 0; i < parts; i++)
-    stopped += mlip_sinkhorn_lanes(cuts[i], cuts[i + 1], K, S, iters, kern, z, a, b, u, v, score, pos, lo, hi, tiny);
-  return stopped;
+    absorptions += mlip_sinkhorn_lanes(cuts[i], cuts[i + 1], K, S, iters, kern, z, a, b, log_a, log_b, live_p,
+                                       live_q, f, g, u, v, score, lo, hi, tiny);
+  return absorptions;
 }

@@ -25,16 +25,16 @@
  * and mlip_fast.reference.varlen_attention rebuilds it in numpy for the tests. Counters stay distinct while
  * j < 2^32 and n H + h < 2^34.
  *
- * exp: Cody-Waite reduction x = n ln2 + r (n = round(x log2 e), ln2 split in two so n ln2_hi is exact) and
- * Cephes' degree-6 polynomial for e^r on |r| <= ln2 / 2 (relative error about 1e-7), scaled by 2^n through the
- * exponent bits; x is clamped to [-87, 88] (every x here is <= 0 up to rounding: exp(-87) = 1.6e-38 stands for
- * the smaller values, an absolute error below 2e-38). Plain IEEE operations, so it vectorises and gives the
- * same bits at every vector width; the build uses -ffp-contract=off (no fused multiply-add).
+ * exp: exp_v of ../_vecmath.h (relative error about 1e-7; every x here is <= 0 up to rounding, and below -87.33 it
+ * gives 0). Plain IEEE operations, so it vectorises and gives the same bits at every vector width; the build uses
+ * -ffp-contract=off (no fused multiply-add).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "../_vecmath.h"
 
 #define GAMMA 0x9E3779B97F4A7C15ULL
 
@@ -44,40 +44,8 @@ static inline uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-#define VL 16 /* vector lanes: every inner operation runs on 16 floats (one 512-bit register, or several narrower) */
+/* VL (16 lanes), vf and exp_v: ../_vecmath.h */
 #define RB 4  /* query rows per block: their accumulators stay in registers while a K / V row streams by */
-
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(VL * sizeof(float))));
-
-static inline vf loadu(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void storeu(float *p, vf v) { memcpy(p, &v, sizeof v); }
-
-static inline vf splat(float x) { return (vf){0} + x; }
-
-static inline vf pick(vi m, vf yes, vf no) { return (vf)(((vi)yes & m) | ((vi)no & ~m)); } /* m ? yes : no */
-
-static inline vf exp_v(vf x) {
-    x = pick(x < -87.0f, splat(-87.0f), x);
-    x = pick(x > 88.0f, splat(88.0f), x);
-    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest, |n| <= 127 */
-    vf r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vf p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    return p * (vf)bits;
-}
 
 /* pieces[e] for e < 4 W: the 16-bit piece (e & 3) of the word mix64(seed + (c0 + (e >> 2)) * GAMMA), W words */
 static void hash_pieces(uint64_t seed, uint64_t c0, int64_t W, uint64_t *words, uint16_t *pieces) {

@@ -55,7 +55,7 @@ def tile(n, k, s, seed, eps=0.05, dead_pairs=True):
 def check_against_reference(n, k, s, seed, n_iter, lo, hi):
     sim, z, live_p, live_q = tile(n, k, s, seed)
     got = cpu.sinkhorn(z.float(), live_p, live_q, log_marginals(live_p, torch.float32),
-                       log_marginals(live_q, torch.float32), n_iter, lo, hi, chunked._log_update)
+                       log_marginals(live_q, torch.float32), n_iter, lo, hi)
     assert got is not None
     f, g, score = got
     f_ref, g_ref = sinkhorn_potentials(sim, live_p, live_q, 0.05, n_iter)
@@ -88,11 +88,11 @@ def test_absorptions_keep_the_log_domain_iterates():
 def test_zero_iterations_and_nan():
     sim, z, live_p, live_q = tile(20, 6, 4, seed=5)
     la, lb = log_marginals(live_p, torch.float32), log_marginals(live_q, torch.float32)
-    f, g, _ = cpu.sinkhorn(z.float(), live_p, live_q, la, lb, 0, math.exp(-16), math.exp(16), chunked._log_update)
+    f, g, _ = cpu.sinkhorn(z.float(), live_p, live_q, la, lb, 0, math.exp(-16), math.exp(16))
     assert torch.equal(f, torch.zeros_like(f)) and torch.equal(g, torch.zeros_like(g))  # u = v = 1
     z = z.float()
     z[4, 0, 0] = float("nan")  # a NaN similarity poisons its pair (as in the PyTorch loop), and only that pair
-    f, g, score = cpu.sinkhorn(z, live_p, live_q, la, lb, 5, math.exp(-16), math.exp(16), chunked._log_update)
+    f, g, score = cpu.sinkhorn(z, live_p, live_q, la, lb, 5, math.exp(-16), math.exp(16))
     assert torch.isnan(score[4]) and torch.isfinite(torch.cat([score[:4], score[5:]])).all()
 
 

@@ -25,8 +25,8 @@ half-step is redone in the log domain and the scalings are absorbed into the pot
 the numbers stay those of the log-domain iteration for any eps: entries of kern that underflow carry at most
 exp(-87 + 2 * ABSORB_AT) of mass in fp32. Runs on any device and dtype (iterations in fp32, or fp64 for fp64);
 on an accelerator (the fallback for pairs above the Triton tile) each absorption check is a host synchronisation.
-fp32 tiles on CPU run these iterations in a C kernel (``kernels/patch_sentence_ot/sinkhorn_cpu.c``, 16 pairs per
-SIMD lane group, in L1) when it builds, and on the loop below when it does not or a scaling needs absorbing.
+fp32 tiles on CPU run these iterations, their absorptions (per lane group of 16 pairs) and the plan's exp in a C
+kernel (``kernels/patch_sentence_ot/sinkhorn_cpu.c``, in L1) when it builds, and on the loop below when it does not.
 
 Normalisation (``normalize=True``, what the local loss uses): the op takes raw embeddings and scores their unit
 rows, made exactly as ``mlip_fast.reference.patch_sentence.unit_rows`` makes them (padded rows zeroed, then
@@ -139,7 +139,7 @@ class _TileSinkhorn:
             # kern = exp(z) cannot overflow: start in the scaling form from f = g = 0, u = v = 1 (the first
             # iteration's v and u are then exp of the log-domain iteration's g and f); fp32 on CPU: the C kernel
             done = None if self.active is not None else cpu_kernel.sinkhorn(
-                z, self.live_p, self.live_q, self.log_a, self.log_b, n_iter, self.lo, self.hi, _log_update)
+                z, self.live_p, self.live_q, self.log_a, self.log_b, n_iter, self.lo, self.hi)
             if done is not None:
                 return done
             f, g = torch.zeros_like(self.log_a), torch.zeros_like(self.log_b)
