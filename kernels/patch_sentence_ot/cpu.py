@@ -26,7 +26,7 @@ import torch
 
 from mlip_fast.kernels import _native
 
-__all__ = ["LANES", "SOURCE", "enabled", "library", "runs", "status", "sinkhorn", "workspace"]
+__all__ = ["LANES", "SOURCE", "enabled", "library", "runs", "status", "sinkhorn", "plan_", "workspace"]
 
 LANES = 16  # pairs per lane group; the C source's LANES
 SOURCE = Path(__file__).with_name("sinkhorn_cpu.c")
@@ -52,6 +52,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mlip_sinkhorn_openmp.restype, lib.mlip_sinkhorn_openmp.argtypes = ctypes.c_int64, []
     parts = lib.mlip_sinkhorn_lanes_parts
     parts.restype, parts.argtypes = ctypes.c_int64, [ctypes.c_int64, ctypes.c_void_p] + fn.argtypes[2:]
+    lib.mlip_ot_plan.restype = ctypes.c_int64
+    lib.mlip_ot_plan.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -147,3 +149,16 @@ def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a:
     STATS["tiles"] += 1
     STATS["absorptions"] += absorbed
     return _unlanes(f + u.log(), n), _unlanes(g + v.log(), n), score.view(-1)[:n]
+
+
+def plan_(m: torch.Tensor, f: torch.Tensor, g: torch.Tensor, w: torch.Tensor, eps: float) -> bool:
+    """The backward's plan tile in place, in one pass of the kernel (``mlip_ot_plan``): m [bc, K, gc, S] (the
+    similarities, contiguous) <- exp(m / eps + f[b, g, p] + g[b, g, q]) * w[b, g], with f [bc, gc, K], g [bc, gc, S]
+    and w [bc, gc]. False (m untouched) when the kernel does not run here."""
+    if not runs(m.device, m.dtype) or not m.is_contiguous():
+        return False
+    f, g, w = f.contiguous(), g.contiguous(), w.contiguous()
+    bc, k, gc, s = m.shape
+    if library().mlip_ot_plan(bc, k, gc, s, eps, m.data_ptr(), f.data_ptr(), g.data_ptr(), w.data_ptr()):
+        raise MemoryError("the CPU OT kernel could not allocate its scratch row")
+    return True

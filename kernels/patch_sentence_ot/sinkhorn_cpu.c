@@ -41,6 +41,11 @@ and a run's numbers do not depend on the instruction set the build found.
 */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "../_vecmath.h"
 
@@ -206,4 +211,58 @@ int64_t mlip_sinkhorn_lanes_parts(int64_t parts, const int64_t *cuts, int64_t K,
     absorptions += mlip_sinkhorn_lanes(cuts[i], cuts[i + 1], K, S, iters, kern, z, a, b, log_a, log_b, live_p,
                                        live_q, f, g, u, v, score, lo, hi, tiny);
   return absorptions;
+}
+
+/* The backward's plan tile in place: m[b, p, g, q] <- exp(((m / eps) + f[b, g, p]) + gp[b, g, q]) * w[b, g] for
+ * b in [b0, b1) of a [bc, K, gc, S] similarity tile (f [bc, gc, K], gp [bc, gc, S], w [bc, gc]): the element-wise
+ * steps of the PyTorch loop (divide, two adds, exp, multiply) in that order, in one pass; exp_v gives exactly 0 for
+ * -inf / DEAD potentials. ``row`` is scratch of 2 gc S floats. */
+static void plan_rows(int64_t b0, int64_t b1, int64_t K, int64_t gc, int64_t S, float eps, float *m, const float *f,
+                      const float *gp, const float *w, float *row) {
+  const int64_t n = gc * S, nv = n / LANES * LANES;
+  float *fw = row + n;
+  for (int64_t b = b0; b < b1; b++) {
+    const float *gb = gp + b * n, *wb = w + b * gc;
+    for (int64_t p = 0; p < K; p++) {
+      float *mp = m + (b * K + p) * n;
+      for (int64_t g = 0; g < gc; g++)
+        for (int64_t q = 0; q < S; q++) {
+          row[g * S + q] = f[(b * gc + g) * K + p];
+          fw[g * S + q] = wb[g];
+        }
+      int64_t i = 0;
+      for (; i < nv; i += LANES)
+        storeu(mp + i, exp_v(((loadu(mp + i) / eps) + loadu(row + i)) + loadu(gb + i)) * loadu(fw + i));
+      if (i < n) { /* the tail through a padded vector: the same operations lane by lane */
+        float t[3][LANES] = {{0}};
+        memcpy(t[0], mp + i, sizeof(float) * (n - i));
+        memcpy(t[1], row + i, sizeof(float) * (n - i));
+        memcpy(t[2], gb + i, sizeof(float) * (n - i));
+        vf r = exp_v(((loadu(t[0]) / eps) + loadu(t[1])) + loadu(t[2]));
+        float out[LANES];
+        storeu(out, r);
+        for (int64_t j = 0; j < n - i; j++) mp[i + j] = out[j] * fw[i + j];
+      }
+    }
+  }
+}
+
+int64_t mlip_ot_plan(int64_t bc, int64_t K, int64_t gc, int64_t S, float eps, float *m, const float *f,
+                     const float *gp, const float *w) {
+  int64_t failed = 0;
+#pragma omp parallel reduction(| : failed)
+  {
+    int64_t parts = 1, part = 0;
+#ifdef _OPENMP
+    parts = omp_get_num_threads();
+    part = omp_get_thread_num();
+#endif
+    float *row = (float *)malloc(sizeof(float) * 2 * (size_t)(gc * S));
+    if (row != NULL)
+      plan_rows(bc * part / parts, bc * (part + 1) / parts, K, gc, S, eps, m, f, gp, w, row);
+    else
+      failed = 1;
+    free(row);
+  }
+  return failed;
 }

@@ -170,3 +170,28 @@ def test_tile_buffers_are_reused_and_never_leak_into_results():
     again = chunked.patch_sentence_ot_scores_chunked(p, s, smask, pmask, 0.05, 30, normalize=True)
     assert torch.equal(again, first)  # what the buffers held before does not change a number
     assert cpu.workspace("z", (1,)).data_ptr() == z_buffer  # reused, not reallocated
+
+
+@needs_kernel
+@pytest.mark.parametrize("bc,k,gc,s", [(3, 5, 4, 3), (10, 32, 64, 12), (1, 1, 1, 1), (7, 9, 5, 7)])
+def test_backward_plan_tile_matches_the_pytorch_steps(bc, k, gc, s):
+    """mlip_ot_plan = exp(m / eps + f + g) * w: the PyTorch loop's fp32 steps in their order, so only exp differs
+    (the kernel's about 1e-7 relative, ATen's about 1 ulp: checked at 4e-7 of each entry, values below FLT_MIN
+    flushed to 0 by the kernel); against fp64 the exponent's own fp32 rounding (|x| 2^-24, |x| <= 40 here) adds up
+    to 2.4e-6 relative (checked at 4e-6). -inf and DEAD potentials give exactly 0; row tails of any length (gc * s
+    not a multiple of the 16 lanes)."""
+    gen = torch.Generator().manual_seed(bc * 100 + k)
+    sim = torch.rand(bc, k, gc, s, generator=gen) * 2 - 1
+    f = torch.randn(bc, gc, k, generator=gen) - 5
+    g = torch.randn(bc, gc, s, generator=gen) - 5
+    w = torch.rand(bc, gc, generator=gen)
+    f[0, 0, 0], g[-1, -1, -1] = float("-inf"), DEAD
+    m = sim.clone()
+    assert cpu.plan_(m, f, g, w, 0.05)
+    steps = sim.div(0.05).add_(f.transpose(1, 2)[..., None]).add_(g[:, None]).exp_().mul_(w[:, None, :, None])
+    assert torch.allclose(m, steps, rtol=4e-7, atol=torch.finfo(torch.float32).tiny)
+    ref = ((sim.double() / 0.05 + f.double().transpose(1, 2)[..., None] + g.double()[:, None]).exp()
+           * w.double()[:, None, :, None])
+    assert torch.allclose(m.double(), ref, rtol=4e-6, atol=torch.finfo(torch.float32).tiny)
+    assert (m[0, 0, 0] == 0).all() and (m[-1, :, -1, -1] == 0).all()
+    assert not cpu.plan_(sim.double(), f.double(), g.double(), w.double(), 0.05)  # fp64: the caller's PyTorch steps

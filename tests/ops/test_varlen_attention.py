@@ -161,3 +161,22 @@ def test_hash_dropout_contract():
         torch.library.opcheck(torch.ops.mlip_fast.hash_dropout.default, (torch.randn(9, 5).requires_grad_(), 0.2, 3))
     x64 = torch.randn(40, dtype=torch.float64)  # not the kernel's dtype: the same mask from the reference
     assert torch.equal(hash_dropout(x64, 0.3, 9) != 0, flat_keep(9, 40, 0.3) & (x64 != 0))
+
+
+@needs_kernel
+def test_python_pool_split_equals_the_openmp_split(monkeypatch):
+    """A build without OpenMP splits the items over a Python pool instead: the same numbers to the bit."""
+    from mlip_fast.kernels.varlen_attention import cpu
+
+    qkv, offsets = case([57, 64, 16, 2, 33, 8], 4, 32, seed=9)
+    x = qkv.float().requires_grad_()
+    grad = torch.randn(x.shape[0], x.shape[1] // 3)
+    runs = []
+    for openmp in (True, False):
+        if not openmp:
+            monkeypatch.setattr(cpu.library(), "mlip_openmp", lambda: 0)
+        x.grad = None
+        out = op.varlen_attention(x, offsets, 4, 0.2, 0.1, seed=5)
+        out.backward(grad)
+        runs.append((out.detach(), x.grad.clone(), hash_dropout(grad, 0.1, 3)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -323,9 +323,11 @@ def chunked_bwd(
         # M[b, p, g, q] = w[b, g] exp(f[b, g, p] + g[b, g, q] + sim / eps), built in place in the
         # [b, p, g, q] layout of the similarity tile (-inf potentials give exactly 0)
         p_blk = blocks[bs]
-        m = _sim_tile(p_blk, sent_flat, gs, S, work).view(bc, K, gc, S).div_(eps)
-        m.add_(f[bs, gs].transpose(1, 2)[..., None]).add_(g[bs, gs][:, None])
-        m = m.exp_().mul_(w[bs, gs][:, None, :, None]).view(bc * K, gc * S)
+        m = _sim_tile(p_blk, sent_flat, gs, S, work).view(bc, K, gc, S)
+        if not cpu_kernel.plan_(m, f[bs, gs], g[bs, gs], w[bs, gs], eps):  # fp32 on CPU: one pass in C
+            m.div_(eps).add_(f[bs, gs].transpose(1, 2)[..., None]).add_(g[bs, gs][:, None])
+            m.exp_().mul_(w[bs, gs][:, None, :, None])
+        m = m.view(bc * K, gc * S)
         if need_p:
             grad_p[bs].view(bc * K, D).addmm_(m, sent_flat[rows].to(work))
         if need_s:
