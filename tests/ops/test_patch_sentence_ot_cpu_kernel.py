@@ -195,3 +195,21 @@ def test_backward_plan_tile_matches_the_pytorch_steps(bc, k, gc, s):
     assert torch.allclose(m.double(), ref, rtol=4e-6, atol=torch.finfo(torch.float32).tiny)
     assert (m[0, 0, 0] == 0).all() and (m[-1, :, -1, -1] == 0).all()
     assert not cpu.plan_(sim.double(), f.double(), g.double(), w.double(), 0.05)  # fp64: the caller's PyTorch steps
+
+
+@needs_kernel
+def test_python_pool_split_equals_the_openmp_split(monkeypatch):
+    """A build without OpenMP splits the lane groups over a Python pool instead: the same numbers to the bit, forced
+    absorptions included."""
+    sim, z, live_p, live_q = tile(45, 9, 5, seed=8)
+    la, lb = log_marginals(live_p, torch.float32), log_marginals(live_q, torch.float32)
+    args = (z.float(), live_p, live_q, la, lb, 25, math.exp(-0.5), math.exp(0.5))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = cpu.sinkhorn(*args)
+        monkeypatch.setattr(cpu.library(), "mlip_sinkhorn_openmp", lambda: 0)
+        second = cpu.sinkhorn(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -180,3 +180,35 @@ def test_python_pool_split_equals_the_openmp_split(monkeypatch):
         out.backward(grad)
         runs.append((out.detach(), x.grad.clone(), hash_dropout(grad, 0.1, 3)))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_native_build_uses_openmp_only_with_torchs_runtime(monkeypatch, tmp_path):
+    """-fopenmp is tried only when torch's libgomp is loaded (else a second OpenMP runtime would start its own
+    threads); the build key covers the shared header, so editing it rebuilds."""
+    from mlip_fast.kernels import _native
+
+    if _native.compiler() is None:
+        pytest.skip("no C compiler")
+    seen = []
+    real_run = _native.subprocess.run
+
+    def spy(cmd, **kwargs):
+        seen.append(list(cmd))
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setenv("MLIP_FAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native.subprocess, "run", spy)
+    source = tmp_path / "k.c"
+    source.write_text('#include <stdint.h>\nint64_t k(void) { return 1; }\n')
+    monkeypatch.setattr(_native, "openmp_shared", lambda: False)
+    plain = _native.build(source, _native.FLAGS, (), openmp=True)
+    assert not any("-fopenmp" in c for c in seen[-1])
+    monkeypatch.setattr(_native, "openmp_shared", lambda: True)
+    with_omp = _native.build(source, _native.FLAGS, (), openmp=True)
+    assert "-fopenmp" in seen[-1] and with_omp != plain
+    header = tmp_path / "h.h"
+    header.write_text("/* v1 */\n")
+    monkeypatch.setattr(_native, "HEADERS", (header,))
+    first = _native.build(source, _native.FLAGS, ())
+    header.write_text("/* v2 */\n")
+    assert _native.build(source, _native.FLAGS, ()) != first
