@@ -126,9 +126,9 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
         text_cfg = e.model_cfg.text
         text_attention = text_cfg.attn_implementation
         attn_drop = text_cfg.dropout if text_cfg.attention_dropout is None else text_cfg.attention_dropout
-        if run.device_type == "cpu" and attn_drop > 0:  # training with attention dropout: packed, C kernel or not
+        if run.device_type == "cpu" and attn_drop > 0:  # training with attention dropout: the C kernel or PyTorch
             how = packed_attention_status() if e.dtype == torch.float32 else "pytorch (the C kernel is fp32)"
-            text_attention = f"{text_attention}; training with dropout: packed {how}"
+            text_attention = f"{text_attention}; training with dropout: {how}"
         out.backends.update(vit_attention=selected_backend(), text_attention=text_attention,
                             ops=describe_selected(detail=True))
         ops = ", ".join(_impl_line(op, c) for op, c in out.backends["ops"].items() if c)

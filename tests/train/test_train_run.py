@@ -220,7 +220,7 @@ def test_ot_matching_run_records_it_and_evaluates_with_it(tmp_path, synthetic_ca
     assert summary["model"]["local_matching"] == "ot"
     assert summary["backends"]["ops"]["patch_sentence_ot_scores"]["impl"] == "chunked"
     # the report tower's attention with dropout in training on CPU: the packed C kernel where it builds
-    assert summary["backends"]["text_attention"] == f"sdpa; training with dropout: packed {packed_attention_status()}"
+    assert summary["backends"]["text_attention"] == f"sdpa; training with dropout: {packed_attention_status()}"
     records = train_records(tmp_path / "run")
     assert all(math.isfinite(r["loss_local"]) and r["loss_local"] > 0 for r in records.values())
     assert summary["localisation_test"]["local_matching"] == "ot"
