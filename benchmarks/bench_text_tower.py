@@ -4,15 +4,18 @@ Why: the default run's profile (``--profile-steps``) showed the report tower at 
 although it runs fewer token-layers, from its dropout: ``bernoulli_`` draws (one Mersenne-Twister number per
 element) and SDPA's CPU fallback for attention with dropout, over the whole padded [B, H, T, T]. The tower now
 draws masks with :func:`mlip_fast.models.dropout.dropout` and computes attention with dropout per group of rows of
-similar length (``mlip_fast.models.text``). Two measurements, fp32, training mode, dropout 0.1 (the preset's):
+similar length (``mlip_fast.models.text``); since 2026-12-06 evening, where the C kernels build, attention with
+dropout is one packed C op over the valid tokens (``mlip_fast.ops.varlen_attention``) and the hidden-state dropouts
+one hashed C pass each (``mlip_fast.ops.hash_dropout``). Two measurements, fp32, training mode, dropout 0.1 (the
+preset's):
 
 - ``tower``: ``mlip-tiny``'s report tower (hidden 128, 2 layers, 4 heads) on batches of 64 synthetic-benchmark
   reports (the generator's findings + impression; WordPiece vocabulary trained on them, as the default run),
   forward + backward of [CLS] and the sentence vectors, ms per batch: ``transformers`` (the encoder's own padded
-  forward: SDPA with dropout, ``nn.Dropout``) vs ``mlip_fast`` (``TextTower``: padding-free, CPU dropout masks,
-  length-grouped attention).
+  forward: SDPA with dropout, ``nn.Dropout``) vs ``mlip_fast_pytorch`` (``TextTower`` with the C kernels off:
+  padding-free, CPU dropout masks, length-grouped attention) vs ``mlip_fast`` (``TextTower`` with them).
 - ``mask``: one dropout call at the tower's shapes (attention probabilities [64, 4, 110, 110], hidden states
-  [3500, 128]), ms: ``F.dropout`` vs ``mlip_fast.models.dropout.dropout``.
+  [3500, 128]), ms: ``F.dropout`` vs ``mlip_fast.models.dropout.dropout`` vs ``mlip_fast.ops.hash_dropout``.
 
 Median of interleaved rounds (the two ways alternate, so machine load hits both alike):
 
@@ -22,6 +25,7 @@ Median of interleaved rounds (the two ways alternate, so machine load hits both 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -36,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 
-WAYS = ("transformers", "mlip_fast")
+WAYS = ("transformers", "mlip_fast_pytorch", "mlip_fast")
 MASK_SHAPES = {"attention [64, 4, 110, 110]": (64, 4, 110, 110), "hidden [3500, 128]": (3500, 128)}
 
 
@@ -59,6 +63,20 @@ def make_tower(batches: int, batch: int = 64, seed: int = 0):
     return model.text, [model.tokenize(texts[i * batch:(i + 1) * batch]) for i in range(batches)]
 
 
+@contextlib.contextmanager
+def _kernels(on: bool):
+    """The C kernels on or off (``MLIP_FAST_CPU_KERNELS``, read at every call) for the duration."""
+    before = os.environ.get("MLIP_FAST_CPU_KERNELS")
+    os.environ["MLIP_FAST_CPU_KERNELS"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MLIP_FAST_CPU_KERNELS"]
+        else:
+            os.environ["MLIP_FAST_CPU_KERNELS"] = before
+
+
 def _tower_step(tower, batches: list, way: str) -> None:
     from mlip_fast.models.text import pool_sentences
 
@@ -68,8 +86,10 @@ def _tower_step(tower, batches: list, way: str) -> None:
             hidden = tower.encoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
             cls, sentences = hidden[:, 0], pool_sentences(hidden, b["sentence_spans"], b["sentence_mask"])
         else:
-            cls, sentences = tower(*(b[k] for k in keys))
-        (cls.sum() + sentences.sum()).backward()
+            with _kernels(way == "mlip_fast"):
+                cls, sentences = tower(*(b[k] for k in keys))
+        with _kernels(way == "mlip_fast"):
+            (cls.sum() + sentences.sum()).backward()
 
 
 def _median_ms(fns: dict, rounds: int, number: int) -> dict:
@@ -78,6 +98,7 @@ def _median_ms(fns: dict, rounds: int, number: int) -> dict:
 
 def measure(rounds: int = 5, batches: int = 4, mask_number: int = 10) -> dict:
     from mlip_fast.models.dropout import dropout
+    from mlip_fast.ops.hash_dropout import hash_dropout
 
     tower, data = make_tower(batches)
     lengths = [int(b["attention_mask"].shape[1]) for b in data]
@@ -87,14 +108,15 @@ def measure(rounds: int = 5, batches: int = 4, mask_number: int = 10) -> dict:
              "way": way, "ms": round(ms[way] / batches, 2), "per": "batch of 64"} for way in WAYS]
     for label, shape in MASK_SHAPES.items():
         x = torch.randn(shape)
-        ms = _median_ms({"transformers": lambda: F.dropout(x, 0.1, True), "mlip_fast": lambda: dropout(x, 0.1)},
-                        rounds, mask_number)
+        ms = _median_ms({"transformers": lambda: F.dropout(x, 0.1, True), "mlip_fast_pytorch": lambda: dropout(x, 0.1),
+                         "mlip_fast": lambda: hash_dropout(x, 0.1, 12345)}, rounds, mask_number)
         rows += [{"what": "mask", "case": label, "way": way, "ms": round(ms[way], 3), "per": "call"} for way in WAYS]
     return {"environment": dict(harness.environment(), threads=torch.get_num_threads(),
                                 load_1min=round(os.getloadavg()[0], 2)),
             "what": "report tower forward + backward (training mode, dropout 0.1, fp32) per batch of 64, and one "
                     "dropout call, median of interleaved rounds; 'transformers' = the encoder's padded forward and "
-                    "F.dropout, 'mlip_fast' = TextTower / mlip_fast.models.dropout",
+                    "F.dropout, 'mlip_fast_pytorch' = TextTower with the C kernels off / mlip_fast.models.dropout, "
+                    "'mlip_fast' = TextTower with them / mlip_fast.ops.hash_dropout",
             "rounds": rounds, "table": rows}
 
 

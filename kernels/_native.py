@@ -7,8 +7,9 @@ kernel that asks and when torch's OpenMP runtime libgomp is loaded, -fopenmp: th
 ``libgomp.so.1`` and its parallel loops run on torch's own worker threads instead of a second pool that would
 compete with them for the cores) into
 ``$MLIP_FAST_CACHE`` (else ``$XDG_CACHE_HOME/mlip_fast``, else ``~/.cache/mlip_fast``) ``/native/<key>/``, where
-the key hashes the source (and the shared header ``_vecmath.h``), the compiler's version, the flags and the CPU's model and feature flags (a build for
-one CPU is never loaded on another); written to a temporary name and renamed, so concurrent ranks are safe.
+the key hashes the source (and the shared header ``_vecmath.h``), the compiler's version, the flags and the CPU's
+model and feature flags (a build for one CPU is never loaded on another); written to a temporary name and renamed,
+so concurrent ranks are safe.
 ``MLIP_FAST_CPU_KERNELS=0`` turns every C kernel off (their ops then run their PyTorch code).
 
 API::
