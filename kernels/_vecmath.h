@@ -49,4 +49,13 @@ static inline vf exp_v(vf x) {
     return pick(tiny, splat(0.0f), p * (vf)bits);
 }
 
+/* 1 when this library was built with -fopenmp (its parallel loops then run on the OpenMP runtime's threads) */
+static inline int64_t openmp_built(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 #endif

@@ -170,15 +170,28 @@ static void exp_row(float *x, int64_t L, int64_t LP, float shift) {
     for (int64_t j = L; j < LP; j++) x[j] = 0.0f;
 }
 
+static inline float drop_scale(int64_t k_drop) { return k_drop > 0 ? 65536.0f / (float)(65536 - k_drop) : 1.0f; }
+
+/* work item = b H + h: its head, first token, length L and L rounded up to VL */
+typedef struct {
+    int64_t h, off0, L, LP;
+} item_t;
+
+static inline item_t item_at(int64_t item, int64_t H, const int64_t *off) {
+    const int64_t b = item / H, L = off[b + 1] - off[b];
+    return (item_t){item % H, off[b], L, round_up(L)};
+}
+
 /* Items [item0, item1) of the forward: out [N, C], lse [N, H]. Returns 0, or -1 when scratch cannot be had. */
 int64_t mlip_attention_fwd(int64_t item0, int64_t item1, int64_t H, int64_t dh, int64_t lmax, const int64_t *off,
                            const float *qkv, float *out, float *lse, float scale, uint64_t seed, int64_t k_drop) {
     const int64_t C = H * dh, DP = round_up(dh);
-    const float t = k_drop > 0 ? 65536.0f / (float)(65536 - k_drop) : 1.0f;
+    const float t = drop_scale(k_drop);
     scratch_t w;
     if (alloc_scratch(&w, lmax, dh) != 0) return -1;
     for (int64_t item = item0; item < item1; item++) {
-        const int64_t b = item / H, h = item % H, off0 = off[b], L = off[b + 1] - off[b], LP = round_up(L);
+        const item_t it = item_at(item, H, off);
+        const int64_t h = it.h, off0 = it.off0, L = it.L, LP = it.LP;
         if (L <= 0) continue;
         load_item(qkv, off0, L, h, C, dh, &w);
         for (int64_t i0 = 0; i0 < L; i0 += RB) {
@@ -217,11 +230,12 @@ int64_t mlip_attention_bwd(int64_t item0, int64_t item1, int64_t H, int64_t dh, 
                            const float *qkv, const float *dout, const float *lse, float *dqkv, float scale,
                            uint64_t seed, int64_t k_drop) {
     const int64_t C = H * dh, DP = round_up(dh);
-    const float t = k_drop > 0 ? 65536.0f / (float)(65536 - k_drop) : 1.0f;
+    const float t = drop_scale(k_drop);
     scratch_t w;
     if (alloc_scratch(&w, lmax, dh) != 0) return -1;
     for (int64_t item = item0; item < item1; item++) {
-        const int64_t b = item / H, h = item % H, off0 = off[b], L = off[b + 1] - off[b], LP = round_up(L);
+        const item_t it = item_at(item, H, off);
+        const int64_t h = it.h, off0 = it.off0, L = it.L, LP = it.LP;
         if (L <= 0) continue;
         load_item(qkv, off0, L, h, C, dh, &w);
         memset(w.dk, 0, sizeof(float) * LP * DP);
@@ -278,7 +292,7 @@ void mlip_dropout(int64_t e0, int64_t e1, const float *x, float *out, uint64_t s
     enum { BLOCK = 256 };
     uint64_t words[BLOCK / 4];
     uint16_t pieces[BLOCK];
-    const float t = 65536.0f / (float)(65536 - k_drop);
+    const float t = drop_scale(k_drop);
     const uint16_t k = (uint16_t)k_drop;
     for (int64_t b = e0; b < e1; b += BLOCK) {
         const int64_t n = e1 - b < BLOCK ? e1 - b : BLOCK;
@@ -289,13 +303,7 @@ void mlip_dropout(int64_t e0, int64_t e1, const float *x, float *out, uint64_t s
 
 /* The same calls over parts [cuts[i], cuts[i + 1]) of the items (elements for the dropout), one part per thread of
  * the OpenMP runtime when built with -fopenmp (torch's own threads), else one after the other. */
-int64_t mlip_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
+int64_t mlip_openmp(void) { return openmp_built(); }
 
 int64_t mlip_attention_fwd_parts(int64_t parts, const int64_t *cuts, int64_t H, int64_t dh, int64_t lmax,
                                  const int64_t *off, const float *qkv, float *out, float *lse, float scale,

@@ -213,3 +213,25 @@ def test_python_pool_split_equals_the_openmp_split(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@needs_kernel
+def test_portable_build_gives_the_native_builds_numbers(monkeypatch, tmp_path):
+    """Built without -march=native and without OpenMP, the Sinkhorn kernel (absorptions included) and the backward's
+    plan tile compute the same bits as the native build."""
+    from mlip_fast.kernels import _native
+
+    sim, z, live_p, live_q = tile(45, 9, 5, seed=8)
+    la, lb = log_marginals(live_p, torch.float32), log_marginals(live_q, torch.float32)
+    args = (z.float(), live_p, live_q, la, lb, 25, math.exp(-0.5), math.exp(0.5))
+    m = torch.rand(3, 5, 4, 3) * 2 - 1
+    plan_args = (torch.randn(3, 4, 5) - 5, torch.randn(3, 4, 3) - 5, torch.rand(3, 4), 0.05)
+    native, native_plan = cpu.sinkhorn(*args), m.clone()
+    assert cpu.plan_(native_plan, *plan_args)
+    monkeypatch.setenv("MLIP_FAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu, "_build", lambda: _native.build(cpu.SOURCE, _native.FLAGS, (), openmp=False))
+    monkeypatch.setattr(cpu, "_state", {})
+    assert not cpu.library().mlip_sinkhorn_openmp()
+    portable, portable_plan = cpu.sinkhorn(*args), m.clone()
+    assert cpu.plan_(portable_plan, *plan_args)
+    assert all(torch.equal(a, b) for a, b in zip(native, portable)) and torch.equal(native_plan, portable_plan)

@@ -212,3 +212,28 @@ def test_native_build_uses_openmp_only_with_torchs_runtime(monkeypatch, tmp_path
     first = _native.build(source, _native.FLAGS, ())
     header.write_text("/* v2 */\n")
     assert _native.build(source, _native.FLAGS, ()) != first
+
+
+@needs_kernel
+def test_portable_build_gives_the_native_builds_numbers(monkeypatch, tmp_path):
+    """Built without -march=native (the vector width the machine offers) and without OpenMP, the kernel computes
+    the same bits: every operation is lane-wise IEEE single precision without fused multiply-add."""
+    from mlip_fast.kernels import _native
+    from mlip_fast.kernels.varlen_attention import cpu
+
+    qkv, offsets = case([57, 64, 16, 2, 33], 4, 32, seed=12)
+    x = qkv.float().requires_grad_()
+    grad = torch.randn(x.shape[0], x.shape[1] // 3, generator=torch.Generator().manual_seed(1))
+    native = op.varlen_attention(x, offsets, 4, 0.2, 0.1, seed=5)
+    native.backward(grad)
+    native_grad, x.grad = x.grad, None
+    native_drop = hash_dropout(grad, 0.1, 3)
+    monkeypatch.setenv("MLIP_FAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(_native, "NATIVE_FLAGS", ())
+    monkeypatch.setattr(cpu, "_build", lambda: _native.build(cpu.SOURCE, _native.FLAGS, (), openmp=False))
+    monkeypatch.setattr(cpu, "_state", {})
+    assert not cpu.library().mlip_openmp()
+    portable = op.varlen_attention(x, offsets, 4, 0.2, 0.1, seed=5)
+    portable.backward(grad)
+    assert torch.equal(portable, native) and torch.equal(x.grad, native_grad)
+    assert torch.equal(hash_dropout(grad, 0.1, 3), native_drop)
