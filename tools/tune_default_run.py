@@ -113,6 +113,20 @@ CANDIDATES = {
     # AUC 0.892 / 0.903, pointing 4.96x / 4.40x, but the whole default command with it (2 threads): test AUC 0.884,
     # 424 s (docs/training.md), so not adopted
     "ot_mask0.75_1500": ["--steps", "1500", *OT, "--mask-ratio", "0.75"],
+    # the default run after its step got about 1.4x faster (the report tower's attention and dropout and the OT
+    # op's absorptions in C, 2026-12-06 evening): more steps in the same wall-time budget, at eps 0.05 / 0.04
+    "ot_mask0.5_1600": ["--steps", "1600", *OT, "--mask-ratio", "0.5"],
+    "ot_eps0.04_mask0.5_1600": ["--steps", "1600", *OT, "--mask-ratio", "0.5", "--ot-eps", "0.04"],
+    # the same with the local term weighted 6 instead of 4 (at 1,600 steps AUC 0.933 / 0.937 left room; pointing
+    # 3.00x / 2.65x did not)
+    "ot_eps0.04_lambda6_mask0.5_1600": ["--steps", "1600", *OT, "--mask-ratio", "0.5", "--ot-eps", "0.04",
+                                        "--lambda-local", "6"],
+    # ot_eps0.04_mask0.5_1200 again with the code of the evening (its C attention / dropout draws and OT
+    # absorptions), to compare with that candidate's runs of the afternoon: pointing fell after 800 steps at 1,600
+    "ot_eps0.04_mask0.5_1200_c": ["--steps", "1200", *OT, "--mask-ratio", "0.5", "--ot-eps", "0.04"],
+    # between them: seeds 0-1 at 1,200 AUC 0.895 / 0.888 (pointing 3.74x / 3.02x), at 1,600 0.933 / 0.937 (3.00x /
+    # 2.65x); seeds 0-1: AUC 0.912 / 0.923, pointing 3.67x / 3.07x: the default run since 2026-12-06 evening
+    "ot_eps0.04_mask0.5_1400": ["--steps", "1400", *OT, "--mask-ratio", "0.5", "--ot-eps", "0.04"],
 }
 # Every candidate without its own mask ratio ran at the preset's of its time, 0.25; the preset's is 0.5 since
 # 2026-12-06. Pinned, so that each name keeps meaning the runs its records measured.

@@ -87,3 +87,10 @@ def test_vit_registers_flag_sets_the_model_config_and_overrides_win(capsys):
     with pytest.raises(SystemExit) as info:
         parse_args(BASE + ["--vit-registers", "-1"])
     assert info.value.code == 2 and "--vit-registers" in capsys.readouterr().err
+
+
+def test_preset_ot_eps_only_with_ot_matching():
+    assert parse_args(BASE).ot_eps == SYNTHETIC_PRESET["ot_eps"]
+    args = parse_args(BASE + ["--local-matching", "max"])  # the preset's OT eps would contradict the matching
+    assert args.local_matching == "max" and args.ot_eps is None
+    assert parse_args(BASE + ["--ot-eps", "0.1"]).ot_eps == 0.1
