@@ -26,7 +26,8 @@ import torch
 
 from mlip_fast.kernels import _native
 
-__all__ = ["LANES", "SOURCE", "enabled", "library", "runs", "status", "sinkhorn", "plan_", "workspace"]
+__all__ = ["LANES", "SOURCE", "enabled", "library", "runs", "status", "sinkhorn", "sinkhorn_sim", "plan_",
+           "workspace"]
 
 LANES = 16  # pairs per lane group; the C source's LANES
 SOURCE = Path(__file__).with_name("sinkhorn_cpu.c")
@@ -52,6 +53,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mlip_sinkhorn_openmp.restype, lib.mlip_sinkhorn_openmp.argtypes = ctypes.c_int64, []
     parts = lib.mlip_sinkhorn_lanes_parts
     parts.restype, parts.argtypes = ctypes.c_int64, [ctypes.c_int64, ctypes.c_void_p] + fn.argtypes[2:]
+    lib.mlip_ot_lanes_from_sim.restype = None
+    lib.mlip_ot_lanes_from_sim.argtypes = ([ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_float]
+                                           + [ctypes.c_void_p] * 4)
     lib.mlip_ot_plan.restype = ctypes.c_int64
     lib.mlip_ot_plan.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 4
 
@@ -122,11 +126,38 @@ def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a:
     """
     if not runs(z.device, z.dtype):
         return None
-    lib = library()
-    n, k, s = z.shape
+    n, k, s = live_p.shape[0], live_p.shape[1], live_q.shape[1]
     groups = -(-n // LANES)
     # padding pairs: z = 0 with uniform marginals (every scaling stays 1)
     zl = _lanes(z.reshape(n, k * s), groups, 0.0, workspace("z_lanes", (groups, k * s, LANES)))
+    return _iterate(zl, live_p, live_q, log_a, log_b, n_iter, lo, hi)
+
+
+def sinkhorn_sim(sim: torch.Tensor, eps: float, live_p: torch.Tensor, live_q: torch.Tensor, log_a: torch.Tensor,
+                 log_b: torch.Tensor, n_iter: int, lo: float, hi: float
+                 ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`sinkhorn` of the tile whose similarities are ``sim`` [bc, K, gc, S] (the GEMM's output, pair n =
+    b gc + g): the kernel forms z = sim / eps (DEAD off the live entries) in its lane layout itself, one pass
+    instead of the op's transpose, two masked fills and the lane copy; the same bits."""
+    if not runs(sim.device, sim.dtype) or not sim.is_contiguous():
+        return None
+    bc, k, gc, s = sim.shape
+    n = bc * gc
+    groups = -(-n // LANES)
+    zl = workspace("z_lanes", (groups, k * s, LANES))
+    threads = max(1, min(torch.get_num_threads(), groups))
+    cuts = torch.tensor([groups * i // threads for i in range(threads + 1)], dtype=torch.int64)
+    live_p, live_q = live_p.contiguous(), live_q.contiguous()
+    library().mlip_ot_lanes_from_sim(threads, cuts.data_ptr(), k, s, gc, n, eps, sim.data_ptr(), live_p.data_ptr(),
+                                     live_q.data_ptr(), zl.data_ptr())
+    return _iterate(zl, live_p, live_q, log_a, log_b, n_iter, lo, hi)
+
+
+def _iterate(zl: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+             n_iter: int, lo: float, hi: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lib = library()
+    n, k, s = live_p.shape[0], live_p.shape[1], live_q.shape[1]
+    groups = zl.shape[0]
     live_pl, live_ql = _lanes(live_p, groups, True), _lanes(live_q, groups, True)
     log_al, log_bl = _lanes(log_a, groups, -math.log(k)), _lanes(log_b, groups, -math.log(s))
     tiny = torch.finfo(torch.float32).tiny

@@ -207,6 +207,37 @@ int64_t mlip_sinkhorn_lanes_parts(int64_t parts, const int64_t *cuts, int64_t K,
   return absorptions;
 }
 
+/* The lane layout of z straight from the forward's similarity tile sim [bc, K, gc, S] (the GEMM's output, pair
+ * n = b gc + g): zl[group, p, q, lane] = sim[b, p, g, q] / eps where live_p[n, p] and live_q[n, q] (bool [N, K] and
+ * [N, S]), DEAD elsewhere, 0 for the padding pairs n >= npairs; the division is the PyTorch path's (IEEE fp32), so
+ * zl holds the same bits as its z copied into lanes. Groups [g0, g1). */
+static void lanes_from_sim(int64_t g0, int64_t g1, int64_t K, int64_t S, int64_t gc, int64_t npairs, float eps,
+                           const float *sim, const uint8_t *live_p, const uint8_t *live_q, float *zl) {
+  for (int64_t gi = g0; gi < g1; gi++) {
+    float *zg = zl + gi * K * S * LANES;
+    for (int l = 0; l < LANES; l++) {
+      const int64_t n = gi * LANES + l;
+      if (n >= npairs) {
+        for (int64_t i = 0; i < K * S; i++) zg[i * LANES + l] = 0.0f;
+        continue;
+      }
+      const float *base = sim + ((n / gc) * K * gc + n % gc) * S;
+      const uint8_t *lp = live_p + n * K, *lq = live_q + n * S;
+      for (int64_t p = 0; p < K; p++) {
+        const float *row = base + p * gc * S;
+        for (int64_t q = 0; q < S; q++) zg[(p * S + q) * LANES + l] = (lp[p] && lq[q]) ? row[q] / eps : DEAD;
+      }
+    }
+  }
+}
+
+void mlip_ot_lanes_from_sim(int64_t parts, const int64_t *cuts, int64_t K, int64_t S, int64_t gc, int64_t npairs,
+                            float eps, const float *sim, const uint8_t *live_p, const uint8_t *live_q, float *zl) {
+#pragma omp parallel for schedule(static, 1) num_threads(parts)
+  for (int64_t i = 0; i < parts; i++)
+    lanes_from_sim(cuts[i], cuts[i + 1], K, S, gc, npairs, eps, sim, live_p, live_q, zl);
+}
+
 /* The backward's plan tile in place: m[b, p, g, q] <- exp(((m / eps) + f[b, g, p]) + gp[b, g, q]) * w[b, g] for
  * b in [b0, b1) of a [bc, K, gc, S] similarity tile (f [bc, gc, K], gp [bc, gc, S], w [bc, gc]): the element-wise
  * steps of the PyTorch loop (divide, two adds, exp, multiply) in that order, in one pass; exp_v gives exactly 0 for

@@ -54,26 +54,22 @@ from mlip_fast.ops.dispatch import Impl
 from mlip_fast.reference.patch_sentence import row_norms, score_dtype, unit_rows_backward_, unit_rows_from_norms
 from mlip_fast.reference.patch_sentence_ot import DEAD, log_marginals
 
-# Elements of one similarity tile: 2**18 fp32 values (1 MiB) keep a tile and its few work buffers in cache,
-# while each of the ~10 ops per iteration still works on enough data to hide its per-call cost.
+# Elements of one similarity tile: 2**18 fp32 values (1 MiB) keep a tile and its work buffers in cache.
 TILE_ELEMENTS = 2**18
 # Largest |log scaling| kept in the linear domain before it is absorbed into the potentials.
 ABSORB_AT = 16.0
-# Largest sim / eps of a tile for which the iterations start in the scaling form from kern = exp(sim / eps) (a sum
-# of K such terms stays far below fp32's max); above it the first iteration runs in the log domain. Unit vectors
-# at eps >= 1/32 always start linear (|sim| <= 1).
+# Largest sim / eps of a tile for which the iterations start in the scaling form from kern = exp(sim / eps); above
+# it the first iteration runs in the log domain. Unit vectors at eps >= 1/32 always start linear (|sim| <= 1).
 LINEAR_START_AT = 32.0
-# The scaling updates are bmm products of one row vector with a K x S matrix per pair; ATen's CPU bmm runs
-# products with contraction x rows x columns < 400 in a naive loop instead of its BLAS (measured on this project's
-# CPU machine: 0.7-1.6 ns per kern element against 0.16-0.25 from K * S = 400 on). Narrower pairs get dead sentence
-# columns up to BMM_MIN_CELLS (exact zeros in every product), as long as that at most triples the tile.
+# ATen's CPU bmm runs products with contraction x rows x columns < 400 in a naive loop instead of its BLAS (0.7-1.6
+# against 0.16-0.25 ns per kern element on this project's CPU machine): the PyTorch loop's narrower pairs get dead
+# sentence columns up to BMM_MIN_CELLS (exact zeros in every product), as long as that at most triples the tile.
 BMM_MIN_CELLS = 400
 MAX_WIDENING = 3
 
 
 def _run_width(K: int, S: int) -> int:
-    """The sentence width the iterations run at: S, or the least width with K * width >= BMM_MIN_CELLS when that
-    is at most MAX_WIDENING * S."""
+    """S, or the least width with K * width >= BMM_MIN_CELLS when that is at most MAX_WIDENING * S."""
     if K * S == 0 or K * S >= BMM_MIN_CELLS:
         return S
     wide = -(-BMM_MIN_CELLS // K)
@@ -81,8 +77,7 @@ def _run_width(K: int, S: int) -> int:
 
 
 def _tiles(B: int, K: int, G: int, S: int, tile_elements: int):
-    """Yields (image slice, report slice) covering [B] x [G] with at most ``tile_elements`` K*S cells each
-    (a single pair may exceed it when K*S alone does)."""
+    """(image slice, report slice) covering [B] x [G], at most ``tile_elements`` K*S cells each (or one pair)."""
     per_pair = K * S
     g_block = max(1, min(G, tile_elements // per_pair))
     b_block = max(1, min(B, tile_elements // (per_pair * g_block)))
@@ -253,20 +248,25 @@ def chunked_fwd(
     g_all = torch.empty(B, G, S, dtype=work, device=device)
     neg_inf = float("-inf")
     blocks = _ImageBlocks(patches, patch_mask, norm_p)
+    direct = tol is None and bound <= LINEAR_START_AT and cpu_kernel.runs(device, work)  # C forms z (same bits)
     for bs, gs in _tiles(B, K, G, S, tile_elements):
         bc, gc = bs.stop - bs.start, gs.stop - gs.start
-        # [b, p, g, q] -> [b, g, p, q] divided by eps: one pass, then every pair's K x S block is contiguous
-        sim = _sim_tile(blocks[bs], sent_flat, gs, S, work).view(bc, K, gc, S).transpose(1, 2)
-        z = (cpu_kernel.workspace("z", (bc * gc, K, S), work) if device.type == "cpu"  # reused: no page faults
-             else torch.empty(bc * gc, K, S, dtype=work, device=device))
-        torch.div(sim, eps, out=z.view(bc, gc, K, S))
+        sim = _sim_tile(blocks[bs], sent_flat, gs, S, work).view(bc, K, gc, S)
         live_p = (patch_mask[bs, None, :] & has_s[None, gs, None]).reshape(bc * gc, K)
         live_q = (sentence_mask[None, gs, :] & has_p[bs, None, None]).reshape(bc * gc, S)
-        if dead_p:  # DEAD on the entries of dead rows and columns, each side broadcast (skipped when none)
-            z.masked_fill_(~live_p[:, :, None], DEAD)
-        if dead_q:
-            z.masked_fill_(~live_q[:, None, :], DEAD)
-        f, g, score = _TileSinkhorn(z, live_p, live_q, tol, absorb_at).run(n_iter, bound)
+        done = cpu_kernel.sinkhorn_sim(sim, eps, live_p, live_q, log_marginals(live_p, work), log_marginals(
+            live_q, work), n_iter, math.exp(-absorb_at), math.exp(absorb_at)) if direct else None
+        if done is None:
+            # [b, p, g, q] -> [b, g, p, q] divided by eps: one pass, then every pair's K x S block is contiguous
+            z = (cpu_kernel.workspace("z", (bc * gc, K, S), work) if device.type == "cpu"  # reused: no page faults
+                 else torch.empty(bc * gc, K, S, dtype=work, device=device))
+            torch.div(sim.transpose(1, 2), eps, out=z.view(bc, gc, K, S))
+            if dead_p:  # DEAD on the entries of dead rows and columns, each side broadcast (skipped when none)
+                z.masked_fill_(~live_p[:, :, None], DEAD)
+            if dead_q:
+                z.masked_fill_(~live_q[:, None, :], DEAD)
+            done = _TileSinkhorn(z, live_p, live_q, tol, absorb_at).run(n_iter, bound)
+        f, g, score = done
         scores[bs, gs] = score.view(bc, gc).mul_(eps)
         f_all[bs, gs] = f.masked_fill_(~live_p, neg_inf).view(bc, gc, K)
         g_all[bs, gs] = g.masked_fill_(~live_q, neg_inf).view(bc, gc, S)
