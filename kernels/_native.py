@@ -19,6 +19,10 @@ API::
     openmp_shared() -> whether a -fopenmp build shares torch's OpenMP runtime in this process
     load(state, build_fn, declare, message) -> CDLL or None, decided once per ``state`` dict (one warning on failure)
     pool(threads) -> a shared ThreadPoolExecutor of ``threads`` workers (the caller runs part 0 itself)
+    split(lib, name, cuts, args) -> the return codes of ``name`` over the parts [cuts[i], cuts[i + 1])
+
+Every kernel library exports ``mlip_openmp()`` (1 when built with -fopenmp, from ``_vecmath.h``) and, for each
+function ``name(start, stop, ...)`` it splits, ``name_parts(parts, cuts, ...)`` running the parts in an OpenMP loop.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-__all__ = ["FLAGS", "NATIVE_FLAGS", "OPENMP_FLAGS", "enabled", "compiler", "openmp_shared", "build", "load", "pool"]
+__all__ = ["FLAGS", "NATIVE_FLAGS", "OPENMP_FLAGS", "enabled", "compiler", "openmp_shared", "build", "load", "pool",
+           "split"]
 
 FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")  # every build; -ffp-contract=off: no fused multiply-add
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512") if platform.machine() in ("x86_64", "AMD64") else ()
@@ -128,6 +133,7 @@ def load(state: dict, build_fn: Callable[[], Path], declare: Callable[[ctypes.CD
             if "lib" not in state:
                 try:
                     lib = ctypes.CDLL(str(build_fn()))
+                    lib.mlip_openmp.restype, lib.mlip_openmp.argtypes = ctypes.c_int64, []
                     declare(lib)
                     state["why"] = None
                 except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
@@ -146,3 +152,16 @@ def pool(threads: int) -> ThreadPoolExecutor:
             made[1].shutdown(wait=False)
         made = _pool["pool"] = (threads, ThreadPoolExecutor(max(1, threads), thread_name_prefix="mlip_native"))
     return made[1]
+
+
+def split(lib: ctypes.CDLL, name: str, cuts: Sequence[int], args: tuple) -> list:
+    """``name`` of ``lib`` over the parts [cuts[i], cuts[i + 1]): one call of ``name``_parts on the OpenMP threads
+    when the build has them (torch's own workers), else part 0 on the calling thread and the rest on :func:`pool`
+    (ctypes releases the GIL). Returns the return codes: one (the parts' combination) or one per part."""
+    parts = len(cuts) - 1
+    if lib.mlip_openmp():
+        cut_tensor = (ctypes.c_int64 * len(cuts))(*cuts)
+        return [getattr(lib, f"{name}_parts")(parts, ctypes.cast(cut_tensor, ctypes.c_void_p), *args)]
+    fn = getattr(lib, name)
+    others = [pool(parts - 1).submit(fn, cuts[i], cuts[i + 1], *args) for i in range(1, parts)]
+    return [fn(cuts[0], cuts[1], *args)] + [job.result() for job in others]

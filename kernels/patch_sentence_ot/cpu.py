@@ -50,7 +50,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.mlip_sinkhorn_lanes
     fn.restype = ctypes.c_int64
     fn.argtypes = [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 13 + [ctypes.c_float] * 3
-    lib.mlip_sinkhorn_openmp.restype, lib.mlip_sinkhorn_openmp.argtypes = ctypes.c_int64, []
     parts = lib.mlip_sinkhorn_lanes_parts
     parts.restype, parts.argtypes = ctypes.c_int64, [ctypes.c_int64, ctypes.c_void_p] + fn.argtypes[2:]
     lib.mlip_ot_lanes_from_sim.restype = None
@@ -107,6 +106,12 @@ def _lanes(x: torch.Tensor, groups: int, fill, out: Optional[torch.Tensor] = Non
     return out
 
 
+def _group_cuts(groups: int) -> list:
+    """Lane-group boundaries cutting ``groups`` into min(torch.get_num_threads(), groups) even parts."""
+    threads = max(1, min(torch.get_num_threads(), groups))
+    return [groups * i // threads for i in range(threads + 1)]
+
+
 def _unlanes(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.transpose(1, 2).reshape(-1, x.shape[1])[:n]
 
@@ -145,11 +150,10 @@ def sinkhorn_sim(sim: torch.Tensor, eps: float, live_p: torch.Tensor, live_q: to
     n = bc * gc
     groups = -(-n // LANES)
     zl = workspace("z_lanes", (groups, k * s, LANES))
-    threads = max(1, min(torch.get_num_threads(), groups))
-    cuts = torch.tensor([groups * i // threads for i in range(threads + 1)], dtype=torch.int64)
     live_p, live_q = live_p.contiguous(), live_q.contiguous()
-    library().mlip_ot_lanes_from_sim(threads, cuts.data_ptr(), k, s, gc, n, eps, sim.data_ptr(), live_p.data_ptr(),
-                                     live_q.data_ptr(), zl.data_ptr())
+    cuts = torch.tensor(_group_cuts(groups), dtype=torch.int64)
+    library().mlip_ot_lanes_from_sim(cuts.numel() - 1, cuts.data_ptr(), k, s, gc, n, eps, sim.data_ptr(),
+                                     live_p.data_ptr(), live_q.data_ptr(), zl.data_ptr())
     return _iterate(zl, live_p, live_q, log_a, log_b, n_iter, lo, hi)
 
 
@@ -166,17 +170,7 @@ def _iterate(zl: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a
     f, g, u, v = torch.empty_like(a), torch.empty_like(b), torch.empty_like(a), torch.empty_like(b)
     score = torch.empty(groups, LANES, dtype=torch.float32)
     ptrs = [t.data_ptr() for t in (kern, zl, a, b, log_al, log_bl, live_pl, live_ql, f, g, u, v, score)]
-    threads = max(1, min(torch.get_num_threads(), groups))
-    cuts = [groups * i // threads for i in range(threads + 1)]
-    if lib.mlip_sinkhorn_openmp():  # on torch's OpenMP threads (kernels/_native.py)
-        cut_tensor = torch.tensor(cuts, dtype=torch.int64)
-        absorbed = lib.mlip_sinkhorn_lanes_parts(threads, cut_tensor.data_ptr(), k, s, n_iter, *ptrs, lo, hi, tiny)
-    else:
-        def call(i: int) -> int:
-            return lib.mlip_sinkhorn_lanes(cuts[i], cuts[i + 1], k, s, n_iter, *ptrs, lo, hi, tiny)
-
-        others = [_native.pool(threads - 1).submit(call, i) for i in range(1, threads)]  # the caller takes part 0
-        absorbed = call(0) + sum(job.result() for job in others)
+    absorbed = sum(_native.split(lib, "mlip_sinkhorn_lanes", _group_cuts(groups), (k, s, n_iter, *ptrs, lo, hi, tiny)))
     STATS["tiles"] += 1
     STATS["absorptions"] += absorbed
     return _unlanes(f + u.log(), n), _unlanes(g + v.log(), n), score.view(-1)[:n]

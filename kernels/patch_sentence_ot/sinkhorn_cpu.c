@@ -191,7 +191,7 @@ int64_t mlip_sinkhorn_lanes(int64_t g0, int64_t g1, int64_t K, int64_t S, int64_
 
 /* The same over parts [cuts[i], cuts[i + 1]) of the lane groups, one part per thread of the OpenMP runtime when built
  * with -fopenmp (torch's own threads: kernels/_native.py), else one after the other; the absorptions summed. */
-int64_t mlip_sinkhorn_openmp(void) { return openmp_built(); }
+int64_t mlip_openmp(void) { return openmp_built(); }
 
 int64_t mlip_sinkhorn_lanes_parts(int64_t parts, const int64_t *cuts, int64_t K, int64_t S, int64_t iters,
                                   float *restrict kern, const float *restrict z, const float *restrict a,

@@ -23,7 +23,7 @@ import torch
 
 from mlip_fast.kernels import _native
 
-__all__ = ["SOURCE", "library", "status", "runs", "forward", "backward", "dropout", "drop_threshold"]
+__all__ = ["SOURCE", "library", "status", "runs", "forward", "backward", "dropout"]
 
 SOURCE = Path(__file__).with_name("attention_cpu.c")
 _state: dict = {}  # "lib": CDLL or None once decided, "why": the reason when None
@@ -41,8 +41,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mlip_attention_bwd.argtypes = [i64] * 5 + [ptr] * 5 + [f32, u64, i64]
     lib.mlip_dropout.restype = None
     lib.mlip_dropout.argtypes = [i64, i64, ptr, ptr, u64, i64]
-    lib.mlip_openmp.restype = i64
-    lib.mlip_openmp.argtypes = []
     for name, fn in (("fwd", lib.mlip_attention_fwd), ("bwd", lib.mlip_attention_bwd)):
         parts = getattr(lib, f"mlip_attention_{name}_parts")
         parts.restype, parts.argtypes = i64, [i64, ptr] + fn.argtypes[2:]
@@ -68,11 +66,6 @@ def runs(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
 
 
-def drop_threshold(p: float) -> int:
-    """k = round(p * 65536): the kernel drops an element when its 16-bit draw is below k (P(drop) = k / 65536)."""
-    return round(float(p) * 65536)
-
-
 def _parts(offsets: torch.Tensor, heads: int, threads: int) -> List[int]:
     """Item boundaries [0, ..., B H] cutting the items into ``threads`` parts of about equal sum of L^2."""
     lengths = (offsets[1:] - offsets[:-1]).double()
@@ -82,29 +75,18 @@ def _parts(offsets: torch.Tensor, heads: int, threads: int) -> List[int]:
     return sorted(cuts)
 
 
-def _split(lib: ctypes.CDLL, name: str, cuts: List[int], args: tuple) -> list:
-    """``name`` over the parts [cuts[i], cuts[i + 1]): one call of ``name``_parts on the OpenMP threads when the
-    build has them, else part 0 here and the rest on the Python pool. Returns the parts' return codes."""
-    parts = len(cuts) - 1
-    if lib.mlip_openmp():
-        cut_tensor = torch.tensor(cuts, dtype=torch.int64)
-        return [getattr(lib, f"{name}_parts")(parts, cut_tensor.data_ptr(), *args)]
-    fn = getattr(lib, name)
-    others = [_native.pool(parts - 1).submit(fn, cuts[i], cuts[i + 1], *args) for i in range(1, parts)]
-    return [fn(cuts[0], cuts[1], *args)] + [job.result() for job in others]
-
-
 def _run(name: str, offsets: torch.Tensor, heads: int, args: tuple) -> None:
     items = (offsets.numel() - 1) * heads
     threads = max(1, min(torch.get_num_threads(), items))
-    if any(_split(library(), name, _parts(offsets, heads, threads), args)):
+    if any(_native.split(library(), name, _parts(offsets, heads, threads), args)):
         raise MemoryError("the CPU attention kernel could not allocate its scratch buffers")
 
 
-def forward(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float, p: float, seed: int
+def forward(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float, k_drop: int, seed: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv [N, 3C] fp32 contiguous, offsets [B + 1] int64 (row b: tokens [offsets[b], offsets[b+1])) ->
-    (out [N, C], lse [N, H]); dropout p on the probabilities with the mask of ``seed`` (the C header)."""
+    (out [N, C], lse [N, H]); dropout on the probabilities with the mask of ``seed``, an element dropped when its
+    16-bit piece is below ``k_drop`` (the C header)."""
     n, c3 = qkv.shape
     c = c3 // 3
     out = qkv.new_empty(n, c)
@@ -113,12 +95,12 @@ def forward(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float, 
     if n and lmax:
         _run("mlip_attention_fwd", offsets, heads,
              (heads, c // heads, lmax, offsets.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(), scale,
-              seed % (1 << 64), drop_threshold(p)))
+              seed % (1 << 64), k_drop))
     return out, lse
 
 
 def backward(grad_out: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, offsets: torch.Tensor, heads: int,
-             scale: float, p: float, seed: int) -> torch.Tensor:
+             scale: float, k_drop: int, seed: int) -> torch.Tensor:
     """The gradient w.r.t. qkv [N, 3C] of :func:`forward`'s out, from grad_out [N, C] and its saved lse."""
     n, c3 = qkv.shape
     grad = qkv.new_empty(n, c3)
@@ -126,17 +108,17 @@ def backward(grad_out: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, offse
     if n and lmax:
         _run("mlip_attention_bwd", offsets, heads,
              (heads, c3 // 3 // heads, lmax, offsets.data_ptr(), qkv.data_ptr(), grad_out.data_ptr(), lse.data_ptr(),
-              grad.data_ptr(), scale, seed % (1 << 64), drop_threshold(p)))
+              grad.data_ptr(), scale, seed % (1 << 64), k_drop))
     return grad
 
 
-def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x * keep / (1 - p') for a contiguous fp32 CPU tensor, the flat mask of ``seed`` (``mlip_dropout`` in the C
-    source); the same call on the gradient is the backward. Split over threads in ranges of whole words."""
+def dropout(x: torch.Tensor, k_drop: int, seed: int) -> torch.Tensor:
+    """x * keep * 65536 / (65536 - k_drop) for a fp32 CPU tensor, the flat mask of ``seed`` (``mlip_dropout`` in
+    the C source); the same call on the gradient is the backward. Split over threads in ranges of whole words."""
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
     threads = max(1, min(torch.get_num_threads(), n // 65536))
     cuts = [(n * i // threads) // 4 * 4 for i in range(threads)] + [n]
-    _split(library(), "mlip_dropout", cuts, (x.data_ptr(), out.data_ptr(), seed % (1 << 64), drop_threshold(p)))
+    _native.split(library(), "mlip_dropout", cuts, (x.data_ptr(), out.data_ptr(), seed % (1 << 64), k_drop))
     return out

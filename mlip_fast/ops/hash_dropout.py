@@ -10,14 +10,15 @@ from __future__ import annotations
 import torch
 
 from mlip_fast.kernels.varlen_attention import cpu as cpu_kernel
-from mlip_fast.reference.varlen_attention import flat_keep
+from mlip_fast.ops.varlen_attention import checked_threshold
+from mlip_fast.reference.varlen_attention import drop_threshold, flat_keep, keep_scale
 
 __all__ = ["hash_dropout", "kernel_runs"]
 
 
 @torch.library.custom_op("mlip_fast::hash_dropout", mutates_args=())
 def _hash_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    return cpu_kernel.dropout(x, p, seed)
+    return cpu_kernel.dropout(x, drop_threshold(p), seed)
 
 
 @_hash_dropout.register_fake
@@ -43,12 +44,9 @@ def kernel_runs(x: torch.Tensor) -> bool:
 
 def hash_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """x * keep / (1 - p') with the mask of ``seed`` (module docstring); p in [0, 1) at 16-bit resolution."""
-    k = cpu_kernel.drop_threshold(p)
-    if not 0.0 <= p < 1.0 or k >= 65536:
-        raise ValueError(f"dropout p must be in [0, 1) (at 16-bit resolution), got {p}")
-    if k == 0:
+    if checked_threshold(p) == 0:
         return x
     if kernel_runs(x):
         return _hash_dropout(x, float(p), int(seed))
     keep = flat_keep(seed, x.numel(), p).to(x.device).view(x.shape)
-    return x * keep.to(x.dtype) * (65536.0 / (65536 - k))
+    return x * keep.to(x.dtype) * keep_scale(p)

@@ -11,10 +11,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["keep_mask", "varlen_attention", "flat_keep"]
+__all__ = ["drop_threshold", "keep_scale", "keep_mask", "varlen_attention", "flat_keep"]
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def drop_threshold(p: float) -> int:
+    """k = round(p 65536): an element is dropped when its 16-bit piece is below k (P(drop) = k / 65536)."""
+    return round(float(p) * 65536)
+
+
+def keep_scale(p: float) -> float:
+    """The kept elements' scale 65536 / (65536 - k), k = :func:`drop_threshold` (p): E[mask * scale] = 1."""
+    return 65536.0 / (65536 - drop_threshold(p))
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -25,7 +35,7 @@ def _mix64(z: np.ndarray) -> np.ndarray:
 
 def keep_mask(seed: int, first_token: int, length: int, heads: int, p: float) -> torch.Tensor:
     """bool [H, L, L]: keep[h, i, j] for the row whose tokens are packed from index ``first_token``, ``length`` L."""
-    k = round(float(p) * 65536)
+    k = drop_threshold(p)
     n = np.arange(first_token, first_token + length, dtype=np.uint64)[None, :, None]
     h = np.arange(heads, dtype=np.uint64)[:, None, None]
     j = np.arange(length, dtype=np.uint64)[None, None, :]
@@ -44,7 +54,7 @@ def varlen_attention(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale
     n, c3 = qkv.shape
     c = c3 // 3
     dh = c // heads
-    scale_keep = 65536.0 / (65536 - round(float(p) * 65536))
+    scale_keep = keep_scale(p)
     out = qkv.new_zeros(n, c)
     for b in range(offsets.numel() - 1):
         lo, hi = int(offsets[b]), int(offsets[b + 1])
@@ -66,4 +76,4 @@ def flat_keep(seed: int, numel: int, p: float) -> torch.Tensor:
     with np.errstate(over="ignore"):
         words = _mix64(np.uint64(seed % (1 << 64)) + ((e >> np.uint64(2)) + np.uint64(1)) * _GAMMA)
     u = (words >> (np.uint64(16) * (e & np.uint64(3)))) & np.uint64(0xFFFF)
-    return torch.from_numpy(u >= round(float(p) * 65536))
+    return torch.from_numpy(u >= drop_threshold(p))

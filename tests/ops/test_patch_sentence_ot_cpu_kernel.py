@@ -208,7 +208,7 @@ def test_python_pool_split_equals_the_openmp_split(monkeypatch):
     torch.set_num_threads(2)
     try:
         first = cpu.sinkhorn(*args)
-        monkeypatch.setattr(cpu.library(), "mlip_sinkhorn_openmp", lambda: 0)
+        monkeypatch.setattr(cpu.library(), "mlip_openmp", lambda: 0)
         second = cpu.sinkhorn(*args)
     finally:
         torch.set_num_threads(threads)
@@ -231,7 +231,7 @@ def test_portable_build_gives_the_native_builds_numbers(monkeypatch, tmp_path):
     monkeypatch.setenv("MLIP_FAST_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu, "_build", lambda: _native.build(cpu.SOURCE, _native.FLAGS, (), openmp=False))
     monkeypatch.setattr(cpu, "_state", {})
-    assert not cpu.library().mlip_sinkhorn_openmp()
+    assert not cpu.library().mlip_openmp()
     portable, portable_plan = cpu.sinkhorn(*args), m.clone()
     assert cpu.plan_(portable_plan, *plan_args)
     assert all(torch.equal(a, b) for a, b in zip(native, portable)) and torch.equal(native_plan, portable_plan)

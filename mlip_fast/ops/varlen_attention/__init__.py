@@ -18,9 +18,10 @@ from typing import Optional, Tuple
 import torch
 
 from mlip_fast.kernels.varlen_attention import cpu as cpu_kernel
+from mlip_fast.reference.varlen_attention import drop_threshold
 from mlip_fast.reference.varlen_attention import varlen_attention as reference_attention
 
-__all__ = ["varlen_attention", "draw_seed", "kernel_runs", "status"]
+__all__ = ["varlen_attention", "draw_seed", "kernel_runs", "status", "checked_threshold"]
 
 status = cpu_kernel.status
 
@@ -29,7 +30,7 @@ status = cpu_kernel.status
 def attention_fwd(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float, p: float, seed: int
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out [N, C], lse [N, H]) from the C kernel."""
-    return cpu_kernel.forward(qkv.contiguous(), offsets.contiguous(), heads, scale, p, seed)
+    return cpu_kernel.forward(qkv.contiguous(), offsets.contiguous(), heads, scale, drop_threshold(p), seed)
 
 
 @attention_fwd.register_fake
@@ -42,8 +43,8 @@ def _(qkv, offsets, heads, scale, p, seed):
 def attention_bwd(grad_out: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, offsets: torch.Tensor, heads: int,
                   scale: float, p: float, seed: int) -> torch.Tensor:
     """grad w.r.t. qkv [N, 3C] from the C kernel."""
-    return cpu_kernel.backward(grad_out.contiguous(), qkv.contiguous(), lse, offsets.contiguous(), heads, scale, p,
-                               seed)
+    return cpu_kernel.backward(grad_out.contiguous(), qkv.contiguous(), lse, offsets.contiguous(), heads, scale,
+                               drop_threshold(p), seed)
 
 
 @attention_bwd.register_fake
@@ -74,6 +75,15 @@ def kernel_runs(qkv: torch.Tensor) -> bool:
     return cpu_kernel.runs(qkv)
 
 
+def checked_threshold(p: float) -> int:
+    """:func:`~mlip_fast.reference.varlen_attention.drop_threshold` of ``p``, refusing p outside [0, 1) or rounding
+    to 1 at the masks' 16-bit resolution (the one check of both CPU dropout ops)."""
+    k = drop_threshold(p)
+    if not 0.0 <= p < 1.0 or k >= 65536:
+        raise ValueError(f"dropout p must be in [0, 1) (at 16-bit resolution), got {p}")
+    return k
+
+
 def draw_seed(generator: Optional[torch.Generator] = None) -> int:
     """One mask seed from ``generator`` (default: the global CPU generator): a seed's run draws the same masks."""
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator))
@@ -96,8 +106,7 @@ def varlen_attention(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale
         raise ValueError(f"offsets must be int64 [B + 1], got {offsets.dtype} {tuple(offsets.shape)}")
     if int(offsets[0]) != 0 or int(offsets[-1]) != qkv.shape[0] or bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(f"offsets must rise from 0 to N={qkv.shape[0]}, got {offsets.tolist()[:8]}...")
-    if not 0.0 <= p < 1.0 or round(p * 65536) >= 65536:
-        raise ValueError(f"dropout p must be in [0, 1) (at 16-bit resolution), got {p}")
+    checked_threshold(p)
     if kernel_runs(qkv):
         return attention_fwd(qkv, offsets, heads, float(scale), float(p), int(seed))[0]
     return reference_attention(qkv, offsets, heads, scale, p, seed)
