@@ -164,7 +164,33 @@ class ImageTransform:
         x = ((x - self.mean) / self.std).contiguous()
         return x if m is None else (x, m > 0.5)
 
+    def batch(self, images: Sequence, seeds: Sequence[int]) -> torch.Tensor:
+        """``[B, in_chans, S, S]``, bitwise ``torch.stack([self(image, generator=torch.Generator().manual_seed(seed))
+        for image, seed in zip(images, seeds)])``. A training batch whose grey images share one shape that takes
+        the fused path is one batched resampling (the random draws stay per sample, each from its seed): a few
+        operators per batch instead of about 35 per image. Any other batch goes image by image."""
+        if len(images) != len(seeds):
+            raise ValueError(f"got {len(images)} images and {len(seeds)} seeds")
+        xs = [to_gray(image, max_side=self.image_size) for image in images]
+        size = self.image_size
+        shape = tuple(xs[0].shape) if xs else None
+        thetas = None
+        if self.train and xs and all(tuple(x.shape) == shape for x in xs) and size / max(shape) >= FUSED_MIN_SCALE:
+            generator = torch.Generator()
+            thetas = [self._random_affine(generator.manual_seed(int(seed))) for seed in seeds]
+        if thetas is None or thetas[0] is None:  # eval, no augmentation, mixed shapes, a strong reduction
+            return torch.stack([self(x, generator=torch.Generator().manual_seed(int(seed))) for x, seed in zip(xs, seeds)])
+        theta = _fit_then(torch.tensor(thetas, dtype=torch.float32), shape, size)  # [B, 2, 3]
+        grid = torch.matmul(theta, _base_grid(size, size)).transpose(1, 2).view(len(xs), size, size, 2)
+        x = F.grid_sample(torch.stack(xs)[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return ((x.expand(-1, self.in_chans, -1, -1) - self.mean) / self.std).contiguous()
+
     def _random_theta(self, generator: torch.Generator | None) -> torch.Tensor | None:
+        rows = self._random_affine(generator)
+        return None if rows is None else torch.tensor(rows, dtype=torch.float32)[None]
+
+    def _random_affine(self, generator: torch.Generator | None) -> list | None:
+        """The random affine map's two rows as Python floats (None when the augmentation is off)."""
         degrees = float(self.augment["degrees"])
         lo, hi = (float(v) for v in self.augment["scale"])
         translate = float(self.augment["translate"])
@@ -176,7 +202,7 @@ class ImageTransform:
         tx, ty = ((2 * u[2] - 1) * translate * 2, (2 * u[3] - 1) * translate * 2)  # grid units span 2
         # affine_grid maps output coordinates to input coordinates, so the inverse of zoom is used.
         cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
-        return torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32)[None]
+        return [[cos, -sin, tx], [sin, cos, ty]]
 
 
 @functools.lru_cache(maxsize=8)
@@ -199,7 +225,7 @@ def _warp(x: torch.Tensor, theta: torch.Tensor, size: tuple | None = None) -> to
 
 
 def _fit_then(theta: torch.Tensor, shape: tuple, size: int) -> torch.Tensor:
-    """``theta`` [1, 2, 3] (output -> S x S canvas, normalised coordinates) composed with the map from the
+    """``theta`` [B, 2, 3] (output -> S x S canvas, normalised coordinates) composed with the map from the
     canvas of ``resize_pad`` (longer side to ``size``, centred) to the source image of ``shape``."""
     h, w = shape
     scale = size / max(h, w)
@@ -208,9 +234,9 @@ def _fit_then(theta: torch.Tensor, shape: tuple, size: int) -> torch.Tensor:
     # source pixel x_s = (x_canvas - left + 0.5) * w / nw - 0.5, in normalised coordinates g = a c + b:
     a = torch.tensor([[size / nw], [size / nh]], dtype=theta.dtype)
     b = torch.tensor([(size - 2 * left) / nw - 1, (size - 2 * top) / nh - 1], dtype=theta.dtype)
-    composed = theta[0] * a
-    composed[:, 2] += b
-    return composed[None]
+    composed = theta * a
+    composed[..., 2] += b
+    return composed
 
 
 def to_gray(image, max_side: int | None = None) -> torch.Tensor:

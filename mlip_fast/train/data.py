@@ -41,8 +41,8 @@ from mlip_fast.preprocess.tokenization import fast_tokenizer, tokenize_reports
 
 __all__ = ["synthetic_cache_dir", "prepare_synthetic", "build_pretrain_dataset", "GlobalBatchSampler",
            "SeededSamples", "make_collator", "make_batch_plan", "train_subset", "report_corpus", "data_fingerprint",
-           "make_train_loader", "close_loader", "sample_seed", "step_seed", "MemoryPairs", "memory_batches",
-           "DataConfigError"]
+           "make_train_loader", "close_loader", "sample_seed", "sample_seeds", "step_seed", "MemoryPairs",
+           "memory_batches", "DataConfigError"]
 
 
 def synthetic_cache_dir(cache_dir: Path, size: int, n: int, seed: int) -> Path:
@@ -102,6 +102,39 @@ def prepare_synthetic(cache_dir: Path, size: int, n: int, seed: int, workers: in
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Seed of one sample's augmentation in one epoch (independent of batch layout, workers and ranks)."""
     return int(np.random.SeedSequence([seed & 0xFFFFFFFF, 1, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
+    """``[sample_seed(seed, epoch, i) for i in indices]`` as uint64, for many samples in a few numpy passes: numpy's
+    ``SeedSequence`` hash (entropy [seed & 0xFFFFFFFF, 1, epoch, index], pool of 4 words, one uint64 drawn) written
+    out over arrays in its uint32 arithmetic. Values of 2^32 and above take ``sample_seed``'s own path."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if epoch >= 2**32 or (indices.size and (indices.min() < 0 or indices.max() >= 2**32)):
+        return np.array([sample_seed(seed, epoch, int(i)) for i in indices], dtype=np.uint64)
+    u32 = np.uint32
+    words = [np.full(indices.shape, v, dtype=u32) for v in (seed & 0xFFFFFFFF, 1, epoch)] + [indices.astype(u32)]
+    with np.errstate(over="ignore"):
+        const = u32(0x43B0D7E5)
+
+        def hashmix(value):
+            nonlocal const
+            value = value ^ const
+            const = u32(const * u32(0x931E8875))
+            value = value * const
+            return value ^ (value >> u32(16))
+
+        pool = [hashmix(w) for w in words]
+        for src in range(4):
+            for dst in range(4):
+                if src != dst:
+                    mixed = u32(0xCA01F9DD) * pool[dst] - u32(0x4973F715) * hashmix(pool[src])
+                    pool[dst] = mixed ^ (mixed >> u32(16))
+        const, out = u32(0x8B51F9DD), []
+        for word in pool[:2]:
+            value = (word ^ const) * u32(const * u32(0x58F38DED))
+            const = u32(const * u32(0x58F38DED))
+            out.append(value ^ (value >> u32(16)))
+    return (out[0].astype(np.uint64) | (out[1].astype(np.uint64) << np.uint64(32))) >> np.uint64(1)
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -165,14 +198,16 @@ class GlobalBatchSampler:
         step = self.start_step
         epoch, _ = self.position(step)
         perm = self._permutation(epoch)
+        seeds = sample_seeds(self.seed, epoch, np.arange(self.num_samples)).tolist()  # sample_seed of every index
         while True:
             e, i = self.position(step)
             if e != epoch:
                 epoch, perm = e, self._permutation(e)
+                seeds = sample_seeds(self.seed, epoch, np.arange(self.num_samples)).tolist()
             rows = perm[i * self.global_batch:(i + 1) * self.global_batch].tolist()
             for m in range(self.accumulation):
                 start = (m * self.world_size + self.rank) * self.micro_batch
-                yield [(idx, sample_seed(self.seed, epoch, idx)) for idx in rows[start:start + self.micro_batch]]
+                yield [(idx, seeds[idx]) for idx in rows[start:start + self.micro_batch]]
             step += 1
 
 
@@ -321,8 +356,10 @@ class MemoryPairs:
 
     def batch(self, keys: list) -> dict:
         rows = [self._readable(int(index)) for index, _ in keys]
-        images = torch.stack([self.transform(self.images[j], generator=torch.Generator().manual_seed(int(seed)))
-                              for j, (_, seed) in zip(rows, keys)])
+        batched = getattr(self.transform, "batch", None)  # ImageTransform: a few operators for the whole batch
+        images = batched([self.images[j] for j in rows], [seed for _, seed in keys]) if batched else torch.stack(
+            [self.transform(self.images[j], generator=torch.Generator().manual_seed(int(seed)))
+             for j, (_, seed) in zip(rows, keys)])
         index = torch.as_tensor(rows, dtype=torch.int64)
         t, s = int(self.lengths[index].max()), int(self.sentences[index].max())
         return {"images": images, "input_ids": self.input_ids[index, :t], "attention_mask": self.attention_mask[index, :t],

@@ -2,14 +2,15 @@
 import itertools
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from mlip_fast.models import get_tokenizer
 from mlip_fast.preprocess.tokenization import tokenize_reports
 from mlip_fast.train.data import (DataConfigError, GlobalBatchSampler, MemoryPairs, SeededSamples, make_collator,
-                                  make_train_loader, memory_batches, prepare_synthetic, sample_seed, step_seed,
-                                  synthetic_cache_dir)
+                                  make_train_loader, memory_batches, prepare_synthetic, sample_seed, sample_seeds,
+                                  step_seed, synthetic_cache_dir)
 
 
 def take(sampler, n):
@@ -60,6 +61,25 @@ def test_sample_seeds_depend_on_sample_and_epoch_only():
     assert sample_seed(0, 0, 5) != sample_seed(0, 1, 5) != sample_seed(1, 0, 5)
     assert step_seed(0, 3, 0, 0) != step_seed(0, 3, 0, 1) != step_seed(0, 4, 0, 0)
     assert 0 <= sample_seed(2**40, 3, 7) < 2**63
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**40 + 5, 2**63 - 1])
+@pytest.mark.parametrize("epoch", [0, 3, 2**31, 2**32])
+def test_vectorised_sample_seeds_are_numpys_seed_sequence(seed, epoch):
+    # the array form re-implements SeedSequence's uint32 hash: every value against numpy's own, index extremes in
+    indices = np.concatenate([[0, 1, 2**32 - 1, 2**31], np.random.default_rng(seed % 1000).integers(0, 2**32, 200)])
+    expected = [sample_seed(seed, epoch, int(i)) for i in indices]
+    assert sample_seeds(seed, epoch, indices).tolist() == expected
+    assert sample_seeds(seed, epoch, np.array([2**32, 5])).tolist() == [sample_seed(seed, epoch, 2**32),
+                                                                       sample_seed(seed, epoch, 5)]
+    assert sample_seeds(seed, epoch, np.array([], dtype=np.int64)).tolist() == []
+
+
+def test_sampler_seeds_follow_the_epoch_across_its_boundary():
+    sampler = GlobalBatchSampler(10, 3, 1, 0, 1, seed=7)  # 3 steps per epoch: 7 steps span three epochs
+    for step, batch in enumerate(take(sampler, 7)):
+        epoch = step // 3
+        assert [s for _, s in batch] == [sample_seed(7, epoch, i) for i, _ in batch]
 
 
 def test_too_little_data_for_one_global_batch():
