@@ -26,7 +26,7 @@ import torch
 
 from mlip_fast.kernels import _native
 
-__all__ = ["LANES", "SOURCE", "enabled", "library", "runs", "status", "sinkhorn", "sinkhorn_sim", "plan_",
+__all__ = ["LANES", "SOURCE", "enabled", "library", "runs", "status", "sinkhorn", "PairSinkhorn", "plan_",
            "workspace"]
 
 LANES = 16  # pairs per lane group; the C source's LANES
@@ -132,48 +132,67 @@ def sinkhorn(z: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a:
     if not runs(z.device, z.dtype):
         return None
     n, k, s = live_p.shape[0], live_p.shape[1], live_q.shape[1]
-    groups = -(-n // LANES)
+    pairs = PairSinkhorn(live_p, live_q, log_a, log_b, n_iter, lo, hi)
     # padding pairs: z = 0 with uniform marginals (every scaling stays 1)
-    zl = _lanes(z.reshape(n, k * s), groups, 0.0, workspace("z_lanes", (groups, k * s, LANES)))
-    return _iterate(zl, live_p, live_q, log_a, log_b, n_iter, lo, hi)
+    groups = pairs.f.shape[0]
+    pairs.iterate(_lanes(z.reshape(n, k * s), groups, 0.0, workspace("z_lanes", (groups, k * s, LANES))), 0)
+    return pairs.result()
 
 
-def sinkhorn_sim(sim: torch.Tensor, eps: float, live_p: torch.Tensor, live_q: torch.Tensor, log_a: torch.Tensor,
-                 log_b: torch.Tensor, n_iter: int, lo: float, hi: float
-                 ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`sinkhorn` of the tile whose similarities are ``sim`` [bc, K, gc, S] (the GEMM's output, pair n =
-    b gc + g): the kernel forms z = sim / eps (DEAD off the live entries) in its lane layout itself, one pass
-    instead of the op's transpose, two masked fills and the lane copy; the same bits."""
-    if not runs(sim.device, sim.dtype) or not sim.is_contiguous():
-        return None
-    bc, k, gc, s = sim.shape
-    n = bc * gc
-    groups = -(-n // LANES)
-    zl = workspace("z_lanes", (groups, k * s, LANES))
-    live_p, live_q = live_p.contiguous(), live_q.contiguous()
-    cuts = torch.tensor(_group_cuts(groups), dtype=torch.int64)
-    library().mlip_ot_lanes_from_sim(cuts.numel() - 1, cuts.data_ptr(), k, s, gc, n, eps, sim.data_ptr(),
-                                     live_p.data_ptr(), live_q.data_ptr(), zl.data_ptr())
-    return _iterate(zl, live_p, live_q, log_a, log_b, n_iter, lo, hi)
+class PairSinkhorn:
+    """The kernel's Sinkhorn over N pairs (live masks [N, K] / [N, S], log marginals DEAD where not live) whose
+    similarities come tile by tile: the masks, marginals and lane buffers are made once for all N pairs instead of
+    a dozen operators per tile, and each tile's z is formed and iterated in them. A pair's numbers never depend on
+    its tile, so the result is bitwise that of running the tiles one by one.
 
+    ``tile(n0, sim, eps)``: the pairs [n0, n0 + bc gc) whose similarities are ``sim`` [bc, K, gc, S] (the GEMM's
+    output, pair n0 + b gc + g, contiguous fp32; n0 a multiple of LANES): the kernel forms z = sim / eps (DEAD off
+    the live entries) in its lane layout itself and iterates. ``result()``: (f [N, K], g [N, S], score / eps [N]),
+    as :func:`sinkhorn`."""
 
-def _iterate(zl: torch.Tensor, live_p: torch.Tensor, live_q: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
-             n_iter: int, lo: float, hi: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lib = library()
-    n, k, s = live_p.shape[0], live_p.shape[1], live_q.shape[1]
-    groups = zl.shape[0]
-    live_pl, live_ql = _lanes(live_p, groups, True), _lanes(live_q, groups, True)
-    log_al, log_bl = _lanes(log_a, groups, -math.log(k)), _lanes(log_b, groups, -math.log(s))
-    tiny = torch.finfo(torch.float32).tiny
-    a, b = log_al.exp().clamp_min(tiny), log_bl.exp().clamp_min(tiny)  # dead: tiny, so their scaling is 1
-    kern = workspace("kern_lanes", zl.shape)  # made in the kernel
-    f, g, u, v = torch.empty_like(a), torch.empty_like(b), torch.empty_like(a), torch.empty_like(b)
-    score = torch.empty(groups, LANES, dtype=torch.float32)
-    ptrs = [t.data_ptr() for t in (kern, zl, a, b, log_al, log_bl, live_pl, live_ql, f, g, u, v, score)]
-    absorbed = sum(_native.split(lib, "mlip_sinkhorn_lanes", _group_cuts(groups), (k, s, n_iter, *ptrs, lo, hi, tiny)))
-    STATS["tiles"] += 1
-    STATS["absorptions"] += absorbed
-    return _unlanes(f + u.log(), n), _unlanes(g + v.log(), n), score.view(-1)[:n]
+    def __init__(self, live_p: torch.Tensor, live_q: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+                 n_iter: int, lo: float, hi: float):
+        self.n, self.k, self.s = live_p.shape[0], live_p.shape[1], live_q.shape[1]
+        groups = -(-self.n // LANES)
+        self.live_p, self.live_q = live_p.contiguous(), live_q.contiguous()
+        self.live_pl, self.live_ql = _lanes(self.live_p, groups, True), _lanes(self.live_q, groups, True)
+        self.log_al = _lanes(log_a, groups, -math.log(self.k))
+        self.log_bl = _lanes(log_b, groups, -math.log(self.s))
+        self.tiny = torch.finfo(torch.float32).tiny
+        # dead: tiny, so their scaling is 1
+        self.a, self.b = self.log_al.exp().clamp_min(self.tiny), self.log_bl.exp().clamp_min(self.tiny)
+        self.f, self.g = torch.empty_like(self.a), torch.empty_like(self.b)
+        self.u, self.v = torch.empty_like(self.a), torch.empty_like(self.b)
+        self.score = torch.empty(groups, LANES, dtype=torch.float32)
+        self.n_iter, self.lo, self.hi = n_iter, lo, hi
+
+    def tile(self, n0: int, sim: torch.Tensor, eps: float) -> None:
+        if n0 % LANES or not sim.is_contiguous():
+            raise ValueError(f"a tile starts at a multiple of {LANES} pairs and is contiguous (pair {n0})")
+        bc, k, gc, s = sim.shape
+        n = bc * gc
+        groups = -(-n // LANES)
+        zl = workspace("z_lanes", (groups, k * s, LANES))
+        cuts = torch.tensor(_group_cuts(groups), dtype=torch.int64)
+        library().mlip_ot_lanes_from_sim(cuts.numel() - 1, cuts.data_ptr(), k, s, gc, n, eps, sim.data_ptr(),
+                                         self.live_p[n0:].data_ptr(), self.live_q[n0:].data_ptr(), zl.data_ptr())
+        self.iterate(zl, n0 // LANES)
+
+    def iterate(self, zl: torch.Tensor, g0: int) -> None:
+        """The iterations of lane groups [g0, g0 + len(zl)) from their z lanes ``zl``."""
+        groups = zl.shape[0]
+        kern = workspace("kern_lanes", zl.shape)  # made in the kernel
+        own = (self.a, self.b, self.log_al, self.log_bl, self.live_pl, self.live_ql, self.f, self.g, self.u, self.v,
+               self.score)
+        ptrs = [kern.data_ptr(), zl.data_ptr()] + [t[g0:g0 + groups].data_ptr() for t in own]
+        absorbed = sum(_native.split(library(), "mlip_sinkhorn_lanes", _group_cuts(groups),
+                                     (self.k, self.s, self.n_iter, *ptrs, self.lo, self.hi, self.tiny)))
+        STATS["tiles"] += 1
+        STATS["absorptions"] += absorbed
+
+    def result(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (_unlanes(self.f + self.u.log(), self.n), _unlanes(self.g + self.v.log(), self.n),
+                self.score.view(-1)[:self.n])
 
 
 def plan_(m: torch.Tensor, f: torch.Tensor, g: torch.Tensor, w: torch.Tensor, eps: float) -> bool:

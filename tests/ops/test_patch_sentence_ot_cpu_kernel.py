@@ -237,20 +237,53 @@ def test_portable_build_gives_the_native_builds_numbers(monkeypatch, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(native, portable)) and torch.equal(native_plan, portable_plan)
 
 
-@needs_kernel
-@pytest.mark.parametrize("B,G,K,S", [(64, 64, 32, 12), (5, 3, 7, 3), (40, 33, 9, 5)])
-def test_kernel_forms_z_from_the_similarity_tile_bit_for_bit(B, G, K, S, monkeypatch):
-    """The op's forward with the kernel forming z from the GEMM's tile (sinkhorn_sim) returns the bits of the path
-    that forms z in PyTorch (transpose, division, DEAD fills, lane copy): masked patches, a report without valid
-    sentences, several tiles and ragged lane groups."""
-    gen = torch.Generator().manual_seed(B + K)
+def _ot_case(B, G, K, S, seed):
+    gen = torch.Generator().manual_seed(seed)
     p, s = torch.randn(B, K, 16, generator=gen), torch.randn(G, S, 16, generator=gen)
     smask, pmask = torch.rand(G, S, generator=gen) < 0.8, torch.rand(B, K, generator=gen) < 0.9
     smask[:, 0], pmask[:, 0], smask[1] = True, True, False
-    args = (p, s, smask, pmask, 0.04, 30, None, 2**12, 16.0, True)
-    direct = chunked.chunked_fwd(*args)
-    tiles = cpu.STATS["tiles"]
-    monkeypatch.setattr(cpu, "sinkhorn_sim", lambda *a, **k: None)
+    return p, s, smask, pmask
+
+
+def _forward_both_ways(monkeypatch, args):
+    """The op's forward with the kernel's buffers for all pairs (PairSinkhorn; its tiles counted) and tile by tile
+    with z formed in PyTorch (transpose, division, DEAD fills, lane copy)."""
+    tiles, tile = [], cpu.PairSinkhorn.tile
+    monkeypatch.setattr(cpu.PairSinkhorn, "tile", lambda self, n0, *args: (tiles.append(n0), tile(self, n0, *args)))
+    pairs = chunked.chunked_fwd(*args)
+    ran = cpu.STATS["tiles"]
+    monkeypatch.setattr(chunked, "PAIR_BUFFERS", False)
     through_z = chunked.chunked_fwd(*args)
-    assert cpu.STATS["tiles"] > tiles  # the second call still ran the kernel, from the PyTorch-formed z
-    assert all(torch.equal(a, b) for a, b in zip(direct, through_z))
+    assert cpu.STATS["tiles"] > ran  # the second call still ran the kernel, from the PyTorch-formed z
+    return pairs, through_z, tiles
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,G,K,S,tile", [
+    (64, 64, 32, 12, 2**18),  # the default run: 7 tiles of 10 image rows
+    (64, 64, 32, 12, 2**16),
+    (5, 3, 7, 3, 2**12),      # one tile, one ragged lane group
+    (40, 33, 9, 5, 2**16),    # one tile, 82.5 lane groups
+    (40, 32, 9, 5, 2**12),    # 20 tiles of 2 rows = 4 lane groups each
+])
+def test_pair_buffers_give_the_tile_by_tile_bits(B, G, K, S, tile, monkeypatch):
+    """Where the tiles already hold whole lane groups, the kernel forming z from each GEMM tile in buffers made once
+    for all pairs returns the bits of the tile-by-tile path: masked patches, a report without valid sentences."""
+    args = (*_ot_case(B, G, K, S, B + K), 0.04, 30, None, tile, 16.0, True)
+    pairs, through_z, tiles = _forward_both_ways(monkeypatch, args)
+    rows = max(1, min(B, tile // (G * K * S)))
+    assert tiles == [b * G for b in range(0, B, rows)]
+    assert all(torch.equal(a, b) for a, b in zip(pairs, through_z))
+
+
+@needs_kernel
+def test_pair_buffers_round_tiles_up_to_whole_lane_groups(monkeypatch):
+    """33 reports: tiles of 2 image rows (66 pairs) would cut lane groups, so the pair path takes 16 rows a tile
+    (a different GEMM tiling: equal up to its rounding)."""
+    args = (*_ot_case(40, 33, 9, 5, 3), 0.04, 30, None, 2**12, 16.0, True)
+    pairs, through_z, tiles = _forward_both_ways(monkeypatch, args)
+    assert tiles == [0, 16 * 33, 32 * 33]
+    for a, b in zip(pairs, through_z):
+        live = torch.isfinite(b)
+        assert torch.equal(live, torch.isfinite(a))
+        torch.testing.assert_close(a[live], b[live], rtol=2e-5, atol=2e-5)

@@ -18,15 +18,15 @@ log-domain iteration), and each half-step updates a linear scaling instead of a 
 which is two batched vector-matrix products over the tile (``bmm`` of a row vector with kern for v, with kern's
 transpose for u, kept beside it: each reads its layout along rows; at [455, 48, 12] on this project's CPU machine
 2.5x and more faster than a multiply into a buffer and a sum) instead of two exp passes and three more for the
-logsumexp. ATen runs a bmm of fewer than 400 cells per product in a naive loop (6x slower here), so narrower pairs
-(K * S < 400: 32 kept patches x 12 sentences) run with dead sentence columns added up to that width.
+logsumexp. Pairs narrower than ATen's naive-loop bmm threshold run with dead sentence columns (BMM_MIN_CELLS).
 When a new scaling leaves [exp(-ABSORB_AT), exp(ABSORB_AT)] (or a row or column of kern underflowed), that
 half-step is redone in the log domain and the scalings are absorbed into the potentials (kern recomputed), so
 the numbers stay those of the log-domain iteration for any eps: entries of kern that underflow carry at most
 exp(-87 + 2 * ABSORB_AT) of mass in fp32. Runs on any device and dtype (iterations in fp32, or fp64 for fp64);
 on an accelerator (the fallback for pairs above the Triton tile) each absorption check is a host synchronisation.
 fp32 tiles on CPU run these iterations, their absorptions (per lane group of 16 pairs) and the plan's exp in a C
-kernel (``kernels/patch_sentence_ot/sinkhorn_cpu.c``, in L1) when it builds, and on the loop below when it does not.
+kernel (``kernels/patch_sentence_ot/sinkhorn_cpu.c``, in L1) when it builds, and on the loop below when it does not;
+when the tiles hold whole image rows the kernel's buffers are made once for all B G pairs (``PairSinkhorn``).
 
 Normalisation (``normalize=True``, what the local loss uses): the op takes raw embeddings and scores their unit
 rows, made exactly as ``mlip_fast.reference.patch_sentence.unit_rows`` makes them (padded rows zeroed, then
@@ -66,6 +66,8 @@ LINEAR_START_AT = 32.0
 # sentence columns up to BMM_MIN_CELLS (exact zeros in every product), as long as that at most triples the tile.
 BMM_MIN_CELLS = 400
 MAX_WIDENING = 3
+# fp32 on CPU with tiles of whole image rows: the C kernel's buffers made once for all pairs (False: tile by tile)
+PAIR_BUFFERS = True
 
 
 def _run_width(K: int, S: int) -> int:
@@ -206,18 +208,9 @@ class _ImageBlocks:
 # The forward and backward are torch.library custom ops (with fake impls), so torch.compile traces the op as one
 # node instead of breaking its graph on the tile loop and the data-dependent absorption checks inside.
 @torch.library.custom_op("mlip_fast::patch_sentence_ot_chunked_fwd", mutates_args=())
-def chunked_fwd(
-    patches: torch.Tensor,
-    sentences: torch.Tensor,
-    sentence_mask: torch.Tensor,
-    patch_mask: torch.Tensor,
-    eps: float,
-    n_iter: int,
-    tol: Optional[float],
-    tile_elements: int,
-    absorb_at: float,
-    normalize: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_fwd(patches: torch.Tensor, sentences: torch.Tensor, sentence_mask: torch.Tensor, patch_mask: torch.Tensor,
+                eps: float, n_iter: int, tol: Optional[float], tile_elements: int, absorb_at: float, normalize: bool,
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tiled forward: (scores [B, G], f [B, G, K], g [B, G, S]) in ``score_dtype``, potentials -inf where not
     live. Masks are bool and given (the wrapper fills in all-valid ones). Padded entries are DEAD in every tile
     whatever the GEMM gave there, so NaN / Inf stored in them never reach a score or a potential. ``normalize``:
@@ -242,31 +235,39 @@ def chunked_fwd(
     else:
         norm_s = row_norms(sentences, sentence_mask, work)
         bound = float(row_norms(patches, patch_mask, work).amax() * norm_s.amax()) / eps if B * K and G * S else 0.0
-    sent_flat = sentences.reshape(G * S, D)
-    scores = torch.empty(B, G, dtype=work, device=device)
-    f_all = torch.empty(B, G, K, dtype=work, device=device)
-    g_all = torch.empty(B, G, S, dtype=work, device=device)
-    neg_inf = float("-inf")
+    sent_flat, neg_inf = sentences.reshape(G * S, D), float("-inf")
     blocks = _ImageBlocks(patches, patch_mask, norm_p)
-    direct = tol is None and bound <= LINEAR_START_AT and cpu_kernel.runs(device, work)  # C forms z (same bits)
+    if PAIR_BUFFERS and tol is None and bound <= LINEAR_START_AT and cpu_kernel.runs(device, work) and \
+            0 < G * K * S <= tile_elements:
+        # tiles of whole image rows, rounded up to whole lane groups of pairs b G + g (no rounding when G is a multiple
+        # of 16): the C kernel forms z from each GEMM tile and iterates in buffers made once for all pairs
+        live_p = (patch_mask[:, None, :] & has_s[None, :, None]).reshape(B * G, K)
+        live_q = (sentence_mask[None, :, :] & has_p[:, None, None]).reshape(B * G, S)
+        pairs = cpu_kernel.PairSinkhorn(live_p, live_q, log_marginals(live_p, work), log_marginals(live_q, work),
+                                        n_iter, math.exp(-absorb_at), math.exp(absorb_at))
+        rows = cpu_kernel.LANES // math.gcd(G, cpu_kernel.LANES)
+        step = -(-(tile_elements // (G * K * S)) // rows) * rows
+        for b0 in range(0, B, step):
+            bs = slice(b0, min(b0 + step, B))
+            pairs.tile(b0 * G, _sim_tile(blocks[bs], sent_flat, slice(0, G), S, work).view(-1, K, G, S), eps)
+        f, g, score = pairs.result()
+        return (score.view(B, G).mul_(eps), f.masked_fill_(~live_p, neg_inf).view(B, G, K),
+                g.masked_fill_(~live_q, neg_inf).view(B, G, S))
+    scores, f_all, g_all = (torch.empty(B, G, *n, dtype=work, device=device) for n in ((), (K,), (S,)))
     for bs, gs in _tiles(B, K, G, S, tile_elements):
         bc, gc = bs.stop - bs.start, gs.stop - gs.start
         sim = _sim_tile(blocks[bs], sent_flat, gs, S, work).view(bc, K, gc, S)
         live_p = (patch_mask[bs, None, :] & has_s[None, gs, None]).reshape(bc * gc, K)
         live_q = (sentence_mask[None, gs, :] & has_p[bs, None, None]).reshape(bc * gc, S)
-        done = cpu_kernel.sinkhorn_sim(sim, eps, live_p, live_q, log_marginals(live_p, work), log_marginals(
-            live_q, work), n_iter, math.exp(-absorb_at), math.exp(absorb_at)) if direct else None
-        if done is None:
-            # [b, p, g, q] -> [b, g, p, q] divided by eps: one pass, then every pair's K x S block is contiguous
-            z = (cpu_kernel.workspace("z", (bc * gc, K, S), work) if device.type == "cpu"  # reused: no page faults
-                 else torch.empty(bc * gc, K, S, dtype=work, device=device))
-            torch.div(sim.transpose(1, 2), eps, out=z.view(bc, gc, K, S))
-            if dead_p:  # DEAD on the entries of dead rows and columns, each side broadcast (skipped when none)
-                z.masked_fill_(~live_p[:, :, None], DEAD)
-            if dead_q:
-                z.masked_fill_(~live_q[:, None, :], DEAD)
-            done = _TileSinkhorn(z, live_p, live_q, tol, absorb_at).run(n_iter, bound)
-        f, g, score = done
+        # [b, p, g, q] -> [b, g, p, q] divided by eps: one pass, then every pair's K x S block is contiguous
+        z = (cpu_kernel.workspace("z", (bc * gc, K, S), work) if device.type == "cpu"  # reused: no page faults
+             else torch.empty(bc * gc, K, S, dtype=work, device=device))
+        torch.div(sim.transpose(1, 2), eps, out=z.view(bc, gc, K, S))
+        if dead_p:  # DEAD on the entries of dead rows and columns, each side broadcast (skipped when none)
+            z.masked_fill_(~live_p[:, :, None], DEAD)
+        if dead_q:
+            z.masked_fill_(~live_q[:, None, :], DEAD)
+        f, g, score = _TileSinkhorn(z, live_p, live_q, tol, absorb_at).run(n_iter, bound)
         scores[bs, gs] = score.view(bc, gc).mul_(eps)
         f_all[bs, gs] = f.masked_fill_(~live_p, neg_inf).view(bc, gc, K)
         g_all[bs, gs] = g.masked_fill_(~live_q, neg_inf).view(bc, gc, S)
@@ -275,8 +276,7 @@ def chunked_fwd(
 
 @chunked_fwd.register_fake
 def _(patches, sentences, sentence_mask, patch_mask, eps, n_iter, tol, tile_elements, absorb_at, normalize):
-    B, K, _ = patches.shape
-    G, S, _ = sentences.shape
+    (B, K, _), (G, S, _) = patches.shape, sentences.shape
     work = dict(dtype=score_dtype(patches.dtype))
     return patches.new_empty((B, G), **work), patches.new_empty((B, G, K), **work), patches.new_empty((B, G, S), **work)
 
