@@ -56,7 +56,8 @@ from mlip_fast.preprocess.images import load_image
 from mlip_fast.preprocess.reports import split_sentences
 from mlip_fast.preprocess.transforms import resize_pad
 
-__all__ = ["evaluate_localisation", "sentence_heatmaps", "plan_heatmaps", "report_sentences", "mask_to_input_frame"]
+__all__ = ["evaluate_localisation", "sentence_heatmaps", "plan_heatmaps", "report_sentences", "mask_to_input_frame",
+           "load_records"]
 
 
 def _unit_patches(model, images: torch.Tensor) -> torch.Tensor:
@@ -169,6 +170,25 @@ def _load_mask(value, root: Optional[Path]):
 
 def _synthetic_records(root: Path, split: Optional[str]) -> list[dict]:
     return SyntheticBenchmark(root, split=split, with_findings=True)
+
+
+def load_records(model, root: Path, split: Optional[str] = "test", transform=None) -> list[dict]:
+    """The synthetic benchmark's records of ``split`` decoded for ``model`` once: each image through the eval
+    transform ([C, S, S]), each finding's mask in the input frame (bool [S, S]). :func:`evaluate_localisation` on
+    them gives exactly what it gives on ``root`` (what it would decode on every call; a training run's periodic
+    validation keeps them)."""
+    root = Path(root)
+    transform = transform if transform is not None else eval_transform(model)
+    size = model.config.vision.image_size
+    out = []
+    for rec in _synthetic_records(root, split):
+        image = rec["image"]
+        findings = [f if f.get("mask") is None else
+                    {**f, "mask": mask_to_input_frame(_load_mask(f["mask"], root), size)}
+                    for f in rec.get("findings") or ()]
+        out.append({**rec, "image": image if isinstance(image, torch.Tensor) and image.dim() == 3 else
+                    transform(np.asarray(image)), "findings": findings})
+    return out
 
 
 def evaluate_localisation(

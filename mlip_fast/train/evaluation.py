@@ -18,7 +18,7 @@ import torch
 
 from mlip_fast.data.labels import CHEXPERT5
 from mlip_fast.eval.integrity import integrity_diagnostics
-from mlip_fast.eval.localisation import evaluate_localisation
+from mlip_fast.eval.localisation import evaluate_localisation, load_records
 from mlip_fast.eval.zeroshot import zero_shot_classify
 
 __all__ = ["EvalSets", "zero_shot", "localisation", "integrity", "integrity_line", "precision_context"]
@@ -30,6 +30,7 @@ class EvalSets:
 
     def __init__(self, valid, test, prompts: str, synthetic_root: Optional[Path]):
         self.valid, self.test, self.prompts, self.synthetic_root = valid, test, prompts, synthetic_root
+        self._loaded: dict = {}
 
     @staticmethod
     def _labelled(dataset) -> bool:
@@ -37,6 +38,14 @@ class EvalSets:
             return False
         names = {n.lower() for n in getattr(dataset, "label_names", ())}
         return all(c.lower() in names for c in CHEXPERT5)
+
+    def localisation_data(self, model, split: str):
+        """The synthetic benchmark's ``split`` decoded for ``model``'s eval transform once per run
+        (:func:`mlip_fast.eval.localisation.load_records`): periodic validations then skip the decoding."""
+        key = (split, model.config.vision.image_size, model.config.vision.in_chans)
+        if key not in self._loaded:
+            self._loaded = {key: load_records(model, self.synthetic_root, split)}  # one split held at a time
+        return self._loaded[key]
 
     def zero_shot_set(self, split: str):
         dataset = getattr(self, split)
@@ -68,10 +77,11 @@ def zero_shot(model, dataset, prompts: str, *, max_samples: int = 0, progress: b
     }
 
 
-def localisation(model, synthetic_root: Path, split: str = "test", *, max_samples: int = 0,
+def localisation(model, synthetic_root, split: str = "test", *, max_samples: int = 0,
                  progress: bool = False) -> dict:
     """Pointing accuracy of finding sentences on the synthetic benchmark with its chance rate (maps by the model
-    config's matching, ``local_matching``)."""
+    config's matching, ``local_matching``); ``synthetic_root``: its folder, or records of ``split`` decoded
+    already (:meth:`EvalSets.localisation_data`)."""
     result = evaluate_localisation(model, synthetic_root, split=split, max_samples=max_samples or None,
                                    progress=progress, batch_size=64)
     return {

@@ -180,8 +180,9 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
                 result = or_skip(reporter, f"step {step}: {split} zero-shot evaluation", zero_shot, engine.module,
                                  dataset, data.eval_sets.prompts, max_samples=args.eval_max_samples)
                 if root is not None:  # the synthetic benchmark has a mask per finding sentence
-                    loc = or_skip(reporter, f"step {step}: {split} localisation", localisation, engine.module, root,
-                                  split, max_samples=args.eval_max_samples)
+                    loc = or_skip(reporter, f"step {step}: {split} localisation", lambda: localisation(
+                        engine.module, data.eval_sets.localisation_data(engine.module, split), split,
+                        max_samples=args.eval_max_samples))  # the split decoded once per run
                 if root is not None and args.diagnose:
                     diag = or_skip(reporter, f"step {step}: {split} integrity diagnostics", integrity, engine.module,
                                    root, split, max_samples=args.eval_max_samples)
