@@ -252,7 +252,7 @@ def _forward_both_ways(monkeypatch, args):
     monkeypatch.setattr(cpu.PairSinkhorn, "tile", lambda self, n0, *args: (tiles.append(n0), tile(self, n0, *args)))
     pairs = chunked.chunked_fwd(*args)
     ran = cpu.STATS["tiles"]
-    monkeypatch.setattr(chunked, "PAIR_BUFFERS", False)
+    monkeypatch.setattr(chunked, "PAIR_TILES", 0)
     through_z = chunked.chunked_fwd(*args)
     assert cpu.STATS["tiles"] > ran  # the second call still ran the kernel, from the PyTorch-formed z
     return pairs, through_z, tiles
@@ -270,9 +270,21 @@ def test_pair_buffers_give_the_tile_by_tile_bits(B, G, K, S, tile, monkeypatch):
     """Where the tiles already hold whole lane groups, the kernel forming z from each GEMM tile in buffers made once
     for all pairs returns the bits of the tile-by-tile path: masked patches, a report without valid sentences."""
     args = (*_ot_case(B, G, K, S, B + K), 0.04, 30, None, tile, 16.0, True)
+    monkeypatch.setattr(chunked, "PAIR_TILES", 1)  # the tile path's tiling (a GEMM of another size may round otherwise)
     pairs, through_z, tiles = _forward_both_ways(monkeypatch, args)
     rows = max(1, min(B, tile // (G * K * S)))
     assert tiles == [b * G for b in range(0, B, rows)]
+    assert all(torch.equal(a, b) for a, b in zip(pairs, through_z))
+
+
+@needs_kernel
+def test_pair_tiles_are_larger_with_the_same_bits_at_the_default_runs_shape(monkeypatch):
+    """At the default run's shape (64 x 64 pairs of 32 patches x 12 sentences, D 64) the pair path's 8x larger tiles
+    (one GEMM tile instead of 7) give the bits of the tile path."""
+    args = (*_ot_case(64, 64, 32, 12, 5), 0.04, 30, None, 2**18, 16.0, True)
+    args = (args[0].repeat(1, 1, 4), args[1].repeat(1, 1, 4), *args[2:])
+    pairs, through_z, tiles = _forward_both_ways(monkeypatch, args)
+    assert tiles == [0]
     assert all(torch.equal(a, b) for a, b in zip(pairs, through_z))
 
 
@@ -281,6 +293,7 @@ def test_pair_buffers_round_tiles_up_to_whole_lane_groups(monkeypatch):
     """33 reports: tiles of 2 image rows (66 pairs) would cut lane groups, so the pair path takes 16 rows a tile
     (a different GEMM tiling: equal up to its rounding)."""
     args = (*_ot_case(40, 33, 9, 5, 3), 0.04, 30, None, 2**12, 16.0, True)
+    monkeypatch.setattr(chunked, "PAIR_TILES", 1)
     pairs, through_z, tiles = _forward_both_ways(monkeypatch, args)
     assert tiles == [0, 16 * 33, 32 * 33]
     for a, b in zip(pairs, through_z):

@@ -66,8 +66,8 @@ LINEAR_START_AT = 32.0
 # sentence columns up to BMM_MIN_CELLS (exact zeros in every product), as long as that at most triples the tile.
 BMM_MIN_CELLS = 400
 MAX_WIDENING = 3
-# fp32 on CPU with tiles of whole image rows: the C kernel's buffers made once for all pairs (False: tile by tile)
-PAIR_BUFFERS = True
+# fp32 on CPU with tiles of whole image rows: the C kernel's buffers made once for all pairs and tiles of up to
+PAIR_TILES = 8  # this many times tile_elements cells (fewer calls; the kernel works 16 pairs at a time); 0: tile by tile
 
 
 def _run_width(K: int, S: int) -> int:
@@ -237,7 +237,7 @@ def chunked_fwd(patches: torch.Tensor, sentences: torch.Tensor, sentence_mask: t
         bound = float(row_norms(patches, patch_mask, work).amax() * norm_s.amax()) / eps if B * K and G * S else 0.0
     sent_flat, neg_inf = sentences.reshape(G * S, D), float("-inf")
     blocks = _ImageBlocks(patches, patch_mask, norm_p)
-    if PAIR_BUFFERS and tol is None and bound <= LINEAR_START_AT and cpu_kernel.runs(device, work) and \
+    if PAIR_TILES and tol is None and bound <= LINEAR_START_AT and cpu_kernel.runs(device, work) and \
             0 < G * K * S <= tile_elements:
         # tiles of whole image rows, rounded up to whole lane groups of pairs b G + g (no rounding when G is a multiple
         # of 16): the C kernel forms z from each GEMM tile and iterates in buffers made once for all pairs
@@ -246,7 +246,7 @@ def chunked_fwd(patches: torch.Tensor, sentences: torch.Tensor, sentence_mask: t
         pairs = cpu_kernel.PairSinkhorn(live_p, live_q, log_marginals(live_p, work), log_marginals(live_q, work),
                                         n_iter, math.exp(-absorb_at), math.exp(absorb_at))
         rows = cpu_kernel.LANES // math.gcd(G, cpu_kernel.LANES)
-        step = -(-(tile_elements // (G * K * S)) // rows) * rows
+        step = -(-(PAIR_TILES * tile_elements // (G * K * S)) // rows) * rows
         for b0 in range(0, B, step):
             bs = slice(b0, min(b0 + step, B))
             pairs.tile(b0 * G, _sim_tile(blocks[bs], sent_flat, slice(0, G), S, work).view(-1, K, G, S), eps)
