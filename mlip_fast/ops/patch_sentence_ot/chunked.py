@@ -67,7 +67,7 @@ LINEAR_START_AT = 32.0
 BMM_MIN_CELLS = 400
 MAX_WIDENING = 3
 # fp32 on CPU with tiles of whole image rows: the C kernel's buffers made once for all pairs and tiles of up to
-PAIR_TILES = 8  # this many times tile_elements cells (fewer calls; the kernel works 16 pairs at a time); 0: tile by tile
+PAIR_TILES = 8  # times tile_elements cells (fewer calls; the kernel works on 16 pairs at a time); 0: tile by tile
 
 
 def _run_width(K: int, S: int) -> int:
