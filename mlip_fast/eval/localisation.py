@@ -65,19 +65,27 @@ def _unit_patches(model, images: torch.Tensor) -> torch.Tensor:
     return l2_normalise(model.encode_image_local(images, mask_ratio=0.0)["patches"])
 
 
-def _sentence_vectors(model, sentences: Sequence[str]) -> torch.Tensor:
+def _sentence_vectors(model, sentences: Sequence[str], token_cache: Optional[dict] = None) -> torch.Tensor:
     """[N, D] unit vectors, each sentence encoded as a one-sentence report: its first sentence vector (the global
-    vector when the text tower found no sentence in it)."""
-    text = model.encode_text_local(list(sentences))
+    vector when the text tower found no sentence in it). ``token_cache``: tokenized lists kept across calls."""
+    if token_cache is None:
+        text = model.encode_text_local(list(sentences))
+    else:
+        key = tuple(sentences)
+        if key not in token_cache:
+            token_cache[key] = model.tokenize(list(sentences))
+        device = next(model.parameters()).device
+        text = model.encode_text_local({k: v.to(device) for k, v in token_cache[key].items()})
     return l2_normalise(torch.where(text["sentence_mask"][:, :1], text["sentences"][:, 0], text["text_global"]))
 
 
-def sentence_heatmaps(model, images: torch.Tensor, sentences: Sequence[str], owner: Sequence[int]) -> torch.Tensor:
+def sentence_heatmaps(model, images: torch.Tensor, sentences: Sequence[str], owner: Sequence[int], *,
+                      token_cache: Optional[dict] = None) -> torch.Tensor:
     """Cosine heat maps ``[N, h, w]`` of ``sentences[n]`` over the patches of ``images[owner[n]]``."""
     vision = model.config.vision
     grid = vision.image_size // vision.patch_size
     patches = _unit_patches(model, images)
-    sent = _sentence_vectors(model, sentences)
+    sent = _sentence_vectors(model, sentences, token_cache)
     idx = torch.as_tensor(list(owner), device=patches.device)
     heat = torch.einsum("npd,nd->np", patches[idx], sent.to(patches.device))
     return heat.view(len(sentences), grid, grid)
@@ -114,7 +122,8 @@ def _sentence_sets(sentences: Sequence[str], owner: Sequence[int], context: Sequ
 
 
 def plan_heatmaps(model, images: torch.Tensor, sentences: Sequence[str], owner: Sequence[int],
-                  context: Sequence[Sequence[str]], matching: LocalMatching) -> torch.Tensor:
+                  context: Sequence[Sequence[str]], matching: LocalMatching, *, token_cache: Optional[dict] = None
+                  ) -> torch.Tensor:
     """Transport-plan heat maps ``[N, h, w]``: for ``sentences[n]``, its column of the optimal-transport plan
     between the patches of ``images[owner[n]]`` and that image's sentence set, times the set's size (the share of
     the sentence's mass each patch takes; each map sums to 1).
@@ -129,7 +138,8 @@ def plan_heatmaps(model, images: torch.Tensor, sentences: Sequence[str], owner: 
     sets, column = _sentence_sets(sentences, owner, context, images.shape[0])
     flat = [s for group in sets for s in group]
     width = max(1, max(len(group) for group in sets))
-    vectors = _sentence_vectors(model, flat).to(patches.device) if flat else patches.new_zeros(0, patches.shape[-1])
+    vectors = (_sentence_vectors(model, flat, token_cache).to(patches.device) if flat
+               else patches.new_zeros(0, patches.shape[-1]))
     packed = patches.new_zeros(len(sets), width, patches.shape[-1])
     mask = torch.zeros(len(sets), width, dtype=torch.bool, device=patches.device)
     start = 0
@@ -204,8 +214,11 @@ def evaluate_localisation(
     transform=None,
     examples: int = 0,
     local_matching: Optional[str] = None,
+    token_cache: Optional[dict] = None,
 ) -> dict:
-    """Pointing accuracy and mask IoU of finding-sentence heat maps, with chance rates (module doc)."""
+    """Pointing accuracy and mask IoU of finding-sentence heat maps, with chance rates (module doc).
+    ``token_cache``: a dict that keeps the tokenized sentence lists across calls on the same data (a training run's
+    periodic validation passes one: the same records give the same lists; only the encoding is redone)."""
     matching = local_matching_of(model, local_matching)
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
@@ -250,11 +263,11 @@ def evaluate_localisation(
                 continue
             batch = torch.stack(images).to(dev)
             if matching.mode == "ot":
-                heat = plan_heatmaps(model, batch, sentences, owner, context, matching)
+                heat = plan_heatmaps(model, batch, sentences, owner, context, matching, token_cache=token_cache)
                 sets, _ = _sentence_sets(sentences, owner, context, len(images))
                 plan_sizes += [len(sets[b]) for b in sorted(set(owner))]
             else:
-                heat = sentence_heatmaps(model, batch, sentences, owner)
+                heat = sentence_heatmaps(model, batch, sentences, owner, token_cache=token_cache)
             heat = heat.float().cpu().numpy()
             for k, (h, m) in enumerate(zip(heat, masks)):
                 hit = M.pointing_hit(h, m)

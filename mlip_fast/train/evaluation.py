@@ -39,13 +39,20 @@ class EvalSets:
         names = {n.lower() for n in getattr(dataset, "label_names", ())}
         return all(c.lower() in names for c in CHEXPERT5)
 
-    def localisation_data(self, model, split: str):
-        """The synthetic benchmark's ``split`` decoded for ``model``'s eval transform once per run
-        (:func:`mlip_fast.eval.localisation.load_records`): periodic validations then skip the decoding."""
+    def localisation_data(self, model, split: str) -> tuple:
+        """(records, token cache): the synthetic benchmark's ``split`` decoded for ``model``'s eval transform once per
+        run (:func:`mlip_fast.eval.localisation.load_records`) and a dict for its tokenized sentence lists: periodic
+        validations then skip the decoding and the tokenization."""
         key = (split, model.config.vision.image_size, model.config.vision.in_chans)
         if key not in self._loaded:
-            self._loaded = {key: load_records(model, self.synthetic_root, split)}  # one split held at a time
+            self._loaded = {key: (load_records(model, self.synthetic_root, split), {})}  # one split held at a time
         return self._loaded[key]
+
+    def localisation(self, model, split: str, *, max_samples: int = 0) -> dict:
+        """:func:`localisation` of ``split`` on the data this run decoded and tokenized once
+        (:meth:`localisation_data`)."""
+        records, tokens = self.localisation_data(model, split)
+        return localisation(model, records, split, max_samples=max_samples, token_cache=tokens)
 
     def zero_shot_set(self, split: str):
         dataset = getattr(self, split)
@@ -77,12 +84,13 @@ def zero_shot(model, dataset, prompts: str, *, max_samples: int = 0, progress: b
     }
 
 
-def localisation(model, synthetic_root, split: str = "test", *, max_samples: int = 0,
-                 progress: bool = False) -> dict:
+def localisation(model, synthetic_root, split: str = "test", *, max_samples: int = 0, progress: bool = False,
+                 token_cache: Optional[dict] = None) -> dict:
     """Pointing accuracy of finding sentences on the synthetic benchmark with its chance rate (maps by the model
     config's matching, ``local_matching``); ``synthetic_root``: its folder, or records of ``split`` decoded
-    already (:meth:`EvalSets.localisation_data`)."""
+    already, with ``token_cache`` (:meth:`EvalSets.localisation_data`)."""
     result = evaluate_localisation(model, synthetic_root, split=split, max_samples=max_samples or None,
+                                   token_cache=token_cache,
                                    progress=progress, batch_size=64)
     return {
         "pointing_accuracy": result["pointing_accuracy"],

@@ -27,7 +27,7 @@ from mlip_fast.ops.varlen_attention import status as packed_attention_status
 from mlip_fast.train import checkpoint as ckpt
 from mlip_fast.train import data as tdata
 from mlip_fast.train.checkpoint_save import Checkpointer
-from mlip_fast.train.evaluation import integrity, integrity_line, localisation, precision_context, zero_shot
+from mlip_fast.train.evaluation import integrity, integrity_line, precision_context, zero_shot
 from mlip_fast.train.loop import (MAX_SKIPPED_IN_A_ROW, MAX_SKIPPED_IN_A_ROW_FP16, DataStopped, LoopContext,
                                   LoopResult, NonFiniteLossError, state_is_finite, train_loop)
 from mlip_fast.train.process import barrier
@@ -180,9 +180,8 @@ def fit(run: RunState, data: RunData, e: Engine) -> Fit:
                 result = or_skip(reporter, f"step {step}: {split} zero-shot evaluation", zero_shot, engine.module,
                                  dataset, data.eval_sets.prompts, max_samples=args.eval_max_samples)
                 if root is not None:  # the synthetic benchmark has a mask per finding sentence
-                    loc = or_skip(reporter, f"step {step}: {split} localisation", lambda: localisation(
-                        engine.module, data.eval_sets.localisation_data(engine.module, split), split,
-                        max_samples=args.eval_max_samples))  # the split decoded once per run
+                    loc = or_skip(reporter, f"step {step}: {split} localisation", data.eval_sets.localisation,
+                                  engine.module, split, max_samples=args.eval_max_samples)
                 if root is not None and args.diagnose:
                     diag = or_skip(reporter, f"step {step}: {split} integrity diagnostics", integrity, engine.module,
                                    root, split, max_samples=args.eval_max_samples)
