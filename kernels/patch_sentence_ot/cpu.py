@@ -191,8 +191,9 @@ class PairSinkhorn:
         STATS["absorptions"] += absorbed
 
     def result(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (_unlanes(self.f + self.u.log(), self.n), _unlanes(self.g + self.v.log(), self.n),
-                self.score.view(-1)[:self.n])
+        """(f [N, K], g [N, S], score / eps [N]), contiguous (one lane group's reshape can be a strided view)."""
+        return (_unlanes(self.f + self.u.log(), self.n).contiguous(),
+                _unlanes(self.g + self.v.log(), self.n).contiguous(), self.score.view(-1)[:self.n])
 
 
 def plan_(m: torch.Tensor, f: torch.Tensor, g: torch.Tensor, w: torch.Tensor, eps: float) -> bool:

@@ -244,10 +244,11 @@ def test_chunked_normalize_is_bitwise_normalising_first(dtype):
 
 def test_chunked_normalize_holds_no_normalised_copy_of_the_patches():
     """What the fused normalisation saves (PERF.md: the loss's memory <= 1/33 of the reference's): the forward
-    allocates no buffer of the patches' size (each image block is normalised per tile; two blocks here) and the
-    backward exactly one, the patches' gradient. Normalising first allocates the unit copy, and its backward the
-    normalisation's temporaries of that size. Sizes are distinct (B * K, G * S and the tiles' cells)."""
-    B, G, K, S, D = 24, 24, 40, 12, 8
+    allocates no buffer of the patches' size (each image block is normalised per tile; two blocks here: the forward's
+    tiles of whole image rows hold 182 images at this G K S, the backward's 22) and the backward exactly one, the
+    patches' gradient. Normalising first allocates the unit copy, and its backward the normalisation's temporaries of
+    that size. Sizes are distinct (B * K, G * S and the tiles' cells)."""
+    B, G, K, S, D = 200, 24, 40, 12, 8
     p, s, smask, pmask = make_case(B, G, K, S, D, masked=True, seed=5)
     p, s = _raw_rows(p, 5).requires_grad_(), _raw_rows(s, 6).requires_grad_()
     size = B * K * D * 4
