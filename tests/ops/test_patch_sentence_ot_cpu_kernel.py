@@ -261,10 +261,10 @@ def _forward_both_ways(monkeypatch, args):
 @needs_kernel
 @pytest.mark.parametrize("B,G,K,S,tile", [
     (64, 64, 32, 12, 2**18),  # the default run: 7 tiles of 10 image rows
-    (64, 64, 32, 12, 2**16),
+    (24, 16, 6, 4, 2**12),    # 3 tiles of 10 rows = 10 lane groups each
     (5, 3, 7, 3, 2**12),      # one tile, one ragged lane group
     (40, 33, 9, 5, 2**16),    # one tile, 82.5 lane groups
-    (40, 32, 9, 5, 2**12),    # 20 tiles of 2 rows = 4 lane groups each
+    (40, 32, 9, 5, 2**15),    # tiles of 22 rows = 44 lane groups, then 18 rows
 ])
 def test_pair_buffers_give_the_tile_by_tile_bits(B, G, K, S, tile, monkeypatch):
     """Where the tiles already hold whole lane groups, the kernel forming z from each GEMM tile in buffers made once
@@ -275,6 +275,15 @@ def test_pair_buffers_give_the_tile_by_tile_bits(B, G, K, S, tile, monkeypatch):
     rows = max(1, min(B, tile // (G * K * S)))
     assert tiles == [b * G for b in range(0, B, rows)]
     assert all(torch.equal(a, b) for a, b in zip(pairs, through_z))
+
+
+@needs_kernel
+def test_large_grids_keep_the_tile_path(monkeypatch):
+    """The pair buffers (about 8 x B G (K + S) floats) are made only when B G (K + S) fits a tile: the 64 x 64 pairs
+    of 44 entries at tiles of 2^16 cells go tile by tile (PERF.md's memory target at the CPU target shape)."""
+    args = (*_ot_case(64, 64, 32, 12, 9), 0.04, 30, None, 2**16, 16.0, True)
+    pairs, through_z, tiles = _forward_both_ways(monkeypatch, args)
+    assert tiles == [] and all(torch.equal(a, b) for a, b in zip(pairs, through_z))
 
 
 @needs_kernel
@@ -290,12 +299,12 @@ def test_pair_tiles_are_larger_with_the_same_bits_at_the_default_runs_shape(monk
 
 @needs_kernel
 def test_pair_buffers_round_tiles_up_to_whole_lane_groups(monkeypatch):
-    """33 reports: tiles of 2 image rows (66 pairs) would cut lane groups, so the pair path takes 16 rows a tile
+    """33 reports: tiles of 22 image rows (726 pairs) would cut lane groups, so the pair path takes 32 rows a tile
     (a different GEMM tiling: equal up to its rounding)."""
-    args = (*_ot_case(40, 33, 9, 5, 3), 0.04, 30, None, 2**12, 16.0, True)
+    args = (*_ot_case(40, 33, 9, 5, 3), 0.04, 30, None, 2**15, 16.0, True)
     monkeypatch.setattr(chunked, "PAIR_TILES", 1)
     pairs, through_z, tiles = _forward_both_ways(monkeypatch, args)
-    assert tiles == [0, 16 * 33, 32 * 33]
+    assert tiles == [0, 32 * 33]
     for a, b in zip(pairs, through_z):
         live = torch.isfinite(b)
         assert torch.equal(live, torch.isfinite(a))

@@ -26,7 +26,7 @@ exp(-87 + 2 * ABSORB_AT) of mass in fp32. Runs on any device and dtype (iteratio
 on an accelerator (the fallback for pairs above the Triton tile) each absorption check is a host synchronisation.
 fp32 tiles on CPU run these iterations, their absorptions (per lane group of 16 pairs) and the plan's exp in a C
 kernel (``kernels/patch_sentence_ot/sinkhorn_cpu.c``, in L1) when it builds, and on the loop below when it does not;
-when the tiles hold whole image rows the kernel's buffers are made once for all B G pairs (``PairSinkhorn``).
+on small grids whose tiles hold whole image rows its buffers are made once for all B G pairs (``PairSinkhorn``).
 
 Normalisation (``normalize=True``, what the local loss uses): the op takes raw embeddings and scores their unit
 rows, made exactly as ``mlip_fast.reference.patch_sentence.unit_rows`` makes them (padded rows zeroed, then
@@ -238,9 +238,9 @@ def chunked_fwd(patches: torch.Tensor, sentences: torch.Tensor, sentence_mask: t
     sent_flat, neg_inf = sentences.reshape(G * S, D), float("-inf")
     blocks = _ImageBlocks(patches, patch_mask, norm_p)
     if PAIR_TILES and tol is None and bound <= LINEAR_START_AT and cpu_kernel.runs(device, work) and \
-            0 < G * K * S <= tile_elements:
-        # tiles of whole image rows, rounded up to whole lane groups of pairs b G + g (no rounding when G is a multiple
-        # of 16): the C kernel forms z from each GEMM tile and iterates in buffers made once for all pairs
+            0 < G * K * S <= tile_elements and B * G * (K + S) <= tile_elements:
+        # small grids (the pair buffers, ~8 x B G (K + S) floats, within a few tiles): tiles of whole image rows
+        # rounded up to whole lane groups of pairs b G + g; the C kernel forms z from each GEMM tile and iterates
         live_p = (patch_mask[:, None, :] & has_s[None, :, None]).reshape(B * G, K)
         live_q = (sentence_mask[None, :, :] & has_p[:, None, None]).reshape(B * G, S)
         pairs = cpu_kernel.PairSinkhorn(live_p, live_q, log_marginals(live_p, work), log_marginals(live_q, work),
