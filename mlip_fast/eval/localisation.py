@@ -74,7 +74,7 @@ def _sentence_vectors(model, sentences: Sequence[str], token_cache: Optional[dic
         key = tuple(sentences)
         if key not in token_cache:
             token_cache[key] = model.tokenize(list(sentences))
-        device = next(model.parameters()).device
+        device = model_device(model)
         text = model.encode_text_local({k: v.to(device) for k, v in token_cache[key].items()})
     return l2_normalise(torch.where(text["sentence_mask"][:, :1], text["sentences"][:, 0], text["text_global"]))
 
@@ -182,6 +182,12 @@ def _synthetic_records(root: Path, split: Optional[str]) -> list[dict]:
     return SyntheticBenchmark(root, split=split, with_findings=True)
 
 
+def _input_image(rec: dict, transform) -> torch.Tensor:
+    """A record's image as the model's input [C, S, S]: as stored when it is one already, else transformed."""
+    image = rec["image"]
+    return image if isinstance(image, torch.Tensor) and image.dim() == 3 else transform(np.asarray(image))
+
+
 def load_records(model, root: Path, split: Optional[str] = "test", transform=None) -> list[dict]:
     """The synthetic benchmark's records of ``split`` decoded for ``model`` once: each image through the eval
     transform ([C, S, S]), each finding's mask in the input frame (bool [S, S]). :func:`evaluate_localisation` on
@@ -192,12 +198,10 @@ def load_records(model, root: Path, split: Optional[str] = "test", transform=Non
     size = model.config.vision.image_size
     out = []
     for rec in _synthetic_records(root, split):
-        image = rec["image"]
         findings = [f if f.get("mask") is None else
                     {**f, "mask": mask_to_input_frame(_load_mask(f["mask"], root), size)}
                     for f in rec.get("findings") or ()]
-        out.append({**rec, "image": image if isinstance(image, torch.Tensor) and image.dim() == 3 else
-                    transform(np.asarray(image)), "findings": findings})
+        out.append({**rec, "image": _input_image(rec, transform), "findings": findings})
     return out
 
 
@@ -245,9 +249,7 @@ def evaluate_localisation(
                 if "findings" not in rec:
                     raise EvalDataError("localisation needs records with 'findings' (sentence + mask per finding); "
                                         f"got keys {sorted(rec)}")
-                image = rec["image"]
-                if not (isinstance(image, torch.Tensor) and image.dim() == 3):
-                    image = transform(np.asarray(image))
+                image = _input_image(rec, transform)
                 for f in rec["findings"] or ():
                     if f.get("mask") is None or not f.get("sentence"):
                         continue

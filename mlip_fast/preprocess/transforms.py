@@ -179,7 +179,8 @@ class ImageTransform:
             generator = torch.Generator()
             thetas = [self._random_affine(generator.manual_seed(int(seed))) for seed in seeds]
         if thetas is None or thetas[0] is None:  # eval, no augmentation, mixed shapes, a strong reduction
-            return torch.stack([self(x, generator=torch.Generator().manual_seed(int(seed))) for x, seed in zip(xs, seeds)])
+            return torch.stack([self(x, generator=torch.Generator().manual_seed(int(seed)))
+                                for x, seed in zip(xs, seeds)])
         theta = _fit_then(torch.tensor(thetas, dtype=torch.float32), shape, size)  # [B, 2, 3]
         grid = torch.matmul(theta, _base_grid(size, size)).transpose(1, 2).view(len(xs), size, size, 2)
         x = F.grid_sample(torch.stack(xs)[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)

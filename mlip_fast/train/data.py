@@ -195,13 +195,10 @@ class GlobalBatchSampler:
         return torch.randperm(self.num_samples, generator=g)
 
     def __iter__(self) -> Iterator[list]:
-        step = self.start_step
-        epoch, _ = self.position(step)
-        perm = self._permutation(epoch)
-        seeds = sample_seeds(self.seed, epoch, np.arange(self.num_samples)).tolist()  # sample_seed of every index
+        step, epoch = self.start_step, None
         while True:
             e, i = self.position(step)
-            if e != epoch:
+            if e != epoch:  # the epoch's order and every index's sample_seed
                 epoch, perm = e, self._permutation(e)
                 seeds = sample_seeds(self.seed, epoch, np.arange(self.num_samples)).tolist()
             rows = perm[i * self.global_batch:(i + 1) * self.global_batch].tolist()

@@ -90,8 +90,7 @@ def localisation(model, synthetic_root, split: str = "test", *, max_samples: int
     config's matching, ``local_matching``); ``synthetic_root``: its folder, or records of ``split`` decoded
     already, with ``token_cache`` (:meth:`EvalSets.localisation_data`)."""
     result = evaluate_localisation(model, synthetic_root, split=split, max_samples=max_samples or None,
-                                   token_cache=token_cache,
-                                   progress=progress, batch_size=64)
+                                   progress=progress, batch_size=64, token_cache=token_cache)
     return {
         "pointing_accuracy": result["pointing_accuracy"],
         "chance": result["chance"],
